@@ -1,0 +1,113 @@
+"""Loads a Hugging Face MoE checkpoint directory into cqjax's parameter pytree, layer by layer.
+
+Only one layer's host arrays are alive at a time (the shards are memory-mapped), so loading
+never holds two full copies of the model. No torch import.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cqjax.config import ModelConfig
+from cqjax.errors import CqjaxError
+from cqjax.safetensors_index import CheckpointIndex
+
+Params = dict[str, Any]
+
+# Family-specific tensor names: (MoE block prefix, router, per-expert gate/up/down names).
+_MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
+                  to_device: Callable[[np.ndarray], jax.Array]) -> Params:
+  d, p = cfg.hidden_size, f"model.layers.{i}."
+
+  def linear(name, d_in, d_out):  # HF stores [out, in]; cqjax kernels are [in, out].
+    return {"kernel": to_device(ix.get(p + name + ".weight", (d_out, d_in)).T)}
+
+  def norm(name, dim):
+    return {"scale": to_device(ix.get(p + name + ".weight", (dim,)))}
+
+  attn = {
+      "q_proj": linear("self_attn.q_proj", d, cfg.q_size),
+      "k_proj": linear("self_attn.k_proj", d, cfg.kv_size),
+      "v_proj": linear("self_attn.v_proj", d, cfg.kv_size),
+      "o_proj": linear("self_attn.o_proj", cfg.q_size, d),
+  }
+  if cfg.qk_norm:
+    attn["q_norm"] = norm("self_attn.q_norm", cfg.head_dim)
+    attn["k_norm"] = norm("self_attn.k_norm", cfg.head_dim)
+  out = {
+      "input_norm": norm("input_layernorm", d),
+      "post_attention_norm": norm("post_attention_layernorm", d),
+      "attn": attn,
+  }
+  if not cfg.is_moe_layer(i):
+    f = cfg.intermediate_size
+    out["mlp"] = {"gate_proj": linear("mlp.gate_proj", d, f), "up_proj": linear("mlp.up_proj", d, f),
+                  "down_proj": linear("mlp.down_proj", f, d)}
+    return out
+  out["moe"] = _moe_params(ix, cfg, i, to_device)
+  return out
+
+
+def _moe_params(ix, cfg, i, to_device) -> Params:
+  block, router, (g_name, u_name, d_name) = _MOE_NAMES[cfg.model_type]
+  e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+  p = f"model.layers.{i}.{block}."
+  moe = {"router": to_device(ix.get(p + router + ".weight", (e, d)).T)}
+  fused = p + "experts.gate_up_proj"
+  if fused in ix:  # transformers >= 5 in-memory layout: [E, 2F, D] and [E, D, F].
+    gate_up = ix.get(fused, (e, 2 * f, d))
+    moe["gate_proj"] = to_device(np.swapaxes(gate_up[:, :f], 1, 2))
+    moe["up_proj"] = to_device(np.swapaxes(gate_up[:, f:], 1, 2))
+    moe["down_proj"] = to_device(np.swapaxes(ix.get(p + "experts.down_proj", (e, d, f)), 1, 2))
+    return moe
+
+  def stacked(name, d_out, d_in):
+    return to_device(np.stack([ix.get(f"{p}experts.{x}.{name}.weight", (d_out, d_in)).T
+                               for x in range(e)]))
+
+  moe["gate_proj"] = stacked(g_name, f, d)
+  moe["up_proj"] = stacked(u_name, f, d)
+  moe["down_proj"] = stacked(d_name, d, f)
+  return moe
+
+
+def load_params(path: str, dtype=jnp.bfloat16, progress: bool = True) -> tuple[ModelConfig, Params]:
+  """Reads `path/config.json` and its safetensors into (config, params) with arrays in `dtype`."""
+  if not os.path.isdir(path):
+    raise CqjaxError(f"{path}: model directory not found")
+  cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
+  ix = CheckpointIndex(path)
+  np_dtype = jnp.dtype(dtype)
+
+  def to_device(a: np.ndarray) -> jax.Array:
+    return jnp.asarray(np.asarray(a, dtype=np_dtype))
+
+  v, d = cfg.vocab_size, cfg.hidden_size
+  params: Params = {"embed": {"embedding": to_device(ix.get("model.embed_tokens.weight", (v, d)))}}
+  for i in tqdm(range(cfg.num_layers), desc="load layers", disable=not progress, leave=False):
+    params[f"layers_{i}"] = _layer_params(ix, cfg, i, to_device)
+  params["final_norm"] = {"scale": to_device(ix.get("model.norm.weight", (d,)))}
+  if not cfg.tie_word_embeddings:
+    params["lm_head"] = {"kernel": to_device(ix.get("lm_head.weight", (v, d)).T)}
+  return cfg, params
+
+
+def load_tokenizer(path: str):
+  """The tokenizer saved beside the checkpoint, through transformers (no network)."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+  try:
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise CqjaxError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None

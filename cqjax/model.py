@@ -1,0 +1,180 @@
+"""The MoE decoder as Flax Linen modules over an explicit parameter pytree.
+
+Parameter tree (kernels are [d_in, d_out]; experts stacked, see `cqjax.moe`):
+  embed/embedding [vocab, d]
+  layers_i/{input_norm, post_attention_norm}/scale [d]
+  layers_i/attn/{q_proj, k_proj, v_proj, o_proj}/kernel, attn/{q_norm, k_norm}/scale (Qwen3)
+  layers_i/moe/{router, gate_proj, up_proj, down_proj}   or   layers_i/mlp/{gate,up,down}_proj/kernel
+  final_norm/scale [d], lm_head/kernel [d, vocab] (absent when embeddings are tied)
+
+`model.apply(..., mutable=["intermediates"])` also returns what calibration needs: every
+RMSNorm output that feeds a linear (`attn_input`, `mlp_input`), the input of each `o_proj`,
+router logits and the expert down-projection inputs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cqjax.config import ModelConfig
+from cqjax.moe import MoeBlock, swiglu
+
+KVCache = list[dict[str, jax.Array]]
+
+
+class RMSNorm(nn.Module):
+  dim: int
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (self.dim,), self.dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale * xf.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  d_in: int
+  d_out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.normal(0.02), (self.d_in, self.d_out), self.dtype)
+    return x @ kernel
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention. x: [b, t, heads, hd], positions: [b, t]."""
+  hd = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, hd/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE, optional per-head q/k RMSNorm and a KV cache."""
+
+  config: ModelConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, cache: dict[str, jax.Array] | None, cache_index):
+    """x: [b, t, d]; positions: [b, t]; cache k/v: [b, max_len, kv_heads, hd]."""
+    cfg = self.config
+    b, t, d = x.shape
+    hd, kvh = cfg.head_dim, cfg.num_kv_heads
+    q = Linear(d, cfg.q_size, self.dtype, name="q_proj")(x).reshape(b, t, cfg.num_heads, hd)
+    k = Linear(d, cfg.kv_size, self.dtype, name="k_proj")(x).reshape(b, t, kvh, hd)
+    v = Linear(d, cfg.kv_size, self.dtype, name="v_proj")(x).reshape(b, t, kvh, hd)
+    if cfg.qk_norm:
+      q = RMSNorm(hd, cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+      k = RMSNorm(hd, cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+
+    if cache is None:
+      new_cache, key_pos = None, positions
+    else:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+      new_cache = {"k": k, "v": v}
+      key_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))
+
+    q = q.reshape(b, t, kvh, cfg.num_heads // kvh, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = scores * hd ** -0.5
+    rel = positions[:, :, None] - key_pos[:, None, :]  # [b, t, s]
+    allowed = rel >= 0
+    if cfg.sliding_window:
+      allowed &= rel < cfg.sliding_window
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, cfg.q_size)
+    self.sow("intermediates", "o_proj_input", out)
+    return Linear(cfg.q_size, d, self.dtype, name="o_proj")(out), new_cache
+
+
+class DenseMlp(nn.Module):
+  """SwiGLU MLP for the non-MoE layers of Qwen3 (`mlp_only_layers`)."""
+
+  config: ModelConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d, f = self.config.hidden_size, self.config.intermediate_size
+    h = swiglu(Linear(d, f, self.dtype, name="gate_proj")(x), Linear(d, f, self.dtype, name="up_proj")(x))
+    return Linear(f, d, self.dtype, name="down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+  layer: int
+  dtype: Any = jnp.float32
+  dense_moe_reference: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, cache=None, cache_index=0):
+    cfg = self.config
+    h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="input_norm")(x)
+    self.sow("intermediates", "attn_input", h)
+    attn, new_cache = Attention(cfg, self.dtype, name="attn")(h, positions, cache, cache_index)
+    x = x + attn
+    h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="post_attention_norm")(x)
+    self.sow("intermediates", "mlp_input", h)
+    if cfg.is_moe_layer(self.layer):
+      ff = MoeBlock(cfg, self.dtype, self.dense_moe_reference, name="moe")(h)
+    else:
+      ff = DenseMlp(cfg, self.dtype, name="mlp")(h)
+    return x + ff, new_cache
+
+
+class MoeCausalLM(nn.Module):
+  """Decoder-only MoE language model.
+
+  __call__(tokens [b, t], positions [b, t] | None, cache, cache_index) -> (logits [b, t, vocab] f32,
+  new cache or None). With a cache, positions default to cache_index + arange(t).
+  """
+
+  config: ModelConfig
+  dtype: Any = jnp.float32
+  dense_moe_reference: bool = False
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, cache: KVCache | None = None, cache_index=0):
+    cfg = self.config
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.dtype, dtype=self.dtype,
+                     embedding_init=nn.initializers.normal(0.02), name="embed")
+    x = embed(tokens)
+    new_cache = [] if cache is not None else None
+    for i in range(cfg.num_layers):
+      layer = DecoderLayer(cfg, i, self.dtype, self.dense_moe_reference, name=f"layers_{i}")
+      x, c = layer(x, positions, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(c)
+    x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
+    self.sow("intermediates", "lm_head_input", x)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Linear(cfg.hidden_size, cfg.vocab_size, self.dtype, name="lm_head")(x)
+    return logits.astype(jnp.float32), new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  """Zeroed KV cache: one {'k', 'v'} of [batch, max_len, kv_heads, head_dim] per layer."""
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(config.num_layers)]
