@@ -1,0 +1,24 @@
+"""Settings every main-job config shares; each config file overrides what differs."""
+import os
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model_path = ""  # a Hugging Face checkpoint directory (config.json + *.safetensors)
+  c.dtype = "bfloat16"  # float32 | bfloat16 | float16
+  # Comma-separated text files evaluated with the perplexity harness.
+  c.eval_texts = ",".join([os.path.join(SHARED_DATA, "wikitext-2", "wiki.test.tokens")])
+  c.seqlen = 2048
+  c.eval_batch_size = 4
+  c.max_eval_windows = 0  # 0 = every window of every text
+  c.output_dir = "runs/default"
+  c.stages = "eval"  # comma-separated subset of experiments.run.STAGES
+  c.sample_prompt = "The"
+  c.sample_tokens = 20
+  c.seed = 0
+  return c

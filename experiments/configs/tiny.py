@@ -1,0 +1,16 @@
+"""The embedded default: a tiny Mixtral-architecture checkpoint shipped in the repository."""
+import os
+
+from experiments.configs.base import REPO, SHARED_DATA, base_config
+
+
+def get_config():
+  c = base_config()
+  c.model_path = os.path.join(REPO, "experiments", "assets", "tiny-random-mixtral")
+  c.dtype = "float32"
+  c.eval_texts = ",".join([os.path.join(SHARED_DATA, "wikitext-2", "wiki.test.tokens"),
+                           os.path.join(SHARED_DATA, "imdb", "valid.txt")])
+  c.seqlen = 512
+  c.eval_batch_size = 8
+  c.output_dir = "runs/tiny"
+  return c
