@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random Hugging Face MoE checkpoints written by transformers itself."""
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DEFAULT = os.path.join(REPO, "experiments", "assets", "tiny-random-mixtral")
+TEST_TEXT = os.path.join(REPO, "tests", "data", "wikitext2_valid_excerpt.txt")
+
+
+def _mixtral_config(**kw):
+  from transformers import MixtralConfig
+  return MixtralConfig(vocab_size=211, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                       num_attention_heads=6, num_key_value_heads=2, num_local_experts=5,
+                       num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.1,
+                       eos_token_id=None, bos_token_id=None, **kw)
+
+
+def _qwen3_config(**kw):
+  from transformers import Qwen3MoeConfig
+  return Qwen3MoeConfig(vocab_size=197, hidden_size=40, intermediate_size=56,
+                        moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                        mlp_only_layers=[1], max_position_embeddings=256, initializer_range=0.1,
+                        eos_token_id=None, bos_token_id=None, **kw)
+
+
+def _save(config, path, seed, **save_kw):
+  import torch
+  from transformers import AutoModelForCausalLM
+  torch.manual_seed(seed)
+  model = AutoModelForCausalLM.from_config(config).eval()
+  model.save_pretrained(path, **save_kw)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+  """name -> directory of a saved random model (single-file, sharded, Qwen3 with a dense layer)."""
+  root = tmp_path_factory.mktemp("hf")
+  return {
+      "mixtral": _save(_mixtral_config(), root / "mixtral", 0),
+      "mixtral_sharded": _save(_mixtral_config(sliding_window=7), root / "mixtral_sharded", 1,
+                               max_shard_size="30KB"),
+      "qwen3_moe": _save(_qwen3_config(norm_topk_prob=False), root / "qwen3", 2),
+      "qwen3_moe_norm_topk": _save(_qwen3_config(norm_topk_prob=True), root / "qwen3_norm", 3),
+  }

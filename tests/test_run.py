@@ -1,0 +1,47 @@
+"""The main job's eval stage on the embedded default checkpoint, and its one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, TEST_TEXT
+
+
+def _run(*overrides, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "experiments.run", "--config=tiny.py", *overrides],
+                        cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_stage_writes_report(tmp_path):
+  other = tmp_path / "copy.txt"
+  other.write_text(open(TEST_TEXT).read()[:20000])
+  r = _run(f"--config.eval_texts={TEST_TEXT},{other}", "--config.seqlen=128",
+           f"--config.output_dir={tmp_path}/out", "--config.sample_tokens=5")
+  assert r.returncode == 0, r.stderr[-2000:]
+  report = json.loads((tmp_path / "out" / "report.json").read_text())
+  assert report["seqlen"] == 128 and report["model_type"] == "mixtral"
+  for name in ("wikitext2_valid_excerpt.txt", "copy.txt"):
+    ppl = report["perplexity"][name]["fp"]
+    # A random model over a 2048-token vocabulary: perplexity near the vocabulary size.
+    assert 500 < ppl < 10000, ppl
+    assert report["tokens"][name] % 128 == 0 and report["tokens"][name] > 0
+  assert report["sample"]["prompt"] == "The"
+
+
+def _one_line_error(r, pattern):
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and pattern in last, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+
+
+def test_bad_options_give_one_line_errors(tmp_path):
+  _one_line_error(_run("--config.stages=eval,cluster", f"--config.output_dir={tmp_path}"),
+                  "--config.stages: unknown stage(s) ['cluster']")
+  _one_line_error(_run(f"--config.model_path={tmp_path}/none", f"--config.output_dir={tmp_path}"),
+                  "model directory not found")
+  short = tmp_path / "short.txt"
+  short.write_text("too short")
+  _one_line_error(_run(f"--config.eval_texts={short}", f"--config.output_dir={tmp_path}"),
+                  "short.txt: ")
+  assert not os.path.exists(tmp_path / "report.json")
