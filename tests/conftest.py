@@ -4,7 +4,7 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DEFAULT = os.path.join(REPO, "experiments", "assets", "tiny-random-mixtral")
+TINY_DEFAULT = os.path.join(REPO, "experiments", "assets", "tiny-mixtral-imdb")
 TEST_TEXT = os.path.join(REPO, "tests", "data", "wikitext2_valid_excerpt.txt")
 
 

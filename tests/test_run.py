@@ -22,8 +22,8 @@ def test_eval_stage_writes_report(tmp_path):
   assert report["seqlen"] == 128 and report["model_type"] == "mixtral"
   for name in ("wikitext2_valid_excerpt.txt", "copy.txt"):
     ppl = report["perplexity"][name]["fp"]
-    # A random model over a 2048-token vocabulary: perplexity near the vocabulary size.
-    assert 500 < ppl < 10000, ppl
+    # The trained reference model: far below the 8192-token vocabulary a random model would give.
+    assert 1 < ppl < 2000, ppl
     assert report["tokens"][name] % 128 == 0 and report["tokens"][name] > 0
   assert report["sample"]["prompt"] == "The"
 

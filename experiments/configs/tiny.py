@@ -6,7 +6,7 @@ from experiments.configs.base import REPO, SHARED_DATA, base_config
 
 def get_config():
   c = base_config()
-  c.model_path = os.path.join(REPO, "experiments", "assets", "tiny-random-mixtral")
+  c.model_path = os.path.join(REPO, "experiments", "assets", "tiny-mixtral-imdb")
   c.dtype = "float32"
   c.eval_texts = ",".join([os.path.join(SHARED_DATA, "wikitext-2", "wiki.test.tokens"),
                            os.path.join(SHARED_DATA, "imdb", "valid.txt")])
