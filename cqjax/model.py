@@ -9,7 +9,11 @@ Parameter tree (kernels are [d_in, d_out]; experts stacked, see `cqjax.moe`):
 
 `model.apply(..., mutable=["intermediates"])` also returns what calibration needs: every
 RMSNorm output that feeds a linear (`attn_input`, `mlp_input`), the input of each `o_proj`,
-router logits and the expert down-projection inputs.
+router logits and the expert down-projection inputs (all before activation quantization).
+
+`act_quant` fake-quantizes the inputs of the quantized linears (its scope says which);
+`online_down_hadamard` multiplies every down projection's input by a Hadamard matrix (R4; the
+down kernels must have absorbed its transpose, see `cqjax.rotate`).
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
-from cqjax.moe import MoeBlock, swiglu
+from cqjax.moe import MoeBlock, down_proj_input
 
 KVCache = list[dict[str, jax.Array]]
 
@@ -65,6 +70,7 @@ class Attention(nn.Module):
 
   config: ModelConfig
   dtype: Any = jnp.float32
+  act_quant: ActQuantConfig | None = None
 
   @nn.compact
   def __call__(self, x, positions, cache: dict[str, jax.Array] | None, cache_index):
@@ -100,6 +106,8 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, cfg.q_size)
     self.sow("intermediates", "o_proj_input", out)
+    if self.act_quant is not None and self.act_quant.scope == "full":
+      out = fake_quant(out, self.act_quant)
     return Linear(cfg.q_size, d, self.dtype, name="o_proj")(out), new_cache
 
 
@@ -108,11 +116,14 @@ class DenseMlp(nn.Module):
 
   config: ModelConfig
   dtype: Any = jnp.float32
+  act_quant: ActQuantConfig | None = None
+  online_down_hadamard: bool = False
 
   @nn.compact
   def __call__(self, x):
     d, f = self.config.hidden_size, self.config.intermediate_size
-    h = swiglu(Linear(d, f, self.dtype, name="gate_proj")(x), Linear(d, f, self.dtype, name="up_proj")(x))
+    gate = Linear(d, f, self.dtype, name="gate_proj")(x)
+    h = down_proj_input(self, gate, Linear(d, f, self.dtype, name="up_proj")(x))
     return Linear(f, d, self.dtype, name="down_proj")(h)
 
 
@@ -121,20 +132,27 @@ class DecoderLayer(nn.Module):
   layer: int
   dtype: Any = jnp.float32
   dense_moe_reference: bool = False
+  act_quant: ActQuantConfig | None = None
+  online_down_hadamard: bool = False
+
+  def _quant(self, h):
+    return h if self.act_quant is None else fake_quant(h, self.act_quant)
 
   @nn.compact
   def __call__(self, x, positions, cache=None, cache_index=0):
     cfg = self.config
     h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="input_norm")(x)
     self.sow("intermediates", "attn_input", h)
-    attn, new_cache = Attention(cfg, self.dtype, name="attn")(h, positions, cache, cache_index)
+    attn, new_cache = Attention(cfg, self.dtype, self.act_quant, name="attn")(
+        self._quant(h), positions, cache, cache_index)
     x = x + attn
     h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="post_attention_norm")(x)
     self.sow("intermediates", "mlp_input", h)
     if cfg.is_moe_layer(self.layer):
-      ff = MoeBlock(cfg, self.dtype, self.dense_moe_reference, name="moe")(h)
+      ff = MoeBlock(cfg, self.dtype, self.dense_moe_reference, self.act_quant,
+                    self.online_down_hadamard, name="moe")(self._quant(h))
     else:
-      ff = DenseMlp(cfg, self.dtype, name="mlp")(h)
+      ff = DenseMlp(cfg, self.dtype, self.act_quant, self.online_down_hadamard, name="mlp")(self._quant(h))
     return x + ff, new_cache
 
 
@@ -148,6 +166,8 @@ class MoeCausalLM(nn.Module):
   config: ModelConfig
   dtype: Any = jnp.float32
   dense_moe_reference: bool = False
+  act_quant: ActQuantConfig | None = None
+  online_down_hadamard: bool = False
 
   @nn.compact
   def __call__(self, tokens, positions=None, cache: KVCache | None = None, cache_index=0):
@@ -160,7 +180,8 @@ class MoeCausalLM(nn.Module):
     x = embed(tokens)
     new_cache = [] if cache is not None else None
     for i in range(cfg.num_layers):
-      layer = DecoderLayer(cfg, i, self.dtype, self.dense_moe_reference, name=f"layers_{i}")
+      layer = DecoderLayer(cfg, i, self.dtype, self.dense_moe_reference, self.act_quant,
+                           self.online_down_hadamard, name=f"layers_{i}")
       x, c = layer(x, positions, None if cache is None else cache[i], cache_index)
       if cache is not None:
         new_cache.append(c)

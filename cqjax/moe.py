@@ -11,7 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
+from cqjax.hadamard import hadamard_matrix
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -50,8 +52,15 @@ def grouped_matmul(x, w, group_sizes):
   return jax.lax.ragged_dot(x, w, group_sizes)
 
 
-def swiglu(gate, up):
-  return jax.nn.silu(gate) * up
+def down_proj_input(module: nn.Module, gate, up):
+  """SwiGLU, then what the module's options do to a down projection's input: the online
+  Hadamard (R4) and, in the full scope, activation fake quantization."""
+  h = jax.nn.silu(gate) * up
+  if module.online_down_hadamard:
+    h = h @ jnp.asarray(hadamard_matrix(h.shape[-1]), h.dtype)
+  if module.act_quant is not None and module.act_quant.scope == "full":
+    h = fake_quant(h, module.act_quant)
+  return h
 
 
 class MoeBlock(nn.Module):
@@ -60,6 +69,8 @@ class MoeBlock(nn.Module):
   config: ModelConfig
   dtype: jnp.dtype = jnp.float32
   dense_reference: bool = False
+  act_quant: ActQuantConfig | None = None
+  online_down_hadamard: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,14 +93,15 @@ class MoeBlock(nn.Module):
       weights = weights.astype(x.dtype).astype(jnp.float32)
 
     if self.dense_reference:
-      h = swiglu(jnp.einsum("nd,edf->enf", x, w_gate), jnp.einsum("nd,edf->enf", x, w_up))
+      h = down_proj_input(self, jnp.einsum("nd,edf->enf", x, w_gate), jnp.einsum("nd,edf->enf", x, w_up))
       y = jnp.einsum("enf,efd->end", h, w_down).astype(jnp.float32)
       dense_w = jnp.zeros((x.shape[0], e), jnp.float32).at[
           jnp.arange(x.shape[0])[:, None], ids].set(weights)
       out = jnp.einsum("end,ne->nd", y, dense_w)
     else:
       xs, order, group_sizes = _expert_dispatch(x, ids, e)
-      h = swiglu(grouped_matmul(xs, w_gate, group_sizes), grouped_matmul(xs, w_up, group_sizes))
+      h = down_proj_input(self, grouped_matmul(xs, w_gate, group_sizes),
+                          grouped_matmul(xs, w_up, group_sizes))
       self.sow("intermediates", "down_proj_input", (h, group_sizes))
       out = _expert_collect(grouped_matmul(h, w_down, group_sizes), order, weights)
     return out.astype(x.dtype).reshape(shape)

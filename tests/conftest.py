@@ -18,7 +18,7 @@ def _mixtral_config(**kw):
 
 def _qwen3_config(**kw):
   from transformers import Qwen3MoeConfig
-  return Qwen3MoeConfig(vocab_size=197, hidden_size=40, intermediate_size=56,
+  return Qwen3MoeConfig(vocab_size=197, hidden_size=40, intermediate_size=48,
                         moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
                         mlp_only_layers=[1], max_position_embeddings=256, initializer_range=0.1,

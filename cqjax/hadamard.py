@@ -1,0 +1,75 @@
+"""Orthonormal Hadamard matrices of the sizes real models have.
+
+Sylvester gives 2^a; Paley's first construction gives q + 1 for a prime q ≡ 3 (mod 4)
+(12, 20, 24, 44, 48, ..., 224); Kronecker products combine them, as QuaRot does with its stored
+12/20/28/... matrices: Mixtral's 14336 = 224 · 64, DeepSeek-V2's 5120 = 20 · 256, a 192-wide
+expert = 12 · 16. Sizes with no such factorisation raise; callers may fall back to a random
+orthogonal matrix.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from cqjax.errors import CqjaxError
+
+
+def _is_prime(q: int) -> bool:
+  return q >= 2 and all(q % p for p in range(2, int(q ** 0.5) + 1))
+
+
+def _sylvester(n: int) -> np.ndarray:
+  h = np.ones((1, 1))
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+def _paley(q: int) -> np.ndarray:
+  """±1 Hadamard matrix of order q + 1 for a prime q ≡ 3 (mod 4)."""
+  residues = {(i * i) % q for i in range(1, q)}
+  chi = np.array([0] + [1 if i in residues else -1 for i in range(1, q)])
+  jac = chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]  # skew-symmetric for q ≡ 3 (4)
+  s = np.zeros((q + 1, q + 1))
+  s[0, 1:] = 1
+  s[1:, 0] = -1
+  s[1:, 1:] = jac
+  return s + np.eye(q + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_matrix(n: int) -> np.ndarray:
+  """Orthonormal Hadamard matrix [n, n] (entries ±1/sqrt(n)), float64."""
+  if n < 1:
+    raise CqjaxError(f"no Hadamard matrix of size {n}")
+  two = n & -n  # largest power of two dividing n
+  m = n // two
+  if m == 1:
+    core = np.ones((1, 1))
+  else:
+    # m·2^j = q + 1 for a prime q ≡ 3 (mod 4), taking the smallest such j.
+    core = None
+    for j in range(0, two.bit_length()):
+      size = m << j
+      if _is_prime(size - 1) and (size - 1) % 4 == 3:
+        core, two = _paley(size - 1), two >> j
+        break
+    if core is None:
+      raise CqjaxError(f"no Hadamard construction for size {n} (= {m} · {two})")
+  h = np.kron(core, _sylvester(two))
+  return h / np.sqrt(n)
+
+
+def random_hadamard(n: int, seed: int) -> np.ndarray:
+  """diag(random signs) · H: a random orthogonal matrix that still spreads every channel
+  over all others (QuaRot's randomised Hadamard), float64."""
+  signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
+  return signs[:, None] * hadamard_matrix(n)
+
+
+def random_orthogonal(n: int, seed: int) -> np.ndarray:
+  """Haar-random orthogonal matrix (QR of a Gaussian), float64: the fallback for sizes with no
+  Hadamard construction."""
+  q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+  return q * np.sign(np.diag(r))[None, :]

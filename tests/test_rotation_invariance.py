@@ -1,0 +1,80 @@
+"""Folding norms and fusing rotations leave the full-precision model's logits unchanged."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY_DEFAULT
+from cqjax.errors import CqjaxError
+from cqjax.fold_norms import fold_norms
+from cqjax.hadamard import hadamard_matrix, random_hadamard, random_orthogonal
+from cqjax.load import load_params
+from cqjax.model import MoeCausalLM
+from cqjax.rotate import rotate_params
+
+
+def _logits(cfg, params, tokens, **kw):
+  return np.asarray(MoeCausalLM(cfg, jnp.float32, **kw).apply({"params": params}, tokens)[0])
+
+
+def _rel(a, b):
+  return np.abs(a - b).max() / np.abs(b).max()
+
+
+def _randomize_norms(params, seed):
+  """Checkpoints saved by transformers have unit norm scales: make them non-trivial."""
+  key = iter(jax.random.split(jax.random.key(seed), 1000))
+  def f(path, x):
+    name = jax.tree_util.keystr(path)
+    return x * jax.random.uniform(next(key), x.shape, minval=0.5, maxval=2.0) if "norm" in name else x
+  return jax.tree_util.tree_map_with_path(f, params)
+
+
+@pytest.fixture(params=["mixtral", "qwen3_moe", "reference"])
+def model_and_tokens(request, hf_checkpoints):
+  path = TINY_DEFAULT if request.param == "reference" else hf_checkpoints[request.param]
+  cfg, params = load_params(path, jnp.float32, progress=False)
+  params = _randomize_norms(params, 0)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 21)))
+  return cfg, params, tokens
+
+
+def test_fold_norms_keeps_logits(model_and_tokens):
+  cfg, params, tokens = model_and_tokens
+  cfg2, folded = fold_norms(cfg, params)
+  assert _rel(_logits(cfg2, folded, tokens), _logits(cfg, params, tokens)) <= 1e-5
+  assert all(bool(jnp.all(folded[f"layers_{i}"]["input_norm"]["scale"] == 1)) for i in range(cfg.num_layers))
+
+
+def test_rotations_keep_logits(model_and_tokens):
+  cfg, params, tokens = model_and_tokens
+  ref = _logits(cfg, params, tokens)
+  cfg2, folded = fold_norms(cfg, params)
+  d = cfg.hidden_size
+  r1 = random_hadamard(d, 1) if d & (d - 1) == 0 else random_orthogonal(d, 1)
+  r2 = hadamard_matrix(cfg.head_dim)
+  rotated = rotate_params(cfg2, folded, r1, r2, online_down_hadamard=True)
+  got = _logits(cfg2, rotated, tokens, online_down_hadamard=True)
+  assert _rel(got, ref) <= 1e-4
+  # The rotation really changed the weights the quantizer will see.
+  assert _rel(np.asarray(rotated["layers_0"]["attn"]["q_proj"]["kernel"]),
+              np.asarray(folded["layers_0"]["attn"]["q_proj"]["kernel"])) > 0.1
+
+
+def test_rotating_unfolded_params_is_refused(hf_checkpoints):
+  cfg, params = load_params(hf_checkpoints["mixtral"], jnp.float32, progress=False)
+  params = _randomize_norms(params, 1)
+  with pytest.raises(CqjaxError, match="fold_norms"):
+    rotate_params(cfg, params, np.eye(cfg.hidden_size))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 48, 192, 256, 768, 5120, 14336])
+def test_hadamard_matrices_are_orthonormal(n):
+  h = hadamard_matrix(n)
+  np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-12)
+  np.testing.assert_allclose(np.abs(h) * np.sqrt(n), 1.0)
+
+
+def test_hadamard_refuses_impossible_sizes():
+  with pytest.raises(CqjaxError, match="no Hadamard construction for size 28"):
+    hadamard_matrix(28)
