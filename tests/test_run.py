@@ -15,8 +15,8 @@ def _run(*overrides, cwd=REPO):
 def test_eval_stage_writes_report(tmp_path):
   other = tmp_path / "copy.txt"
   other.write_text(open(TEST_TEXT).read()[:20000])
-  r = _run(f"--config.eval_texts={TEST_TEXT},{other}", "--config.seqlen=128",
-           f"--config.output_dir={tmp_path}/out", "--config.sample_tokens=5")
+  r = _run(f"--config.eval_texts={TEST_TEXT},{other}", "--config.seqlen=128", "--config.stages=eval",
+           f"--config.output_dir={tmp_path}/out", "--config.sample_tokens=5", "--config.max_eval_windows=0")
   assert r.returncode == 0, r.stderr[-2000:]
   report = json.loads((tmp_path / "out" / "report.json").read_text())
   assert report["seqlen"] == 128 and report["model_type"] == "mixtral"
@@ -26,6 +26,28 @@ def test_eval_stage_writes_report(tmp_path):
     assert 1 < ppl < 2000, ppl
     assert report["tokens"][name] % 128 == 0 and report["tokens"][name] > 0
   assert report["sample"]["prompt"] == "The"
+
+
+def test_rotate_stage_compares_three_rotations(tmp_path):
+  import numpy as np
+  r = _run(f"--config.eval_texts={TEST_TEXT}", "--config.seqlen=128", "--config.max_eval_windows=4",
+           f"--config.calib_text={TEST_TEXT}", "--config.calib_samples=32", "--config.calib_seqlen=64",
+           "--config.aos_epochs=2", "--config.aos_batch_size=8", f"--config.output_dir={tmp_path}",
+           "--config.sample_tokens=0")
+  assert r.returncode == 0, r.stderr[-2000:]
+  report = json.loads((tmp_path / "report.json").read_text())
+  ppl = report["perplexity"]["wikitext2_valid_excerpt.txt"]
+  assert set(ppl) == {"fp", "w16a4", "hadamard_w16a4", "learned_rotation_w16a4"}
+  # 4-bit activations without a rotation lose accuracy; a Hadamard rotation wins most of it back.
+  assert ppl["fp"] < ppl["hadamard_w16a4"] < ppl["w16a4"]
+  rot = report["rotation"]
+  assert rot["aos"]["orthogonality_error"] <= 1e-5 and len(rot["aos"]["loss_per_epoch"]) == 2
+  assert len(rot["per_layer"]) == 2 * 4
+  for row in rot["per_layer"]:
+    assert row["max_over_rms"]["hadamard_w16a4"] < row["max_over_rms"]["w16a4"]
+  r1 = np.load(tmp_path / "r1.npy")
+  np.testing.assert_allclose(r1.T @ r1, np.eye(256), atol=1e-5)
+  assert (tmp_path / "rotation_outliers.png").stat().st_size > 0
 
 
 def _one_line_error(r, pattern):

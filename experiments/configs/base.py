@@ -18,6 +18,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_eval_windows = 0  # 0 = every window of every text
   c.output_dir = "runs/default"
   c.stages = "eval"  # comma-separated subset of experiments.run.STAGES
+  # Calibration (the official protocol: 512 random windows of 256 tokens).
+  c.calib_text = os.path.join(SHARED_DATA, "wikitext-2", "wiki.valid.tokens")
+  c.calib_samples = 512
+  c.calib_seqlen = 256
+  c.calib_batch_size = 16
+  # Rotation stage (AOS): activation bits and the optimiser of R1.
+  c.act_bits = 4
+  c.aos_lr = 1e-4
+  c.aos_epochs = 4
+  c.aos_batch_size = 16
   c.sample_prompt = "The"
   c.sample_tokens = 20
   c.seed = 0

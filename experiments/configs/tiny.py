@@ -12,5 +12,8 @@ def get_config():
                            os.path.join(SHARED_DATA, "imdb", "valid.txt")])
   c.seqlen = 512
   c.eval_batch_size = 8
+  # A quick default on a laptop CPU; BENCHMARKS.md numbers use --config.max_eval_windows=0 (all).
+  c.max_eval_windows = 64
+  c.stages = "eval,rotate"
   c.output_dir = "runs/tiny"
   return c
