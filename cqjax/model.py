@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
+from cqjax.lut_matmul import kernel_param, lut_matmul
 from cqjax.moe import MoeBlock, down_proj_input
 
 KVCache = list[dict[str, jax.Array]]
@@ -50,8 +51,8 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.normal(0.02), (self.d_in, self.d_out), self.dtype)
-    return x @ kernel
+    kernel = kernel_param(self, "kernel", nn.initializers.normal(0.02), (self.d_in, self.d_out), self.dtype)
+    return lut_matmul(x, kernel)  # kernel: an array or a CodebookWeight
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
+from cqjax.codebook import CodebookWeight, dequantize
 from cqjax.hadamard import hadamard_matrix
+from cqjax.lut_matmul import grouped_lut_matmul, kernel_param, lut_matmul
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -47,11 +49,6 @@ def _expert_collect(sorted_y, order, weights):
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
 
 
-def grouped_matmul(x, w, group_sizes):
-  """x: [m, d_in] rows sorted by group; w: [groups, d_in, d_out] -> [m, d_out]."""
-  return jax.lax.ragged_dot(x, w, group_sizes)
-
-
 def down_proj_input(module: nn.Module, gate, up):
   """SwiGLU, then what the module's options do to a down projection's input: the online
   Hadamard (R4) and, in the full scope, activation fake quantization."""
@@ -78,14 +75,14 @@ class MoeBlock(nn.Module):
     cfg = self.config
     e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     init = nn.initializers.normal(0.02)
-    router = self.param("router", init, (d, e), self.dtype)
-    w_gate = self.param("gate_proj", init, (e, d, f), self.dtype)
-    w_up = self.param("up_proj", init, (e, d, f), self.dtype)
-    w_down = self.param("down_proj", init, (e, f, d), self.dtype)
+    router = kernel_param(self, "router", init, (d, e), self.dtype)
+    w_gate = kernel_param(self, "gate_proj", init, (e, d, f), self.dtype)
+    w_up = kernel_param(self, "up_proj", init, (e, d, f), self.dtype)
+    w_down = kernel_param(self, "down_proj", init, (e, f, d), self.dtype)
 
     shape = x.shape
     x = x.reshape(-1, d)
-    logits = x @ router
+    logits = lut_matmul(x, router)
     self.sow("intermediates", "router_logits", logits)
     weights, ids = route(logits, cfg.top_k, cfg.norm_topk_prob)
     if cfg.model_type == "qwen3_moe":
@@ -93,6 +90,8 @@ class MoeBlock(nn.Module):
       weights = weights.astype(x.dtype).astype(jnp.float32)
 
     if self.dense_reference:
+      w_gate, w_up, w_down = (dequantize(w, x.dtype) if isinstance(w, CodebookWeight) else w
+                              for w in (w_gate, w_up, w_down))
       h = down_proj_input(self, jnp.einsum("nd,edf->enf", x, w_gate), jnp.einsum("nd,edf->enf", x, w_up))
       y = jnp.einsum("enf,efd->end", h, w_down).astype(jnp.float32)
       dense_w = jnp.zeros((x.shape[0], e), jnp.float32).at[
@@ -100,8 +99,8 @@ class MoeBlock(nn.Module):
       out = jnp.einsum("end,ne->nd", y, dense_w)
     else:
       xs, order, group_sizes = _expert_dispatch(x, ids, e)
-      h = down_proj_input(self, grouped_matmul(xs, w_gate, group_sizes),
-                          grouped_matmul(xs, w_up, group_sizes))
+      h = down_proj_input(self, grouped_lut_matmul(xs, w_gate, group_sizes),
+                          grouped_lut_matmul(xs, w_up, group_sizes))
       self.sow("intermediates", "down_proj_input", (h, group_sizes))
-      out = _expert_collect(grouped_matmul(h, w_down, group_sizes), order, weights)
+      out = _expert_collect(grouped_lut_matmul(h, w_down, group_sizes), order, weights)
     return out.astype(x.dtype).reshape(shape)

@@ -1,0 +1,89 @@
+"""The packed codebook weight format shared by every quantization method and kernel.
+
+A linear kernel W [d_in, d_out] (or stacked experts [experts, d_in, d_out]) is stored per
+output channel n ("row" in Hugging Face's [out, in] layout): the row's d_in codes, b bits each,
+bit-packed little-endian into bytes, row-major so a row streams contiguously (4-bit: two codes a
+byte, low nibble first); and one codebook of 2^b centroids per group of `group_size` consecutive
+inputs (the whole row when group_size == d_in).
+
+  packed     uint8 [..., d_out, ceil(d_in * bits / 8)]
+  centroids  float [..., d_out, d_in / group_size, 2^bits]
+
+RTN is the special case whose centroids are scale · (integer levels), so one format and one
+kernel serve K-means, CodeQuant and the baselines.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from cqjax.errors import CqjaxError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CodebookWeight:
+  """A codebook-quantized kernel; behaves as W [..., d_in, d_out] in `lut_matmul`."""
+
+  packed: jax.Array
+  centroids: jax.Array
+  bits: int = dataclasses.field(metadata=dict(static=True))
+  d_in: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def group_size(self) -> int:
+    return self.d_in // self.centroids.shape[-2]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The logical shape of the kernel it stands for: [..., d_in, d_out]."""
+    return (*self.packed.shape[:-2], self.d_in, self.packed.shape[-2])
+
+  @property
+  def dtype(self):
+    return self.centroids.dtype
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+  """codes [..., k] integers in [0, 2^bits) -> uint8 [..., ceil(k * bits / 8)]."""
+  if not 1 <= bits <= 8:
+    raise CqjaxError(f"code bits must be in [1, 8], got {bits}")
+  k = codes.shape[-1]
+  shifts = jnp.arange(bits, dtype=jnp.uint8)
+  bit_stream = ((codes.astype(jnp.uint8)[..., None] >> shifts) & 1).reshape(*codes.shape[:-1], k * bits)
+  pad = (-k * bits) % 8
+  bit_stream = jnp.pad(bit_stream, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+  by = bit_stream.reshape(*codes.shape[:-1], -1, 8)
+  return jnp.sum(by << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def unpack_codes(packed: jax.Array, bits: int, k: int) -> jax.Array:
+  """Inverse of `pack_codes`: uint8 [..., nbytes] -> int32 codes [..., k]."""
+  bit_stream = ((packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1).reshape(*packed.shape[:-1], -1)
+  bit_stream = bit_stream[..., : k * bits].reshape(*packed.shape[:-1], k, bits).astype(jnp.int32)
+  return jnp.sum(bit_stream << jnp.arange(bits, dtype=jnp.int32), axis=-1)
+
+
+def from_codes(codes: jax.Array, centroids: jax.Array, bits: int) -> CodebookWeight:
+  """codes int [..., d_out, d_in], centroids [..., d_out, groups, 2^bits] -> CodebookWeight."""
+  d_in = codes.shape[-1]
+  if centroids.shape[-1] != 2 ** bits or d_in % centroids.shape[-2]:
+    raise CqjaxError(f"centroids {centroids.shape} do not fit {bits}-bit codes over {d_in} inputs")
+  return CodebookWeight(pack_codes(codes, bits), centroids, bits, d_in)
+
+
+def codes_of(w: CodebookWeight) -> jax.Array:
+  """The unpacked codes [..., d_out, d_in] (int32)."""
+  return unpack_codes(w.packed, w.bits, w.d_in)
+
+
+def dequantize(w: CodebookWeight, dtype=None) -> jax.Array:
+  """The dense kernel [..., d_in, d_out] the codes and centroids stand for (jnp reference)."""
+  codes = codes_of(w)
+  groups = w.centroids.shape[-2]
+  codes = codes.reshape(*codes.shape[:-1], groups, w.group_size)
+  rows = jnp.take_along_axis(w.centroids, codes, axis=-1)  # [..., d_out, groups, group_size]
+  rows = rows.reshape(*rows.shape[:-2], w.d_in)
+  return jnp.swapaxes(rows, -1, -2).astype(dtype or w.centroids.dtype)
