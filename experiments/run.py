@@ -4,7 +4,10 @@ Bare config names resolve in experiments/configs/. Stages (`--config.stages=`, c
 run in this order):
   eval    full-precision perplexity on every text in `eval_texts`, and a short greedy sample;
   rotate  calibrate, fold norms, learn R1 (AOS) and compare W16A4 perplexity with no rotation,
-          a random Hadamard R1 and the learned R1 (plus per-layer activation statistics and a plot).
+          a random Hadamard R1 and the learned R1 (plus per-layer activation statistics and a plot);
+  quantize  weight quantization in each scope (`quant_scopes`) with each method
+          (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans) at each
+          setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`.
 Writes `<output_dir>/report.json`.
 """
 from __future__ import annotations
@@ -19,7 +22,8 @@ from ml_collections import config_flags
 
 from cqjax.errors import CqjaxError
 
-STAGES = ("eval", "rotate")
+STAGES = ("eval", "rotate", "quantize")
+METHODS = ("rtn", "rtn_g128", "hadamard_rtn", "learned_rotation_rtn", "kmeans")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a name in experiments/configs/ or a path).")
 
@@ -54,6 +58,8 @@ def _validate(cfg) -> list[str]:
     raise CqjaxError(f"--config.seqlen: must be at least 2, got {cfg.seqlen}")
   if not cfg.model_path:
     raise CqjaxError("--config.model_path: no checkpoint directory given")
+  if "quantize" in stages:
+    _quant_settings(cfg)
   return [s for s in STAGES if s in stages]
 
 
@@ -66,19 +72,19 @@ def _perplexities(cfg, model, params, eval_sets, key, report):
     print(f"{name}: {key} perplexity {res['perplexity']:.3f} over {res['windows']} x {cfg.seqlen} tokens")
 
 
-def _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report):
-  """Calibrate, fold norms, learn R1; W16A4 perplexity and activation statistics per variant."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dict) -> dict:
+  """Calibration windows, folded params, their norm outputs and the learned R1, computed once
+  for every stage that needs them."""
+  if ctx:
+    return ctx
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from cqjax.act_quant import ActQuantConfig  # pylint: disable=g-import-not-at-top
   from cqjax.calibrate import collect_norm_outputs  # pylint: disable=g-import-not-at-top
   from cqjax.fold_norms import fold_norms  # pylint: disable=g-import-not-at-top
-  from cqjax.learn_rotation import AosConfig, initial_rotation, learn_rotation, quantization_error  # pylint: disable=g-import-not-at-top
+  from cqjax.learn_rotation import AosConfig, learn_rotation  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
-  from cqjax.rotate import rotate_params  # pylint: disable=g-import-not-at-top
   from cqjax.text_data import calibration_windows  # pylint: disable=g-import-not-at-top
-  from experiments.plots import plot_rotation_outliers  # pylint: disable=g-import-not-at-top
 
   act = ActQuantConfig(bits=cfg.act_bits)
   calib = calibration_windows(cfg.calib_text, tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
@@ -89,6 +95,24 @@ def _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report)
   learned, history = learn_rotation(norm_outputs, aos)
   report["timings"]["aos_s"] = time.perf_counter() - t0
   np.save(os.path.join(cfg.output_dir, "r1.npy"), learned)
+  ctx.update(act=act, folded_cfg=folded_cfg, folded=folded, norm_outputs=norm_outputs, aos=aos,
+             learned=learned, history=history)
+  return ctx
+
+
+def _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx):
+  """Calibrate, fold norms, learn R1; W16A4 perplexity and activation statistics per variant."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cqjax.learn_rotation import initial_rotation, quantization_error  # pylint: disable=g-import-not-at-top
+  from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
+  from cqjax.rotate import rotate_params  # pylint: disable=g-import-not-at-top
+  from experiments.plots import plot_rotation_outliers  # pylint: disable=g-import-not-at-top
+
+  ctx = _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx)
+  act, folded_cfg, folded, norm_outputs = ctx["act"], ctx["folded_cfg"], ctx["folded"], ctx["norm_outputs"]
+  aos, learned, history = ctx["aos"], ctx["learned"], ctx["history"]
   tag = f"w16a{cfg.act_bits}"
   rotations = {tag: None, f"hadamard_{tag}": initial_rotation(model_cfg.hidden_size, cfg.seed),
                f"learned_rotation_{tag}": learned}
@@ -124,6 +148,79 @@ def _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report)
     plot_rotation_outliers(per_layer, list(rotations), os.path.join(cfg.output_dir, "rotation_outliers.png"))
   except ImportError:
     print("matplotlib is not installed: rotation_outliers.png not written")
+
+
+def _parse_bits(setting: str) -> tuple[int, int]:
+  import re  # pylint: disable=g-import-not-at-top
+  m = re.fullmatch(r"w(\d+)a(\d+)", setting)
+  if not m or not 2 <= int(m.group(1)) <= 8 or not 2 <= int(m.group(2)) <= 16:
+    raise CqjaxError(f"--config.quant_bits: {setting!r} is not like w4a4 (weights 2-8, activations 2-16 bits)")
+  return int(m.group(1)), int(m.group(2))
+
+
+def _quant_settings(cfg):
+  """(scopes, methods, bit-setting names, (w_bits, a_bits) pairs) of the quantize stage, checked."""
+  from cqjax.quantize_weights import SCOPES  # pylint: disable=g-import-not-at-top
+  split = lambda v: [x.strip() for x in v.split(",") if x.strip()]
+  scopes, methods, settings = split(cfg.quant_scopes), split(cfg.quant_methods), split(cfg.quant_bits)
+  if [s for s in scopes if s not in SCOPES] or not scopes:
+    raise CqjaxError(f"--config.quant_scopes: {cfg.quant_scopes!r}; choose from {list(SCOPES)}")
+  if [m for m in methods if m not in METHODS] or not methods:
+    raise CqjaxError(f"--config.quant_methods: {cfg.quant_methods!r}; choose from {list(METHODS)}")
+  return scopes, methods, settings, [_parse_bits(b) for b in settings]
+
+
+def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx):
+  """Every (scope, method, bits) of the config: quantize the scope's kernels, then perplexity."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  from cqjax.hadamard import hadamard_matrix  # pylint: disable=g-import-not-at-top
+  from cqjax.kmeans import kmeans_quantize, rtn_quantize  # pylint: disable=g-import-not-at-top
+  from cqjax.learn_rotation import initial_rotation  # pylint: disable=g-import-not-at-top
+  from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
+  from cqjax.quantize_weights import quantize_scope, scope_paths  # pylint: disable=g-import-not-at-top
+  from cqjax.rotate import rotate_params  # pylint: disable=g-import-not-at-top
+
+  scopes, methods, settings, bits = _quant_settings(cfg)
+  ctx = _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx)
+  folded_cfg, folded = ctx["folded_cfg"], ctx["folded"]
+  rotation_of = {"rtn": None, "rtn_g128": None, "hadamard_rtn": "hadamard",
+                 "learned_rotation_rtn": "learned", "kmeans": "learned"}
+  r1_of = {"hadamard": initial_rotation(model_cfg.hidden_size, cfg.seed), "learned": ctx["learned"]}
+
+  def quantizer(method, w_bits):
+    if method == "kmeans":
+      return lambda w, path: kmeans_quantize(w, w_bits, seed=cfg.seed)
+    group = 128 if method == "rtn_g128" else -1
+    # Group 128 where it divides the input size, else the whole row (recorded in the report).
+    return lambda w, path: rtn_quantize(w, w_bits, group if w.shape[-2] % 128 == 0 else -1)
+
+  report["quantization"] = {"scopes": scopes, "methods": methods, "bits": settings,
+                            "rotation_of_method": rotation_of,
+                            "rtn_g128_note": "group 128 where it divides d_in, else the whole row"}
+  for scope in scopes:
+    bases = {}
+    for method in methods:
+      rot = rotation_of[method]
+      full_rot = scope == "full" and rot is not None  # R2 and the online R4 come with a rotation
+      if rot not in bases:
+        bases[rot] = folded if rot is None else rotate_params(
+            folded_cfg, folded, r1_of[rot], hadamard_matrix(model_cfg.head_dim) if full_rot else None,
+            online_down_hadamard=full_rot)
+      quantized = {}
+      for w_bits, a_bits in bits:
+        key = f"{scope}/{method}_w{w_bits}a{a_bits}"
+        if w_bits not in quantized:
+          t0 = time.perf_counter()
+          bar = tqdm(total=len(scope_paths(folded_cfg, scope)), desc=f"{scope}/{method} w{w_bits}", leave=False)
+          quantized[w_bits] = quantize_scope(folded_cfg, bases[rot], scope, quantizer(method, w_bits), bar)
+          bar.close()
+          report["timings"][f"quantize/{scope}/{method}_w{w_bits}_s"] = time.perf_counter() - t0
+        act = None if a_bits >= 16 else dataclasses.replace(ctx["act"], bits=a_bits, scope=scope)
+        model = MoeCausalLM(folded_cfg, dtype, act_quant=act, online_down_hadamard=full_rot)
+        _perplexities(cfg, model, quantized[w_bits], eval_sets, key, report)
 
 
 def run(cfg) -> dict:
@@ -169,10 +266,15 @@ def run(cfg) -> dict:
       sample = tokenizer.decode(np.asarray(new[0]).tolist())
       report["sample"] = {"prompt": cfg.sample_prompt, "fp": sample}
       print(f"sample (fp): {cfg.sample_prompt!r} -> {sample!r}")
+  ctx = {}
   if "rotate" in stages:
     t0 = time.perf_counter()
-    _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report)
+    _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx)
     timings["rotate_s"] = time.perf_counter() - t0
+  if "quantize" in stages:
+    t0 = time.perf_counter()
+    _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx)
+    timings["quantize_s"] = time.perf_counter() - t0
 
   write_json_atomic(os.path.join(cfg.output_dir, "report.json"), report)
   print(f"report: {os.path.join(cfg.output_dir, 'report.json')}")

@@ -33,7 +33,7 @@ def test_rotate_stage_compares_three_rotations(tmp_path):
   r = _run(f"--config.eval_texts={TEST_TEXT}", "--config.seqlen=128", "--config.max_eval_windows=4",
            f"--config.calib_text={TEST_TEXT}", "--config.calib_samples=32", "--config.calib_seqlen=64",
            "--config.aos_epochs=2", "--config.aos_batch_size=8", f"--config.output_dir={tmp_path}",
-           "--config.sample_tokens=0")
+           "--config.sample_tokens=0", "--config.stages=eval,rotate")
   assert r.returncode == 0, r.stderr[-2000:]
   report = json.loads((tmp_path / "report.json").read_text())
   ppl = report["perplexity"]["wikitext2_valid_excerpt.txt"]
@@ -50,6 +50,22 @@ def test_rotate_stage_compares_three_rotations(tmp_path):
   assert (tmp_path / "rotation_outliers.png").stat().st_size > 0
 
 
+def test_quantize_stage_both_scopes(tmp_path):
+  r = _run(f"--config.eval_texts={TEST_TEXT}", "--config.seqlen=128", "--config.max_eval_windows=4",
+           f"--config.calib_text={TEST_TEXT}", "--config.calib_samples=16", "--config.calib_seqlen=64",
+           "--config.aos_epochs=1", "--config.aos_batch_size=8", f"--config.output_dir={tmp_path}",
+           "--config.sample_tokens=0", "--config.stages=quantize", "--config.quant_methods=rtn,kmeans",
+           "--config.quant_bits=w4a16,w4a4")
+  assert r.returncode == 0, r.stderr[-2000:]
+  ppl = json.loads((tmp_path / "report.json").read_text())["perplexity"]["wikitext2_valid_excerpt.txt"]
+  want = {f"{s}/{m}_{b}" for s in ("official", "full") for m in ("rtn", "kmeans") for b in ("w4a16", "w4a4")}
+  assert set(ppl) == want
+  for scope in ("official", "full"):
+    # Learned rotation + K-means codebooks beat plain per-row RTN at W4A4; 4-bit activations cost.
+    assert ppl[f"{scope}/kmeans_w4a4"] < ppl[f"{scope}/rtn_w4a4"]
+    assert ppl[f"{scope}/rtn_w4a16"] < ppl[f"{scope}/rtn_w4a4"]
+
+
 def _one_line_error(r, pattern):
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
@@ -60,6 +76,8 @@ def _one_line_error(r, pattern):
 def test_bad_options_give_one_line_errors(tmp_path):
   _one_line_error(_run("--config.stages=eval,cluster", f"--config.output_dir={tmp_path}"),
                   "--config.stages: unknown stage(s) ['cluster']")
+  _one_line_error(_run("--config.stages=quantize", "--config.quant_bits=w4", f"--config.output_dir={tmp_path}"),
+                  "--config.quant_bits: 'w4' is not like w4a4")
   _one_line_error(_run(f"--config.model_path={tmp_path}/none", f"--config.output_dir={tmp_path}"),
                   "model directory not found")
   short = tmp_path / "short.txt"

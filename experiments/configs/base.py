@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.aos_lr = 1e-4
   c.aos_epochs = 4
   c.aos_batch_size = 16
+  # Quantize stage: every scope x method x bits setting.
+  c.quant_scopes = "official,full"
+  c.quant_methods = "rtn,rtn_g128,hadamard_rtn,learned_rotation_rtn,kmeans"
+  c.quant_bits = "w4a16,w4a4,w3a4"
   c.sample_prompt = "The"
   c.sample_tokens = 20
   c.seed = 0
