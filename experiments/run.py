@@ -6,7 +6,7 @@ run in this order):
   rotate  calibrate, fold norms, learn R1 (AOS) and compare W16A4 perplexity with no rotation,
           a random Hadamard R1 and the learned R1 (plus per-layer activation statistics and a plot);
   quantize  weight quantization in each scope (`quant_scopes`) with each method
-          (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans) at each
+          (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans, codequant) at each
           setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`.
 Writes `<output_dir>/report.json`.
 """
@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from cqjax.errors import CqjaxError
 
 STAGES = ("eval", "rotate", "quantize")
-METHODS = ("rtn", "rtn_g128", "hadamard_rtn", "learned_rotation_rtn", "kmeans")
+METHODS = ("rtn", "rtn_g128", "hadamard_rtn", "learned_rotation_rtn", "kmeans", "codequant")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a name in experiments/configs/ or a path).")
 
@@ -95,7 +95,7 @@ def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dic
   learned, history = learn_rotation(norm_outputs, aos)
   report["timings"]["aos_s"] = time.perf_counter() - t0
   np.save(os.path.join(cfg.output_dir, "r1.npy"), learned)
-  ctx.update(act=act, folded_cfg=folded_cfg, folded=folded, norm_outputs=norm_outputs, aos=aos,
+  ctx.update(calib=calib, act=act, folded_cfg=folded_cfg, folded=folded, norm_outputs=norm_outputs, aos=aos,
              learned=learned, history=history)
   return ctx
 
@@ -176,6 +176,7 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
 
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
+  from cqjax.finetune_centroids import AccfConfig, finetune_centroids  # pylint: disable=g-import-not-at-top
   from cqjax.hadamard import hadamard_matrix  # pylint: disable=g-import-not-at-top
   from cqjax.kmeans import kmeans_quantize, rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.learn_rotation import initial_rotation  # pylint: disable=g-import-not-at-top
@@ -187,11 +188,11 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
   ctx = _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx)
   folded_cfg, folded = ctx["folded_cfg"], ctx["folded"]
   rotation_of = {"rtn": None, "rtn_g128": None, "hadamard_rtn": "hadamard",
-                 "learned_rotation_rtn": "learned", "kmeans": "learned"}
+                 "learned_rotation_rtn": "learned", "kmeans": "learned", "codequant": "learned"}
   r1_of = {"hadamard": initial_rotation(model_cfg.hidden_size, cfg.seed), "learned": ctx["learned"]}
 
   def quantizer(method, w_bits):
-    if method == "kmeans":
+    if method in ("kmeans", "codequant"):
       return lambda w, path: kmeans_quantize(w, w_bits, seed=cfg.seed)
     group = 128 if method == "rtn_g128" else -1
     # Group 128 where it divides the input size, else the whole row (recorded in the report).
@@ -219,8 +220,17 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
           bar.close()
           report["timings"][f"quantize/{scope}/{method}_w{w_bits}_s"] = time.perf_counter() - t0
         act = None if a_bits >= 16 else dataclasses.replace(ctx["act"], bits=a_bits, scope=scope)
+        weights = quantized[w_bits]
+        if method == "codequant":
+          t0 = time.perf_counter()
+          accf = AccfConfig(lr=cfg.accf_lr, optimizer=cfg.accf_optimizer, epochs=cfg.accf_epochs,
+                            batch_size=cfg.accf_batch_size, reassign=cfg.accf_reassign, seed=cfg.seed)
+          weights, history = finetune_centroids(folded_cfg, bases[rot], weights, ctx["calib"][: cfg.accf_samples],
+                                                act, full_rot, accf, dtype)
+          report["timings"][f"accf/{key}_s"] = time.perf_counter() - t0
+          report.setdefault("accf", {})[key] = history
         model = MoeCausalLM(folded_cfg, dtype, act_quant=act, online_down_hadamard=full_rot)
-        _perplexities(cfg, model, quantized[w_bits], eval_sets, key, report)
+        _perplexities(cfg, model, weights, eval_sets, key, report)
 
 
 def run(cfg) -> dict:

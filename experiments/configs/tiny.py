@@ -16,5 +16,8 @@ def get_config():
   # BENCHMARKS.md numbers use --config.max_eval_windows=0 (every window).
   c.max_eval_windows = 32
   c.stages = "eval,rotate,quantize"
+  # Quick default: the W4A4 column only, ACCF on 128 of the calibration windows.
+  c.quant_bits = "w4a4"
+  c.accf_samples = 128
   c.output_dir = "runs/tiny"
   return c

@@ -1,0 +1,214 @@
+"""ACCF: fine-tune the centroids of a codebook-quantized model block by block, so each block's
+output on the quantized model's own (fake-quantized) inputs matches the full-precision block.
+
+- Attention: each quantized linear (q/k/v, and o_proj in scope `full`) matches its FP output:
+  MSE(Q_a(x_q) Ŵ, x_fp W).
+- MoE block: MSE of the block output + KL(p_fp ‖ p_q) of the router softmax.
+- A centroid's gradient is the mean of the gradients of the weights assigned to it (the
+  reference's rule; autodiff through the gather gives their sum, which is divided by the count),
+  then SGD. After every step the codes are re-assigned input-aware: weight w at input channel j
+  goes to the centroid c minimising (E[x_j x̂_j] w − E[x_j²] c)², i.e. the centroid nearest to
+  w · E[x_j x̂_j] / E[x_j²] (x: FP input, x̂: the quantized model's input). Linears whose input is
+  not a norm output (o_proj, down projections) are re-assigned to the nearest centroid of w.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from cqjax.act_quant import ActQuantConfig, fake_quant
+from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes
+from cqjax.config import ModelConfig
+from cqjax.load import Params
+from cqjax.model import Attention, DenseMlp, RMSNorm
+from cqjax.moe import MoeBlock
+
+_is_cb = lambda x: isinstance(x, CodebookWeight)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccfConfig:
+  """Defaults are the reference's: SGD lr 1e-4, batch 32, 4 epochs; KL weight 1.
+  optimizer: 'sgd' or 'adam'."""
+
+  lr: float = 1e-4
+  optimizer: str = "sgd"
+  epochs: int = 4
+  batch_size: int = 32
+  kl_weight: float = 1.0
+  reassign: bool = True
+  seed: int = 0
+
+
+def reassign_codes(w_fp: jax.Array, centroids: jax.Array, ratio: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """w_fp [..., d_in, d_out], centroids [..., d_out, groups, C], ratio [d_in] ->
+  (sorted centroids, codes [..., d_out, d_in]) with each code the centroid nearest w·ratio."""
+  cent = jnp.sort(centroids, axis=-1)
+  target = jnp.swapaxes(w_fp * ratio[:, None], -1, -2).astype(cent.dtype)  # [..., d_out, d_in]
+  groups = cent.shape[-2]
+  t = target.reshape(*target.shape[:-1], groups, -1)
+  mids = (cent[..., 1:] + cent[..., :-1]) / 2
+  codes = jax.vmap(jnp.searchsorted, in_axes=(0, 0))(mids.reshape(-1, mids.shape[-1]),
+                                                     t.reshape(-1, t.shape[-1]))
+  return cent, codes.reshape(target.shape).astype(jnp.int32)
+
+
+def _channel_ratio(x_fp, x_q):
+  """E[x_j x̂_j] / E[x_j²] per input channel j, over every token."""
+  x_fp = x_fp.reshape(-1, x_fp.shape[-1]).astype(jnp.float32)
+  x_q = x_q.reshape(-1, x_q.shape[-1]).astype(jnp.float32)
+  return jnp.mean(x_fp * x_q, 0) / jnp.maximum(jnp.mean(x_fp * x_fp, 0), 1e-12)
+
+
+def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple, n: int,
+           cfg: AccfConfig, desc: str) -> tuple[Any, list[float]]:
+  """SGD on every CodebookWeight's centroids in q_sub; loss_fn(q_sub, batch_data) -> scalar.
+  data: arrays with a leading sample axis, batched together."""
+  paths_cb = [p for p, leaf in jax.tree_util.tree_flatten_with_path(q_sub, is_leaf=_is_cb)[0] if _is_cb(leaf)]
+  if not paths_cb:
+    return q_sub, []
+
+  def split(tree):
+    return [leaf for leaf in jax.tree.leaves(tree, is_leaf=_is_cb) if _is_cb(leaf)]
+
+  def rebuild(tree, new_cbs):
+    it = iter(new_cbs)
+    return jax.tree.map(lambda leaf: next(it) if _is_cb(leaf) else leaf, tree, is_leaf=_is_cb)
+
+  fp_ws = [w for path, w in jax.tree_util.tree_flatten_with_path(fp_sub)[0]
+           if any(path[:len(p)] == p for p in paths_cb)]
+  ratios = [ratio_of(p) for p in paths_cb]
+
+  opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr)
+
+  @jax.jit
+  def step(cbs, opt_state, batch):
+    cents = [cb.centroids for cb in cbs]
+
+    def loss_of(cents):
+      tree = rebuild(q_sub, [dataclasses.replace(cb, centroids=c) for cb, c in zip(cbs, cents)])
+      return loss_fn(tree, batch)
+
+    loss, grads = jax.value_and_grad(loss_of)(cents)
+    mean_grads = []
+    for cb, c, g in zip(cbs, cents, grads):
+      codes = codes_of(cb).reshape(*c.shape[:-1], -1)
+      counts = jax.vmap(lambda k: jnp.bincount(k, length=c.shape[-1]))(codes.reshape(-1, codes.shape[-1]))
+      mean_grads.append(g / jnp.maximum(counts.reshape(c.shape), 1))
+    updates, opt_state = opt.update(mean_grads, opt_state, cents)
+    new = []
+    for cb, c, w, r in zip(cbs, optax.apply_updates(cents, updates), fp_ws, ratios):
+      if cfg.reassign:
+        c, new_codes = reassign_codes(w, c, r)
+        new.append(from_codes(new_codes, c, cb.bits))
+      else:
+        new.append(dataclasses.replace(cb, centroids=c))
+    return new, opt_state, loss
+
+  cbs = split(q_sub)
+  opt_state = opt.init([cb.centroids for cb in cbs])
+  rng = np.random.default_rng(cfg.seed)
+  history = []
+  steps = max(n // cfg.batch_size, 1)
+  for _ in tqdm(range(cfg.epochs), desc=desc, leave=False):
+    order = rng.permutation(n)
+    losses = []
+    for k in range(steps):
+      idx = np.sort(order[k * cfg.batch_size: (k + 1) * cfg.batch_size])
+      cbs, opt_state, loss = step(cbs, opt_state, tuple(d[idx] for d in data))
+      losses.append(float(loss))
+    history.append(float(np.mean(losses)))
+  return rebuild(q_sub, cbs), history
+
+
+def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, windows: np.ndarray,
+                       act: ActQuantConfig | None, online_down_hadamard: bool = False,
+                       accf: AccfConfig = AccfConfig(), dtype=jnp.float32) -> tuple[Params, dict]:
+  """fp_params: the rotated full-precision params; q_params: the same with the scope's kernels
+  as CodebookWeights. windows [n, t]: calibration tokens. Returns (q_params with fine-tuned
+  centroids and re-assigned codes, {block: loss per epoch})."""
+  n, t = windows.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+  emb = fp_params["embed"]["embedding"]
+  x_fp = jnp.take(emb, jnp.asarray(windows), axis=0).astype(dtype)
+  x_q = x_fp
+  quant = (lambda h: h) if act is None else (lambda h: fake_quant(h, act))
+  full = act is not None and act.scope == "full"
+  out = dict(q_params)
+  history = {}
+  for i in range(cfg.num_layers):
+    fp_l, q_l = fp_params[f"layers_{i}"], dict(q_params[f"layers_{i}"])
+    norm = lambda p, x: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype).apply({"params": p}, x)
+    h_fp = norm(fp_l["input_norm"], x_fp)
+    h_q = quant(norm(q_l["input_norm"], x_q))
+    attn_mod = Attention(cfg, dtype, act)
+    attn_q = {k: v for k, v in q_l["attn"].items()}
+    in_ratio = _channel_ratio(h_fp, h_q)
+    for name in ("q_proj", "k_proj", "v_proj"):
+      w_fp = fp_l["attn"][name]["kernel"]
+      target = h_fp @ w_fp
+      sub, hist = _train(
+          attn_q[name], fp_l["attn"][name], lambda p: in_ratio,
+          lambda tree, b: jnp.mean((b[0] @ dequantize(tree["kernel"], dtype) - b[1]) ** 2),
+          (h_q, target), n, accf, f"ACCF layer {i} {name}")
+      attn_q[name] = sub
+      history[f"layers_{i}/{name}"] = hist
+    if full and _is_cb(attn_q["o_proj"]["kernel"]):
+      o_in = lambda p, x, m: m.apply({"params": p}, x, positions, None, 0, mutable=["intermediates"])[1][
+          "intermediates"]["o_proj_input"][0]
+      o_fp = o_in(fp_l["attn"], h_fp, Attention(cfg, dtype))
+      o_q = quant(o_in(attn_q, h_q, attn_mod))
+      target = o_fp @ fp_l["attn"]["o_proj"]["kernel"]
+      ones = jnp.ones((cfg.q_size,))
+      attn_q["o_proj"], history[f"layers_{i}/o_proj"] = _train(
+          attn_q["o_proj"], fp_l["attn"]["o_proj"], lambda p: ones,
+          lambda tree, b: jnp.mean((b[0] @ dequantize(tree["kernel"], dtype) - b[1]) ** 2),
+          (o_q, target), n, accf, f"ACCF layer {i} o_proj")
+    q_l["attn"] = attn_q
+    x_fp = x_fp + Attention(cfg, dtype).apply({"params": fp_l["attn"]}, h_fp, positions, None, 0)[0]
+    x_q = x_q + attn_mod.apply({"params": attn_q}, h_q, positions, None, 0)[0]
+
+    m_fp = norm(fp_l["post_attention_norm"], x_fp)
+    m_q = quant(norm(q_l["post_attention_norm"], x_q))
+    m_ratio = _channel_ratio(m_fp, m_q)
+    if cfg.is_moe_layer(i):
+      fp_mod = MoeBlock(cfg, dtype, False, None, online_down_hadamard)
+      q_mod = MoeBlock(cfg, dtype, False, act, online_down_hadamard)
+
+      def run(mod, p, x):
+        y, state = mod.apply({"params": p}, x, mutable=["intermediates"])
+        return y, state["intermediates"]["router_logits"][0]
+
+      y_fp, logits_fp = run(fp_mod, fp_l["moe"], m_fp)
+      logits_fp = logits_fp.reshape(n, t, -1)
+
+      def moe_loss(tree, b):
+        y, logits = run(q_mod, tree, b[0])
+        logp_fp = jax.nn.log_softmax(b[2].astype(jnp.float32), -1)
+        logp_q = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(logp_fp.shape)
+        kl = jnp.sum(jnp.exp(logp_fp) * (logp_fp - logp_q)) / (logp_fp.shape[0] * logp_fp.shape[1])
+        return jnp.mean((y - b[1]) ** 2) + accf.kl_weight * kl
+
+      ones = jnp.ones((cfg.moe_intermediate_size,))
+      q_l["moe"], history[f"layers_{i}/moe"] = _train(
+          q_l["moe"], fp_l["moe"], lambda p: ones if p[-1].key == "down_proj" else m_ratio,
+          moe_loss, (m_q, y_fp, logits_fp), n, accf, f"ACCF layer {i} MoE")
+      ff_fp, ff_q = y_fp, q_mod.apply({"params": q_l["moe"]}, m_q)
+    else:
+      fp_mod, q_mod = DenseMlp(cfg, dtype, None, online_down_hadamard), DenseMlp(cfg, dtype, act, online_down_hadamard)
+      y_fp = fp_mod.apply({"params": fp_l["mlp"]}, m_fp)
+      ones = jnp.ones((cfg.intermediate_size,))
+      q_l["mlp"], history[f"layers_{i}/mlp"] = _train(
+          q_l["mlp"], fp_l["mlp"], lambda p: ones if p[0].key == "down_proj" else m_ratio,
+          lambda tree, b: jnp.mean((q_mod.apply({"params": tree}, b[0]) - b[1]) ** 2),
+          (m_q, y_fp), n, accf, f"ACCF layer {i} MLP")
+      ff_fp, ff_q = y_fp, q_mod.apply({"params": q_l["mlp"]}, m_q)
+    x_fp, x_q = x_fp + ff_fp, x_q + ff_q
+    out[f"layers_{i}"] = q_l
+  return out, history
