@@ -68,8 +68,9 @@ def _channel_ratio(x_fp, x_q):
 
 def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple, n: int,
            cfg: AccfConfig, desc: str) -> tuple[Any, list[float]]:
-  """SGD on every CodebookWeight's centroids in q_sub; loss_fn(q_sub, batch_data) -> scalar.
-  data: arrays with a leading sample axis, batched together."""
+  """Optimises every CodebookWeight's centroids in q_sub; loss_fn(q_sub, batch_data) -> scalar.
+  data: arrays with a leading sample axis, batched together. Returns (q_sub, block loss before
+  training and after each epoch)."""
   paths_cb = [p for p, leaf in jax.tree_util.tree_flatten_with_path(q_sub, is_leaf=_is_cb)[0] if _is_cb(leaf)]
   if not paths_cb:
     return q_sub, []
@@ -111,19 +112,32 @@ def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple
         new.append(dataclasses.replace(cb, centroids=c))
     return new, opt_state, loss
 
+  @jax.jit
+  def batch_loss(cbs, batch):
+    return loss_fn(rebuild(q_sub, cbs), batch)
+
+  steps = max(n // cfg.batch_size, 1)
+
+  def full_loss(cbs):
+    return float(np.mean([batch_loss(cbs, tuple(d[k * cfg.batch_size: (k + 1) * cfg.batch_size] for d in data))
+                          for k in range(steps)]))
+
   cbs = split(q_sub)
   opt_state = opt.init([cb.centroids for cb in cbs])
   rng = np.random.default_rng(cfg.seed)
-  history = []
-  steps = max(n // cfg.batch_size, 1)
+  # Block loss on all calibration samples before training and after each epoch; the best
+  # epoch's centroids are kept, so a block never ends worse than its K-means start.
+  history = [full_loss(cbs)]
+  best, best_loss = cbs, history[0]
   for _ in tqdm(range(cfg.epochs), desc=desc, leave=False):
     order = rng.permutation(n)
-    losses = []
     for k in range(steps):
       idx = np.sort(order[k * cfg.batch_size: (k + 1) * cfg.batch_size])
-      cbs, opt_state, loss = step(cbs, opt_state, tuple(d[idx] for d in data))
-      losses.append(float(loss))
-    history.append(float(np.mean(losses)))
+      cbs, opt_state, _ = step(cbs, opt_state, tuple(d[idx] for d in data))
+    history.append(full_loss(cbs))
+    if history[-1] < best_loss:
+      best, best_loss = cbs, history[-1]
+  cbs = best
   return rebuild(q_sub, cbs), history
 
 
