@@ -41,3 +41,26 @@ def test_intermediates_cover_every_quantized_linear_input(hf_checkpoints):
   assert inter["lm_head_input"][0].shape == (2, 5, cfg.hidden_size)
   # The dense layer of this config (mlp_only_layers=[1]) is an MLP, not an MoE block.
   assert cfg.dense_layers == (1,) and "mlp" in params["layers_1"]
+
+
+def test_sampled_generation_is_seeded_and_respects_eos(hf_checkpoints):
+  import jax
+  from cqjax.generate import generate
+  cfg, params = load_params(hf_checkpoints["mixtral"], jnp.float32, progress=False)
+  model = MoeCausalLM(cfg, jnp.float32)
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 5)))
+  a = generate(model, params, prompt, 12, jax.random.key(1), temperature=1.0, top_k=5)
+  b = generate(model, params, prompt, 12, jax.random.key(1), temperature=1.0, top_k=5)
+  c = generate(model, params, prompt, 12, jax.random.key(2), temperature=1.0, top_k=5)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # top_k=1 sampling is greedy decoding.
+  np.testing.assert_array_equal(generate(model, params, prompt, 12, jax.random.key(3), temperature=0.7, top_k=1),
+                                generate(model, params, prompt, 12))
+  # After a row emits eos, the rest of the row is eos.
+  greedy = np.asarray(generate(model, params, prompt, 12))
+  eos = int(greedy[0, 2])
+  stopped = np.asarray(generate(model, params, prompt, 12, eos_token_id=eos))
+  first = int(np.argmax(stopped[0] == eos))
+  assert np.all(stopped[0, first:] == eos)
+  np.testing.assert_array_equal(stopped[0, :first], greedy[0, :first])
