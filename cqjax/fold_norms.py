@@ -12,36 +12,26 @@ import jax.numpy as jnp
 
 from cqjax.config import ModelConfig
 from cqjax.load import Params
+from cqjax.param_paths import attn_input_readers, ffn_input_readers, get_path, set_path
+
+
+def _scale_inputs(params: Params, path, s):
+  """W [..., d_in, d_out] -> diag(s) W (stacked experts included)."""
+  return set_path(params, path, s[:, None] * get_path(params, path))
 
 
 def fold_norms(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
   """Returns (config, params) with input/post-attention/final norm scales folded (set to 1).
   Tied embeddings are untied: lm_head becomes its own (scaled) kernel."""
-  out = dict(params)
   for i in range(cfg.num_layers):
-    lp = {k: dict(v) for k, v in params[f"layers_{i}"].items()}
-    s_attn = lp["input_norm"]["scale"]
-    attn = {k: dict(v) for k, v in lp["attn"].items()}
-    for name in ("q_proj", "k_proj", "v_proj"):
-      attn[name]["kernel"] = s_attn[:, None] * attn[name]["kernel"]
-    lp["attn"] = attn
-    s_mlp = lp["post_attention_norm"]["scale"]
-    if cfg.is_moe_layer(i):
-      moe = dict(lp["moe"])
-      moe["router"] = s_mlp[:, None] * moe["router"]
-      moe["gate_proj"] = s_mlp[None, :, None] * moe["gate_proj"]
-      moe["up_proj"] = s_mlp[None, :, None] * moe["up_proj"]
-      lp["moe"] = moe
-    else:
-      mlp = {k: dict(v) for k, v in lp["mlp"].items()}
-      for name in ("gate_proj", "up_proj"):
-        mlp[name]["kernel"] = s_mlp[:, None] * mlp[name]["kernel"]
-      lp["mlp"] = mlp
-    lp["input_norm"] = {"scale": jnp.ones_like(s_attn)}
-    lp["post_attention_norm"] = {"scale": jnp.ones_like(s_mlp)}
-    out[f"layers_{i}"] = lp
+    for norm, readers in (("input_norm", attn_input_readers(i)),
+                          ("post_attention_norm", ffn_input_readers(cfg, i))):
+      s = params[f"layers_{i}"][norm]["scale"]
+      for path in readers:
+        params = _scale_inputs(params, path, s)
+      params = set_path(params, (f"layers_{i}", norm, "scale"), jnp.ones_like(s))
   s = params["final_norm"]["scale"]
   head = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-  out["lm_head"] = {"kernel": s[:, None] * head}
-  out["final_norm"] = {"scale": jnp.ones_like(s)}
-  return dataclasses.replace(cfg, tie_word_embeddings=False), out
+  params = set_path(params, ("lm_head",), {"kernel": s[:, None] * head})
+  params = set_path(params, ("final_norm", "scale"), jnp.ones_like(s))
+  return dataclasses.replace(cfg, tie_word_embeddings=False), params

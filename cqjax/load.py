@@ -20,7 +20,7 @@ from cqjax.safetensors_index import CheckpointIndex
 Params = dict[str, Any]
 
 # Family-specific tensor names: (MoE block prefix, router, per-expert gate/up/down names).
-_MOE_NAMES = {
+MOE_TENSOR_NAMES = {
     "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
     "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
 }
@@ -60,7 +60,7 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
 
 
 def _moe_params(ix, cfg, i, to_device) -> Params:
-  block, router, (g_name, u_name, d_name) = _MOE_NAMES[cfg.model_type]
+  block, router, (g_name, u_name, d_name) = MOE_TENSOR_NAMES[cfg.model_type]
   e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
   p = f"model.layers.{i}.{block}."
   moe = {"router": to_device(ix.get(p + router + ".weight", (e, d)).T)}

@@ -14,45 +14,26 @@ from cqjax.codebook import CodebookWeight
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.load import Params
+from cqjax.param_paths import (Path, attn_input_readers, attn_path, ffn_input_readers, ffn_path,
+                               get_path, set_path)
 
 SCOPES = ("official", "full")
 
 
-def scope_paths(cfg: ModelConfig, scope: str) -> list[tuple[str, ...]]:
+def scope_paths(cfg: ModelConfig, scope: str) -> list[Path]:
   """Key paths (into params) of every kernel the scope quantizes."""
   if scope not in SCOPES:
     raise CqjaxError(f"quantization scope must be one of {SCOPES}, got {scope!r}")
   paths = []
   for i in range(cfg.num_layers):
-    layer = f"layers_{i}"
-    paths += [(layer, "attn", n, "kernel") for n in ("q_proj", "k_proj", "v_proj")]
-    if cfg.is_moe_layer(i):
-      paths += [(layer, "moe", n) for n in ("router", "gate_proj", "up_proj")]
-    else:
-      paths += [(layer, "mlp", n, "kernel") for n in ("gate_proj", "up_proj")]
+    paths += attn_input_readers(i) + ffn_input_readers(cfg, i)
     if scope == "full":
-      paths.append((layer, "attn", "o_proj", "kernel"))
-      paths.append((layer, "moe", "down_proj") if cfg.is_moe_layer(i) else (layer, "mlp", "down_proj", "kernel"))
+      paths += [attn_path(i, "o_proj"), ffn_path(cfg, i, "down_proj")]
   return paths
 
 
-def get_path(params: Params, path: tuple[str, ...]):
-  for k in path:
-    params = params[k]
-  return params
-
-
-def set_path(params: Params, path: tuple[str, ...], value) -> Params:
-  """A copy of params with `path` replaced (only the dicts along the path are copied)."""
-  if not path:
-    return value
-  out = dict(params)
-  out[path[0]] = set_path(params[path[0]], path[1:], value)
-  return out
-
-
 def quantize_scope(cfg: ModelConfig, params: Params, scope: str,
-                   quantizer: Callable[[jax.Array, tuple[str, ...]], CodebookWeight],
+                   quantizer: Callable[[jax.Array, Path], CodebookWeight],
                    progress=None) -> Params:
   """Replaces every kernel of `scope` by `quantizer(kernel, path)`."""
   for path in scope_paths(cfg, scope):

@@ -17,6 +17,7 @@ from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.hadamard import hadamard_matrix
 from cqjax.load import Params
+from cqjax.param_paths import attn_input_readers, attn_path, ffn_input_readers, ffn_path, get_path, set_path
 
 
 def _left(r_t, w):
@@ -28,6 +29,12 @@ def _right(w, r):
   return jnp.einsum("...ij,jk->...ik", w.astype(jnp.float32), r)
 
 
+def _update(params: Params, path, fn) -> Params:
+  """Applies fn to the kernel at path in float32, keeping its dtype."""
+  w = get_path(params, path)
+  return set_path(params, path, fn(w).astype(w.dtype))
+
+
 def rotate_params(cfg: ModelConfig, params: Params, r1: np.ndarray | None = None,
                   r2: np.ndarray | None = None, online_down_hadamard: bool = False) -> Params:
   """Returns params with R1 (residual stream), R2 (per value head) and the R4 counterpart fused,
@@ -36,51 +43,25 @@ def rotate_params(cfg: ModelConfig, params: Params, r1: np.ndarray | None = None
     for norm in ("input_norm", "post_attention_norm"):
       if r1 is not None and not bool(jnp.all(params[f"layers_{i}"][norm]["scale"] == 1)):
         raise CqjaxError(f"layers_{i}/{norm}: scale is not 1; call fold_norms before rotating")
-  out = {k: v for k, v in params.items()}
-  cast = lambda new, old: new.astype(old.dtype)
   if r1 is not None:
     r = jnp.asarray(r1, jnp.float32)
-    rt = r.T
-    emb = params["embed"]["embedding"]
-    out["embed"] = {"embedding": cast(_right(emb, r), emb)}
-    head = params["lm_head"]["kernel"]
-    out["lm_head"] = {"kernel": cast(_left(rt, head), head)}
+    params = _update(params, ("embed", "embedding"), lambda w: _right(w, r))
+    params = _update(params, ("lm_head", "kernel"), lambda w: _left(r.T, w))
+    for i in range(cfg.num_layers):
+      for path in attn_input_readers(i) + ffn_input_readers(cfg, i):
+        params = _update(params, path, lambda w: _left(r.T, w))
+      for path in (attn_path(i, "o_proj"), ffn_path(cfg, i, "down_proj")):
+        params = _update(params, path, lambda w: _right(w, r))
+  hd = cfg.head_dim
   for i in range(cfg.num_layers):
-    lp = {k: (dict(v) if isinstance(v, dict) else v) for k, v in params[f"layers_{i}"].items()}
-    attn = {k: dict(v) for k, v in lp["attn"].items()}
-    if r1 is not None:
-      for name in ("q_proj", "k_proj", "v_proj"):
-        attn[name]["kernel"] = cast(_left(rt, attn[name]["kernel"]), attn[name]["kernel"])
-      attn["o_proj"]["kernel"] = cast(_right(attn["o_proj"]["kernel"], r), attn["o_proj"]["kernel"])
     if r2 is not None:
       r2j = jnp.asarray(r2, jnp.float32)
-      hd = cfg.head_dim
-      v = attn["v_proj"]["kernel"]
-      v_rot = jnp.einsum("dkh,hj->dkj", v.astype(jnp.float32).reshape(v.shape[0], -1, hd), r2j)
-      attn["v_proj"]["kernel"] = cast(v_rot.reshape(v.shape), v)
-      o = attn["o_proj"]["kernel"]
-      o_rot = jnp.einsum("ij,kjd->kid", r2j.T, o.astype(jnp.float32).reshape(-1, hd, o.shape[-1]))
-      attn["o_proj"]["kernel"] = cast(o_rot.reshape(o.shape), o)
-    lp["attn"] = attn
-    if cfg.is_moe_layer(i):
-      moe = dict(lp["moe"])
-      if r1 is not None:
-        for name in ("router", "gate_proj", "up_proj"):
-          moe[name] = cast(_left(rt, moe[name]), moe[name])
-        moe["down_proj"] = cast(_right(moe["down_proj"], r), moe["down_proj"])
-      if online_down_hadamard:
-        h_t = jnp.asarray(hadamard_matrix(cfg.moe_intermediate_size).T, jnp.float32)
-        moe["down_proj"] = cast(_left(h_t, moe["down_proj"]), moe["down_proj"])
-      lp["moe"] = moe
-    else:
-      mlp = {k: dict(v) for k, v in lp["mlp"].items()}
-      if r1 is not None:
-        for name in ("gate_proj", "up_proj"):
-          mlp[name]["kernel"] = cast(_left(rt, mlp[name]["kernel"]), mlp[name]["kernel"])
-        mlp["down_proj"]["kernel"] = cast(_right(mlp["down_proj"]["kernel"], r), mlp["down_proj"]["kernel"])
-      if online_down_hadamard:
-        h_t = jnp.asarray(hadamard_matrix(cfg.intermediate_size).T, jnp.float32)
-        mlp["down_proj"]["kernel"] = cast(_left(h_t, mlp["down_proj"]["kernel"]), mlp["down_proj"]["kernel"])
-      lp["mlp"] = mlp
-    out[f"layers_{i}"] = lp
-  return out
+      params = _update(params, attn_path(i, "v_proj"), lambda v: jnp.einsum(
+          "dkh,hj->dkj", v.astype(jnp.float32).reshape(v.shape[0], -1, hd), r2j).reshape(v.shape))
+      params = _update(params, attn_path(i, "o_proj"), lambda o: jnp.einsum(
+          "ij,kjd->kid", r2j.T, o.astype(jnp.float32).reshape(-1, hd, o.shape[-1])).reshape(o.shape))
+    if online_down_hadamard:
+      d_ff = cfg.moe_intermediate_size if cfg.is_moe_layer(i) else cfg.intermediate_size
+      h_t = jnp.asarray(hadamard_matrix(d_ff).T, jnp.float32)
+      params = _update(params, ffn_path(cfg, i, "down_proj"), lambda w: _left(h_t, w))
+  return params

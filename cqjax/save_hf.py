@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from cqjax.config import ModelConfig
-from cqjax.load import _MOE_NAMES, Params
+from cqjax.load import MOE_TENSOR_NAMES, Params
 
 
 def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
@@ -21,7 +21,7 @@ def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
        "model.norm.weight": a(params["final_norm"]["scale"])}
   if not cfg.tie_word_embeddings:
     t["lm_head.weight"] = a(params["lm_head"]["kernel"]).T
-  block, router, (g, u, dn) = _MOE_NAMES[cfg.model_type]
+  block, router, (g, u, dn) = MOE_TENSOR_NAMES[cfg.model_type]
   for i in range(cfg.num_layers):
     lp, p = params[f"layers_{i}"], f"model.layers.{i}."
     t[p + "input_layernorm.weight"] = a(lp["input_norm"]["scale"])

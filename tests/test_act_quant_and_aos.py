@@ -1,5 +1,4 @@
 """Activation fake quantization and the AOS rotation learner."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,4 @@
 """ACCF centroid fine-tuning and input-aware code re-assignment."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -11,7 +10,8 @@ from cqjax.fold_norms import fold_norms
 from cqjax.kmeans import kmeans_quantize
 from cqjax.learn_rotation import initial_rotation
 from cqjax.load import load_params
-from cqjax.quantize_weights import get_path, quantize_scope, scope_paths
+from cqjax.param_paths import get_path
+from cqjax.quantize_weights import quantize_scope, scope_paths
 from cqjax.rotate import rotate_params
 
 

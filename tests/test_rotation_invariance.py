@@ -46,6 +46,16 @@ def test_fold_norms_keeps_logits(model_and_tokens):
   assert all(bool(jnp.all(folded[f"layers_{i}"]["input_norm"]["scale"] == 1)) for i in range(cfg.num_layers))
 
 
+def test_fold_norms_unties_tied_embeddings(model_and_tokens):
+  import dataclasses
+  cfg, params, tokens = model_and_tokens
+  tied_cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+  tied = {k: v for k, v in params.items() if k != "lm_head"}
+  cfg2, folded = fold_norms(tied_cfg, tied)
+  assert not cfg2.tie_word_embeddings and "lm_head" in folded
+  assert _rel(_logits(cfg2, folded, tokens), _logits(tied_cfg, tied, tokens)) <= 1e-5
+
+
 def test_rotations_keep_logits(model_and_tokens):
   cfg, params, tokens = model_and_tokens
   ref = _logits(cfg, params, tokens)

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cqjax.config import ModelConfig
 from cqjax.load import load_params
 from cqjax.save_hf import save_hf_checkpoint
 

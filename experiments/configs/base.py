@@ -44,3 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_tokens = 20
   c.seed = 0
   return c
+
+
+def checkpoint_config(output_dir: str) -> ml_collections.ConfigDict:
+  """A real (multi-GB) checkpoint given by --config.model_path: bf16, the 2048-token protocol."""
+  c = base_config()
+  c.dtype = "bfloat16"
+  c.seqlen = 2048
+  c.eval_batch_size = 1
+  c.output_dir = output_dir
+  return c
