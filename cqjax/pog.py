@@ -9,7 +9,9 @@ model computes exactly the same function:
 - o_proj: its inputs are the value heads' channels, so the permutation acts inside each KV head
   (the same one for every query head of the group), and v_proj's outputs follow it;
 - each expert's down projection: its inputs are that expert's gate/up outputs, which follow.
-Not combinable with the online Hadamard R4, which mixes the down projection's inputs.
+With the online Hadamard R4 the down projection's inputs are mixed at run time, so no producer
+permutation can compensate there: `permute_down=False` leaves the down projections alone (the Hadamard
+has already spread each channel's energy evenly, which is what POG buys by permuting).
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ def pog_permutation(w: np.ndarray, group_size: int, blocks_per_group: int = 2) -
   return np.concatenate(per_group)
 
 
-def apply_pog(cfg: ModelConfig, params: Params, group_size: int, blocks_per_group: int = 2) -> Params:
-  """Permutes the inputs of every o_proj (within KV heads) and every down projection (per
-  expert), with the compensating permutation on v_proj and gate/up; the function is unchanged."""
+def apply_pog(cfg: ModelConfig, params: Params, group_size: int, blocks_per_group: int = 2,
+              permute_down: bool = True) -> Params:
+  """Permutes the inputs of every o_proj (within KV heads) and, if `permute_down`, every down projection
+  (per expert), with the compensating permutation on v_proj and gate/up; the function is unchanged."""
   hd, kvh, g = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
   if hd % group_size:
     raise CqjaxError(f"POG: group_size {group_size} must divide head_dim={hd} (o_proj groups stay inside heads)")
@@ -58,7 +61,7 @@ def apply_pog(cfg: ModelConfig, params: Params, group_size: int, blocks_per_grou
     attn["o_proj"]["kernel"] = jnp.asarray(o_new.reshape(attn["o_proj"]["kernel"].shape), attn["o_proj"]["kernel"].dtype)
     attn["v_proj"]["kernel"] = jnp.asarray(v_new.reshape(attn["v_proj"]["kernel"].shape), attn["v_proj"]["kernel"].dtype)
     lp["attn"] = attn
-    if cfg.is_moe_layer(i):
+    if permute_down and cfg.is_moe_layer(i):
       moe = dict(lp["moe"])
       down = np.asarray(moe["down_proj"], np.float32)
       perms = [pog_permutation(down[e], group_size, blocks_per_group) for e in range(cfg.num_experts)]
@@ -68,7 +71,7 @@ def apply_pog(cfg: ModelConfig, params: Params, group_size: int, blocks_per_grou
       moe["down_proj"] = jnp.asarray(np.stack([down[e][perms[e]] for e in range(cfg.num_experts)]),
                                      moe["down_proj"].dtype)
       lp["moe"] = moe
-    else:
+    elif permute_down:
       mlp = {k: dict(v) for k, v in lp["mlp"].items()}
       down = np.asarray(mlp["down_proj"]["kernel"], np.float32)
       perm = pog_permutation(down, group_size, blocks_per_group)

@@ -6,8 +6,8 @@ run in this order):
   rotate  calibrate, fold norms, learn R1 (AOS) and compare W16A4 perplexity with no rotation,
           a random Hadamard R1 and the learned R1 (plus per-layer activation statistics and a plot);
   quantize  weight quantization in each scope (`quant_scopes`) with each method
-          (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans, codequant) at each
-          setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`.
+          (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans, codequant,
+          and the column-group variants kmeans_group, kmeans_pog, codequant_pog) at each setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`.
 Writes `<output_dir>/report.json`.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ml_collections import config_flags
 from cqjax.errors import CqjaxError
 
 STAGES = ("eval", "rotate", "quantize")
-METHODS = ("rtn", "rtn_g128", "hadamard_rtn", "learned_rotation_rtn", "kmeans", "codequant")
+METHODS = ("rtn", "rtn_g128", "hadamard_rtn", "learned_rotation_rtn", "kmeans", "codequant",
+           "kmeans_group", "kmeans_pog", "codequant_pog")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a name in experiments/configs/ or a path).")
 
@@ -167,6 +168,8 @@ def _quant_settings(cfg):
     raise CqjaxError(f"--config.quant_scopes: {cfg.quant_scopes!r}; choose from {list(SCOPES)}")
   if [m for m in methods if m not in METHODS] or not methods:
     raise CqjaxError(f"--config.quant_methods: {cfg.quant_methods!r}; choose from {list(METHODS)}")
+  if cfg.quant_group_size < 2:
+    raise CqjaxError(f"--config.quant_group_size: must be at least 2, got {cfg.quant_group_size}")
   return scopes, methods, settings, [_parse_bits(b) for b in settings]
 
 
@@ -181,6 +184,7 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
   from cqjax.kmeans import kmeans_quantize, rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.learn_rotation import initial_rotation  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
+  from cqjax.pog import apply_pog  # pylint: disable=g-import-not-at-top
   from cqjax.quantize_weights import quantize_scope, scope_paths  # pylint: disable=g-import-not-at-top
   from cqjax.rotate import rotate_params  # pylint: disable=g-import-not-at-top
 
@@ -188,44 +192,56 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
   ctx = _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx)
   folded_cfg, folded = ctx["folded_cfg"], ctx["folded"]
   rotation_of = {"rtn": None, "rtn_g128": None, "hadamard_rtn": "hadamard",
-                 "learned_rotation_rtn": "learned", "kmeans": "learned", "codequant": "learned"}
+                 "learned_rotation_rtn": "learned", "kmeans": "learned", "codequant": "learned",
+                 "kmeans_group": "learned", "kmeans_pog": "learned", "codequant_pog": "learned"}
   r1_of = {"hadamard": initial_rotation(model_cfg.hidden_size, cfg.seed), "learned": ctx["learned"]}
 
   def quantizer(method, w_bits):
     if method in ("kmeans", "codequant"):
       return lambda w, path: kmeans_quantize(w, w_bits, seed=cfg.seed)
+    if method in ("kmeans_group", "kmeans_pog", "codequant_pog"):
+      g = cfg.quant_group_size
+      return lambda w, path: kmeans_quantize(w, w_bits, g if w.shape[-2] % g == 0 else -1, seed=cfg.seed)
     group = 128 if method == "rtn_g128" else -1
     # Group 128 where it divides the input size, else the whole row (recorded in the report).
     return lambda w, path: rtn_quantize(w, w_bits, group if w.shape[-2] % 128 == 0 else -1)
 
   report["quantization"] = {"scopes": scopes, "methods": methods, "bits": settings,
                             "rotation_of_method": rotation_of,
-                            "rtn_g128_note": "group 128 where it divides d_in, else the whole row"}
+                            "rtn_g128_note": "group 128 where it divides d_in, else the whole row",
+                            "column_group_size": cfg.quant_group_size,  # where it divides d_in
+                            "pog_note": "POG permutes o_proj inputs (and down inputs unless the online "
+                                        "Hadamard R4 mixes them) before K-means"}
   for scope in scopes:
     bases = {}
     for method in methods:
-      rot = rotation_of[method]
+      rot, pog = rotation_of[method], method.endswith("_pog")
       full_rot = scope == "full" and rot is not None  # R2 and the online R4 come with a rotation
       if rot not in bases:
         bases[rot] = folded if rot is None else rotate_params(
             folded_cfg, folded, r1_of[rot], hadamard_matrix(model_cfg.head_dim) if full_rot else None,
             online_down_hadamard=full_rot)
+      base = bases[rot]
+      if pog:
+        if (rot, "pog") not in bases:
+          bases[(rot, "pog")] = apply_pog(folded_cfg, base, cfg.quant_group_size, permute_down=not full_rot)
+        base = bases[(rot, "pog")]
       quantized = {}
       for w_bits, a_bits in bits:
         key = f"{scope}/{method}_w{w_bits}a{a_bits}"
         if w_bits not in quantized:
           t0 = time.perf_counter()
           bar = tqdm(total=len(scope_paths(folded_cfg, scope)), desc=f"{scope}/{method} w{w_bits}", leave=False)
-          quantized[w_bits] = quantize_scope(folded_cfg, bases[rot], scope, quantizer(method, w_bits), bar)
+          quantized[w_bits] = quantize_scope(folded_cfg, base, scope, quantizer(method, w_bits), bar)
           bar.close()
           report["timings"][f"quantize/{scope}/{method}_w{w_bits}_s"] = time.perf_counter() - t0
         act = None if a_bits >= 16 else dataclasses.replace(ctx["act"], bits=a_bits, scope=scope)
         weights = quantized[w_bits]
-        if method == "codequant":
+        if method.startswith("codequant"):
           t0 = time.perf_counter()
           accf = AccfConfig(lr=cfg.accf_lr, optimizer=cfg.accf_optimizer, epochs=cfg.accf_epochs,
                             batch_size=cfg.accf_batch_size, reassign=cfg.accf_reassign, seed=cfg.seed)
-          weights, history = finetune_centroids(folded_cfg, bases[rot], weights, ctx["calib"][: cfg.accf_samples],
+          weights, history = finetune_centroids(folded_cfg, base, weights, ctx["calib"][: cfg.accf_samples],
                                                 act, full_rot, accf, dtype)
           report["timings"][f"accf/{key}_s"] = time.perf_counter() - t0
           report.setdefault("accf", {})[key] = history

@@ -54,16 +54,19 @@ def test_quantize_stage_both_scopes(tmp_path):
   r = _run(f"--config.eval_texts={TEST_TEXT}", "--config.seqlen=128", "--config.max_eval_windows=4",
            f"--config.calib_text={TEST_TEXT}", "--config.calib_samples=16", "--config.calib_seqlen=64",
            "--config.aos_epochs=1", "--config.aos_batch_size=8", f"--config.output_dir={tmp_path}",
-           "--config.sample_tokens=0", "--config.stages=quantize", "--config.quant_methods=rtn,kmeans",
-           "--config.quant_bits=w4a16,w4a4")
+           "--config.sample_tokens=0", "--config.stages=quantize", "--config.quant_methods=rtn,kmeans,kmeans_pog",
+           "--config.quant_bits=w4a16,w4a4", "--config.quant_group_size=32")
   assert r.returncode == 0, r.stderr[-2000:]
   ppl = json.loads((tmp_path / "report.json").read_text())["perplexity"]["wikitext2_valid_excerpt.txt"]
-  want = {f"{s}/{m}_{b}" for s in ("official", "full") for m in ("rtn", "kmeans") for b in ("w4a16", "w4a4")}
+  want = {f"{s}/{m}_{b}" for s in ("official", "full") for m in ("rtn", "kmeans", "kmeans_pog")
+          for b in ("w4a16", "w4a4")}
   assert set(ppl) == want
   for scope in ("official", "full"):
     # Learned rotation + K-means codebooks beat plain per-row RTN at W4A4; 4-bit activations cost.
     assert ppl[f"{scope}/kmeans_w4a4"] < ppl[f"{scope}/rtn_w4a4"]
     assert ppl[f"{scope}/rtn_w4a16"] < ppl[f"{scope}/rtn_w4a4"]
+    # Column groups of 32 (8 codebooks a row) fit the weights better than one codebook a row.
+    assert ppl[f"{scope}/kmeans_pog_w4a16"] < ppl[f"{scope}/rtn_w4a16"]
 
 
 def _one_line_error(r, pattern):
@@ -78,6 +81,8 @@ def test_bad_options_give_one_line_errors(tmp_path):
                   "--config.stages: unknown stage(s) ['cluster']")
   _one_line_error(_run("--config.stages=quantize", "--config.quant_bits=w4", f"--config.output_dir={tmp_path}"),
                   "--config.quant_bits: 'w4' is not like w4a4")
+  _one_line_error(_run("--config.stages=quantize", "--config.quant_group_size=0", f"--config.output_dir={tmp_path}"),
+                  "--config.quant_group_size: must be at least 2")
   _one_line_error(_run(f"--config.model_path={tmp_path}/none", f"--config.output_dir={tmp_path}"),
                   "model directory not found")
   short = tmp_path / "short.txt"

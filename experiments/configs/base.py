@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant_scopes = "official,full"
   c.quant_methods = "rtn,rtn_g128,hadamard_rtn,learned_rotation_rtn,kmeans,codequant"
   c.quant_bits = "w4a16,w4a4,w3a4"
+  # Column-group size of kmeans_group / kmeans_pog / codequant_pog (POG needs it to divide head_dim).
+  c.quant_group_size = 64
   # ACCF centroid fine-tuning (codequant). The reference uses SGD lr 1e-4; on our checkpoints
   # that leaves the centroids unchanged (BENCHMARKS.md), so Adam is the default.
   c.accf_optimizer = "adam"
