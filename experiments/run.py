@@ -71,6 +71,8 @@ def _perplexities(cfg, model, params, eval_sets, key, report):
     report["perplexity"].setdefault(name, {})[key] = res["perplexity"]
     report["tokens"][name] = res["tokens"]
     print(f"{name}: {key} perplexity {res['perplexity']:.3f} over {res['windows']} x {cfg.seqlen} tokens")
+  # Every finished setting is on disk at once: a long table killed midway keeps what it measured.
+  write_json_atomic(os.path.join(cfg.output_dir, "report.json"), report)
 
 
 def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dict) -> dict:

@@ -4,7 +4,8 @@ import os
 import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+# The texts (wikitext-2/, imdb/); CQJAX_DATA points elsewhere, e.g. on a machine without ../shared.
+SHARED_DATA = os.environ.get("CQJAX_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
 
 
 def base_config() -> ml_collections.ConfigDict:
