@@ -1,13 +1,19 @@
 """The one dispatcher through which the model multiplies by a kernel that may be quantized.
 
-Dense arrays take XLA's dot / ragged_dot. A `CodebookWeight` takes the jnp reference
-(unpack + gather + dot), which every kernel is tested against; the Pallas GPU and FFI CPU
-kernels plug in here, chosen by backend and shape.
+Dense arrays take XLA's dot / ragged_dot. A `CodebookWeight` takes, on the CPU backend, the C++
+FFI kernel of cpu_kernels/ (when the package build compiled it), and otherwise the jnp reference
+(unpack + gather + dot) that every kernel is tested against. Kernels compute the forward pass
+only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
+VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import flax.linen as nn
 import jax
+import numpy as np
 
 from cqjax.codebook import CodebookWeight, dequantize
 
@@ -20,15 +26,81 @@ def kernel_param(module: nn.Module, name: str, init, shape, dtype):
   return module.param(name, init, shape, dtype)
 
 
+def lut_matmul_reference(x: jax.Array, w: CodebookWeight) -> jax.Array:
+  """x [..., d_in] @ dequantize(w) [d_in, d_out] -> [..., d_out]."""
+  return x @ dequantize(w, x.dtype)
+
+
+def grouped_lut_matmul_reference(x: jax.Array, w: CodebookWeight, group_sizes: jax.Array) -> jax.Array:
+  """ragged_dot(x [m, d_in], dequantize(w) [experts, d_in, d_out], group_sizes) -> [m, d_out]."""
+  return jax.lax.ragged_dot(x, dequantize(w, x.dtype), group_sizes)
+
+
+def _cpu_kernel_available() -> bool:
+  if os.environ.get("CQJAX_KERNELS", "auto") == "reference" or jax.default_backend() != "cpu":
+    return False
+  from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
+  return cpu.available()
+
+
+def _no_cotangent(a):
+  return np.zeros(a.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cpu_lut_matmul(bits, x, packed, centroids):
+  from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
+  return cpu.lut_matmul(x, packed, centroids, bits)
+
+
+def _cpu_lut_matmul_fwd(bits, x, packed, centroids):
+  return _cpu_lut_matmul(bits, x, packed, centroids), (x, packed, centroids)
+
+
+def _cpu_lut_matmul_bwd(bits, res, g):
+  x, packed, centroids = res
+  ref = lambda x, c: lut_matmul_reference(x, CodebookWeight(packed, c, bits, x.shape[-1]))
+  dx, dc = jax.vjp(ref, x, centroids)[1](g)
+  return dx, _no_cotangent(packed), dc
+
+
+_cpu_lut_matmul.defvjp(_cpu_lut_matmul_fwd, _cpu_lut_matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cpu_grouped(bits, x, packed, centroids, group_sizes):
+  from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
+  return cpu.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+
+
+def _cpu_grouped_fwd(bits, x, packed, centroids, group_sizes):
+  return _cpu_grouped(bits, x, packed, centroids, group_sizes), (x, packed, centroids, group_sizes)
+
+
+def _cpu_grouped_bwd(bits, res, g):
+  x, packed, centroids, group_sizes = res
+  ref = lambda x, c: grouped_lut_matmul_reference(x, CodebookWeight(packed, c, bits, x.shape[-1]), group_sizes)
+  dx, dc = jax.vjp(ref, x, centroids)[1](g)
+  return dx, _no_cotangent(packed), dc, _no_cotangent(group_sizes)
+
+
+_cpu_grouped.defvjp(_cpu_grouped_fwd, _cpu_grouped_bwd)
+
+
 def lut_matmul(x: jax.Array, w) -> jax.Array:
   """x [..., d_in] @ w [d_in, d_out] -> [..., d_out]."""
-  if isinstance(w, CodebookWeight):
-    return x @ dequantize(w, x.dtype)
-  return x @ w
+  if not isinstance(w, CodebookWeight):
+    return x @ w
+  if w.packed.ndim == 2 and _cpu_kernel_available():
+    y = _cpu_lut_matmul(w.bits, x.reshape(-1, w.d_in), w.packed, w.centroids)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+  return lut_matmul_reference(x, w)
 
 
 def grouped_lut_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
   """x [m, d_in] rows sorted by expert; w [experts, d_in, d_out]; the ragged_dot contract."""
-  if isinstance(w, CodebookWeight):
-    w = dequantize(w, x.dtype)
-  return jax.lax.ragged_dot(x, w, group_sizes)
+  if not isinstance(w, CodebookWeight):
+    return jax.lax.ragged_dot(x, w, group_sizes)
+  if _cpu_kernel_available():
+    return _cpu_grouped(w.bits, x, w.packed, w.centroids, group_sizes)
+  return grouped_lut_matmul_reference(x, w, group_sizes)

@@ -1,0 +1,309 @@
+// Codebook (lookup-table) matmul on the CPU as XLA FFI handlers.
+//
+//   out[m, n] = sum_k x[m, k] * centroids[n, k / group, code[n, k]]
+//
+// Weights stay packed (cqjax/codebook.py: per output row n, the row's codes as a little-endian
+// bit stream, 4-bit = low nibble first; one table of 2^bits centroids per group of inputs).
+// Decode-to-register: with AVX-512 and 4-bit codes, a group's 16 centroids sit in one zmm register
+// and `vpermps` turns 16 codes into 16 weights, which meet every activation row in FMAs while
+// they are in registers; the bf16/f32 weights never exist in memory. bf16 activations with AVX512-BF16
+// decode 32 codes with `vpermw` and take `vdpbf16ps` dot products (twice the f32 FMA rate). Other bit widths and CPUs
+// decode a row into a per-thread buffer (allocated once per call, outside the hot loop) and take
+// vectorised dot products. Threads split the output rows.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nanobind/nanobind.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+namespace nb = nanobind;
+
+namespace {
+
+struct Problem {
+  const float* x;         // [m, k] (f32 activations), or null when xb is set
+  const uint16_t* xb;     // [m, k] bf16 activations, for the bf16 dot-product path
+  const uint8_t* packed;  // [n, row_bytes]
+  const float* cent;      // [n, groups, 2^bits]
+  float* out;             // [m, n]
+  int64_t m, k, n, row_bytes, groups;
+  int bits;
+};
+
+// Code i of a little-endian bit stream (bits <= 8 spans at most two bytes).
+inline uint32_t CodeAt(const uint8_t* p, int64_t i, int bits, int64_t row_bytes) {
+  const int64_t off = i * bits;
+  const int64_t byte = off >> 3;
+  uint32_t v = p[byte];
+  if ((off & 7) + bits > 8 && byte + 1 < row_bytes) v |= uint32_t(p[byte + 1]) << 8;
+  return (v >> (off & 7)) & ((1u << bits) - 1);
+}
+
+// Portable path: decode the row into `w`, then one dot product per activation row.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float Dot(const float* a, const float* b, int64_t k) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0;
+  for (; i < k; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+void RowsGeneric(const Problem& p, int64_t n0, int64_t n1) {
+  std::vector<float> w(p.k);
+  const int64_t g = p.k / p.groups, c = int64_t(1) << p.bits;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.packed + n * p.row_bytes;
+    const float* table = p.cent + n * p.groups * c;
+    for (int64_t i = 0; i < p.k; ++i) w[i] = table[(i / g) * c + CodeAt(row, i, p.bits, p.row_bytes)];
+    for (int64_t m = 0; m < p.m; ++m) p.out[m * p.n + n] = Dot(p.x + m * p.k, w.data(), p.k);
+  }
+}
+
+// 16 four-bit codes (8 bytes, low nibble first) -> 16 weights from the 16-entry table.
+__attribute__((target("avx512f,avx512bw"))) inline __m512 Decode16(const uint8_t* p, __m512 table) {
+  uint64_t b8;
+  std::memcpy(&b8, p, 8);
+  const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(b8));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), table);
+}
+
+// MT activation rows at a time; 4 chunks of 16 codes in flight keep the FMA chains busy at M=1.
+template <int MT>
+__attribute__((target("avx512f,avx512bw"))) void RowsAvx512Tile(const Problem& p, int64_t n, int64_t m0) {
+  const int64_t g = p.k / p.groups;
+  const uint8_t* row = p.packed + n * p.row_bytes;
+  __m512 acc[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < 4; ++u) acc[t][u] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < p.groups; ++gi) {
+    const __m512 table = _mm512_loadu_ps(p.cent + (n * p.groups + gi) * 16);
+    int64_t i = gi * g;
+    const int64_t end = i + g;
+    for (; i + 64 <= end; i += 64) {
+      __m512 w[4];
+      for (int u = 0; u < 4; ++u) w[u] = Decode16(row + (i + 16 * u) / 2, table);
+      for (int t = 0; t < MT; ++t) {
+        const float* xr = p.x + (m0 + t) * p.k + i;
+        for (int u = 0; u < 4; ++u) acc[t][u] = _mm512_fmadd_ps(w[u], _mm512_loadu_ps(xr + 16 * u), acc[t][u]);
+      }
+    }
+    for (; i < end; i += 16) {
+      const __m512 w = Decode16(row + i / 2, table);
+      for (int t = 0; t < MT; ++t)
+        acc[t][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.x + (m0 + t) * p.k + i), acc[t][0]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
+    p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(s);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void RowsAvx512(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= p.m; m += 4) RowsAvx512Tile<4>(p, n, m);
+    for (; m + 2 <= p.m; m += 2) RowsAvx512Tile<2>(p, n, m);
+    for (; m < p.m; ++m) RowsAvx512Tile<1>(p, n, m);
+  }
+}
+
+bool UseAvx512(const Problem& p) {
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return cpu && p.bits == 4 && (p.k / p.groups) % 16 == 0;
+}
+
+// bf16 activations: `vpermw` decodes 32 codes into 32 bf16 weights (the group's centroids rounded
+// to bf16, as a bf16 model's weights are) and `vdpbf16ps` takes 32 products per instruction into
+// f32 accumulators: twice the f32 FMA rate, which is what bounds the kernel once M grows.
+bool UseBf16Dot(const Problem& p) {
+  static const bool cpu = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  return cpu && p.xb != nullptr && p.bits == 4 && (p.k / p.groups) % 32 == 0;
+}
+
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16Tile(const Problem& p, int64_t n, int64_t m0) {
+  const int64_t g = p.k / p.groups;
+  const uint8_t* row = p.packed + n * p.row_bytes;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < p.groups; ++gi) {
+    const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(p.cent + (n * p.groups + gi) * 16));
+    const __m512i table = _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(half));
+    for (int64_t i = gi * g, u = 0; i < (gi + 1) * g; i += 32, u ^= 1) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
+      const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+      const __m256i codes = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lo, hi)),
+                                                    _mm_unpackhi_epi8(lo, hi), 1);
+      const __m512i w = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(codes), table);
+      for (int t = 0; t < MT; ++t) {
+        const __m512i xv = _mm512_loadu_si512(p.xb + (m0 + t) * p.k + i);
+        acc[t][u] = _mm512_dpbf16_ps(acc[t][u], reinterpret_cast<const __m512bh&>(xv),
+                                     reinterpret_cast<const __m512bh&>(w));
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 8 <= p.m; m += 8) RowsBf16Tile<8>(p, n, m);
+    for (; m + 4 <= p.m; m += 4) RowsBf16Tile<4>(p, n, m);
+    for (; m < p.m; ++m) RowsBf16Tile<1>(p, n, m);
+  }
+}
+
+// Splits the output rows over threads when the work pays for starting them.
+void Run(const Problem& p) {
+  if (p.m == 0 || p.n == 0) return;
+  auto rows = UseBf16Dot(p) ? RowsBf16 : UseAvx512(p) ? RowsAvx512 : RowsGeneric;
+  const int64_t work = p.n * p.k * std::max<int64_t>(p.m, 4);
+  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t threads = std::min<int64_t>({hw, p.n / 16 + 1, work / (1 << 20) + 1});
+  if (threads <= 1) return rows(p, 0, p.n);
+  std::vector<std::thread> pool;
+  const int64_t step = (p.n + threads - 1) / threads;
+  for (int64_t t = 1; t < threads; ++t)
+    pool.emplace_back(rows, std::cref(p), std::min(p.n, t * step), std::min(p.n, (t + 1) * step));
+  rows(p, 0, std::min(p.n, step));
+  for (auto& th : pool) th.join();
+}
+
+ffi::Error CheckWeight(int64_t k, int64_t row_bytes, int64_t groups, int64_t c, int64_t bits) {
+  if (bits < 1 || bits > 8) return ffi::Error::InvalidArgument("bits must be in [1, 8]");
+  if (row_bytes != (k * bits + 7) / 8)
+    return ffi::Error::InvalidArgument("packed row has " + std::to_string(row_bytes) + " bytes, expected " +
+                                       std::to_string((k * bits + 7) / 8));
+  if (c != (int64_t(1) << bits)) return ffi::Error::InvalidArgument("centroid table size is not 2^bits");
+  if (groups < 1 || k % groups) return ffi::Error::InvalidArgument("groups do not divide d_in");
+  return ffi::Error::Success();
+}
+
+// The activations as the row loops read them: bf16 stays bf16 where the bf16 path applies, else
+// it is widened to f32 once per call (never inside the loops).
+struct Activations {
+  const float* f32 = nullptr;
+  const uint16_t* bf16 = nullptr;
+  std::vector<float> widened;
+};
+
+ffi::Error ReadActivations(ffi::AnyBuffer x, Problem probe, Activations& a) {
+  const int64_t count = x.element_count();
+  if (x.element_type() == ffi::DataType::F32) {
+    a.f32 = static_cast<const float*>(x.untyped_data());
+  } else if (x.element_type() == ffi::DataType::BF16) {
+    a.bf16 = static_cast<const uint16_t*>(x.untyped_data());
+    probe.xb = a.bf16;
+    if (!UseBf16Dot(probe)) {
+      a.widened.resize(count);
+      for (int64_t i = 0; i < count; ++i) {
+        const uint32_t bits = uint32_t(a.bf16[i]) << 16;
+        std::memcpy(&a.widened[i], &bits, 4);
+      }
+      a.f32 = a.widened.data();
+      a.bf16 = nullptr;
+    }
+  } else {
+    return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error LutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> cent,
+                         ffi::ResultBuffer<ffi::F32> out, int32_t bits) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = cent.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || pd.size() != 2 || cd.size() != 3 || od.size() != 2)
+    return ffi::Error::InvalidArgument("lut_matmul: expected x [m,k], packed [n,bytes], centroids [n,groups,c]");
+  if (cd[0] != pd[0] || od[0] != xd[0] || od[1] != pd[0])
+    return ffi::Error::InvalidArgument("lut_matmul: inconsistent shapes");
+  if (auto e = CheckWeight(xd[1], pd[1], cd[1], cd[2], bits); e.failure()) return e;
+  Problem p{nullptr, nullptr, packed.typed_data(), cent.typed_data(), out->typed_data(), xd[0], xd[1], pd[0],
+            pd[1], cd[1], bits};
+  Activations a;
+  if (auto e = ReadActivations(x, p, a); e.failure()) return e;
+  p.x = a.f32;
+  p.xb = a.bf16;
+  Run(p);
+  return ffi::Error::Success();
+}
+
+// Rows of x sorted by expert, group_sizes[e] of them for expert e (the ragged_dot contract);
+// an expert with no rows costs nothing, rows past the last group are zero.
+ffi::Error GroupedLutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> cent,
+                                ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out, int32_t bits) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = cent.dimensions(), od = out->dimensions();
+  const auto gd = group_sizes.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || cd.size() != 4 || gd.size() != 1 || od.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "grouped_lut_matmul: expected x [t,k], packed [e,n,bytes], centroids [e,n,groups,c], group_sizes [e]");
+  const int64_t e = pd[0], n = pd[1], t = xd[0], k = xd[1];
+  if (cd[0] != e || cd[1] != n || gd[0] != e || od[0] != t || od[1] != n)
+    return ffi::Error::InvalidArgument("grouped_lut_matmul: inconsistent shapes");
+  if (auto err = CheckWeight(k, pd[2], cd[2], cd[3], bits); err.failure()) return err;
+  const int32_t* sizes = group_sizes.typed_data();
+  int64_t total = 0;
+  for (int64_t i = 0; i < e; ++i) {
+    if (sizes[i] < 0) return ffi::Error::InvalidArgument("grouped_lut_matmul: negative group size");
+    total += sizes[i];
+  }
+  if (total > t) return ffi::Error::InvalidArgument("grouped_lut_matmul: group sizes add up to more rows than x has");
+  Activations a;
+  Problem probe{nullptr, nullptr, nullptr, nullptr, nullptr, t, k, n, pd[2], cd[2], bits};
+  if (auto err = ReadActivations(x, probe, a); err.failure()) return err;
+  float* o = out->typed_data();
+  int64_t start = 0;
+  for (int64_t i = 0; i < e; ++i) {
+    Run(Problem{a.f32 ? a.f32 + start * k : nullptr, a.bf16 ? a.bf16 + start * k : nullptr,
+                packed.typed_data() + i * n * pd[2], cent.typed_data() + i * n * cd[2] * cd[3], o + start * n,
+                sizes[i], k, n, pd[2], cd[2], bits});
+    start += sizes[i];
+  }
+  std::fill(o + total * n, o + t * n, 0.0f);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LutMatmul, LutMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedLutMatmul, GroupedLutMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits"));
+
+NB_MODULE(_lut_matmul, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["cqjax_lut_matmul"] = nb::capsule(reinterpret_cast<void*>(LutMatmul));
+    d["cqjax_grouped_lut_matmul"] = nb::capsule(reinterpret_cast<void*>(GroupedLutMatmul));
+    return d;
+  });
+}

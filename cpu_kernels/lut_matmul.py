@@ -1,0 +1,84 @@
+"""Thin JAX wrapper of the C++ codebook matmul (lut_matmul.cc): checks, registration, ffi_call.
+
+Both ops take the packed format of cqjax/codebook.py directly:
+  x [m, d_in] @ (packed uint8 [d_out, bytes], centroids [d_out, groups, 2^bits]) -> [m, d_out]
+  grouped: x [t, d_in] sorted by expert, packed [e, d_out, bytes], centroids [e, d_out, groups, 2^bits],
+           group_sizes int32 [e] -> [t, d_out]
+float32 activations are computed in float32 throughout; bfloat16 activations stay bf16 and meet
+bf16-rounded centroids in bf16 dot products with float32 accumulation where the CPU has
+AVX512-BF16 (4-bit codes, groups of 32k), else they are widened. The result has x's dtype. Shapes and dtypes are checked here, at trace time, with errors that name the
+operand; the handlers check again and reject bad group sizes at run time, so no input reaches
+memory it should not.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cqjax.errors import CqjaxError
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the compiled extension is importable (it is built by `pip install`), registering
+  its FFI targets on first use."""
+  try:
+    from cpu_kernels import _lut_matmul  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  for name, capsule in _lut_matmul.registrations().items():
+    jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+  return True
+
+
+def _check(x, packed, centroids, bits: int, d_in: int, lead: tuple[int, ...]):
+  if x.ndim != 2 or x.shape[1] != d_in:
+    raise CqjaxError(f"lut_matmul: x must be [m, {d_in}], got {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise CqjaxError(f"lut_matmul: x must be floating point, got {x.dtype}")
+  if packed.dtype != jnp.uint8:
+    raise CqjaxError(f"lut_matmul: packed codes must be uint8, got {packed.dtype}")
+  if not 1 <= bits <= 8:
+    raise CqjaxError(f"lut_matmul: bits must be in [1, 8], got {bits}")
+  n = packed.shape[len(lead)] if packed.ndim == len(lead) + 2 else -1
+  want_packed = (*lead, n, (d_in * bits + 7) // 8)
+  if packed.shape != want_packed:
+    raise CqjaxError(f"lut_matmul: packed codes {packed.shape} do not fit {bits}-bit codes over d_in={d_in}; "
+                     f"expected {want_packed}")
+  if (centroids.ndim != len(lead) + 3 or centroids.shape[: len(lead) + 1] != (*lead, n)
+      or centroids.shape[-1] != 2 ** bits or d_in % centroids.shape[-2]):
+    raise CqjaxError(f"lut_matmul: centroids {centroids.shape} do not fit packed codes {packed.shape} "
+                     f"({2 ** bits} entries per group, groups dividing d_in={d_in})")
+  return n
+
+
+def _activations(x):
+  return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+
+
+def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
+  """x [m, d_in] times one codebook weight -> [m, d_out] (d_in = x.shape[1])."""
+  n = _check(x, packed, centroids, bits, x.shape[-1], ())
+  if not available():
+    raise CqjaxError("the CPU kernel extension cpu_kernels._lut_matmul is not built: reinstall with pip install -e .")
+  call = jax.ffi.ffi_call("cqjax_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
+  out = call(_activations(x), packed, centroids.astype(jnp.float32), bits=np.int32(bits))
+  return out.astype(x.dtype)
+
+
+def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
+                       group_sizes: jax.Array) -> jax.Array:
+  """x [t, d_in] rows sorted by expert times stacked codebook weights -> [t, d_out]."""
+  e = packed.shape[0] if packed.ndim == 3 else -1
+  n = _check(x, packed, centroids, bits, x.shape[-1], (e,))
+  if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise CqjaxError(f"grouped_lut_matmul: group_sizes must be integers [{e}], got {group_sizes.dtype}{group_sizes.shape}")
+  if not available():
+    raise CqjaxError("the CPU kernel extension cpu_kernels._lut_matmul is not built: reinstall with pip install -e .")
+  call = jax.ffi.ffi_call("cqjax_grouped_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
+  out = call(_activations(x), packed, centroids.astype(jnp.float32), group_sizes.astype(jnp.int32),
+             bits=np.int32(bits))
+  return out.astype(x.dtype)

@@ -1,0 +1,114 @@
+"""The C++ FFI codebook matmul against the jnp reference, its input checks, and its use in the model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY_DEFAULT
+from cpu_kernels import lut_matmul as cpu
+from cqjax.codebook import from_codes
+from cqjax.errors import CqjaxError
+from cqjax.kmeans import kmeans_quantize
+from cqjax.load import load_params
+from cqjax.lut_matmul import grouped_lut_matmul_reference, lut_matmul_reference
+from cqjax.model import MoeCausalLM
+from cqjax.quantize_weights import quantize_scope
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="cpu_kernels extension not built")
+
+
+def _weight(rng, lead, n, k, bits, group):
+  codes = jnp.asarray(rng.integers(0, 2 ** bits, (*lead, n, k)))
+  cent = jnp.asarray(rng.normal(size=(*lead, n, k // group, 2 ** bits)), jnp.float32)
+  return from_codes(codes, cent, bits)
+
+
+# (m, k, n, bits, group): k and n off every tile; 4-bit codes in groups of 16k take the AVX-512
+# path (bf16 activations in groups of 32k the bf16 dot-product path), 3-bit codes and groups of 8
+# the portable one.
+CASES = [(m, k, n, bits, group) for m in (1, 2, 7, 32) for (k, n, bits, group) in
+         [(272, 37, 4, 272), (96, 130, 4, 32), (320, 41, 4, 320), (72, 19, 4, 8), (100, 33, 3, 100), (60, 21, 3, 20)]]
+
+
+@pytest.mark.parametrize("m,k,n,bits,group", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
+  rng = np.random.default_rng(m * 1000 + k + n + bits)
+  w = _weight(rng, (), n, k, bits, group)
+  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+  got = jax.jit(cpu.lut_matmul, static_argnums=3)(x, w.packed, w.centroids, bits)
+  ref = lut_matmul_reference(x.astype(jnp.float32), w)
+  assert got.dtype == dtype and got.shape == (m, n)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol, atol=tol * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 48), (3, 48)])
+def test_grouped_matches_reference_with_empty_experts(bits, group):
+  rng = np.random.default_rng(bits)
+  w = _weight(rng, (5,), 23, 48, bits, group)
+  x = jnp.asarray(rng.normal(size=(13, 48)), jnp.float32)
+  for sizes in ([3, 0, 6, 0, 2], [0, 0, 0, 0, 0], [13, 0, 0, 0, 0], [1, 1, 1, 1, 1]):
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = cpu.grouped_lut_matmul(x, w.packed, w.centroids, bits, gs)
+    ref = grouped_lut_matmul_reference(x, w, gs)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(got[sum(sizes):]).any()  # rows past the last group are zero
+
+
+def test_empty_batch():
+  w = _weight(np.random.default_rng(0), (), 8, 32, 4, 32)
+  assert cpu.lut_matmul(jnp.zeros((0, 32)), w.packed, w.centroids, 4).shape == (0, 8)
+
+
+def test_bad_inputs_raise_errors_not_crashes():
+  rng = np.random.default_rng(0)
+  w = _weight(rng, (), 8, 32, 4, 16)
+  x = jnp.ones((2, 32))
+  with pytest.raises(CqjaxError, match="do not fit 4-bit codes over d_in=40"):
+    cpu.lut_matmul(jnp.ones((2, 40)), w.packed, w.centroids, 4)
+  with pytest.raises(CqjaxError, match=r"x must be \[m, 32\]"):
+    cpu.lut_matmul(jnp.ones((2, 2, 32)), w.packed, w.centroids, 4)
+  with pytest.raises(CqjaxError, match="packed codes must be uint8"):
+    cpu.lut_matmul(x, w.packed.astype(jnp.int32), w.centroids, 4)
+  with pytest.raises(CqjaxError, match="do not fit 3-bit codes"):
+    cpu.lut_matmul(x, w.packed, w.centroids, 3)
+  with pytest.raises(CqjaxError, match="centroids"):
+    cpu.lut_matmul(x, w.packed, w.centroids[..., :8], 4)
+  with pytest.raises(CqjaxError, match="must be floating point"):
+    cpu.lut_matmul(x.astype(jnp.int32), w.packed, w.centroids, 4)
+  stacked = _weight(rng, (3,), 8, 32, 4, 32)
+  with pytest.raises(CqjaxError, match="group_sizes must be integers"):
+    cpu.grouped_lut_matmul(x, stacked.packed, stacked.centroids, 4, jnp.ones((3,)))
+  # Group sizes are data, so the handler checks them when it runs.
+  for sizes in ([1, -1, 1], [2, 1, 0]):
+    with pytest.raises(Exception, match="negative group size|more rows than x has"):
+      jax.block_until_ready(cpu.grouped_lut_matmul(x, stacked.packed, stacked.centroids, 4,
+                                                   jnp.asarray(sizes, jnp.int32)))
+
+
+def test_quantized_model_uses_kernel_and_matches_reference(monkeypatch):
+  cfg, params = load_params(TINY_DEFAULT, jnp.float32, progress=False)
+  q = quantize_scope(cfg, params, "full", lambda w, path: kmeans_quantize(w, 4, max_iters=5))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)))
+  model = MoeCausalLM(cfg)
+  hlo = jax.jit(lambda p: model.apply({"params": p}, tokens)[0]).lower(q).as_text()
+  assert "cqjax_grouped_lut_matmul" in hlo and "cqjax_lut_matmul" in hlo
+  got = model.apply({"params": q}, tokens)[0]
+  monkeypatch.setenv("CQJAX_KERNELS", "reference")
+  ref = model.apply({"params": q}, tokens)[0]
+  assert float(jnp.abs(got - ref).max() / jnp.abs(ref).max()) <= 1e-5
+
+
+def test_centroid_gradients_through_kernel_equal_reference(monkeypatch):
+  from cqjax.lut_matmul import grouped_lut_matmul
+  rng = np.random.default_rng(3)
+  w = _weight(rng, (4,), 24, 64, 4, 64)
+  x = jnp.asarray(rng.normal(size=(10, 64)), jnp.float32)
+  gs = jnp.asarray([3, 0, 5, 2], jnp.int32)
+  loss = lambda c, x: jnp.sum(jnp.tanh(grouped_lut_matmul(x, type(w)(w.packed, c, 4, 64), gs)))
+  got = jax.grad(loss, argnums=(0, 1))(w.centroids, x)
+  monkeypatch.setenv("CQJAX_KERNELS", "reference")
+  ref = jax.grad(loss, argnums=(0, 1))(w.centroids, x)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
