@@ -4,12 +4,13 @@
 //
 // Weights stay packed (cqjax/codebook.py: per output row n, the row's codes as a little-endian
 // bit stream, 4-bit = low nibble first; one table of 2^bits centroids per group of inputs).
-// Decode-to-register: with AVX-512 and 4-bit codes, a group's 16 centroids sit in one zmm register
-// and `vpermps` turns 16 codes into 16 weights, which meet every activation row in FMAs while
-// they are in registers; the bf16/f32 weights never exist in memory. bf16 activations with AVX512-BF16
-// decode 32 codes with `vpermw` and take `vdpbf16ps` dot products (twice the f32 FMA rate). Other bit widths and CPUs
-// decode a row into a per-thread buffer (allocated once per call, outside the hot loop) and take
-// vectorised dot products. Threads split the output rows.
+// Decode-to-register: with AVX-512 (F, BW, VBMI) and codes of 1-4 bits, a group's (up to) 16 centroids sit in one
+// zmm register and `vpermps` turns 16 codes into 16 weights, which meet up to 4 activation rows in
+// FMAs while they are in registers; the f32 weights never exist in memory. bf16 activations (M >= 8,
+// AVX512-BF16) decode 32 codes with `vpermw` and take `vdpbf16ps` dot products, twice the f32 FMA
+// rate. Wider codes, groups that are not multiples of 16 and CPUs without AVX-512 decode a row into
+// a per-thread buffer (allocated once per call, outside the hot loop) and take vectorised dot
+// products. Threads split the output rows.
 
 #include <immintrin.h>
 
@@ -71,95 +72,127 @@ void RowsGeneric(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// 16 four-bit codes (8 bytes, low nibble first) -> 16 weights from the 16-entry table.
-__attribute__((target("avx512f,avx512bw"))) inline __m512 Decode16(const uint8_t* p, __m512 table) {
-  uint64_t b8;
-  std::memcpy(&b8, p, 8);
-  const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(b8));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), table);
+// 16 codes of 1-4 bits starting at code i (a multiple of 16, so at a byte boundary) -> 16 weights
+// from the (up to) 16-entry table. `vpmultishiftqb` moves code j's bits to the bottom of dword j
+// straight from the broadcast 64-bit word; `vpermps` reads only an index's low 4 bits, so for
+// 4-bit codes the neighbours' bits above need no masking.
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline __m512 Decode16(const uint8_t* row, int64_t i,
+                                                                              int64_t row_bytes, __m512 table) {
+  const int64_t byte = i * BITS / 8;
+  uint64_t v = 0;
+  if (BITS == 4 || byte + 8 <= row_bytes) {  // 4 bits: the 8 bytes are always inside the row
+    std::memcpy(&v, row + byte, 8);
+  } else {
+    for (int64_t j = 0; j < row_bytes - byte; ++j) v |= uint64_t(row[byte + j]) << (8 * j);  // never past the row
+  }
+  constexpr auto ctrl = [](int q) { return static_cast<long long>(uint64_t(2 * q * BITS) | uint64_t((2 * q + 1) * BITS) << 32); };
+  const __m512i control = _mm512_set_epi64(ctrl(7), ctrl(6), ctrl(5), ctrl(4), ctrl(3), ctrl(2), ctrl(1), ctrl(0));
+  __m512i idx = _mm512_multishift_epi64_epi8(control, _mm512_set1_epi64(static_cast<long long>(v)));
+  if constexpr (BITS < 4) idx = _mm512_and_si512(idx, _mm512_set1_epi32((1 << BITS) - 1));
+  return _mm512_permutexvar_ps(idx, table);
 }
 
-// MT activation rows at a time; 4 chunks of 16 codes in flight keep the FMA chains busy at M=1.
-template <int MT>
-__attribute__((target("avx512f,avx512bw"))) void RowsAvx512Tile(const Problem& p, int64_t n, int64_t m0) {
+// MT activation rows at a time with U chunks of 16 codes in flight: U = 4 keeps four FMA chains
+// busy at M = 1; with 8 rows, U = 2 still gives 16 chains and stays within the 32 registers.
+template <int BITS, int MT, int U = (MT >= 8 ? 2 : 4)>
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void RowsAvx512Tile(const Problem& p, int64_t n, int64_t m0) {
   const int64_t g = p.k / p.groups;
   const uint8_t* row = p.packed + n * p.row_bytes;
-  __m512 acc[MT][4];
+  __m512 acc[MT][U];
   for (int t = 0; t < MT; ++t)
-    for (int u = 0; u < 4; ++u) acc[t][u] = _mm512_setzero_ps();
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < p.groups; ++gi) {
-    const __m512 table = _mm512_loadu_ps(p.cent + (n * p.groups + gi) * 16);
+    const __m512 table = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (1 << BITS)) - 1),
+                                               p.cent + (n * p.groups + gi) * (1 << BITS));
     int64_t i = gi * g;
     const int64_t end = i + g;
-    for (; i + 64 <= end; i += 64) {
-      __m512 w[4];
-      for (int u = 0; u < 4; ++u) w[u] = Decode16(row + (i + 16 * u) / 2, table);
+    for (; i + 16 * U <= end; i += 16 * U) {
+      __m512 w[U];
+      for (int u = 0; u < U; ++u) w[u] = Decode16<BITS>(row, i + 16 * u, p.row_bytes, table);
       for (int t = 0; t < MT; ++t) {
         const float* xr = p.x + (m0 + t) * p.k + i;
-        for (int u = 0; u < 4; ++u) acc[t][u] = _mm512_fmadd_ps(w[u], _mm512_loadu_ps(xr + 16 * u), acc[t][u]);
+        for (int u = 0; u < U; ++u) acc[t][u] = _mm512_fmadd_ps(w[u], _mm512_loadu_ps(xr + 16 * u), acc[t][u]);
       }
     }
     for (; i < end; i += 16) {
-      const __m512 w = Decode16(row + i / 2, table);
+      const __m512 w = Decode16<BITS>(row, i, p.row_bytes, table);
       for (int t = 0; t < MT; ++t)
         acc[t][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.x + (m0 + t) * p.k + i), acc[t][0]);
     }
   }
   for (int t = 0; t < MT; ++t) {
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
+    __m512 s = acc[t][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
     p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(s);
   }
 }
 
-__attribute__((target("avx512f,avx512bw"))) void RowsAvx512(const Problem& p, int64_t n0, int64_t n1) {
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void RowsAvx512(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= p.m; m += 4) RowsAvx512Tile<4>(p, n, m);
-    for (; m + 2 <= p.m; m += 2) RowsAvx512Tile<2>(p, n, m);
-    for (; m < p.m; ++m) RowsAvx512Tile<1>(p, n, m);
+    for (; m + 8 <= p.m; m += 8) RowsAvx512Tile<BITS, 8>(p, n, m);
+    for (; m + 4 <= p.m; m += 4) RowsAvx512Tile<BITS, 4>(p, n, m);
+    for (; m + 2 <= p.m; m += 2) RowsAvx512Tile<BITS, 2>(p, n, m);
+    for (; m < p.m; ++m) RowsAvx512Tile<BITS, 1>(p, n, m);
   }
 }
 
 bool UseAvx512(const Problem& p) {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return cpu && p.bits == 4 && (p.k / p.groups) % 16 == 0;
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vbmi");
+  return cpu && p.bits <= 4 && (p.k / p.groups) % 16 == 0;
 }
 
 // bf16 activations: `vpermw` decodes 32 codes into 32 bf16 weights (the group's centroids rounded
 // to bf16, as a bf16 model's weights are) and `vdpbf16ps` takes 32 products per instruction into
-// f32 accumulators: twice the f32 FMA rate, which is what bounds the kernel once M grows.
+// f32 accumulators: twice the f32 FMA rate, which is what bounds the kernel once M grows. Below 8
+// rows the kernel is bound by decoding and the f32 path (on the widened rows) is faster.
 bool UseBf16Dot(const Problem& p) {
   static const bool cpu = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
-  return cpu && p.xb != nullptr && p.bits == 4 && (p.k / p.groups) % 32 == 0;
+  return cpu && p.xb != nullptr && p.m >= 8 && p.bits == 4 && (p.k / p.groups) % 32 == 0;
 }
 
-template <int MT>
+// 32 four-bit codes (16 bytes) -> 32 bf16 weights from the 16-entry bf16 table.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i Decode32Bf16(const uint8_t* p, __m512i table) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m256i codes = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lo, hi)),
+                                                _mm_unpackhi_epi8(lo, hi), 1);
+  return _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(codes), table);
+}
+
+// MT activation rows, U chunks of 32 codes in flight (MT * U accumulators in registers).
+template <int MT, int U = 2>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16Tile(const Problem& p, int64_t n, int64_t m0) {
   const int64_t g = p.k / p.groups;
   const uint8_t* row = p.packed + n * p.row_bytes;
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  __m512 acc[MT][2];
-  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  __m512 acc[MT][U];
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  auto step = [&](int64_t i, int u, __m512i table) __attribute__((target("avx512f,avx512bw,avx512bf16"))) {
+    const __m512i w = Decode32Bf16(row + i / 2, table);
+    for (int t = 0; t < MT; ++t) {
+      const __m512i xv = _mm512_loadu_si512(p.xb + (m0 + t) * p.k + i);
+      acc[t][u] = _mm512_dpbf16_ps(acc[t][u], reinterpret_cast<const __m512bh&>(xv), reinterpret_cast<const __m512bh&>(w));
+    }
+  };
   for (int64_t gi = 0; gi < p.groups; ++gi) {
     const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(p.cent + (n * p.groups + gi) * 16));
     const __m512i table = _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(half));
-    for (int64_t i = gi * g, u = 0; i < (gi + 1) * g; i += 32, u ^= 1) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
-      const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-      const __m256i codes = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lo, hi)),
-                                                    _mm_unpackhi_epi8(lo, hi), 1);
-      const __m512i w = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(codes), table);
-      for (int t = 0; t < MT; ++t) {
-        const __m512i xv = _mm512_loadu_si512(p.xb + (m0 + t) * p.k + i);
-        acc[t][u] = _mm512_dpbf16_ps(acc[t][u], reinterpret_cast<const __m512bh&>(xv),
-                                     reinterpret_cast<const __m512bh&>(w));
-      }
-    }
+    int64_t i = gi * g;
+    const int64_t end = i + g;
+    for (; i + 32 * U <= end; i += 32 * U)
+      for (int u = 0; u < U; ++u) step(i + 32 * u, u, table);
+    for (; i < end; i += 32) step(i, 0, table);
   }
-  for (int t = 0; t < MT; ++t) p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+  for (int t = 0; t < MT; ++t) {
+    __m512 s = acc[t][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
+    p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(s);
+  }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16(const Problem& p, int64_t n0, int64_t n1) {
@@ -174,7 +207,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16(const Probl
 // Splits the output rows over threads when the work pays for starting them.
 void Run(const Problem& p) {
   if (p.m == 0 || p.n == 0) return;
-  auto rows = UseBf16Dot(p) ? RowsBf16 : UseAvx512(p) ? RowsAvx512 : RowsGeneric;
+  static void (*const avx512[])(const Problem&, int64_t, int64_t) = {
+      nullptr, RowsAvx512<1>, RowsAvx512<2>, RowsAvx512<3>, RowsAvx512<4>};
+  auto rows = UseBf16Dot(p) ? RowsBf16 : UseAvx512(p) ? avx512[p.bits] : RowsGeneric;
   const int64_t work = p.n * p.k * std::max<int64_t>(p.m, 4);
   const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
   const int64_t threads = std::min<int64_t>({hw, p.n / 16 + 1, work / (1 << 20) + 1});
@@ -197,30 +232,25 @@ ffi::Error CheckWeight(int64_t k, int64_t row_bytes, int64_t groups, int64_t c, 
   return ffi::Error::Success();
 }
 
-// The activations as the row loops read them: bf16 stays bf16 where the bf16 path applies, else
-// it is widened to f32 once per call (never inside the loops).
+// The activations as the row loops read them: f32 as given; bf16 widened to f32 once per call
+// (never inside the loops) and also kept for the bf16 dot-product path.
 struct Activations {
   const float* f32 = nullptr;
   const uint16_t* bf16 = nullptr;
   std::vector<float> widened;
 };
 
-ffi::Error ReadActivations(ffi::AnyBuffer x, Problem probe, Activations& a) {
-  const int64_t count = x.element_count();
+ffi::Error ReadActivations(ffi::AnyBuffer x, Activations& a) {
   if (x.element_type() == ffi::DataType::F32) {
     a.f32 = static_cast<const float*>(x.untyped_data());
   } else if (x.element_type() == ffi::DataType::BF16) {
     a.bf16 = static_cast<const uint16_t*>(x.untyped_data());
-    probe.xb = a.bf16;
-    if (!UseBf16Dot(probe)) {
-      a.widened.resize(count);
-      for (int64_t i = 0; i < count; ++i) {
-        const uint32_t bits = uint32_t(a.bf16[i]) << 16;
-        std::memcpy(&a.widened[i], &bits, 4);
-      }
-      a.f32 = a.widened.data();
-      a.bf16 = nullptr;
+    a.widened.resize(x.element_count());
+    for (size_t i = 0; i < a.widened.size(); ++i) {
+      const uint32_t bits = uint32_t(a.bf16[i]) << 16;
+      std::memcpy(&a.widened[i], &bits, 4);
     }
+    a.f32 = a.widened.data();
   } else {
     return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
   }
@@ -238,7 +268,7 @@ ffi::Error LutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buf
   Problem p{nullptr, nullptr, packed.typed_data(), cent.typed_data(), out->typed_data(), xd[0], xd[1], pd[0],
             pd[1], cd[1], bits};
   Activations a;
-  if (auto e = ReadActivations(x, p, a); e.failure()) return e;
+  if (auto e = ReadActivations(x, a); e.failure()) return e;
   p.x = a.f32;
   p.xb = a.bf16;
   Run(p);
@@ -266,8 +296,7 @@ ffi::Error GroupedLutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, f
   }
   if (total > t) return ffi::Error::InvalidArgument("grouped_lut_matmul: group sizes add up to more rows than x has");
   Activations a;
-  Problem probe{nullptr, nullptr, nullptr, nullptr, nullptr, t, k, n, pd[2], cd[2], bits};
-  if (auto err = ReadActivations(x, probe, a); err.failure()) return err;
+  if (auto err = ReadActivations(x, a); err.failure()) return err;
   float* o = out->typed_data();
   int64_t start = 0;
   for (int64_t i = 0; i < e; ++i) {

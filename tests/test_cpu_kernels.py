@@ -23,11 +23,12 @@ def _weight(rng, lead, n, k, bits, group):
   return from_codes(codes, cent, bits)
 
 
-# (m, k, n, bits, group): k and n off every tile; 4-bit codes in groups of 16k take the AVX-512
-# path (bf16 activations in groups of 32k the bf16 dot-product path), 3-bit codes and groups of 8
-# the portable one.
+# (m, k, n, bits, group): k and n off every tile; 1-4-bit codes in groups of 16k take the AVX-512
+# path (bf16 activations, 4 bits, groups of 32k and M >= 8 the bf16 dot-product path), other
+# groups and 5-8 bits the portable one.
 CASES = [(m, k, n, bits, group) for m in (1, 2, 7, 32) for (k, n, bits, group) in
-         [(272, 37, 4, 272), (96, 130, 4, 32), (320, 41, 4, 320), (72, 19, 4, 8), (100, 33, 3, 100), (60, 21, 3, 20)]]
+         [(272, 37, 4, 272), (96, 130, 4, 32), (320, 41, 4, 320), (72, 19, 4, 8), (96, 29, 3, 48), (64, 11, 2, 64),
+          (100, 33, 3, 100), (60, 21, 3, 20), (40, 9, 6, 40)]]
 
 
 @pytest.mark.parametrize("m,k,n,bits,group", CASES)
