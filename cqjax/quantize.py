@@ -1,0 +1,113 @@
+"""`quantize`: the whole CodeQuant pipeline as one pure call over a param pytree.
+
+  fold norms -> calibrate -> R1 (learned, Hadamard or none; plus R2 and the online R4 in scope
+  `full`) -> optional POG -> K-means codebooks -> optional ACCF fine-tuning
+
+The result carries what the model needs to run the quantized params: the folded config and the
+flags (activation quantizer, online Hadamard) that `QuantizedModel.module()` passes to
+`MoeCausalLM`. Each step is also a public function of its own module.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cqjax.act_quant import ActQuantConfig
+from cqjax.calibrate import collect_norm_outputs
+from cqjax.config import ModelConfig
+from cqjax.errors import CqjaxError
+from cqjax.finetune_centroids import AccfConfig, finetune_centroids
+from cqjax.fold_norms import fold_norms
+from cqjax.hadamard import hadamard_matrix
+from cqjax.kmeans import kmeans_quantize
+from cqjax.learn_rotation import AosConfig, initial_rotation, learn_rotation
+from cqjax.load import Params
+from cqjax.model import MoeCausalLM
+from cqjax.pog import apply_pog
+from cqjax.quantize_weights import SCOPES, quantize_scope, scope_paths
+from cqjax.rotate import rotate_params
+
+ROTATIONS = ("learned", "hadamard", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+  """bits: weight code bits (2^bits centroids); act_bits: 16 = weights only; group_size: -1 for
+  one codebook per output row, else column groups (where they divide d_in); pog: permute o_proj
+  (and, without R4, down projection) inputs before clustering; accf: None skips fine-tuning."""
+
+  bits: int = 4
+  act_bits: int = 4
+  scope: str = "full"
+  rotation: str = "learned"
+  group_size: int = -1
+  pog: bool = False
+  aos: AosConfig = AosConfig()
+  accf: AccfConfig | None = AccfConfig(lr=1e-3, optimizer="adam")
+  calib_batch_size: int = 16
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+  """Quantized params and what runs them: `module()` is the matching `MoeCausalLM`."""
+
+  config: ModelConfig
+  params: Params
+  act_quant: ActQuantConfig | None
+  online_down_hadamard: bool
+  r1: np.ndarray | None
+
+  def module(self, dtype=jnp.float32) -> MoeCausalLM:
+    return MoeCausalLM(self.config, dtype, act_quant=self.act_quant, online_down_hadamard=self.online_down_hadamard)
+
+
+def _check(config: QuantizeConfig, windows: np.ndarray) -> None:
+  if config.scope not in SCOPES:
+    raise CqjaxError(f"QuantizeConfig.scope must be one of {SCOPES}, got {config.scope!r}")
+  if config.rotation not in ROTATIONS:
+    raise CqjaxError(f"QuantizeConfig.rotation must be one of {ROTATIONS}, got {config.rotation!r}")
+  if config.pog and config.group_size <= 0:
+    raise CqjaxError("QuantizeConfig.pog needs column groups: set group_size > 0")
+  if windows.ndim != 2 or windows.shape[0] == 0 or not np.issubdtype(windows.dtype, np.integer):
+    raise CqjaxError(f"calibration_batches must be integer token windows [n, t], got {windows.dtype}{windows.shape}")
+
+
+def quantize(params: Params, model_config: ModelConfig, calibration_batches, config: QuantizeConfig = QuantizeConfig(),
+             dtype=jnp.float32, progress: bool = True) -> QuantizedModel:
+  """params of `model_config` (as `cqjax.load.load_params` returns them) and calibration token
+  windows (an int array [n, t], or a sequence of [b, t] batches) -> a `QuantizedModel`."""
+  windows = np.concatenate([np.asarray(b) for b in calibration_batches]) if isinstance(
+      calibration_batches, (list, tuple)) else np.asarray(calibration_batches)
+  _check(config, windows)
+  cfg, folded = fold_norms(model_config, params)
+  chex.assert_rank(folded["embed"]["embedding"], 2)
+  act = None if config.act_bits >= 16 else ActQuantConfig(bits=config.act_bits, scope=config.scope)
+  r1 = None
+  if config.rotation == "learned":
+    norm_outputs = collect_norm_outputs(MoeCausalLM(cfg, dtype), folded, windows, config.calib_batch_size,
+                                        progress=progress)
+    aos = dataclasses.replace(config.aos, act=act or config.aos.act, seed=config.seed)
+    r1, _ = learn_rotation(norm_outputs, aos, progress)
+  elif config.rotation == "hadamard":
+    r1 = initial_rotation(cfg.hidden_size, config.seed)
+  full_rot = config.scope == "full" and r1 is not None
+  base = folded if r1 is None else rotate_params(
+      cfg, folded, r1, hadamard_matrix(cfg.head_dim) if full_rot else None, online_down_hadamard=full_rot)
+  if config.pog:
+    base = apply_pog(cfg, base, config.group_size, permute_down=not full_rot)
+
+  def quantizer(w, path):
+    g = config.group_size if config.group_size > 0 and w.shape[-2] % config.group_size == 0 else -1
+    return kmeans_quantize(w, config.bits, g, seed=config.seed)
+
+  bar = tqdm(total=len(scope_paths(cfg, config.scope)), desc="k-means", disable=not progress, leave=False)
+  q = quantize_scope(cfg, base, config.scope, quantizer, bar)
+  bar.close()
+  if config.accf is not None:
+    q, _ = finetune_centroids(cfg, base, q, windows, act, full_rot, config.accf, dtype)
+  return QuantizedModel(cfg, q, act, full_rot, r1)
