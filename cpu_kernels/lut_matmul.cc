@@ -93,6 +93,22 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline __m512 Decode16(co
   return _mm512_permutexvar_ps(idx, table);
 }
 
+// A tile's MT x U f32 accumulators: cleared, then each row's U partial sums added into out[m0 + t, n].
+template <int MT, int U>
+__attribute__((target("avx512f"))) inline void ZeroTile(__m512 (&acc)[MT][U]) {
+  for (int t = 0; t < MT; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+}
+
+template <int MT, int U>
+__attribute__((target("avx512f"))) inline void StoreTile(__m512 (&acc)[MT][U], const Problem& p, int64_t n, int64_t m0) {
+  for (int t = 0; t < MT; ++t) {
+    __m512 s = acc[t][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
+    p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(s);
+  }
+}
+
 // MT activation rows at a time with U chunks of 16 codes in flight: U = 4 keeps four FMA chains
 // busy at M = 1; with 8 rows, U = 2 still gives 16 chains and stays within the 32 registers.
 template <int BITS, int MT, int U = (MT >= 8 ? 2 : 4)>
@@ -100,8 +116,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void RowsAvx512Tile(const
   const int64_t g = p.k / p.groups;
   const uint8_t* row = p.packed + n * p.row_bytes;
   __m512 acc[MT][U];
-  for (int t = 0; t < MT; ++t)
-    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  ZeroTile<MT, U>(acc);
   for (int64_t gi = 0; gi < p.groups; ++gi) {
     const __m512 table = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (1 << BITS)) - 1),
                                                p.cent + (n * p.groups + gi) * (1 << BITS));
@@ -121,11 +136,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void RowsAvx512Tile(const
         acc[t][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.x + (m0 + t) * p.k + i), acc[t][0]);
     }
   }
-  for (int t = 0; t < MT; ++t) {
-    __m512 s = acc[t][0];
-    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
-    p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(s);
-  }
+  StoreTile<MT, U>(acc, p, n, m0);
 }
 
 template <int BITS>
@@ -170,8 +181,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16Tile(const P
   const int64_t g = p.k / p.groups;
   const uint8_t* row = p.packed + n * p.row_bytes;
   __m512 acc[MT][U];
-  for (int t = 0; t < MT; ++t)
-    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  ZeroTile<MT, U>(acc);
   auto step = [&](int64_t i, int u, __m512i table) __attribute__((target("avx512f,avx512bw,avx512bf16"))) {
     const __m512i w = Decode32Bf16(row + i / 2, table);
     for (int t = 0; t < MT; ++t) {
@@ -188,11 +198,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16Tile(const P
       for (int u = 0; u < U; ++u) step(i + 32 * u, u, table);
     for (; i < end; i += 32) step(i, 0, table);
   }
-  for (int t = 0; t < MT; ++t) {
-    __m512 s = acc[t][0];
-    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
-    p.out[(m0 + t) * p.n + n] = _mm512_reduce_add_ps(s);
-  }
+  StoreTile<MT, U>(acc, p, n, m0);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16(const Problem& p, int64_t n0, int64_t n1) {

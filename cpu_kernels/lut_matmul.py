@@ -35,6 +35,9 @@ def available() -> bool:
 
 
 def _check(x, packed, centroids, bits: int, d_in: int, lead: tuple[int, ...]):
+  """Trace-time checks of one call; returns d_out."""
+  if not available():
+    raise CqjaxError("the CPU kernel extension cpu_kernels._lut_matmul is not built: reinstall with pip install -e .")
   if x.ndim != 2 or x.shape[1] != d_in:
     raise CqjaxError(f"lut_matmul: x must be [m, {d_in}], got {x.shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -62,8 +65,6 @@ def _activations(x):
 def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
   """x [m, d_in] times one codebook weight -> [m, d_out] (d_in = x.shape[1])."""
   n = _check(x, packed, centroids, bits, x.shape[-1], ())
-  if not available():
-    raise CqjaxError("the CPU kernel extension cpu_kernels._lut_matmul is not built: reinstall with pip install -e .")
   call = jax.ffi.ffi_call("cqjax_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
   out = call(_activations(x), packed, centroids.astype(jnp.float32), bits=np.int32(bits))
   return out.astype(x.dtype)
@@ -76,8 +77,6 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   n = _check(x, packed, centroids, bits, x.shape[-1], (e,))
   if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
     raise CqjaxError(f"grouped_lut_matmul: group_sizes must be integers [{e}], got {group_sizes.dtype}{group_sizes.shape}")
-  if not available():
-    raise CqjaxError("the CPU kernel extension cpu_kernels._lut_matmul is not built: reinstall with pip install -e .")
   call = jax.ffi.ffi_call("cqjax_grouped_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
   out = call(_activations(x), packed, centroids.astype(jnp.float32), group_sizes.astype(jnp.int32),
              bits=np.int32(bits))

@@ -79,6 +79,11 @@ def kmeans_fit(rows: jax.Array, c: int, key: jax.Array, max_iters: int = 300, to
   return cent.reshape(-1, c)[:r], codes.reshape(-1, length)[:r]
 
 
+def column_group(d_in: int, group_size: int) -> int:
+  """`group_size` where it divides the input size d_in, else -1 (one codebook per whole row)."""
+  return group_size if group_size > 0 and d_in % group_size == 0 else -1
+
+
 def _rows(w: jax.Array, group_size: int) -> tuple[jax.Array, int]:
   """Kernel [..., d_in, d_out] -> rows [(... * d_out * groups), group_size] and the group size."""
   d_in = w.shape[-2]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import chex
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -23,7 +22,7 @@ from cqjax.errors import CqjaxError
 from cqjax.finetune_centroids import AccfConfig, finetune_centroids
 from cqjax.fold_norms import fold_norms
 from cqjax.hadamard import hadamard_matrix
-from cqjax.kmeans import kmeans_quantize
+from cqjax.kmeans import column_group, kmeans_quantize
 from cqjax.learn_rotation import AosConfig, initial_rotation, learn_rotation
 from cqjax.load import Params
 from cqjax.model import MoeCausalLM
@@ -66,6 +65,16 @@ class QuantizedModel:
     return MoeCausalLM(self.config, dtype, act_quant=self.act_quant, online_down_hadamard=self.online_down_hadamard)
 
 
+def rotate_for_scope(cfg: ModelConfig, folded: Params, r1: np.ndarray | None, scope: str) -> tuple[Params, bool]:
+  """Fuses R1 into folded params; in scope `full` also R2 (per value head) and the weight side of
+  the online Hadamard R4. Returns (params, whether the model must apply R4 online)."""
+  if r1 is None:
+    return folded, False
+  online = scope == "full"
+  return rotate_params(cfg, folded, r1, hadamard_matrix(cfg.head_dim) if online else None,
+                       online_down_hadamard=online), online
+
+
 def _check(config: QuantizeConfig, windows: np.ndarray) -> None:
   if config.scope not in SCOPES:
     raise CqjaxError(f"QuantizeConfig.scope must be one of {SCOPES}, got {config.scope!r}")
@@ -85,7 +94,6 @@ def quantize(params: Params, model_config: ModelConfig, calibration_batches, con
       calibration_batches, (list, tuple)) else np.asarray(calibration_batches)
   _check(config, windows)
   cfg, folded = fold_norms(model_config, params)
-  chex.assert_rank(folded["embed"]["embedding"], 2)
   act = None if config.act_bits >= 16 else ActQuantConfig(bits=config.act_bits, scope=config.scope)
   r1 = None
   if config.rotation == "learned":
@@ -95,15 +103,12 @@ def quantize(params: Params, model_config: ModelConfig, calibration_batches, con
     r1, _ = learn_rotation(norm_outputs, aos, progress)
   elif config.rotation == "hadamard":
     r1 = initial_rotation(cfg.hidden_size, config.seed)
-  full_rot = config.scope == "full" and r1 is not None
-  base = folded if r1 is None else rotate_params(
-      cfg, folded, r1, hadamard_matrix(cfg.head_dim) if full_rot else None, online_down_hadamard=full_rot)
+  base, full_rot = rotate_for_scope(cfg, folded, r1, config.scope)
   if config.pog:
     base = apply_pog(cfg, base, config.group_size, permute_down=not full_rot)
 
   def quantizer(w, path):
-    g = config.group_size if config.group_size > 0 and w.shape[-2] % config.group_size == 0 else -1
-    return kmeans_quantize(w, config.bits, g, seed=config.seed)
+    return kmeans_quantize(w, config.bits, column_group(w.shape[-2], config.group_size), seed=config.seed)
 
   bar = tqdm(total=len(scope_paths(cfg, config.scope)), desc="k-means", disable=not progress, leave=False)
   q = quantize_scope(cfg, base, config.scope, quantizer, bar)

@@ -182,13 +182,12 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   from cqjax.finetune_centroids import AccfConfig, finetune_centroids  # pylint: disable=g-import-not-at-top
-  from cqjax.hadamard import hadamard_matrix  # pylint: disable=g-import-not-at-top
-  from cqjax.kmeans import kmeans_quantize, rtn_quantize  # pylint: disable=g-import-not-at-top
+  from cqjax.kmeans import column_group, kmeans_quantize, rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.learn_rotation import initial_rotation  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
   from cqjax.pog import apply_pog  # pylint: disable=g-import-not-at-top
+  from cqjax.quantize import rotate_for_scope  # pylint: disable=g-import-not-at-top
   from cqjax.quantize_weights import quantize_scope, scope_paths  # pylint: disable=g-import-not-at-top
-  from cqjax.rotate import rotate_params  # pylint: disable=g-import-not-at-top
 
   scopes, methods, settings, bits = _quant_settings(cfg)
   ctx = _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx)
@@ -201,12 +200,12 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
   def quantizer(method, w_bits):
     if method in ("kmeans", "codequant"):
       return lambda w, path: kmeans_quantize(w, w_bits, seed=cfg.seed)
+    # Column groups where they divide the input size, else the whole row (recorded in the report).
     if method in ("kmeans_group", "kmeans_pog", "codequant_pog"):
-      g = cfg.quant_group_size
-      return lambda w, path: kmeans_quantize(w, w_bits, g if w.shape[-2] % g == 0 else -1, seed=cfg.seed)
+      return lambda w, path: kmeans_quantize(w, w_bits, column_group(w.shape[-2], cfg.quant_group_size),
+                                             seed=cfg.seed)
     group = 128 if method == "rtn_g128" else -1
-    # Group 128 where it divides the input size, else the whole row (recorded in the report).
-    return lambda w, path: rtn_quantize(w, w_bits, group if w.shape[-2] % 128 == 0 else -1)
+    return lambda w, path: rtn_quantize(w, w_bits, column_group(w.shape[-2], group))
 
   report["quantization"] = {"scopes": scopes, "methods": methods, "bits": settings,
                             "rotation_of_method": rotation_of,
@@ -218,16 +217,13 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
     bases = {}
     for method in methods:
       rot, pog = rotation_of[method], method.endswith("_pog")
-      full_rot = scope == "full" and rot is not None  # R2 and the online R4 come with a rotation
       if rot not in bases:
-        bases[rot] = folded if rot is None else rotate_params(
-            folded_cfg, folded, r1_of[rot], hadamard_matrix(model_cfg.head_dim) if full_rot else None,
-            online_down_hadamard=full_rot)
-      base = bases[rot]
+        bases[rot] = rotate_for_scope(folded_cfg, folded, r1_of.get(rot), scope)
+      base, full_rot = bases[rot]
       if pog:
         if (rot, "pog") not in bases:
-          bases[(rot, "pog")] = apply_pog(folded_cfg, base, cfg.quant_group_size, permute_down=not full_rot)
-        base = bases[(rot, "pog")]
+          bases[(rot, "pog")] = apply_pog(folded_cfg, base, cfg.quant_group_size, permute_down=not full_rot), full_rot
+        base = bases[(rot, "pog")][0]
       quantized = {}
       for w_bits, a_bits in bits:
         key = f"{scope}/{method}_w{w_bits}a{a_bits}"
