@@ -8,7 +8,7 @@ run in this order):
   quantize  weight quantization in each scope (`quant_scopes`) with each method
           (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans, codequant,
           and the column-group variants kmeans_group, kmeans_pog, codequant_pog) at each setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`.
-Writes `<output_dir>/report.json`.
+Writes `<output_dir>/report.json` and `report.md` (rewritten after every measured perplexity).
 """
 from __future__ import annotations
 
@@ -41,11 +41,19 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
   return out
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_text_atomic(path: str, text: str) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_report(cfg, report: dict) -> None:
+  """report.json and its markdown rendering, each replaced atomically (a run cut off keeps both)."""
+  from experiments.report_markdown import render  # pylint: disable=g-import-not-at-top
+
+  write_text_atomic(os.path.join(cfg.output_dir, "report.json"), json.dumps(report, indent=2))
+  write_text_atomic(os.path.join(cfg.output_dir, "report.md"), render(report))
 
 
 def _validate(cfg) -> list[str]:
@@ -72,7 +80,7 @@ def _perplexities(cfg, model, params, eval_sets, key, report):
     report["tokens"][name] = res["tokens"]
     print(f"{name}: {key} perplexity {res['perplexity']:.3f} over {res['windows']} x {cfg.seqlen} tokens")
   # Every finished setting is on disk at once: a long table killed midway keeps what it measured.
-  write_json_atomic(os.path.join(cfg.output_dir, "report.json"), report)
+  write_report(cfg, report)
 
 
 def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dict) -> dict:
@@ -300,7 +308,7 @@ def run(cfg) -> dict:
     _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx)
     timings["quantize_s"] = time.perf_counter() - t0
 
-  write_json_atomic(os.path.join(cfg.output_dir, "report.json"), report)
+  write_report(cfg, report)
   print(f"report: {os.path.join(cfg.output_dir, 'report.json')}")
   return report
 

@@ -67,6 +67,11 @@ def test_quantize_stage_both_scopes(tmp_path):
     assert ppl[f"{scope}/rtn_w4a16"] < ppl[f"{scope}/rtn_w4a4"]
     # Column groups of 32 (8 codebooks a row) fit the weights better than one codebook a row.
     assert ppl[f"{scope}/kmeans_pog_w4a16"] < ppl[f"{scope}/rtn_w4a16"]
+  # report.md renders the same numbers: one table per scope, a row per method.
+  md = (tmp_path / "report.md").read_text()
+  for scope in ("official", "full"):
+    assert f"**scope `{scope}`**" in md
+  assert f"{ppl['full/kmeans_pog_w4a4']:.2f}" in md
 
 
 def _one_line_error(r, pattern):
