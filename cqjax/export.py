@@ -3,11 +3,10 @@
 Layout of an export directory (the directory appears only once complete: it is written under a
 temporary name and renamed):
 
-  cqjax_export.json   format version, model config, activation quantizer, online-R4 flag, each
-                      codebook kernel's bits and d_in, and a manifest (shape, dtype, CRC-32) of
-                      every array
-  arrays/             Orbax checkpoint of {"params": ..., "r1": ...}; a codebook kernel is
-                      stored as {"packed": uint8 codes, "centroids": ...}
+  cqjax_export.json   format version, model config, activation quantizer, online-R4 flag, settings
+  arrays/, tree.json  `cqjax.checkpoint.save_tree` of {"params": ..., "r1": ...}: Orbax arrays (a
+                      codebook kernel as {"packed": uint8 codes, "centroids": ...}), each codebook's
+                      bits and d_in, and a manifest (shape, dtype, CRC-32) checked on load
   tokenizer files     copied from `tokenizer_dir`, so `cqjax.load_tokenizer(path)` reads them
 
 R1, R2 and POG's permutations are already fused into the stored weights (the function they
@@ -21,14 +20,13 @@ import json
 import os
 import shutil
 import uuid
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cqjax.act_quant import ActQuantConfig
-from cqjax.codebook import CodebookWeight
+from cqjax.checkpoint import load_tree, replace_dir_atomic, write_tree
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.quantize import QuantizedModel
@@ -40,73 +38,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def _is_codebook(x) -> bool:
-  return isinstance(x, CodebookWeight)
-
-
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def _to_storable(params) -> tuple[dict, dict]:
-  """params with CodebookWeight leaves -> (nested dicts of arrays, {path: {bits, d_in}})."""
-  codebooks = {}
-
-  def convert(path, x):
-    if _is_codebook(x):
-      codebooks[_path_str(path)] = {"bits": x.bits, "d_in": x.d_in}
-      return {"packed": x.packed, "centroids": x.centroids}
-    return x
-
-  return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_codebook), codebooks
-
-
-def _from_storable(tree: dict, codebooks: dict) -> dict:
-  out = dict(tree)
-  for path, meta in codebooks.items():
-    keys = path.split("/")
-    node = out
-    for k in keys[:-1]:
-      node[k] = dict(node[k])
-      node = node[k]
-    stored = node[keys[-1]]
-    node[keys[-1]] = CodebookWeight(stored["packed"], stored["centroids"], meta["bits"], meta["d_in"])
-  return out
-
-
-def _manifest(tree) -> dict:
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  out = {}
-  for path, leaf in leaves:
-    a = np.asarray(leaf)
-    out[_path_str(path)] = {"shape": list(a.shape), "dtype": str(a.dtype),
-                            "crc32": zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)}
-  return out
-
-
 def export_quantized(path: str, model: QuantizedModel, tokenizer_dir: str | None = None,
                      settings: dict | None = None, overwrite: bool = False) -> str:
   """Writes `model` to the directory `path` (atomically); returns the absolute path.
 
   settings: free-form JSON (e.g. the QuantizeConfig or run config) recorded in the metadata.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   path = os.path.abspath(path)
   if os.path.exists(path) and not overwrite:
     raise CqjaxError(f"{path}: already exists (pass overwrite=True to replace it)")
-  storable, codebooks = _to_storable(model.params)
-  tree = {"params": storable, "r1": np.zeros((0, 0), np.float32) if model.r1 is None else np.asarray(model.r1)}
+  r1 = np.zeros((0, 0), np.float32) if model.r1 is None else np.asarray(model.r1)
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
           "model_config": dataclasses.asdict(model.config),
           "act_quant": None if model.act_quant is None else dataclasses.asdict(model.act_quant),
           "online_down_hadamard": model.online_down_hadamard, "has_r1": model.r1 is not None,
-          "codebooks": codebooks, "manifest": _manifest(tree), "settings": settings or {}}
+          "settings": settings or {}}
   tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
   os.makedirs(tmp)
   try:
-    checkpointer = ocp.PyTreeCheckpointer()
-    checkpointer.save(os.path.join(tmp, "arrays"), jax.tree_util.tree_map(np.asarray, tree))
+    write_tree(tmp, {"params": model.params, "r1": r1})
     if tokenizer_dir is not None:
       copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, f))]
       if not copied:
@@ -115,13 +65,7 @@ def export_quantized(path: str, model: QuantizedModel, tokenizer_dir: str | None
         shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta, f, indent=1)
-    if os.path.exists(path):
-      old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(path, old)
-      os.rename(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, path)
+    replace_dir_atomic(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -150,28 +94,12 @@ def _read_meta(path: str) -> dict:
 def load_quantized(path: str, verify: bool = True) -> QuantizedModel:
   """An export written by `export_quantized` -> the `QuantizedModel` (arrays on the default
   device). verify: check every array's shape, dtype and CRC-32 against the manifest."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   path = os.path.abspath(path)
   meta = _read_meta(path)
-  arrays = os.path.join(path, "arrays")
-  try:
-    tree = ocp.PyTreeCheckpointer().restore(arrays)
-  except Exception as e:  # Orbax / tensorstore raise many types for missing or truncated files.
-    raise CqjaxError(f"{arrays}: cannot read the arrays ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-  if verify:
-    got = _manifest(tree)
-    want = meta["manifest"]
-    if set(got) != set(want):
-      raise CqjaxError(f"{arrays}: arrays {sorted(set(want) ^ set(got))[:5]} missing or unexpected")
-    for name, w in want.items():
-      if got[name] != w:
-        raise CqjaxError(f"{arrays}: array {name} is corrupt (expected shape {w['shape']} {w['dtype']}, "
-                         f"crc {w['crc32']}; read {got[name]['shape']} {got[name]['dtype']}, crc {got[name]['crc32']})")
+  tree, _ = load_tree(path, verify)
   cfg_dict = dict(meta["model_config"])
   cfg_dict["dense_layers"] = tuple(cfg_dict.get("dense_layers", ()))
-  cfg = ModelConfig(**cfg_dict)
   act = None if meta["act_quant"] is None else ActQuantConfig(**meta["act_quant"])
-  params = jax.tree_util.tree_map(jnp.asarray, _from_storable(tree["params"], meta["codebooks"]))
+  params = jax.tree_util.tree_map(jnp.asarray, tree["params"])
   r1 = np.asarray(tree["r1"]) if meta["has_r1"] else None
-  return QuantizedModel(cfg, params, act, meta["online_down_hadamard"], r1)
+  return QuantizedModel(ModelConfig(**cfg_dict), params, act, meta["online_down_hadamard"], r1)

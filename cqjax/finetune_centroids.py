@@ -14,6 +14,7 @@ output on the quantized model's own (fake-quantized) inputs matches the full-pre
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -23,6 +24,7 @@ import optax
 from tqdm.auto import tqdm
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
+from cqjax.checkpoint import load_tree, save_tree
 from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes
 from cqjax.config import ModelConfig
 from cqjax.load import Params
@@ -143,10 +145,15 @@ def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple
 
 def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, windows: np.ndarray,
                        act: ActQuantConfig | None, online_down_hadamard: bool = False,
-                       accf: AccfConfig = AccfConfig(), dtype=jnp.float32) -> tuple[Params, dict]:
+                       accf: AccfConfig = AccfConfig(), dtype=jnp.float32,
+                       checkpoint_dir: str | None = None) -> tuple[Params, dict]:
   """fp_params: the rotated full-precision params; q_params: the same with the scope's kernels
   as CodebookWeights. windows [n, t]: calibration tokens. Returns (q_params with fine-tuned
-  centroids and re-assigned codes, {block: loss per epoch})."""
+  centroids and re-assigned codes, {block: loss per epoch}).
+
+  checkpoint_dir: after each layer, its fine-tuned params and the activations carried to the next
+  layer are saved there (atomically); a later call with the same inputs resumes after the last
+  finished layer and returns the same result as an uninterrupted call."""
   n, t = windows.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
   emb = fp_params["embed"]["embedding"]
@@ -156,7 +163,15 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
   full = act is not None and act.scope == "full"
   out = dict(q_params)
   history = {}
-  for i in range(cfg.num_layers):
+  start = 0
+  if checkpoint_dir is not None and os.path.exists(os.path.join(checkpoint_dir, "carry")):
+    carry, meta = load_tree(os.path.join(checkpoint_dir, "carry"))
+    start, history = meta["next_layer"], meta["history"]
+    x_fp, x_q = jnp.asarray(carry["x_fp"]), jnp.asarray(carry["x_q"])
+    for i in range(start):
+      layer, _ = load_tree(os.path.join(checkpoint_dir, f"layer_{i:03d}"))
+      out[f"layers_{i}"] = jax.tree_util.tree_map(jnp.asarray, layer)
+  for i in range(start, cfg.num_layers):
     fp_l, q_l = fp_params[f"layers_{i}"], dict(q_params[f"layers_{i}"])
     norm = lambda p, x: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype).apply({"params": p}, x)
     h_fp = norm(fp_l["input_norm"], x_fp)
@@ -225,4 +240,8 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
       ff_fp, ff_q = y_fp, q_mod.apply({"params": q_l["mlp"]}, m_q)
     x_fp, x_q = x_fp + ff_fp, x_q + ff_q
     out[f"layers_{i}"] = q_l
+    if checkpoint_dir is not None:  # the layer first: a crash between the two redoes layer i
+      save_tree(os.path.join(checkpoint_dir, f"layer_{i:03d}"), q_l)
+      save_tree(os.path.join(checkpoint_dir, "carry"), {"x_fp": x_fp, "x_q": x_q},
+                {"next_layer": i + 1, "history": history})
   return out, history

@@ -6,17 +6,26 @@
 The result carries what the model needs to run the quantized params: the folded config and the
 flags (activation quantizer, online Hadamard) that `QuantizedModel.module()` passes to
 `MoeCausalLM`. Each step is also a public function of its own module.
+
+With `checkpoint_dir`, each finished step (R1, the K-means codebooks, every ACCF layer) is saved
+there atomically; calling again with the same inputs resumes after the last finished step and
+returns the same model, and different inputs are refused with the settings that differ.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from cqjax.act_quant import ActQuantConfig
 from cqjax.calibrate import collect_norm_outputs
+from cqjax.checkpoint import load_tree, save_tree
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.finetune_centroids import AccfConfig, finetune_centroids
@@ -37,7 +46,8 @@ ROTATIONS = ("learned", "hadamard", "none")
 class QuantizeConfig:
   """bits: weight code bits (2^bits centroids); act_bits: 16 = weights only; group_size: -1 for
   one codebook per output row, else column groups (where they divide d_in); pog: permute o_proj
-  (and, without R4, down projection) inputs before clustering; accf: None skips fine-tuning."""
+  (and, without R4, down projection) inputs before clustering; accf: None skips fine-tuning;
+  accf_samples: fine-tune on the first n calibration windows (0: all)."""
 
   bits: int = 4
   act_bits: int = 4
@@ -47,6 +57,7 @@ class QuantizeConfig:
   pog: bool = False
   aos: AosConfig = AosConfig()
   accf: AccfConfig | None = AccfConfig(lr=1e-3, optimizer="adam")
+  accf_samples: int = 0
   calib_batch_size: int = 16
   seed: int = 0
 
@@ -86,33 +97,87 @@ def _check(config: QuantizeConfig, windows: np.ndarray) -> None:
     raise CqjaxError(f"calibration_batches must be integer token windows [n, t], got {windows.dtype}{windows.shape}")
 
 
+def _fingerprint(config: QuantizeConfig, model_config: ModelConfig, params: Params, windows: np.ndarray) -> dict:
+  """What a resumed run must share with the one that wrote the checkpoint."""
+  emb = np.ascontiguousarray(np.asarray(params["embed"]["embedding"], np.float32))
+  return {"quantize_config": json.loads(json.dumps(dataclasses.asdict(config))),
+          "model_config": json.loads(json.dumps(dataclasses.asdict(model_config))),
+          "calibration_crc32": zlib.crc32(np.ascontiguousarray(windows, np.int64).data),
+          "calibration_shape": list(windows.shape),
+          "embedding_crc32": zlib.crc32(emb.reshape(-1).view(np.uint8).data)}
+
+
+def _differences(old, new, prefix="") -> list[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+  return [] if old == new else [f"{prefix.rstrip('.')}: checkpoint has {old!r}, now {new!r}"]
+
+
+def _open_checkpoint(checkpoint_dir: str, fingerprint: dict) -> None:
+  os.makedirs(checkpoint_dir, exist_ok=True)
+  path = os.path.join(checkpoint_dir, "settings.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      diffs = _differences(json.load(f), fingerprint)
+    if diffs:
+      raise CqjaxError(f"{checkpoint_dir}: holds a run with other inputs, refusing to resume ("
+                       + "; ".join(diffs[:4]) + "); use another checkpoint_dir or delete it")
+    return
+  with open(path + ".tmp", "w") as f:
+    json.dump(fingerprint, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _checkpointed(checkpoint_dir: str | None, name: str, compute):
+  """compute() once: its pytree is saved under checkpoint_dir/name and read back (as numpy
+  arrays of the same dtypes) on resume."""
+  if checkpoint_dir is None:
+    return compute()
+  path = os.path.join(checkpoint_dir, name)
+  if os.path.exists(path):
+    return load_tree(path)[0]
+  tree = compute()
+  save_tree(path, tree)
+  return tree
+
+
 def quantize(params: Params, model_config: ModelConfig, calibration_batches, config: QuantizeConfig = QuantizeConfig(),
-             dtype=jnp.float32, progress: bool = True) -> QuantizedModel:
+             dtype=jnp.float32, progress: bool = True, checkpoint_dir: str | None = None) -> QuantizedModel:
   """params of `model_config` (as `cqjax.load.load_params` returns them) and calibration token
   windows (an int array [n, t], or a sequence of [b, t] batches) -> a `QuantizedModel`."""
   windows = np.concatenate([np.asarray(b) for b in calibration_batches]) if isinstance(
       calibration_batches, (list, tuple)) else np.asarray(calibration_batches)
   _check(config, windows)
+  if checkpoint_dir is not None:
+    _open_checkpoint(checkpoint_dir, _fingerprint(config, model_config, params, windows))
   cfg, folded = fold_norms(model_config, params)
   act = None if config.act_bits >= 16 else ActQuantConfig(bits=config.act_bits, scope=config.scope)
-  r1 = None
-  if config.rotation == "learned":
+
+  def rotation():
+    if config.rotation == "hadamard":
+      return {"r1": initial_rotation(cfg.hidden_size, config.seed)}
     norm_outputs = collect_norm_outputs(MoeCausalLM(cfg, dtype), folded, windows, config.calib_batch_size,
                                         progress=progress)
     aos = dataclasses.replace(config.aos, act=act or config.aos.act, seed=config.seed)
-    r1, _ = learn_rotation(norm_outputs, aos, progress)
-  elif config.rotation == "hadamard":
-    r1 = initial_rotation(cfg.hidden_size, config.seed)
+    return {"r1": learn_rotation(norm_outputs, aos, progress)[0]}
+
+  r1 = None if config.rotation == "none" else np.asarray(_checkpointed(checkpoint_dir, "rotation", rotation)["r1"])
   base, full_rot = rotate_for_scope(cfg, folded, r1, config.scope)
   if config.pog:
     base = apply_pog(cfg, base, config.group_size, permute_down=not full_rot)
 
-  def quantizer(w, path):
-    return kmeans_quantize(w, config.bits, column_group(w.shape[-2], config.group_size), seed=config.seed)
+  def clustered():
+    def quantizer(w, path):
+      return kmeans_quantize(w, config.bits, column_group(w.shape[-2], config.group_size), seed=config.seed)
 
-  bar = tqdm(total=len(scope_paths(cfg, config.scope)), desc="k-means", disable=not progress, leave=False)
-  q = quantize_scope(cfg, base, config.scope, quantizer, bar)
-  bar.close()
+    bar = tqdm(total=len(scope_paths(cfg, config.scope)), desc="k-means", disable=not progress, leave=False)
+    q = quantize_scope(cfg, base, config.scope, quantizer, bar)
+    bar.close()
+    return q
+
+  q = jax.tree_util.tree_map(jnp.asarray, _checkpointed(checkpoint_dir, "kmeans", clustered))
   if config.accf is not None:
-    q, _ = finetune_centroids(cfg, base, q, windows, act, full_rot, config.accf, dtype)
+    accf_windows = windows[: config.accf_samples] if config.accf_samples else windows
+    q, _ = finetune_centroids(cfg, base, q, accf_windows, act, full_rot, config.accf, dtype,
+                              None if checkpoint_dir is None else os.path.join(checkpoint_dir, "accf"))
   return QuantizedModel(cfg, q, act, full_rot, r1)

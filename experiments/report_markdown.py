@@ -59,9 +59,17 @@ def render(report: dict) -> str:
           f"Model type `{report.get('model_type', '?')}`, compute {report.get('dtype', '?')}, "
           f"seqlen {report.get('seqlen', '?')}, stages {', '.join(report.get('stages', []))}; "
           "evaluation tokens: " + ", ".join(f"{k} {v:,}" for k, v in report.get("tokens", {}).items()) + ".", ""]
-  if "sample" in report:
-    head += [f"Sample: `{report['sample']['prompt']}` → `{report['sample']['fp']}`", ""]
-  body = [accuracy_tables(report), "## Stage times", "", timing_table(report), ""]
+  sample = report.get("sample", {})
+  for kind in ("fp", "quantized"):
+    if kind in sample:
+      head += [f"Sample ({kind}): `{sample['prompt']}` → `{sample[kind]}`", ""]
+  body = [accuracy_tables(report)]
+  if "export" in report:
+    e = report["export"]
+    key = f"export/{e['scope']}/{e['bits']}"
+    body.append(f"Exported model (`{e['path']}`, scope `{e['scope']}`, {e['bits']}, group size {e['group_size']}, "
+                f"reloaded from disk): {_cell(report, key)}\n")
+  body += ["## Stage times", "", timing_table(report), ""]
   return "\n".join(head + ["## Perplexity", ""] + body)
 
 

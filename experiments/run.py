@@ -7,8 +7,17 @@ run in this order):
           a random Hadamard R1 and the learned R1 (plus per-layer activation statistics and a plot);
   quantize  weight quantization in each scope (`quant_scopes`) with each method
           (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans, codequant,
-          and the column-group variants kmeans_group, kmeans_pog, codequant_pog) at each setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`.
+          and the column-group variants kmeans_group, kmeans_pog, codequant_pog) at each setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`;
+  export  the model to serve: CodeQuant at `export_bits` in `export_scope` (column groups + POG
+          when `export_group_size` > 0) through `cqjax.quantize`, written to `<output_dir>/export`
+          by `cqjax.export_quantized`, reloaded with `cqjax.load_quantized` for its perplexity
+          (key `export/<scope>/<bits>`) and a greedy sample.
 Writes `<output_dir>/report.json` and `report.md` (rewritten after every measured perplexity).
+
+Resume: re-running the same command continues where a killed run stopped: measured settings are
+kept from report.json, R1 and the export stage's K-means codebooks and ACCF layers come from
+`<output_dir>/state/`. A run whose settings differ from the ones recorded in the output directory
+is refused with the differences; `--config.resume=False` starts over.
 """
 from __future__ import annotations
 
@@ -17,12 +26,14 @@ import os
 import sys
 import time
 
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 from cqjax.errors import CqjaxError
 
-STAGES = ("eval", "rotate", "quantize")
+STAGES = ("eval", "rotate", "quantize", "export")
+# Settings that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("stages", "resume")
 METHODS = ("rtn", "rtn_g128", "hadamard_rtn", "learned_rotation_rtn", "kmeans", "codequant",
            "kmeans_group", "kmeans_pog", "codequant_pog")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -69,7 +80,16 @@ def _validate(cfg) -> list[str]:
     raise CqjaxError("--config.model_path: no checkpoint directory given")
   if "quantize" in stages:
     _quant_settings(cfg)
+  if "export" in stages:
+    from cqjax.quantize_weights import SCOPES  # pylint: disable=g-import-not-at-top
+    if cfg.export_scope not in SCOPES:
+      raise CqjaxError(f"--config.export_scope: {cfg.export_scope!r}; choose from {list(SCOPES)}")
+    _parse_bits(cfg.export_bits, "export_bits")
   return [s for s in STAGES if s in stages]
+
+
+def _measured(report, key, eval_sets) -> bool:
+  return all(key in report["perplexity"].get(name, {}) for name, _ in eval_sets)
 
 
 def _perplexities(cfg, model, params, eval_sets, key, report):
@@ -92,6 +112,7 @@ def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dic
 
   from cqjax.act_quant import ActQuantConfig  # pylint: disable=g-import-not-at-top
   from cqjax.calibrate import collect_norm_outputs  # pylint: disable=g-import-not-at-top
+  from cqjax.checkpoint import load_tree, save_tree  # pylint: disable=g-import-not-at-top
   from cqjax.fold_norms import fold_norms  # pylint: disable=g-import-not-at-top
   from cqjax.learn_rotation import AosConfig, learn_rotation  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
@@ -102,9 +123,15 @@ def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dic
   folded_cfg, folded = fold_norms(model_cfg, params)
   norm_outputs = collect_norm_outputs(MoeCausalLM(folded_cfg, dtype), folded, calib, cfg.calib_batch_size)
   aos = AosConfig(lr=cfg.aos_lr, epochs=cfg.aos_epochs, batch_size=cfg.aos_batch_size, seed=cfg.seed, act=act)
-  t0 = time.perf_counter()
-  learned, history = learn_rotation(norm_outputs, aos)
-  report["timings"]["aos_s"] = time.perf_counter() - t0
+  state = os.path.join(cfg.output_dir, "state", "rotation")
+  if os.path.exists(state):  # resumed: AOS is not bit-reproducible on GPUs, so R1 is reused
+    tree, meta = load_tree(state)
+    learned, history = tree["r1"], meta["history"]
+  else:
+    t0 = time.perf_counter()
+    learned, history = learn_rotation(norm_outputs, aos)
+    report["timings"]["aos_s"] = time.perf_counter() - t0
+    save_tree(state, {"r1": learned}, {"history": [float(h) for h in history]})
   np.save(os.path.join(cfg.output_dir, "r1.npy"), learned)
   ctx.update(calib=calib, act=act, folded_cfg=folded_cfg, folded=folded, norm_outputs=norm_outputs, aos=aos,
              learned=learned, history=history)
@@ -161,11 +188,11 @@ def _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
     print("matplotlib is not installed: rotation_outliers.png not written")
 
 
-def _parse_bits(setting: str) -> tuple[int, int]:
+def _parse_bits(setting: str, option: str = "quant_bits") -> tuple[int, int]:
   import re  # pylint: disable=g-import-not-at-top
   m = re.fullmatch(r"w(\d+)a(\d+)", setting)
   if not m or not 2 <= int(m.group(1)) <= 8 or not 2 <= int(m.group(2)) <= 16:
-    raise CqjaxError(f"--config.quant_bits: {setting!r} is not like w4a4 (weights 2-8, activations 2-16 bits)")
+    raise CqjaxError(f"--config.{option}: {setting!r} is not like w4a4 (weights 2-8, activations 2-16 bits)")
   return int(m.group(1)), int(m.group(2))
 
 
@@ -235,6 +262,8 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
       quantized = {}
       for w_bits, a_bits in bits:
         key = f"{scope}/{method}_w{w_bits}a{a_bits}"
+        if _measured(report, key, eval_sets):  # resumed run
+          continue
         if w_bits not in quantized:
           t0 = time.perf_counter()
           bar = tqdm(total=len(scope_paths(folded_cfg, scope)), desc=f"{scope}/{method} w{w_bits}", leave=False)
@@ -255,6 +284,80 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
         _perplexities(cfg, model, weights, eval_sets, key, report)
 
 
+def _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report):
+  """CodeQuant at the export setting through the library call (resumable per step), exported,
+  then reloaded from disk for its perplexity and a greedy sample."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import cqjax  # pylint: disable=g-import-not-at-top
+  from cqjax.finetune_centroids import AccfConfig  # pylint: disable=g-import-not-at-top
+  from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
+  from cqjax.learn_rotation import AosConfig  # pylint: disable=g-import-not-at-top
+  from cqjax.text_data import calibration_windows, tokenize  # pylint: disable=g-import-not-at-top
+
+  w_bits, a_bits = _parse_bits(cfg.export_bits, "export_bits")
+  group = cfg.export_group_size
+  qcfg = cqjax.QuantizeConfig(
+      bits=w_bits, act_bits=a_bits, scope=cfg.export_scope, rotation="learned", group_size=group, pog=group > 0,
+      aos=AosConfig(lr=cfg.aos_lr, epochs=cfg.aos_epochs, batch_size=cfg.aos_batch_size),
+      accf=AccfConfig(lr=cfg.accf_lr, optimizer=cfg.accf_optimizer, epochs=cfg.accf_epochs,
+                      batch_size=cfg.accf_batch_size, reassign=cfg.accf_reassign, seed=cfg.seed),
+      accf_samples=cfg.accf_samples, calib_batch_size=cfg.calib_batch_size, seed=cfg.seed)
+  calib = calibration_windows(cfg.calib_text, tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+  t0 = time.perf_counter()
+  qm = cqjax.quantize(params, model_cfg, calib, qcfg, dtype,
+                      checkpoint_dir=os.path.join(cfg.output_dir, "state", "export"))
+  report["timings"]["export/quantize_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  path = cqjax.export_quantized(os.path.join(cfg.output_dir, "export"), qm, cfg.model_path,
+                                settings=cfg.to_dict(), overwrite=True)
+  report["timings"]["export/write_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  loaded = cqjax.load_quantized(path)
+  report["timings"]["export/reload_s"] = time.perf_counter() - t0
+  report["export"] = {"path": path, "scope": cfg.export_scope, "bits": cfg.export_bits, "group_size": group}
+  model = loaded.module(dtype)
+  _perplexities(cfg, model, loaded.params, eval_sets, f"export/{cfg.export_scope}/{cfg.export_bits}", report)
+  if cfg.sample_tokens > 0:
+    prompt = tokenize(tokenizer, cfg.sample_prompt)
+    new = generate(model, loaded.params, jnp.asarray(prompt[None]), cfg.sample_tokens, eos_token_id=model_cfg.eos_token_id)
+    sample = tokenizer.decode(np.asarray(new[0]).tolist())
+    report.setdefault("sample", {"prompt": cfg.sample_prompt})["quantized"] = sample
+    print(f"sample (quantized): {cfg.sample_prompt!r} -> {sample!r}")
+  print(f"export: {path}")
+
+
+def _resume_state(cfg) -> tuple[bool, dict | None]:
+  """(whether output_dir holds this run to resume, its report so far); refuses changed settings
+  before anything is loaded."""
+  settings_path = os.path.join(cfg.output_dir, "run_config.json")
+  if not (cfg.resume and os.path.exists(settings_path)):
+    return False, None
+  now = json.loads(json.dumps(cfg.to_dict()))
+  with open(settings_path) as f:
+    previous = json.load(f)
+  diffs = [f"{k}: was {previous.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(previous) | set(now))
+           if k not in RESUMABLE_CHANGES and previous.get(k) != now.get(k)]
+  if diffs:
+    raise CqjaxError(f"{cfg.output_dir}: holds a run with other settings ({'; '.join(diffs[:4])}); "
+                     "use another --config.output_dir, or --config.resume=False to start over")
+  report_path = os.path.join(cfg.output_dir, "report.json")
+  if not os.path.exists(report_path):
+    return True, None
+  with open(report_path) as f:
+    return True, json.load(f)
+
+
+def _record_settings(cfg, resuming: bool) -> None:
+  """Once the inputs are checked: the settings a later run must match; a fresh run drops old state."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  if not resuming:
+    shutil.rmtree(os.path.join(cfg.output_dir, "state"), ignore_errors=True)
+  write_text_atomic(os.path.join(cfg.output_dir, "run_config.json"), json.dumps(cfg.to_dict(), indent=2))
+
+
 def run(cfg) -> dict:
   """Runs the selected stages and returns the report (also written to output_dir)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -268,6 +371,7 @@ def run(cfg) -> dict:
   stages = _validate(cfg)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[cfg.dtype]
   os.makedirs(cfg.output_dir, exist_ok=True)
+  resuming, resumed = _resume_state(cfg)
 
   timings = {}
   t0 = time.perf_counter()
@@ -281,14 +385,22 @@ def run(cfg) -> dict:
     name, text = read_text(source)
     windows = eval_windows(tokenize(tokenizer, text), cfg.seqlen, name)
     eval_sets.append((name, windows[: cfg.max_eval_windows] if cfg.max_eval_windows else windows))
+  _record_settings(cfg, resuming)
 
   report = {"model_path": os.path.abspath(cfg.model_path), "model_type": model_cfg.model_type,
             "dtype": cfg.dtype, "seqlen": cfg.seqlen, "stages": stages, "tokens": {},
             "perplexity": {}, "timings": timings, "settings": cfg.to_dict()}
+  if resumed is not None:  # measured results carry over; this attempt's timings start afresh
+    previous = resumed.get("previous_attempts", []) + [{"stages": resumed["stages"], "timings": resumed["timings"]}]
+    report = {**resumed, "stages": stages, "settings": cfg.to_dict(), "timings": timings,
+              "previous_attempts": previous}
+  if resuming:
+    print(f"resuming the run in {cfg.output_dir}")
   if "eval" in stages:
     t0 = time.perf_counter()
-    _perplexities(cfg, model, params, eval_sets, "fp", report)
-    timings["eval_s"] = time.perf_counter() - t0
+    if not _measured(report, "fp", eval_sets):
+      _perplexities(cfg, model, params, eval_sets, "fp", report)
+      timings["eval_s"] = time.perf_counter() - t0
     if cfg.sample_tokens > 0:
       prompt = tokenize(tokenizer, cfg.sample_prompt)
       if len(prompt) == 0:
@@ -307,6 +419,10 @@ def run(cfg) -> dict:
     t0 = time.perf_counter()
     _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx)
     timings["quantize_s"] = time.perf_counter() - t0
+  if "export" in stages:
+    t0 = time.perf_counter()
+    _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report)
+    timings["export_s"] = time.perf_counter() - t0
 
   write_report(cfg, report)
   print(f"report: {os.path.join(cfg.output_dir, 'report.json')}")
@@ -315,6 +431,7 @@ def run(cfg) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every array read and write at INFO
   if _CONFIG.value is None:
     sys.exit("error: --config is required (e.g. --config=tiny.py)")
   try:

@@ -12,6 +12,7 @@ import cqjax
 from conftest import REPO, TINY_DEFAULT
 from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
+from cqjax.checkpoint import TREE_FILE
 from cqjax.export import META_FILE, export_quantized, load_quantized
 
 _RELOAD = """
@@ -91,7 +92,7 @@ def test_flipped_bytes_in_an_array_file(exported):
 
 
 def test_manifest_mismatch_names_the_array(exported):
-  meta_path = os.path.join(exported, META_FILE)
+  meta_path = os.path.join(exported, TREE_FILE)
   text = open(meta_path).read()
   open(meta_path, "w").write(text.replace('"crc32": ', '"crc32": 1', 1))
   with pytest.raises(CqjaxError, match=r"array \S+ is corrupt"):

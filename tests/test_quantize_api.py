@@ -1,4 +1,6 @@
-"""cqjax.quantize: the pipeline as one call, its options and its errors."""
+"""cqjax.quantize: the pipeline as one call, its options, its errors and its resumable checkpoints."""
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,3 +42,36 @@ def test_bad_settings_raise_clear_errors(tiny):
       cqjax.quantize(params, cfg, windows, qcfg, progress=False)
   with pytest.raises(CqjaxError, match="calibration_batches must be integer token windows"):
     cqjax.quantize(params, cfg, windows.astype(np.float32), progress=False)
+
+
+def test_checkpoint_dir_resumes_to_the_same_model_and_refuses_other_inputs(tiny, tmp_path, monkeypatch):
+  import dataclasses
+
+  import jax
+
+  import cqjax.finetune_centroids as fc
+  cfg, params, windows = tiny
+  qcfg = cqjax.QuantizeConfig(rotation="hadamard", accf=fc.AccfConfig(lr=1e-3, optimizer="adam", epochs=1, batch_size=2))
+  whole = cqjax.quantize(params, cfg, windows, qcfg, progress=False)
+  ckpt = str(tmp_path / "ckpt")
+  save_tree = fc.save_tree
+
+  def crash_after_layer_1(path, tree, meta=None):
+    save_tree(path, tree, meta)
+    if meta and meta.get("next_layer") == 2:
+      raise KeyboardInterrupt("simulated crash")
+
+  monkeypatch.setattr(fc, "save_tree", crash_after_layer_1)
+  with pytest.raises(KeyboardInterrupt):
+    cqjax.quantize(params, cfg, windows, qcfg, progress=False, checkpoint_dir=ckpt)
+  monkeypatch.setattr(fc, "save_tree", save_tree)
+  layer0 = os.stat(os.path.join(ckpt, "accf", "layer_000")).st_ino
+  resumed = cqjax.quantize(params, cfg, windows, qcfg, progress=False, checkpoint_dir=ckpt)
+  assert os.stat(os.path.join(ckpt, "accf", "layer_000")).st_ino == layer0  # not redone
+  assert os.path.exists(os.path.join(ckpt, "accf", "layer_003"))
+  for a, b in zip(jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(CqjaxError, match=r"quantize_config.bits: checkpoint has 4, now 3"):
+    cqjax.quantize(params, cfg, windows, dataclasses.replace(qcfg, bits=3), progress=False, checkpoint_dir=ckpt)
+  with pytest.raises(CqjaxError, match="calibration_crc32"):
+    cqjax.quantize(params, cfg, windows[:, :16], qcfg, progress=False, checkpoint_dir=ckpt)

@@ -1,4 +1,4 @@
-"""The main job's eval stage on the embedded default checkpoint, and its one-line errors."""
+"""The main job on the embedded default checkpoint: its stages, one-line errors, export and resume."""
 import json
 import os
 import subprocess
@@ -95,3 +95,61 @@ def test_bad_options_give_one_line_errors(tmp_path):
   _one_line_error(_run(f"--config.eval_texts={short}", f"--config.output_dir={tmp_path}"),
                   "short.txt: ")
   assert not os.path.exists(tmp_path / "report.json")
+
+
+_EXPORT_RUN = (f"--config.eval_texts={TEST_TEXT}", "--config.seqlen=128", "--config.max_eval_windows=4",
+               f"--config.calib_text={TEST_TEXT}", "--config.calib_samples=8", "--config.calib_seqlen=32",
+               "--config.aos_epochs=1", "--config.aos_batch_size=4", "--config.accf_epochs=1",
+               "--config.accf_batch_size=4", "--config.accf_samples=8", "--config.stages=export",
+               "--config.sample_tokens=4")
+
+
+def _export_arrays(out):
+  import jax
+  import numpy as np
+
+  from cqjax.export import load_quantized
+  q = load_quantized(os.path.join(out, "export"))
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(q.params)], q.r1
+
+
+def test_export_stage_killed_then_resumed_matches_an_uninterrupted_run(tmp_path):
+  import signal
+  import time
+
+  import numpy as np
+
+  whole, cut = tmp_path / "whole", tmp_path / "cut"
+  r = _run(*_EXPORT_RUN, f"--config.output_dir={whole}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  # Kill the second run in the middle of ACCF (after its second layer's checkpoint).
+  p = subprocess.Popen([sys.executable, "-m", "experiments.run", "--config=tiny.py", *_EXPORT_RUN,
+                        f"--config.output_dir={cut}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
+  marker = cut / "state" / "export" / "accf" / "layer_001"
+  deadline = time.time() + 300
+  while not marker.exists() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert marker.exists() and p.poll() is None, "the run ended before it could be killed mid-ACCF"
+  os.killpg(p.pid, signal.SIGKILL)
+  p.wait()
+  assert not (cut / "export").exists() and not (cut / "state" / "export" / "accf" / "layer_003").exists()
+  r = _run(*_EXPORT_RUN, f"--config.output_dir={cut}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resuming the run" in r.stdout
+  got, got_r1 = _export_arrays(cut)
+  want, want_r1 = _export_arrays(whole)
+  np.testing.assert_array_equal(got_r1, want_r1)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  report = json.loads((cut / "report.json").read_text())
+  key = "export/full/w4a4"
+  assert report["perplexity"]["wikitext2_valid_excerpt.txt"][key] == json.loads(
+      (whole / "report.json").read_text())["perplexity"]["wikitext2_valid_excerpt.txt"][key]
+  assert "quantized" in report["sample"] and "export" in (cut / "report.md").read_text().lower()
+  # A changed setting is refused with what differs, before anything is loaded.
+  _one_line_error(_run(*_EXPORT_RUN, f"--config.output_dir={cut}", "--config.export_bits=w3a4"),
+                  "export_bits: was 'w4a4', now 'w3a4'")
+  r = _run(*_EXPORT_RUN, f"--config.output_dir={cut}", "--config.export_bits=w3a4", "--config.resume=False")
+  assert r.returncode == 0, r.stderr[-2000:]

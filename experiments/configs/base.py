@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.accf_epochs = 4
   c.accf_batch_size = 32
   c.accf_samples = 512
+  # Export stage: the model to serve (CodeQuant; column groups + POG when export_group_size > 0).
+  c.export_scope = "full"
+  c.export_bits = "w4a4"
+  c.export_group_size = -1
+  # Re-running with the same output_dir continues a killed run; False starts over.
+  c.resume = True
   c.sample_prompt = "The"
   c.sample_tokens = 20
   c.seed = 0
