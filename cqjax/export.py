@@ -52,7 +52,7 @@ def export_quantized(path: str, model: QuantizedModel, tokenizer_dir: str | None
           "model_config": dataclasses.asdict(model.config),
           "act_quant": None if model.act_quant is None else dataclasses.asdict(model.act_quant),
           "online_down_hadamard": model.online_down_hadamard, "has_r1": model.r1 is not None,
-          "settings": settings or {}}
+          "history": model.history, "settings": settings or {}}
   tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
   os.makedirs(tmp)
   try:
@@ -102,4 +102,5 @@ def load_quantized(path: str, verify: bool = True) -> QuantizedModel:
   act = None if meta["act_quant"] is None else ActQuantConfig(**meta["act_quant"])
   params = jax.tree_util.tree_map(jnp.asarray, tree["params"])
   r1 = np.asarray(tree["r1"]) if meta["has_r1"] else None
-  return QuantizedModel(ModelConfig(**cfg_dict), params, act, meta["online_down_hadamard"], r1)
+  return QuantizedModel(ModelConfig(**cfg_dict), params, act, meta["online_down_hadamard"], r1,
+                        meta.get("history", {}))

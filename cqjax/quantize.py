@@ -64,13 +64,15 @@ class QuantizeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedModel:
-  """Quantized params and what runs them: `module()` is the matching `MoeCausalLM`."""
+  """Quantized params and what runs them: `module()` is the matching `MoeCausalLM`. history:
+  the AOS loss per epoch ("aos") and ACCF block losses per epoch ("accf"), where they ran."""
 
   config: ModelConfig
   params: Params
   act_quant: ActQuantConfig | None
   online_down_hadamard: bool
   r1: np.ndarray | None
+  history: dict = dataclasses.field(default_factory=dict)
 
   def module(self, dtype=jnp.float32) -> MoeCausalLM:
     return MoeCausalLM(self.config, dtype, act_quant=self.act_quant, online_down_hadamard=self.online_down_hadamard)
@@ -159,9 +161,15 @@ def quantize(params: Params, model_config: ModelConfig, calibration_batches, con
     norm_outputs = collect_norm_outputs(MoeCausalLM(cfg, dtype), folded, windows, config.calib_batch_size,
                                         progress=progress)
     aos = dataclasses.replace(config.aos, act=act or config.aos.act, seed=config.seed)
-    return {"r1": learn_rotation(norm_outputs, aos, progress)[0]}
+    r1, losses = learn_rotation(norm_outputs, aos, progress)
+    return {"r1": r1, "aos_loss": np.asarray(losses, np.float64)}
 
-  r1 = None if config.rotation == "none" else np.asarray(_checkpointed(checkpoint_dir, "rotation", rotation)["r1"])
+  history, r1 = {}, None
+  if config.rotation != "none":
+    rot = _checkpointed(checkpoint_dir, "rotation", rotation)
+    r1 = np.asarray(rot["r1"])
+    if "aos_loss" in rot:
+      history["aos"] = [float(v) for v in np.asarray(rot["aos_loss"])]
   base, full_rot = rotate_for_scope(cfg, folded, r1, config.scope)
   if config.pog:
     base = apply_pog(cfg, base, config.group_size, permute_down=not full_rot)
@@ -178,6 +186,6 @@ def quantize(params: Params, model_config: ModelConfig, calibration_batches, con
   q = jax.tree_util.tree_map(jnp.asarray, _checkpointed(checkpoint_dir, "kmeans", clustered))
   if config.accf is not None:
     accf_windows = windows[: config.accf_samples] if config.accf_samples else windows
-    q, _ = finetune_centroids(cfg, base, q, accf_windows, act, full_rot, config.accf, dtype,
-                              None if checkpoint_dir is None else os.path.join(checkpoint_dir, "accf"))
-  return QuantizedModel(cfg, q, act, full_rot, r1)
+    q, history["accf"] = finetune_centroids(cfg, base, q, accf_windows, act, full_rot, config.accf, dtype,
+                                            None if checkpoint_dir is None else os.path.join(checkpoint_dir, "accf"))
+  return QuantizedModel(cfg, q, act, full_rot, r1, history)

@@ -25,3 +25,45 @@ def plot_rotation_outliers(per_layer: list[dict], variants: list[str], path: str
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_accf_losses(history: dict[str, list[float]], path: str) -> None:
+  """ACCF block loss per epoch relative to its K-means start, one line per layer, one panel per
+  block kind (q/k/v/o projections, MoE or MLP block)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  kinds = sorted({block.split("/", 1)[1] for block in history})
+  fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), sharey=True, squeeze=False)
+  for ax, kind in zip(axes[0], kinds):
+    for block, losses in history.items():
+      if block.split("/", 1)[1] == kind and losses and losses[0] > 0:
+        ax.plot(range(len(losses)), [v / losses[0] for v in losses], marker=".", label=block.split("/")[0])
+    ax.set_title(kind)
+    ax.set_xlabel("epoch (0 = K-means start)")
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel("block loss / start")
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_centroid_histograms(centroids: dict[str, "np.ndarray"], path: str) -> None:  # noqa: F821
+  """Histogram of every centroid value of a few codebook matrices (name -> centroids array)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, len(centroids), figsize=(3.6 * len(centroids), 3.0), squeeze=False)
+  for ax, (name, values) in zip(axes[0], centroids.items()):
+    v = np.asarray(values, np.float32).reshape(-1)
+    ax.hist(v, bins=80, color="tab:blue", alpha=0.8)
+    ax.set_yscale("log")
+    ax.set_title(f"{name}\n{v.size:,} centroids, {values.shape[-1]} per codebook", fontsize=8)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

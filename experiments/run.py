@@ -316,7 +316,9 @@ def _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report):
   t0 = time.perf_counter()
   loaded = cqjax.load_quantized(path)
   report["timings"]["export/reload_s"] = time.perf_counter() - t0
-  report["export"] = {"path": path, "scope": cfg.export_scope, "bits": cfg.export_bits, "group_size": group}
+  report["export"] = {"path": path, "scope": cfg.export_scope, "bits": cfg.export_bits, "group_size": group,
+                      "history": qm.history}
+  _export_plots(cfg, qm)
   model = loaded.module(dtype)
   _perplexities(cfg, model, loaded.params, eval_sets, f"export/{cfg.export_scope}/{cfg.export_bits}", report)
   if cfg.sample_tokens > 0:
@@ -326,6 +328,28 @@ def _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report):
     report.setdefault("sample", {"prompt": cfg.sample_prompt})["quantized"] = sample
     print(f"sample (quantized): {cfg.sample_prompt!r} -> {sample!r}")
   print(f"export: {path}")
+
+
+def _export_plots(cfg, qm) -> None:
+  """ACCF loss curves and the centroid histograms of the first and last layer's quantized kernels."""
+  from cqjax.codebook import CodebookWeight  # pylint: disable=g-import-not-at-top
+  from experiments.plots import plot_accf_losses, plot_centroid_histograms  # pylint: disable=g-import-not-at-top
+
+  if qm.history.get("accf"):
+    plot_accf_losses(qm.history["accf"], os.path.join(cfg.output_dir, "accf_losses.png"))
+  last = qm.config.num_layers - 1
+  picks = {}
+  for layer in (0, last):
+    block = qm.params[f"layers_{layer}"]
+    for name, w in [("q_proj", block["attn"]["q_proj"]["kernel"]), ("o_proj", block["attn"]["o_proj"]["kernel"]),
+                    *[(n, block.get("moe", block.get("mlp", {})).get(n)) for n in ("gate_proj", "down_proj")]]:
+      if isinstance(w, dict):
+        w = w.get("kernel")
+      if isinstance(w, CodebookWeight):
+        picks[f"layer {layer} {name}"] = w.centroids
+  if picks:
+    chosen = dict(list(picks.items())[:3] + list(picks.items())[-1:]) if len(picks) > 4 else picks
+    plot_centroid_histograms(chosen, os.path.join(cfg.output_dir, "centroid_histograms.png"))
 
 
 def _resume_state(cfg) -> tuple[bool, dict | None]:

@@ -147,7 +147,10 @@ def test_export_stage_killed_then_resumed_matches_an_uninterrupted_run(tmp_path)
   key = "export/full/w4a4"
   assert report["perplexity"]["wikitext2_valid_excerpt.txt"][key] == json.loads(
       (whole / "report.json").read_text())["perplexity"]["wikitext2_valid_excerpt.txt"][key]
-  assert "quantized" in report["sample"] and "export" in (cut / "report.md").read_text().lower()
+  assert "quantized" in report["sample"] and "Exported model" in (cut / "report.md").read_text()
+  assert (cut / "accf_losses.png").stat().st_size > 0 and (cut / "centroid_histograms.png").stat().st_size > 0
+  assert set(report["export"]["history"]["accf"]) == {f"layers_{i}/{b}" for i in range(4)
+                                                     for b in ("q_proj", "k_proj", "v_proj", "o_proj", "moe")}
   # A changed setting is refused with what differs, before anything is loaded.
   _one_line_error(_run(*_EXPORT_RUN, f"--config.output_dir={cut}", "--config.export_bits=w3a4"),
                   "export_bits: was 'w4a4', now 'w3a4'")

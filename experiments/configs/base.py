@@ -62,4 +62,9 @@ def checkpoint_config(output_dir: str) -> ml_collections.ConfigDict:
   c.seqlen = 2048
   c.eval_batch_size = 1
   c.output_dir = output_dir
+  # The paper's comparison at W4A4 in its scope, then the model to serve (CodeQuant, scope full).
+  c.stages = "eval,quantize,export"
+  c.quant_scopes = "official"
+  c.quant_methods = "rtn,hadamard_rtn,kmeans,codequant"
+  c.quant_bits = "w4a4"
   return c

@@ -15,7 +15,7 @@ def get_config():
   # A quick default on a laptop CPU (32 windows of 512 tokens per text and setting);
   # BENCHMARKS.md numbers use --config.max_eval_windows=0 (every window).
   c.max_eval_windows = 32
-  c.stages = "eval,rotate,quantize"
+  c.stages = "eval,rotate,quantize,export"
   # Quick default (about 5 minutes on 2 CPU cores): the W4A4 column only, 128 calibration
   # windows, ACCF on 64 of them. BENCHMARKS.md's commands restore the full protocol (512 / 512).
   c.quant_bits = "w4a4"
