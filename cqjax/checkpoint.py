@@ -100,18 +100,22 @@ def save_tree(path: str, tree, meta: dict | None = None) -> None:
     raise
 
 
+def read_json(path: str, missing: str) -> dict:
+  """A metadata file; `missing` says what its absence means."""
+  if not os.path.exists(path):
+    raise CqjaxError(f"{path}: missing; {missing}")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CqjaxError(f"{path}: corrupt metadata ({e})") from None
+
+
 def load_tree(path: str, verify: bool = True) -> tuple[dict, dict]:
   """`path/` written by `save_tree` / `write_tree` -> (pytree of numpy arrays, meta)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  info_path = os.path.join(path, TREE_FILE)
-  if not os.path.exists(info_path):
-    raise CqjaxError(f"{info_path}: missing; {path} was not written completely")
-  try:
-    with open(info_path) as f:
-      info = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CqjaxError(f"{info_path}: corrupt ({e})") from None
+  info = read_json(os.path.join(path, TREE_FILE), f"{path} was not written completely")
   arrays = os.path.join(path, "arrays")
   try:
     tree = ocp.PyTreeCheckpointer().restore(arrays)

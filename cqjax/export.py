@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cqjax.act_quant import ActQuantConfig
-from cqjax.checkpoint import load_tree, replace_dir_atomic, write_tree
+from cqjax.checkpoint import load_tree, read_json, replace_dir_atomic, write_tree
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.quantize import QuantizedModel
@@ -76,13 +76,7 @@ def _read_meta(path: str) -> dict:
   meta_path = os.path.join(path, META_FILE)
   if not os.path.isdir(path):
     raise CqjaxError(f"{path}: export directory not found")
-  if not os.path.exists(meta_path):
-    raise CqjaxError(f"{meta_path}: missing; {path} is not a cqjax export (or was not written completely)")
-  try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CqjaxError(f"{meta_path}: corrupt metadata ({e})") from None
+  meta = read_json(meta_path, f"{path} is not a cqjax export (or was not written completely)")
   if meta.get("format") != FORMAT:
     raise CqjaxError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
   if meta.get("format_version") != FORMAT_VERSION:
