@@ -8,6 +8,7 @@ returning a silently wrong model. Used by the export and by the resumable pipeli
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import numpy as np
 
 from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
+from cqjax.param_paths import get_path, set_path
 
 TREE_FILE = "tree.json"
 
@@ -45,36 +47,57 @@ def _to_storable(tree) -> tuple[dict, dict]:
 
 
 def _from_storable(tree: dict, codebooks: dict) -> dict:
-  out = dict(tree)
   for path, meta in codebooks.items():
-    keys = path.split("/")
-    node = out
-    for k in keys[:-1]:
-      node[k] = dict(node[k])
-      node = node[k]
-    stored = node[keys[-1]]
-    node[keys[-1]] = CodebookWeight(stored["packed"], stored["centroids"], meta["bits"], meta["d_in"])
-  return out
+    keys = tuple(path.split("/"))
+    stored = get_path(tree, keys)
+    tree = set_path(tree, keys, CodebookWeight(stored["packed"], stored["centroids"], meta["bits"], meta["d_in"]))
+  return tree
+
+
+def array_crc32(a) -> int:
+  """CRC-32 of an array's bytes (C order)."""
+  return zlib.crc32(np.ascontiguousarray(np.asarray(a)).reshape(-1).view(np.uint8).data)
 
 
 def _manifest(tree) -> dict:
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    a = np.ascontiguousarray(np.asarray(leaf))
-    out[_path_str(path)] = {"shape": list(a.shape), "dtype": str(a.dtype),
-                            "crc32": zlib.crc32(a.reshape(-1).view(np.uint8).data)}
-  return out
+  return {_path_str(path): {"shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype),
+                            "crc32": array_crc32(leaf)}
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def replace_dir_atomic(tmp: str, path: str) -> None:
-  """Moves the finished directory `tmp` to `path`, replacing what was there."""
-  if os.path.exists(path):
-    old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old)
-  else:
-    os.rename(tmp, path)
+def write_text_atomic(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def settings_differences(old, new, old_label: str, prefix: str = "") -> list[str]:
+  """'key: <old_label> A, now B' for every (nested) setting that differs between two JSON dicts."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new))
+            for d in settings_differences(old.get(k), new.get(k), old_label, f"{prefix}{k}.")]
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old_label} {old!r}, now {new!r}"]
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+  """Yields a temporary directory beside `path`; on success it replaces `path` (the old one is
+  removed only after the rename), on any error it is deleted and `path` is left as it was."""
+  tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def write_tree(directory: str, tree, meta: dict | None = None) -> None:
@@ -89,15 +112,8 @@ def write_tree(directory: str, tree, meta: dict | None = None) -> None:
 
 def save_tree(path: str, tree, meta: dict | None = None) -> None:
   """Atomically (re)writes `path/` with the pytree and a JSON-able `meta` dict."""
-  path = os.path.abspath(path)
-  tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
+  with atomic_dir(os.path.abspath(path)) as tmp:
     write_tree(tmp, tree, meta)
-    replace_dir_atomic(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def read_json(path: str, missing: str) -> dict:

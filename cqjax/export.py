@@ -19,14 +19,13 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cqjax.act_quant import ActQuantConfig
-from cqjax.checkpoint import load_tree, read_json, replace_dir_atomic, write_tree
+from cqjax.checkpoint import atomic_dir, load_tree, read_json, write_tree
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.quantize import QuantizedModel
@@ -53,9 +52,7 @@ def export_quantized(path: str, model: QuantizedModel, tokenizer_dir: str | None
           "act_quant": None if model.act_quant is None else dataclasses.asdict(model.act_quant),
           "online_down_hadamard": model.online_down_hadamard, "has_r1": model.r1 is not None,
           "history": model.history, "settings": settings or {}}
-  tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
+  with atomic_dir(path) as tmp:
     write_tree(tmp, {"params": model.params, "r1": r1})
     if tokenizer_dir is not None:
       copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, f))]
@@ -65,10 +62,6 @@ def export_quantized(path: str, model: QuantizedModel, tokenizer_dir: str | None
         shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(tmp, f))
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta, f, indent=1)
-    replace_dir_atomic(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cqjax.act_quant import ActQuantConfig
 from cqjax.calibrate import collect_norm_outputs
-from cqjax.checkpoint import load_tree, save_tree
+from cqjax.checkpoint import array_crc32, load_tree, read_json, save_tree, settings_differences, write_text_atomic
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.finetune_centroids import AccfConfig, finetune_centroids
@@ -101,33 +100,23 @@ def _check(config: QuantizeConfig, windows: np.ndarray) -> None:
 
 def _fingerprint(config: QuantizeConfig, model_config: ModelConfig, params: Params, windows: np.ndarray) -> dict:
   """What a resumed run must share with the one that wrote the checkpoint."""
-  emb = np.ascontiguousarray(np.asarray(params["embed"]["embedding"], np.float32))
   return {"quantize_config": json.loads(json.dumps(dataclasses.asdict(config))),
           "model_config": json.loads(json.dumps(dataclasses.asdict(model_config))),
-          "calibration_crc32": zlib.crc32(np.ascontiguousarray(windows, np.int64).data),
+          "calibration_crc32": array_crc32(windows.astype(np.int64)),
           "calibration_shape": list(windows.shape),
-          "embedding_crc32": zlib.crc32(emb.reshape(-1).view(np.uint8).data)}
-
-
-def _differences(old, new, prefix="") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-  return [] if old == new else [f"{prefix.rstrip('.')}: checkpoint has {old!r}, now {new!r}"]
+          "embedding_crc32": array_crc32(np.asarray(params["embed"]["embedding"], np.float32))}
 
 
 def _open_checkpoint(checkpoint_dir: str, fingerprint: dict) -> None:
   os.makedirs(checkpoint_dir, exist_ok=True)
   path = os.path.join(checkpoint_dir, "settings.json")
   if os.path.exists(path):
-    with open(path) as f:
-      diffs = _differences(json.load(f), fingerprint)
+    diffs = settings_differences(read_json(path, "not a quantize checkpoint"), fingerprint, "checkpoint has")
     if diffs:
       raise CqjaxError(f"{checkpoint_dir}: holds a run with other inputs, refusing to resume ("
                        + "; ".join(diffs[:4]) + "); use another checkpoint_dir or delete it")
     return
-  with open(path + ".tmp", "w") as f:
-    json.dump(fingerprint, f, indent=1)
-  os.replace(path + ".tmp", path)
+  write_text_atomic(path, json.dumps(fingerprint, indent=1))
 
 
 def _checkpointed(checkpoint_dir: str | None, name: str, compute):

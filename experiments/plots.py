@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(plt, fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_rotation_outliers(per_layer: list[dict], variants: list[str], path: str) -> None:
   """Per layer max|x|/RMS and 4-bit quantization MSE of the norm outputs, one line per variant."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
 
   fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
   for col, source in enumerate(("attn_input", "mlp_input")):
@@ -22,17 +33,13 @@ def plot_rotation_outliers(per_layer: list[dict], variants: list[str], path: str
     for ax in axes[:, col]:
       ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, path)
 
 
 def plot_accf_losses(history: dict[str, list[float]], path: str) -> None:
   """ACCF block loss per epoch relative to its K-means start, one line per layer, one panel per
   block kind (q/k/v/o projections, MoE or MLP block)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
 
   kinds = sorted({block.split("/", 1)[1] for block in history})
   fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), sharey=True, squeeze=False)
@@ -45,16 +52,12 @@ def plot_accf_losses(history: dict[str, list[float]], path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0, 0].set_ylabel("block loss / start")
   axes[0, 0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, path)
 
 
-def plot_centroid_histograms(centroids: dict[str, "np.ndarray"], path: str) -> None:  # noqa: F821
+def plot_centroid_histograms(centroids: dict, path: str) -> None:
   """Histogram of every centroid value of a few codebook matrices (name -> centroids array)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   fig, axes = plt.subplots(1, len(centroids), figsize=(3.6 * len(centroids), 3.0), squeeze=False)
@@ -64,6 +67,4 @@ def plot_centroid_histograms(centroids: dict[str, "np.ndarray"], path: str) -> N
     ax.set_yscale("log")
     ax.set_title(f"{name}\n{v.size:,} centroids, {values.shape[-1]} per codebook", fontsize=8)
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, path)

@@ -29,6 +29,7 @@ import time
 from absl import app, logging
 from ml_collections import config_flags
 
+from cqjax.checkpoint import settings_differences, write_text_atomic
 from cqjax.errors import CqjaxError
 
 STAGES = ("eval", "rotate", "quantize", "export")
@@ -50,13 +51,6 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
         a = "--config=" + os.path.join(CONFIG_DIR, name)
     out.append(a)
   return out
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def write_report(cfg, report: dict) -> None:
@@ -103,10 +97,46 @@ def _perplexities(cfg, model, params, eval_sets, key, report):
   write_report(cfg, report)
 
 
+def _aos_config(cfg, act=None):
+  from cqjax.learn_rotation import AosConfig  # pylint: disable=g-import-not-at-top
+  extra = {} if act is None else {"act": act}
+  return AosConfig(lr=cfg.aos_lr, epochs=cfg.aos_epochs, batch_size=cfg.aos_batch_size, seed=cfg.seed, **extra)
+
+
+def _accf_config(cfg):
+  from cqjax.finetune_centroids import AccfConfig  # pylint: disable=g-import-not-at-top
+  return AccfConfig(lr=cfg.accf_lr, optimizer=cfg.accf_optimizer, epochs=cfg.accf_epochs,
+                    batch_size=cfg.accf_batch_size, reassign=cfg.accf_reassign, seed=cfg.seed)
+
+
+def _calibration(cfg, tokenizer, ctx: dict):
+  """The calibration windows, read and tokenized once per run."""
+  from cqjax.text_data import calibration_windows  # pylint: disable=g-import-not-at-top
+  if "calib" not in ctx:
+    ctx["calib"] = calibration_windows(cfg.calib_text, tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+  return ctx["calib"]
+
+
+def _sample(cfg, model, params, tokenizer, model_cfg, kind: str, report) -> None:
+  """A greedy continuation of `sample_prompt`, recorded as report["sample"][kind]."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
+  from cqjax.text_data import tokenize  # pylint: disable=g-import-not-at-top
+  prompt = tokenize(tokenizer, cfg.sample_prompt)
+  if len(prompt) == 0:
+    raise CqjaxError("--config.sample_prompt: tokenizes to no tokens")
+  new = generate(model, params, jnp.asarray(prompt[None]), cfg.sample_tokens, eos_token_id=model_cfg.eos_token_id)
+  sample = tokenizer.decode(np.asarray(new[0]).tolist())
+  report.setdefault("sample", {"prompt": cfg.sample_prompt})[kind] = sample
+  print(f"sample ({kind}): {cfg.sample_prompt!r} -> {sample!r}")
+
+
 def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dict) -> dict:
   """Calibration windows, folded params, their norm outputs and the learned R1, computed once
   for every stage that needs them."""
-  if ctx:
+  if "learned" in ctx:
     return ctx
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -114,15 +144,14 @@ def _rotation_context(cfg, model_cfg, params, tokenizer, dtype, report, ctx: dic
   from cqjax.calibrate import collect_norm_outputs  # pylint: disable=g-import-not-at-top
   from cqjax.checkpoint import load_tree, save_tree  # pylint: disable=g-import-not-at-top
   from cqjax.fold_norms import fold_norms  # pylint: disable=g-import-not-at-top
-  from cqjax.learn_rotation import AosConfig, learn_rotation  # pylint: disable=g-import-not-at-top
+  from cqjax.learn_rotation import learn_rotation  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
-  from cqjax.text_data import calibration_windows  # pylint: disable=g-import-not-at-top
 
   act = ActQuantConfig(bits=cfg.act_bits)
-  calib = calibration_windows(cfg.calib_text, tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+  calib = _calibration(cfg, tokenizer, ctx)
   folded_cfg, folded = fold_norms(model_cfg, params)
   norm_outputs = collect_norm_outputs(MoeCausalLM(folded_cfg, dtype), folded, calib, cfg.calib_batch_size)
-  aos = AosConfig(lr=cfg.aos_lr, epochs=cfg.aos_epochs, batch_size=cfg.aos_batch_size, seed=cfg.seed, act=act)
+  aos = _aos_config(cfg, act)
   state = os.path.join(cfg.output_dir, "state", "rotation")
   if os.path.exists(state):  # resumed: AOS is not bit-reproducible on GPUs, so R1 is reused
     tree, meta = load_tree(state)
@@ -216,7 +245,7 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
 
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  from cqjax.finetune_centroids import AccfConfig, finetune_centroids  # pylint: disable=g-import-not-at-top
+  from cqjax.finetune_centroids import finetune_centroids  # pylint: disable=g-import-not-at-top
   from cqjax.kmeans import column_group, kmeans_quantize, rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.learn_rotation import initial_rotation  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
@@ -274,39 +303,27 @@ def _quantize_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
         weights = quantized[w_bits]
         if method.startswith("codequant"):
           t0 = time.perf_counter()
-          accf = AccfConfig(lr=cfg.accf_lr, optimizer=cfg.accf_optimizer, epochs=cfg.accf_epochs,
-                            batch_size=cfg.accf_batch_size, reassign=cfg.accf_reassign, seed=cfg.seed)
           weights, history = finetune_centroids(folded_cfg, base, weights, ctx["calib"][: cfg.accf_samples],
-                                                act, full_rot, accf, dtype)
+                                                act, full_rot, _accf_config(cfg), dtype)
           report["timings"][f"accf/{key}_s"] = time.perf_counter() - t0
           report.setdefault("accf", {})[key] = history
         model = MoeCausalLM(folded_cfg, dtype, act_quant=act, online_down_hadamard=full_rot)
         _perplexities(cfg, model, weights, eval_sets, key, report)
 
 
-def _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report):
+def _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx):
   """CodeQuant at the export setting through the library call (resumable per step), exported,
   then reloaded from disk for its perplexity and a greedy sample."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   import cqjax  # pylint: disable=g-import-not-at-top
-  from cqjax.finetune_centroids import AccfConfig  # pylint: disable=g-import-not-at-top
-  from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
-  from cqjax.learn_rotation import AosConfig  # pylint: disable=g-import-not-at-top
-  from cqjax.text_data import calibration_windows, tokenize  # pylint: disable=g-import-not-at-top
 
   w_bits, a_bits = _parse_bits(cfg.export_bits, "export_bits")
   group = cfg.export_group_size
   qcfg = cqjax.QuantizeConfig(
       bits=w_bits, act_bits=a_bits, scope=cfg.export_scope, rotation="learned", group_size=group, pog=group > 0,
-      aos=AosConfig(lr=cfg.aos_lr, epochs=cfg.aos_epochs, batch_size=cfg.aos_batch_size),
-      accf=AccfConfig(lr=cfg.accf_lr, optimizer=cfg.accf_optimizer, epochs=cfg.accf_epochs,
-                      batch_size=cfg.accf_batch_size, reassign=cfg.accf_reassign, seed=cfg.seed),
-      accf_samples=cfg.accf_samples, calib_batch_size=cfg.calib_batch_size, seed=cfg.seed)
-  calib = calibration_windows(cfg.calib_text, tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+      aos=_aos_config(cfg), accf=_accf_config(cfg), accf_samples=cfg.accf_samples,
+      calib_batch_size=cfg.calib_batch_size, seed=cfg.seed)
   t0 = time.perf_counter()
-  qm = cqjax.quantize(params, model_cfg, calib, qcfg, dtype,
+  qm = cqjax.quantize(params, model_cfg, _calibration(cfg, tokenizer, ctx), qcfg, dtype,
                       checkpoint_dir=os.path.join(cfg.output_dir, "state", "export"))
   report["timings"]["export/quantize_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -322,55 +339,43 @@ def _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report):
   model = loaded.module(dtype)
   _perplexities(cfg, model, loaded.params, eval_sets, f"export/{cfg.export_scope}/{cfg.export_bits}", report)
   if cfg.sample_tokens > 0:
-    prompt = tokenize(tokenizer, cfg.sample_prompt)
-    new = generate(model, loaded.params, jnp.asarray(prompt[None]), cfg.sample_tokens, eos_token_id=model_cfg.eos_token_id)
-    sample = tokenizer.decode(np.asarray(new[0]).tolist())
-    report.setdefault("sample", {"prompt": cfg.sample_prompt})["quantized"] = sample
-    print(f"sample (quantized): {cfg.sample_prompt!r} -> {sample!r}")
+    _sample(cfg, model, loaded.params, tokenizer, model_cfg, "quantized", report)
   print(f"export: {path}")
 
 
 def _export_plots(cfg, qm) -> None:
-  """ACCF loss curves and the centroid histograms of the first and last layer's quantized kernels."""
+  """ACCF loss curves and the centroid histograms of a few quantized kernels of the first and last layer."""
   from cqjax.codebook import CodebookWeight  # pylint: disable=g-import-not-at-top
+  from cqjax.param_paths import attn_path, ffn_path, get_path  # pylint: disable=g-import-not-at-top
   from experiments.plots import plot_accf_losses, plot_centroid_histograms  # pylint: disable=g-import-not-at-top
 
   if qm.history.get("accf"):
     plot_accf_losses(qm.history["accf"], os.path.join(cfg.output_dir, "accf_losses.png"))
   last = qm.config.num_layers - 1
-  picks = {}
-  for layer in (0, last):
-    block = qm.params[f"layers_{layer}"]
-    for name, w in [("q_proj", block["attn"]["q_proj"]["kernel"]), ("o_proj", block["attn"]["o_proj"]["kernel"]),
-                    *[(n, block.get("moe", block.get("mlp", {})).get(n)) for n in ("gate_proj", "down_proj")]]:
-      if isinstance(w, dict):
-        w = w.get("kernel")
-      if isinstance(w, CodebookWeight):
-        picks[f"layer {layer} {name}"] = w.centroids
+  candidates = [(0, attn_path(0, "q_proj")), (0, attn_path(0, "o_proj")), (0, ffn_path(qm.config, 0, "gate_proj")),
+                (last, ffn_path(qm.config, last, "down_proj"))]
+  picks = {f"layer {layer} {path[-2] if path[-1] == 'kernel' else path[-1]}": w.centroids
+           for layer, path in candidates if isinstance(w := get_path(qm.params, path), CodebookWeight)}
   if picks:
-    chosen = dict(list(picks.items())[:3] + list(picks.items())[-1:]) if len(picks) > 4 else picks
-    plot_centroid_histograms(chosen, os.path.join(cfg.output_dir, "centroid_histograms.png"))
+    plot_centroid_histograms(picks, os.path.join(cfg.output_dir, "centroid_histograms.png"))
 
 
 def _resume_state(cfg) -> tuple[bool, dict | None]:
   """(whether output_dir holds this run to resume, its report so far); refuses changed settings
   before anything is loaded."""
+  from cqjax.checkpoint import read_json  # pylint: disable=g-import-not-at-top
+
   settings_path = os.path.join(cfg.output_dir, "run_config.json")
   if not (cfg.resume and os.path.exists(settings_path)):
     return False, None
-  now = json.loads(json.dumps(cfg.to_dict()))
-  with open(settings_path) as f:
-    previous = json.load(f)
-  diffs = [f"{k}: was {previous.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(previous) | set(now))
-           if k not in RESUMABLE_CHANGES and previous.get(k) != now.get(k)]
+  kept = lambda d: {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
+  previous = read_json(settings_path, "not a run's settings")
+  diffs = settings_differences(kept(previous), kept(json.loads(json.dumps(cfg.to_dict()))), "was")
   if diffs:
     raise CqjaxError(f"{cfg.output_dir}: holds a run with other settings ({'; '.join(diffs[:4])}); "
                      "use another --config.output_dir, or --config.resume=False to start over")
   report_path = os.path.join(cfg.output_dir, "report.json")
-  if not os.path.exists(report_path):
-    return True, None
-  with open(report_path) as f:
-    return True, json.load(f)
+  return True, read_json(report_path, "") if os.path.exists(report_path) else None
 
 
 def _record_settings(cfg, resuming: bool) -> None:
@@ -385,9 +390,7 @@ def _record_settings(cfg, resuming: bool) -> None:
 def run(cfg) -> dict:
   """Runs the selected stages and returns the report (also written to output_dir)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
   from cqjax.load import load_params, load_tokenizer  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
   from cqjax.text_data import eval_windows, read_text, tokenize  # pylint: disable=g-import-not-at-top
@@ -426,14 +429,7 @@ def run(cfg) -> dict:
       _perplexities(cfg, model, params, eval_sets, "fp", report)
       timings["eval_s"] = time.perf_counter() - t0
     if cfg.sample_tokens > 0:
-      prompt = tokenize(tokenizer, cfg.sample_prompt)
-      if len(prompt) == 0:
-        raise CqjaxError("--config.sample_prompt: tokenizes to no tokens")
-      new = generate(model, params, jnp.asarray(prompt[None]), cfg.sample_tokens,
-                     eos_token_id=model_cfg.eos_token_id)
-      sample = tokenizer.decode(np.asarray(new[0]).tolist())
-      report["sample"] = {"prompt": cfg.sample_prompt, "fp": sample}
-      print(f"sample (fp): {cfg.sample_prompt!r} -> {sample!r}")
+      _sample(cfg, model, params, tokenizer, model_cfg, "fp", report)
   ctx = {}
   if "rotate" in stages:
     t0 = time.perf_counter()
@@ -445,7 +441,7 @@ def run(cfg) -> dict:
     timings["quantize_s"] = time.perf_counter() - t0
   if "export" in stages:
     t0 = time.perf_counter()
-    _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report)
+    _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, ctx)
     timings["export_s"] = time.perf_counter() - t0
 
   write_report(cfg, report)
