@@ -14,6 +14,7 @@ output on the quantized model's own (fake-quantized) inputs matches the full-pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from cqjax.config import ModelConfig
 from cqjax.load import Params
 from cqjax.model import Attention, DenseMlp, RMSNorm
 from cqjax.moe import MoeBlock
+from cqjax.sharding import shard_batch
 
 _is_cb = lambda x: isinstance(x, CodebookWeight)
 
@@ -61,6 +63,17 @@ def reassign_codes(w_fp: jax.Array, centroids: jax.Array, ratio: jax.Array) -> t
   return cent, codes.reshape(target.shape).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("module", "collect"))
+def _apply(module, params, *args, collect: str | None = None):
+  """module.apply under jit (with a mesh, eager op-by-op dispatch of sharded arrays is slow and
+  has deadlocked XLA:CPU's collectives); collect: an intermediate to return beside the output."""
+  if collect is None:
+    return module.apply({"params": params}, *args)
+  y, state = module.apply({"params": params}, *args, mutable=["intermediates"])
+  return y, state["intermediates"][collect][0]
+
+
+@jax.jit
 def _channel_ratio(x_fp, x_q):
   """E[x_j x̂_j] / E[x_j²] per input channel j, over every token."""
   x_fp = x_fp.reshape(-1, x_fp.shape[-1]).astype(jnp.float32)
@@ -68,34 +81,23 @@ def _channel_ratio(x_fp, x_q):
   return jnp.mean(x_fp * x_q, 0) / jnp.maximum(jnp.mean(x_fp * x_fp, 0), 1e-12)
 
 
-def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple, n: int,
-           cfg: AccfConfig, desc: str) -> tuple[Any, list[float]]:
-  """Optimises every CodebookWeight's centroids in q_sub; loss_fn(q_sub, batch_data) -> scalar.
-  data: arrays with a leading sample axis, batched together. Returns (q_sub, block loss before
-  training and after each epoch)."""
-  paths_cb = [p for p, leaf in jax.tree_util.tree_flatten_with_path(q_sub, is_leaf=_is_cb)[0] if _is_cb(leaf)]
-  if not paths_cb:
-    return q_sub, []
+def _codebooks(tree) -> list[CodebookWeight]:
+  return [leaf for leaf in jax.tree.leaves(tree, is_leaf=_is_cb) if _is_cb(leaf)]
 
-  def split(tree):
-    return [leaf for leaf in jax.tree.leaves(tree, is_leaf=_is_cb) if _is_cb(leaf)]
 
-  def rebuild(tree, new_cbs):
-    it = iter(new_cbs)
-    return jax.tree.map(lambda leaf: next(it) if _is_cb(leaf) else leaf, tree, is_leaf=_is_cb)
+def _rebuild(tree, new_cbs):
+  it = iter(new_cbs)
+  return jax.tree.map(lambda leaf: next(it) if _is_cb(leaf) else leaf, tree, is_leaf=_is_cb)
 
-  fp_ws = [w for path, w in jax.tree_util.tree_flatten_with_path(fp_sub)[0]
-           if any(path[:len(p)] == p for p in paths_cb)]
-  ratios = [ratio_of(p) for p in paths_cb]
 
-  opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr)
-
-  @jax.jit
+def accf_step(q_sub, fp_ws: list, ratios: list, loss_fn, opt: optax.GradientTransformation, cfg: AccfConfig):
+  """One ACCF update of every CodebookWeight in q_sub (fp_ws / ratios: their FP kernels and input
+  ratios, in tree order): (codebooks, opt_state, batch) -> (codebooks, opt_state, loss). Pure."""
   def step(cbs, opt_state, batch):
     cents = [cb.centroids for cb in cbs]
 
     def loss_of(cents):
-      tree = rebuild(q_sub, [dataclasses.replace(cb, centroids=c) for cb, c in zip(cbs, cents)])
+      tree = _rebuild(q_sub, [dataclasses.replace(cb, centroids=c) for cb, c in zip(cbs, cents)])
       return loss_fn(tree, batch)
 
     loss, grads = jax.value_and_grad(loss_of)(cents)
@@ -113,10 +115,40 @@ def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple
       else:
         new.append(dataclasses.replace(cb, centroids=c))
     return new, opt_state, loss
+  return step
+
+
+def moe_block_loss(q_mod: MoeBlock, kl_weight: float):
+  """The MoE block's ACCF loss: loss(params, (x_q, y_fp, router_logits_fp)) = MSE of the block
+  output + kl_weight · KL(p_fp ‖ p_q) of the router softmax, per token."""
+  def loss(tree, b):
+    y, state = q_mod.apply({"params": tree}, b[0], mutable=["intermediates"])
+    logits = state["intermediates"]["router_logits"][0]
+    logp_fp = jax.nn.log_softmax(b[2].astype(jnp.float32), -1)
+    logp_q = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(logp_fp.shape)
+    kl = jnp.sum(jnp.exp(logp_fp) * (logp_fp - logp_q)) / (logp_fp.shape[0] * logp_fp.shape[1])
+    return jnp.mean((y - b[1]) ** 2) + kl_weight * kl
+  return loss
+
+
+def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple, n: int,
+           cfg: AccfConfig, desc: str | None) -> tuple[Any, list[float]]:
+  """Optimises every CodebookWeight's centroids in q_sub; loss_fn(q_sub, batch_data) -> scalar.
+  data: arrays with a leading sample axis, batched together; desc: progress-bar title (None: no
+  bar). Returns (q_sub, block loss before training and after each epoch)."""
+  paths_cb = [p for p, leaf in jax.tree_util.tree_flatten_with_path(q_sub, is_leaf=_is_cb)[0] if _is_cb(leaf)]
+  if not paths_cb:
+    return q_sub, []
+
+  fp_ws = [w for path, w in jax.tree_util.tree_flatten_with_path(fp_sub)[0]
+           if any(path[:len(p)] == p for p in paths_cb)]
+  ratios = [ratio_of(p) for p in paths_cb]
+  opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr)
+  step = jax.jit(accf_step(q_sub, fp_ws, ratios, loss_fn, opt, cfg))
 
   @jax.jit
   def batch_loss(cbs, batch):
-    return loss_fn(rebuild(q_sub, cbs), batch)
+    return loss_fn(_rebuild(q_sub, cbs), batch)
 
   steps = max(n // cfg.batch_size, 1)
 
@@ -124,14 +156,14 @@ def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple
     return float(np.mean([batch_loss(cbs, tuple(d[k * cfg.batch_size: (k + 1) * cfg.batch_size] for d in data))
                           for k in range(steps)]))
 
-  cbs = split(q_sub)
+  cbs = _codebooks(q_sub)
   opt_state = opt.init([cb.centroids for cb in cbs])
   rng = np.random.default_rng(cfg.seed)
   # Block loss on all calibration samples before training and after each epoch; the best
   # epoch's centroids are kept, so a block never ends worse than its K-means start.
   history = [full_loss(cbs)]
   best, best_loss = cbs, history[0]
-  for _ in tqdm(range(cfg.epochs), desc=desc, leave=False):
+  for _ in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=desc is None):
     order = rng.permutation(n)
     for k in range(steps):
       idx = np.sort(order[k * cfg.batch_size: (k + 1) * cfg.batch_size])
@@ -140,13 +172,13 @@ def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple
     if history[-1] < best_loss:
       best, best_loss = cbs, history[-1]
   cbs = best
-  return rebuild(q_sub, cbs), history
+  return _rebuild(q_sub, cbs), history
 
 
 def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, windows: np.ndarray,
                        act: ActQuantConfig | None, online_down_hadamard: bool = False,
                        accf: AccfConfig = AccfConfig(), dtype=jnp.float32,
-                       checkpoint_dir: str | None = None) -> tuple[Params, dict]:
+                       checkpoint_dir: str | None = None, progress: bool = True) -> tuple[Params, dict]:
   """fp_params: the rotated full-precision params; q_params: the same with the scope's kernels
   as CodebookWeights. windows [n, t]: calibration tokens. Returns (q_params with fine-tuned
   centroids and re-assigned codes, {block: loss per epoch}).
@@ -157,9 +189,10 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
   n, t = windows.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
   emb = fp_params["embed"]["embedding"]
-  x_fp = jnp.take(emb, jnp.asarray(windows), axis=0).astype(dtype)
+  x_fp = shard_batch(jax.jit(jnp.take, static_argnames="axis")(emb, jnp.asarray(windows), axis=0).astype(dtype))
   x_q = x_fp
-  quant = (lambda h: h) if act is None else (lambda h: fake_quant(h, act))
+  quant = (lambda h: h) if act is None else jax.jit(lambda h: fake_quant(h, act))
+  matmul, add = jax.jit(jnp.matmul), jax.jit(jnp.add)
   full = act is not None and act.scope == "full"
   out = dict(q_params)
   history = {}
@@ -167,13 +200,14 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
   if checkpoint_dir is not None and os.path.exists(os.path.join(checkpoint_dir, "carry")):
     carry, meta = load_tree(os.path.join(checkpoint_dir, "carry"))
     start, history = meta["next_layer"], meta["history"]
-    x_fp, x_q = jnp.asarray(carry["x_fp"]), jnp.asarray(carry["x_q"])
+    x_fp, x_q = shard_batch(jnp.asarray(carry["x_fp"])), shard_batch(jnp.asarray(carry["x_q"]))
     for i in range(start):
       layer, _ = load_tree(os.path.join(checkpoint_dir, f"layer_{i:03d}"))
       out[f"layers_{i}"] = jax.tree_util.tree_map(jnp.asarray, layer)
   for i in range(start, cfg.num_layers):
+    desc = lambda name, i=i: f"ACCF layer {i} {name}" if progress else None  # progress bar titles
     fp_l, q_l = fp_params[f"layers_{i}"], dict(q_params[f"layers_{i}"])
-    norm = lambda p, x: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype).apply({"params": p}, x)
+    norm = functools.partial(_apply, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype))
     h_fp = norm(fp_l["input_norm"], x_fp)
     h_q = quant(norm(q_l["input_norm"], x_q))
     attn_mod = Attention(cfg, dtype, act)
@@ -181,27 +215,25 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
     in_ratio = _channel_ratio(h_fp, h_q)
     for name in ("q_proj", "k_proj", "v_proj"):
       w_fp = fp_l["attn"][name]["kernel"]
-      target = h_fp @ w_fp
+      target = matmul(h_fp, w_fp)
       sub, hist = _train(
           attn_q[name], fp_l["attn"][name], lambda p: in_ratio,
           lambda tree, b: jnp.mean((b[0] @ dequantize(tree["kernel"], dtype) - b[1]) ** 2),
-          (h_q, target), n, accf, f"ACCF layer {i} {name}")
+          (h_q, target), n, accf, desc(name))
       attn_q[name] = sub
       history[f"layers_{i}/{name}"] = hist
     if full and _is_cb(attn_q["o_proj"]["kernel"]):
-      o_in = lambda p, x, m: m.apply({"params": p}, x, positions, None, 0, mutable=["intermediates"])[1][
-          "intermediates"]["o_proj_input"][0]
-      o_fp = o_in(fp_l["attn"], h_fp, Attention(cfg, dtype))
-      o_q = quant(o_in(attn_q, h_q, attn_mod))
-      target = o_fp @ fp_l["attn"]["o_proj"]["kernel"]
+      o_fp = _apply(Attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0, collect="o_proj_input")[1]
+      o_q = quant(_apply(attn_mod, attn_q, h_q, positions, None, 0, collect="o_proj_input")[1])
+      target = matmul(o_fp, fp_l["attn"]["o_proj"]["kernel"])
       ones = jnp.ones((cfg.q_size,))
       attn_q["o_proj"], history[f"layers_{i}/o_proj"] = _train(
           attn_q["o_proj"], fp_l["attn"]["o_proj"], lambda p: ones,
           lambda tree, b: jnp.mean((b[0] @ dequantize(tree["kernel"], dtype) - b[1]) ** 2),
-          (o_q, target), n, accf, f"ACCF layer {i} o_proj")
+          (o_q, target), n, accf, desc("o_proj"))
     q_l["attn"] = attn_q
-    x_fp = x_fp + Attention(cfg, dtype).apply({"params": fp_l["attn"]}, h_fp, positions, None, 0)[0]
-    x_q = x_q + attn_mod.apply({"params": attn_q}, h_q, positions, None, 0)[0]
+    x_fp = add(x_fp, _apply(Attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0)[0])
+    x_q = add(x_q, _apply(attn_mod, attn_q, h_q, positions, None, 0)[0])
 
     m_fp = norm(fp_l["post_attention_norm"], x_fp)
     m_q = quant(norm(q_l["post_attention_norm"], x_q))
@@ -209,36 +241,24 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
     if cfg.is_moe_layer(i):
       fp_mod = MoeBlock(cfg, dtype, False, None, online_down_hadamard)
       q_mod = MoeBlock(cfg, dtype, False, act, online_down_hadamard)
-
-      def run(mod, p, x):
-        y, state = mod.apply({"params": p}, x, mutable=["intermediates"])
-        return y, state["intermediates"]["router_logits"][0]
-
-      y_fp, logits_fp = run(fp_mod, fp_l["moe"], m_fp)
+      y_fp, logits_fp = _apply(fp_mod, fp_l["moe"], m_fp, collect="router_logits")
       logits_fp = logits_fp.reshape(n, t, -1)
-
-      def moe_loss(tree, b):
-        y, logits = run(q_mod, tree, b[0])
-        logp_fp = jax.nn.log_softmax(b[2].astype(jnp.float32), -1)
-        logp_q = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(logp_fp.shape)
-        kl = jnp.sum(jnp.exp(logp_fp) * (logp_fp - logp_q)) / (logp_fp.shape[0] * logp_fp.shape[1])
-        return jnp.mean((y - b[1]) ** 2) + accf.kl_weight * kl
 
       ones = jnp.ones((cfg.moe_intermediate_size,))
       q_l["moe"], history[f"layers_{i}/moe"] = _train(
           q_l["moe"], fp_l["moe"], lambda p: ones if p[-1].key == "down_proj" else m_ratio,
-          moe_loss, (m_q, y_fp, logits_fp), n, accf, f"ACCF layer {i} MoE")
-      ff_fp, ff_q = y_fp, q_mod.apply({"params": q_l["moe"]}, m_q)
+          moe_block_loss(q_mod, accf.kl_weight), (m_q, y_fp, logits_fp), n, accf, desc("MoE"))
+      ff_fp, ff_q = y_fp, _apply(q_mod, q_l["moe"], m_q)
     else:
       fp_mod, q_mod = DenseMlp(cfg, dtype, None, online_down_hadamard), DenseMlp(cfg, dtype, act, online_down_hadamard)
-      y_fp = fp_mod.apply({"params": fp_l["mlp"]}, m_fp)
+      y_fp = _apply(fp_mod, fp_l["mlp"], m_fp)
       ones = jnp.ones((cfg.intermediate_size,))
       q_l["mlp"], history[f"layers_{i}/mlp"] = _train(
           q_l["mlp"], fp_l["mlp"], lambda p: ones if p[0].key == "down_proj" else m_ratio,
           lambda tree, b: jnp.mean((q_mod.apply({"params": tree}, b[0]) - b[1]) ** 2),
-          (m_q, y_fp), n, accf, f"ACCF layer {i} MLP")
-      ff_fp, ff_q = y_fp, q_mod.apply({"params": q_l["mlp"]}, m_q)
-    x_fp, x_q = x_fp + ff_fp, x_q + ff_q
+          (m_q, y_fp), n, accf, desc("MLP"))
+      ff_fp, ff_q = y_fp, _apply(q_mod, q_l["mlp"], m_q)
+    x_fp, x_q = add(x_fp, ff_fp), add(x_q, ff_q)
     out[f"layers_{i}"] = q_l
     if checkpoint_dir is not None:  # the layer first: a crash between the two redoes layer i
       save_tree(os.path.join(checkpoint_dir, f"layer_{i:03d}"), q_l)

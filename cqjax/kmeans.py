@@ -11,9 +11,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cqjax.codebook import CodebookWeight, from_codes
 from cqjax.errors import CqjaxError
+from cqjax.sharding import expert_axis_size
 
 
 def _assign(x, cent_sorted):
@@ -57,14 +59,10 @@ def _lloyd(x, cent, max_iters, tol):
   return cent, _assign(x, cent)
 
 
-@functools.partial(jax.jit, static_argnames=("c", "max_iters", "chunk"))
-def kmeans_fit(rows: jax.Array, c: int, key: jax.Array, max_iters: int = 300, tol: float = 1e-6,
-               chunk: int = 4096) -> tuple[jax.Array, jax.Array]:
-  """rows [r, L] -> (sorted centroids [r, c], codes [r, L] int32), one K-means per row,
-  `chunk` rows at a time."""
-  r, length = rows.shape
-  x = rows.astype(jnp.float32)
-  keys = jax.random.split(key, r)
+def _fit_rows(x, keys, c: int, max_iters: int, tol: float, chunk: int):
+  """rows x [r, L] float32, one key per row -> (sorted centroids [r, c], codes [r, L]), `chunk`
+  rows at a time. A row's result depends only on the row and its key, not on the chunking."""
+  r, length = x.shape
   chunk = min(chunk, r)
   pad = (-r) % chunk
   x = jnp.pad(x, ((0, pad), (0, 0)))
@@ -77,6 +75,23 @@ def kmeans_fit(rows: jax.Array, c: int, key: jax.Array, max_iters: int = 300, to
 
   cent, codes = jax.lax.map(fit_chunk, (x.reshape(-1, chunk, length), keys.reshape(-1, chunk, *keys.shape[1:])))
   return cent.reshape(-1, c)[:r], codes.reshape(-1, length)[:r]
+
+
+@functools.partial(jax.jit, static_argnames=("c", "max_iters", "chunk", "shards"))
+def kmeans_fit(rows: jax.Array, c: int, key: jax.Array, max_iters: int = 300, tol: float = 1e-6,
+               chunk: int = 4096, shards: int = 1) -> tuple[jax.Array, jax.Array]:
+  """rows [r, L] -> (sorted centroids [r, c], codes [r, L] int32), one K-means per row.
+
+  shards > 1: the rows are split into that many contiguous blocks (a stacked tensor's experts),
+  each fitted on the device of the context mesh's `expert` axis that holds it; the result equals
+  the unsharded one, since every row keeps its key."""
+  x = rows.astype(jnp.float32)
+  keys = jax.random.split(key, rows.shape[0])
+  if shards == 1:
+    return _fit_rows(x, keys, c, max_iters, tol, chunk)
+  fit = lambda x, k: _fit_rows(x, k, c, max_iters, tol, chunk)
+  return jax.shard_map(fit, in_specs=(P("expert"), P("expert")), out_specs=(P("expert"), P("expert")),
+                       check_vma=False)(x, keys)  # the Lloyd loop's carry starts replicated
 
 
 def column_group(d_in: int, group_size: int) -> int:
@@ -95,11 +110,13 @@ def _rows(w: jax.Array, group_size: int) -> tuple[jax.Array, int]:
 
 def kmeans_quantize(w: jax.Array, bits: int = 4, group_size: int = -1, seed: int = 0,
                     max_iters: int = 300, tol: float = 1e-6) -> CodebookWeight:
-  """K-means codebook quantization of a kernel [..., d_in, d_out] (stacked experts included)."""
+  """K-means codebook quantization of a kernel [..., d_in, d_out] (stacked experts included).
+  Under a mesh with an `expert` axis, stacked experts are fitted where that axis puts them."""
   if not 2 <= bits <= 8:
     raise CqjaxError(f"K-means bits must be in [2, 8] (4 to 256 centroids), got {bits}")
   rows, g = _rows(w, group_size)
-  cent, codes = kmeans_fit(rows, 2 ** bits, jax.random.key(seed), max_iters, tol)
+  shards = expert_axis_size() if w.ndim == 3 and w.shape[0] % expert_axis_size() == 0 else 1
+  cent, codes = kmeans_fit(rows, 2 ** bits, jax.random.key(seed), max_iters, tol, shards=shards)
   lead = (*w.shape[:-2], w.shape[-1])
   return from_codes(codes.reshape(*lead, w.shape[-2]), cent.reshape(*lead, -1, 2 ** bits).astype(w.dtype), bits)
 

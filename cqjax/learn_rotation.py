@@ -54,6 +54,16 @@ def quantization_error(x: jax.Array, r: jax.Array, act: ActQuantConfig) -> jax.A
   return jnp.mean(err.reshape(err.shape[0], -1) ** 2, axis=-1)
 
 
+def aos_step(h: jax.Array, opt: optax.GradientTransformation, act: ActQuantConfig):
+  """The AOS update for rotations h · cayley(b): (b [d, d], opt_state, x [sources, batch, t, d]) ->
+  (b, opt_state, summed loss). Pure, to be jitted."""
+  def step(b, state, x):
+    loss, grad = jax.value_and_grad(lambda b: jnp.sum(quantization_error(x, h @ cayley(b), act)))(b)
+    updates, state = opt.update(grad, state, b)
+    return optax.apply_updates(b, updates), state, loss
+  return step
+
+
 def learn_rotation(norm_outputs: np.ndarray, cfg: AosConfig = AosConfig(), progress: bool = True
                    ) -> tuple[np.ndarray, list[float]]:
   """norm_outputs [sources, n, t, d] (from `collect_norm_outputs`) -> (R1 [d, d] float64,
@@ -65,14 +75,7 @@ def learn_rotation(norm_outputs: np.ndarray, cfg: AosConfig = AosConfig(), progr
   opt = optax.adam(cfg.lr)
   b = jnp.zeros((d, d), jnp.float32)
   state = opt.init(b)
-  h32 = jnp.asarray(h, jnp.float32)
-
-  @jax.jit
-  def step(b, state, x):
-    loss, grad = jax.value_and_grad(
-        lambda b: jnp.sum(quantization_error(x, h32 @ cayley(b), cfg.act)))(b)
-    updates, state = opt.update(grad, state, b)
-    return optax.apply_updates(b, updates), state, loss
+  step = jax.jit(aos_step(jnp.asarray(h, jnp.float32), opt, cfg.act))
 
   rng = np.random.default_rng(cfg.seed)
   history = []

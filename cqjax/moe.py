@@ -3,19 +3,24 @@
 Expert weights are stacked per projection: `gate_proj`/`up_proj` are [experts, d_model, d_ff]
 and `down_proj` is [experts, d_ff, d_model]. The production path sorts token copies by expert
 and runs grouped matmuls (`jax.lax.ragged_dot`); the dense path runs every expert on every token
-and exists only as the reference the grouped path is tested against.
+and exists only as the reference the grouped path is tested against. Under a mesh whose `expert`
+axis has several devices (`with jax.set_mesh(mesh):`, see `cqjax.sharding`) the grouped path runs
+expert-parallel: `_expert_parallel` sends each token copy to the device holding its expert.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
+from cqjax.errors import CqjaxError
 from cqjax.codebook import CodebookWeight, dequantize
 from cqjax.hadamard import hadamard_matrix
 from cqjax.lut_matmul import grouped_lut_matmul, kernel_param, lut_matmul
+from cqjax.sharding import expert_axis_size
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -60,6 +65,57 @@ def down_proj_input(module: nn.Module, gate, up):
   return h
 
 
+def _expert_ffn(module: nn.Module, xs, group_sizes, w_gate, w_up, w_down):
+  """Token copies [m, d] sorted by expert through their experts' SwiGLU -> (down input, [m, d])."""
+  h = down_proj_input(module, grouped_lut_matmul(xs, w_gate, group_sizes), grouped_lut_matmul(xs, w_up, group_sizes))
+  return h, grouped_lut_matmul(h, w_down, group_sizes)
+
+
+def _expert_parallel(module: nn.Module, x, weights, ids, w_gate, w_up, w_down, num_experts: int):
+  """The grouped path with experts sharded over the context mesh's `expert` axis.
+
+  Tokens are split over the `data` and `expert` axes. Each device sorts its token copies by
+  expert, sends every copy to the device that holds its expert (one `all_to_all`), runs its local
+  experts, and gets the results back (a second `all_to_all`). A device's send buffer has room for
+  all its copies in every destination, so no token is ever dropped (no capacity factor).
+  x [n, d], weights / ids [n, k] -> [n, d] float32.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = mesh.shape["expert"]
+  if num_experts % devices:
+    raise CqjaxError(f"the mesh's expert axis ({devices} devices) does not divide the {num_experts} experts")
+  local_experts = num_experts // devices
+  tokens = tuple(a for a in ("data", "expert") if a in mesh.axis_names)
+  shards = devices * (mesh.shape["data"] if "data" in mesh.axis_names else 1)
+  n, pad = x.shape[0], (-x.shape[0]) % shards
+  x, weights, ids = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, ids))
+
+  def local(x, weights, ids, w_gate, w_up, w_down):
+    copies, d = ids.size, x.shape[1]
+    xs, order, _ = _expert_dispatch(x, ids, num_experts)
+    expert = ids.reshape(-1)[order]
+    dest = expert // local_experts
+    counts = jnp.bincount(dest, length=devices)
+    slot = jnp.arange(copies) - (jnp.cumsum(counts) - counts)[dest]  # position in dest's bucket
+    send = jnp.zeros((devices, copies, d), xs.dtype).at[dest, slot].set(xs)
+    send_ids = jnp.full((devices, copies), local_experts, jnp.int32).at[dest, slot].set(expert % local_experts)
+    recv = jax.lax.all_to_all(send, "expert", 0, 0).reshape(-1, d)
+    recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0).reshape(-1)
+    # Empty slots carry the id `local_experts`: sorted last, outside every group, they stay zero.
+    rorder = jnp.argsort(recv_ids, stable=True)
+    sizes = jnp.bincount(recv_ids, length=local_experts).astype(jnp.int32)
+    _, y = _expert_ffn(module, recv[rorder], sizes, w_gate, w_up, w_down)
+    y = jnp.zeros_like(y).at[rorder].set(y).reshape(devices, copies, -1)
+    back = jax.lax.all_to_all(y, "expert", 0, 0)
+    return _expert_collect(back[dest, slot], order, weights)
+
+  spec = lambda w: jax.tree.map(lambda _: P("expert"), w)
+  # check_vma=False: the kernels' custom VJPs (cqjax.lut_matmul) are written for plain arrays.
+  out = jax.shard_map(local, in_specs=(P(tokens),) * 3 + tuple(spec(w) for w in (w_gate, w_up, w_down)),
+                      out_specs=P(tokens), check_vma=False)(x, weights, ids, w_gate, w_up, w_down)
+  return out[:n]
+
+
 class MoeBlock(nn.Module):
   """Router + stacked SwiGLU experts. `dense_reference=True` selects the test-only dense path."""
 
@@ -97,10 +153,11 @@ class MoeBlock(nn.Module):
       dense_w = jnp.zeros((x.shape[0], e), jnp.float32).at[
           jnp.arange(x.shape[0])[:, None], ids].set(weights)
       out = jnp.einsum("end,ne->nd", y, dense_w)
+    elif expert_axis_size() > 1:
+      out = _expert_parallel(self, x, weights, ids, w_gate, w_up, w_down, e)
     else:
       xs, order, group_sizes = _expert_dispatch(x, ids, e)
-      h = down_proj_input(self, grouped_lut_matmul(xs, w_gate, group_sizes),
-                          grouped_lut_matmul(xs, w_up, group_sizes))
-      self.sow("intermediates", "down_proj_input", (h, group_sizes))
-      out = _expert_collect(grouped_lut_matmul(h, w_down, group_sizes), order, weights)
+      h, y = _expert_ffn(self, xs, group_sizes, w_gate, w_up, w_down)
+      self.sow("intermediates", "down_proj_input", (h, group_sizes))  # calibration statistics
+      out = _expert_collect(y, order, weights)
     return out.astype(x.dtype).reshape(shape)

@@ -37,6 +37,7 @@ from cqjax.model import MoeCausalLM
 from cqjax.pog import apply_pog
 from cqjax.quantize_weights import SCOPES, quantize_scope, scope_paths
 from cqjax.rotate import rotate_params
+from cqjax.sharding import shard_params
 
 ROTATIONS = ("learned", "hadamard", "none")
 
@@ -133,9 +134,22 @@ def _checkpointed(checkpoint_dir: str | None, name: str, compute):
 
 
 def quantize(params: Params, model_config: ModelConfig, calibration_batches, config: QuantizeConfig = QuantizeConfig(),
-             dtype=jnp.float32, progress: bool = True, checkpoint_dir: str | None = None) -> QuantizedModel:
+             dtype=jnp.float32, progress: bool = True, checkpoint_dir: str | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> QuantizedModel:
   """params of `model_config` (as `cqjax.load.load_params` returns them) and calibration token
-  windows (an int array [n, t], or a sequence of [b, t] batches) -> a `QuantizedModel`."""
+  windows (an int array [n, t], or a sequence of [b, t] batches) -> a `QuantizedModel`.
+
+  mesh (see `cqjax.sharding`): params are placed by its rules, K-means and ACCF run each expert
+  on the device that holds it, calibration activations are split along `data`; the result is
+  the single-device one (same codes; centroids up to float32 reduction order)."""
+  if mesh is None:
+    return _quantize(params, model_config, calibration_batches, config, dtype, progress, checkpoint_dir)
+  with jax.set_mesh(mesh):
+    return _quantize(shard_params(params, mesh), model_config, calibration_batches, config, dtype, progress,
+                     checkpoint_dir)
+
+
+def _quantize(params, model_config, calibration_batches, config, dtype, progress, checkpoint_dir) -> QuantizedModel:
   windows = np.concatenate([np.asarray(b) for b in calibration_batches]) if isinstance(
       calibration_batches, (list, tuple)) else np.asarray(calibration_batches)
   _check(config, windows)
@@ -176,5 +190,5 @@ def quantize(params: Params, model_config: ModelConfig, calibration_batches, con
   if config.accf is not None:
     accf_windows = windows[: config.accf_samples] if config.accf_samples else windows
     q, history["accf"] = finetune_centroids(cfg, base, q, accf_windows, act, full_rot, config.accf, dtype,
-                                            None if checkpoint_dir is None else os.path.join(checkpoint_dir, "accf"))
+                                            None if checkpoint_dir is None else os.path.join(checkpoint_dir, "accf"), progress)
   return QuantizedModel(cfg, q, act, full_rot, r1, history)

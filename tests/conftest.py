@@ -1,7 +1,12 @@
 """Shared fixtures: tiny random Hugging Face MoE checkpoints written by transformers itself."""
 import os
 
+import jax
 import pytest
+
+# Expert-parallel tests need a mesh: 8 CPU devices (before any backend starts). Every other test
+# runs on the default device, as before.
+jax.config.update("jax_num_cpu_devices", 8)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEFAULT = os.path.join(REPO, "experiments", "assets", "tiny-mixtral-imdb")
