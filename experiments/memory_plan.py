@@ -52,12 +52,11 @@ class PlanSettings:
   decode_context: int = 4096
 
 
-def _nbytes(tree, mesh) -> int:
-  """Per-device bytes of abstract arrays placed by `cqjax.sharding` rules (the largest shard)."""
+def _nbytes(tree, shardings) -> int:
+  """Per-device bytes of abstract arrays with their shardings (the largest shard)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cqjax.sharding import param_shardings  # pylint: disable=g-import-not-at-top
   total = 0
-  for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(param_shardings(tree, mesh))):
+  for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
     shard = sh.shard_shape(leaf.shape)
     total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
   return total
@@ -99,9 +98,8 @@ def plan(cfg, mesh, s: PlanSettings = PlanSettings(), stages=STAGES) -> dict:
   act = ActQuantConfig(bits=4, scope="full")
   one = jnp.zeros((1, 1), jnp.int32)
 
-  def placed(tree):
-    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree,
-                        param_shardings(tree, mesh))
+  def placed(tree, shardings):
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
 
   def batch(*shape, dtype=f32):
     split = shape[0] % mesh.shape["data"] == 0
@@ -112,11 +110,11 @@ def plan(cfg, mesh, s: PlanSettings = PlanSettings(), stages=STAGES) -> dict:
     params = jax.eval_shape(lambda: MoeCausalLM(cfg, bf16).init(jax.random.key(0), one)["params"])
     qparams = jax.eval_shape(lambda p: quantize_scope(cfg, p, "full", quantizer), params)
     moe_layer = next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i))
-    layer = placed(params[f"layers_{moe_layer}"])
-    qlayer = placed(qparams[f"layers_{moe_layer}"])
-    out = {"model": {"fp_bf16_weights": _nbytes(params, mesh), "w4_weights": _nbytes(qparams, mesh),
-                     "fp_bf16_layer": _nbytes(params[f"layers_{moe_layer}"], mesh),
-                     "w4_layer": _nbytes(qparams[f"layers_{moe_layer}"], mesh)}}
+    name = f"layers_{moe_layer}"
+    sh, qsh = param_shardings(params, mesh), param_shardings(qparams, mesh)  # rules match full paths
+    layer, qlayer = placed(params[name], sh[name]), placed(qparams[name], qsh[name])
+    out = {"model": {"fp_bf16_weights": _nbytes(params, sh), "w4_weights": _nbytes(qparams, qsh),
+                     "fp_bf16_layer": _nbytes(params[name], sh[name]), "w4_layer": _nbytes(qparams[name], qsh[name])}}
     opt = optax.adam(1e-4)
     if "calibrate" in stages:
       dec = DecoderLayer(cfg, moe_layer, bf16)
