@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cqjax.codebook import check_codebook_operands
 from cqjax.errors import CqjaxError
 
 
@@ -34,28 +35,11 @@ def available() -> bool:
   return True
 
 
-def _check(x, packed, centroids, bits: int, d_in: int, lead: tuple[int, ...]):
+def _check(op, x, packed, centroids, bits: int, d_in: int, lead: tuple[int, ...]):
   """Trace-time checks of one call; returns d_out."""
   if not available():
     raise CqjaxError("the CPU kernel extension cpu_kernels._lut_matmul is not built: reinstall with pip install -e .")
-  if x.ndim != 2 or x.shape[1] != d_in:
-    raise CqjaxError(f"lut_matmul: x must be [m, {d_in}], got {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise CqjaxError(f"lut_matmul: x must be floating point, got {x.dtype}")
-  if packed.dtype != jnp.uint8:
-    raise CqjaxError(f"lut_matmul: packed codes must be uint8, got {packed.dtype}")
-  if not 1 <= bits <= 8:
-    raise CqjaxError(f"lut_matmul: bits must be in [1, 8], got {bits}")
-  n = packed.shape[len(lead)] if packed.ndim == len(lead) + 2 else -1
-  want_packed = (*lead, n, (d_in * bits + 7) // 8)
-  if packed.shape != want_packed:
-    raise CqjaxError(f"lut_matmul: packed codes {packed.shape} do not fit {bits}-bit codes over d_in={d_in}; "
-                     f"expected {want_packed}")
-  if (centroids.ndim != len(lead) + 3 or centroids.shape[: len(lead) + 1] != (*lead, n)
-      or centroids.shape[-1] != 2 ** bits or d_in % centroids.shape[-2]):
-    raise CqjaxError(f"lut_matmul: centroids {centroids.shape} do not fit packed codes {packed.shape} "
-                     f"({2 ** bits} entries per group, groups dividing d_in={d_in})")
-  return n
+  return check_codebook_operands(op, x, packed, centroids, bits, d_in, lead)
 
 
 def _activations(x):
@@ -64,7 +48,7 @@ def _activations(x):
 
 def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
   """x [m, d_in] times one codebook weight -> [m, d_out] (d_in = x.shape[1])."""
-  n = _check(x, packed, centroids, bits, x.shape[-1], ())
+  n = _check("lut_matmul", x, packed, centroids, bits, x.shape[-1], ())
   call = jax.ffi.ffi_call("cqjax_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
   out = call(_activations(x), packed, centroids.astype(jnp.float32), bits=np.int32(bits))
   return out.astype(x.dtype)
@@ -74,7 +58,7 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
                        group_sizes: jax.Array) -> jax.Array:
   """x [t, d_in] rows sorted by expert times stacked codebook weights -> [t, d_out]."""
   e = packed.shape[0] if packed.ndim == 3 else -1
-  n = _check(x, packed, centroids, bits, x.shape[-1], (e,))
+  n = _check("grouped_lut_matmul", x, packed, centroids, bits, x.shape[-1], (e,))
   if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
     raise CqjaxError(f"grouped_lut_matmul: group_sizes must be integers [{e}], got {group_sizes.dtype}{group_sizes.shape}")
   call = jax.ffi.ffi_call("cqjax_grouped_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))

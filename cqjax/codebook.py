@@ -87,3 +87,29 @@ def dequantize(w: CodebookWeight, dtype=None) -> jax.Array:
   rows = jnp.take_along_axis(w.centroids, codes, axis=-1)  # [..., d_out, groups, group_size]
   rows = rows.reshape(*rows.shape[:-2], w.d_in)
   return jnp.swapaxes(rows, -1, -2).astype(dtype or w.centroids.dtype)
+
+
+def check_codebook_operands(op: str, x, packed, centroids, bits: int, d_in: int, lead: tuple[int, ...]) -> int:
+  """Trace-time checks shared by every kernel wrapper (CPU and GPU); returns d_out.
+
+  x [m, d_in] floating; packed uint8 [*lead, d_out, ceil(d_in*bits/8)];
+  centroids [*lead, d_out, groups, 2^bits] with groups dividing d_in. Errors name `op` and the operand.
+  """
+  if x.ndim != 2 or x.shape[1] != d_in:
+    raise CqjaxError(f"{op}: x must be [m, {d_in}], got {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise CqjaxError(f"{op}: x must be floating point, got {x.dtype}")
+  if packed.dtype != jnp.uint8:
+    raise CqjaxError(f"{op}: packed codes must be uint8, got {packed.dtype}")
+  if not 1 <= bits <= 8:
+    raise CqjaxError(f"{op}: bits must be in [1, 8], got {bits}")
+  n = packed.shape[len(lead)] if packed.ndim == len(lead) + 2 else -1
+  want_packed = (*lead, n, (d_in * bits + 7) // 8)
+  if packed.shape != want_packed:
+    raise CqjaxError(f"{op}: packed codes {packed.shape} do not fit {bits}-bit codes over d_in={d_in}; "
+                     f"expected {want_packed}")
+  if (centroids.ndim != len(lead) + 3 or centroids.shape[: len(lead) + 1] != (*lead, n)
+      or centroids.shape[-1] != 2 ** bits or d_in % centroids.shape[-2]):
+    raise CqjaxError(f"{op}: centroids {centroids.shape} do not fit packed codes {packed.shape} "
+                     f"({2 ** bits} entries per group, groups dividing d_in={d_in})")
+  return n

@@ -1,8 +1,9 @@
 """The one dispatcher through which the model multiplies by a kernel that may be quantized.
 
 Dense arrays take XLA's dot / ragged_dot. A `CodebookWeight` takes, on the CPU backend, the C++
-FFI kernel of cpu_kernels/ (when the package build compiled it), and otherwise the jnp reference
-(unpack + gather + dot) that every kernel is tested against. Kernels compute the forward pass
+FFI kernel of cpu_kernels/ (when the package build compiled it), on GPUs the Pallas kernels of
+pallas_kernels/ (1-, 2-, 4- and 8-bit codes), and otherwise the jnp reference (unpack + gather +
+dot) that every kernel is tested against. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference.
 """
@@ -36,63 +37,76 @@ def grouped_lut_matmul_reference(x: jax.Array, w: CodebookWeight, group_sizes: j
   return jax.lax.ragged_dot(x, dequantize(w, x.dtype), group_sizes)
 
 
-def _cpu_kernel_available() -> bool:
-  if os.environ.get("CQJAX_KERNELS", "auto") == "reference" or jax.default_backend() != "cpu":
-    return False
-  from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
-  return cpu.available()
+def _kernels():
+  """The kernel module for this backend (same signatures in both), or None for the reference:
+  cpu_kernels on the CPU backend when built, pallas_kernels on GPUs."""
+  if os.environ.get("CQJAX_KERNELS", "auto") == "reference":
+    return None
+  backend = jax.default_backend()
+  if backend == "cpu":
+    from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
+    return cpu if cpu.available() else None
+  if backend == "gpu":
+    from pallas_kernels import lut_matmul as gpu  # pylint: disable=g-import-not-at-top
+    return gpu
+  return None
+
+
+def _supports(kernels, w: CodebookWeight) -> bool:
+  return kernels is not None and w.bits in getattr(kernels, "SUPPORTED_BITS", range(1, 9))
 
 
 def _no_cotangent(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cpu_lut_matmul(bits, x, packed, centroids):
-  from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
-  return cpu.lut_matmul(x, packed, centroids, bits)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_matmul(kernels, bits, x, packed, centroids):
+  return kernels.lut_matmul(x, packed, centroids, bits)
 
 
-def _cpu_lut_matmul_fwd(bits, x, packed, centroids):
-  return _cpu_lut_matmul(bits, x, packed, centroids), (x, packed, centroids)
+def _kernel_matmul_fwd(kernels, bits, x, packed, centroids):
+  return _kernel_matmul(kernels, bits, x, packed, centroids), (x, packed, centroids)
 
 
-def _cpu_lut_matmul_bwd(bits, res, g):
+def _kernel_matmul_bwd(kernels, bits, res, g):
+  del kernels
   x, packed, centroids = res
   ref = lambda x, c: lut_matmul_reference(x, CodebookWeight(packed, c, bits, x.shape[-1]))
   dx, dc = jax.vjp(ref, x, centroids)[1](g)
   return dx, _no_cotangent(packed), dc
 
 
-_cpu_lut_matmul.defvjp(_cpu_lut_matmul_fwd, _cpu_lut_matmul_bwd)
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cpu_grouped(bits, x, packed, centroids, group_sizes):
-  from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
-  return cpu.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_grouped(kernels, bits, x, packed, centroids, group_sizes):
+  return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
-def _cpu_grouped_fwd(bits, x, packed, centroids, group_sizes):
-  return _cpu_grouped(bits, x, packed, centroids, group_sizes), (x, packed, centroids, group_sizes)
+def _kernel_grouped_fwd(kernels, bits, x, packed, centroids, group_sizes):
+  return _kernel_grouped(kernels, bits, x, packed, centroids, group_sizes), (x, packed, centroids, group_sizes)
 
 
-def _cpu_grouped_bwd(bits, res, g):
+def _kernel_grouped_bwd(kernels, bits, res, g):
+  del kernels
   x, packed, centroids, group_sizes = res
   ref = lambda x, c: grouped_lut_matmul_reference(x, CodebookWeight(packed, c, bits, x.shape[-1]), group_sizes)
   dx, dc = jax.vjp(ref, x, centroids)[1](g)
   return dx, _no_cotangent(packed), dc, _no_cotangent(group_sizes)
 
 
-_cpu_grouped.defvjp(_cpu_grouped_fwd, _cpu_grouped_bwd)
+_kernel_grouped.defvjp(_kernel_grouped_fwd, _kernel_grouped_bwd)
 
 
 def lut_matmul(x: jax.Array, w) -> jax.Array:
   """x [..., d_in] @ w [d_in, d_out] -> [..., d_out]."""
   if not isinstance(w, CodebookWeight):
     return x @ w
-  if w.packed.ndim == 2 and _cpu_kernel_available():
-    y = _cpu_lut_matmul(w.bits, x.reshape(-1, w.d_in), w.packed, w.centroids)
+  kernels = _kernels()
+  if w.packed.ndim == 2 and _supports(kernels, w):
+    y = _kernel_matmul(kernels, w.bits, x.reshape(-1, w.d_in), w.packed, w.centroids)
     return y.reshape(*x.shape[:-1], y.shape[-1])
   return lut_matmul_reference(x, w)
 
@@ -101,6 +115,7 @@ def grouped_lut_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
   """x [m, d_in] rows sorted by expert; w [experts, d_in, d_out]; the ragged_dot contract."""
   if not isinstance(w, CodebookWeight):
     return jax.lax.ragged_dot(x, w, group_sizes)
-  if _cpu_kernel_available():
-    return _cpu_grouped(w.bits, x, w.packed, w.centroids, group_sizes)
+  kernels = _kernels()
+  if _supports(kernels, w):
+    return _kernel_grouped(kernels, w.bits, x, w.packed, w.centroids, group_sizes)
   return grouped_lut_matmul_reference(x, w, group_sizes)

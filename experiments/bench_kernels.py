@@ -1,0 +1,223 @@
+"""GPU benchmark of the Pallas codebook matmuls (pallas_kernels/) against XLA in the same run.
+
+  python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--out=DIR]
+
+Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
+768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
+experts top-8 (Qwen3 shapes) at decode batch 1..64, random routing. Baselines: XLA bf16 `dot` /
+`ragged_dot` on dense weights, and XLA's own unpack + gather + dot of the same codes (the jnp
+reference). Every timing is one jitted call over `sets` distinct weights (more bytes than the L2
+holds), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
+GPU), median of `repeats` such batches, reported per weight. GB/s counts the codes and codebooks
+read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
+shapes on the Mixtral shapes; --decode times greedy decoding of the small reference model's
+architecture, bf16 vs 4-bit codebooks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cqjax.codebook import CodebookWeight
+from cqjax.lut_matmul import grouped_lut_matmul_reference, lut_matmul_reference
+from pallas_kernels import lut_matmul as pk
+
+BITS = 4
+
+
+def _per_call_us(fn, args, repeats=7, calls=20) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / calls * 1e6)
+  return statistics.median(times)
+
+
+def copy_bandwidth_gbs() -> float:
+  a = jax.random.normal(jax.random.key(0), (256 << 20,), jnp.float32)  # 1 GiB
+  us = _per_call_us(jax.jit(lambda a: a * 2), (a,), calls=10)
+  return 2 * a.nbytes / us / 1e3
+
+
+def _codebook(key, lead, k, n) -> CodebookWeight:
+  kp, kc = jax.random.split(key)
+  packed = jax.random.randint(kp, (*lead, n, k * BITS // 8), 0, 256, jnp.int32).astype(jnp.uint8)
+  cent = jax.random.normal(kc, (*lead, n, 1, 2 ** BITS), jnp.float32).astype(jnp.bfloat16)
+  return CodebookWeight(packed, cent, BITS, k)
+
+
+def _code_bytes(w: CodebookWeight) -> int:
+  return w.packed.nbytes + w.centroids.nbytes
+
+
+def _rel_err(got, ref) -> float:
+  got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
+  """The default and its neighbours: column block, K step, warps, then how far K is split."""
+  base = pk.default_tuning(m, k, n, BITS)
+  out = [base]
+  for bn in (16, 32, 64, 128):
+    for bk in (256, 512, 1024):
+      for warps in (4, 8):
+        programs = -(-n // bn) * -(-m // base.block_m)
+        splits = max(1, min(-(-k // bk), -(-2 * 132 // programs)))
+        out.append(dataclasses.replace(base, block_n=bn, block_k=bk, num_warps=warps, k_splits=splits))
+  for splits in (1, 2, 4, 8, 16):
+    out.append(dataclasses.replace(base, k_splits=splits))
+  return list(dict.fromkeys(out))
+
+
+def bench_single(k, n, ms, sets, sweep, bw):
+  key = jax.random.key(k * 7 + n)
+  weights = [_codebook(jax.random.fold_in(key, i), (), k, n) for i in range(sets)]
+  dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (k, n), jnp.bfloat16) for i in range(sets)]
+  bytes_codes = _code_bytes(weights[0])
+  bf16 = jax.jit(lambda x, ws: [x @ w for w in ws])
+  gather = jax.jit(lambda x, ws: [lut_matmul_reference(x, w) for w in ws])
+  rows = []
+  for m in ms:
+    x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, k), jnp.bfloat16)
+    t_bf16 = _per_call_us(bf16, (x, dense)) / sets
+    t_gather = _per_call_us(gather, (x, weights)) / sets
+    err = _rel_err(pk.lut_matmul(x, weights[0].packed, weights[0].centroids, BITS),
+                   lut_matmul_reference(x.astype(jnp.float32), weights[0]))
+    tunings = sweep_candidates(m, k, n) if sweep else [pk.default_tuning(m, k, n, BITS)]
+    results = []
+    for t in tunings:
+      f = jax.jit(lambda x, ws, t=t: [pk.lut_matmul(x, w.packed, w.centroids, BITS, tuning=t) for w in ws])
+      try:
+        results.append((_per_call_us(f, (x, weights), repeats=5 if sweep else 7) / sets, t))
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  {k}x{n} M={m} {t}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    t_default = results[0][0]  # the default tuning comes first
+    best, best_t = min(results, key=lambda r: r[0])
+    row = dict(k=k, n=n, m=m, bf16_us=t_bf16, xla_gather_us=t_gather, kernel_us=t_default, best_us=best,
+               best_tuning=dataclasses.asdict(best_t), rel_err=err, gbs=bytes_codes / t_default / 1e3,
+               pct_copy=100 * bytes_codes / t_default / 1e3 / bw, speedup_vs_bf16=t_bf16 / t_default,
+               floor_us=bytes_codes / bw / 1e3)
+    rows.append(row)
+    print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  xla-gather {t_gather:7.1f}  kernel {t_default:6.1f} us "
+          f"({row['speedup_vs_bf16']:4.2f}x bf16, {row['gbs']:5.0f} GB/s = {row['pct_copy']:3.0f}% of copy; "
+          f"best {best:6.1f} {best_t}) err {err:.1e}", flush=True)
+  return rows
+
+
+def _routing(key, batch, experts, top_k):
+  """Random top-k routing of `batch` tokens -> group sizes [experts] of the batch*top_k copies."""
+  scores = jax.random.uniform(key, (batch, experts))
+  ids = jax.lax.top_k(scores, top_k)[1].reshape(-1)
+  return jnp.bincount(ids, length=experts).astype(jnp.int32)
+
+
+def bench_grouped(name, experts, top_k, k, n, batches, sets, bw):
+  key = jax.random.key(experts * 31 + k)
+  weights = [_codebook(jax.random.fold_in(key, i), (experts,), k, n) for i in range(sets)]
+  dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (experts, k, n), jnp.bfloat16) for i in range(sets)]
+  per_expert = _code_bytes(weights[0]) / experts
+  ragged = jax.jit(lambda x, ws, gs: [jax.lax.ragged_dot(x, w, gs) for w in ws])
+  gather = jax.jit(lambda x, ws, gs: [grouped_lut_matmul_reference(x, w, gs) for w in ws])
+  kern = jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
+  rows = []
+  for b in batches:
+    gs = _routing(jax.random.fold_in(key, b), b, experts, top_k)
+    x = jax.random.normal(jax.random.fold_in(key, 2000 + b), (b * top_k, k), jnp.bfloat16)
+    active = int(jnp.sum(gs > 0))
+    t_ragged = _per_call_us(ragged, (x, dense, gs)) / sets
+    t_gather = _per_call_us(gather, (x, weights, gs)) / sets
+    t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
+    err = _rel_err(pk.grouped_lut_matmul(x, weights[0].packed, weights[0].centroids, BITS, gs),
+                   grouped_lut_matmul_reference(x.astype(jnp.float32), weights[0], gs))
+    read = active * per_expert
+    row = dict(name=name, experts=experts, top_k=top_k, k=k, n=n, batch=b, active_experts=active,
+               ragged_bf16_us=t_ragged, xla_gather_us=t_gather, kernel_us=t_kernel, rel_err=err,
+               speedup_vs_ragged=t_ragged / t_kernel, gbs=read / t_kernel / 1e3, pct_copy=100 * read / t_kernel / 1e3 / bw)
+    rows.append(row)
+    print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  xla-gather {t_gather:8.1f}  "
+          f"kernel {t_kernel:6.1f} us ({row['speedup_vs_ragged']:5.2f}x, {row['gbs']:5.0f} GB/s of active "
+          f"experts = {row['pct_copy']:3.0f}% of copy) err {err:.1e}", flush=True)
+  return rows
+
+
+def bench_decode(batches, new_tokens=64, prompt_len=32):
+  """Greedy decode of the small reference architecture (random weights: speed does not depend on
+  the values), bf16 vs every MoE and attention kernel as 4-bit RTN codebooks."""
+  from cqjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
+  from cqjax.kmeans import rtn_quantize  # pylint: disable=g-import-not-at-top
+  from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
+  from cqjax.quantize_weights import quantize_scope  # pylint: disable=g-import-not-at-top
+  from experiments.train_reference import SIZES  # pylint: disable=g-import-not-at-top
+
+  cfg = ModelConfig.from_hf_dict(SIZES["small"].hf_config())
+  model = MoeCausalLM(cfg, jnp.bfloat16)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  quant = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, BITS))
+  quant = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, quant)
+  out = []
+  for b in batches:
+    prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
+    run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
+    row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len}
+    for name, p in (("bf16", params), ("codebook_w4", quant)):
+      us = _per_call_us(run, (p, prompt), repeats=5, calls=3)
+      row[f"{name}_tokens_per_s"] = b * new_tokens / (us * 1e-6)
+    row["speedup"] = row["codebook_w4_tokens_per_s"] / row["bf16_tokens_per_s"]
+    print(f"decode small arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s, 4-bit "
+          f"{row['codebook_w4_tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x; {new_tokens} new tokens after "
+          f"a {prompt_len}-token prefill)", flush=True)
+    out.append(row)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="fewer M values and batches")
+  ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes")
+  ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
+  ap.add_argument("--skip_matmul", action="store_true")
+  ap.add_argument("--sets", type=int, default=8)
+  ap.add_argument("--out", default="experiments/results/bench-kernels")
+  args = ap.parse_args()
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  bw = copy_bandwidth_gbs()
+  print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)
+  ms = (1, 16, 128) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128)
+  batches = (1, 16) if args.quick else (1, 4, 16, 64)
+  result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw}
+  if not args.skip_matmul:
+    single = []
+    for k, n in ((4096, 14336), (14336, 4096), (2048, 768), (768, 2048), (4096, 4096)):
+      single += bench_single(k, n, ms, args.sets, False, bw)
+    result["single"] = single
+    result["grouped"] = (bench_grouped("mixtral", 8, 2, 4096, 14336, batches, args.sets, bw)
+                         + bench_grouped("mixtral", 8, 2, 14336, 4096, batches, args.sets, bw)
+                         + bench_grouped("qwen3", 128, 8, 2048, 768, batches, args.sets, bw)
+                         + bench_grouped("qwen3", 128, 8, 768, 2048, batches, args.sets, bw))
+  if args.sweep:
+    result["sweep"] = [row for k, n in ((4096, 14336), (14336, 4096))
+                       for row in bench_single(k, n, (1, 16), args.sets, True, bw)]
+  if args.decode:
+    result["decode"] = bench_decode((1, 16))
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

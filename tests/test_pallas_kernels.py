@@ -1,0 +1,151 @@
+"""The Pallas codebook matmuls against the jnp reference: on CPU through `interpret=True`, compiled
+where a GPU is present (the same tests, run on the H100: BENCHMARKS.md)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cqjax.codebook import dequantize, from_codes
+from cqjax.errors import CqjaxError
+from pallas_kernels import lut_matmul as pk
+from pallas_kernels.lut_matmul import LutTuning
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+
+
+def _weight(rng, lead, n, k, bits, group):
+  codes = jnp.asarray(rng.integers(0, 2 ** bits, (*lead, n, k)))
+  cent = jnp.asarray(rng.normal(size=(*lead, n, k // group, 2 ** bits)), jnp.float32)
+  return from_codes(codes, cent, bits)
+
+
+def _close(got, ref, dtype):
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all()
+  # f32: the GPU's tensor cores at HIGHEST precision; bf16: one output rounding.
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
+
+
+def _reference(x, w, group_sizes=None):
+  """The product in float64 on the host (a GPU's own f32 dot may use tf32), with the centroids
+  rounded to x's dtype, as the kernels use them."""
+  dense = np.asarray(dequantize(w, x.dtype), np.float64)  # [..., d_in, d_out]
+  x64 = np.asarray(x, np.float64)
+  if group_sizes is None:
+    return x64 @ dense
+  out, start = np.zeros((x.shape[0], dense.shape[-1])), 0
+  for e, size in enumerate(np.asarray(group_sizes)):
+    out[start:start + size] = x64[start:start + size] @ dense[e]
+    start += size
+  return out
+
+
+# (k, n, bits, group): k and n off every block; per-row and column-group codebooks; 1/2/4/8 bits.
+SHAPES = [(272, 37, 4, 272), (200, 70, 4, 40), (96, 130, 2, 96), (80, 33, 8, 16), (136, 19, 1, 136)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("k,n,bits,group", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
+  rng = np.random.default_rng(m * 1000 + k + n + bits)
+  w = _weight(rng, (), n, k, bits, group)
+  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+  got = pk.lut_matmul(x, w.packed, w.centroids, bits, interpret=INTERPRET)
+  assert got.dtype == dtype and got.shape == (m, n)
+  _close(got, _reference(x, w), dtype)
+
+
+@pytest.mark.parametrize("tuning", [
+    LutTuning(block_m=16, block_n=16, block_k=32, k_splits=3),  # tensor cores at m=5, uneven splits
+    LutTuning(block_m=2, block_n=64, block_k=16, k_splits=7),   # FMA path, more splits than even
+    LutTuning(block_m=1, block_n=8, block_k=512, k_splits=1),   # one step covers all of K
+])
+def test_tunings_compute_the_same_function(tuning):
+  rng = np.random.default_rng(7)
+  w = _weight(rng, (), 45, 176, 4, 44)
+  x = jnp.asarray(rng.normal(size=(5, 176)), jnp.float32)
+  got = pk.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning, interpret=INTERPRET)
+  _close(got, _reference(x, w), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("bits,group", [(4, 48), (4, 16), (2, 48)])
+def test_grouped_matches_reference_with_empty_experts(dtype, bits, group):
+  rng = np.random.default_rng(bits + group)
+  w = _weight(rng, (5,), 23, 48, bits, group)
+  x = jnp.asarray(rng.normal(size=(21, 48)), dtype)
+  for sizes in ([3, 0, 6, 0, 2], [0, 0, 0, 0, 0], [21, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 17, 0, 0, 4]):
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = pk.grouped_lut_matmul(x, w.packed, w.centroids, bits, gs, interpret=INTERPRET)
+    assert got.dtype == dtype and got.shape == (21, 23)
+    _close(got, _reference(x, w, gs), dtype)
+    assert not np.asarray(got[sum(sizes):]).any()  # rows past the last group are zero
+
+
+def test_grouped_many_rows_per_expert_walks_row_blocks():
+  rng = np.random.default_rng(3)
+  w = _weight(rng, (3,), 17, 64, 4, 64)
+  x = jnp.asarray(rng.normal(size=(70, 64)), jnp.float32)
+  gs = jnp.asarray([37, 0, 33], jnp.int32)
+  tuning = LutTuning(block_m=16, block_n=16, block_k=32, k_splits=2)
+  got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, tuning=tuning, interpret=INTERPRET)
+  _close(got, _reference(x, w, gs), jnp.float32)
+
+
+def test_empty_batch():
+  rng = np.random.default_rng(0)
+  w = _weight(rng, (), 9, 32, 4, 32)
+  got = pk.lut_matmul(jnp.zeros((0, 32), jnp.float32), w.packed, w.centroids, 4, interpret=INTERPRET)
+  assert got.shape == (0, 9)
+
+
+def test_bad_inputs_raise_clear_errors():
+  rng = np.random.default_rng(1)
+  w = _weight(rng, (), 9, 32, 4, 32)
+  x = jnp.ones((2, 32), jnp.float32)
+  with pytest.raises(CqjaxError, match="3-bit codes are not supported"):
+    w3 = _weight(rng, (), 9, 32, 3, 32)
+    pk.lut_matmul(x, w3.packed, w3.centroids, 3, interpret=True)
+  with pytest.raises(CqjaxError, match="do not fit 4-bit codes over d_in=40"):
+    pk.lut_matmul(jnp.ones((2, 40)), w.packed, w.centroids, 4, interpret=True)
+  with pytest.raises(CqjaxError, match="packed codes must be uint8"):
+    pk.lut_matmul(x, w.packed.astype(jnp.int32), w.centroids, 4, interpret=True)
+  with pytest.raises(CqjaxError, match="centroids"):
+    pk.lut_matmul(x, w.packed, w.centroids[..., :8], 4, interpret=True)
+  with pytest.raises(CqjaxError, match="group_sizes must be integers"):
+    pk.grouped_lut_matmul(x, w.packed[None], w.centroids[None], 4, jnp.ones((2,), jnp.float32), interpret=True)
+  with pytest.raises(CqjaxError, match="block_n must be a power of two"):
+    LutTuning(block_m=1, block_n=24, block_k=64)
+
+
+def test_default_tuning_picks_fma_for_decode_and_tensor_cores_for_batches():
+  assert pk.default_tuning(1, 4096, 14336, 4).block_m == 1
+  assert pk.default_tuning(16, 4096, 14336, 4).block_m == 16
+  assert pk.default_tuning(128, 4096, 14336, 4).block_m == 128  # one decode of W for 128 rows
+  small_n = pk.default_tuning(1, 14336, 4096, 4)
+  assert small_n.k_splits > 1  # 128 column blocks alone would leave SMs idle
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the dispatcher picks the Pallas kernels on GPUs only")
+def test_model_on_gpu_uses_the_kernels_and_matches_the_reference(monkeypatch):
+  from conftest import TINY_DEFAULT
+  from cqjax.kmeans import rtn_quantize
+  from cqjax.load import load_params
+  from cqjax.model import MoeCausalLM
+  from cqjax.quantize_weights import quantize_scope
+
+  cfg, params = load_params(TINY_DEFAULT, jnp.float32)
+  q = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, 4))
+  model = MoeCausalLM(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)))
+  hlo = jax.jit(lambda p: model.apply({"params": p}, tokens)[0]).lower(q).as_text()
+  assert "cqjax_grouped_lut_matmul" in hlo and "cqjax_lut_matmul" in hlo
+  # float32 everywhere else too: XLA's default f32 dot on a GPU rounds through tf32.
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(lambda p: model.apply({"params": p}, tokens)[0])(q)
+    monkeypatch.setenv("CQJAX_KERNELS", "reference")
+    ref = jax.jit(lambda p: model.apply({"params": p}, tokens)[0])(q)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
