@@ -71,8 +71,8 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
   """The default and its neighbours: column block, K step, warps, then how far K is split."""
   base = pk.default_tuning(m, k, n, BITS)
   out = [base]
-  for bn in (16, 32, 64, 128):
-    for bk in (256, 512, 1024):
+  for bn in (16, 32, 64):
+    for bk in (512, 1024, 2048):
       for warps in (4, 8):
         programs = -(-n // bn) * -(-m // base.block_m)
         splits = max(1, min(-(-k // bk), -(-2 * 132 // programs)))

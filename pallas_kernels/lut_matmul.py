@@ -6,15 +6,19 @@
                        centroids [e, d_out, groups, 2^b], group_sizes int32 [e] -> [t, d_out]
                        (the `jax.lax.ragged_dot` contract; rows past the last group are zero)
 
-Codes of b in {1, 2, 4, 8} bits sit 8/b to a byte, low bits first, so byte j of a row holds the
-codes of inputs j*8/b ... j*8/b + 8/b - 1. Instead of interleaving decoded codes, the wrapper
-splits x into 8/b strided slices (xs[s, :, j] = x[:, j*8/b + s]: activations are small) and the
-kernel multiplies slice s by the weights decoded from bit field s of every byte.
+Codes of b in {1, 2, 4, 8} bits sit 8/b to a byte, low bits first. A row is read in uint32 words
+when it is a whole number of words (32/b codes a word), else in bytes. Instead of interleaving
+decoded codes, the wrapper splits x into strided slices (xs[s, :, u] = x[:, u*per_unit + s]:
+activations are small) and the kernel multiplies slice s by the weights decoded from bit field s
+of every unit.
 
-The decode is a gather through the flattened centroid table ref (`table[row*2^b + code]`): Pallas'
-Triton lowering has no value gather, but indexing a ref with an integer array lowers to a pointer
-load that hits L1, since one program reads only its rows' 2^b-entry codebooks. No dense bf16
-weight ever reaches device memory.
+Two decodes, no dense weight ever in device memory: 4-bit codes with bf16 activations (the
+GPU's serving case) decode in registers by byte permutes (`DECODE4_PTX`, inline PTX: 15
+instructions per four codes, plus two to widen each pair); everything else, and interpret mode,
+gathers through the flattened centroid table ref (`table[row*2^b + code]`: Pallas' Triton
+lowering has no value gather, but indexing a ref with an integer array lowers to a pointer load
+that hits L1; about 10 instructions a code in all, by ncu). Interpret mode cannot run PTX: on CPU
+the register decode is checked by a PTX interpreter test, compiled on GPUs by the same tests.
 
 One program owns `block_n` output columns, `block_m` rows of x and a 1/k_splits share of d_in,
 which it walks in steps of `block_k` inputs. block_m < 16 multiplies on the FMA units with an
@@ -78,76 +82,179 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int) -> LutTuning:
   return LutTuning(block_m, block_n, block_k, k_splits)
 
 
-def _accumulate(xs_ref, packed_ref, table_ref, *, expert, rows, row_ok, n0, n_ok, table_row0, step0, n_steps,
-                bits, groups, group_size, tuning):
-  """The K loop of one program: [block_m, block_n] float32 partial sums over n_steps steps.
-
-  xs_ref [8/b, m, bytes]; packed_ref [d_out, bytes], or [experts, d_out, bytes] read at `expert`;
-  table_ref flat [... * 2^b]; rows (a slice) / row_ok [block_m]: rows of xs this program reads;
-  table_row0 [block_n]: index of each column's first codebook (in codebooks of 2^b entries).
-  """
-  per_byte, entries = 8 // bits, 2 ** bits
-  bkb = tuning.block_k // per_byte
-  nbytes = packed_ref.shape[-1]
-  use_dot = tuning.block_m >= 16
-  f32 = xs_ref.dtype == jnp.float32
-
-  def step(i, acc):
-    b0 = (step0 + i) * bkb
-    byte = b0 + jnp.arange(bkb)
-    k_ok = byte < nbytes
-    lead = () if expert is None else (expert,)
-    codes = plgpu.load(packed_ref.at[(*lead, pl.ds(n0, tuning.block_n), pl.ds(b0, bkb))],
-                       mask=n_ok[:, None] & k_ok[None, :], other=0).astype(jnp.int32)
-    for s in range(per_byte):
-      code = codes >> (s * bits)
-      if s < per_byte - 1:  # the top field needs no mask
-        code = code & (entries - 1)
-      if groups == 1:
-        book = table_row0[:, None]
-      else:
-        group = jnp.minimum((byte * per_byte + s) // group_size, groups - 1)
-        book = table_row0[:, None] + group[None, :]
-      w = table_ref[book * entries + code]  # [block_n, bkb], gathered from L1
-      x = plgpu.load(xs_ref.at[jnp.int32(s), rows, pl.ds(b0, bkb)], mask=row_ok[:, None] & k_ok[None, :], other=0)
-      if use_dot:
-        acc = acc + plgpu.dot(x, w, trans_b=True,
-                           precision=jax.lax.Precision.HIGHEST if f32 else None)
-      else:
-        acc = acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None, :, :]
-    return acc
-
-  shape = (tuning.block_m, tuning.block_n) if use_dot else (tuning.block_m, tuning.block_n, bkb)
-  acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros(shape, jnp.float32))
-  return acc if use_dot else acc.sum(axis=-1)
+# Decodes four 4-bit codes (half of a uint32 word: bits 0-15, or 16-31 with shift 16) against a
+# row's 16-entry bf16 codebook held in eight registers: L0-L3 hold the entries' low bytes (entry
+# i in byte i%4 of L[i//4]), H0-H3 the high bytes. `prmt` picks bytes out of a register pair by
+# 3-bit selectors (c & 7) from entries 0-7 and from 8-15, a second `prmt` chooses per byte by code
+# bit 3 (selector 0x3210 + 4 * bit3), a third interleaves low and high bytes into bf16 pairs.
+# Operands: $0 the four bf16 values as one 64-bit register (code j in bits 16j..16j+15), $1 the
+# word, $2-$5 L0-L3, $6-$9 H0-H3. (One result per asm: Pallas lowers only single-result asm.)
+_DECODE4_HALF = """{{
+  .reg .b32 %s, %t, %a, %b, %l, %h, %w;
+  shr.b32 %w, $1, {shift};
+  and.b32 %s, %w, 0x7777;
+  shr.b32 %t, %w, 1;
+  and.b32 %t, %t, 0x4444;
+  or.b32 %t, %t, 0x3210;
+  prmt.b32 %a, $2, $3, %s;
+  prmt.b32 %b, $4, $5, %s;
+  prmt.b32 %l, %a, %b, %t;
+  prmt.b32 %a, $6, $7, %s;
+  prmt.b32 %b, $8, $9, %s;
+  prmt.b32 %h, %a, %b, %t;
+  prmt.b32 %a, %l, %h, 0x5140;
+  prmt.b32 %b, %l, %h, 0x7362;
+  mov.b64 $0, {{%a, %b}};
+}}"""
+DECODE4_PTX = tuple(_DECODE4_HALF.format(shift=shift) for shift in (0, 16))
 
 
-def _k_steps(nbytes: int, bits: int, tuning: LutTuning) -> tuple[int, int, int]:
-  """(steps in all, steps per split, splits) of the K loop over `nbytes` bytes of a row."""
-  total = -(-nbytes // (tuning.block_k // (8 // bits)))
+def decode4_registers(centroids_bf16: jax.Array) -> jax.Array:
+  """[..., 16] bf16 codebooks -> [..., 8] uint32: the L0-L3, H0-H3 registers of DECODE4_PTX."""
+  bits16 = jax.lax.bitcast_convert_type(centroids_bf16, jnp.uint16).astype(jnp.uint32)
+  planes = jnp.concatenate([bits16 & 0xFF, bits16 >> 8], axis=-1)  # [..., 32]: low bytes, then high
+  planes = planes.reshape(*planes.shape[:-1], 8, 4)
+  return jnp.sum(planes << (8 * jnp.arange(4, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
+
+
+def _decode4(words, regs):
+  """words uint32 [bn, bku], regs: eight uint32 [bn] -> eight float32 [bn, bku] (code s of each word)."""
+  args = [words] + [jnp.broadcast_to(r[:, None], words.shape) for r in regs]
+  values = []
+  for program in DECODE4_PTX:
+    with jax.enable_x64(True):  # the 64-bit result (signless for Triton), split at once into two bf16 pairs
+      (four,) = plgpu.elementwise_inline_asm(program, args=args, constraints="=l," + ",".join(["r"] * 9), pack=1,
+                                             result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int64)])
+      pairs = (four.astype(jnp.uint32), (four >> 32).astype(jnp.uint32))
+    for pair in pairs:
+      values += [jax.lax.bitcast_convert_type(pair << 16, jnp.float32),
+                 jax.lax.bitcast_convert_type(pair & jnp.uint32(0xFFFF0000), jnp.float32)]
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How one launch reads a row of codes (uint32 words or bytes) and decodes them."""
+
+  bits: int
+  groups: int
+  group_size: int
+  units: int        # row length in load units
+  unit_bytes: int   # 4 (uint32 words) or 1 (bytes)
+  registers: bool   # decode with DECODE4_PTX (else gather through the flat table ref)
+
+  @property
+  def per_unit(self) -> int:
+    return 8 * self.unit_bytes // self.bits
+
+
+def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool) -> _Layout:
+  if bits not in SUPPORTED_BITS:
+    raise CqjaxError(f"Pallas lut_matmul: {bits}-bit codes are not supported (codes must not straddle bytes: "
+                     f"bits in {SUPPORTED_BITS}); use the reference")
+  nbytes, groups = packed.shape[-1], centroids.shape[-2]
+  group_size = x.shape[1] // groups
+  # Register decode: compiled only (inline PTX), bf16 activations (its values are bf16), one
+  # codebook per K step.
+  registers = (not interpret and bits == 4 and nbytes % 4 == 0 and x.dtype == jnp.bfloat16
+               and group_size % tuning.block_k == 0 and tuning.block_k >= 8)
+  # Words wherever they were verified compiled: bf16 tensor-core dots fed by word-unit *gathers*
+  # gave wrong sums on the H100 (jax 0.11.2, Triton 3.6; cause not found), so that case reads bytes.
+  words = nbytes % 4 == 0 and tuning.block_k >= 32 // bits and (registers or tuning.block_m < 16
+                                                                 or x.dtype == jnp.float32)
+  unit_bytes = 4 if words else 1
+  if tuning.block_k < 8 * unit_bytes // bits:
+    raise CqjaxError(f"LutTuning.block_k={tuning.block_k} is below one byte of {bits}-bit codes")
+  return _Layout(bits, groups, group_size, nbytes // unit_bytes, unit_bytes, registers)
+
+
+def _codes(packed: jax.Array, lay: _Layout) -> jax.Array:
+  """packed uint8 [..., bytes] viewed in load units (a free bitcast for words)."""
+  if lay.unit_bytes == 1:
+    return packed
+  return jax.lax.bitcast_convert_type(packed.reshape(*packed.shape[:-1], lay.units, 4), jnp.uint32)
+
+
+def _table(centroids: jax.Array, dtype, lay: _Layout) -> jax.Array:
+  """What the decode reads, rounded to the activations' dtype as the reference rounds it: the
+  flat table [... * 2^b] for the gather, or the decode4 registers [..., groups, 8, d_out]."""
+  table = centroids.astype(dtype)
+  if not lay.registers:
+    return table.reshape(-1)
+  return jnp.moveaxis(decode4_registers(table), -3, -1)  # [..., d_out, groups, 8] -> [..., groups, 8, d_out]
+
+
+def _split_activations(x: jax.Array, lay: _Layout, rows: int) -> jax.Array:
+  """x [m, d_in] -> xs [codes per unit, rows, units], xs[s, :, u] = x[:, u*per_unit + s], zero
+  past d_in and past m (rows past m are read by the last block, never stored)."""
+  x = jnp.pad(x, ((0, rows - x.shape[0]), (0, lay.units * lay.per_unit - x.shape[1])))
+  return jnp.moveaxis(x.reshape(rows, lay.units, lay.per_unit), 2, 0)
+
+
+def _k_steps(lay: _Layout, tuning: LutTuning) -> tuple[int, int, int]:
+  """(steps in all, steps per split, splits) of the K loop."""
+  total = -(-lay.units // (tuning.block_k // lay.per_unit))
   per_split = -(-total // tuning.k_splits)
   return total, per_split, -(-total // per_split)
 
 
-def _split_activations(x: jax.Array, bits: int, nbytes: int) -> jax.Array:
-  """x [m, d_in] -> xs [8/b, m, bytes] with xs[s, :, j] = x[:, j*8/b + s] (zero past d_in)."""
-  per_byte = 8 // bits
-  x = jnp.pad(x, ((0, 0), (0, nbytes * per_byte - x.shape[1])))
-  return jnp.moveaxis(x.reshape(x.shape[0], nbytes, per_byte), 2, 0)
+def _load(ref, mask):
+  """A load, masked (zeros outside) only where the shape needs it: unmasked loads vectorise."""
+  return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
-def _check_bits(bits: int, tuning: LutTuning):
-  if bits not in SUPPORTED_BITS:
-    raise CqjaxError(f"Pallas lut_matmul: {bits}-bit codes are not supported (codes must not straddle bytes: "
-                     f"bits in {SUPPORTED_BITS}); use the reference")
-  if tuning.block_k < 8 // bits:
-    raise CqjaxError(f"LutTuning.block_k={tuning.block_k} is below one byte of {bits}-bit codes")
+def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, rows, n0, n_ok, book0, step0, n_steps,
+                tuning, masked_n, masked_k):
+  """The K loop of one program: [block_m, block_n] float32 partial sums over n_steps steps.
 
+  xs_ref [codes per unit, rows, units]; packed_ref [d_out, units], or [experts, d_out, units] read
+  at `expert`; table_ref: the flat centroid table (gather) or the decode4 registers
+  [experts?, groups, 8, d_out]; rows: the slice of xs rows this program reads; n0 / n_ok
+  [block_n]: its first output column and which columns are in range; book0 [block_n]: index of
+  each column's first codebook in the flat table (clamped into range).
+  """
+  per_unit, entries = lay.per_unit, 2 ** lay.bits
+  bku = tuning.block_k // per_unit
+  use_dot = tuning.block_m >= 16
+  f32 = xs_ref.dtype == jnp.float32
+  lead = () if expert is None else (expert,)
 
-def _table(centroids: jax.Array, dtype) -> jax.Array:
-  """The flat centroid table in the activations' dtype, rounded as the reference rounds it (a
-  float32 table for bf16 activations measured 10% slower at M=1: twice the L1 bytes per gather)."""
-  return centroids.astype(dtype).reshape(-1)
+  def step(i, acc):
+    u0 = (step0 + i) * bku
+    unit = u0 + jnp.arange(bku)
+    k_ok = unit < lay.units
+    mask = None
+    if masked_n or masked_k:
+      mask = (n_ok[:, None] if masked_n else True) & (k_ok[None, :] if masked_k else True)
+    codes = _load(packed_ref.at[(*lead, pl.ds(n0, tuning.block_n), pl.ds(u0, bku))], mask)
+    if lay.registers:
+      group = u0 * per_unit // lay.group_size
+      regs = [_load(table_ref.at[(*lead, group, jnp.int32(j), pl.ds(n0, tuning.block_n))],
+                    n_ok if masked_n else None) for j in range(8)]
+      values = _decode4(codes, regs)
+    else:
+      codes = codes.astype(jnp.uint32)
+      values = []
+      for s in range(per_unit):
+        code = codes >> (s * lay.bits) if s else codes
+        if s < per_unit - 1:  # the top field needs no mask
+          code = code & (entries - 1)
+        book = book0[:, None]
+        if lay.groups > 1:
+          book = book + jnp.minimum((unit * per_unit + s) // lay.group_size, lay.groups - 1)[None, :]
+        values.append(table_ref[book * entries + code.astype(jnp.int32)])  # [block_n, bku], from L1
+    for s, w in enumerate(values):
+      x = _load(xs_ref.at[jnp.int32(s), rows, pl.ds(u0, bku)], k_ok[None, :] if masked_k else None)
+      if use_dot:
+        acc = acc + plgpu.dot(x, w.astype(x.dtype), trans_b=True,
+                              precision=jax.lax.Precision.HIGHEST if f32 else None)
+      else:
+        acc = acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None, :, :]
+    return acc
+
+  shape = (tuning.block_m, tuning.block_n) if use_dot else (tuning.block_m, tuning.block_n, bku)
+  acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros(shape, jnp.float32))
+  return acc if use_dot else acc.sum(axis=-1)
 
 
 def _params(tuning: LutTuning):
@@ -161,31 +268,31 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
   m, d_in = x.shape
   d_out = check_codebook_operands("Pallas lut_matmul", x, packed, centroids, bits, d_in, ())
   tuning = tuning or default_tuning(max(m, 1), d_in, d_out, bits)
-  _check_bits(bits, tuning)
+  lay = _layout(x, packed, centroids, bits, tuning, interpret)
   if m == 0:
     return jnp.zeros((0, d_out), x.dtype)
-  nbytes, groups = packed.shape[-1], centroids.shape[-2]
-  xs = _split_activations(x, bits, nbytes)
-  total, per_split, splits = _k_steps(nbytes, bits, tuning)
+  total, per_split, splits = _k_steps(lay, tuning)
+  bm, bn = tuning.block_m, tuning.block_n
+  xs = _split_activations(x, lay, pl.cdiv(m, bm) * bm)
+  masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
 
   def kernel(xs_ref, packed_ref, table_ref, out_ref):
     pm, pn, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = pm * tuning.block_m + jnp.arange(tuning.block_m)
-    cols = pn * tuning.block_n + jnp.arange(tuning.block_n)
-    row_ok, n_ok = rows < m, cols < d_out
-    acc = _accumulate(xs_ref, packed_ref, table_ref, expert=None, rows=pl.ds(pm * tuning.block_m, tuning.block_m),
-                      row_ok=row_ok, n0=pn * tuning.block_n, n_ok=n_ok,
-                      table_row0=jnp.minimum(cols, d_out - 1) * groups, step0=ps * per_split,
-                      n_steps=jnp.minimum(per_split, total - ps * per_split), bits=bits, groups=groups,
-                      group_size=d_in // groups, tuning=tuning)
-    plgpu.store(out_ref.at[ps, pl.ds(pm * tuning.block_m, tuning.block_m), pl.ds(pn * tuning.block_n, tuning.block_n)],
-                acc, mask=row_ok[:, None] & n_ok[None, :])
+    rows = pm * bm + jnp.arange(bm)
+    cols = pn * bn + jnp.arange(bn)
+    n_ok = cols < d_out
+    acc = _accumulate(xs_ref, packed_ref, table_ref, lay=lay, expert=None, rows=pl.ds(pm * bm, bm), n0=pn * bn,
+                      n_ok=n_ok, book0=jnp.minimum(cols, d_out - 1) * lay.groups, step0=ps * per_split,
+                      n_steps=jnp.minimum(per_split, total - ps * per_split), tuning=tuning, masked_n=masked_n,
+                      masked_k=masked_k)
+    plgpu.store(out_ref.at[ps, pl.ds(pm * bm, bm), pl.ds(pn * bn, bn)], acc,
+                mask=(rows < m)[:, None] & n_ok[None, :])
 
-  grid = (pl.cdiv(m, tuning.block_m), pl.cdiv(d_out, tuning.block_n), splits)
   partials = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((splits, m, d_out), jnp.float32), grid=grid,
+      kernel, out_shape=jax.ShapeDtypeStruct((splits, m, d_out), jnp.float32),
+      grid=(pl.cdiv(m, bm), pl.cdiv(d_out, bn), splits),
       compiler_params=_params(tuning), interpret=interpret, name="cqjax_lut_matmul",
-  )(xs, packed, _table(centroids, x.dtype))
+  )(xs, _codes(packed, lay), _table(centroids, x.dtype, lay))
   return partials.sum(axis=0).astype(x.dtype)
 
 
@@ -216,40 +323,40 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   # Rows per expert if spread evenly; past one row per token, random routing gives some experts two.
   per_row = max(1, -(-t // e)) if t <= e // 2 or t == 1 else max(2, -(-t // e))
   tuning = tuning or default_tuning(per_row, d_in, d_out, bits)
-  _check_bits(bits, tuning)
+  lay = _layout(x, packed, centroids, bits, tuning, interpret)
   if t == 0:
     return jnp.zeros((0, d_out), x.dtype)
-  nbytes, groups = packed.shape[-1], centroids.shape[-2]
-  xs = _split_activations(x, bits, nbytes)
-  total, per_split, splits = _k_steps(nbytes, bits, tuning)
+  total, per_split, splits = _k_steps(lay, tuning)
+  bm, bn = tuning.block_m, tuning.block_n
+  xs = _split_activations(x, lay, t + bm)  # a row block may run past the last row
+  masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
   slots = min(t, e)
   slot_expert, slot_start, slot_rows = _expert_slots(group_sizes.astype(jnp.int32), slots)
 
   def kernel(expert_ref, start_ref, rows_ref, xs_ref, packed_ref, table_ref, out_ref):
     slot, pn, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     expert, start, count = expert_ref[slot], start_ref[slot], rows_ref[slot]
-    cols = pn * tuning.block_n + jnp.arange(tuning.block_n)
+    cols = pn * bn + jnp.arange(bn)
     n_ok = cols < d_out
-    table_row0 = (expert * d_out + jnp.minimum(cols, d_out - 1)) * groups
+    book0 = (expert * d_out + jnp.minimum(cols, d_out - 1)) * lay.groups
 
     def row_block(rb, carry):
-      r0 = start + rb * tuning.block_m
-      row_ok = r0 + jnp.arange(tuning.block_m) < start + count
-      acc = _accumulate(xs_ref, packed_ref, table_ref, expert=expert, rows=pl.ds(r0, tuning.block_m), row_ok=row_ok,
-                        n0=pn * tuning.block_n, n_ok=n_ok, table_row0=table_row0, step0=ps * per_split,
-                        n_steps=jnp.minimum(per_split, total - ps * per_split), bits=bits, groups=groups,
-                        group_size=d_in // groups, tuning=tuning)
-      plgpu.store(out_ref.at[ps, pl.ds(r0, tuning.block_m), pl.ds(pn * tuning.block_n, tuning.block_n)],
-                  acc, mask=row_ok[:, None] & n_ok[None, :])
+      r0 = start + rb * bm
+      row_ok = r0 + jnp.arange(bm) < start + count
+      acc = _accumulate(xs_ref, packed_ref, table_ref, lay=lay, expert=expert, rows=pl.ds(r0, bm), n0=pn * bn,
+                        n_ok=n_ok, book0=book0, step0=ps * per_split,
+                        n_steps=jnp.minimum(per_split, total - ps * per_split), tuning=tuning, masked_n=masked_n,
+                        masked_k=masked_k)
+      plgpu.store(out_ref.at[ps, pl.ds(r0, bm), pl.ds(pn * bn, bn)], acc, mask=row_ok[:, None] & n_ok[None, :])
       return carry
 
-    jax.lax.fori_loop(0, pl.cdiv(count, tuning.block_m), row_block, 0)
+    jax.lax.fori_loop(0, pl.cdiv(count, bm), row_block, 0)
 
-  grid = (slots, pl.cdiv(d_out, tuning.block_n), splits)
+  grid = (slots, pl.cdiv(d_out, bn), splits)
   partials = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((splits, t, d_out), jnp.float32), grid=grid,
       compiler_params=_params(tuning), interpret=interpret, name="cqjax_grouped_lut_matmul",
-  )(slot_expert, slot_start, slot_rows, xs, packed, _table(centroids, x.dtype))
+  )(slot_expert, slot_start, slot_rows, xs, _codes(packed, lay), _table(centroids, x.dtype, lay))
   # Rows outside every group are written by no program.
   covered = jnp.arange(t) < jnp.sum(group_sizes)
   return jnp.where(covered[:, None], partials.sum(axis=0), 0).astype(x.dtype)

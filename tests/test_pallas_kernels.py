@@ -59,14 +59,14 @@ def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
 
 
 @pytest.mark.parametrize("tuning", [
-    LutTuning(block_m=16, block_n=16, block_k=32, k_splits=3),  # tensor cores at m=5, uneven splits
+    LutTuning(block_m=16, block_n=16, block_k=128, k_splits=3),  # tensor cores at m=5, uneven splits
     LutTuning(block_m=2, block_n=64, block_k=16, k_splits=7),   # FMA path, more splits than even
     LutTuning(block_m=1, block_n=8, block_k=512, k_splits=1),   # one step covers all of K
 ])
 def test_tunings_compute_the_same_function(tuning):
   rng = np.random.default_rng(7)
-  w = _weight(rng, (), 45, 176, 4, 44)
-  x = jnp.asarray(rng.normal(size=(5, 176)), jnp.float32)
+  w = _weight(rng, (), 45, 464, 4, 116)
+  x = jnp.asarray(rng.normal(size=(5, 464)), jnp.float32)
   got = pk.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning, interpret=INTERPRET)
   _close(got, _reference(x, w), jnp.float32)
 
@@ -90,9 +90,63 @@ def test_grouped_many_rows_per_expert_walks_row_blocks():
   w = _weight(rng, (3,), 17, 64, 4, 64)
   x = jnp.asarray(rng.normal(size=(70, 64)), jnp.float32)
   gs = jnp.asarray([37, 0, 33], jnp.int32)
-  tuning = LutTuning(block_m=16, block_n=16, block_k=32, k_splits=2)
+  tuning = LutTuning(block_m=16, block_n=16, block_k=128, k_splits=2)
   got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, tuning=tuning, interpret=INTERPRET)
   _close(got, _reference(x, w, gs), jnp.float32)
+
+
+def _run_ptx(program: str, operands: dict) -> dict:
+  """A numpy interpreter of the PTX subset DECODE4_PTX uses (and, or, shr, prmt on b32; mov.b64
+  of a register pair)."""
+  regs = dict(operands)
+  val = lambda tok: regs[tok] if tok[0] in "%$" else np.uint32(int(tok, 0))
+  for line in program.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line[0] in "{}." or line.startswith(".reg"):
+      continue
+    op, rest = line.split(None, 1)
+    if op == "mov.b64":  # $d, {lo, hi}
+      dst, pair = rest.split(",", 1)
+      lo, hi = (regs[t.strip()] for t in pair.strip(" {}").split(","))
+      regs[dst.strip()] = lo.astype(np.uint64) | (hi.astype(np.uint64) << np.uint64(32))
+      continue
+    dst, *src = [t.strip() for t in rest.split(",")]
+    a = [val(t) for t in src]
+    if op == "and.b32":
+      regs[dst] = a[0] & a[1]
+    elif op == "or.b32":
+      regs[dst] = a[0] | a[1]
+    elif op == "shr.b32":
+      regs[dst] = a[0] >> a[1]
+    elif op == "prmt.b32":  # default mode: byte k of dst = byte (sel nibble k & 7) of {b, a}
+      pool = np.stack([(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)])
+      out = np.zeros_like(a[0])
+      for k in range(4):
+        sel = np.broadcast_to((a[2] >> np.uint32(4 * k)) & np.uint32(0xF), out.shape)
+        assert not np.any(sel & 8), "sign-replicate mode is not used"
+        out |= (np.take_along_axis(pool, sel[None].astype(np.int64), 0)[0] << np.uint32(8 * k)).astype(np.uint32)
+      regs[dst] = out.astype(np.uint32)
+    else:
+      raise AssertionError(f"unexpected instruction {op}")
+  return regs
+
+
+def test_register_decode_program_decodes_every_code():
+  """The inline PTX of the bf16 4-bit decode, run by an interpreter: four codes per program,
+  each its row's bf16 centroid (compiled, it runs in the GPU tests)."""
+  rng = np.random.default_rng(5)
+  n = 4096
+  books = jnp.asarray(rng.normal(size=(n, 16)), jnp.bfloat16)
+  words = rng.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+  regs = np.asarray(pk.decode4_registers(books))
+  operands = {"$1": words, **{f"${2 + j}": regs[:, j] for j in range(8)}}
+  books16 = np.asarray(books).view(np.uint16)
+  for half, program in enumerate(pk.DECODE4_PTX):
+    out = _run_ptx(program, operands)["$0"]
+    for j in range(4):
+      code = (words >> np.uint32(4 * (4 * half + j))) & 15
+      got = (out >> np.uint64(16 * j)) & np.uint64(0xFFFF)
+      np.testing.assert_array_equal(got.astype(np.uint16), books16[np.arange(n), code])
 
 
 def test_empty_batch():
