@@ -13,6 +13,15 @@ TINY_DEFAULT = os.path.join(REPO, "experiments", "assets", "tiny-mixtral-imdb")
 TEST_TEXT = os.path.join(REPO, "tests", "data", "wikitext2_valid_excerpt.txt")
 
 
+def random_codebook_weight(rng, lead, n, k, bits, group):
+  """A CodebookWeight of random codes and normal centroids: W [*lead, k, n], codebooks of `group` inputs."""
+  import jax.numpy as jnp
+  from cqjax.codebook import from_codes
+  codes = jnp.asarray(rng.integers(0, 2 ** bits, (*lead, n, k)))
+  cent = jnp.asarray(rng.normal(size=(*lead, n, k // group, 2 ** bits)), jnp.float32)
+  return from_codes(codes, cent, bits)
+
+
 def _mixtral_config(**kw):
   from transformers import MixtralConfig
   return MixtralConfig(vocab_size=211, hidden_size=48, intermediate_size=40, num_hidden_layers=2,

@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_DEFAULT
+from conftest import TINY_DEFAULT, random_codebook_weight
 from cpu_kernels import lut_matmul as cpu
-from cqjax.codebook import from_codes
 from cqjax.errors import CqjaxError
 from cqjax.kmeans import kmeans_quantize
 from cqjax.load import load_params
@@ -15,12 +14,6 @@ from cqjax.model import MoeCausalLM
 from cqjax.quantize_weights import quantize_scope
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="cpu_kernels extension not built")
-
-
-def _weight(rng, lead, n, k, bits, group):
-  codes = jnp.asarray(rng.integers(0, 2 ** bits, (*lead, n, k)))
-  cent = jnp.asarray(rng.normal(size=(*lead, n, k // group, 2 ** bits)), jnp.float32)
-  return from_codes(codes, cent, bits)
 
 
 # (m, k, n, bits, group): k and n off every tile; 1-4-bit codes in groups of 16k take the AVX-512
@@ -35,7 +28,7 @@ CASES = [(m, k, n, bits, group) for m in (1, 2, 7, 32) for (k, n, bits, group) i
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
   rng = np.random.default_rng(m * 1000 + k + n + bits)
-  w = _weight(rng, (), n, k, bits, group)
+  w = random_codebook_weight(rng, (), n, k, bits, group)
   x = jnp.asarray(rng.normal(size=(m, k)), dtype)
   got = jax.jit(cpu.lut_matmul, static_argnums=3)(x, w.packed, w.centroids, bits)
   ref = lut_matmul_reference(x.astype(jnp.float32), w)
@@ -47,7 +40,7 @@ def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
 @pytest.mark.parametrize("bits,group", [(4, 48), (3, 48)])
 def test_grouped_matches_reference_with_empty_experts(bits, group):
   rng = np.random.default_rng(bits)
-  w = _weight(rng, (5,), 23, 48, bits, group)
+  w = random_codebook_weight(rng, (5,), 23, 48, bits, group)
   x = jnp.asarray(rng.normal(size=(13, 48)), jnp.float32)
   for sizes in ([3, 0, 6, 0, 2], [0, 0, 0, 0, 0], [13, 0, 0, 0, 0], [1, 1, 1, 1, 1]):
     gs = jnp.asarray(sizes, jnp.int32)
@@ -58,13 +51,13 @@ def test_grouped_matches_reference_with_empty_experts(bits, group):
 
 
 def test_empty_batch():
-  w = _weight(np.random.default_rng(0), (), 8, 32, 4, 32)
+  w = random_codebook_weight(np.random.default_rng(0), (), 8, 32, 4, 32)
   assert cpu.lut_matmul(jnp.zeros((0, 32)), w.packed, w.centroids, 4).shape == (0, 8)
 
 
 def test_bad_inputs_raise_errors_not_crashes():
   rng = np.random.default_rng(0)
-  w = _weight(rng, (), 8, 32, 4, 16)
+  w = random_codebook_weight(rng, (), 8, 32, 4, 16)
   x = jnp.ones((2, 32))
   with pytest.raises(CqjaxError, match="do not fit 4-bit codes over d_in=40"):
     cpu.lut_matmul(jnp.ones((2, 40)), w.packed, w.centroids, 4)
@@ -78,7 +71,7 @@ def test_bad_inputs_raise_errors_not_crashes():
     cpu.lut_matmul(x, w.packed, w.centroids[..., :8], 4)
   with pytest.raises(CqjaxError, match="must be floating point"):
     cpu.lut_matmul(x.astype(jnp.int32), w.packed, w.centroids, 4)
-  stacked = _weight(rng, (3,), 8, 32, 4, 32)
+  stacked = random_codebook_weight(rng, (3,), 8, 32, 4, 32)
   with pytest.raises(CqjaxError, match="group_sizes must be integers"):
     cpu.grouped_lut_matmul(x, stacked.packed, stacked.centroids, 4, jnp.ones((3,)))
   # Group sizes are data, so the handler checks them when it runs.
@@ -104,7 +97,7 @@ def test_quantized_model_uses_kernel_and_matches_reference(monkeypatch):
 def test_centroid_gradients_through_kernel_equal_reference(monkeypatch):
   from cqjax.lut_matmul import grouped_lut_matmul
   rng = np.random.default_rng(3)
-  w = _weight(rng, (4,), 24, 64, 4, 64)
+  w = random_codebook_weight(rng, (4,), 24, 64, 4, 64)
   x = jnp.asarray(rng.normal(size=(10, 64)), jnp.float32)
   gs = jnp.asarray([3, 0, 5, 2], jnp.int32)
   loss = lambda c, x: jnp.sum(jnp.tanh(grouped_lut_matmul(x, type(w)(w.packed, c, 4, 64), gs)))

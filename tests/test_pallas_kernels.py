@@ -5,19 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cqjax.codebook import dequantize, from_codes
+from conftest import random_codebook_weight
+from cqjax.codebook import dequantize
 from cqjax.errors import CqjaxError
 from pallas_kernels import lut_matmul as pk
 from pallas_kernels.lut_matmul import LutTuning
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
-
-
-def _weight(rng, lead, n, k, bits, group):
-  codes = jnp.asarray(rng.integers(0, 2 ** bits, (*lead, n, k)))
-  cent = jnp.asarray(rng.normal(size=(*lead, n, k // group, 2 ** bits)), jnp.float32)
-  return from_codes(codes, cent, bits)
 
 
 def _close(got, ref, dtype):
@@ -51,7 +46,7 @@ SHAPES = [(272, 37, 4, 272), (200, 70, 4, 40), (96, 130, 2, 96), (80, 33, 8, 16)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
   rng = np.random.default_rng(m * 1000 + k + n + bits)
-  w = _weight(rng, (), n, k, bits, group)
+  w = random_codebook_weight(rng, (), n, k, bits, group)
   x = jnp.asarray(rng.normal(size=(m, k)), dtype)
   got = pk.lut_matmul(x, w.packed, w.centroids, bits, interpret=INTERPRET)
   assert got.dtype == dtype and got.shape == (m, n)
@@ -65,7 +60,7 @@ def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
 ])
 def test_tunings_compute_the_same_function(tuning):
   rng = np.random.default_rng(7)
-  w = _weight(rng, (), 45, 464, 4, 116)
+  w = random_codebook_weight(rng, (), 45, 464, 4, 116)
   x = jnp.asarray(rng.normal(size=(5, 464)), jnp.float32)
   got = pk.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning, interpret=INTERPRET)
   _close(got, _reference(x, w), jnp.float32)
@@ -75,7 +70,7 @@ def test_tunings_compute_the_same_function(tuning):
 @pytest.mark.parametrize("bits,group", [(4, 48), (4, 16), (2, 48)])
 def test_grouped_matches_reference_with_empty_experts(dtype, bits, group):
   rng = np.random.default_rng(bits + group)
-  w = _weight(rng, (5,), 23, 48, bits, group)
+  w = random_codebook_weight(rng, (5,), 23, 48, bits, group)
   x = jnp.asarray(rng.normal(size=(21, 48)), dtype)
   for sizes in ([3, 0, 6, 0, 2], [0, 0, 0, 0, 0], [21, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 17, 0, 0, 4]):
     gs = jnp.asarray(sizes, jnp.int32)
@@ -87,7 +82,7 @@ def test_grouped_matches_reference_with_empty_experts(dtype, bits, group):
 
 def test_grouped_many_rows_per_expert_walks_row_blocks():
   rng = np.random.default_rng(3)
-  w = _weight(rng, (3,), 17, 64, 4, 64)
+  w = random_codebook_weight(rng, (3,), 17, 64, 4, 64)
   x = jnp.asarray(rng.normal(size=(70, 64)), jnp.float32)
   gs = jnp.asarray([37, 0, 33], jnp.int32)
   tuning = LutTuning(block_m=16, block_n=16, block_k=128, k_splits=2)
@@ -151,17 +146,17 @@ def test_register_decode_program_decodes_every_code():
 
 def test_empty_batch():
   rng = np.random.default_rng(0)
-  w = _weight(rng, (), 9, 32, 4, 32)
+  w = random_codebook_weight(rng, (), 9, 32, 4, 32)
   got = pk.lut_matmul(jnp.zeros((0, 32), jnp.float32), w.packed, w.centroids, 4, interpret=INTERPRET)
   assert got.shape == (0, 9)
 
 
 def test_bad_inputs_raise_clear_errors():
   rng = np.random.default_rng(1)
-  w = _weight(rng, (), 9, 32, 4, 32)
+  w = random_codebook_weight(rng, (), 9, 32, 4, 32)
   x = jnp.ones((2, 32), jnp.float32)
   with pytest.raises(CqjaxError, match="3-bit codes are not supported"):
-    w3 = _weight(rng, (), 9, 32, 3, 32)
+    w3 = random_codebook_weight(rng, (), 9, 32, 3, 32)
     pk.lut_matmul(x, w3.packed, w3.centroids, 3, interpret=True)
   with pytest.raises(CqjaxError, match="do not fit 4-bit codes over d_in=40"):
     pk.lut_matmul(jnp.ones((2, 40)), w.packed, w.centroids, 4, interpret=True)
