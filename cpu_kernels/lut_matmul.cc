@@ -11,10 +11,17 @@
 // rate. Wider codes, groups that are not multiples of 16 and CPUs without AVX-512 decode a row into
 // a per-thread buffer (allocated once per call, outside the hot loop) and take vectorised dot
 // products. Threads split the output rows.
+//
+// Opt-in int8 path (attribute int8 = 1; 4-bit codes, groups of 64k, AVX512-VNNI + VBMI): each
+// activation row is rounded to int8 with its own absmax scale and each group's 16 centroids to
+// int8 with theirs; `vpermb` decodes 64 codes into 64 int8 weights and `vpdpbusd` takes 64
+// products per instruction (activations offset by +128 to the unsigned operand, the offset
+// removed with the weights' sum). Other shapes and CPUs take the float paths.
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -32,6 +39,8 @@ namespace {
 struct Problem {
   const float* x;         // [m, k] (f32 activations), or null when xb is set
   const uint16_t* xb;     // [m, k] bf16 activations, for the bf16 dot-product path
+  const uint8_t* xu8;     // [m, k] int8 activations + 128, for the int8 path (else null)
+  const float* xscale;    // [m] their scales
   const uint8_t* packed;  // [n, row_bytes]
   const float* cent;      // [n, groups, 2^bits]
   float* out;             // [m, n]
@@ -210,12 +219,68 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16(const Probl
   }
 }
 
+bool UseInt8(const Problem& p) {
+  static const bool cpu = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return cpu && p.xu8 != nullptr && p.bits == 4 && (p.k / p.groups) % 64 == 0;
+}
+
+// Symmetric int8 rounding of n values: scale = absmax / 127 (1 for all zeros), q = round(v / scale).
+inline float Int8Scale(const float* v, int64_t n) {
+  float amax = 0;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  return amax > 0 ? amax / 127.0f : 1.0f;
+}
+
+// 64 four-bit codes (32 bytes) -> 64 int8 weights from the 16-entry int8 table (low 16 bytes).
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline __m512i Decode64Int8(const uint8_t* p, __m512i table) {
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi16(0x000F)),
+                                      _mm512_and_si512(_mm512_slli_epi16(b, 4), _mm512_set1_epi16(0x0F00)));
+  return _mm512_permutexvar_epi8(idx, table);
+}
+
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) void RowsInt8Tile(const Problem& p, int64_t n, int64_t m0) {
+  const int64_t g = p.k / p.groups;
+  const uint8_t* row = p.packed + n * p.row_bytes;
+  const __m512i ones = _mm512_set1_epi8(1);
+  float res[MT] = {0};
+  for (int64_t gi = 0; gi < p.groups; ++gi) {
+    const float* c = p.cent + (n * p.groups + gi) * 16;
+    const float sc = Int8Scale(c, 16);
+    alignas(64) int8_t tab[64] = {0};
+    for (int j = 0; j < 16; ++j) tab[j] = static_cast<int8_t>(std::nearbyint(c[j] / sc));
+    const __m512i table = _mm512_load_si512(tab);
+    __m512i acc[MT], sumw = _mm512_setzero_si512();
+    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_si512();
+    for (int64_t i = gi * g; i < (gi + 1) * g; i += 64) {
+      const __m512i w = Decode64Int8(row + i / 2, table);
+      sumw = _mm512_dpbusd_epi32(sumw, ones, w);
+      for (int t = 0; t < MT; ++t)
+        acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_loadu_si512(p.xu8 + (m0 + t) * p.k + i), w);
+    }
+    const int32_t offset = 128 * _mm512_reduce_add_epi32(sumw);
+    for (int t = 0; t < MT; ++t) res[t] += sc * static_cast<float>(_mm512_reduce_add_epi32(acc[t]) - offset);
+  }
+  for (int t = 0; t < MT; ++t) p.out[(m0 + t) * p.n + n] = res[t] * p.xscale[m0 + t];
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) void RowsInt8(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 8 <= p.m; m += 8) RowsInt8Tile<8>(p, n, m);
+    for (; m + 4 <= p.m; m += 4) RowsInt8Tile<4>(p, n, m);
+    for (; m < p.m; ++m) RowsInt8Tile<1>(p, n, m);
+  }
+}
+
 // Splits the output rows over threads when the work pays for starting them.
 void Run(const Problem& p) {
   if (p.m == 0 || p.n == 0) return;
   static void (*const avx512[])(const Problem&, int64_t, int64_t) = {
       nullptr, RowsAvx512<1>, RowsAvx512<2>, RowsAvx512<3>, RowsAvx512<4>};
-  auto rows = UseBf16Dot(p) ? RowsBf16 : UseAvx512(p) ? avx512[p.bits] : RowsGeneric;
+  auto rows = UseInt8(p) ? RowsInt8 : UseBf16Dot(p) ? RowsBf16 : UseAvx512(p) ? avx512[p.bits] : RowsGeneric;
   const int64_t work = p.n * p.k * std::max<int64_t>(p.m, 4);
   const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
   const int64_t threads = std::min<int64_t>({hw, p.n / 16 + 1, work / (1 << 20) + 1});
@@ -244,7 +309,22 @@ struct Activations {
   const float* f32 = nullptr;
   const uint16_t* bf16 = nullptr;
   std::vector<float> widened;
+  std::vector<uint8_t> u8;     // int8 path: round(x / scale) + 128 per row
+  std::vector<float> scale;    // int8 path: per-row scale
 };
+
+// Rows of k activations rounded to int8 (offset to unsigned) with their per-row scales.
+void QuantizeActivations(Activations& a, int64_t m, int64_t k) {
+  a.u8.resize(m * k);
+  a.scale.resize(m);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = a.f32 + r * k;
+    const float s = Int8Scale(xr, k);
+    a.scale[r] = s;
+    for (int64_t i = 0; i < k; ++i)
+      a.u8[r * k + i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(xr[i] / s)) + 128);
+  }
+}
 
 ffi::Error ReadActivations(ffi::AnyBuffer x, Activations& a) {
   if (x.element_type() == ffi::DataType::F32) {
@@ -264,19 +344,24 @@ ffi::Error ReadActivations(ffi::AnyBuffer x, Activations& a) {
 }
 
 ffi::Error LutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> cent,
-                         ffi::ResultBuffer<ffi::F32> out, int32_t bits) {
+                         ffi::ResultBuffer<ffi::F32> out, int32_t bits, int32_t int8) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = cent.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || pd.size() != 2 || cd.size() != 3 || od.size() != 2)
     return ffi::Error::InvalidArgument("lut_matmul: expected x [m,k], packed [n,bytes], centroids [n,groups,c]");
   if (cd[0] != pd[0] || od[0] != xd[0] || od[1] != pd[0])
     return ffi::Error::InvalidArgument("lut_matmul: inconsistent shapes");
   if (auto e = CheckWeight(xd[1], pd[1], cd[1], cd[2], bits); e.failure()) return e;
-  Problem p{nullptr, nullptr, packed.typed_data(), cent.typed_data(), out->typed_data(), xd[0], xd[1], pd[0],
-            pd[1], cd[1], bits};
+  Problem p{nullptr, nullptr, nullptr, nullptr, packed.typed_data(), cent.typed_data(), out->typed_data(), xd[0],
+            xd[1], pd[0], pd[1], cd[1], bits};
   Activations a;
   if (auto e = ReadActivations(x, a); e.failure()) return e;
   p.x = a.f32;
   p.xb = a.bf16;
+  if (int8) {
+    QuantizeActivations(a, xd[0], xd[1]);
+    p.xu8 = a.u8.data();
+    p.xscale = a.scale.data();
+  }
   Run(p);
   return ffi::Error::Success();
 }
@@ -284,7 +369,8 @@ ffi::Error LutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buf
 // Rows of x sorted by expert, group_sizes[e] of them for expert e (the ragged_dot contract);
 // an expert with no rows costs nothing, rows past the last group are zero.
 ffi::Error GroupedLutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> cent,
-                                ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out, int32_t bits) {
+                                ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out, int32_t bits,
+                                int32_t int8) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = cent.dimensions(), od = out->dimensions();
   const auto gd = group_sizes.dimensions();
   if (xd.size() != 2 || pd.size() != 3 || cd.size() != 4 || gd.size() != 1 || od.size() != 2)
@@ -303,10 +389,12 @@ ffi::Error GroupedLutMatmulImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, f
   if (total > t) return ffi::Error::InvalidArgument("grouped_lut_matmul: group sizes add up to more rows than x has");
   Activations a;
   if (auto err = ReadActivations(x, a); err.failure()) return err;
+  if (int8) QuantizeActivations(a, t, k);
   float* o = out->typed_data();
   int64_t start = 0;
   for (int64_t i = 0; i < e; ++i) {
     Run(Problem{a.f32 ? a.f32 + start * k : nullptr, a.bf16 ? a.bf16 + start * k : nullptr,
+                int8 ? a.u8.data() + start * k : nullptr, int8 ? a.scale.data() + start : nullptr,
                 packed.typed_data() + i * n * pd[2], cent.typed_data() + i * n * cd[2] * cd[3], o + start * n,
                 sizes[i], k, n, pd[2], cd[2], bits});
     start += sizes[i];
@@ -323,7 +411,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LutMatmul, LutMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("bits"));
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("int8"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedLutMatmul, GroupedLutMatmulImpl,
                               ffi::Ffi::Bind()
@@ -332,7 +421,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupedLutMatmul, GroupedLutMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("bits"));
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("int8"));
 
 NB_MODULE(_lut_matmul, m) {
   m.def("registrations", []() {

@@ -6,7 +6,10 @@ Both ops take the packed format of cqjax/codebook.py directly:
            group_sizes int32 [e] -> [t, d_out]
 float32 activations are computed in float32 throughout; bfloat16 activations stay bf16 and meet
 bf16-rounded centroids in bf16 dot products with float32 accumulation where the CPU has
-AVX512-BF16 (4-bit codes, groups of 32k), else they are widened. The result has x's dtype. Shapes and dtypes are checked here, at trace time, with errors that name the
+AVX512-BF16 (4-bit codes, groups of 32k), else they are widened. `int8=True` (the dispatcher's
+`CQJAX_KERNELS=int8`) rounds each activation row and each codebook to int8 with absmax scales and
+takes int8 dot products where the CPU has AVX512-VNNI (4-bit codes, groups of 64k): other
+numerics, defined by `int8_reference`. The result has x's dtype. Shapes and dtypes are checked here, at trace time, with errors that name the
 operand; the handlers check again and reject bad group sizes at run time, so no input reaches
 memory it should not.
 """
@@ -46,16 +49,16 @@ def _activations(x):
   return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
 
 
-def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
+def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int, int8: bool = False) -> jax.Array:
   """x [m, d_in] times one codebook weight -> [m, d_out] (d_in = x.shape[1])."""
   n = _check("lut_matmul", x, packed, centroids, bits, x.shape[-1], ())
   call = jax.ffi.ffi_call("cqjax_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
-  out = call(_activations(x), packed, centroids.astype(jnp.float32), bits=np.int32(bits))
+  out = call(_activations(x), packed, centroids.astype(jnp.float32), bits=np.int32(bits), int8=np.int32(int8))
   return out.astype(x.dtype)
 
 
 def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
-                       group_sizes: jax.Array) -> jax.Array:
+                       group_sizes: jax.Array, int8: bool = False) -> jax.Array:
   """x [t, d_in] rows sorted by expert times stacked codebook weights -> [t, d_out]."""
   e = packed.shape[0] if packed.ndim == 3 else -1
   n = _check("grouped_lut_matmul", x, packed, centroids, bits, x.shape[-1], (e,))
@@ -63,5 +66,42 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
     raise CqjaxError(f"grouped_lut_matmul: group_sizes must be integers [{e}], got {group_sizes.dtype}{group_sizes.shape}")
   call = jax.ffi.ffi_call("cqjax_grouped_lut_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
   out = call(_activations(x), packed, centroids.astype(jnp.float32), group_sizes.astype(jnp.int32),
-             bits=np.int32(bits))
+             bits=np.int32(bits), int8=np.int32(int8))
   return out.astype(x.dtype)
+
+
+class Int8:
+  """The kernels with int8 numerics, as the dispatcher takes them (`CQJAX_KERNELS=int8`)."""
+
+  lut_matmul = staticmethod(functools.partial(lut_matmul, int8=True))
+  grouped_lut_matmul = staticmethod(functools.partial(grouped_lut_matmul, int8=True))
+
+
+def int8_supported(bits: int, d_in: int, groups: int) -> bool:
+  """Whether `int8=True` takes the int8 path for this weight (else the float path runs)."""
+  return bits == 4 and (d_in // groups) % 64 == 0
+
+
+def _int8_round(v, axis):
+  amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+  scale = jnp.where(amax > 0, amax / np.float32(127), np.float32(1))
+  return jnp.round(v / scale).astype(jnp.int32), scale
+
+
+def int8_reference(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
+  """What `lut_matmul(..., int8=True)` computes on the int8 path, in jnp (float32 [m, d_out]):
+  x rows and each group's codebook rounded to int8 (scale absmax / 127), exact integer dot
+  products per group, then y = sx * sum over groups (in order) of sc * dot."""
+  from cqjax.codebook import unpack_codes  # pylint: disable=g-import-not-at-top
+  d_in = x.shape[1]
+  groups = centroids.shape[-2]
+  xq, sx = _int8_round(x.astype(jnp.float32), -1)                 # [m, d_in], [m, 1]
+  cq, sc = _int8_round(centroids.astype(jnp.float32), -1)         # [n, G, 16], [n, G, 1]
+  codes = unpack_codes(packed, bits, d_in).reshape(packed.shape[0], groups, -1)
+  wq = jnp.take_along_axis(cq, codes, axis=-1)                    # [n, G, group]
+  dots = jnp.einsum("mgj,ngj->mng", xq.reshape(x.shape[0], groups, d_in // groups), wq,
+                    preferred_element_type=jnp.int32).astype(jnp.float32)
+  y = jnp.zeros(dots.shape[:2], jnp.float32)
+  for g in range(groups):
+    y = y + sc[None, :, g, 0] * dots[:, :, g]
+  return y * sx

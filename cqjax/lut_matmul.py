@@ -5,7 +5,10 @@ FFI kernel of cpu_kernels/ (when the package build compiled it), on GPUs the Pal
 pallas_kernels/ (1-, 2-, 4- and 8-bit codes), and otherwise the jnp reference (unpack + gather +
 dot) that every kernel is tested against. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
-VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference.
+VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
+`CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (cpu_kernels/lut_matmul.py).
+The variable is read when a function is traced: set it before the first call, or call
+`jax.clear_caches()` after changing it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jax
 import numpy as np
 
 from cqjax.codebook import CodebookWeight, dequantize
+from cqjax.errors import CqjaxError
 
 
 def kernel_param(module: nn.Module, name: str, init, shape, dtype):
@@ -39,13 +43,19 @@ def grouped_lut_matmul_reference(x: jax.Array, w: CodebookWeight, group_sizes: j
 
 def _kernels():
   """The kernel module for this backend (same signatures in both), or None for the reference:
-  cpu_kernels on the CPU backend when built, pallas_kernels on GPUs."""
-  if os.environ.get("CQJAX_KERNELS", "auto") == "reference":
+  cpu_kernels on the CPU backend when built (its int8 numerics with CQJAX_KERNELS=int8),
+  pallas_kernels on GPUs."""
+  mode = os.environ.get("CQJAX_KERNELS", "auto")
+  if mode not in ("auto", "reference", "int8"):
+    raise CqjaxError(f"CQJAX_KERNELS must be auto, reference or int8, got {mode!r}")
+  if mode == "reference":
     return None
   backend = jax.default_backend()
   if backend == "cpu":
     from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
-    return cpu if cpu.available() else None
+    if not cpu.available():
+      return None
+    return cpu.Int8 if mode == "int8" else cpu
   if backend == "gpu":
     from pallas_kernels import lut_matmul as gpu  # pylint: disable=g-import-not-at-top
     return gpu

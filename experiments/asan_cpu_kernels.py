@@ -19,9 +19,15 @@ def main():
   for bits, group in [(4, 48), (3, 48)]:
     t.test_grouped_matches_reference_with_empty_experts(bits, group)
     n += 1
+  for m in (1, 2, 7, 32):
+    for shape in ((256, 37, 256), (512, 19, 128), (192, 70, 64)):
+      for dtype in (jnp.float32, jnp.bfloat16):
+        t.test_int8_path_matches_its_reference(m, *shape, dtype)
+        n += 1
+  t.test_int8_grouped_and_fallback()
   t.test_empty_batch()
   t.test_bad_inputs_raise_errors_not_crashes()
-  print(f"{n + 2} kernel test cases passed")
+  print(f"{n + 3} kernel test cases passed")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,56 @@ def test_centroid_gradients_through_kernel_equal_reference(monkeypatch):
   ref = jax.grad(loss, argnums=(0, 1))(w.centroids, x)
   for a, b in zip(got, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 32])
+@pytest.mark.parametrize("k,n,group", [(256, 37, 256), (512, 19, 128), (192, 70, 64)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_path_matches_its_reference(m, k, n, group, dtype):
+  rng = np.random.default_rng(m + k + n)
+  w = random_codebook_weight(rng, (), n, k, 4, group)
+  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+  assert cpu.int8_supported(4, k, k // group)
+  got = jax.jit(lambda x: cpu.lut_matmul(x, w.packed, w.centroids, 4, int8=True))(x)
+  ref = cpu.int8_reference(x, w.packed, w.centroids, 4)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the output's rounding
+  np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol, atol=tol * float(jnp.abs(ref).max()))
+  # Really other numerics: int8 rounding moves the result off the float path's.
+  exact = lut_matmul_reference(x.astype(jnp.float32), w)
+  assert float(jnp.abs(ref - exact).max()) > 1e-4 * float(jnp.abs(exact).max())
+
+
+def test_int8_grouped_and_fallback():
+  rng = np.random.default_rng(11)
+  w = random_codebook_weight(rng, (4,), 21, 128, 4, 64)
+  x = jnp.asarray(rng.normal(size=(9, 128)), jnp.float32)
+  gs = jnp.asarray([3, 0, 5, 0], jnp.int32)
+  got = cpu.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, int8=True)
+  start = 0
+  for e, size in enumerate([3, 0, 5, 0]):
+    ref = cpu.int8_reference(x[start:start + size], w.packed[e], w.centroids[e], 4)
+    np.testing.assert_allclose(got[start:start + size], ref, rtol=1e-5, atol=1e-5)
+    start += size
+  assert not np.asarray(got[8:]).any()
+  # Shapes the int8 path does not take (3-bit codes; groups of 48) run the float path.
+  for bits, group in ((3, 48), (4, 48)):
+    v = random_codebook_weight(rng, (), 13, 96, bits, group)
+    assert not cpu.int8_supported(bits, 96, 96 // group)
+    got = cpu.lut_matmul(x[:, :96], v.packed, v.centroids, bits, int8=True)
+    np.testing.assert_allclose(got, lut_matmul_reference(x[:, :96], v), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatcher_int8_mode(monkeypatch):
+  from cqjax.lut_matmul import grouped_lut_matmul, lut_matmul
+  rng = np.random.default_rng(12)
+  w = random_codebook_weight(rng, (), 30, 128, 4, 128)
+  stacked = random_codebook_weight(rng, (3,), 30, 128, 4, 64)
+  x = jnp.asarray(rng.normal(size=(6, 128)), jnp.float32)
+  gs = jnp.asarray([2, 0, 4], jnp.int32)
+  monkeypatch.setenv("CQJAX_KERNELS", "int8")
+  np.testing.assert_allclose(lut_matmul(x, w), cpu.int8_reference(x, w.packed, w.centroids, 4), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grouped_lut_matmul(x, stacked, gs)[:2],
+                             cpu.int8_reference(x[:2], stacked.packed[0], stacked.centroids[0], 4), rtol=1e-5, atol=1e-5)
+  monkeypatch.setenv("CQJAX_KERNELS", "fast")
+  with pytest.raises(CqjaxError, match="CQJAX_KERNELS must be auto, reference or int8"):
+    lut_matmul(x, w)
