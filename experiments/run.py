@@ -200,8 +200,9 @@ def _rotation_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report,
     for s, row in enumerate(per_layer):
       row["mse"][key] = float(sq_err[s] / count)
       row["max_over_rms"][key] = float(amax[s] / np.sqrt(sq[s] / count))
-    rotated = folded if r is None else rotate_params(folded_cfg, folded, r)
-    _perplexities(cfg, quantized_model, rotated, eval_sets, key, report)
+    if not _measured(report, key, eval_sets):  # a resumed run keeps what it measured
+      rotated = folded if r is None else rotate_params(folded_cfg, folded, r)
+      _perplexities(cfg, quantized_model, rotated, eval_sets, key, report)
   report["rotation"] = {
       "act_quant": {"bits": act.bits, "group_size": act.group_size, "symmetric": act.symmetric,
                     "scope": act.scope},

@@ -156,3 +156,19 @@ def test_export_stage_killed_then_resumed_matches_an_uninterrupted_run(tmp_path)
                   "export_bits: was 'w4a4', now 'w3a4'")
   r = _run(*_EXPORT_RUN, f"--config.output_dir={cut}", "--config.export_bits=w3a4", "--config.resume=False")
   assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_rotate_stage_resumed_keeps_its_perplexities(tmp_path):
+  args = (f"--config.eval_texts={TEST_TEXT}", "--config.seqlen=128", "--config.max_eval_windows=2",
+          f"--config.calib_text={TEST_TEXT}", "--config.calib_samples=8", "--config.calib_seqlen=32",
+          "--config.aos_epochs=1", "--config.aos_batch_size=4", "--config.stages=rotate",
+          f"--config.output_dir={tmp_path}")
+  first = _run(*args)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert "learned_rotation_w16a4 ppl" in first.stderr  # the W16A4 evaluations ran
+  before = json.loads((tmp_path / "report.json").read_text())
+  again = _run(*args)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resuming the run" in again.stdout and "w16a4 ppl" not in again.stderr
+  after = json.loads((tmp_path / "report.json").read_text())
+  assert after["perplexity"] == before["perplexity"] and "learned_rotation_w16a4" in str(after["perplexity"])
