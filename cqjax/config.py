@@ -8,12 +8,17 @@ from typing import Any
 
 from cqjax.errors import CqjaxError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen3_moe", "deepseek_v2")
+TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder-only MoE language model (Mixtral or Qwen3-MoE family)."""
+  """Architecture of a decoder-only MoE language model (Mixtral, Qwen3-MoE or DeepSeek-V2 family).
+
+  DeepSeek-V2's multi-head latent attention (MLA) is on when kv_lora_rank > 0: queries through
+  an optional low-rank q_lora_rank bottleneck, keys and values through a kv_lora_rank latent,
+  RoPE on a separate qk_rope_head_dim part (head_dim is that part, as in transformers)."""
 
   model_type: str
   vocab_size: int
@@ -37,6 +42,16 @@ class ModelConfig:
   max_position_embeddings: int = 32768
   bos_token_id: int | None = None
   eos_token_id: int | None = None
+  # DeepSeek-V2: MLA dimensions, shared experts and the router's variants.
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  v_head_dim: int = 0
+  n_shared_experts: int = 0
+  topk_method: str = "greedy"
+  n_group: int = 1
+  topk_group: int = 1
+  routed_scaling_factor: float = 1.0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -46,10 +61,33 @@ class ModelConfig:
     if not 0 < self.top_k <= self.num_experts:
       raise CqjaxError(
           f"num_experts_per_tok={self.top_k} must be in [1, {self.num_experts}]")
+    if self.topk_method not in TOPK_METHODS:
+      raise CqjaxError(f"topk_method={self.topk_method!r} is not supported; supported: {', '.join(TOPK_METHODS)}")
+    if self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+      raise CqjaxError(f"n_group={self.n_group} must divide the {self.num_experts} experts and topk_group="
+                       f"{self.topk_group} be in [1, n_group]")
+
+  @property
+  def mla(self) -> bool:
+    return self.kv_lora_rank > 0
+
+  @property
+  def qk_head_dim(self) -> int:
+    """Query/key width per head: the whole head, or MLA's no-RoPE part plus its RoPE part."""
+    return self.qk_nope_head_dim + self.head_dim if self.mla else self.head_dim
 
   @property
   def q_size(self) -> int:
-    return self.num_heads * self.head_dim
+    return self.num_heads * self.qk_head_dim
+
+  @property
+  def value_head_dim(self) -> int:
+    return self.v_head_dim if self.mla else self.head_dim
+
+  @property
+  def attn_out_size(self) -> int:
+    """Width of o_proj's input: heads x value width."""
+    return self.num_heads * self.value_head_dim
 
   @property
   def kv_size(self) -> int:
@@ -101,6 +139,8 @@ class ModelConfig:
         eos_token_id=eos,
         top_k=int(need("num_experts_per_tok")),
     )
+    if model_type == "deepseek_v2":
+      return cls._deepseek_v2(d, common, source, need)
     if model_type == "mixtral":
       return cls(
           **common,
@@ -125,6 +165,34 @@ class ModelConfig:
         dense_layers=dense,
         norm_topk_prob=bool(d.get("norm_topk_prob", False)),
         qk_norm=True,
+    )
+
+  @classmethod
+  def _deepseek_v2(cls, d, common, source, need) -> "ModelConfig":
+    for key in ("attention_bias", "mlp_bias"):
+      if d.get(key):
+        raise CqjaxError(f"{source}: {key}=true is not supported for deepseek_v2")
+    if d.get("norm_topk_prob"):
+      raise CqjaxError(f"{source}: norm_topk_prob=true is not supported for deepseek_v2 (transformers ignores it)")
+    num_layers = common["num_layers"]
+    first_dense = int(d.get("first_k_dense_replace") or 0)
+    common = dict(common, num_kv_heads=common["num_heads"], head_dim=int(need("qk_rope_head_dim")))
+    return cls(
+        **common,
+        num_experts=int(need("n_routed_experts", "num_experts")),
+        moe_intermediate_size=int(need("moe_intermediate_size")),
+        intermediate_size=int(d.get("intermediate_size") or 0),
+        dense_layers=tuple(range(min(first_dense, num_layers))),
+        norm_topk_prob=False,
+        q_lora_rank=int(d.get("q_lora_rank") or 0),
+        kv_lora_rank=int(need("kv_lora_rank")),
+        qk_nope_head_dim=int(need("qk_nope_head_dim")),
+        v_head_dim=int(need("v_head_dim")),
+        n_shared_experts=int(d.get("n_shared_experts") or 0),
+        topk_method=d.get("topk_method") or "greedy",
+        n_group=int(d.get("n_group") or 1),
+        topk_group=int(d.get("topk_group") or 1),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
     )
 
   @classmethod

@@ -28,9 +28,10 @@ from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.checkpoint import load_tree, save_tree
 from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes
 from cqjax.config import ModelConfig
+from cqjax.errors import CqjaxError
 from cqjax.load import Params
-from cqjax.model import Attention, DenseMlp, RMSNorm
-from cqjax.moe import MoeBlock
+from cqjax.model import Attention, RMSNorm
+from cqjax.moe import MoeBlock, SwigluMlp
 from cqjax.sharding import shard_batch
 
 _is_cb = lambda x: isinstance(x, CodebookWeight)
@@ -186,6 +187,9 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
   checkpoint_dir: after each layer, its fine-tuned params and the activations carried to the next
   layer are saved there (atomically); a later call with the same inputs resumes after the last
   finished layer and returns the same result as an uninterrupted call."""
+  if cfg.mla or cfg.n_shared_experts:
+    raise CqjaxError(f"ACCF is not supported for {cfg.model_type} yet (latent attention, shared experts); "
+                     "quantize with accf=None (K-means codebooks only)")
   n, t = windows.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
   emb = fp_params["embed"]["embedding"]
@@ -250,7 +254,8 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
           moe_block_loss(q_mod, accf.kl_weight), (m_q, y_fp, logits_fp), n, accf, desc("MoE"))
       ff_fp, ff_q = y_fp, _apply(q_mod, q_l["moe"], m_q)
     else:
-      fp_mod, q_mod = DenseMlp(cfg, dtype, None, online_down_hadamard), DenseMlp(cfg, dtype, act, online_down_hadamard)
+      fp_mod, q_mod = (SwigluMlp(cfg.intermediate_size, dtype, None, online_down_hadamard),
+                      SwigluMlp(cfg.intermediate_size, dtype, act, online_down_hadamard))
       y_fp = _apply(fp_mod, fp_l["mlp"], m_fp)
       ones = jnp.ones((cfg.intermediate_size,))
       q_l["mlp"], history[f"layers_{i}/mlp"] = _train(

@@ -24,7 +24,7 @@ def fold_norms(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
   """Returns (config, params) with input/post-attention/final norm scales folded (set to 1).
   Tied embeddings are untied: lm_head becomes its own (scaled) kernel."""
   for i in range(cfg.num_layers):
-    for norm, readers in (("input_norm", attn_input_readers(i)),
+    for norm, readers in (("input_norm", attn_input_readers(cfg, i)),
                           ("post_attention_norm", ffn_input_readers(cfg, i))):
       s = params[f"layers_{i}"][norm]["scale"]
       for path in readers:

@@ -23,6 +23,7 @@ Params = dict[str, Any]
 MOE_TENSOR_NAMES = {
     "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
     "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v2": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
 }
 
 
@@ -36,12 +37,31 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
   def norm(name, dim):
     return {"scale": to_device(ix.get(p + name + ".weight", (dim,)))}
 
-  attn = {
-      "q_proj": linear("self_attn.q_proj", d, cfg.q_size),
-      "k_proj": linear("self_attn.k_proj", d, cfg.kv_size),
-      "v_proj": linear("self_attn.v_proj", d, cfg.kv_size),
-      "o_proj": linear("self_attn.o_proj", cfg.q_size, d),
-  }
+  def swiglu(prefix, f):
+    return {"gate_proj": linear(prefix + ".gate_proj", d, f), "up_proj": linear(prefix + ".up_proj", d, f),
+            "down_proj": linear(prefix + ".down_proj", f, d)}
+
+  if cfg.mla:
+    r, heads = cfg.kv_lora_rank, cfg.num_heads
+    attn = {
+        "kv_a_proj": linear("self_attn.kv_a_proj_with_mqa", d, r + cfg.head_dim),
+        "kv_a_norm": norm("self_attn.kv_a_layernorm", r),
+        "kv_b_proj": linear("self_attn.kv_b_proj", r, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+        "o_proj": linear("self_attn.o_proj", cfg.attn_out_size, d),
+    }
+    if cfg.q_lora_rank:
+      attn["q_a_proj"] = linear("self_attn.q_a_proj", d, cfg.q_lora_rank)
+      attn["q_a_norm"] = norm("self_attn.q_a_layernorm", cfg.q_lora_rank)
+      attn["q_b_proj"] = linear("self_attn.q_b_proj", cfg.q_lora_rank, cfg.q_size)
+    else:
+      attn["q_proj"] = linear("self_attn.q_proj", d, cfg.q_size)
+  else:
+    attn = {
+        "q_proj": linear("self_attn.q_proj", d, cfg.q_size),
+        "k_proj": linear("self_attn.k_proj", d, cfg.kv_size),
+        "v_proj": linear("self_attn.v_proj", d, cfg.kv_size),
+        "o_proj": linear("self_attn.o_proj", cfg.q_size, d),
+    }
   if cfg.qk_norm:
     attn["q_norm"] = norm("self_attn.q_norm", cfg.head_dim)
     attn["k_norm"] = norm("self_attn.k_norm", cfg.head_dim)
@@ -51,11 +71,11 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
       "attn": attn,
   }
   if not cfg.is_moe_layer(i):
-    f = cfg.intermediate_size
-    out["mlp"] = {"gate_proj": linear("mlp.gate_proj", d, f), "up_proj": linear("mlp.up_proj", d, f),
-                  "down_proj": linear("mlp.down_proj", f, d)}
+    out["mlp"] = swiglu("mlp", cfg.intermediate_size)
     return out
   out["moe"] = _moe_params(ix, cfg, i, to_device)
+  if cfg.n_shared_experts:
+    out["moe"]["shared"] = swiglu("mlp.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts)
   return out
 
 

@@ -17,6 +17,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cqjax.codebook import CodebookWeight, dequantize
@@ -29,6 +30,19 @@ def kernel_param(module: nn.Module, name: str, init, shape, dtype):
   if module.has_variable("params", name):
     return module.get_variable("params", name)
   return module.param(name, init, shape, dtype)
+
+
+class Linear(nn.Module):
+  """x @ kernel [d_in, d_out], the kernel an array or a CodebookWeight (params: {'kernel': ...})."""
+
+  d_in: int
+  d_out: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = kernel_param(self, "kernel", nn.initializers.normal(0.02), (self.d_in, self.d_out), self.dtype)
+    return lut_matmul(x, kernel)
 
 
 def lut_matmul_reference(x: jax.Array, w: CodebookWeight) -> jax.Array:

@@ -4,7 +4,10 @@ Parameter tree (kernels are [d_in, d_out]; experts stacked, see `cqjax.moe`):
   embed/embedding [vocab, d]
   layers_i/{input_norm, post_attention_norm}/scale [d]
   layers_i/attn/{q_proj, k_proj, v_proj, o_proj}/kernel, attn/{q_norm, k_norm}/scale (Qwen3)
-  layers_i/moe/{router, gate_proj, up_proj, down_proj}   or   layers_i/mlp/{gate,up,down}_proj/kernel
+  layers_i/attn/{q_proj | q_a_proj, q_a_norm, q_b_proj}, {kv_a_proj, kv_a_norm, kv_b_proj, o_proj}
+      (DeepSeek-V2's multi-head latent attention)
+  layers_i/moe/{router, gate_proj, up_proj, down_proj}, moe/shared/{gate,up,down}_proj/kernel
+      (DeepSeek-V2)   or   layers_i/mlp/{gate,up,down}_proj/kernel
   final_norm/scale [d], lm_head/kernel [d, vocab] (absent when embeddings are tied)
 
 `model.apply(..., mutable=["intermediates"])` also returns what calibration needs: every
@@ -25,8 +28,8 @@ import jax.numpy as jnp
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
-from cqjax.lut_matmul import kernel_param, lut_matmul
-from cqjax.moe import MoeBlock, down_proj_input
+from cqjax.lut_matmul import Linear
+from cqjax.moe import MoeBlock, SwigluMlp
 
 KVCache = list[dict[str, jax.Array]]
 
@@ -44,17 +47,6 @@ class RMSNorm(nn.Module):
     return scale * xf.astype(x.dtype)
 
 
-class Linear(nn.Module):
-  d_in: int
-  d_out: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = kernel_param(self, "kernel", nn.initializers.normal(0.02), (self.d_in, self.d_out), self.dtype)
-    return lut_matmul(x, kernel)  # kernel: an array or a CodebookWeight
-
-
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding, rotate-half convention. x: [b, t, heads, hd], positions: [b, t]."""
   hd = x.shape[-1]
@@ -64,6 +56,44 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
   x1, x2 = jnp.split(x, 2, axis=-1)
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def rope_interleaved(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding on interleaved pairs (x[2i], x[2i+1]) as complex numbers (DeepSeek).
+  x: [b, t, heads, hd], positions: [b, t]."""
+  hd = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  angles = (positions[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]  # [b, t, 1, hd/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  xf = x.astype(jnp.float32)
+  re, im = xf[..., 0::2], xf[..., 1::2]
+  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def _attend(cfg: ModelConfig, q, k, v, positions, key_pos, scale: float):
+  """Causal (optionally sliding-window) softmax attention in float32.
+  q [b, t, kvh, g, hq], k [b, s, kvh, hq], v [b, s, kvh, hv] -> [b, t, kvh * g * hv]."""
+  b, t = q.shape[:2]
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * scale
+  rel = positions[:, :, None] - key_pos[:, None, :]  # [b, t, s]
+  allowed = rel >= 0
+  if cfg.sliding_window:
+    allowed &= rel < cfg.sliding_window
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, -1)
+
+
+def _cache_update(cache, new: dict[str, jax.Array], cache_index, positions):
+  """Writes `new` ([b, t, ...] each) into the cache at cache_index -> (new cache, full
+  arrays, key positions [b, s]); without a cache, the arrays themselves."""
+  if cache is None:
+    return None, new, positions
+  full = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], v.astype(cache[k].dtype), cache_index, 1)
+          for k, v in new.items()}
+  s = next(iter(full.values())).shape[1]
+  return full, full, jnp.broadcast_to(jnp.arange(s), (positions.shape[0], s))
 
 
 class Attention(nn.Module):
@@ -87,45 +117,55 @@ class Attention(nn.Module):
       k = RMSNorm(hd, cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
-
-    if cache is None:
-      new_cache, key_pos = None, positions
-    else:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
-      new_cache = {"k": k, "v": v}
-      key_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), (b, k.shape[1]))
-
+    new_cache, kv, key_pos = _cache_update(cache, {"k": k, "v": v}, cache_index, positions)
     q = q.reshape(b, t, kvh, cfg.num_heads // kvh, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-    scores = scores * hd ** -0.5
-    rel = positions[:, :, None] - key_pos[:, None, :]  # [b, t, s]
-    allowed = rel >= 0
-    if cfg.sliding_window:
-      allowed &= rel < cfg.sliding_window
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, cfg.q_size)
-    self.sow("intermediates", "o_proj_input", out)
-    if self.act_quant is not None and self.act_quant.scope == "full":
-      out = fake_quant(out, self.act_quant)
-    return Linear(cfg.q_size, d, self.dtype, name="o_proj")(out), new_cache
+    out = _attend(cfg, q, kv["k"], kv["v"], positions, key_pos, hd ** -0.5)
+    return _o_proj(self, out, cfg.attn_out_size, d), new_cache
 
 
-class DenseMlp(nn.Module):
-  """SwiGLU MLP for the non-MoE layers of Qwen3 (`mlp_only_layers`)."""
+def _o_proj(module: nn.Module, out, d_in: int, d: int):
+  """The attention output projection; its input is sown for calibration and fake-quantized in
+  scope `full`."""
+  module.sow("intermediates", "o_proj_input", out)
+  if module.act_quant is not None and module.act_quant.scope == "full":
+    out = fake_quant(out, module.act_quant)
+  return Linear(d_in, d, module.dtype, name="o_proj")(out)
+
+
+class LatentAttention(nn.Module):
+  """DeepSeek-V2 multi-head latent attention. Keys and values come from one kv_lora_rank latent
+  (normalised) and a single RoPE key part shared by all heads; the KV cache holds exactly those
+  two, {'latent' [b, max_len, kv_lora_rank], 'k_pe' [b, max_len, rope dim]}, and expands them
+  through kv_b_proj at every step."""
 
   config: ModelConfig
   dtype: Any = jnp.float32
   act_quant: ActQuantConfig | None = None
-  online_down_hadamard: bool = False
 
   @nn.compact
-  def __call__(self, x):
-    d, f = self.config.hidden_size, self.config.intermediate_size
-    gate = Linear(d, f, self.dtype, name="gate_proj")(x)
-    h = down_proj_input(self, gate, Linear(d, f, self.dtype, name="up_proj")(x))
-    return Linear(f, d, self.dtype, name="down_proj")(h)
+  def __call__(self, x, positions, cache: dict[str, jax.Array] | None, cache_index):
+    cfg = self.config
+    b, t, d = x.shape
+    h, nope, rope_dim, vd, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank:
+      q = Linear(d, cfg.q_lora_rank, self.dtype, name="q_a_proj")(x)
+      q = RMSNorm(cfg.q_lora_rank, 1e-6, self.dtype, name="q_a_norm")(q)  # transformers' default eps
+      q = Linear(cfg.q_lora_rank, cfg.q_size, self.dtype, name="q_b_proj")(q)
+    else:
+      q = Linear(d, cfg.q_size, self.dtype, name="q_proj")(x)
+    q = q.reshape(b, t, h, nope + rope_dim)
+    q = jnp.concatenate([q[..., :nope], rope_interleaved(q[..., nope:], positions, cfg.rope_theta)], -1)
+    ckv = Linear(d, r + rope_dim, self.dtype, name="kv_a_proj")(x)
+    latent = RMSNorm(r, 1e-6, self.dtype, name="kv_a_norm")(ckv[..., :r])
+    k_pe = rope_interleaved(ckv[..., None, r:], positions, cfg.rope_theta)[:, :, 0]
+    new_cache, kv, key_pos = _cache_update(cache, {"latent": latent, "k_pe": k_pe}, cache_index, positions)
+    s = kv["latent"].shape[1]
+    expanded = Linear(r, h * (nope + vd), self.dtype, name="kv_b_proj")(kv["latent"].astype(x.dtype))
+    expanded = expanded.reshape(b, s, h, nope + vd)
+    k = jnp.concatenate([expanded[..., :nope], jnp.broadcast_to(kv["k_pe"][:, :, None].astype(x.dtype),
+                                                                 (b, s, h, rope_dim))], -1)
+    out = _attend(cfg, q[:, :, :, None], k, expanded[..., nope:], positions, key_pos, cfg.qk_head_dim ** -0.5)
+    return _o_proj(self, out, cfg.attn_out_size, d), new_cache
 
 
 class DecoderLayer(nn.Module):
@@ -144,7 +184,8 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="input_norm")(x)
     self.sow("intermediates", "attn_input", h)
-    attn, new_cache = Attention(cfg, self.dtype, self.act_quant, name="attn")(
+    attention = LatentAttention if cfg.mla else Attention
+    attn, new_cache = attention(cfg, self.dtype, self.act_quant, name="attn")(
         self._quant(h), positions, cache, cache_index)
     x = x + attn
     h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="post_attention_norm")(x)
@@ -153,7 +194,8 @@ class DecoderLayer(nn.Module):
       ff = MoeBlock(cfg, self.dtype, self.dense_moe_reference, self.act_quant,
                     self.online_down_hadamard, name="moe")(self._quant(h))
     else:
-      ff = DenseMlp(cfg, self.dtype, self.act_quant, self.online_down_hadamard, name="mlp")(self._quant(h))
+      ff = SwigluMlp(cfg.intermediate_size, self.dtype, self.act_quant, self.online_down_hadamard,
+                     name="mlp")(self._quant(h))
     return x + ff, new_cache
 
 
@@ -196,7 +238,11 @@ class MoeCausalLM(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  """Zeroed KV cache: one {'k', 'v'} of [batch, max_len, kv_heads, head_dim] per layer."""
+  """Zeroed KV cache: one {'k', 'v'} of [batch, max_len, kv_heads, head_dim] per layer, or for
+  latent attention one {'latent' [batch, max_len, kv_lora_rank], 'k_pe' [batch, max_len, rope dim]}."""
+  if config.mla:
+    return [{"latent": jnp.zeros((batch, max_len, config.kv_lora_rank), dtype),
+             "k_pe": jnp.zeros((batch, max_len, config.head_dim), dtype)} for _ in range(config.num_layers)]
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for _ in range(config.num_layers)]

@@ -19,19 +19,29 @@ from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.codebook import CodebookWeight, dequantize
 from cqjax.hadamard import hadamard_matrix
-from cqjax.lut_matmul import grouped_lut_matmul, kernel_param, lut_matmul
+from cqjax.lut_matmul import Linear, grouped_lut_matmul, kernel_param, lut_matmul
 from cqjax.sharding import expert_axis_size
 
 
-def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-  """Softmax over experts, then top-k (renormalised if `normalize`).
+def route(router_logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """Softmax over experts, then top-k (renormalised if `cfg.norm_topk_prob`). DeepSeek's
+  `group_limited_greedy` first keeps the `topk_group` expert groups with the highest single
+  score; the weights are scaled by `routed_scaling_factor`.
 
   router_logits: [tokens, experts] -> (weights [tokens, k] float32, expert ids [tokens, k] int32).
   """
   probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-  weights, ids = jax.lax.top_k(probs, top_k)
-  if normalize:
+  scores = probs
+  if cfg.topk_method == "group_limited_greedy":
+    grouped = probs.reshape(*probs.shape[:-1], cfg.n_group, -1)
+    _, groups = jax.lax.top_k(jnp.max(grouped, axis=-1), cfg.topk_group)
+    keep = jnp.zeros(grouped.shape[:-1], bool).at[jnp.arange(probs.shape[0])[:, None], groups].set(True)
+    scores = jnp.where(keep[..., None], grouped, 0.0).reshape(probs.shape)
+  weights, ids = jax.lax.top_k(scores, cfg.top_k)
+  if cfg.norm_topk_prob:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  if cfg.routed_scaling_factor != 1.0:
+    weights = weights * cfg.routed_scaling_factor
   return weights, ids.astype(jnp.int32)
 
 
@@ -116,6 +126,23 @@ def _expert_parallel(module: nn.Module, x, weights, ids, w_gate, w_up, w_down, n
   return out[:n]
 
 
+class SwigluMlp(nn.Module):
+  """SwiGLU MLP of width `d_ff`: the dense layers (Qwen3 `mlp_only_layers`, DeepSeek's first
+  layers) and DeepSeek's shared experts. Kernels gate_proj, up_proj [d, d_ff], down_proj [d_ff, d]."""
+
+  d_ff: int
+  dtype: jnp.dtype = jnp.float32
+  act_quant: ActQuantConfig | None = None
+  online_down_hadamard: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    d, f = x.shape[-1], self.d_ff
+    gate = Linear(d, f, self.dtype, name="gate_proj")(x)
+    h = down_proj_input(self, gate, Linear(d, f, self.dtype, name="up_proj")(x))
+    return Linear(f, d, self.dtype, name="down_proj")(h)
+
+
 class MoeBlock(nn.Module):
   """Router + stacked SwiGLU experts. `dense_reference=True` selects the test-only dense path."""
 
@@ -140,7 +167,7 @@ class MoeBlock(nn.Module):
     x = x.reshape(-1, d)
     logits = lut_matmul(x, router)
     self.sow("intermediates", "router_logits", logits)
-    weights, ids = route(logits, cfg.top_k, cfg.norm_topk_prob)
+    weights, ids = route(logits, cfg)
     if cfg.model_type == "qwen3_moe":
       # transformers' Qwen3-MoE rounds the router weights to the model dtype; Mixtral keeps f32.
       weights = weights.astype(x.dtype).astype(jnp.float32)
@@ -160,4 +187,7 @@ class MoeBlock(nn.Module):
       h, y = _expert_ffn(self, xs, group_sizes, w_gate, w_up, w_down)
       self.sow("intermediates", "down_proj_input", (h, group_sizes))  # calibration statistics
       out = _expert_collect(y, order, weights)
+    if cfg.n_shared_experts:
+      out = out + SwigluMlp(cfg.moe_intermediate_size * cfg.n_shared_experts, self.dtype, self.act_quant,
+                            self.online_down_hadamard, name="shared")(x).astype(jnp.float32)
     return out.astype(x.dtype).reshape(shape)

@@ -45,6 +45,8 @@ def apply_pog(cfg: ModelConfig, params: Params, group_size: int, blocks_per_grou
               permute_down: bool = True) -> Params:
   """Permutes the inputs of every o_proj (within KV heads) and, if `permute_down`, every down projection
   (per expert), with the compensating permutation on v_proj and gate/up; the function is unchanged."""
+  if cfg.mla or cfg.n_shared_experts:
+    raise CqjaxError(f"POG is not supported for {cfg.model_type} yet (latent attention, shared experts)")
   hd, kvh, g = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
   if hd % group_size:
     raise CqjaxError(f"POG: group_size {group_size} must divide head_dim={hd} (o_proj groups stay inside heads)")

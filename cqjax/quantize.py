@@ -84,7 +84,7 @@ def rotate_for_scope(cfg: ModelConfig, folded: Params, r1: np.ndarray | None, sc
   if r1 is None:
     return folded, False
   online = scope == "full"
-  return rotate_params(cfg, folded, r1, hadamard_matrix(cfg.head_dim) if online else None,
+  return rotate_params(cfg, folded, r1, hadamard_matrix(cfg.value_head_dim) if online else None,
                        online_down_hadamard=online), online
 
 

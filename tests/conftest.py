@@ -39,6 +39,15 @@ def _qwen3_config(**kw):
                         eos_token_id=None, bos_token_id=None, **kw)
 
 
+def _deepseek_v2_config(**kw):
+  from transformers import DeepseekV2Config
+  return DeepseekV2Config(vocab_size=151, hidden_size=48, intermediate_size=40, moe_intermediate_size=16,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                          num_experts_per_tok=3, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                          v_head_dim=12, max_position_embeddings=256, initializer_range=0.1,
+                          eos_token_id=None, bos_token_id=None, **kw)
+
+
 def _save(config, path, seed, **save_kw):
   import torch
   from transformers import AutoModelForCausalLM
@@ -58,4 +67,11 @@ def hf_checkpoints(tmp_path_factory):
                                max_shard_size="30KB"),
       "qwen3_moe": _save(_qwen3_config(norm_topk_prob=False), root / "qwen3", 2),
       "qwen3_moe_norm_topk": _save(_qwen3_config(norm_topk_prob=True), root / "qwen3_norm", 3),
+      # Low-rank queries, a dense first layer, two shared experts, group-limited routing, sharded.
+      "deepseek_v2": _save(_deepseek_v2_config(q_lora_rank=24, first_k_dense_replace=1, n_shared_experts=2,
+                                               topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                               routed_scaling_factor=1.5), root / "deepseek_v2", 4,
+                           max_shard_size="60KB"),
+      # Full-rank queries, every layer MoE, one shared expert, greedy routing.
+      "deepseek_v2_greedy": _save(_deepseek_v2_config(q_lora_rank=None, n_shared_experts=1), root / "deepseek_greedy", 5),
   }

@@ -38,12 +38,29 @@ def test_one_token_leaves_most_experts_empty():
 
 def test_route_normalizes_and_picks_largest():
   logits = jax.random.normal(jax.random.key(0), (50, 8)) * 3
-  w, ids = route(logits, 3, normalize=True)
+  cfg = dataclasses.replace(BASE, num_experts=8, top_k=3, norm_topk_prob=True)
+  w, ids = route(logits, cfg)
   np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
   probs = jax.nn.softmax(logits, -1)
   np.testing.assert_array_equal(ids, jnp.argsort(-probs, axis=-1)[:, :3])
-  w_raw, _ = route(logits, 3, normalize=False)
+  w_raw, _ = route(logits, dataclasses.replace(cfg, norm_topk_prob=False))
   np.testing.assert_allclose(w_raw, jnp.sort(probs, -1)[:, ::-1][:, :3], rtol=1e-6)
+
+
+def test_group_limited_routing_matches_its_definition():
+  """DeepSeek-V2: keep the topk_group groups with the largest single probability, top-k inside
+  them, weights scaled by routed_scaling_factor."""
+  cfg = dataclasses.replace(BASE, num_experts=12, top_k=3, norm_topk_prob=False, topk_method="group_limited_greedy",
+                            n_group=4, topk_group=2, routed_scaling_factor=1.7)
+  logits = jax.random.normal(jax.random.key(1), (40, 12)) * 2
+  w, ids = route(logits, cfg)
+  probs = np.asarray(jax.nn.softmax(logits, -1))
+  for n in range(40):
+    best_groups = np.argsort(-probs[n].reshape(4, 3).max(-1))[:2]
+    allowed = np.concatenate([np.arange(3 * g, 3 * g + 3) for g in best_groups])
+    want = allowed[np.argsort(-probs[n][allowed])[:3]]
+    np.testing.assert_array_equal(np.asarray(ids[n]), want)
+    np.testing.assert_allclose(np.asarray(w[n]), 1.7 * probs[n][want], rtol=1e-6)
 
 
 def test_dispatch_collect_round_trip():

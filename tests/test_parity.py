@@ -9,7 +9,7 @@ from cqjax.generate import generate
 from cqjax.load import load_params
 from cqjax.model import MoeCausalLM
 
-NAMES = ["mixtral", "mixtral_sharded", "qwen3_moe", "qwen3_moe_norm_topk"]
+NAMES = ["mixtral", "mixtral_sharded", "qwen3_moe", "qwen3_moe_norm_topk", "deepseek_v2", "deepseek_v2_greedy"]
 
 
 def _hf(path):
@@ -28,7 +28,7 @@ def test_logits_match_transformers(hf_checkpoints, name, dense_reference):
   assert np.abs(np.asarray(out) - ref).max() / np.abs(ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v2_greedy"])
 def test_greedy_generation_matches_transformers(hf_checkpoints, name):
   path = hf_checkpoints[name]
   cfg, params = load_params(path, jnp.float32, progress=False)
@@ -52,3 +52,19 @@ def test_bf16_checkpoint_loads_exactly(tmp_path, hf_checkpoints):
                                 w2.float().numpy().T)
   _, params_bf16 = load_params(str(tmp_path), jnp.bfloat16, progress=False)
   assert params_bf16["layers_1"]["moe"]["down_proj"].dtype == jnp.bfloat16
+
+
+def test_latent_attention_caches_the_compressed_latent(hf_checkpoints):
+  """DeepSeek-V2 decode keeps the kv_lora_rank latent and the shared RoPE key, not per-head keys
+  and values: that is what makes its cache small."""
+  from cqjax.model import init_cache
+  cfg, params = load_params(hf_checkpoints["deepseek_v2"], jnp.float32, progress=False)
+  cache = init_cache(cfg, 2, 32)
+  assert set(cache[0]) == {"latent", "k_pe"}
+  assert cache[0]["latent"].shape == (2, 32, cfg.kv_lora_rank) and cache[0]["k_pe"].shape == (2, 32, cfg.head_dim)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)))
+  model = MoeCausalLM(cfg, jnp.float32)
+  full, _ = model.apply({"params": params}, tokens)
+  _, cache = model.apply({"params": params}, tokens[:, :5], cache=cache, cache_index=0)
+  step, _ = model.apply({"params": params}, tokens[:, 5:], cache=cache, cache_index=5)
+  np.testing.assert_allclose(np.asarray(step), np.asarray(full[:, 5:]), rtol=1e-5, atol=1e-5 * float(jnp.abs(full).max()))

@@ -75,3 +75,28 @@ def test_checkpoint_dir_resumes_to_the_same_model_and_refuses_other_inputs(tiny,
     cqjax.quantize(params, cfg, windows, dataclasses.replace(qcfg, bits=3), progress=False, checkpoint_dir=ckpt)
   with pytest.raises(CqjaxError, match="calibration_crc32"):
     cqjax.quantize(params, cfg, windows[:, :16], qcfg, progress=False, checkpoint_dir=ckpt)
+
+
+@pytest.mark.parametrize("scope", ["official", "full"])
+def test_deepseek_v2_quantizes_with_learned_rotation(hf_checkpoints, scope):
+  """DeepSeek-V2 (latent attention, shared experts, a dense layer): learned R1, K-means codebooks
+  over the scope's linears; 8-bit codes stay close to the float model. ACCF is refused clearly."""
+  cfg, params = cqjax.load_params(hf_checkpoints["deepseek_v2"], jnp.float32, progress=False)
+  windows = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 16))
+  from cqjax.learn_rotation import AosConfig
+  qcfg = cqjax.QuantizeConfig(bits=8, act_bits=16, scope=scope, accf=None, aos=AosConfig(epochs=2, batch_size=2))
+  qm = cqjax.quantize(params, cfg, windows, qcfg, progress=False)
+  assert len(qm.history["aos"]) == 2
+  ref = cqjax.MoeCausalLM(cfg).apply({"params": params}, jnp.asarray(windows))[0]
+  got = qm.module().apply({"params": qm.params}, jnp.asarray(windows))[0]
+  assert float(jnp.abs(got - ref).max() / jnp.abs(ref).max()) < 2e-2
+  attn, moe = qm.params["layers_1"]["attn"], qm.params["layers_1"]["moe"]
+  for name in ("q_a_proj", "kv_a_proj"):
+    assert isinstance(attn[name]["kernel"], CodebookWeight)
+  assert isinstance(moe["shared"]["gate_proj"]["kernel"], CodebookWeight) and isinstance(moe["router"], CodebookWeight)
+  full = scope == "full"
+  for kernel in (attn["kv_b_proj"]["kernel"], attn["o_proj"]["kernel"], moe["shared"]["down_proj"]["kernel"],
+                 moe["down_proj"], qm.params["layers_0"]["mlp"]["down_proj"]["kernel"]):
+    assert isinstance(kernel, CodebookWeight) == full
+  with pytest.raises(CqjaxError, match="ACCF is not supported for deepseek_v2 yet"):
+    cqjax.quantize(params, cfg, windows, cqjax.QuantizeConfig(bits=8, act_bits=4, rotation="hadamard"), progress=False)

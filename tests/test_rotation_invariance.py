@@ -10,6 +10,7 @@ from cqjax.fold_norms import fold_norms
 from cqjax.hadamard import hadamard_matrix, random_hadamard, random_orthogonal
 from cqjax.load import load_params
 from cqjax.model import MoeCausalLM
+from cqjax.param_paths import attn_input_readers, attn_path, get_path
 from cqjax.rotate import rotate_params
 
 
@@ -30,7 +31,7 @@ def _randomize_norms(params, seed):
   return jax.tree_util.tree_map_with_path(f, params)
 
 
-@pytest.fixture(params=["mixtral", "qwen3_moe", "reference"])
+@pytest.fixture(params=["mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v2_greedy", "reference"])
 def model_and_tokens(request, hf_checkpoints):
   path = TINY_DEFAULT if request.param == "reference" else hf_checkpoints[request.param]
   cfg, params = load_params(path, jnp.float32, progress=False)
@@ -62,13 +63,15 @@ def test_rotations_keep_logits(model_and_tokens):
   cfg2, folded = fold_norms(cfg, params)
   d = cfg.hidden_size
   r1 = random_hadamard(d, 1) if d & (d - 1) == 0 else random_orthogonal(d, 1)
-  r2 = hadamard_matrix(cfg.head_dim)
+  r2 = hadamard_matrix(cfg.value_head_dim)
   rotated = rotate_params(cfg2, folded, r1, r2, online_down_hadamard=True)
   got = _logits(cfg2, rotated, tokens, online_down_hadamard=True)
   assert _rel(got, ref) <= 1e-4
-  # The rotation really changed the weights the quantizer will see.
-  assert _rel(np.asarray(rotated["layers_0"]["attn"]["q_proj"]["kernel"]),
-              np.asarray(folded["layers_0"]["attn"]["q_proj"]["kernel"])) > 0.1
+  # The rotation really changed the weights the quantizer will see (the stream's first reader,
+  # o_proj through R2, and with latent attention kv_b_proj's value columns).
+  changed = [attn_input_readers(cfg, 0)[0], attn_path(0, "o_proj")] + ([attn_path(0, "kv_b_proj")] if cfg.mla else [])
+  for path in changed:
+    assert _rel(np.asarray(get_path(rotated, path)), np.asarray(get_path(folded, path))) > 0.1, path
 
 
 def test_rotating_unfolded_params_is_refused(hf_checkpoints):
