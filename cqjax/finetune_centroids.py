@@ -30,7 +30,8 @@ from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.load import Params
-from cqjax.model import Attention, RMSNorm
+from cqjax.model import Attention, LatentAttention, RMSNorm
+from cqjax.param_paths import attn_inner_linears, attn_input_readers
 from cqjax.moe import MoeBlock, SwigluMlp
 from cqjax.sharding import shard_batch
 
@@ -187,9 +188,6 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
   checkpoint_dir: after each layer, its fine-tuned params and the activations carried to the next
   layer are saved there (atomically); a later call with the same inputs resumes after the last
   finished layer and returns the same result as an uninterrupted call."""
-  if cfg.mla or cfg.n_shared_experts:
-    raise CqjaxError(f"ACCF is not supported for {cfg.model_type} yet (latent attention, shared experts); "
-                     "quantize with accf=None (K-means codebooks only)")
   n, t = windows.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
   emb = fp_params["embed"]["embedding"]
@@ -214,10 +212,11 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
     norm = functools.partial(_apply, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype))
     h_fp = norm(fp_l["input_norm"], x_fp)
     h_q = quant(norm(q_l["input_norm"], x_q))
-    attn_mod = Attention(cfg, dtype, act)
+    attention = LatentAttention if cfg.mla else Attention
+    attn_mod = attention(cfg, dtype, act)
     attn_q = {k: v for k, v in q_l["attn"].items()}
     in_ratio = _channel_ratio(h_fp, h_q)
-    for name in ("q_proj", "k_proj", "v_proj"):
+    for name in [path[-2] for path in attn_input_readers(cfg, i)]:
       w_fp = fp_l["attn"][name]["kernel"]
       target = matmul(h_fp, w_fp)
       sub, hist = _train(
@@ -226,17 +225,23 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
           (h_q, target), n, accf, desc(name))
       attn_q[name] = sub
       history[f"layers_{i}/{name}"] = hist
-    if full and _is_cb(attn_q["o_proj"]["kernel"]):
-      o_fp = _apply(Attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0, collect="o_proj_input")[1]
-      o_q = quant(_apply(attn_mod, attn_q, h_q, positions, None, 0, collect="o_proj_input")[1])
-      target = matmul(o_fp, fp_l["attn"]["o_proj"]["kernel"])
-      ones = jnp.ones((cfg.q_size,))
-      attn_q["o_proj"], history[f"layers_{i}/o_proj"] = _train(
-          attn_q["o_proj"], fp_l["attn"]["o_proj"], lambda p: ones,
+    # Linears fed inside attention (latent up-projections, o_proj): each on its own input, taken
+    # from the FP and the (so far fine-tuned) quantized attention.
+    inner = [(path[-2], path[-2] + "_input") for path in attn_inner_linears(cfg, i)] + [("o_proj", "o_proj_input")]
+    for name, source in inner:
+      if not (full and _is_cb(attn_q[name]["kernel"])):
+        continue
+      a_fp = _apply(attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0, collect=source)[1]
+      a_q = _apply(attn_mod, attn_q, h_q, positions, None, 0, collect=source)[1]
+      a_q = quant(a_q) if name == "o_proj" else a_q  # o_proj's input is fake-quantized in scope full
+      target = matmul(a_fp, fp_l["attn"][name]["kernel"])
+      ones = jnp.ones((a_fp.shape[-1],))
+      attn_q[name], history[f"layers_{i}/{name}"] = _train(
+          attn_q[name], fp_l["attn"][name], lambda p, ones=ones: ones,
           lambda tree, b: jnp.mean((b[0] @ dequantize(tree["kernel"], dtype) - b[1]) ** 2),
-          (o_q, target), n, accf, desc("o_proj"))
+          (a_q, target), n, accf, desc(name))
     q_l["attn"] = attn_q
-    x_fp = add(x_fp, _apply(Attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0)[0])
+    x_fp = add(x_fp, _apply(attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0)[0])
     x_q = add(x_q, _apply(attn_mod, attn_q, h_q, positions, None, 0)[0])
 
     m_fp = norm(fp_l["post_attention_norm"], x_fp)
@@ -249,8 +254,11 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
       logits_fp = logits_fp.reshape(n, t, -1)
 
       ones = jnp.ones((cfg.moe_intermediate_size,))
+      shared_ones = jnp.ones((cfg.moe_intermediate_size * cfg.n_shared_experts,))
+      keys = lambda p: [getattr(k, "key", None) for k in p]
       q_l["moe"], history[f"layers_{i}/moe"] = _train(
-          q_l["moe"], fp_l["moe"], lambda p: ones if p[-1].key == "down_proj" else m_ratio,
+          q_l["moe"], fp_l["moe"], lambda p: (shared_ones if "shared" in keys(p) else ones)
+          if "down_proj" in keys(p) else m_ratio,
           moe_block_loss(q_mod, accf.kl_weight), (m_q, y_fp, logits_fp), n, accf, desc("MoE"))
       ff_fp, ff_q = y_fp, _apply(q_mod, q_l["moe"], m_q)
     else:

@@ -150,6 +150,7 @@ class LatentAttention(nn.Module):
     if cfg.q_lora_rank:
       q = Linear(d, cfg.q_lora_rank, self.dtype, name="q_a_proj")(x)
       q = RMSNorm(cfg.q_lora_rank, 1e-6, self.dtype, name="q_a_norm")(q)  # transformers' default eps
+      self.sow("intermediates", "q_b_proj_input", q)  # ACCF fits the up-projections on these
       q = Linear(cfg.q_lora_rank, cfg.q_size, self.dtype, name="q_b_proj")(q)
     else:
       q = Linear(d, cfg.q_size, self.dtype, name="q_proj")(x)
@@ -160,6 +161,7 @@ class LatentAttention(nn.Module):
     k_pe = rope_interleaved(ckv[..., None, r:], positions, cfg.rope_theta)[:, :, 0]
     new_cache, kv, key_pos = _cache_update(cache, {"latent": latent, "k_pe": k_pe}, cache_index, positions)
     s = kv["latent"].shape[1]
+    self.sow("intermediates", "kv_b_proj_input", kv["latent"])
     expanded = Linear(r, h * (nope + vd), self.dtype, name="kv_b_proj")(kv["latent"].astype(x.dtype))
     expanded = expanded.reshape(b, s, h, nope + vd)
     k = jnp.concatenate([expanded[..., :nope], jnp.broadcast_to(kv["k_pe"][:, :, None].astype(x.dtype),

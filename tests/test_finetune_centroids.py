@@ -53,3 +53,25 @@ def test_accf_lowers_block_losses_and_keeps_the_format():
     assert np.array_equal(dequantize(after), dequantize(before)) != improved
   # Kernels outside the scope are untouched.
   np.testing.assert_array_equal(tuned["layers_2"]["moe"]["down_proj"], q["layers_2"]["moe"]["down_proj"])
+
+
+def test_accf_on_deepseek_v2_covers_latent_attention_shared_experts_and_dense_mlp(hf_checkpoints):
+  """Scope full on DeepSeek-V2: the query/key-value down-projections, latent attention's
+  up-projections and o_proj fit their FP outputs; the MoE block's loss includes the shared
+  experts (their codes are in the block's parameters); the dense first layer is an MLP block."""
+  cfg, params = load_params(hf_checkpoints["deepseek_v2"], jnp.float32, progress=False)
+  fcfg, folded = fold_norms(cfg, params)
+  rotated = rotate_params(fcfg, folded, initial_rotation(cfg.hidden_size, 0))
+  q = quantize_scope(fcfg, rotated, "full", lambda w, p: kmeans_quantize(w, 3))
+  windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, 24)).astype(np.int32)
+  tuned, history = finetune_centroids(fcfg, rotated, q, windows, ActQuantConfig(bits=4, scope="full"), False,
+                                      AccfConfig(lr=1e-3, optimizer="adam", epochs=3, batch_size=8))
+  attn = ("q_a_proj", "kv_a_proj", "q_b_proj", "kv_b_proj", "o_proj")
+  assert set(history) == ({f"layers_{i}/{n}" for i in range(3) for n in attn}
+                          | {"layers_0/mlp", "layers_1/moe", "layers_2/moe"})
+  improved = [k for k, losses in history.items() if min(losses[1:]) < losses[0]]
+  assert {"layers_0/mlp", "layers_1/moe", "layers_1/kv_b_proj", "layers_2/q_a_proj"} <= set(improved), history
+  shared_before = get_path(q, ("layers_1", "moe", "shared", "gate_proj", "kernel"))
+  shared_after = get_path(tuned, ("layers_1", "moe", "shared", "gate_proj", "kernel"))
+  assert isinstance(shared_after, CodebookWeight)
+  assert not np.array_equal(dequantize(shared_after), dequantize(shared_before))  # trained with the block

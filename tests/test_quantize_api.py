@@ -80,7 +80,7 @@ def test_checkpoint_dir_resumes_to_the_same_model_and_refuses_other_inputs(tiny,
 @pytest.mark.parametrize("scope", ["official", "full"])
 def test_deepseek_v2_quantizes_with_learned_rotation(hf_checkpoints, scope):
   """DeepSeek-V2 (latent attention, shared experts, a dense layer): learned R1, K-means codebooks
-  over the scope's linears; 8-bit codes stay close to the float model. ACCF is refused clearly."""
+  over the scope's linears; 8-bit codes stay close to the float model. POG is refused clearly."""
   cfg, params = cqjax.load_params(hf_checkpoints["deepseek_v2"], jnp.float32, progress=False)
   windows = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 16))
   from cqjax.learn_rotation import AosConfig
@@ -98,5 +98,6 @@ def test_deepseek_v2_quantizes_with_learned_rotation(hf_checkpoints, scope):
   for kernel in (attn["kv_b_proj"]["kernel"], attn["o_proj"]["kernel"], moe["shared"]["down_proj"]["kernel"],
                  moe["down_proj"], qm.params["layers_0"]["mlp"]["down_proj"]["kernel"]):
     assert isinstance(kernel, CodebookWeight) == full
-  with pytest.raises(CqjaxError, match="ACCF is not supported for deepseek_v2 yet"):
-    cqjax.quantize(params, cfg, windows, cqjax.QuantizeConfig(bits=8, act_bits=4, rotation="hadamard"), progress=False)
+  with pytest.raises(CqjaxError, match="POG is not supported for deepseek_v2 yet"):
+    cqjax.quantize(params, cfg, windows, cqjax.QuantizeConfig(rotation="hadamard", group_size=4, pog=True),
+                   progress=False)
