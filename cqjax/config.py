@@ -52,6 +52,15 @@ class ModelConfig:
   n_group: int = 1
   topk_group: int = 1
   routed_scaling_factor: float = 1.0
+  # YaRN RoPE scaling (DeepSeek-V2; factor 0 = plain RoPE): as transformers' `rope_parameters`.
+  yarn_factor: float = 0.0
+  yarn_original_max_position: int = 0
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 0.0
+  yarn_mscale_all_dim: float = 0.0
+  yarn_attention_factor: float = 0.0
+  yarn_truncate: bool = True
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -113,8 +122,8 @@ class ModelConfig:
 
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-      raise CqjaxError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+    if rope_type != "default" and not (rope_type == "yarn" and model_type == "deepseek_v2"):
+      raise CqjaxError(f"{source}: rope_type {rope_type!r} is not supported (only 'default'; 'yarn' for deepseek_v2)")
     rope_theta = rope.get("rope_theta", d.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
 
     hidden = int(need("hidden_size"))
@@ -176,6 +185,18 @@ class ModelConfig:
       raise CqjaxError(f"{source}: norm_topk_prob=true is not supported for deepseek_v2 (transformers ignores it)")
     num_layers = common["num_layers"]
     first_dense = int(d.get("first_k_dense_replace") or 0)
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    yarn = {}
+    if rope.get("rope_type", rope.get("type", "default")) == "yarn":
+      original = int(rope.get("original_max_position_embeddings") or 0)
+      if not original:
+        raise CqjaxError(f"{source}: yarn RoPE needs rope_parameters.original_max_position_embeddings")
+      factor = rope.get("factor") or common["max_position_embeddings"] / original
+      yarn = dict(yarn_factor=float(factor), yarn_original_max_position=original,
+                  yarn_beta_fast=float(rope.get("beta_fast") or 32), yarn_beta_slow=float(rope.get("beta_slow") or 1),
+                  yarn_mscale=float(rope.get("mscale") or 0), yarn_mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
+                  yarn_attention_factor=float(rope.get("attention_factor") or 0),
+                  yarn_truncate=bool(rope.get("truncate", True)))
     common = dict(common, num_kv_heads=common["num_heads"], head_dim=int(need("qk_rope_head_dim")))
     return cls(
         **common,
@@ -193,6 +214,7 @@ class ModelConfig:
         n_group=int(d.get("n_group") or 1),
         topk_group=int(d.get("topk_group") or 1),
         routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        **yarn,
     )
 
   @classmethod

@@ -20,11 +20,13 @@ down kernels must have absorbed its transpose, see `cqjax.rotate`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
@@ -58,13 +60,47 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def rope_interleaved(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding on interleaved pairs (x[2i], x[2i+1]) as complex numbers (DeepSeek).
-  x: [b, t, heads, hd], positions: [b, t]."""
-  hd = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-  angles = (positions[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]  # [b, t, 1, hd/2]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_rope(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [head_dim / 2], cos/sin factor) of the config's RoPE: plain, or YaRN
+  (frequencies blended between interpolated and extrapolated by a linear ramp over the
+  dimensions whose wavelength the original context saw), as transformers computes them."""
+  d, base = cfg.head_dim, cfg.rope_theta
+  pos_freqs = base ** (np.arange(0, d, 2, dtype=np.float32) / d)
+  if not cfg.yarn_factor:
+    return (1.0 / pos_freqs).astype(np.float32), 1.0
+  factor = cfg.yarn_factor
+  attention_factor = cfg.yarn_attention_factor or (
+      _yarn_mscale(factor, cfg.yarn_mscale) / _yarn_mscale(factor, cfg.yarn_mscale_all_dim)
+      if cfg.yarn_mscale and cfg.yarn_mscale_all_dim else _yarn_mscale(factor))
+  dim_of = lambda rotations: (d * math.log(cfg.yarn_original_max_position / (rotations * 2 * math.pi))) / (2 * math.log(base))
+  low, high = dim_of(cfg.yarn_beta_fast), dim_of(cfg.yarn_beta_slow)
+  if cfg.yarn_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, d - 1)
+  ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / ((high + 0.001 if low == high else high) - low), 0, 1)
+  extrapolate = 1 - ramp
+  inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def attention_scale(cfg: ModelConfig) -> float:
+  """Softmax scale: 1/sqrt(query-key width), times YaRN's mscale(factor, mscale_all_dim)^2."""
+  scale = cfg.qk_head_dim ** -0.5
+  if cfg.yarn_factor and cfg.yarn_mscale_all_dim:
+    scale *= _yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
+  return scale
+
+
+def rope_interleaved(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Rotary embedding on interleaved pairs (x[2i], x[2i+1]) as complex numbers (DeepSeek), with
+  the config's (YaRN) frequencies and cos/sin factor. x: [b, t, heads, hd], positions: [b, t]."""
+  inv_freq, factor = yarn_rope(cfg)
+  angles = (positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq))[:, :, None, :]  # [b, t, 1, hd/2]
+  cos, sin = jnp.cos(angles) * factor, jnp.sin(angles) * factor
   xf = x.astype(jnp.float32)
   re, im = xf[..., 0::2], xf[..., 1::2]
   out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
@@ -155,10 +191,10 @@ class LatentAttention(nn.Module):
     else:
       q = Linear(d, cfg.q_size, self.dtype, name="q_proj")(x)
     q = q.reshape(b, t, h, nope + rope_dim)
-    q = jnp.concatenate([q[..., :nope], rope_interleaved(q[..., nope:], positions, cfg.rope_theta)], -1)
+    q = jnp.concatenate([q[..., :nope], rope_interleaved(q[..., nope:], positions, cfg)], -1)
     ckv = Linear(d, r + rope_dim, self.dtype, name="kv_a_proj")(x)
     latent = RMSNorm(r, 1e-6, self.dtype, name="kv_a_norm")(ckv[..., :r])
-    k_pe = rope_interleaved(ckv[..., None, r:], positions, cfg.rope_theta)[:, :, 0]
+    k_pe = rope_interleaved(ckv[..., None, r:], positions, cfg)[:, :, 0]
     new_cache, kv, key_pos = _cache_update(cache, {"latent": latent, "k_pe": k_pe}, cache_index, positions)
     s = kv["latent"].shape[1]
     self.sow("intermediates", "kv_b_proj_input", kv["latent"])
@@ -166,7 +202,7 @@ class LatentAttention(nn.Module):
     expanded = expanded.reshape(b, s, h, nope + vd)
     k = jnp.concatenate([expanded[..., :nope], jnp.broadcast_to(kv["k_pe"][:, :, None].astype(x.dtype),
                                                                  (b, s, h, rope_dim))], -1)
-    out = _attend(cfg, q[:, :, :, None], k, expanded[..., nope:], positions, key_pos, cfg.qk_head_dim ** -0.5)
+    out = _attend(cfg, q[:, :, :, None], k, expanded[..., nope:], positions, key_pos, attention_scale(cfg))
     return _o_proj(self, out, cfg.attn_out_size, d), new_cache
 
 

@@ -74,4 +74,9 @@ def hf_checkpoints(tmp_path_factory):
                            max_shard_size="60KB"),
       # Full-rank queries, every layer MoE, one shared expert, greedy routing.
       "deepseek_v2_greedy": _save(_deepseek_v2_config(q_lora_rank=None, n_shared_experts=1), root / "deepseek_greedy", 5),
+      # YaRN RoPE as DeepSeek-V2-Lite sets it (factor, mscale and mscale_all_dim).
+      "deepseek_v2_yarn": _save(_deepseek_v2_config(
+          q_lora_rank=24, n_shared_experts=2, rope_parameters={
+              "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+              "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}), root / "deepseek_yarn", 6),
   }

@@ -9,7 +9,8 @@ from cqjax.generate import generate
 from cqjax.load import load_params
 from cqjax.model import MoeCausalLM
 
-NAMES = ["mixtral", "mixtral_sharded", "qwen3_moe", "qwen3_moe_norm_topk", "deepseek_v2", "deepseek_v2_greedy"]
+NAMES = ["mixtral", "mixtral_sharded", "qwen3_moe", "qwen3_moe_norm_topk", "deepseek_v2", "deepseek_v2_greedy",
+         "deepseek_v2_yarn"]
 
 
 def _hf(path):
@@ -28,7 +29,7 @@ def test_logits_match_transformers(hf_checkpoints, name, dense_reference):
   assert np.abs(np.asarray(out) - ref).max() / np.abs(ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v2_greedy"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v2_greedy", "deepseek_v2_yarn"])
 def test_greedy_generation_matches_transformers(hf_checkpoints, name):
   path = hf_checkpoints[name]
   cfg, params = load_params(path, jnp.float32, progress=False)
@@ -52,6 +53,16 @@ def test_bf16_checkpoint_loads_exactly(tmp_path, hf_checkpoints):
                                 w2.float().numpy().T)
   _, params_bf16 = load_params(str(tmp_path), jnp.bfloat16, progress=False)
   assert params_bf16["layers_1"]["moe"]["down_proj"].dtype == jnp.bfloat16
+
+
+def test_yarn_config_is_read(hf_checkpoints):
+  from cqjax.model import attention_scale, yarn_rope
+  cfg, _ = load_params(hf_checkpoints["deepseek_v2_yarn"], jnp.float32, progress=False)
+  assert (cfg.yarn_factor, cfg.yarn_original_max_position, cfg.yarn_mscale_all_dim) == (4.0, 64, 0.707)
+  inv_freq, factor = yarn_rope(cfg)
+  plain, _ = yarn_rope(load_params(hf_checkpoints["deepseek_v2"], jnp.float32, progress=False)[0])
+  assert factor == 1.0 and not np.allclose(inv_freq, plain)  # mscale == mscale_all_dim: cos/sin unscaled
+  assert attention_scale(cfg) > cfg.qk_head_dim ** -0.5
 
 
 def test_latent_attention_caches_the_compressed_latent(hf_checkpoints):
