@@ -210,14 +210,19 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16Tile(const P
   StoreTile<MT, U>(acc, p, n, m0);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void RowsBf16(const Problem& p, int64_t n0, int64_t n1) {
+// Output rows n0..n1, activation rows in tiles of 8, then 4, then 1 (the bf16 and int8 paths).
+template <void (*Tile8)(const Problem&, int64_t, int64_t), void (*Tile4)(const Problem&, int64_t, int64_t),
+          void (*Tile1)(const Problem&, int64_t, int64_t)>
+void RowsByTiles(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 8 <= p.m; m += 8) RowsBf16Tile<8>(p, n, m);
-    for (; m + 4 <= p.m; m += 4) RowsBf16Tile<4>(p, n, m);
-    for (; m < p.m; ++m) RowsBf16Tile<1>(p, n, m);
+    for (; m + 8 <= p.m; m += 8) Tile8(p, n, m);
+    for (; m + 4 <= p.m; m += 4) Tile4(p, n, m);
+    for (; m < p.m; ++m) Tile1(p, n, m);
   }
 }
+
+constexpr auto RowsBf16 = RowsByTiles<RowsBf16Tile<8>, RowsBf16Tile<4>, RowsBf16Tile<1>>;
 
 bool UseInt8(const Problem& p) {
   static const bool cpu = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi") &&
@@ -266,14 +271,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) void RowsInt8T
   for (int t = 0; t < MT; ++t) p.out[(m0 + t) * p.n + n] = res[t] * p.xscale[m0 + t];
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) void RowsInt8(const Problem& p, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 8 <= p.m; m += 8) RowsInt8Tile<8>(p, n, m);
-    for (; m + 4 <= p.m; m += 4) RowsInt8Tile<4>(p, n, m);
-    for (; m < p.m; ++m) RowsInt8Tile<1>(p, n, m);
-  }
-}
+constexpr auto RowsInt8 = RowsByTiles<RowsInt8Tile<8>, RowsInt8Tile<4>, RowsInt8Tile<1>>;
 
 // Splits the output rows over threads when the work pays for starting them.
 void Run(const Problem& p) {

@@ -95,10 +95,9 @@ def attention_scale(cfg: ModelConfig) -> float:
   return scale
 
 
-def rope_interleaved(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+def rope_interleaved(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float) -> jax.Array:
   """Rotary embedding on interleaved pairs (x[2i], x[2i+1]) as complex numbers (DeepSeek), with
-  the config's (YaRN) frequencies and cos/sin factor. x: [b, t, heads, hd], positions: [b, t]."""
-  inv_freq, factor = yarn_rope(cfg)
+  frequencies and cos/sin factor from `yarn_rope`. x: [b, t, heads, hd], positions: [b, t]."""
   angles = (positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq))[:, :, None, :]  # [b, t, 1, hd/2]
   cos, sin = jnp.cos(angles) * factor, jnp.sin(angles) * factor
   xf = x.astype(jnp.float32)
@@ -183,6 +182,7 @@ class LatentAttention(nn.Module):
     cfg = self.config
     b, t, d = x.shape
     h, nope, rope_dim, vd, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    freqs = yarn_rope(cfg)  # once for queries and keys
     if cfg.q_lora_rank:
       q = Linear(d, cfg.q_lora_rank, self.dtype, name="q_a_proj")(x)
       q = RMSNorm(cfg.q_lora_rank, 1e-6, self.dtype, name="q_a_norm")(q)  # transformers' default eps
@@ -191,10 +191,10 @@ class LatentAttention(nn.Module):
     else:
       q = Linear(d, cfg.q_size, self.dtype, name="q_proj")(x)
     q = q.reshape(b, t, h, nope + rope_dim)
-    q = jnp.concatenate([q[..., :nope], rope_interleaved(q[..., nope:], positions, cfg)], -1)
+    q = jnp.concatenate([q[..., :nope], rope_interleaved(q[..., nope:], positions, *freqs)], -1)
     ckv = Linear(d, r + rope_dim, self.dtype, name="kv_a_proj")(x)
     latent = RMSNorm(r, 1e-6, self.dtype, name="kv_a_norm")(ckv[..., :r])
-    k_pe = rope_interleaved(ckv[..., None, r:], positions, cfg)[:, :, 0]
+    k_pe = rope_interleaved(ckv[..., None, r:], positions, *freqs)[:, :, 0]
     new_cache, kv, key_pos = _cache_update(cache, {"latent": latent, "k_pe": k_pe}, cache_index, positions)
     s = kv["latent"].shape[1]
     self.sow("intermediates", "kv_b_proj_input", kv["latent"])
