@@ -120,6 +120,29 @@ def accf_step(q_sub, fp_ws: list, ratios: list, loss_fn, opt: optax.GradientTran
   return step
 
 
+def codebook_targets(q_sub, fp_sub, ratio_of: Callable[[tuple], Any]) -> tuple[list, list]:
+  """The FP kernels of q_sub's CodebookWeights and their input-channel ratios (ratio_of(key
+  path)), in tree order: `accf_step`'s fp_ws and ratios."""
+  paths_cb = [p for p, leaf in jax.tree_util.tree_flatten_with_path(q_sub, is_leaf=_is_cb)[0] if _is_cb(leaf)]
+  fp_ws = [w for path, w in jax.tree_util.tree_flatten_with_path(fp_sub)[0]
+           if any(path[:len(p)] == p for p in paths_cb)]
+  return fp_ws, [ratio_of(p) for p in paths_cb]
+
+
+def moe_ratios(cfg: ModelConfig, in_ratio: jax.Array) -> Callable[[tuple], jax.Array]:
+  """ratio_of for a MoE block: the block input's ratio for router and gate/up kernels, ones for
+  the down projections (routed: d_ff inputs; shared: n_shared · d_ff)."""
+  ones = jnp.ones((cfg.moe_intermediate_size,))
+  shared_ones = jnp.ones((cfg.moe_intermediate_size * cfg.n_shared_experts,))
+
+  def ratio_of(path):
+    keys = [getattr(k, "key", None) for k in path]
+    if "down_proj" not in keys:
+      return in_ratio
+    return shared_ones if "shared" in keys else ones
+  return ratio_of
+
+
 def moe_block_loss(q_mod: MoeBlock, kl_weight: float):
   """The MoE block's ACCF loss: loss(params, (x_q, y_fp, router_logits_fp)) = MSE of the block
   output + kl_weight · KL(p_fp ‖ p_q) of the router softmax, per token."""
@@ -138,13 +161,9 @@ def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple
   """Optimises every CodebookWeight's centroids in q_sub; loss_fn(q_sub, batch_data) -> scalar.
   data: arrays with a leading sample axis, batched together; desc: progress-bar title (None: no
   bar). Returns (q_sub, block loss before training and after each epoch)."""
-  paths_cb = [p for p, leaf in jax.tree_util.tree_flatten_with_path(q_sub, is_leaf=_is_cb)[0] if _is_cb(leaf)]
-  if not paths_cb:
+  if not _codebooks(q_sub):
     return q_sub, []
-
-  fp_ws = [w for path, w in jax.tree_util.tree_flatten_with_path(fp_sub)[0]
-           if any(path[:len(p)] == p for p in paths_cb)]
-  ratios = [ratio_of(p) for p in paths_cb]
+  fp_ws, ratios = codebook_targets(q_sub, fp_sub, ratio_of)
   opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr)
   step = jax.jit(accf_step(q_sub, fp_ws, ratios, loss_fn, opt, cfg))
 
@@ -253,13 +272,8 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
       y_fp, logits_fp = _apply(fp_mod, fp_l["moe"], m_fp, collect="router_logits")
       logits_fp = logits_fp.reshape(n, t, -1)
 
-      ones = jnp.ones((cfg.moe_intermediate_size,))
-      shared_ones = jnp.ones((cfg.moe_intermediate_size * cfg.n_shared_experts,))
-      keys = lambda p: [getattr(k, "key", None) for k in p]
       q_l["moe"], history[f"layers_{i}/moe"] = _train(
-          q_l["moe"], fp_l["moe"], lambda p: (shared_ones if "shared" in keys(p) else ones)
-          if "down_proj" in keys(p) else m_ratio,
-          moe_block_loss(q_mod, accf.kl_weight), (m_q, y_fp, logits_fp), n, accf, desc("MoE"))
+          q_l["moe"], fp_l["moe"], moe_ratios(cfg, m_ratio), moe_block_loss(q_mod, accf.kl_weight), (m_q, y_fp, logits_fp), n, accf, desc("MoE"))
       ff_fp, ff_q = y_fp, _apply(q_mod, q_l["moe"], m_q)
     else:
       fp_mod, q_mod = (SwigluMlp(cfg.intermediate_size, dtype, None, online_down_hadamard),

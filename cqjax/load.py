@@ -25,6 +25,9 @@ MOE_TENSOR_NAMES = {
     "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v2": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
 }
+# Attention tensors whose HF name (under self_attn.) differs from cqjax's; the others match.
+ATTN_HF_NAMES = {"kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "q_a_norm": "q_a_layernorm"}
+SHARED_EXPERTS_HF_PREFIX = "mlp.shared_experts"
 
 
 def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
@@ -33,6 +36,12 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
 
   def linear(name, d_in, d_out):  # HF stores [out, in]; cqjax kernels are [in, out].
     return {"kernel": to_device(ix.get(p + name + ".weight", (d_out, d_in)).T)}
+
+  def attn_linear(name, d_in, d_out):
+    return linear("self_attn." + ATTN_HF_NAMES.get(name, name), d_in, d_out)
+
+  def attn_norm(name, dim):
+    return norm("self_attn." + ATTN_HF_NAMES.get(name, name), dim)
 
   def norm(name, dim):
     return {"scale": to_device(ix.get(p + name + ".weight", (dim,)))}
@@ -44,27 +53,27 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
   if cfg.mla:
     r, heads = cfg.kv_lora_rank, cfg.num_heads
     attn = {
-        "kv_a_proj": linear("self_attn.kv_a_proj_with_mqa", d, r + cfg.head_dim),
-        "kv_a_norm": norm("self_attn.kv_a_layernorm", r),
-        "kv_b_proj": linear("self_attn.kv_b_proj", r, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
-        "o_proj": linear("self_attn.o_proj", cfg.attn_out_size, d),
+        "kv_a_proj": attn_linear("kv_a_proj", d, r + cfg.head_dim),
+        "kv_a_norm": attn_norm("kv_a_norm", r),
+        "kv_b_proj": attn_linear("kv_b_proj", r, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+        "o_proj": attn_linear("o_proj", cfg.attn_out_size, d),
     }
     if cfg.q_lora_rank:
-      attn["q_a_proj"] = linear("self_attn.q_a_proj", d, cfg.q_lora_rank)
-      attn["q_a_norm"] = norm("self_attn.q_a_layernorm", cfg.q_lora_rank)
-      attn["q_b_proj"] = linear("self_attn.q_b_proj", cfg.q_lora_rank, cfg.q_size)
+      attn["q_a_proj"] = attn_linear("q_a_proj", d, cfg.q_lora_rank)
+      attn["q_a_norm"] = attn_norm("q_a_norm", cfg.q_lora_rank)
+      attn["q_b_proj"] = attn_linear("q_b_proj", cfg.q_lora_rank, cfg.q_size)
     else:
-      attn["q_proj"] = linear("self_attn.q_proj", d, cfg.q_size)
+      attn["q_proj"] = attn_linear("q_proj", d, cfg.q_size)
   else:
     attn = {
-        "q_proj": linear("self_attn.q_proj", d, cfg.q_size),
-        "k_proj": linear("self_attn.k_proj", d, cfg.kv_size),
-        "v_proj": linear("self_attn.v_proj", d, cfg.kv_size),
-        "o_proj": linear("self_attn.o_proj", cfg.q_size, d),
+        "q_proj": attn_linear("q_proj", d, cfg.q_size),
+        "k_proj": attn_linear("k_proj", d, cfg.kv_size),
+        "v_proj": attn_linear("v_proj", d, cfg.kv_size),
+        "o_proj": attn_linear("o_proj", cfg.q_size, d),
     }
   if cfg.qk_norm:
-    attn["q_norm"] = norm("self_attn.q_norm", cfg.head_dim)
-    attn["k_norm"] = norm("self_attn.k_norm", cfg.head_dim)
+    attn["q_norm"] = attn_norm("q_norm", cfg.head_dim)
+    attn["k_norm"] = attn_norm("k_norm", cfg.head_dim)
   out = {
       "input_norm": norm("input_layernorm", d),
       "post_attention_norm": norm("post_attention_layernorm", d),
@@ -75,7 +84,7 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
     return out
   out["moe"] = _moe_params(ix, cfg, i, to_device)
   if cfg.n_shared_experts:
-    out["moe"]["shared"] = swiglu("mlp.shared_experts", cfg.moe_intermediate_size * cfg.n_shared_experts)
+    out["moe"]["shared"] = swiglu(SHARED_EXPERTS_HF_PREFIX, cfg.moe_intermediate_size * cfg.n_shared_experts)
   return out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from cqjax.config import ModelConfig
-from cqjax.load import MOE_TENSOR_NAMES, Params
+from cqjax.load import ATTN_HF_NAMES, MOE_TENSOR_NAMES, SHARED_EXPERTS_HF_PREFIX, Params
 
 
 def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
@@ -26,14 +26,11 @@ def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     lp, p = params[f"layers_{i}"], f"model.layers.{i}."
     t[p + "input_layernorm.weight"] = a(lp["input_norm"]["scale"])
     t[p + "post_attention_layernorm.weight"] = a(lp["post_attention_norm"]["scale"])
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      t[f"{p}self_attn.{name}.weight"] = a(lp["attn"][name]["kernel"]).T
-    if cfg.qk_norm:
-      t[p + "self_attn.q_norm.weight"] = a(lp["attn"]["q_norm"]["scale"])
-      t[p + "self_attn.k_norm.weight"] = a(lp["attn"]["k_norm"]["scale"])
+    for name, leaf in lp["attn"].items():  # linears ({"kernel"}) and norms inside attention ({"scale"})
+      hf = f"{p}self_attn.{ATTN_HF_NAMES.get(name, name)}.weight"
+      t[hf] = a(leaf["kernel"]).T if "kernel" in leaf else a(leaf["scale"])
     if not cfg.is_moe_layer(i):
-      for name in ("gate_proj", "up_proj", "down_proj"):
-        t[f"{p}mlp.{name}.weight"] = a(lp["mlp"][name]["kernel"]).T
+      t.update(_swiglu(lp["mlp"], p + "mlp"))
       continue
     moe = lp["moe"]
     t[f"{p}{block}.{router}.weight"] = a(moe["router"]).T
@@ -41,7 +38,13 @@ def hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
       w = a(moe[ours])
       for x in range(cfg.num_experts):
         t[f"{p}{block}.experts.{x}.{theirs}.weight"] = w[x].T
+    if "shared" in moe:
+      t.update(_swiglu(moe["shared"], p + SHARED_EXPERTS_HF_PREFIX))
   return t
+
+
+def _swiglu(mlp: Params, prefix: str) -> dict[str, np.ndarray]:
+  return {f"{prefix}.{name}.weight": np.asarray(mlp[name]["kernel"]).T for name in ("gate_proj", "up_proj", "down_proj")}
 
 
 def save_hf_checkpoint(path: str, cfg: ModelConfig, params: Params, hf_config: dict,

@@ -31,10 +31,19 @@ MODELS = {  # the fields of their Hugging Face config.json that cqjax reads
                           num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, moe_intermediate_size=16384),
     "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32,
                           num_kv_heads=4, head_dim=128, num_experts=128, top_k=8, moe_intermediate_size=768,
+                          intermediate_size=6144,
                           qk_norm=True),
     "qwen3-235b-a22b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=4096, num_layers=94,
                             num_heads=64, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8,
                             moe_intermediate_size=1536, qk_norm=True),
+    # config.json of deepseek-ai/DeepSeek-V2-Lite: latent attention, 2 shared experts, dense layer 0.
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, num_layers=27,
+                             num_heads=16, num_kv_heads=16, head_dim=64, num_experts=64, top_k=6,
+                             moe_intermediate_size=1408, intermediate_size=10944, dense_layers=(0,),
+                             norm_topk_prob=False, kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128,
+                             n_shared_experts=2, rope_theta=1e4, max_position_embeddings=163840,
+                             yarn_factor=40.0, yarn_original_max_position=4096, yarn_mscale=0.707,
+                             yarn_mscale_all_dim=0.707),
 }
 
 
@@ -144,12 +153,12 @@ def _accf(out, cfg, s, layer, qlayer, batch, opt, act):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from cqjax.finetune_centroids import AccfConfig, _codebooks, accf_step, moe_block_loss  # pylint: disable=g-import-not-at-top
+  from cqjax.finetune_centroids import (AccfConfig, _codebooks, accf_step, codebook_targets,  # pylint: disable=g-import-not-at-top
+                                       moe_block_loss, moe_ratios)
   from cqjax.moe import MoeBlock  # pylint: disable=g-import-not-at-top
   f32, d, t = jnp.float32, cfg.hidden_size, s.calib_seqlen
   cbs = _codebooks(qlayer["moe"])
-  fp_ws = [layer["moe"][k] for k in ("down_proj", "gate_proj", "router", "up_proj")]  # tree order
-  ratios = [jnp.ones((w.shape[-2],), f32) for w in fp_ws]
+  fp_ws, ratios = codebook_targets(qlayer["moe"], layer["moe"], moe_ratios(cfg, jnp.ones((d,), f32)))
   accf = AccfConfig(lr=1e-3, optimizer="adam")
   loss = moe_block_loss(MoeBlock(cfg, f32, False, act), accf.kl_weight)
   data = (batch(s.accf_batch, t, d), batch(s.accf_batch, t, d), batch(s.accf_batch, t, cfg.num_experts))
@@ -166,16 +175,16 @@ def _decode(out, cfg, s, qlayer, moe_layer, batch, act):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from cqjax.finetune_centroids import _apply  # pylint: disable=g-import-not-at-top
-  from cqjax.model import DecoderLayer  # pylint: disable=g-import-not-at-top
+  from cqjax.model import DecoderLayer, init_cache  # pylint: disable=g-import-not-at-top
   bf16 = jnp.bfloat16
   qdec = DecoderLayer(cfg, moe_layer, bf16, act_quant=act, online_down_hadamard=True)
-  cache = {k: batch(s.decode_batch, s.decode_context, cfg.num_kv_heads, cfg.head_dim, dtype=bf16) for k in "kv"}
+  cache = jax.tree.map(lambda a: batch(*a.shape, dtype=bf16),
+                       jax.eval_shape(lambda: init_cache(cfg, s.decode_batch, s.decode_context, bf16)[moe_layer]))
   step = _compiled("decode_layer_step", lambda p, x, pos, c: _apply(qdec, p, x, pos, c, s.decode_context - 1),
                    qlayer, batch(s.decode_batch, 1, cfg.hidden_size, dtype=bf16),
                    batch(s.decode_batch, 1, dtype=jnp.int32), cache)
   data = jax.sharding.get_abstract_mesh().shape["data"]
-  kv = 2 * cfg.num_layers * s.decode_batch * s.decode_context * cfg.num_kv_heads * cfg.head_dim * 2
-  kv //= data if s.decode_batch % data == 0 else 1
+  kv = _nbytes(cache, jax.tree.map(lambda a: a.sharding, cache)) * cfg.num_layers
   out["decode"] = {"w4_weights": out["model"]["w4_weights"], "kv_cache": kv,
                    "one_layer_step": step["temporaries"] + step["outputs"]}
   out["decode"]["peak"] = sum(out["decode"].values())

@@ -347,14 +347,16 @@ def _export_stage(cfg, model_cfg, params, tokenizer, dtype, eval_sets, report, c
 def _export_plots(cfg, qm) -> None:
   """ACCF loss curves and the centroid histograms of a few quantized kernels of the first and last layer."""
   from cqjax.codebook import CodebookWeight  # pylint: disable=g-import-not-at-top
-  from cqjax.param_paths import attn_path, ffn_path, get_path  # pylint: disable=g-import-not-at-top
+  from cqjax.param_paths import attn_input_readers, attn_path, ffn_path, get_path  # pylint: disable=g-import-not-at-top
   from experiments.plots import plot_accf_losses, plot_centroid_histograms  # pylint: disable=g-import-not-at-top
 
   if qm.history.get("accf"):
     plot_accf_losses(qm.history["accf"], os.path.join(cfg.output_dir, "accf_losses.png"))
-  last = qm.config.num_layers - 1
-  candidates = [(0, attn_path(0, "q_proj")), (0, attn_path(0, "o_proj")), (0, ffn_path(qm.config, 0, "gate_proj")),
-                (last, ffn_path(qm.config, last, "down_proj"))]
+  c = qm.config
+  last = c.num_layers - 1
+  moe = next((i for i in range(c.num_layers) if c.is_moe_layer(i)), 0)  # DeepSeek's first layers are dense
+  candidates = [(0, attn_input_readers(c, 0)[0]), (0, attn_path(0, "o_proj")), (moe, ffn_path(c, moe, "gate_proj")),
+                (last, ffn_path(c, last, "down_proj"))]
   picks = {f"layer {layer} {path[-2] if path[-1] == 'kernel' else path[-1]}": w.centroids
            for layer, path in candidates if isinstance(w := get_path(qm.params, path), CodebookWeight)}
   if picks:

@@ -1,4 +1,5 @@
-"""Trains the reference Mixtral-architecture MoE checkpoints on real English text (IMDB reviews).
+"""Trains the reference MoE checkpoints (Mixtral and DeepSeek-V2 architectures) on real English
+text (IMDB reviews).
 
 Two steps, so the GPU machine needs only token arrays (the raw corpus is larger than what
 travels to it):
@@ -8,8 +9,8 @@ travels to it):
   # GPU: train, write a Hugging Face directory, evaluate it with the perplexity harness.
   python -m experiments.train_reference train --size=tiny --data_dir=.refdata --out=DIR
 
-The output directory holds config.json (model_type mixtral), safetensors, tokenizer files,
-training_metrics.json and loss_curve.png.
+The output directory holds config.json (model_type mixtral or deepseek_v2), safetensors,
+tokenizer files, training_metrics.json and loss_curve.png.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ VOCAB = 8192
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceSize:
-  """Architecture and recipe of one reference checkpoint."""
+  """Architecture and recipe of one reference checkpoint. family "deepseek_v2" adds latent
+  attention (kv_lora_rank, RoPE/no-RoPE/value head widths), `shared` shared experts and
+  `dense_layers` leading dense layers of width `dense_ffn`, as DeepSeek-V2-Lite has them."""
   layers: int
   hidden: int
   heads: int
@@ -49,8 +52,29 @@ class ReferenceSize:
   weight_decay: float = 0.1
   aux_coef: float = 0.01
   shard_bytes: int = 12 << 20  # the GPU machine returns files of at most 16 MiB
+  family: str = "mixtral"
+  kv_lora_rank: int = 0
+  rope_head_dim: int = 0
+  nope_head_dim: int = 0
+  v_head_dim: int = 0
+  shared: int = 0
+  dense_layers: int = 0
+  dense_ffn: int = 0
 
   def hf_config(self) -> dict:
+    if self.family == "deepseek_v2":
+      return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": VOCAB,
+              "hidden_size": self.hidden, "intermediate_size": self.dense_ffn,
+              "moe_intermediate_size": self.ffn, "num_hidden_layers": self.layers,
+              "num_attention_heads": self.heads, "num_key_value_heads": self.heads,
+              "n_routed_experts": self.experts, "num_experts_per_tok": self.top_k,
+              "n_shared_experts": self.shared, "first_k_dense_replace": self.dense_layers,
+              "q_lora_rank": None, "kv_lora_rank": self.kv_lora_rank, "qk_rope_head_dim": self.rope_head_dim,
+              "qk_nope_head_dim": self.nope_head_dim, "v_head_dim": self.v_head_dim,
+              "topk_method": "greedy", "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+              "norm_topk_prob": False, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+              "rope_theta": 1e4, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+              "hidden_act": "silu", "attention_bias": False, "aux_loss_alpha": self.aux_coef}
     return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": VOCAB,
             "hidden_size": self.hidden, "intermediate_size": self.ffn,
             "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
@@ -64,11 +88,21 @@ class ReferenceSize:
 SIZES = {
     "tiny": ReferenceSize(layers=4, hidden=256, heads=4, kv_heads=2, experts=8, top_k=2, ffn=192,
                           steps=8000, batch=64),
+    # DeepSeek-V2-Lite's design at the tiny size: full-rank queries, a 64-wide KV latent, a dense
+    # first layer, 16 routed experts top-4 beside 2 shared ones.
+    "tiny_deepseek": ReferenceSize(layers=4, hidden=256, heads=4, kv_heads=4, experts=16, top_k=4, ffn=96,
+                                   steps=8000, batch=64, family="deepseek_v2", kv_lora_rank=64,
+                                   rope_head_dim=16, nope_head_dim=32, v_head_dim=32, shared=2,
+                                   dense_layers=1, dense_ffn=512),
     "small": ReferenceSize(layers=8, hidden=512, heads=8, kv_heads=4, experts=8, top_k=2, ffn=1024,
                            steps=3200, batch=64, lr=2e-3),
     # A few steps of a toy size: how the tests exercise the whole script on CPU.
     "test": ReferenceSize(layers=2, hidden=32, heads=2, kv_heads=1, experts=4, top_k=2, ffn=24,
                           steps=6, batch=4, seqlen=32, warmup=2),
+    "test_deepseek": ReferenceSize(layers=2, hidden=32, heads=2, kv_heads=2, experts=4, top_k=2, ffn=16,
+                                   steps=6, batch=4, seqlen=32, warmup=2, family="deepseek_v2",
+                                   kv_lora_rank=16, rope_head_dim=8, nope_head_dim=8, v_head_dim=8,
+                                   shared=1, dense_layers=1, dense_ffn=32),
 }
 
 
@@ -160,8 +194,9 @@ def train(size_name: str, data_dir: str, out: str, steps: int = 0, log_every: in
     (logits, _), state = model.apply({"params": p16}, tokens[:, :-1], mutable=["intermediates"])
     targets = tokens[:, 1:]
     ce = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
+    moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     aux = sum(load_balancing_loss(state["intermediates"][f"layers_{i}"]["moe"]["router_logits"][0], cfg.top_k)
-              for i in range(cfg.num_layers)) / cfg.num_layers
+              for i in moe_layers) / len(moe_layers)
     return ce + size.aux_coef * aux, (ce, aux)
 
   def one_step(carry, key):

@@ -49,19 +49,25 @@ def test_load_balancing_loss_is_top_k_when_uniform():
   assert float(train_reference.load_balancing_loss(skewed, 2)) > 4.0
 
 
-def test_prepare_and_train_end_to_end(tmp_path):
+@pytest.mark.parametrize("size,model_type", [("test", "mixtral"), ("test_deepseek", "deepseek_v2")])
+def test_prepare_and_train_end_to_end(tmp_path, size, model_type):
   data = tmp_path / "data"
   train_reference.prepare(str(data), corpora={"train": IMDB_EXCERPT, "imdb_valid": IMDB_EXCERPT,
                                                "wikitext2_test": WIKI_EXCERPT})
   assert np.load(data / "train.npy").dtype == np.uint16
   out = tmp_path / "ckpt"
-  metrics = train_reference.train("test", str(data), str(out), steps=4, log_every=2)
+  metrics = train_reference.train(size, str(data), str(out), steps=4, log_every=2)
   assert [h["step"] for h in metrics["history"]] == [2, 4]
   assert set(metrics["perplexity"]) == {"imdb_valid", "wikitext2_test"}
   saved = json.load(open(out / "training_metrics.json"))
   assert saved["parameters"] == metrics["parameters"] > 0
-  # What the script writes is a Hugging Face directory cqjax and transformers both load.
-  cfg, _ = load_params(str(out), jnp.float32, progress=False)
-  assert cfg.model_type == "mixtral" and cfg.vocab_size == 8192
+  # What the script writes is a Hugging Face directory cqjax and transformers both load, alike.
+  cfg, params = load_params(str(out), jnp.float32, progress=False)
+  assert cfg.model_type == model_type and cfg.vocab_size == 8192
   assert load_tokenizer(str(out))("a film")["input_ids"]
   assert (out / "loss_curve.png").exists()
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 17))
+  with torch.no_grad():
+    want = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(torch.tensor(tokens)).logits.numpy()
+  got, _ = MoeCausalLM(cfg).apply({"params": params}, jnp.asarray(tokens))
+  assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() <= 1e-4

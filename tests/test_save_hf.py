@@ -11,7 +11,8 @@ from cqjax.load import load_params
 from cqjax.save_hf import save_hf_checkpoint
 
 
-@pytest.mark.parametrize("name,shard_bytes", [("mixtral", 5 << 30), ("qwen3_moe", 20_000)])
+@pytest.mark.parametrize("name,shard_bytes", [("mixtral", 5 << 30), ("qwen3_moe", 20_000), ("deepseek_v2", 20_000),
+                                             ("deepseek_v2_greedy", 5 << 30)])
 def test_round_trip(tmp_path, hf_checkpoints, name, shard_bytes):
   src = hf_checkpoints[name]
   cfg, params = load_params(src, jnp.float32, progress=False)
