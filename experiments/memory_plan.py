@@ -210,6 +210,7 @@ def main():
   p.add_argument("--devices", type=int, default=0, help="0: the accelerators present (else 1 CPU)")
   p.add_argument("--device_gb", type=float, default=80.0)
   p.add_argument("--decode_batch", type=int, default=16)
+  p.add_argument("--accf_batch", type=int, default=PlanSettings.accf_batch)
   p.add_argument("--stages", default=",".join(STAGES), help="a subset of " + ",".join(STAGES))
   p.add_argument("--out", default="", help="write the plan as JSON here")
   a = p.parse_args()
@@ -229,7 +230,7 @@ def main():
   unknown = sorted(set(stages) - set(STAGES))
   if unknown:
     raise SystemExit(f"--stages: unknown {unknown}; choose from {','.join(STAGES)}")
-  result = plan(cfg, mesh, PlanSettings(decode_batch=a.decode_batch), stages)
+  result = plan(cfg, mesh, PlanSettings(decode_batch=a.decode_batch, accf_batch=a.accf_batch), stages)
   result["mesh"] = dict(mesh.shape)
   result["backend"] = jax.default_backend()
   print(table(name, result, len(devices), a.device_gb))

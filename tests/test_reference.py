@@ -20,20 +20,28 @@ IMDB_EXCERPT = os.path.join(REPO, "tests", "data", "imdb_valid_excerpt.txt")
 WIKI_EXCERPT = os.path.join(REPO, "tests", "data", "wikitext2_valid_excerpt.txt")
 
 
-def test_tiny_reference_matches_transformers():
-  cfg, params = load_params(TINY_DEFAULT, jnp.float32, progress=False)
+TINY_DEEPSEEK = os.path.join(REPO, "experiments", "assets", "tiny-deepseek-v2-imdb")
+TINY_CHECKPOINTS = pytest.mark.parametrize("path,hf_class", [(TINY_DEFAULT, "MixtralForCausalLM"),
+                                                             (TINY_DEEPSEEK, "DeepseekV2ForCausalLM")])
+
+
+@TINY_CHECKPOINTS
+def test_tiny_reference_matches_transformers(path, hf_class):
+  cfg, params = load_params(path, jnp.float32, progress=False)
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 33))
-  ref = AutoModelForCausalLM.from_pretrained(TINY_DEFAULT, dtype=torch.float32).eval()
-  assert type(ref).__name__ == "MixtralForCausalLM"
+  ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  assert type(ref).__name__ == hf_class
   with torch.no_grad():
     want = ref(torch.tensor(tokens)).logits.numpy()
   got, _ = MoeCausalLM(cfg).apply({"params": params}, jnp.asarray(tokens))
   assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() <= 1e-4
 
 
-def test_tiny_reference_is_trained():
-  cfg, params = load_params(TINY_DEFAULT, jnp.float32, progress=False)
-  windows = eval_windows(tokenize(load_tokenizer(TINY_DEFAULT), read_text(IMDB_EXCERPT)[1]), 256)[:6]
+@TINY_CHECKPOINTS
+def test_tiny_reference_is_trained(path, hf_class):
+  del hf_class
+  cfg, params = load_params(path, jnp.float32, progress=False)
+  windows = eval_windows(tokenize(load_tokenizer(path), read_text(IMDB_EXCERPT)[1]), 256)[:6]
   model = MoeCausalLM(cfg)
   trained = perplexity(model, params, windows, 6, progress=False)["perplexity"]
   random_init = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]

@@ -5,4 +5,8 @@ from experiments.configs.base import checkpoint_config
 
 
 def get_config():
-  return checkpoint_config("runs/deepseek_v2_lite")
+  c = checkpoint_config("runs/deepseek_v2_lite")
+  # The MoE block's ACCF step at batch 32 needs 112 GB on one H100 (XLA expands the gradient of
+  # ragged_dot's weights over all 64 experts); 16 fits in 59 GB (BENCHMARKS.md, memory plan).
+  c.accf_batch_size = 16
+  return c
