@@ -29,6 +29,7 @@ from cqjax.checkpoint import load_tree, save_tree
 from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
+from cqjax.layer_streaming import on_host, to_device, to_host
 from cqjax.load import Params
 from cqjax.model import Attention, LatentAttention, RMSNorm
 from cqjax.param_paths import attn_inner_linears, attn_input_readers
@@ -208,6 +209,7 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
   layer are saved there (atomically); a later call with the same inputs resumes after the last
   finished layer and returns the same result as an uninterrupted call."""
   n, t = windows.shape
+  host = on_host(q_params)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
   emb = fp_params["embed"]["embedding"]
   x_fp = shard_batch(jax.jit(jnp.take, static_argnames="axis")(emb, jnp.asarray(windows), axis=0).astype(dtype))
@@ -224,10 +226,11 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
     x_fp, x_q = shard_batch(jnp.asarray(carry["x_fp"])), shard_batch(jnp.asarray(carry["x_q"]))
     for i in range(start):
       layer, _ = load_tree(os.path.join(checkpoint_dir, f"layer_{i:03d}"))
-      out[f"layers_{i}"] = jax.tree_util.tree_map(jnp.asarray, layer)
+      out[f"layers_{i}"] = jax.tree_util.tree_map(np.asarray if host else jnp.asarray, layer)
   for i in range(start, cfg.num_layers):
     desc = lambda name, i=i: f"ACCF layer {i} {name}" if progress else None  # progress bar titles
-    fp_l, q_l = fp_params[f"layers_{i}"], dict(q_params[f"layers_{i}"])
+    # Host-resident params (layer streaming): this layer alone comes to the device.
+    fp_l, q_l = to_device(fp_params[f"layers_{i}"], host), dict(to_device(q_params[f"layers_{i}"], host))
     norm = functools.partial(_apply, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype))
     h_fp = norm(fp_l["input_norm"], x_fp)
     h_q = quant(norm(q_l["input_norm"], x_q))
@@ -286,7 +289,7 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
           (m_q, y_fp), n, accf, desc("MLP"))
       ff_fp, ff_q = y_fp, _apply(q_mod, q_l["mlp"], m_q)
     x_fp, x_q = add(x_fp, ff_fp), add(x_q, ff_q)
-    out[f"layers_{i}"] = q_l
+    out[f"layers_{i}"] = to_host(q_l, host)
     if checkpoint_dir is not None:  # the layer first: a crash between the two redoes layer i
       save_tree(os.path.join(checkpoint_dir, f"layer_{i:03d}"), q_l)
       save_tree(os.path.join(checkpoint_dir, "carry"), {"x_fp": x_fp, "x_q": x_q},

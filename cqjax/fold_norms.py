@@ -11,13 +11,15 @@ import dataclasses
 import jax.numpy as jnp
 
 from cqjax.config import ModelConfig
+from cqjax.layer_streaming import like
 from cqjax.load import Params
 from cqjax.param_paths import attn_input_readers, ffn_input_readers, get_path, set_path
 
 
 def _scale_inputs(params: Params, path, s):
-  """W [..., d_in, d_out] -> diag(s) W (stacked experts included)."""
-  return set_path(params, path, s[:, None] * get_path(params, path))
+  """W [..., d_in, d_out] -> diag(s) W (stacked experts included), placed as W is."""
+  w = get_path(params, path)
+  return set_path(params, path, like(jnp.asarray(s)[:, None] * jnp.asarray(w), w))
 
 
 def fold_norms(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
@@ -29,9 +31,9 @@ def fold_norms(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
       s = params[f"layers_{i}"][norm]["scale"]
       for path in readers:
         params = _scale_inputs(params, path, s)
-      params = set_path(params, (f"layers_{i}", norm, "scale"), jnp.ones_like(s))
+      params = set_path(params, (f"layers_{i}", norm, "scale"), like(jnp.ones(s.shape), s))
   s = params["final_norm"]["scale"]
   head = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-  params = set_path(params, ("lm_head",), {"kernel": s[:, None] * head})
-  params = set_path(params, ("final_norm", "scale"), jnp.ones_like(s))
+  params = set_path(params, ("lm_head",), {"kernel": like(jnp.asarray(s)[:, None] * jnp.asarray(head), head)})
+  params = set_path(params, ("final_norm", "scale"), like(jnp.ones(s.shape), s))
   return dataclasses.replace(cfg, tie_word_embeddings=False), params

@@ -111,8 +111,11 @@ def _moe_params(ix, cfg, i, to_device) -> Params:
   return moe
 
 
-def load_params(path: str, dtype=jnp.bfloat16, progress: bool = True) -> tuple[ModelConfig, Params]:
-  """Reads `path/config.json` and its safetensors into (config, params) with arrays in `dtype`."""
+def load_params(path: str, dtype=jnp.bfloat16, progress: bool = True,
+                on_host: bool = False) -> tuple[ModelConfig, Params]:
+  """Reads `path/config.json` and its safetensors into (config, params) with arrays in `dtype`.
+  on_host: numpy arrays in host memory instead of device arrays, for a model larger than the
+  device (`cqjax.quantize` then works layer by layer, see `cqjax.layer_streaming`)."""
   if not os.path.isdir(path):
     raise CqjaxError(f"{path}: model directory not found")
   cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
@@ -120,7 +123,8 @@ def load_params(path: str, dtype=jnp.bfloat16, progress: bool = True) -> tuple[M
   np_dtype = jnp.dtype(dtype)
 
   def to_device(a: np.ndarray) -> jax.Array:
-    return jnp.asarray(np.asarray(a, dtype=np_dtype))
+    a = np.asarray(a, dtype=np_dtype)
+    return np.array(a) if on_host else jnp.asarray(a)  # a copy: the shards are memory-mapped
 
   v, d = cfg.vocab_size, cfg.hidden_size
   params: Params = {"embed": {"embedding": to_device(ix.get("model.embed_tokens.weight", (v, d)))}}

@@ -15,11 +15,11 @@ has already spread each channel's energy evenly, which is what POG buys by permu
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
+from cqjax.layer_streaming import like
 from cqjax.load import Params
 
 
@@ -60,8 +60,8 @@ def apply_pog(cfg: ModelConfig, params: Params, group_size: int, blocks_per_grou
              for k in range(kvh)]
     o_new = np.stack([o[k][:, perms[k]] for k in range(kvh)])
     v_new = np.stack([v[:, k, perms[k]] for k in range(kvh)], axis=1)
-    attn["o_proj"]["kernel"] = jnp.asarray(o_new.reshape(attn["o_proj"]["kernel"].shape), attn["o_proj"]["kernel"].dtype)
-    attn["v_proj"]["kernel"] = jnp.asarray(v_new.reshape(attn["v_proj"]["kernel"].shape), attn["v_proj"]["kernel"].dtype)
+    attn["o_proj"]["kernel"] = like(o_new.reshape(attn["o_proj"]["kernel"].shape), attn["o_proj"]["kernel"])
+    attn["v_proj"]["kernel"] = like(v_new.reshape(attn["v_proj"]["kernel"].shape), attn["v_proj"]["kernel"])
     lp["attn"] = attn
     if permute_down and cfg.is_moe_layer(i):
       moe = dict(lp["moe"])
@@ -69,17 +69,16 @@ def apply_pog(cfg: ModelConfig, params: Params, group_size: int, blocks_per_grou
       perms = [pog_permutation(down[e], group_size, blocks_per_group) for e in range(cfg.num_experts)]
       for name in ("gate_proj", "up_proj"):
         w = np.asarray(moe[name], np.float32)
-        moe[name] = jnp.asarray(np.stack([w[e][:, perms[e]] for e in range(cfg.num_experts)]), moe[name].dtype)
-      moe["down_proj"] = jnp.asarray(np.stack([down[e][perms[e]] for e in range(cfg.num_experts)]),
-                                     moe["down_proj"].dtype)
+        moe[name] = like(np.stack([w[e][:, perms[e]] for e in range(cfg.num_experts)]), moe[name])
+      moe["down_proj"] = like(np.stack([down[e][perms[e]] for e in range(cfg.num_experts)]), moe["down_proj"])
       lp["moe"] = moe
     elif permute_down:
       mlp = {k: dict(v) for k, v in lp["mlp"].items()}
       down = np.asarray(mlp["down_proj"]["kernel"], np.float32)
       perm = pog_permutation(down, group_size, blocks_per_group)
       for name in ("gate_proj", "up_proj"):
-        mlp[name]["kernel"] = jnp.asarray(np.asarray(mlp[name]["kernel"])[:, perm], mlp[name]["kernel"].dtype)
-      mlp["down_proj"]["kernel"] = jnp.asarray(down[perm], mlp["down_proj"]["kernel"].dtype)
+        mlp[name]["kernel"] = like(np.asarray(mlp[name]["kernel"])[:, perm], mlp[name]["kernel"])
+      mlp["down_proj"]["kernel"] = like(down[perm], mlp["down_proj"]["kernel"])
       lp["mlp"] = mlp
     out[f"layers_{i}"] = lp
   return out

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cqjax.act_quant import ActQuantConfig
-from cqjax.calibrate import collect_norm_outputs
+from cqjax.calibrate import collect_norm_outputs, collect_norm_outputs_by_layer
 from cqjax.checkpoint import array_crc32, load_tree, read_json, save_tree, settings_differences, write_text_atomic
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
@@ -31,6 +31,7 @@ from cqjax.finetune_centroids import AccfConfig, finetune_centroids
 from cqjax.fold_norms import fold_norms
 from cqjax.hadamard import hadamard_matrix
 from cqjax.kmeans import column_group, kmeans_quantize
+from cqjax.layer_streaming import on_host, to_host
 from cqjax.learn_rotation import AosConfig, initial_rotation, learn_rotation
 from cqjax.load import Params
 from cqjax.model import MoeCausalLM
@@ -141,9 +142,17 @@ def quantize(params: Params, model_config: ModelConfig, calibration_batches, con
 
   mesh (see `cqjax.sharding`): params are placed by its rules, K-means and ACCF run each expert
   on the device that holds it, calibration activations are split along `data`; the result is
-  the single-device one (same codes; centroids up to float32 reduction order)."""
+  the single-device one (same codes; centroids up to float32 reduction order).
+
+  Host-resident params (numpy leaves, as `load_params(..., on_host=True)` returns them) are
+  quantized layer by layer: each step holds one tensor or one decoder layer on the device
+  (calibration and ACCF carry the activations of every window between layers), and the
+  returned params stay in host memory. The result equals the device-resident run's."""
   if mesh is None:
     return _quantize(params, model_config, calibration_batches, config, dtype, progress, checkpoint_dir)
+  if on_host(params):
+    raise CqjaxError("quantize: host-resident params (layer streaming) with a mesh are not supported; "
+                     "pass device arrays with mesh=, or host arrays without it")
   with jax.set_mesh(mesh):
     return _quantize(shard_params(params, mesh), model_config, calibration_batches, config, dtype, progress,
                      checkpoint_dir)
@@ -155,14 +164,19 @@ def _quantize(params, model_config, calibration_batches, config, dtype, progress
   _check(config, windows)
   if checkpoint_dir is not None:
     _open_checkpoint(checkpoint_dir, _fingerprint(config, model_config, params, windows))
+  host = on_host(params)
   cfg, folded = fold_norms(model_config, params)
   act = None if config.act_bits >= 16 else ActQuantConfig(bits=config.act_bits, scope=config.scope)
 
   def rotation():
     if config.rotation == "hadamard":
       return {"r1": initial_rotation(cfg.hidden_size, config.seed)}
-    norm_outputs = collect_norm_outputs(MoeCausalLM(cfg, dtype), folded, windows, config.calib_batch_size,
-                                        progress=progress)
+    if host:
+      norm_outputs = collect_norm_outputs_by_layer(cfg, folded, windows, config.calib_batch_size,
+                                                   compute_dtype=dtype, progress=progress)
+    else:
+      norm_outputs = collect_norm_outputs(MoeCausalLM(cfg, dtype), folded, windows, config.calib_batch_size,
+                                          progress=progress)
     aos = dataclasses.replace(config.aos, act=act or config.aos.act, seed=config.seed)
     r1, losses = learn_rotation(norm_outputs, aos, progress)
     return {"r1": r1, "aos_loss": np.asarray(losses, np.float64)}
@@ -179,14 +193,15 @@ def _quantize(params, model_config, calibration_batches, config, dtype, progress
 
   def clustered():
     def quantizer(w, path):
-      return kmeans_quantize(w, config.bits, column_group(w.shape[-2], config.group_size), seed=config.seed)
+      cb = kmeans_quantize(jnp.asarray(w), config.bits, column_group(w.shape[-2], config.group_size), seed=config.seed)
+      return to_host(cb, host)
 
     bar = tqdm(total=len(scope_paths(cfg, config.scope)), desc="k-means", disable=not progress, leave=False)
     q = quantize_scope(cfg, base, config.scope, quantizer, bar)
     bar.close()
     return q
 
-  q = jax.tree_util.tree_map(jnp.asarray, _checkpointed(checkpoint_dir, "kmeans", clustered))
+  q = jax.tree_util.tree_map(np.asarray if host else jnp.asarray, _checkpointed(checkpoint_dir, "kmeans", clustered))
   if config.accf is not None:
     accf_windows = windows[: config.accf_samples] if config.accf_samples else windows
     q, history["accf"] = finetune_centroids(cfg, base, q, accf_windows, act, full_rot, config.accf, dtype,

@@ -18,6 +18,7 @@ import numpy as np
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.hadamard import hadamard_matrix
+from cqjax.layer_streaming import like
 from cqjax.load import Params
 from cqjax.param_paths import (attn_input_readers, attn_path, down_projections, ffn_input_readers, get_path,
                                residual_writers, set_path)
@@ -33,9 +34,9 @@ def _right(w, r):
 
 
 def _update(params: Params, path, fn) -> Params:
-  """Applies fn to the kernel at path in float32, keeping its dtype."""
+  """Applies fn to the kernel at path in float32, keeping its dtype and placement."""
   w = get_path(params, path)
-  return set_path(params, path, fn(w).astype(w.dtype))
+  return set_path(params, path, like(fn(jnp.asarray(w)), w))
 
 
 def _rotate_latent_values(cfg: ModelConfig, w, r2):

@@ -8,7 +8,8 @@ run in this order):
   quantize  weight quantization in each scope (`quant_scopes`) with each method
           (`quant_methods`: rtn, rtn_g128, hadamard_rtn, learned_rotation_rtn, kmeans, codequant,
           and the column-group variants kmeans_group, kmeans_pog, codequant_pog) at each setting (`quant_bits`: e.g. w4a16, w4a4, w3a4); keys `<scope>/<method>_<bits>`;
-  export  the model to serve: CodeQuant at `export_bits` in `export_scope` (column groups + POG
+  export  the model to serve (with `layer_streaming`, from weights kept in host memory, one
+          layer on the device at a time: for models larger than the device): CodeQuant at `export_bits` in `export_scope` (column groups + POG
           when `export_group_size` > 0) through `cqjax.quantize`, written to `<output_dir>/export`
           by `cqjax.export_quantized`, reloaded with `cqjax.load_quantized` for its perplexity
           (key `export/<scope>/<bits>`) and a greedy sample.
@@ -33,8 +34,9 @@ from cqjax.checkpoint import settings_differences, write_text_atomic
 from cqjax.errors import CqjaxError
 
 STAGES = ("eval", "rotate", "quantize", "export")
-# Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("stages", "resume")
+# Settings that may change between a run and its resumption (where the weights live does not
+# change the result).
+RESUMABLE_CHANGES = ("stages", "resume", "layer_streaming")
 METHODS = ("rtn", "rtn_g128", "hadamard_rtn", "learned_rotation_rtn", "kmeans", "codequant",
            "kmeans_group", "kmeans_pog", "codequant_pog")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -72,6 +74,9 @@ def _validate(cfg) -> list[str]:
     raise CqjaxError(f"--config.seqlen: must be at least 2, got {cfg.seqlen}")
   if not cfg.model_path:
     raise CqjaxError("--config.model_path: no checkpoint directory given")
+  if cfg.layer_streaming and set(stages) - {"export"}:
+    raise CqjaxError(f"--config.layer_streaming: only the export stage streams layers (the weights stay in host "
+                     f"memory); stages {sorted(set(stages) - {'export'})} need the whole model on the device")
   if "quantize" in stages:
     _quant_settings(cfg)
   if "export" in stages:
@@ -405,7 +410,7 @@ def run(cfg) -> dict:
 
   timings = {}
   t0 = time.perf_counter()
-  model_cfg, params = load_params(cfg.model_path, dtype)
+  model_cfg, params = load_params(cfg.model_path, dtype, on_host=cfg.layer_streaming)
   tokenizer = load_tokenizer(cfg.model_path)
   model = MoeCausalLM(model_cfg, dtype)
   timings["load_s"] = time.perf_counter() - t0

@@ -88,6 +88,8 @@ def test_bad_options_give_one_line_errors(tmp_path):
                   "--config.quant_bits: 'w4' is not like w4a4")
   _one_line_error(_run("--config.stages=quantize", "--config.quant_group_size=0", f"--config.output_dir={tmp_path}"),
                   "--config.quant_group_size: must be at least 2")
+  _one_line_error(_run("--config.stages=eval,export", "--config.layer_streaming=True", f"--config.output_dir={tmp_path}"),
+                  "--config.layer_streaming: only the export stage streams layers")
   _one_line_error(_run(f"--config.model_path={tmp_path}/none", f"--config.output_dir={tmp_path}"),
                   "model directory not found")
   short = tmp_path / "short.txt"
@@ -134,7 +136,8 @@ def test_export_stage_killed_then_resumed_matches_an_uninterrupted_run(tmp_path)
   os.killpg(p.pid, signal.SIGKILL)
   p.wait()
   assert not (cut / "export").exists() and not (cut / "state" / "export" / "accf" / "layer_003").exists()
-  r = _run(*_EXPORT_RUN, f"--config.output_dir={cut}")
+  # Resumed with the weights in host memory (layer streaming): the same export, bit for bit.
+  r = _run(*_EXPORT_RUN, f"--config.output_dir={cut}", "--config.layer_streaming=True")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resuming the run" in r.stdout
   got, got_r1 = _export_arrays(cut)

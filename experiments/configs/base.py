@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.export_scope = "full"
   c.export_bits = "w4a4"
   c.export_group_size = -1
+  # Keep the weights in host memory and quantize one layer at a time on the device (for a model
+  # larger than the device, e.g. Mixtral-8x7B on one 80 GB GPU); only the export stage runs so.
+  c.layer_streaming = False
   # Re-running with the same output_dir continues a killed run; False starts over.
   c.resume = True
   c.sample_prompt = "The"
