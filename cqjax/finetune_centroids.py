@@ -175,7 +175,8 @@ def _train(q_sub, fp_sub, ratio_of: Callable[[tuple], Any], loss_fn, data: tuple
   steps = max(n // cfg.batch_size, 1)
 
   def full_loss(cbs):
-    return float(np.mean([batch_loss(cbs, tuple(d[k * cfg.batch_size: (k + 1) * cfg.batch_size] for d in data))
+    # float() per batch: numpy cannot average bfloat16 device scalars (a bf16 compute dtype).
+    return float(np.mean([float(batch_loss(cbs, tuple(d[k * cfg.batch_size: (k + 1) * cfg.batch_size] for d in data)))
                           for k in range(steps)]))
 
   cbs = _codebooks(q_sub)

@@ -25,6 +25,9 @@ import numpy as np
 
 GB = 1e9
 MODELS = {  # the fields of their Hugging Face config.json that cqjax reads
+    # A toy entry: how the tests and `bench_layer_streaming` exercise the scripts on a CPU.
+    "toy-mixtral": dict(model_type="mixtral", vocab_size=128, hidden_size=64, num_layers=4, num_heads=4,
+                        num_kv_heads=2, head_dim=16, num_experts=8, top_k=2, moe_intermediate_size=128),
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                          num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, moe_intermediate_size=14336),
     "mixtral-8x22b": dict(model_type="mixtral", vocab_size=32768, hidden_size=6144, num_layers=56, num_heads=48,
