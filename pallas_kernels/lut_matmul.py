@@ -69,11 +69,12 @@ def _pow2_at_least(v: int) -> int:
 
 
 def default_tuning(m: int, d_in: int, d_out: int, bits: int) -> LutTuning:
-  """Blocks for an m-row product, from the H100 sweep in BENCHMARKS.md: the FMA path up to 2
-  rows with 16 columns a program, tensor cores above (one decode of the weights serves up to 128
-  rows); K is split until about two programs per SM are in flight. On the Mixtral expert shapes
-  at M=1 this is the sweep's best tuning."""
-  block_m = _pow2_at_least(m) if m <= 2 else min(128, max(16, _pow2_at_least(m)))
+  """Blocks for an m-row product, from the H100 sweep in BENCHMARKS.md: the FMA path for one row
+  with 16 columns a program, tensor cores above (one decode of the weights serves up to 128
+  rows; at M = 2 the FMA path ran at half this speed on the Mixtral shapes); K is split until
+  about two programs per SM are in flight. On the Mixtral expert shapes at M=1 this is the
+  sweep's best tuning."""
+  block_m = 1 if m <= 1 else min(128, max(16, _pow2_at_least(m)))
   block_n = 16 if block_m <= 2 else 64
   block_k = max(8 // bits, min(512 if block_m <= 2 else 256, _pow2_at_least(d_in)))
   programs = -(-d_out // block_n) * -(-m // block_m)
