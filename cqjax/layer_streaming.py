@@ -17,10 +17,10 @@ def on_host(tree) -> bool:
 
 
 def like(value, ref):
-  """value in ref's dtype and placement: a numpy array if ref is one (computed on the device,
-  brought back), else a device array."""
+  """value in ref's dtype and placement: a numpy array if ref is one (a device result is brought
+  back; a numpy value stays on the host), else a device array."""
   if isinstance(ref, np.ndarray):
-    return np.asarray(jax.device_get(jnp.asarray(value, ref.dtype)))
+    return np.asarray(jax.device_get(value), ref.dtype)
   return jnp.asarray(value, ref.dtype)
 
 
@@ -31,4 +31,4 @@ def to_device(tree, host: bool):
 
 def to_host(tree, host: bool):
   """A step's result back to host memory when the params it came from live there."""
-  return jax.tree.map(np.asarray, jax.device_get(tree)) if host else tree
+  return jax.device_get(tree) if host else tree

@@ -123,8 +123,8 @@ def load_params(path: str, dtype=jnp.bfloat16, progress: bool = True,
   np_dtype = jnp.dtype(dtype)
 
   def to_device(a: np.ndarray) -> jax.Array:
-    a = np.asarray(a, dtype=np_dtype)
-    return np.array(a) if on_host else jnp.asarray(a)  # a copy: the shards are memory-mapped
+    # On the host, a copy in memory: the shards are memory-mapped.
+    return np.array(a, dtype=np_dtype) if on_host else jnp.asarray(np.asarray(a, dtype=np_dtype))
 
   v, d = cfg.vocab_size, cfg.hidden_size
   params: Params = {"embed": {"embedding": to_device(ix.get("model.embed_tokens.weight", (v, d)))}}
