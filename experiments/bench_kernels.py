@@ -1,13 +1,13 @@
 """GPU benchmark of the Pallas codebook matmuls (pallas_kernels/) against XLA in the same run.
 
-  python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--out=DIR]
+  python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...] [--out=FILE]
 
 Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
 768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
 experts top-8 (Qwen3 shapes) at decode batch 1..64, random routing. Baselines: XLA bf16 `dot` /
 `ragged_dot` on dense weights, and XLA's own unpack + gather + dot of the same codes (the jnp
-reference). Every timing is one jitted call over `sets` distinct weights (more bytes than the L2
-holds), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
+reference). Every timing is one jitted call over `sets` distinct weights (at least 8, and enough to
+read twice the 50 MB L2), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
 GPU), median of `repeats` such batches, reported per weight. GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
 shapes on the Mixtral shapes; --decode times greedy decoding of the small reference model's
@@ -68,9 +68,19 @@ def _rel_err(got, ref) -> float:
 
 
 def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
-  """The default and its neighbours: column block, K step, warps, then how far K is split."""
+  """The default and its neighbours: column block, K step, warps, then how far K is split; for
+  prefill rows, wider tiles, more warps and deeper pipelines for the tensor cores."""
   base = pk.default_tuning(m, k, n, BITS)
   out = [base]
+  if base.block_m >= 64:
+    # Every program reads all m rows of x: wider column blocks cut that L2 traffic (at M = 128 and
+    # 64 columns a program, 224 programs read x's 1 MB each: 8x the code bytes). block_k 512 and
+    # 3 stages at 128+ columns exceed the 227 KB of shared memory (first sweep).
+    for bn, warps, stages in ((64, 8, 3), (128, 8, 2), (256, 8, 2)):
+      for splits in (1, 2, 4, 8):
+        out.append(dataclasses.replace(base, block_n=bn, block_k=256, num_warps=warps, num_stages=stages,
+                                       k_splits=splits))
+    return list(dict.fromkeys(out))
   for bn in (16, 32, 64):
     for bk in (512, 1024, 2048):
       for warps in (4, 8):
@@ -82,8 +92,15 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
   return list(dict.fromkeys(out))
 
 
+def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
+  """At least `sets`, and enough that one pass reads twice the H100's 50 MB L2 (a smaller
+  working set would time L2 hits, not memory)."""
+  return max(sets, min(256, -(-int(2 * l2_mb * 2**20) // bytes_per_set)))
+
+
 def bench_single(k, n, ms, sets, sweep, bw):
   key = jax.random.key(k * 7 + n)
+  sets = sets_beyond_l2(k * n * BITS // 8, sets)
   weights = [_codebook(jax.random.fold_in(key, i), (), k, n) for i in range(sets)]
   dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (k, n), jnp.bfloat16) for i in range(sets)]
   bytes_codes = _code_bytes(weights[0])
@@ -104,14 +121,19 @@ def bench_single(k, n, ms, sets, sweep, bw):
         results.append((_per_call_us(f, (x, weights), repeats=5 if sweep else 7) / sets, t))
       except Exception as e:  # pylint: disable=broad-except
         print(f"  {k}x{n} M={m} {t}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    if not results:
+      raise SystemExit(f"bench_kernels: every tuning failed at {k}x{n} M={m}")
     t_default = results[0][0]  # the default tuning comes first
     best, best_t = min(results, key=lambda r: r[0])
     row = dict(k=k, n=n, m=m, bf16_us=t_bf16, xla_gather_us=t_gather, kernel_us=t_default, best_us=best,
                best_tuning=dataclasses.asdict(best_t), rel_err=err, gbs=bytes_codes / t_default / 1e3,
                pct_copy=100 * bytes_codes / t_default / 1e3 / bw, speedup_vs_bf16=t_bf16 / t_default,
                floor_us=bytes_codes / bw / 1e3)
+    row["sets"] = sets
+    if sweep:
+      row["candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in results]
     rows.append(row)
-    print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  xla-gather {t_gather:7.1f}  kernel {t_default:6.1f} us "
+    print(f"{k:>5}x{n:<5} M={m:<3} sets={sets} bf16 {t_bf16:7.1f}  xla-gather {t_gather:7.1f}  kernel {t_default:6.1f} us "
           f"({row['speedup_vs_bf16']:4.2f}x bf16, {row['gbs']:5.0f} GB/s = {row['pct_copy']:3.0f}% of copy; "
           f"best {best:6.1f} {best_t}) err {err:.1e}", flush=True)
   return rows
@@ -185,38 +207,61 @@ def bench_decode(batches, new_tokens=64, prompt_len=32):
   return out
 
 
+SINGLE = {"4096x14336": (4096, 14336), "14336x4096": (14336, 4096), "2048x768": (2048, 768),
+          "768x2048": (768, 2048), "4096x4096": (4096, 4096)}
+GROUPED = {"mixtral-4096x14336": ("mixtral", 8, 2, 4096, 14336), "mixtral-14336x4096": ("mixtral", 8, 2, 14336, 4096),
+           "qwen3-2048x768": ("qwen3", 128, 8, 2048, 768), "qwen3-768x2048": ("qwen3", 128, 8, 768, 2048)}
+
+
+def _names(arg: str, table: dict) -> list[str]:
+  names = list(table) if arg == "all" else [a for a in arg.split(",") if a]
+  unknown = [a for a in names if a not in table]
+  if unknown:
+    raise SystemExit(f"bench_kernels: unknown shape {unknown[0]!r}; choose from {', '.join(table)} or all")
+  return names
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="fewer M values and batches")
-  ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes")
+  ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes at --sweep_ms")
+  ap.add_argument("--sweep_ms", default="128", help="comma list of M for --sweep")
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
-  ap.add_argument("--skip_matmul", action="store_true")
-  ap.add_argument("--sets", type=int, default=8)
-  ap.add_argument("--out", default="experiments/results/bench-kernels")
+  ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, all, or empty")
+  ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
+  ap.add_argument("--sets", type=int, default=8, help="weights per jitted call (raised past twice the L2)")
+  ap.add_argument("--out", default="experiments/results/bench-kernels/results.json",
+                  help="written after every shape, so a run stopped early keeps what it measured")
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   bw = copy_bandwidth_gbs()
   print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)
   ms = (1, 16, 128) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128)
   batches = (1, 16) if args.quick else (1, 4, 16, 64)
-  result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw}
-  if not args.skip_matmul:
-    single = []
-    for k, n in ((4096, 14336), (14336, 4096), (2048, 768), (768, 2048), (4096, 4096)):
-      single += bench_single(k, n, ms, args.sets, False, bw)
-    result["single"] = single
-    result["grouped"] = (bench_grouped("mixtral", 8, 2, 4096, 14336, batches, args.sets, bw)
-                         + bench_grouped("mixtral", 8, 2, 14336, 4096, batches, args.sets, bw)
-                         + bench_grouped("qwen3", 128, 8, 2048, 768, batches, args.sets, bw)
-                         + bench_grouped("qwen3", 128, 8, 768, 2048, batches, args.sets, bw))
+  result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw, "single": [],
+            "grouped": []}
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+  def save():
+    with open(args.out + ".tmp", "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+
+  for name in _names(args.single, SINGLE):
+    result["single"] += bench_single(*SINGLE[name], ms, args.sets, False, bw)
+    save()
+  for name in _names(args.grouped, GROUPED):
+    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw)
+    save()
   if args.sweep:
-    result["sweep"] = [row for k, n in ((4096, 14336), (14336, 4096))
-                       for row in bench_single(k, n, (1, 16), args.sets, True, bw)]
+    result["sweep"] = []
+    for m in [int(m) for m in args.sweep_ms.split(",")]:
+      for k, n in ((4096, 14336), (14336, 4096)):
+        result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
+        save()
   if args.decode:
     result["decode"] = bench_decode((1, 16))
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(result, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":

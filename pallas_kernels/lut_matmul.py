@@ -23,9 +23,9 @@ the register decode is checked by a PTX interpreter test, compiled on GPUs by th
 One program owns `block_n` output columns, `block_m` rows of x and a 1/k_splits share of d_in,
 which it walks in steps of `block_k` inputs. block_m < 16 multiplies on the FMA units with an
 elementwise accumulator reduced once at the end (decode: no shared-memory round trip of the
-weight tile), block_m >= 16 on the tensor cores (`pl.dot`). The k_splits partial sums are written
-to [k_splits, m, d_out] float32 and added by XLA: deterministic, and at decode the partials are
-a few percent of the code bytes.
+weight tile), block_m >= 16 on the tensor cores (`pl.dot`). With k_splits > 1 the partial sums are
+written to [k_splits, m, d_out] float32 and added by XLA: deterministic, and at decode the
+partials are a few percent of the code bytes; an unsplit launch stores its result directly.
 """
 from __future__ import annotations
 
@@ -68,19 +68,39 @@ def _pow2_at_least(v: int) -> int:
   return 1 << max(0, (v - 1).bit_length())
 
 
-def default_tuning(m: int, d_in: int, d_out: int, bits: int) -> LutTuning:
-  """Blocks for an m-row product, from the H100 sweep in BENCHMARKS.md: the FMA path for one row
-  with 16 columns a program, tensor cores above (one decode of the weights serves up to 128
-  rows; at M = 2 the FMA path ran at half this speed on the Mixtral shapes); K is split until
-  about two programs per SM are in flight. On the Mixtral expert shapes at M=1 this is the
-  sweep's best tuning."""
+def _decodes_in_registers(bits: int, row_bytes: int, x_dtype, group_size: int, block_k: int, interpret: bool) -> bool:
+  """The register decode (DECODE4_PTX) applies: compiled only (inline PTX), 4-bit codes in whole
+  words, bf16 activations (its values are bf16), one codebook per K step."""
+  return (not interpret and bits == 4 and row_bytes % 4 == 0 and jnp.dtype(x_dtype) == jnp.bfloat16
+          and group_size % block_k == 0 and block_k >= 8)
+
+
+def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x_dtype=jnp.bfloat16,
+                   group_size: int | None = None) -> LutTuning:
+  """Blocks for an m-row product with each of `experts` weights in one launch (codebooks over
+  `group_size` inputs, default a whole row), from the H100 sweeps in BENCHMARKS.md. One row: the
+  FMA path, 16 columns a program. More rows: tensor cores (one decode of the weights serves up to
+  128 rows; at M = 2 the FMA path ran at half this speed). At 128 rows of a weight with 4096+
+  outputs, wide column blocks and 8 warps: every program reads all of x, and wide blocks cut
+  that traffic (256 columns: 0.68-0.73x of the 64-column time on the Mixtral shapes); 256 only
+  for the register decode, 128 for other bf16 and 64 for float32, whose tiles would overflow the
+  227 KB of shared memory. K is split until about `per_sm` programs per SM are in flight,
+  counting every expert's programs; one-row programs keep at least four K steps (on 2048x768
+  experts, shorter ones lost to their set-up)."""
   block_m = 1 if m <= 1 else min(128, max(16, _pow2_at_least(m)))
-  block_n = 16 if block_m <= 2 else 64
-  block_k = max(8 // bits, min(512 if block_m <= 2 else 256, _pow2_at_least(d_in)))
-  programs = -(-d_out // block_n) * -(-m // block_m)
+  block_k = max(8 // bits, min(512 if block_m == 1 else 256, _pow2_at_least(d_in)))
+  block_n = 16 if block_m == 1 else 64
+  if block_m == 128 and d_out >= 4096:
+    registers = _decodes_in_registers(bits, -(-d_in * bits // 8), x_dtype, group_size or d_in, block_k, False)
+    block_n = 256 if registers else 256 // jnp.dtype(x_dtype).itemsize
+  wide = block_n >= 128
+  per_sm = 1 if wide else {1: 16, 16: 7, 32: 7}.get(block_m, 2)
+  programs = experts * -(-d_out // block_n) * -(-m // block_m)
   steps = -(-d_in // block_k)
-  k_splits = max(1, min(steps, -(-2 * _SM_COUNT // programs)))
-  return LutTuning(block_m, block_n, block_k, k_splits)
+  splits = round(per_sm * _SM_COUNT / programs) if wide else -(-per_sm * _SM_COUNT // programs)
+  if block_m == 1:
+    splits = min(splits, steps // 4)
+  return LutTuning(block_m, block_n, block_k, max(1, min(steps, splits)), num_warps=8 if wide else 4)
 
 
 # Decodes four 4-bit codes (half of a uint32 word: bits 0-15, or 16-31 with shift 16) against a
@@ -155,10 +175,7 @@ def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool)
                      f"bits in {SUPPORTED_BITS}); use the reference")
   nbytes, groups = packed.shape[-1], centroids.shape[-2]
   group_size = x.shape[1] // groups
-  # Register decode: compiled only (inline PTX), bf16 activations (its values are bf16), one
-  # codebook per K step.
-  registers = (not interpret and bits == 4 and nbytes % 4 == 0 and x.dtype == jnp.bfloat16
-               and group_size % tuning.block_k == 0 and tuning.block_k >= 8)
+  registers = _decodes_in_registers(bits, nbytes, x.dtype, group_size, tuning.block_k, interpret)
   # Words wherever they were verified compiled: bf16 tensor-core dots fed by word-unit *gathers*
   # gave wrong sums on the H100 (jax 0.11.2, Triton 3.6; cause not found), so that case reads bytes.
   words = nbytes % 4 == 0 and tuning.block_k >= 32 // bits and (registers or tuning.block_m < 16
@@ -258,6 +275,16 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, rows, n0
   return acc if use_dot else acc.sum(axis=-1)
 
 
+def _partials_dtype(splits: int, dtype):
+  """An unsplit launch writes the result itself; split partials are added in float32."""
+  return dtype if splits == 1 else jnp.float32
+
+
+def _sum_partials(partials: jax.Array, dtype) -> jax.Array:
+  """[splits, rows, d_out] -> [rows, d_out] in dtype (no extra pass when unsplit)."""
+  return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0).astype(dtype)
+
+
 def _params(tuning: LutTuning):
   return plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages)
 
@@ -268,7 +295,8 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
   """x [m, d_in] times one codebook weight -> [m, d_out] in x's dtype (d_in = x.shape[1])."""
   m, d_in = x.shape
   d_out = check_codebook_operands("Pallas lut_matmul", x, packed, centroids, bits, d_in, ())
-  tuning = tuning or default_tuning(max(m, 1), d_in, d_out, bits)
+  tuning = tuning or default_tuning(max(m, 1), d_in, d_out, bits, x_dtype=x.dtype,
+                                    group_size=d_in // centroids.shape[-2])
   lay = _layout(x, packed, centroids, bits, tuning, interpret)
   if m == 0:
     return jnp.zeros((0, d_out), x.dtype)
@@ -286,15 +314,15 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
                       n_ok=n_ok, book0=jnp.minimum(cols, d_out - 1) * lay.groups, step0=ps * per_split,
                       n_steps=jnp.minimum(per_split, total - ps * per_split), tuning=tuning, masked_n=masked_n,
                       masked_k=masked_k)
-    plgpu.store(out_ref.at[ps, pl.ds(pm * bm, bm), pl.ds(pn * bn, bn)], acc,
+    plgpu.store(out_ref.at[ps, pl.ds(pm * bm, bm), pl.ds(pn * bn, bn)], acc.astype(out_ref.dtype),
                 mask=(rows < m)[:, None] & n_ok[None, :])
 
   partials = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((splits, m, d_out), jnp.float32),
+      kernel, out_shape=jax.ShapeDtypeStruct((splits, m, d_out), _partials_dtype(splits, x.dtype)),
       grid=(pl.cdiv(m, bm), pl.cdiv(d_out, bn), splits),
       compiler_params=_params(tuning), interpret=interpret, name="cqjax_lut_matmul",
   )(xs, _codes(packed, lay), _table(centroids, x.dtype, lay))
-  return partials.sum(axis=0).astype(x.dtype)
+  return _sum_partials(partials, x.dtype)
 
 
 def _expert_slots(group_sizes: jax.Array, slots: int):
@@ -323,7 +351,9 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
                      f"{group_sizes.dtype}{group_sizes.shape}")
   # Rows per expert if spread evenly; past one row per token, random routing gives some experts two.
   per_row = max(1, -(-t // e)) if t <= e // 2 or t == 1 else max(2, -(-t // e))
-  tuning = tuning or default_tuning(per_row, d_in, d_out, bits)
+  slots = min(t, e)
+  tuning = tuning or default_tuning(per_row, d_in, d_out, bits, experts=max(slots, 1), x_dtype=x.dtype,
+                                    group_size=d_in // centroids.shape[-2])
   lay = _layout(x, packed, centroids, bits, tuning, interpret)
   if t == 0:
     return jnp.zeros((0, d_out), x.dtype)
@@ -331,7 +361,6 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   bm, bn = tuning.block_m, tuning.block_n
   xs = _split_activations(x, lay, t + bm)  # a row block may run past the last row
   masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
-  slots = min(t, e)
   slot_expert, slot_start, slot_rows = _expert_slots(group_sizes.astype(jnp.int32), slots)
 
   def kernel(expert_ref, start_ref, rows_ref, xs_ref, packed_ref, table_ref, out_ref):
@@ -348,16 +377,17 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
                         n_ok=n_ok, book0=book0, step0=ps * per_split,
                         n_steps=jnp.minimum(per_split, total - ps * per_split), tuning=tuning, masked_n=masked_n,
                         masked_k=masked_k)
-      plgpu.store(out_ref.at[ps, pl.ds(r0, bm), pl.ds(pn * bn, bn)], acc, mask=row_ok[:, None] & n_ok[None, :])
+      plgpu.store(out_ref.at[ps, pl.ds(r0, bm), pl.ds(pn * bn, bn)], acc.astype(out_ref.dtype),
+                  mask=row_ok[:, None] & n_ok[None, :])
       return carry
 
     jax.lax.fori_loop(0, pl.cdiv(count, bm), row_block, 0)
 
   grid = (slots, pl.cdiv(d_out, bn), splits)
   partials = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((splits, t, d_out), jnp.float32), grid=grid,
+      kernel, out_shape=jax.ShapeDtypeStruct((splits, t, d_out), _partials_dtype(splits, x.dtype)), grid=grid,
       compiler_params=_params(tuning), interpret=interpret, name="cqjax_grouped_lut_matmul",
   )(slot_expert, slot_start, slot_rows, xs, _codes(packed, lay), _table(centroids, x.dtype, lay))
   # Rows outside every group are written by no program.
   covered = jnp.arange(t) < jnp.sum(group_sizes)
-  return jnp.where(covered[:, None], partials.sum(axis=0), 0).astype(x.dtype)
+  return jnp.where(covered[:, None], _sum_partials(partials, x.dtype), 0)

@@ -53,6 +53,19 @@ def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
   _close(got, _reference(x, w), dtype)
 
 
+@pytest.mark.parametrize("n", [300, 4096])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_prefill_rows_take_128_row_blocks(dtype, n):
+  """m past 128: 128-row blocks, and for a wide weight the widest column blocks (compiled: their
+  shared-memory budget in f32)."""
+  rng = np.random.default_rng(11)
+  w = random_codebook_weight(rng, (), n, 272, 4, 272)
+  x = jnp.asarray(rng.normal(size=(130, 272)), dtype)
+  tuning = pk.default_tuning(130, 272, n, 4, x_dtype=dtype)
+  assert tuning.block_m == 128 and (tuning.block_n > 64) == (n >= 4096 and dtype == jnp.bfloat16)
+  _close(pk.lut_matmul(x, w.packed, w.centroids, 4, interpret=INTERPRET), _reference(x, w), dtype)
+
+
 @pytest.mark.parametrize("tuning", [
     LutTuning(block_m=16, block_n=16, block_k=128, k_splits=3),  # tensor cores at m=5, uneven splits
     LutTuning(block_m=2, block_n=64, block_k=16, k_splits=7),   # FMA path, more splits than even
