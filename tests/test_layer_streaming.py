@@ -36,10 +36,11 @@ CONFIG = QuantizeConfig(bits=4, scope="full", aos=AosConfig(epochs=1, batch_size
                         accf=AccfConfig(lr=1e-3, optimizer="adam", epochs=1, batch_size=8))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v2"])
-def test_streamed_quantize_equals_the_device_resident_run(hf_checkpoints, name):
-  cfg, params = load_params(hf_checkpoints[name], jnp.float32, progress=False)
-  _, host = load_params(hf_checkpoints[name], jnp.float32, progress=False, on_host=True)
+def test_streamed_quantize_equals_the_device_resident_run(hf_checkpoints):
+  # One family (the suite's time budget); DeepSeek-V2's layers stream through the same per-tensor
+  # and per-layer steps, and its by-layer calibration is checked above.
+  cfg, params = load_params(hf_checkpoints["mixtral"], jnp.float32, progress=False)
+  _, host = load_params(hf_checkpoints["mixtral"], jnp.float32, progress=False, on_host=True)
   windows = _windows(cfg)
   want = quantize(params, cfg, windows, CONFIG, progress=False)
   got = quantize(host, cfg, windows, CONFIG, progress=False)

@@ -84,7 +84,10 @@ def test_rotating_unfolded_params_is_refused(hf_checkpoints):
 @pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 48, 192, 256, 768, 5120, 14336])
 def test_hadamard_matrices_are_orthonormal(n):
   h = hadamard_matrix(n)
-  np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-12)
+  # Every row against every row up to 5120; for 14336, 256 random rows against all (the full
+  # product is 3 TFLOP in float64: a minute of the suite).
+  rows = np.sort(np.random.default_rng(n).choice(n, min(n, 256), replace=False)) if n > 5120 else np.arange(n)
+  np.testing.assert_allclose(h[rows] @ h.T, np.eye(n)[rows], atol=1e-12)
   np.testing.assert_allclose(np.abs(h) * np.sqrt(n), 1.0)
 
 
