@@ -4,12 +4,15 @@ Sylvester gives 2^a; Paley's first construction gives q + 1 for a prime q ≡ 3 
 (12, 20, 24, 44, 48, ..., 224); Kronecker products combine them, as QuaRot does with its stored
 12/20/28/... matrices: Mixtral's 14336 = 224 · 64, DeepSeek-V2's 5120 = 20 · 256, a 192-wide
 expert = 12 · 16. Sizes with no such factorisation raise; callers may fall back to a random
-orthogonal matrix.
+orthogonal matrix. `hadamard_transform` applies the matrix online (R4 before every down
+projection) factor by factor, never building it.
 """
 from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cqjax.errors import CqjaxError
@@ -38,27 +41,53 @@ def _paley(q: int) -> np.ndarray:
   return s + np.eye(q + 1)
 
 
+_MAX_FACTOR = 128  # Sylvester factors are split to at most this size (2^7)
+
+
 @functools.lru_cache(maxsize=None)
-def hadamard_matrix(n: int) -> np.ndarray:
-  """Orthonormal Hadamard matrix [n, n] (entries ±1/sqrt(n)), float64."""
+def hadamard_factors(n: int) -> tuple[np.ndarray, ...]:
+  """±1 Hadamard matrices whose Kronecker product, over sqrt(n), is `hadamard_matrix(n)`: the
+  Paley core (if n is not a power of two), then Sylvester factors of at most 128."""
   if n < 1:
     raise CqjaxError(f"no Hadamard matrix of size {n}")
   two = n & -n  # largest power of two dividing n
   m = n // two
-  if m == 1:
-    core = np.ones((1, 1))
-  else:
+  factors = []
+  if m > 1:
     # m·2^j = q + 1 for a prime q ≡ 3 (mod 4), taking the smallest such j.
-    core = None
     for j in range(0, two.bit_length()):
       size = m << j
       if _is_prime(size - 1) and (size - 1) % 4 == 3:
-        core, two = _paley(size - 1), two >> j
+        factors.append(_paley(size - 1))
+        two >>= j
         break
-    if core is None:
+    else:
       raise CqjaxError(f"no Hadamard construction for size {n} (= {m} · {two})")
-  h = np.kron(core, _sylvester(two))
+  while two > 1 or not factors:
+    factors.append(_sylvester(min(two, _MAX_FACTOR)))
+    two //= min(two, _MAX_FACTOR)
+  return tuple(factors)
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_matrix(n: int) -> np.ndarray:
+  """Orthonormal Hadamard matrix [n, n] (entries ±1/sqrt(n)), float64."""
+  h = functools.reduce(np.kron, hadamard_factors(n))
   return h / np.sqrt(n)
+
+
+def hadamard_transform(x: jax.Array) -> jax.Array:
+  """x [..., n] @ hadamard_matrix(n), one small matmul per Kronecker factor (for Mixtral's
+  14336 = 224 · 64: 288 multiply-adds an element instead of 14336, and no 14336² constant),
+  in float32, returned in x's dtype."""
+  n = x.shape[-1]
+  factors = hadamard_factors(n)
+  y = x.astype(jnp.float32).reshape(*x.shape[:-1], *(f.shape[0] for f in factors))
+  for axis, f in enumerate(factors):
+    # (x @ kron(A, B))[i, j] = sum_ab x[a, b] A[a, i] B[b, j]: contract each factor's own axis.
+    y = jnp.moveaxis(jnp.tensordot(y, jnp.asarray(f, jnp.float32), axes=[[x.ndim - 1 + axis], [0]]), -1,
+                     x.ndim - 1 + axis)
+  return (y.reshape(x.shape) / np.sqrt(n)).astype(x.dtype)
 
 
 def random_hadamard(n: int, seed: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.codebook import CodebookWeight, dequantize
-from cqjax.hadamard import hadamard_matrix
+from cqjax.hadamard import hadamard_transform
 from cqjax.lut_matmul import Linear, grouped_lut_matmul, kernel_param, lut_matmul
 from cqjax.sharding import expert_axis_size
 
@@ -69,7 +69,7 @@ def down_proj_input(module: nn.Module, gate, up):
   Hadamard (R4) and, in the full scope, activation fake quantization."""
   h = jax.nn.silu(gate) * up
   if module.online_down_hadamard:
-    h = h @ jnp.asarray(hadamard_matrix(h.shape[-1]), h.dtype)
+    h = hadamard_transform(h)
   if module.act_quant is not None and module.act_quant.scope == "full":
     h = fake_quant(h, module.act_quant)
   return h

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY_DEFAULT
 from cqjax.errors import CqjaxError
 from cqjax.fold_norms import fold_norms
-from cqjax.hadamard import hadamard_matrix, random_hadamard, random_orthogonal
+from cqjax.hadamard import hadamard_matrix, hadamard_transform, random_hadamard, random_orthogonal
 from cqjax.load import load_params
 from cqjax.model import MoeCausalLM
 from cqjax.param_paths import attn_input_readers, attn_path, get_path
@@ -89,6 +89,17 @@ def test_hadamard_matrices_are_orthonormal(n):
   rows = np.sort(np.random.default_rng(n).choice(n, min(n, 256), replace=False)) if n > 5120 else np.arange(n)
   np.testing.assert_allclose(h[rows] @ h.T, np.eye(n)[rows], atol=1e-12)
   np.testing.assert_allclose(np.abs(h) * np.sqrt(n), 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 12, 48, 192, 256, 768, 5120])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_hadamard_transform_is_the_dense_product(n, dtype):
+  x = jnp.asarray(np.random.default_rng(n).normal(size=(2, 3, n)), dtype)
+  want = np.asarray(x, np.float64) @ hadamard_matrix(n)
+  got = hadamard_transform(x)
+  assert got.dtype == dtype and got.shape == x.shape
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: one rounding of the output
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * np.abs(want).max())
 
 
 def test_hadamard_refuses_impossible_sizes():
