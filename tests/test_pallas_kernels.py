@@ -189,6 +189,10 @@ def test_default_tuning_picks_fma_for_decode_and_tensor_cores_for_batches():
   assert pk.default_tuning(128, 4096, 14336, 4).block_m == 128  # one decode of W for 128 rows
   small_n = pk.default_tuning(1, 14336, 4096, 4)
   assert small_n.k_splits > 1  # 128 column blocks alone would leave SMs idle
+  # Grouped: 128 active experts fill the GPU without splitting K (each split adds a float32
+  # partial pass); the same weight alone is split.
+  assert pk.default_tuning(2, 2048, 768, 4).k_splits > 1
+  assert pk.default_tuning(2, 2048, 768, 4, experts=128).k_splits == 1
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the dispatcher picks the Pallas kernels on GPUs only")
