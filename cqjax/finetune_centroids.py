@@ -67,13 +67,15 @@ def reassign_codes(w_fp: jax.Array, centroids: jax.Array, ratio: jax.Array) -> t
 
 
 @functools.partial(jax.jit, static_argnames=("module", "collect"))
-def _apply(module, params, *args, collect: str | None = None):
+def _apply(module, params, *args, collect: str | tuple[str, ...] | None = None):
   """module.apply under jit (with a mesh, eager op-by-op dispatch of sharded arrays is slow and
-  has deadlocked XLA:CPU's collectives); collect: an intermediate to return beside the output."""
+  has deadlocked XLA:CPU's collectives); collect: an intermediate (or a tuple of them) to return
+  beside the output."""
   if collect is None:
     return module.apply({"params": params}, *args)
   y, state = module.apply({"params": params}, *args, mutable=["intermediates"])
-  return y, state["intermediates"][collect][0]
+  take = lambda name: state["intermediates"][name][0]
+  return y, take(collect) if isinstance(collect, str) else tuple(take(name) for name in collect)
 
 
 @jax.jit
@@ -249,12 +251,13 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
       attn_q[name] = sub
       history[f"layers_{i}/{name}"] = hist
     # Linears fed inside attention (latent up-projections, o_proj): each on its own input, taken
-    # from the FP and the (so far fine-tuned) quantized attention.
+    # from the FP attention (one pass gives every input and the output) and from the quantized
+    # attention as fine-tuned so far (a pass per linear: each changes what follows).
     inner = [(path[-2], path[-2] + "_input") for path in attn_inner_linears(cfg, i)] + [("o_proj", "o_proj_input")]
-    for name, source in inner:
-      if not (full and _is_cb(attn_q[name]["kernel"])):
-        continue
-      a_fp = _apply(attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0, collect=source)[1]
+    inner = [(name, source) for name, source in inner if full and _is_cb(attn_q[name]["kernel"])]
+    (attn_fp, _), inputs_fp = _apply(attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0,
+                                     collect=tuple(source for _, source in inner))
+    for (name, source), a_fp in zip(inner, inputs_fp):
       a_q = _apply(attn_mod, attn_q, h_q, positions, None, 0, collect=source)[1]
       a_q = quant(a_q) if name == "o_proj" else a_q  # o_proj's input is fake-quantized in scope full
       target = matmul(a_fp, fp_l["attn"][name]["kernel"])
@@ -264,7 +267,7 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
           lambda tree, b: jnp.mean((b[0] @ dequantize(tree["kernel"], dtype) - b[1]) ** 2),
           (a_q, target), n, accf, desc(name))
     q_l["attn"] = attn_q
-    x_fp = add(x_fp, _apply(attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0)[0])
+    x_fp = add(x_fp, attn_fp)
     x_q = add(x_q, _apply(attn_mod, attn_q, h_q, positions, None, 0)[0])
 
     m_fp = norm(fp_l["post_attention_norm"], x_fp)
