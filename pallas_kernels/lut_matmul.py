@@ -13,7 +13,7 @@ activations are small) and the kernel multiplies slice s by the weights decoded 
 of every unit.
 
 Two decodes, no dense weight ever in device memory: 4-bit codes with bf16 activations (the
-GPU's serving case) decode in registers by byte permutes (`DECODE4_PTX`, inline PTX: 15
+GPU's serving case) decode in registers by byte permutes (`DECODE4_PTX`, inline PTX: 13 ALU
 instructions per four codes, plus two to widen each pair); everything else, and interpret mode,
 gathers through the flattened centroid table ref (`table[row*2^b + code]`: Pallas' Triton
 lowering has no value gather, but indexing a ref with an integer array lowers to a pointer load
