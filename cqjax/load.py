@@ -31,11 +31,11 @@ SHARED_EXPERTS_HF_PREFIX = "mlp.shared_experts"
 
 
 def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
-                  to_device: Callable[[np.ndarray], jax.Array]) -> Params:
+                  place: Callable[[np.ndarray], jax.Array | np.ndarray]) -> Params:
   d, p = cfg.hidden_size, f"model.layers.{i}."
 
   def linear(name, d_in, d_out):  # HF stores [out, in]; cqjax kernels are [in, out].
-    return {"kernel": to_device(ix.get(p + name + ".weight", (d_out, d_in)).T)}
+    return {"kernel": place(ix.get(p + name + ".weight", (d_out, d_in)).T)}
 
   def attn_linear(name, d_in, d_out):
     return linear("self_attn." + ATTN_HF_NAMES.get(name, name), d_in, d_out)
@@ -44,7 +44,7 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
     return norm("self_attn." + ATTN_HF_NAMES.get(name, name), dim)
 
   def norm(name, dim):
-    return {"scale": to_device(ix.get(p + name + ".weight", (dim,)))}
+    return {"scale": place(ix.get(p + name + ".weight", (dim,)))}
 
   def swiglu(prefix, f):
     return {"gate_proj": linear(prefix + ".gate_proj", d, f), "up_proj": linear(prefix + ".up_proj", d, f),
@@ -82,27 +82,27 @@ def _layer_params(ix: CheckpointIndex, cfg: ModelConfig, i: int,
   if not cfg.is_moe_layer(i):
     out["mlp"] = swiglu("mlp", cfg.intermediate_size)
     return out
-  out["moe"] = _moe_params(ix, cfg, i, to_device)
+  out["moe"] = _moe_params(ix, cfg, i, place)
   if cfg.n_shared_experts:
     out["moe"]["shared"] = swiglu(SHARED_EXPERTS_HF_PREFIX, cfg.moe_intermediate_size * cfg.n_shared_experts)
   return out
 
 
-def _moe_params(ix, cfg, i, to_device) -> Params:
+def _moe_params(ix, cfg, i, place) -> Params:
   block, router, (g_name, u_name, d_name) = MOE_TENSOR_NAMES[cfg.model_type]
   e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
   p = f"model.layers.{i}.{block}."
-  moe = {"router": to_device(ix.get(p + router + ".weight", (e, d)).T)}
+  moe = {"router": place(ix.get(p + router + ".weight", (e, d)).T)}
   fused = p + "experts.gate_up_proj"
   if fused in ix:  # transformers >= 5 in-memory layout: [E, 2F, D] and [E, D, F].
     gate_up = ix.get(fused, (e, 2 * f, d))
-    moe["gate_proj"] = to_device(np.swapaxes(gate_up[:, :f], 1, 2))
-    moe["up_proj"] = to_device(np.swapaxes(gate_up[:, f:], 1, 2))
-    moe["down_proj"] = to_device(np.swapaxes(ix.get(p + "experts.down_proj", (e, d, f)), 1, 2))
+    moe["gate_proj"] = place(np.swapaxes(gate_up[:, :f], 1, 2))
+    moe["up_proj"] = place(np.swapaxes(gate_up[:, f:], 1, 2))
+    moe["down_proj"] = place(np.swapaxes(ix.get(p + "experts.down_proj", (e, d, f)), 1, 2))
     return moe
 
   def stacked(name, d_out, d_in):
-    return to_device(np.stack([ix.get(f"{p}experts.{x}.{name}.weight", (d_out, d_in)).T
+    return place(np.stack([ix.get(f"{p}experts.{x}.{name}.weight", (d_out, d_in)).T
                                for x in range(e)]))
 
   moe["gate_proj"] = stacked(g_name, f, d)
@@ -122,17 +122,17 @@ def load_params(path: str, dtype=jnp.bfloat16, progress: bool = True,
   ix = CheckpointIndex(path)
   np_dtype = jnp.dtype(dtype)
 
-  def to_device(a: np.ndarray) -> jax.Array:
+  def place(a: np.ndarray) -> jax.Array | np.ndarray:
     # On the host, a copy in memory: the shards are memory-mapped.
     return np.array(a, dtype=np_dtype) if on_host else jnp.asarray(np.asarray(a, dtype=np_dtype))
 
   v, d = cfg.vocab_size, cfg.hidden_size
-  params: Params = {"embed": {"embedding": to_device(ix.get("model.embed_tokens.weight", (v, d)))}}
+  params: Params = {"embed": {"embedding": place(ix.get("model.embed_tokens.weight", (v, d)))}}
   for i in tqdm(range(cfg.num_layers), desc="load layers", disable=not progress, leave=False):
-    params[f"layers_{i}"] = _layer_params(ix, cfg, i, to_device)
-  params["final_norm"] = {"scale": to_device(ix.get("model.norm.weight", (d,)))}
+    params[f"layers_{i}"] = _layer_params(ix, cfg, i, place)
+  params["final_norm"] = {"scale": place(ix.get("model.norm.weight", (d,)))}
   if not cfg.tie_word_embeddings:
-    params["lm_head"] = {"kernel": to_device(ix.get("lm_head.weight", (v, d)).T)}
+    params["lm_head"] = {"kernel": place(ix.get("lm_head.weight", (v, d)).T)}
   return cfg, params
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
-from cqjax.hadamard import hadamard_matrix
+from cqjax.hadamard import hadamard_transform
 from cqjax.layer_streaming import like
 from cqjax.load import Params
 from cqjax.param_paths import (attn_input_readers, attn_path, down_projections, ffn_input_readers, get_path,
@@ -75,6 +75,7 @@ def rotate_params(cfg: ModelConfig, params: Params, r1: np.ndarray | None = None
           "ij,kjd->kid", r2j.T, o.astype(jnp.float32).reshape(-1, hd, o.shape[-1])).reshape(o.shape))
     if online_down_hadamard:
       for path, d_ff in down_projections(cfg, i):
-        h_t = jnp.asarray(hadamard_matrix(d_ff).T, jnp.float32)
-        params = _update(params, path, lambda w: _left(h_t, w))
+        # Hᵀ · W = (Wᵀ · H)ᵀ: the factored transform, not a [d_ff, d_ff] matrix (822 MB at 14336).
+        params = _update(params, path, lambda w: jnp.swapaxes(
+            hadamard_transform(jnp.swapaxes(w.astype(jnp.float32), -1, -2)), -1, -2))
   return params
