@@ -1,6 +1,7 @@
-"""GPU benchmark of the Pallas codebook matmuls (pallas_kernels/) against XLA in the same run.
+"""GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
-  python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...] [--out=FILE]
+  python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...]
+      [--kernels=pallas,cuda] [--cuda_sweep] [--out=FILE]
 
 Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
 768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
@@ -10,7 +11,8 @@ reference). Every timing is one jitted call over `sets` distinct weights (at lea
 read twice the 50 MB L2), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
 GPU), median of `repeats` such batches, reported per weight. GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
-shapes on the Mixtral shapes; --decode times greedy decoding of the small reference model's
+shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
+shape and M (its candidates recorded beside the default); --decode times greedy decoding of the small reference model's
 architecture, bf16 vs 4-bit codebooks.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from cqjax.codebook import CodebookWeight
 from cqjax.lut_matmul import grouped_lut_matmul_reference, lut_matmul_reference
+from cuda_kernels import lut_matmul as ck
 from pallas_kernels import lut_matmul as pk
 
 BITS = 4
@@ -98,7 +101,34 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
   return max(sets, min(256, -(-int(2 * l2_mb * 2**20) // bytes_per_set)))
 
 
-def bench_single(k, n, ms, sets, sweep, bw):
+def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
+  """The default first, then both table layouts at every column width and row tiling with K split
+  1..16 ways, and the no-decode probe at the default's split (what loads and mma cost alone)."""
+  base = ck.default_tuning(m, k, n)
+  out = [base]
+  for layout in (0, 1):
+    for nt in (1, 2, 4):
+      for mt in ((1, 2) if m > 16 else (1,)):
+        for splits in (1, 2, 4, 8, 16):
+          if splits <= max(1, k // 128):
+            out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout))
+  out.append(ck.CudaTuning(mt=1, nt=2, splits=base.splits, layout=2))
+  return list(dict.fromkeys(out))
+
+
+def _time_cuda(m, k, n, x, weights, sets, sweep, ref):
+  """Default CUDA tuning's time and error, plus (with sweep) every candidate's time."""
+  w0 = weights[0]
+  err = _rel_err(ck.lut_matmul(x, w0.packed, w0.centroids, BITS), ref)
+  cands = cuda_candidates(m, k, n) if sweep else [ck.default_tuning(m, k, n)]
+  res = []
+  for t in cands:
+    f = jax.jit(lambda x, ws, t=t: [ck.lut_matmul(x, w.packed, w.centroids, BITS, tuning=t) for w in ws])
+    res.append((_per_call_us(f, (x, weights), repeats=5 if sweep else 7) / sets, t))
+  return res, err
+
+
+def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False):
   key = jax.random.key(k * 7 + n)
   sets = sets_beyond_l2(k * n * BITS // 8, sets)
   weights = [_codebook(jax.random.fold_in(key, i), (), k, n) for i in range(sets)]
@@ -111,8 +141,24 @@ def bench_single(k, n, ms, sets, sweep, bw):
     x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, k), jnp.bfloat16)
     t_bf16 = _per_call_us(bf16, (x, dense)) / sets
     t_gather = _per_call_us(gather, (x, weights)) / sets
-    err = _rel_err(pk.lut_matmul(x, weights[0].packed, weights[0].centroids, BITS),
-                   lut_matmul_reference(x.astype(jnp.float32), weights[0]))
+    ref = lut_matmul_reference(x.astype(jnp.float32), weights[0])
+    row = dict(k=k, n=n, m=m, bf16_us=t_bf16, xla_gather_us=t_gather, sets=sets,
+               floor_us=bytes_codes / bw / 1e3)
+    if "cuda" in kernels:
+      res, cerr = _time_cuda(m, k, n, x, weights, sets, cuda_sweep, ref)
+      t_c = res[0][0]
+      cbest, cbest_t = min((r for r in res if r[1].layout != 2), key=lambda r: r[0])  # the probe is wrong on purpose
+      row.update(cuda_us=t_c, cuda_err=cerr, cuda_tuning=dataclasses.asdict(res[0][1]), cuda_best_us=cbest,
+                 cuda_best_tuning=dataclasses.asdict(cbest_t), cuda_speedup_vs_bf16=t_bf16 / t_c,
+                 cuda_pct_copy=100 * bytes_codes / t_c / 1e3 / bw)
+      if cuda_sweep:
+        row["cuda_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
+      print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  cuda {t_c:6.1f} us ({t_bf16 / t_c:4.2f}x bf16, "
+            f"{row['cuda_pct_copy']:3.0f}% of copy, {res[0][1]}; best {cbest:6.1f} {cbest_t}) err {cerr:.1e}", flush=True)
+    if "pallas" not in kernels:
+      rows.append(row)
+      continue
+    err = _rel_err(pk.lut_matmul(x, weights[0].packed, weights[0].centroids, BITS), ref)
     tunings = sweep_candidates(m, k, n) if sweep else [pk.default_tuning(m, k, n, BITS)]
     results = []
     for t in tunings:
@@ -125,11 +171,9 @@ def bench_single(k, n, ms, sets, sweep, bw):
       raise SystemExit(f"bench_kernels: every tuning failed at {k}x{n} M={m}")
     t_default = results[0][0]  # the default tuning comes first
     best, best_t = min(results, key=lambda r: r[0])
-    row = dict(k=k, n=n, m=m, bf16_us=t_bf16, xla_gather_us=t_gather, kernel_us=t_default, best_us=best,
-               best_tuning=dataclasses.asdict(best_t), rel_err=err, gbs=bytes_codes / t_default / 1e3,
-               pct_copy=100 * bytes_codes / t_default / 1e3 / bw, speedup_vs_bf16=t_bf16 / t_default,
-               floor_us=bytes_codes / bw / 1e3)
-    row["sets"] = sets
+    row.update(kernel_us=t_default, best_us=best, best_tuning=dataclasses.asdict(best_t), rel_err=err,
+               gbs=bytes_codes / t_default / 1e3, pct_copy=100 * bytes_codes / t_default / 1e3 / bw,
+               speedup_vs_bf16=t_bf16 / t_default)
     if sweep:
       row["candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in results]
     rows.append(row)
@@ -146,7 +190,7 @@ def _routing(key, batch, experts, top_k):
   return jnp.bincount(ids, length=experts).astype(jnp.int32)
 
 
-def bench_grouped(name, experts, top_k, k, n, batches, sets, bw):
+def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",)):
   key = jax.random.key(experts * 31 + k)
   weights = [_codebook(jax.random.fold_in(key, i), (experts,), k, n) for i in range(sets)]
   dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (experts, k, n), jnp.bfloat16) for i in range(sets)]
@@ -154,6 +198,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw):
   ragged = jax.jit(lambda x, ws, gs: [jax.lax.ragged_dot(x, w, gs) for w in ws])
   gather = jax.jit(lambda x, ws, gs: [grouped_lut_matmul_reference(x, w, gs) for w in ws])
   kern = jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
+  cuda = jax.jit(lambda x, ws, gs: [ck.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
   rows = []
   for b in batches:
     gs = _routing(jax.random.fold_in(key, b), b, experts, top_k)
@@ -161,14 +206,25 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw):
     active = int(jnp.sum(gs > 0))
     t_ragged = _per_call_us(ragged, (x, dense, gs)) / sets
     t_gather = _per_call_us(gather, (x, weights, gs)) / sets
-    t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
-    err = _rel_err(pk.grouped_lut_matmul(x, weights[0].packed, weights[0].centroids, BITS, gs),
-                   grouped_lut_matmul_reference(x.astype(jnp.float32), weights[0], gs))
+    ref = grouped_lut_matmul_reference(x.astype(jnp.float32), weights[0], gs)
     read = active * per_expert
     row = dict(name=name, experts=experts, top_k=top_k, k=k, n=n, batch=b, active_experts=active,
-               ragged_bf16_us=t_ragged, xla_gather_us=t_gather, kernel_us=t_kernel, rel_err=err,
-               speedup_vs_ragged=t_ragged / t_kernel, gbs=read / t_kernel / 1e3, pct_copy=100 * read / t_kernel / 1e3 / bw)
+               ragged_bf16_us=t_ragged, xla_gather_us=t_gather)
     rows.append(row)
+    if "cuda" in kernels:
+      t_c = _per_call_us(cuda, (x, weights, gs)) / sets
+      cerr = _rel_err(ck.grouped_lut_matmul(x, weights[0].packed, weights[0].centroids, BITS, gs), ref)
+      row.update(cuda_us=t_c, cuda_err=cerr, cuda_speedup_vs_ragged=t_ragged / t_c,
+                 cuda_pct_copy=100 * read / t_c / 1e3 / bw)
+      print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  cuda {t_c:6.1f} us "
+            f"({t_ragged / t_c:5.2f}x, {row['cuda_pct_copy']:3.0f}% of copy for active experts) err {cerr:.1e}",
+            flush=True)
+    if "pallas" not in kernels:
+      continue
+    t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
+    err = _rel_err(pk.grouped_lut_matmul(x, weights[0].packed, weights[0].centroids, BITS, gs), ref)
+    row.update(kernel_us=t_kernel, rel_err=err, speedup_vs_ragged=t_ragged / t_kernel, gbs=read / t_kernel / 1e3,
+               pct_copy=100 * read / t_kernel / 1e3 / bw)
     print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  xla-gather {t_gather:8.1f}  "
           f"kernel {t_kernel:6.1f} us ({row['speedup_vs_ragged']:5.2f}x, {row['gbs']:5.0f} GB/s of active "
           f"experts = {row['pct_copy']:3.0f}% of copy) err {err:.1e}", flush=True)
@@ -194,15 +250,19 @@ def bench_decode(batches, new_tokens=64, prompt_len=32):
   out = []
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
-    run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
     row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len}
-    for name, p in (("bf16", params), ("codebook_w4", quant)):
+    # The dispatcher reads CQJAX_KERNELS when tracing: a fresh jit per setting.
+    for name, p, mode in (("bf16", params, "auto"), ("codebook_w4", quant, "auto"), ("codebook_w4_pallas", quant, "pallas")):
+      os.environ["CQJAX_KERNELS"] = mode
+      run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
       us = _per_call_us(run, (p, prompt), repeats=5, calls=3)
       row[f"{name}_tokens_per_s"] = b * new_tokens / (us * 1e-6)
+    os.environ.pop("CQJAX_KERNELS")
     row["speedup"] = row["codebook_w4_tokens_per_s"] / row["bf16_tokens_per_s"]
+    row["speedup_pallas"] = row["codebook_w4_pallas_tokens_per_s"] / row["bf16_tokens_per_s"]
     print(f"decode small arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s, 4-bit "
-          f"{row['codebook_w4_tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x; {new_tokens} new tokens after "
-          f"a {prompt_len}-token prefill)", flush=True)
+          f"{row['codebook_w4_tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x; Pallas only "
+          f"{row['speedup_pallas']:.2f}x; {new_tokens} new tokens after a {prompt_len}-token prefill)", flush=True)
     out.append(row)
   return out
 
@@ -229,6 +289,10 @@ def main():
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
+  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda (cuda where built)")
+  ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
+  ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
+  ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
   ap.add_argument("--sets", type=int, default=8, help="weights per jitted call (raised past twice the L2)")
   ap.add_argument("--out", default="experiments/results/bench-kernels/results.json",
                   help="written after every shape, so a run stopped early keeps what it measured")
@@ -238,6 +302,10 @@ def main():
   print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)
   ms = (1, 16, 128) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128)
   batches = (1, 16) if args.quick else (1, 4, 16, 64)
+  ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
+  batches = tuple(int(v) for v in args.batches.split(",")) if args.batches else batches
+  kernels = tuple(k for k in args.kernels.split(",") if k and (k != "cuda" or ck.available()))
+  print(f"kernels: {', '.join(kernels)}", flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw, "single": [],
             "grouped": []}
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -248,10 +316,10 @@ def main():
     os.replace(args.out + ".tmp", args.out)
 
   for name in _names(args.single, SINGLE):
-    result["single"] += bench_single(*SINGLE[name], ms, args.sets, False, bw)
+    result["single"] += bench_single(*SINGLE[name], ms, args.sets, False, bw, kernels, args.cuda_sweep)
     save()
   for name in _names(args.grouped, GROUPED):
-    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw)
+    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels)
     save()
   if args.sweep:
     result["sweep"] = []

@@ -1,0 +1,1 @@
+"""CUDA GPU kernels (XLA FFI custom calls): see README.md."""

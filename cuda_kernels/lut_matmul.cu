@@ -1,0 +1,323 @@
+// CUDA codebook (LUT) matmul for 4-bit codes with one 16-entry codebook per output row, as an
+// XLA FFI custom call (cuda_kernels/lut_matmul.py is its wrapper; the jnp reference is
+// cqjax.lut_matmul.lut_matmul_reference).
+//
+//   out [t, n] = x [t, k] (bf16) @ W [k, n],  W[kk, nn] = centroids[e(row), nn, code(e, nn, kk)]
+//
+// One launch serves a single weight (one slot: expert 0, all rows) and stacked experts (the
+// ragged_dot contract: rows sorted by expert, one slot per non-empty expert). Operands:
+//   x          bf16  [t, k]
+//   packed     uint8 [experts, n, k/2]   two codes a byte, low nibble first (cqjax/codebook.py)
+//   centroids  bf16  [experts, n, 16]
+//   slots      int32 [3, s]              expert, first row, rows of each slot (rows 0: no work)
+//   out        bf16 [t, n] (splits == 1) or float32 partials [splits, t, n]
+//
+// Table layouts (`layout` attribute): 0 puts row r's table at words r*256 + e, so a warp's 32
+// lookups land in banks e % 32, random (about 3.5 accesses to the busiest bank); 1 interleaves
+// the 8 rows of a tile (entry e of row g at word 8 e + g), so row g owns banks g + 8 (e % 4) and
+// only the 4 lanes that share a row can collide (about 2.1), at the same address arithmetic
+// (e << 5 bytes); 2 is a timing probe that skips the lookup (uses the code word itself: wrong
+// results; it shows what the loads and tensor-core work cost without the decode).
+//
+// Decode: a code byte holds the two codes of inputs 2j and 2j+1, which is exactly one bf16x2
+// register of a tensor-core B fragment. Each block writes, for each of its output rows, a
+// 256-entry table of bf16x2 pairs (1 KB) into shared memory; decoding a byte is then one shared
+// load, and the decoded registers feed mma.sync m16n8k16 directly (no weight tile is ever
+// stored). The mma's k order is free as long as A and B agree: lane (g, t) takes the 16
+// consecutive code bytes 16t..16t+15 of each 128-input chunk of its row (one 16-byte load) and
+// the 32 activations they multiply, so both operands are read with 16-byte loads.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunk = 128;  // inputs per full chunk (16 code bytes per lane, 64 per row)
+constexpr int kDepth = 3;    // chunks of codes in flight per lane ahead of the decode
+
+struct Problem {
+  const uint16_t* x;
+  const uint8_t* packed;
+  const uint16_t* centroids;
+  const int32_t* slots;  // [3, num_slots]
+  void* out;
+  int t, k, n, num_slots, splits, chunks_per_split;
+};
+
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                    uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Multiplies one chunk of inputs [k0, k0 + 32 * kWords): lane t4 holds code words q[j][0..kWords)
+// (bytes 4*kWords*t4 ... of the chunk's row bytes) for its row of each n-tile j, and reads the
+// 8*kWords activations of each of its rows that those codes multiply.
+template <int kLayout>
+__device__ __forceinline__ uint32_t lookup(const uint32_t* tab, uint32_t e) {
+  if constexpr (kLayout == 0) return tab[e];
+  else if constexpr (kLayout == 1) return tab[e << 3];
+  else return e * 0x00010001u;
+}
+
+template <int MT, int NT, int kWords, int kLayout>
+__device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&q)[NT][kWords],
+                                      const uint16_t* const (&xr)[MT][2], const bool (&ok)[MT][2],
+                                      const uint32_t* const (&tab)[NT], int k0, int t4) {
+#pragma unroll
+  for (int s2 = 0; s2 < kWords; ++s2) {
+    uint4 a[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        a[mt][h] = ok[mt][h] ? __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k0 + 8 * kWords * t4 + 8 * s2))
+                             : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t w = q[j][s2] >> (16 * s);
+        const uint32_t b0 = lookup<kLayout>(tab[j], w & 0xFF), b1 = lookup<kLayout>(tab[j], (w >> 8) & 0xFF);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t a0 = s ? a[mt][0].z : a[mt][0].x, a2 = s ? a[mt][0].w : a[mt][0].y;
+          const uint32_t a1 = s ? a[mt][1].z : a[mt][1].x, a3 = s ? a[mt][1].w : a[mt][1].y;
+          mma(acc[mt][j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+    }
+  }
+}
+
+template <int MT, int NT, int kLayout>
+__global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
+  constexpr int kCols = kWarps * NT * 8;
+  extern __shared__ uint4 smem[];
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem);  // [kCols][256] bf16x2 pairs
+  const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
+  const int rows = p.slots[2 * p.num_slots + slot];
+  if (rows == 0) return;
+  const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
+
+  // Pair tables: entry e = (hi << 4 | lo) = {centroid[lo], centroid[hi]}.
+  const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
+  if constexpr (kLayout == 1) {
+    // Word `task` of the tables is entry e = (task >> 3) & 255 of row 8 (task >> 11) + (task & 7):
+    // consecutive threads store consecutive words, from the block's centroids staged once.
+    uint16_t* staged = reinterpret_cast<uint16_t*>(table + kCols * 256);
+    for (int i = threadIdx.x; i < kCols * 16; i += kThreads)
+      staged[i] = cent[static_cast<size_t>(min(n0 + i / 16, p.n - 1)) * 16 + i % 16];
+    __syncthreads();
+    for (int task = threadIdx.x; task < kCols * 256; task += kThreads) {
+      const int r = (task >> 11) * 8 + (task & 7), e = (task >> 3) & 255;
+      table[task] = staged[r * 16 + (e & 15)] | (static_cast<uint32_t>(staged[r * 16 + (e >> 4)]) << 16);
+    }
+  } else {
+    // Row r's table at words r * 256 + e; a thread writes entries e..e+3 with one 16-byte store.
+    for (int task = threadIdx.x; task < kCols * 64; task += kThreads) {
+      const int r = task >> 6, hi = (task >> 2) & 15, lo = (task & 3) * 4;
+      const uint16_t* c = cent + static_cast<size_t>(min(n0 + r, p.n - 1)) * 16;
+      const uint32_t h = static_cast<uint32_t>(c[hi]) << 16;
+      smem[task] = make_uint4(c[lo] | h, c[lo + 1] | h, c[lo + 2] | h, c[lo + 3] | h);
+    }
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const size_t row_bytes = p.k / 2;
+  const uint8_t* wrow[NT];
+  const uint32_t* tab[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int r = (warp * NT + j) * 8 + g;
+    wrow[j] = p.packed + (static_cast<size_t>(expert) * p.n + min(n0 + r, p.n - 1)) * row_bytes;
+    tab[j] = table + (kLayout == 1 ? (r >> 3) * 2048 + (r & 7) : r * 256);
+  }
+  const int full = p.k / kChunk;
+  const int c_begin = split * p.chunks_per_split, c_end = min(full, c_begin + p.chunks_per_split);
+  const int tail_words = split == p.splits - 1 ? (p.k % kChunk) / 32 : 0;
+
+  for (int rb = 0; rb < rows; rb += 16 * MT) {
+    const uint16_t* xr[MT][2];
+    bool ok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = rb + mt * 16 + g + 8 * h;
+        ok[mt][h] = rr < rows;
+        xr[mt][h] = p.x + static_cast<size_t>(row0 + min(rr, rows - 1)) * p.k;
+      }
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.f;
+
+    // Full chunks, kDepth chunks of codes loaded ahead of the one being decoded.
+    uint4 ring[kDepth][NT];
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        if (c_begin + i < c_end) ring[i][j] = load_stream(wrow[j] + (c_begin + i) * (kChunk / 2) + 16 * t4);
+    for (int c = c_begin; c < c_end; c += kDepth) {
+#pragma unroll
+      for (int i = 0; i < kDepth; ++i) {
+        if (c + i < c_end) {
+          uint32_t q[NT][4];
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            q[j][0] = ring[i][j].x, q[j][1] = ring[i][j].y, q[j][2] = ring[i][j].z, q[j][3] = ring[i][j].w;
+            if (c + i + kDepth < c_end)
+              ring[i][j] = load_stream(wrow[j] + (c + i + kDepth) * (kChunk / 2) + 16 * t4);
+          }
+          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, (c + i) * kChunk, t4);
+        }
+      }
+    }
+    // The last split also takes the 32-input chunks past the last full one.
+    for (int w = 0; w < tail_words; ++w) {
+      const int k0 = full * kChunk + 32 * w;
+      uint32_t q[NT][1];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) q[j][0] = __ldg(reinterpret_cast<const uint32_t*>(wrow[j] + k0 / 2 + 4 * t4));
+      chunk<MT, NT, 1, kLayout>(acc, q, xr, ok, tab, k0, t4);
+    }
+
+    // Fragment: acc[mt][j] = rows (g, g + 8) x columns (2 t4, 2 t4 + 1) of the 16x8 tile.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!ok[mt][h]) continue;
+        const size_t row = row0 + rb + mt * 16 + g + 8 * h;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int col = n0 + (warp * NT + j) * 8 + 2 * t4;
+          const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
+          if (p.splits == 1) {
+            __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + row * p.n + col;
+            if (col + 1 < p.n && (p.n % 2) == 0) {
+              *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
+            } else {
+              if (col < p.n) o[0] = __float2bfloat16_rn(v0);
+              if (col + 1 < p.n) o[1] = __float2bfloat16_rn(v1);
+            }
+          } else {
+            float* o = static_cast<float*>(p.out) + (static_cast<size_t>(split) * p.t + row) * p.n + col;
+            if (col + 1 < p.n && (p.n % 2) == 0) {
+              *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+            } else {
+              if (col < p.n) o[0] = v0;
+              if (col + 1 < p.n) o[1] = v1;
+            }
+          }
+        }
+      }
+  }
+}
+
+template <int MT, int NT, int kLayout>
+cudaError_t launch(cudaStream_t stream, const Problem& p) {
+  constexpr int kCols = kWarps * NT * 8;
+  constexpr int kSmem = kCols * 256 * 4 + (kLayout == 1 ? kCols * 32 : 0);  // tables (+ staged centroids)
+  // The opt-in above 48 KB of shared memory is per device: set once for each.
+  static bool ready[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device >= 64 || !ready[device]) {
+    err = cudaFuncSetAttribute(lut_matmul_kernel<MT, NT, kLayout>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    if (device < 64) ready[device] = true;
+  }
+  const dim3 grid((p.n + kCols - 1) / kCols, p.splits, p.num_slots);
+  lut_matmul_kernel<MT, NT, kLayout><<<grid, kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+ffi::Error invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("cqjax CUDA lut_matmul: " + what);
+}
+
+ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids,
+                         ffi::Buffer<ffi::S32> slots, ffi::Result<ffi::AnyBuffer> out, int64_t splits, int64_t mt,
+                         int64_t nt, int64_t layout) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
+  if (x.element_type() != ffi::BF16 || centroids.element_type() != ffi::BF16)
+    return invalid("x and centroids must be bfloat16");
+  if (xd.size() != 2 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
+    return invalid("expected x [t, k], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
+  const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
+  if (k % 32 != 0 || pd[2] != k / 2 || cd[0] != e || cd[1] != n || cd[2] != 16)
+    return invalid("operand shapes disagree (k must be a multiple of 32, one 16-entry codebook per row)");
+  if (splits < 1 || (mt != 1 && mt != 2) || (nt != 1 && nt != 2 && nt != 4) || layout < 0 || layout > 2)
+    return invalid("tuning out of range (splits >= 1, mt in {1, 2}, nt in {1, 2, 4}, layout in {0, 1, 2})");
+  const auto od = out->dimensions();
+  const bool split_out = splits > 1;
+  if (split_out ? (out->element_type() != ffi::F32 || od.size() != 3 || od[0] != splits || od[1] != t || od[2] != n)
+                : (out->element_type() != ffi::BF16 || od.size() != 2 || od[0] != t || od[1] != n))
+    return invalid("output must be bf16 [t, n] unsplit or float32 [splits, t, n]");
+  if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
+  const int64_t full = k / kChunk;
+  Problem p{static_cast<const uint16_t*>(x.untyped_data()), packed.typed_data(),
+            static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), out->untyped_data(),
+            static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
+            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits)};
+  cudaError_t err;
+  switch (layout * 100 + mt * 10 + nt) {
+    case 11: err = launch<1, 1, 0>(stream, p); break;
+    case 12: err = launch<1, 2, 0>(stream, p); break;
+    case 14: err = launch<1, 4, 0>(stream, p); break;
+    case 21: err = launch<2, 1, 0>(stream, p); break;
+    case 22: err = launch<2, 2, 0>(stream, p); break;
+    case 24: err = launch<2, 4, 0>(stream, p); break;
+    case 111: err = launch<1, 1, 1>(stream, p); break;
+    case 112: err = launch<1, 2, 1>(stream, p); break;
+    case 114: err = launch<1, 4, 1>(stream, p); break;
+    case 121: err = launch<2, 1, 1>(stream, p); break;
+    case 122: err = launch<2, 2, 1>(stream, p); break;
+    case 124: err = launch<2, 4, 1>(stream, p); break;
+    case 212: err = launch<1, 2, 2>(stream, p); break;
+    default: return invalid("the timing probe (layout 2) runs with mt 1, nt 2 only");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("splits")
+                                  .Attr<int64_t>("mt")
+                                  .Attr<int64_t>("nt")
+                                  .Attr<int64_t>("layout"));

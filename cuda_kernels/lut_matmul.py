@@ -1,0 +1,150 @@
+"""Thin JAX wrapper of the CUDA codebook matmul (lut_matmul.cu): loading, checks, tuning, ffi_call.
+
+  lut_matmul:          x [m, d_in] @ (packed uint8 [d_out, d_in/2], centroids [d_out, 1, 16])
+                       -> [m, d_out]
+  grouped_lut_matmul:  x [t, d_in] rows sorted by expert, packed [e, d_out, d_in/2],
+                       centroids [e, d_out, 1, 16], group_sizes int32 [e] -> [t, d_out]
+                       (the `jax.lax.ragged_dot` contract; rows past the last group are zero)
+
+The kernel covers the GPU serving case (`supports`): 4-bit codes, one codebook per output row
+(CodeQuant's default), bf16 activations, d_in a multiple of 32. It computes what the Pallas
+kernels compute: centroids rounded to bf16, bf16 products on the tensor cores with float32
+accumulation, the result rounded to bf16 once. With K split over several blocks the float32
+partials are added here by XLA, in a fixed order (deterministic).
+
+The library `_lut_matmul_cuda.so` is built by `python -m cuda_kernels.build` (or by
+`pip install -Ccmake.define.CQJAX_CUDA=ON`); `available()` is False without it or without a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cqjax.codebook import check_codebook_operands
+from cqjax.errors import CqjaxError
+
+SUPPORTED_BITS = (4,)
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lut_matmul_cuda.so")
+_TARGET = "cqjax_cuda_lut_matmul"
+_CHUNK = 128          # inputs per full chunk of the kernel's K loop
+_WARPS = 4            # warps per block; a block owns 8 * nt columns per warp
+_BLOCKS_PER_SM = 3    # resident blocks at 64 KB of pair tables each (228 KB per SM)
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the library is built and a CUDA GPU is the default backend (registers the target)."""
+  if jax.default_backend() != "gpu" or not os.path.exists(LIBRARY):
+    return False
+  lib = ctypes.cdll.LoadLibrary(LIBRARY)
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulCuda), platform="CUDA")
+  return True
+
+
+def supports(x_dtype, bits: int, d_in: int, groups: int) -> bool:
+  """Whether the kernel takes this product (else the dispatcher uses the Pallas kernels)."""
+  return bits == 4 and jnp.dtype(x_dtype) == jnp.bfloat16 and groups == 1 and d_in % 32 == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaTuning:
+  """mt: 16-row tiles of x per pass over the codes (1 or 2); nt: 8-column tiles per warp (1, 2, 4:
+  a block owns 32 * nt columns and 1 KB of pair tables per column); splits: blocks along d_in;
+  layout: the pair tables' shared-memory layout (lut_matmul.cu: 0 plain, 1 a bank set per row;
+  2 is a timing probe without the decode, wrong results, mt 1 / nt 2 only)."""
+
+  mt: int = 1
+  nt: int = 2
+  splits: int = 1
+  layout: int = 1
+
+  def __post_init__(self):
+    if (self.mt not in (1, 2) or self.nt not in (1, 2, 4) or self.splits < 1 or self.layout not in (0, 1, 2)
+        or (self.layout == 2 and (self.mt, self.nt) != (1, 2))):
+      raise CqjaxError(f"CudaTuning out of range: {self}")
+
+
+def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
+  """rows: rows of x per slot (per expert when grouped); slots: launched expert slots.
+
+  K is split so that every SM holds its three blocks (12 warps keep enough loads in flight) and
+  the last wave is nearly full: the split minimising (waves of blocks) x (chunks per block + the
+  table build, about one chunk), over splits that fill the chip when d_in allows."""
+  mt = 1 if rows <= 16 else 2
+  nt = 2
+  blocks = -(-d_out // (_WARPS * 8 * nt)) * slots
+  chunks = max(1, d_in // _CHUNK)
+  fill = min(chunks, -(-_BLOCKS_PER_SM * sms // blocks))
+  best = min(range(fill, min(chunks, max(fill, 16)) + 1),
+             key=lambda s: (-(-blocks * s // sms) * (-(-chunks // s) + 1), s))
+  return CudaTuning(mt=mt, nt=nt, splits=best)
+
+
+def _call(x, packed, centroids, slots, tuning: CudaTuning):
+  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] bf16."""
+  t, n = x.shape[0], packed.shape[-2]
+  split = tuning.splits > 1
+  out = jax.ShapeDtypeStruct((tuning.splits, t, n) if split else (t, n), jnp.float32 if split else jnp.bfloat16)
+  y = jax.ffi.ffi_call(_TARGET, out)(
+      x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots,
+      splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout))
+  return y.sum(axis=0).astype(jnp.bfloat16) if split else y
+
+
+def _check(op, x, packed, centroids, bits, lead):
+  if not available():
+    raise CqjaxError(f"{op}: the CUDA kernel library is not available (build it with python -m cuda_kernels.build; "
+                     "it needs a CUDA GPU backend)")
+  n = check_codebook_operands(op, x, packed, centroids, bits, x.shape[-1], lead)
+  if not supports(x.dtype, bits, x.shape[-1], centroids.shape[-2]):
+    raise CqjaxError(f"{op}: takes 4-bit codes, one codebook per row, bf16 x and d_in % 32 == 0; got {bits}-bit "
+                     f"codes, {centroids.shape[-2]} groups, {x.dtype} x, d_in={x.shape[-1]}")
+  return n
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "tuning"))
+def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int, *,
+               tuning: CudaTuning | None = None) -> jax.Array:
+  """x [m, d_in] (bf16) times one codebook weight -> [m, d_out] (bf16)."""
+  m, d_in = x.shape
+  n = _check("CUDA lut_matmul", x, packed, centroids, bits, ())
+  if m == 0:
+    return jnp.zeros((0, n), x.dtype)
+  tuning = tuning or default_tuning(m, d_in, n)
+  slots = jnp.asarray([[0], [0], [m]], jnp.int32)
+  return _call(x, packed[None], centroids[None], slots, tuning)
+
+
+def expert_slots(group_sizes: jax.Array, slots: int) -> jax.Array:
+  """int32 [3, slots]: expert, first row and rows of each non-empty expert, compacted; slots past
+  the last non-empty expert have 0 rows, so empty experts cost a block that exits at once."""
+  group_sizes = group_sizes.astype(jnp.int32)
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  (expert,) = jnp.nonzero(group_sizes > 0, size=slots, fill_value=0)
+  used = jnp.arange(slots) < jnp.sum(group_sizes > 0)
+  return jnp.stack([expert, starts[expert], jnp.where(used, group_sizes[expert], 0)]).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "tuning"))
+def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int, group_sizes: jax.Array, *,
+                       tuning: CudaTuning | None = None) -> jax.Array:
+  """x [t, d_in] rows sorted by expert (bf16) times stacked codebook weights -> [t, d_out] (bf16)."""
+  t, d_in = x.shape
+  e = packed.shape[0] if packed.ndim == 3 else -1
+  n = _check("CUDA grouped_lut_matmul", x, packed, centroids, bits, (e,))
+  if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise CqjaxError(f"CUDA grouped_lut_matmul: group_sizes must be integers [{e}], got "
+                     f"{group_sizes.dtype}{group_sizes.shape}")
+  if t == 0:
+    return jnp.zeros((0, n), x.dtype)
+  slots = min(t, e)
+  tuning = tuning or default_tuning(max(1, -(-t // slots)), d_in, n, slots)
+  y = _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
+  covered = jnp.arange(t) < jnp.sum(group_sizes)  # rows outside every group are written by no block
+  return jnp.where(covered[:, None], y, 0)

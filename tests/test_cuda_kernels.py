@@ -1,0 +1,169 @@
+"""The CUDA codebook matmul (cuda_kernels/) against a float64 reference on a GPU where the library
+is built (`python -m cuda_kernels.build`; run on the H200: BENCHMARKS.md), and its host-side
+parts (tuning, slots, refusals) everywhere."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_codebook_weight
+from cqjax.codebook import dequantize
+from cqjax.errors import CqjaxError
+from cuda_kernels import lut_matmul as ck
+from cuda_kernels.lut_matmul import CudaTuning
+
+BUILT = ck.available()
+needs_gpu = pytest.mark.skipif(not BUILT, reason="needs a CUDA GPU and the built library (python -m cuda_kernels.build)")
+
+
+def _reference(x, w, group_sizes=None):
+  """float64 product with the centroids rounded to bf16, as the kernel uses them."""
+  dense = np.asarray(dequantize(w, jnp.bfloat16), np.float64)
+  x64 = np.asarray(x, np.float64)
+  if group_sizes is None:
+    return x64 @ dense
+  out, start = np.zeros((x.shape[0], dense.shape[-1])), 0
+  for e, size in enumerate(np.asarray(group_sizes)):
+    out[start:start + size] = x64[start:start + size] @ dense[e]
+    start += size
+  return out
+
+
+def _close(got, ref):
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all()
+  # bf16 output: one rounding of a float32 sum of exact bf16 products.
+  np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * float(np.abs(ref).max()))
+
+
+# (k, n): full 128-input chunks only, chunks plus a 32/64/96-input tail, a tail alone; n off the
+# 64-column block, odd n (scalar stores), n below one 8-column tile.
+SHAPES = [(256, 64), (352, 37), (96, 130), (1408, 200), (4096, 5)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_lut_matmul_matches_reference(m, k, n):
+  rng = np.random.default_rng(m * 1000 + k + n)
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+  got = ck.lut_matmul(x, w.packed, w.centroids, 4)
+  assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+  _close(got, _reference(x, w))
+
+
+@needs_gpu
+@pytest.mark.parametrize("tuning", [
+    CudaTuning(mt=1, nt=1, splits=1), CudaTuning(mt=1, nt=4, splits=3), CudaTuning(mt=2, nt=2, splits=5),
+    CudaTuning(mt=2, nt=4, splits=16),  # more splits than chunks: splits with no chunk write zeros
+    CudaTuning(mt=2, nt=1, splits=2),
+])
+def test_tunings_compute_the_same_function(tuning):
+  rng = np.random.default_rng(3)
+  w = random_codebook_weight(rng, (), 77, 1184, 4, 1184)  # 9 chunks + a 32-input tail
+  x = jnp.asarray(rng.normal(size=(37, 1184)), jnp.bfloat16)  # rows past 2 x 16 loop again
+  _close(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning), _reference(x, w))
+
+
+@needs_gpu
+@pytest.mark.parametrize("sizes", [[0, 3, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [20, 0, 5, 9, 1]])
+@pytest.mark.parametrize("k,n", [(352, 37), (768, 130)])
+def test_grouped_matches_reference(sizes, k, n):
+  """Empty experts, one token, no token at all, many rows per expert; one spare row past the groups."""
+  rng = np.random.default_rng(sum(sizes) + k)
+  w = random_codebook_weight(rng, (len(sizes),), n, k, 4, k)
+  gs = jnp.asarray(sizes, jnp.int32)
+  x = jnp.asarray(rng.normal(size=(sum(sizes) + 1, k)), jnp.bfloat16)
+  got = ck.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs)
+  assert got.shape == (x.shape[0], n)
+  _close(got, _reference(x, w, gs))
+  assert not np.asarray(got[-1], np.float32).any()  # the row outside every group is zero
+
+
+@needs_gpu
+def test_results_do_not_depend_on_the_run():
+  """Split partials are added in a fixed order: two runs give the same bits."""
+  rng = np.random.default_rng(5)
+  w = random_codebook_weight(rng, (), 64, 2048, 4, 2048)
+  x = jnp.asarray(rng.normal(size=(4, 2048)), jnp.bfloat16)
+  t = CudaTuning(splits=8)
+  a = np.asarray(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t), np.float32)
+  b = np.asarray(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t), np.float32)
+  np.testing.assert_array_equal(a, b)
+
+
+@needs_gpu
+def test_refuses_what_it_does_not_cover():
+  rng = np.random.default_rng(1)
+  w = random_codebook_weight(rng, (), 16, 256, 4, 64)  # column groups
+  with pytest.raises(CqjaxError, match="one codebook per row"):
+    ck.lut_matmul(jnp.ones((1, 256), jnp.bfloat16), w.packed, w.centroids, 4)
+  w = random_codebook_weight(rng, (), 16, 256, 4, 256)
+  with pytest.raises(CqjaxError, match="bf16 x"):
+    ck.lut_matmul(jnp.ones((1, 256), jnp.float32), w.packed, w.centroids, 4)
+
+
+def test_unavailable_without_a_gpu_library():
+  if jax.default_backend() != "gpu":
+    assert not ck.available()
+    rng = np.random.default_rng(0)
+    w = random_codebook_weight(rng, (), 8, 64, 4, 64)
+    with pytest.raises(CqjaxError, match="not available"):
+      ck.lut_matmul(jnp.ones((1, 64), jnp.bfloat16), w.packed, w.centroids, 4)
+
+
+def test_supports_only_the_serving_case():
+  assert ck.supports(jnp.bfloat16, 4, 4096, 1)
+  assert not ck.supports(jnp.float32, 4, 4096, 1)
+  assert not ck.supports(jnp.bfloat16, 3, 4096, 1)
+  assert not ck.supports(jnp.bfloat16, 4, 4096, 64)
+  assert not ck.supports(jnp.bfloat16, 4, 4100, 1)
+
+
+@pytest.mark.parametrize("rows,k,n,slots", [(1, 4096, 14336, 1), (16, 14336, 4096, 1), (1, 2048, 768, 8),
+                                            (2, 768, 2048, 16), (64, 4096, 4096, 1), (1, 96, 37, 1)])
+def test_default_tuning_fills_the_chip(rows, k, n, slots):
+  t = ck.default_tuning(rows, k, n, slots)
+  chunks = max(1, k // 128)
+  blocks = -(-n // (32 * t.nt)) * slots
+  assert 1 <= t.splits <= chunks
+  assert t.mt == (1 if rows <= 16 else 2)
+  # Three resident blocks on each of the 132 SMs, unless K has too few chunks to split that far.
+  assert blocks * t.splits >= 3 * 132 or t.splits == chunks or t.splits >= 16
+
+
+def test_tuning_refuses_out_of_range_values():
+  with pytest.raises(CqjaxError, match="out of range"):
+    CudaTuning(mt=3)
+  with pytest.raises(CqjaxError, match="out of range"):
+    CudaTuning(splits=0)
+
+
+def test_expert_slots_compact_non_empty_experts():
+  slots = np.asarray(ck.expert_slots(jnp.asarray([0, 3, 0, 2, 1], jnp.int32), 5))
+  np.testing.assert_array_equal(slots, [[1, 3, 4, 0, 0], [0, 3, 5, 0, 0], [3, 2, 1, 0, 0]])
+
+
+@needs_gpu
+def test_bf16_model_takes_the_cuda_kernel(monkeypatch):
+  """The dispatcher sends the quantized bf16 model's products (attention and grouped experts) to
+  the CUDA kernel, and its logits match the reference path's."""
+  from conftest import TINY_DEFAULT
+  from cqjax.kmeans import rtn_quantize
+  from cqjax.load import load_params
+  from cqjax.model import MoeCausalLM
+  from cqjax.quantize_weights import quantize_scope
+
+  cfg, params = load_params(TINY_DEFAULT, jnp.bfloat16)
+  q = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, 4))
+  model = MoeCausalLM(cfg, jnp.bfloat16)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)))
+  hlo = jax.jit(lambda p: model.apply({"params": p}, tokens)[0]).lower(q).as_text()
+  assert "cqjax_cuda_lut_matmul" in hlo
+  got = np.asarray(jax.jit(lambda p: model.apply({"params": p}, tokens)[0])(q), np.float32)
+  monkeypatch.setenv("CQJAX_KERNELS", "reference")
+  ref = np.asarray(jax.jit(lambda p: model.apply({"params": p}, tokens)[0])(q), np.float32)
+  # bf16 activations through 4 layers: rounding differences of both paths compound.
+  np.testing.assert_allclose(got, ref, rtol=5e-2, atol=5e-2 * float(np.abs(ref).max()))
+  assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
