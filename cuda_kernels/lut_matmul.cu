@@ -16,7 +16,10 @@
 // lookups land in banks e % 32, random (about 3.5 accesses to the busiest bank); 1 interleaves
 // the 8 rows of a tile (entry e of row g at word 8 e + g), so row g owns banks g + 8 (e % 4) and
 // only the 4 lanes that share a row can collide (about 2.1), at the same address arithmetic
-// (e << 5 bytes); 2 is a timing probe that skips the lookup (uses the code word itself: wrong
+// (e << 5 bytes); 3 is layout 1 for the first two bytes of every code word and a register decode
+// for the other two (each lane holds its row's 16 centroids as lo/hi byte tables, and byte
+// permutes select, mask and interleave them: about 11 integer instructions per 4 codes), so the
+// shared-memory pipe and the integer pipe share the decode; 2 is a timing probe that skips the lookup (uses the code word itself: wrong
 // results; it shows what the loads and tensor-core work cost without the decode).
 //
 // Decode: a code byte holds the two codes of inputs 2j and 2j+1, which is exactly one bf16x2
@@ -71,17 +74,37 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
 // Multiplies one chunk of inputs [k0, k0 + 32 * kWords): lane t4 holds code words q[j][0..kWords)
 // (bytes 4*kWords*t4 ... of the chunk's row bytes) for its row of each n-tile j, and reads the
 // 8*kWords activations of each of its rows that those codes multiply.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// The four codes in bits 16..31 of w -> two bf16x2 registers, from a row's centroids held as byte
+// tables cb = {lo bytes of centroids 0-3, 4-7, 8-11, 12-15, hi bytes of the same}.
+__device__ __forceinline__ void decode_upper_half(uint32_t w, const uint32_t (&cb)[8], uint32_t& b0, uint32_t& b1) {
+  const uint32_t sel = (w >> 16) & 0x7777u;  // code & 7 per nibble (bit 3 would switch prmt to sign mode)
+  const uint32_t la = prmt(cb[0], cb[1], sel), lb = prmt(cb[2], cb[3], sel);
+  const uint32_t ha = prmt(cb[4], cb[5], sel), hb = prmt(cb[6], cb[7], sel);
+  // Byte i = 0xFF where code 4 + i has bit 3 set: sign-replicate the byte whose top bit it is.
+  const uint32_t m = prmt(w << 4, w, 0xFBEAu);
+  const uint32_t lo = (la & ~m) | (lb & m), hi = (ha & ~m) | (hb & m);
+  b0 = prmt(lo, hi, 0x5140u);
+  b1 = prmt(lo, hi, 0x7362u);
+}
+
 template <int kLayout>
 __device__ __forceinline__ uint32_t lookup(const uint32_t* tab, uint32_t e) {
   if constexpr (kLayout == 0) return tab[e];
-  else if constexpr (kLayout == 1) return tab[e << 3];
+  else if constexpr (kLayout == 1 || kLayout == 3) return tab[e << 3];
   else return e * 0x00010001u;
 }
 
 template <int MT, int NT, int kWords, int kLayout>
 __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&q)[NT][kWords],
                                       const uint16_t* const (&xr)[MT][2], const bool (&ok)[MT][2],
-                                      const uint32_t* const (&tab)[NT], int k0, int t4) {
+                                      const uint32_t* const (&tab)[NT], const uint32_t (&cb)[NT][8], int k0,
+                                      int t4) {
 #pragma unroll
   for (int s2 = 0; s2 < kWords; ++s2) {
     uint4 a[MT][2];
@@ -96,7 +119,12 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t w = q[j][s2] >> (16 * s);
-        const uint32_t b0 = lookup<kLayout>(tab[j], w & 0xFF), b1 = lookup<kLayout>(tab[j], (w >> 8) & 0xFF);
+        uint32_t b0, b1;
+        if (kLayout == 3 && s == 1) {
+          decode_upper_half(q[j][s2], cb[j], b0, b1);
+        } else {
+          b0 = lookup<kLayout>(tab[j], w & 0xFF), b1 = lookup<kLayout>(tab[j], (w >> 8) & 0xFF);
+        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const uint32_t a0 = s ? a[mt][0].z : a[mt][0].x, a2 = s ? a[mt][0].w : a[mt][0].y;
@@ -120,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
 
   // Pair tables: entry e = (hi << 4 | lo) = {centroid[lo], centroid[hi]}.
   const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
-  if constexpr (kLayout == 1) {
+  if constexpr (kLayout == 1 || kLayout == 3) {
     // Word `task` of the tables is entry e = (task >> 3) & 255 of row 8 (task >> 11) + (task & 7):
     // consecutive threads store consecutive words, from the block's centroids staged once.
     uint16_t* staged = reinterpret_cast<uint16_t*>(table + kCols * 256);
@@ -150,7 +178,19 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
   for (int j = 0; j < NT; ++j) {
     const int r = (warp * NT + j) * 8 + g;
     wrow[j] = p.packed + (static_cast<size_t>(expert) * p.n + min(n0 + r, p.n - 1)) * row_bytes;
-    tab[j] = table + (kLayout == 1 ? (r >> 3) * 2048 + (r & 7) : r * 256);
+    tab[j] = table + (kLayout == 1 || kLayout == 3 ? (r >> 3) * 2048 + (r & 7) : r * 256);
+  }
+  uint32_t cb[NT][8] = {};
+  if constexpr (kLayout == 3) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(n0 + (warp * NT + j) * 8 + g, p.n - 1)) * 16);
+      const uint4 u = __ldg(c), v = __ldg(c + 1);
+      cb[j][0] = prmt(u.x, u.y, 0x6420u), cb[j][1] = prmt(u.z, u.w, 0x6420u);
+      cb[j][2] = prmt(v.x, v.y, 0x6420u), cb[j][3] = prmt(v.z, v.w, 0x6420u);
+      cb[j][4] = prmt(u.x, u.y, 0x7531u), cb[j][5] = prmt(u.z, u.w, 0x7531u);
+      cb[j][6] = prmt(v.x, v.y, 0x7531u), cb[j][7] = prmt(v.z, v.w, 0x7531u);
+    }
   }
   const int full = p.k / kChunk;
   const int c_begin = split * p.chunks_per_split, c_end = min(full, c_begin + p.chunks_per_split);
@@ -193,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
             if (c + i + kDepth < c_end)
               ring[i][j] = load_stream(wrow[j] + (c + i + kDepth) * (kChunk / 2) + 16 * t4);
           }
-          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, (c + i) * kChunk, t4);
+          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, cb, (c + i) * kChunk, t4);
         }
       }
     }
@@ -203,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
       uint32_t q[NT][1];
 #pragma unroll
       for (int j = 0; j < NT; ++j) q[j][0] = __ldg(reinterpret_cast<const uint32_t*>(wrow[j] + k0 / 2 + 4 * t4));
-      chunk<MT, NT, 1, kLayout>(acc, q, xr, ok, tab, k0, t4);
+      chunk<MT, NT, 1, kLayout>(acc, q, xr, ok, tab, cb, k0, t4);
     }
 
     // Fragment: acc[mt][j] = rows (g, g + 8) x columns (2 t4, 2 t4 + 1) of the 16x8 tile.
@@ -242,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
 template <int MT, int NT, int kLayout>
 cudaError_t launch(cudaStream_t stream, const Problem& p) {
   constexpr int kCols = kWarps * NT * 8;
-  constexpr int kSmem = kCols * 256 * 4 + (kLayout == 1 ? kCols * 32 : 0);  // tables (+ staged centroids)
+  constexpr int kSmem = kCols * 256 * 4 + (kLayout == 1 || kLayout == 3 ? kCols * 32 : 0);  // tables (+ staged centroids)
   // The opt-in above 48 KB of shared memory is per device: set once for each.
   static bool ready[64] = {};
   int device = 0;
@@ -273,8 +313,8 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
   if (k % 32 != 0 || pd[2] != k / 2 || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k must be a multiple of 32, one 16-entry codebook per row)");
-  if (splits < 1 || (mt != 1 && mt != 2) || (nt != 1 && nt != 2 && nt != 4) || layout < 0 || layout > 2)
-    return invalid("tuning out of range (splits >= 1, mt in {1, 2}, nt in {1, 2, 4}, layout in {0, 1, 2})");
+  if (splits < 1 || (mt != 1 && mt != 2) || (nt != 1 && nt != 2 && nt != 4) || layout < 0 || layout > 3)
+    return invalid("tuning out of range (splits >= 1, mt in {1, 2}, nt in {1, 2, 4}, layout in 0..3)");
   const auto od = out->dimensions();
   const bool split_out = splits > 1;
   if (split_out ? (out->element_type() != ffi::F32 || od.size() != 3 || od[0] != splits || od[1] != t || od[2] != n)
@@ -301,6 +341,12 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     case 122: err = launch<2, 2, 1>(stream, p); break;
     case 124: err = launch<2, 4, 1>(stream, p); break;
     case 212: err = launch<1, 2, 2>(stream, p); break;
+    case 311: err = launch<1, 1, 3>(stream, p); break;
+    case 312: err = launch<1, 2, 3>(stream, p); break;
+    case 314: err = launch<1, 4, 3>(stream, p); break;
+    case 321: err = launch<2, 1, 3>(stream, p); break;
+    case 322: err = launch<2, 2, 3>(stream, p); break;
+    case 324: err = launch<2, 4, 3>(stream, p); break;
     default: return invalid("the timing probe (layout 2) runs with mt 1, nt 2 only");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));

@@ -56,8 +56,9 @@ def supports(x_dtype, bits: int, d_in: int, groups: int) -> bool:
 class CudaTuning:
   """mt: 16-row tiles of x per pass over the codes (1 or 2); nt: 8-column tiles per warp (1, 2, 4:
   a block owns 32 * nt columns and 1 KB of pair tables per column); splits: blocks along d_in;
-  layout: the pair tables' shared-memory layout (lut_matmul.cu: 0 plain, 1 a bank set per row;
-  2 is a timing probe without the decode, wrong results, mt 1 / nt 2 only)."""
+  layout: the decode (lut_matmul.cu: pair tables in shared memory, 0 plain, 1 a bank set per row;
+  3 layout 1 for half of the bytes and a register decode for the rest; 2 is a timing probe
+  without the decode, wrong results, mt 1 / nt 2 only)."""
 
   mt: int = 1
   nt: int = 2
@@ -65,7 +66,7 @@ class CudaTuning:
   layout: int = 1
 
   def __post_init__(self):
-    if (self.mt not in (1, 2) or self.nt not in (1, 2, 4) or self.splits < 1 or self.layout not in (0, 1, 2)
+    if (self.mt not in (1, 2) or self.nt not in (1, 2, 4) or self.splits < 1 or self.layout not in (0, 1, 2, 3)
         or (self.layout == 2 and (self.mt, self.nt) != (1, 2))):
       raise CqjaxError(f"CudaTuning out of range: {self}")
 

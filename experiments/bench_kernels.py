@@ -106,7 +106,7 @@ def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
   1..16 ways, and the no-decode probe at the default's split (what loads and mma cost alone)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
-  for layout in (0, 1):
+  for layout in (0, 1, 3):
     for nt in (1, 2, 4):
       for mt in ((1, 2) if m > 16 else (1,)):
         for splits in (1, 2, 4, 8, 16):

@@ -54,12 +54,14 @@ def test_lut_matmul_matches_reference(m, k, n):
 
 
 @needs_gpu
-@pytest.mark.parametrize("tuning", [
-    CudaTuning(mt=1, nt=1, splits=1), CudaTuning(mt=1, nt=4, splits=3), CudaTuning(mt=2, nt=2, splits=5),
-    CudaTuning(mt=2, nt=4, splits=16),  # more splits than chunks: splits with no chunk write zeros
-    CudaTuning(mt=2, nt=1, splits=2),
+@pytest.mark.parametrize("layout", [0, 1, 3])
+@pytest.mark.parametrize("mt,nt,splits", [
+    (1, 1, 1), (1, 4, 3), (2, 2, 5),
+    (2, 4, 16),  # more splits than chunks: splits with no chunk write zeros
+    (2, 1, 2),
 ])
-def test_tunings_compute_the_same_function(tuning):
+def test_tunings_compute_the_same_function(layout, mt, nt, splits):
+  tuning = CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout)
   rng = np.random.default_rng(3)
   w = random_codebook_weight(rng, (), 77, 1184, 4, 1184)  # 9 chunks + a 32-input tail
   x = jnp.asarray(rng.normal(size=(37, 1184)), jnp.bfloat16)  # rows past 2 x 16 loop again
@@ -138,6 +140,8 @@ def test_tuning_refuses_out_of_range_values():
     CudaTuning(mt=3)
   with pytest.raises(CqjaxError, match="out of range"):
     CudaTuning(splits=0)
+  with pytest.raises(CqjaxError, match="out of range"):
+    CudaTuning(mt=2, layout=2)  # the timing probe has one shape
 
 
 def test_expert_slots_compact_non_empty_experts():
