@@ -10,7 +10,13 @@
 //   packed     uint8 [experts, n, k/2]   two codes a byte, low nibble first (cqjax/codebook.py)
 //   centroids  bf16  [experts, n, 16]
 //   slots      int32 [3, s]              expert, first row, rows of each slot (rows 0: no work)
-//   out        bf16 [t, n] (splits == 1) or float32 partials [splits, t, n]
+//   counters   int32 [s, n blocks]       zeros (aliased to the third result)
+//   out        bf16 [t, n]; rows no slot covers are zero
+//   partials   float32 [splits, t, n]    scratch when K is split ([1, 1, 1] otherwise)
+//
+// With K split over `splits` blocks, each writes its float32 partial sums; the block that counts
+// in last for its (slot, column block) adds all partials in split order and writes the bf16
+// result: deterministic, and no second pass over the output.
 //
 // Table layouts (`layout` attribute): 0 puts row r's table at words r*256 + e, so a warp's 32
 // lookups land in banks e % 32, random (about 3.5 accesses to the busiest bank); 1 interleaves
@@ -51,7 +57,9 @@ struct Problem {
   const uint8_t* packed;
   const uint16_t* centroids;
   const int32_t* slots;  // [3, num_slots]
-  void* out;
+  int32_t* counters;     // [num_slots, column blocks]
+  __nv_bfloat16* out;
+  float* partials;
   int t, k, n, num_slots, splits, chunks_per_split;
 };
 
@@ -143,6 +151,15 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);  // [kCols][256] bf16x2 pairs
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
   const int rows = p.slots[2 * p.num_slots + slot];
+  if (split == 0 && slot == 0) {
+    // Rows past the last slot's (grouped: rows outside every group) are zero.
+    int covered = 0;
+    for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
+    for (int i = threadIdx.x; i < (p.t - covered) * kCols; i += kThreads) {
+      const int col = n0 + i % kCols;
+      if (col < p.n) p.out[static_cast<size_t>(covered + i / kCols) * p.n + col] = __float2bfloat16_rn(0.f);
+    }
+  }
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
 
@@ -258,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
           const int col = n0 + (warp * NT + j) * 8 + 2 * t4;
           const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
           if (p.splits == 1) {
-            __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + row * p.n + col;
+            __nv_bfloat16* o = p.out + row * p.n + col;
             if (col + 1 < p.n && (p.n % 2) == 0) {
               *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
             } else {
@@ -266,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
               if (col + 1 < p.n) o[1] = __float2bfloat16_rn(v1);
             }
           } else {
-            float* o = static_cast<float*>(p.out) + (static_cast<size_t>(split) * p.t + row) * p.n + col;
+            float* o = p.partials + (static_cast<size_t>(split) * p.t + row) * p.n + col;
             if (col + 1 < p.n && (p.n % 2) == 0) {
               *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
             } else {
@@ -276,6 +293,25 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
           }
         }
       }
+  }
+  if (p.splits == 1) return;
+
+  // Split K: the last of the column block's splits to finish adds the partials in split order.
+  __shared__ int is_last;
+  __threadfence();  // this block's partials are visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(p.counters + slot * gridDim.x + blockIdx.x, 1) == p.splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const size_t plane = static_cast<size_t>(p.t) * p.n;
+  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
+    const int col = n0 + i % kCols;
+    if (col >= p.n) continue;
+    const size_t at = static_cast<size_t>(row0 + i / kCols) * p.n + col;
+    float sum = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) sum += __ldcg(p.partials + sp * plane + at);  // L2: written this launch
+    p.out[at] = __float2bfloat16_rn(sum);
   }
 }
 
@@ -303,7 +339,9 @@ ffi::Error invalid(const std::string& what) {
 }
 
 ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids,
-                         ffi::Buffer<ffi::S32> slots, ffi::Result<ffi::AnyBuffer> out, int64_t splits, int64_t mt,
+                         ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> counters, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::Buffer<ffi::F32>> partials, ffi::Result<ffi::Buffer<ffi::S32>> counters_out,
+                         int64_t splits, int64_t mt,
                          int64_t nt, int64_t layout) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (x.element_type() != ffi::BF16 || centroids.element_type() != ffi::BF16)
@@ -315,15 +353,19 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     return invalid("operand shapes disagree (k must be a multiple of 32, one 16-entry codebook per row)");
   if (splits < 1 || (mt != 1 && mt != 2) || (nt != 1 && nt != 2 && nt != 4) || layout < 0 || layout > 3)
     return invalid("tuning out of range (splits >= 1, mt in {1, 2}, nt in {1, 2, 4}, layout in 0..3)");
-  const auto od = out->dimensions();
-  const bool split_out = splits > 1;
-  if (split_out ? (out->element_type() != ffi::F32 || od.size() != 3 || od[0] != splits || od[1] != t || od[2] != n)
-                : (out->element_type() != ffi::BF16 || od.size() != 2 || od[0] != t || od[1] != n))
-    return invalid("output must be bf16 [t, n] unsplit or float32 [splits, t, n]");
+  const auto od = out->dimensions(), wd = partials->dimensions();
+  if (out->element_type() != ffi::BF16 || od.size() != 2 || od[0] != t || od[1] != n)
+    return invalid("output must be bf16 [t, n]");
+  if (splits > 1 && (wd.size() != 3 || wd[0] != splits || wd[1] != t || wd[2] != n))
+    return invalid("partials must be float32 [splits, t, n] when K is split");
+  const int64_t cols = 32 * nt, blocks = (n + cols - 1) / cols;
+  if (counters.element_count() != sd[1] * blocks || counters_out->element_count() != sd[1] * blocks)
+    return invalid("counters must be int32 zeros [slots * column blocks], aliased to the third result");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
   const int64_t full = k / kChunk;
   Problem p{static_cast<const uint16_t*>(x.untyped_data()), packed.typed_data(),
-            static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), out->untyped_data(),
+            static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), counters_out->typed_data(),
+            static_cast<__nv_bfloat16*>(out->untyped_data()), partials->typed_data(),
             static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
             static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits)};
   cudaError_t err;
@@ -362,7 +404,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("splits")
                                   .Attr<int64_t>("mt")
                                   .Attr<int64_t>("nt")

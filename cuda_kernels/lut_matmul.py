@@ -9,8 +9,8 @@
 The kernel covers the GPU serving case (`supports`): 4-bit codes, one codebook per output row
 (CodeQuant's default), bf16 activations, d_in a multiple of 32. It computes what the Pallas
 kernels compute: centroids rounded to bf16, bf16 products on the tensor cores with float32
-accumulation, the result rounded to bf16 once. With K split over several blocks the float32
-partials are added here by XLA, in a fixed order (deterministic).
+accumulation, the result rounded to bf16 once. With K split over several blocks, the last block
+of each column block adds the float32 partials in split order (deterministic, in the same launch).
 
 The library `_lut_matmul_cuda.so` is built by `python -m cuda_kernels.build` (or by
 `pip install -Ccmake.define.CQJAX_CUDA=ON`); `available()` is False without it or without a GPU.
@@ -88,14 +88,18 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
 
 
 def _call(x, packed, centroids, slots, tuning: CudaTuning):
-  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] bf16."""
+  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] bf16 (rows no
+  slot covers are zero)."""
   t, n = x.shape[0], packed.shape[-2]
-  split = tuning.splits > 1
-  out = jax.ShapeDtypeStruct((tuning.splits, t, n) if split else (t, n), jnp.float32 if split else jnp.bfloat16)
-  y = jax.ffi.ffi_call(_TARGET, out)(
-      x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots,
+  blocks = -(-n // (_WARPS * 8 * tuning.nt))
+  partials = (tuning.splits, t, n) if tuning.splits > 1 else (1, 1, 1)
+  counters = jnp.zeros((slots.shape[1] * blocks,), jnp.int32)
+  out = (jax.ShapeDtypeStruct((t, n), jnp.bfloat16), jax.ShapeDtypeStruct(partials, jnp.float32),
+         jax.ShapeDtypeStruct(counters.shape, jnp.int32))
+  y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2})(
+      x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
       splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout))
-  return y.sum(axis=0).astype(jnp.bfloat16) if split else y
+  return y
 
 
 def _check(op, x, packed, centroids, bits, lead):
@@ -146,6 +150,4 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
   tuning = tuning or default_tuning(max(1, -(-t // slots)), d_in, n, slots)
-  y = _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
-  covered = jnp.arange(t) < jnp.sum(group_sizes)  # rows outside every group are written by no block
-  return jnp.where(covered[:, None], y, 0)
+  return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
