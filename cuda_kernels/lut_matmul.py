@@ -96,7 +96,7 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   counters = jnp.zeros((slots.shape[1] * blocks,), jnp.int32)
   out = (jax.ShapeDtypeStruct((t, n), jnp.bfloat16), jax.ShapeDtypeStruct(partials, jnp.float32),
          jax.ShapeDtypeStruct(counters.shape, jnp.int32))
-  y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2})(
+  y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2}, vmap_method="sequential")(
       x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
       splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout))
   return y
