@@ -79,9 +79,6 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Multiplies one chunk of inputs [k0, k0 + 32 * kWords): lane t4 holds code words q[j][0..kWords)
-// (bytes 4*kWords*t4 ... of the chunk's row bytes) for its row of each n-tile j, and reads the
-// 8*kWords activations of each of its rows that those codes multiply.
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
@@ -108,6 +105,9 @@ __device__ __forceinline__ uint32_t lookup(const uint32_t* tab, uint32_t e) {
   else return e * 0x00010001u;
 }
 
+// Multiplies one chunk of inputs [k0, k0 + 32 * kWords): lane t4 holds code words q[j][0..kWords)
+// (bytes 4*kWords*t4 ... of the chunk's row bytes) for its row of each n-tile j, and reads the
+// 8*kWords activations of each of its rows that those codes multiply.
 template <int MT, int NT, int kWords, int kLayout>
 __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&q)[NT][kWords],
                                       const uint16_t* const (&xr)[MT][2], const bool (&ok)[MT][2],
