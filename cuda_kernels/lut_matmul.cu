@@ -411,4 +411,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
                                   .Attr<int64_t>("splits")
                                   .Attr<int64_t>("mt")
                                   .Attr<int64_t>("nt")
-                                  .Attr<int64_t>("layout"));
+                                  .Attr<int64_t>("layout"),
+                              {ffi::Traits::kCmdBufferCompatible});  // XLA may capture it in its CUDA graphs

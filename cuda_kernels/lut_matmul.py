@@ -63,7 +63,7 @@ class CudaTuning:
   mt: int = 1
   nt: int = 2
   splits: int = 1
-  layout: int = 1
+  layout: int = 3
 
   def __post_init__(self):
     if (self.mt not in (1, 2) or self.nt not in (1, 2, 4) or self.splits < 1 or self.layout not in (0, 1, 2, 3)
@@ -84,7 +84,7 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   fill = min(chunks, -(-_BLOCKS_PER_SM * sms // blocks))
   best = min(range(fill, min(chunks, max(fill, 16)) + 1),
              key=lambda s: (-(-blocks * s // sms) * (-(-chunks // s) + 1), s))
-  return CudaTuning(mt=mt, nt=nt, splits=best)
+  return CudaTuning(mt=mt, nt=nt, splits=best, layout=3)
 
 
 def _call(x, packed, centroids, slots, tuning: CudaTuning):

@@ -106,10 +106,10 @@ def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
   1..16 ways, and the no-decode probe at the default's split (what loads and mma cost alone)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
-  for layout in (0, 1, 3):
-    for nt in (1, 2, 4):
+  for layout in (1, 3):
+    for nt in (2, 4):
       for mt in ((1, 2) if m > 16 else (1,)):
-        for splits in (1, 2, 4, 8, 16):
+        for splits in (1, 2, 4, 8):
           if splits <= max(1, k // 128):
             out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout))
   out.append(ck.CudaTuning(mt=1, nt=2, splits=base.splits, layout=2))
