@@ -1,15 +1,16 @@
 """The one dispatcher through which the model multiplies by a kernel that may be quantized.
 
 Dense arrays take XLA's dot / ragged_dot. A `CodebookWeight` takes, on the CPU backend, the C++
-FFI kernel of cpu_kernels/ (when the package build compiled it); on GPUs the CUDA kernel of
+FFI kernel of cpu_kernels/ (when the package build compiled it); on GPUs the Pallas kernels of
+pallas_kernels/ (1-, 2-, 4- and 8-bit codes), or with `CQJAX_KERNELS=cuda` the CUDA kernel of
 cuda_kernels/ for the serving case it covers (4-bit codes, one codebook per row, bf16
-activations; when its library is built) and the Pallas kernels of pallas_kernels/ for the rest
-(1-, 2-, 4- and 8-bit codes); otherwise the jnp reference (unpack + gather + dot) that every
+activations; when its library is built; opt-in until it beats Pallas: BENCHMARKS.md);
+otherwise the jnp reference (unpack + gather + dot) that every
 kernel is tested against. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
 `CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (cpu_kernels/lut_matmul.py);
-`CQJAX_KERNELS=pallas` keeps GPUs on the Pallas kernels (to compare them with the CUDA one).
+`CQJAX_KERNELS=cuda` prefers the CUDA kernel on GPUs.
 The variable is read when a function is traced: set it before the first call, or call
 `jax.clear_caches()` after changing it.
 """
@@ -58,7 +59,7 @@ def grouped_lut_matmul_reference(x: jax.Array, w: CodebookWeight, group_sizes: j
   return jax.lax.ragged_dot(x, dequantize(w, x.dtype), group_sizes)
 
 
-class _GpuKernels:
+class _CudaFirst:
   """The CUDA kernel where it applies, else the Pallas kernels (same signatures)."""
 
   SUPPORTED_BITS = (1, 2, 4, 8)  # the Pallas kernels' (read lazily: no Pallas import on CPU); CUDA's 4 is among them
@@ -71,21 +72,21 @@ class _GpuKernels:
   @staticmethod
   def lut_matmul(x, packed, centroids, bits):
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    return (_GpuKernels._cuda(x, centroids, bits) or pallas).lut_matmul(x, packed, centroids, bits)
+    return (_CudaFirst._cuda(x, centroids, bits) or pallas).lut_matmul(x, packed, centroids, bits)
 
   @staticmethod
   def grouped_lut_matmul(x, packed, centroids, bits, group_sizes):
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    return (_GpuKernels._cuda(x, centroids, bits) or pallas).grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+    return (_CudaFirst._cuda(x, centroids, bits) or pallas).grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
 def _kernels():
   """The kernels for this backend (same signatures in all), or None for the reference:
   cpu_kernels on the CPU backend when built (its int8 numerics with CQJAX_KERNELS=int8),
-  the CUDA kernel or else the Pallas kernels on GPUs."""
+  the Pallas kernels on GPUs (the CUDA kernel first with CQJAX_KERNELS=cuda)."""
   mode = os.environ.get("CQJAX_KERNELS", "auto")
-  if mode not in ("auto", "reference", "int8", "pallas"):
-    raise CqjaxError(f"CQJAX_KERNELS must be auto, reference, int8 or pallas, got {mode!r}")
+  if mode not in ("auto", "reference", "int8", "cuda"):
+    raise CqjaxError(f"CQJAX_KERNELS must be auto, reference, int8 or cuda, got {mode!r}")
   if mode == "reference":
     return None
   backend = jax.default_backend()
@@ -95,10 +96,10 @@ def _kernels():
       return None
     return cpu.Int8 if mode == "int8" else cpu
   if backend == "gpu":
-    if mode == "pallas":
-      from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-      return pallas
-    return _GpuKernels
+    if mode == "cuda":
+      return _CudaFirst
+    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
+    return pallas
   return None
 
 

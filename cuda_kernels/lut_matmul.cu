@@ -47,8 +47,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
+constexpr int kWarps = 4;   // column warps per block: a block owns 4 * 8 * nt columns
 constexpr int kChunk = 128;  // inputs per full chunk (16 code bytes per lane, 64 per row)
 constexpr int kDepth = 3;    // chunks of codes in flight per lane ahead of the decode
 
@@ -144,9 +143,13 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
   }
 }
 
-template <int MT, int NT, int kLayout>
-__global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
+// KG warps share each column warp's tables and split the block's chunks among them (warp w takes
+// chunks w, w + KG, ...): more loads in flight per SM without more tables to build; their sums
+// meet in shared memory at the end.
+template <int MT, int NT, int kLayout, int KG>
+__global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p) {
   constexpr int kCols = kWarps * NT * 8;
+  constexpr int kThreads = kWarps * KG * 32;
   extern __shared__ uint4 smem[];
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);  // [kCols][256] bf16x2 pairs
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
@@ -187,7 +190,9 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
   }
   __syncthreads();
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int warp = (threadIdx.x >> 5) & (kWarps - 1), wk = threadIdx.x >> 7, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  float* red = reinterpret_cast<float*>(table + kCols * 256 + (kLayout == 1 || kLayout == 3 ? kCols * 8 : 0));
   const size_t row_bytes = p.k / 2;
   const uint8_t* wrow[NT];
   const uint32_t* tab[NT];
@@ -211,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
   }
   const int full = p.k / kChunk;
   const int c_begin = split * p.chunks_per_split, c_end = min(full, c_begin + p.chunks_per_split);
-  const int tail_words = split == p.splits - 1 ? (p.k % kChunk) / 32 : 0;
+  const int tail_words = split == p.splits - 1 && wk == 0 ? (p.k % kChunk) / 32 : 0;
 
   for (int rb = 0; rb < rows; rb += 16 * MT) {
     const uint16_t* xr[MT][2];
@@ -232,25 +237,29 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.f;
 
-    // Full chunks, kDepth chunks of codes loaded ahead of the one being decoded.
+    // Full chunks (this warp's: c_begin + wk, + KG, ...), kDepth of them loaded ahead of the one
+    // being decoded.
+    constexpr int kStep = KG;
     uint4 ring[kDepth][NT];
 #pragma unroll
     for (int i = 0; i < kDepth; ++i)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
-        if (c_begin + i < c_end) ring[i][j] = load_stream(wrow[j] + (c_begin + i) * (kChunk / 2) + 16 * t4);
-    for (int c = c_begin; c < c_end; c += kDepth) {
+        if (c_begin + wk + i * kStep < c_end)
+          ring[i][j] = load_stream(wrow[j] + (c_begin + wk + i * kStep) * (kChunk / 2) + 16 * t4);
+    for (int c = c_begin + wk; c < c_end; c += kDepth * kStep) {
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
-        if (c + i < c_end) {
+        const int cc = c + i * kStep;
+        if (cc < c_end) {
           uint32_t q[NT][4];
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             q[j][0] = ring[i][j].x, q[j][1] = ring[i][j].y, q[j][2] = ring[i][j].z, q[j][3] = ring[i][j].w;
-            if (c + i + kDepth < c_end)
-              ring[i][j] = load_stream(wrow[j] + (c + i + kDepth) * (kChunk / 2) + 16 * t4);
+            if (cc + kDepth * kStep < c_end)
+              ring[i][j] = load_stream(wrow[j] + (cc + kDepth * kStep) * (kChunk / 2) + 16 * t4);
           }
-          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, cb, (c + i) * kChunk, t4);
+          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, cb, cc * kChunk, t4);
         }
       }
     }
@@ -263,6 +272,32 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
       chunk<MT, NT, 1, kLayout>(acc, q, xr, ok, tab, cb, k0, t4);
     }
 
+    if constexpr (KG > 1) {
+      // Warps 1..KG-1 of each column warp hand their fragments to warp 0 through shared memory.
+      float* mine = red + ((wk - 1) * kWarps + warp) * (MT * NT * 4 * 32) + lane;
+      if (wk > 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) mine[((mt * NT + j) * 4 + i) * 32] = acc[mt][j][i];
+      }
+      __syncthreads();
+      if (wk == 0) {
+        for (int o = 1; o < KG; ++o) {
+          const float* theirs = red + ((o - 1) * kWarps + warp) * (MT * NT * 4 * 32) + lane;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) acc[mt][j][i] += theirs[((mt * NT + j) * 4 + i) * 32];
+        }
+      }
+      __syncthreads();  // the buffer is free for the next row block
+      if (wk > 0) continue;
+    }
     // Fragment: acc[mt][j] = rows (g, g + 8) x columns (2 t4, 2 t4 + 1) of the 16x8 tile.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -315,22 +350,25 @@ __global__ void __launch_bounds__(kThreads) lut_matmul_kernel(Problem p) {
   }
 }
 
-template <int MT, int NT, int kLayout>
+template <int MT, int NT, int kLayout, int KG>
 cudaError_t launch(cudaStream_t stream, const Problem& p) {
   constexpr int kCols = kWarps * NT * 8;
-  constexpr int kSmem = kCols * 256 * 4 + (kLayout == 1 || kLayout == 3 ? kCols * 32 : 0);  // tables (+ staged centroids)
+  // Pair tables (+ staged centroids) (+ the K warps' fragment hand-over).
+  constexpr int kSmem = kCols * 256 * 4 + (kLayout == 1 || kLayout == 3 ? kCols * 32 : 0) +
+                        (KG - 1) * kWarps * MT * NT * 4 * 32 * 4;
   // The opt-in above 48 KB of shared memory is per device: set once for each.
   static bool ready[64] = {};
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (device >= 64 || !ready[device]) {
-    err = cudaFuncSetAttribute(lut_matmul_kernel<MT, NT, kLayout>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    err = cudaFuncSetAttribute(lut_matmul_kernel<MT, NT, kLayout, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kSmem);
     if (err != cudaSuccess) return err;
     if (device < 64) ready[device] = true;
   }
   const dim3 grid((p.n + kCols - 1) / kCols, p.splits, p.num_slots);
-  lut_matmul_kernel<MT, NT, kLayout><<<grid, kThreads, kSmem, stream>>>(p);
+  lut_matmul_kernel<MT, NT, kLayout, KG><<<grid, kWarps * KG * 32, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -342,7 +380,7 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
                          ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> counters, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::F32>> partials, ffi::Result<ffi::Buffer<ffi::S32>> counters_out,
                          int64_t splits, int64_t mt,
-                         int64_t nt, int64_t layout) {
+                         int64_t nt, int64_t layout, int64_t kgroups) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (x.element_type() != ffi::BF16 || centroids.element_type() != ffi::BF16)
     return invalid("x and centroids must be bfloat16");
@@ -351,7 +389,8 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
   if (k % 32 != 0 || pd[2] != k / 2 || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k must be a multiple of 32, one 16-entry codebook per row)");
-  if (splits < 1 || (mt != 1 && mt != 2) || (nt != 1 && nt != 2 && nt != 4) || layout < 0 || layout > 3)
+  if (splits < 1 || (mt != 1 && mt != 2) || (nt != 1 && nt != 2 && nt != 4) || layout < 0 || layout > 3 ||
+      (kgroups != 1 && kgroups != 4))
     return invalid("tuning out of range (splits >= 1, mt in {1, 2}, nt in {1, 2, 4}, layout in 0..3)");
   const auto od = out->dimensions(), wd = partials->dimensions();
   if (out->element_type() != ffi::BF16 || od.size() != 2 || od[0] != t || od[1] != n)
@@ -369,27 +408,34 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
             static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
             static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits)};
   cudaError_t err;
-  switch (layout * 100 + mt * 10 + nt) {
-    case 11: err = launch<1, 1, 0>(stream, p); break;
-    case 12: err = launch<1, 2, 0>(stream, p); break;
-    case 14: err = launch<1, 4, 0>(stream, p); break;
-    case 21: err = launch<2, 1, 0>(stream, p); break;
-    case 22: err = launch<2, 2, 0>(stream, p); break;
-    case 24: err = launch<2, 4, 0>(stream, p); break;
-    case 111: err = launch<1, 1, 1>(stream, p); break;
-    case 112: err = launch<1, 2, 1>(stream, p); break;
-    case 114: err = launch<1, 4, 1>(stream, p); break;
-    case 121: err = launch<2, 1, 1>(stream, p); break;
-    case 122: err = launch<2, 2, 1>(stream, p); break;
-    case 124: err = launch<2, 4, 1>(stream, p); break;
-    case 212: err = launch<1, 2, 2>(stream, p); break;
-    case 311: err = launch<1, 1, 3>(stream, p); break;
-    case 312: err = launch<1, 2, 3>(stream, p); break;
-    case 314: err = launch<1, 4, 3>(stream, p); break;
-    case 321: err = launch<2, 1, 3>(stream, p); break;
-    case 322: err = launch<2, 2, 3>(stream, p); break;
-    case 324: err = launch<2, 4, 3>(stream, p); break;
-    default: return invalid("the timing probe (layout 2) runs with mt 1, nt 2 only");
+  switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
+    case 1011: err = launch<1, 1, 0, 1>(stream, p); break;
+    case 1012: err = launch<1, 2, 0, 1>(stream, p); break;
+    case 1014: err = launch<1, 4, 0, 1>(stream, p); break;
+    case 1021: err = launch<2, 1, 0, 1>(stream, p); break;
+    case 1022: err = launch<2, 2, 0, 1>(stream, p); break;
+    case 1024: err = launch<2, 4, 0, 1>(stream, p); break;
+    case 1111: err = launch<1, 1, 1, 1>(stream, p); break;
+    case 1112: err = launch<1, 2, 1, 1>(stream, p); break;
+    case 1114: err = launch<1, 4, 1, 1>(stream, p); break;
+    case 1121: err = launch<2, 1, 1, 1>(stream, p); break;
+    case 1122: err = launch<2, 2, 1, 1>(stream, p); break;
+    case 1124: err = launch<2, 4, 1, 1>(stream, p); break;
+    case 1212: err = launch<1, 2, 2, 1>(stream, p); break;
+    case 4212: err = launch<1, 2, 2, 4>(stream, p); break;
+    case 1311: err = launch<1, 1, 3, 1>(stream, p); break;
+    case 1312: err = launch<1, 2, 3, 1>(stream, p); break;
+    case 1314: err = launch<1, 4, 3, 1>(stream, p); break;
+    case 1321: err = launch<2, 1, 3, 1>(stream, p); break;
+    case 1322: err = launch<2, 2, 3, 1>(stream, p); break;
+    case 1324: err = launch<2, 4, 3, 1>(stream, p); break;
+    case 4311: err = launch<1, 1, 3, 4>(stream, p); break;
+    case 4312: err = launch<1, 2, 3, 4>(stream, p); break;
+    case 4314: err = launch<1, 4, 3, 4>(stream, p); break;
+    case 4321: err = launch<2, 1, 3, 4>(stream, p); break;
+    case 4322: err = launch<2, 2, 3, 4>(stream, p); break;
+    case 4324: err = launch<2, 4, 3, 4>(stream, p); break;
+    default: return invalid("no kernel for this tuning (kgroups 4 runs layouts 2 and 3; layout 2 mt 1, nt 2 only)");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
@@ -411,5 +457,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
                                   .Attr<int64_t>("splits")
                                   .Attr<int64_t>("mt")
                                   .Attr<int64_t>("nt")
-                                  .Attr<int64_t>("layout"),
+                                  .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("kgroups"),
                               {ffi::Traits::kCmdBufferCompatible});  // XLA may capture it in its CUDA graphs

@@ -34,7 +34,6 @@ LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lut_matmul_
 _TARGET = "cqjax_cuda_lut_matmul"
 _CHUNK = 128          # inputs per full chunk of the kernel's K loop
 _WARPS = 4            # warps per block; a block owns 8 * nt columns per warp
-_BLOCKS_PER_SM = 3    # resident blocks at 64 KB of pair tables each (228 KB per SM)
 
 
 @functools.cache
@@ -58,33 +57,33 @@ class CudaTuning:
   a block owns 32 * nt columns and 1 KB of pair tables per column); splits: blocks along d_in;
   layout: the decode (lut_matmul.cu: pair tables in shared memory, 0 plain, 1 a bank set per row;
   3 layout 1 for half of the bytes and a register decode for the rest; 2 is a timing probe
-  without the decode, wrong results, mt 1 / nt 2 only)."""
+  without the decode, wrong results, mt 1 / nt 2 only); kgroups: warps per column warp that split
+  the block's chunks (1 or 4; 4 with layouts 2 and 3)."""
 
   mt: int = 1
   nt: int = 2
   splits: int = 1
   layout: int = 3
+  kgroups: int = 1
 
   def __post_init__(self):
     if (self.mt not in (1, 2) or self.nt not in (1, 2, 4) or self.splits < 1 or self.layout not in (0, 1, 2, 3)
-        or (self.layout == 2 and (self.mt, self.nt) != (1, 2))):
+        or (self.layout == 2 and (self.mt, self.nt) != (1, 2)) or self.kgroups not in (1, 4)
+        or (self.kgroups == 4 and self.layout not in (2, 3))):
       raise CqjaxError(f"CudaTuning out of range: {self}")
 
 
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots.
 
-  K is split so that every SM holds its three blocks (12 warps keep enough loads in flight) and
-  the last wave is nearly full: the split minimising (waves of blocks) x (chunks per block + the
-  table build, about one chunk), over splits that fill the chip when d_in allows."""
-  mt = 1 if rows <= 16 else 2
-  nt = 2
-  blocks = -(-d_out // (_WARPS * 8 * nt)) * slots
+  From the H200 sweep (BENCHMARKS.md): the register/shared-memory split decode (layout 3), 64
+  columns a block, four warps sharing each column warp's tables (kgroups 4: 16 warps a block, two
+  blocks an SM), and K split so that the blocks number about one per SM: more splits rebuild more
+  tables, fewer leave SMs idle."""
+  blocks = -(-d_out // (_WARPS * 8 * 2)) * slots
   chunks = max(1, d_in // _CHUNK)
-  fill = min(chunks, -(-_BLOCKS_PER_SM * sms // blocks))
-  best = min(range(fill, min(chunks, max(fill, 16)) + 1),
-             key=lambda s: (-(-blocks * s // sms) * (-(-chunks // s) + 1), s))
-  return CudaTuning(mt=mt, nt=nt, splits=best, layout=3)
+  splits = max(1, min(chunks, 16, round(sms / blocks)))
+  return CudaTuning(mt=1 if rows <= 16 else 2, nt=2, splits=splits, layout=3, kgroups=4)
 
 
 def _call(x, packed, centroids, slots, tuning: CudaTuning):
@@ -98,7 +97,8 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
          jax.ShapeDtypeStruct(counters.shape, jnp.int32))
   y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2}, vmap_method="sequential")(
       x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
-      splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout))
+      splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout),
+      kgroups=np.int64(tuning.kgroups))
   return y
 
 

@@ -157,5 +157,5 @@ def test_dispatcher_int8_mode(monkeypatch):
   np.testing.assert_allclose(grouped_lut_matmul(x, stacked, gs)[:2],
                              cpu.int8_reference(x[:2], stacked.packed[0], stacked.centroids[0], 4), rtol=1e-5, atol=1e-5)
   monkeypatch.setenv("CQJAX_KERNELS", "fast")
-  with pytest.raises(CqjaxError, match="CQJAX_KERNELS must be auto, reference, int8 or pallas"):
+  with pytest.raises(CqjaxError, match="CQJAX_KERNELS must be auto, reference, int8 or cuda"):
     lut_matmul(x, w)

@@ -54,14 +54,14 @@ def test_lut_matmul_matches_reference(m, k, n):
 
 
 @needs_gpu
-@pytest.mark.parametrize("layout", [0, 1, 3])
+@pytest.mark.parametrize("layout,kgroups", [(0, 1), (1, 1), (3, 1), (3, 4)])
 @pytest.mark.parametrize("mt,nt,splits", [
     (1, 1, 1), (1, 4, 3), (2, 2, 5),
     (2, 4, 16),  # more splits than chunks: splits with no chunk write zeros
     (2, 1, 2),
 ])
-def test_tunings_compute_the_same_function(layout, mt, nt, splits):
-  tuning = CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout)
+def test_tunings_compute_the_same_function(layout, kgroups, mt, nt, splits):
+  tuning = CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups)
   rng = np.random.default_rng(3)
   w = random_codebook_weight(rng, (), 77, 1184, 4, 1184)  # 9 chunks + a 32-input tail
   x = jnp.asarray(rng.normal(size=(37, 1184)), jnp.bfloat16)  # rows past 2 x 16 loop again
@@ -125,14 +125,14 @@ def test_supports_only_the_serving_case():
 
 @pytest.mark.parametrize("rows,k,n,slots", [(1, 4096, 14336, 1), (16, 14336, 4096, 1), (1, 2048, 768, 8),
                                             (2, 768, 2048, 16), (64, 4096, 4096, 1), (1, 96, 37, 1)])
-def test_default_tuning_fills_the_chip(rows, k, n, slots):
+def test_default_tuning_gives_about_one_block_per_sm(rows, k, n, slots):
   t = ck.default_tuning(rows, k, n, slots)
   chunks = max(1, k // 128)
   blocks = -(-n // (32 * t.nt)) * slots
-  assert 1 <= t.splits <= chunks
-  assert t.mt == (1 if rows <= 16 else 2)
-  # Three resident blocks on each of the 132 SMs, unless K has too few chunks to split that far.
-  assert blocks * t.splits >= 3 * 132 or t.splits == chunks or t.splits >= 16
+  assert 1 <= t.splits <= min(chunks, 16)
+  assert t.mt == (1 if rows <= 16 else 2) and t.layout == 3 and t.kgroups == 4
+  # About one block per SM of the 132, unless K has too few chunks or the grid is already larger.
+  assert 66 <= blocks * t.splits <= 264 or t.splits in (1, chunks, 16)
 
 
 def test_tuning_refuses_out_of_range_values():
@@ -142,6 +142,8 @@ def test_tuning_refuses_out_of_range_values():
     CudaTuning(splits=0)
   with pytest.raises(CqjaxError, match="out of range"):
     CudaTuning(mt=2, layout=2)  # the timing probe has one shape
+  with pytest.raises(CqjaxError, match="out of range"):
+    CudaTuning(layout=1, kgroups=4)
 
 
 def test_expert_slots_compact_non_empty_experts():
@@ -151,14 +153,15 @@ def test_expert_slots_compact_non_empty_experts():
 
 @needs_gpu
 def test_bf16_model_takes_the_cuda_kernel(monkeypatch):
-  """The dispatcher sends the quantized bf16 model's products (attention and grouped experts) to
-  the CUDA kernel, and its logits match the reference path's."""
+  """With CQJAX_KERNELS=cuda the dispatcher sends the quantized bf16 model's products (attention
+  and grouped experts) to the CUDA kernel, and its logits match the reference path's."""
   from conftest import TINY_DEFAULT
   from cqjax.kmeans import rtn_quantize
   from cqjax.load import load_params
   from cqjax.model import MoeCausalLM
   from cqjax.quantize_weights import quantize_scope
 
+  monkeypatch.setenv("CQJAX_KERNELS", "cuda")
   cfg, params = load_params(TINY_DEFAULT, jnp.bfloat16)
   q = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, 4))
   model = MoeCausalLM(cfg, jnp.bfloat16)
