@@ -13,6 +13,22 @@ TINY_DEFAULT = os.path.join(REPO, "experiments", "assets", "tiny-mixtral-imdb")
 TEST_TEXT = os.path.join(REPO, "tests", "data", "wikitext2_valid_excerpt.txt")
 
 
+def float64_product(x, w, group_sizes=None):
+  """x @ w (or its ragged_dot with group_sizes) in float64 on the host (a GPU's own f32 dot may
+  use tf32), with the centroids rounded to x's dtype, as the kernels use them."""
+  import numpy as np
+  from cqjax.codebook import dequantize
+  dense = np.asarray(dequantize(w, x.dtype), np.float64)  # [..., d_in, d_out]
+  x64 = np.asarray(x, np.float64)
+  if group_sizes is None:
+    return x64 @ dense
+  out, start = np.zeros((x.shape[0], dense.shape[-1])), 0
+  for e, size in enumerate(np.asarray(group_sizes)):
+    out[start:start + size] = x64[start:start + size] @ dense[e]
+    start += size
+  return out
+
+
 def random_codebook_weight(rng, lead, n, k, bits, group):
   """A CodebookWeight of random codes and normal centroids: W [*lead, k, n], codebooks of `group` inputs."""
   import jax.numpy as jnp

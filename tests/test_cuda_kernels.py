@@ -6,27 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_codebook_weight
-from cqjax.codebook import dequantize
+from conftest import float64_product, random_codebook_weight
 from cqjax.errors import CqjaxError
 from cuda_kernels import lut_matmul as ck
 from cuda_kernels.lut_matmul import CudaTuning
 
 BUILT = ck.available()
 needs_gpu = pytest.mark.skipif(not BUILT, reason="needs a CUDA GPU and the built library (python -m cuda_kernels.build)")
-
-
-def _reference(x, w, group_sizes=None):
-  """float64 product with the centroids rounded to bf16, as the kernel uses them."""
-  dense = np.asarray(dequantize(w, jnp.bfloat16), np.float64)
-  x64 = np.asarray(x, np.float64)
-  if group_sizes is None:
-    return x64 @ dense
-  out, start = np.zeros((x.shape[0], dense.shape[-1])), 0
-  for e, size in enumerate(np.asarray(group_sizes)):
-    out[start:start + size] = x64[start:start + size] @ dense[e]
-    start += size
-  return out
 
 
 def _close(got, ref):
@@ -50,7 +36,7 @@ def test_lut_matmul_matches_reference(m, k, n):
   x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
   got = ck.lut_matmul(x, w.packed, w.centroids, 4)
   assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
-  _close(got, _reference(x, w))
+  _close(got, float64_product(x, w))
 
 
 @needs_gpu
@@ -65,7 +51,7 @@ def test_tunings_compute_the_same_function(layout, kgroups, mt, nt, splits):
   rng = np.random.default_rng(3)
   w = random_codebook_weight(rng, (), 77, 1184, 4, 1184)  # 9 chunks + a 32-input tail
   x = jnp.asarray(rng.normal(size=(37, 1184)), jnp.bfloat16)  # rows past 2 x 16 loop again
-  _close(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning), _reference(x, w))
+  _close(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning), float64_product(x, w))
 
 
 @needs_gpu
@@ -79,7 +65,7 @@ def test_grouped_matches_reference(sizes, k, n):
   x = jnp.asarray(rng.normal(size=(sum(sizes) + 1, k)), jnp.bfloat16)
   got = ck.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs)
   assert got.shape == (x.shape[0], n)
-  _close(got, _reference(x, w, gs))
+  _close(got, float64_product(x, w, gs))
   assert not np.asarray(got[-1], np.float32).any()  # the row outside every group is zero
 
 

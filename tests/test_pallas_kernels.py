@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_codebook_weight
-from cqjax.codebook import dequantize
+from conftest import float64_product, random_codebook_weight
 from cqjax.errors import CqjaxError
 from pallas_kernels import lut_matmul as pk
 from pallas_kernels.lut_matmul import LutTuning
@@ -23,20 +22,6 @@ def _close(got, ref, dtype):
   np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
 
 
-def _reference(x, w, group_sizes=None):
-  """The product in float64 on the host (a GPU's own f32 dot may use tf32), with the centroids
-  rounded to x's dtype, as the kernels use them."""
-  dense = np.asarray(dequantize(w, x.dtype), np.float64)  # [..., d_in, d_out]
-  x64 = np.asarray(x, np.float64)
-  if group_sizes is None:
-    return x64 @ dense
-  out, start = np.zeros((x.shape[0], dense.shape[-1])), 0
-  for e, size in enumerate(np.asarray(group_sizes)):
-    out[start:start + size] = x64[start:start + size] @ dense[e]
-    start += size
-  return out
-
-
 # (k, n, bits, group): k and n off every block; per-row and column-group codebooks; 1/2/4/8 bits.
 SHAPES = [(272, 37, 4, 272), (200, 70, 4, 40), (96, 130, 2, 96), (80, 33, 8, 16), (136, 19, 1, 136)]
 
@@ -50,7 +35,7 @@ def test_lut_matmul_matches_reference(m, k, n, bits, group, dtype):
   x = jnp.asarray(rng.normal(size=(m, k)), dtype)
   got = pk.lut_matmul(x, w.packed, w.centroids, bits, interpret=INTERPRET)
   assert got.dtype == dtype and got.shape == (m, n)
-  _close(got, _reference(x, w), dtype)
+  _close(got, float64_product(x, w), dtype)
 
 
 @pytest.mark.parametrize("n", [300, 4096])
@@ -63,7 +48,7 @@ def test_prefill_rows_take_128_row_blocks(dtype, n):
   x = jnp.asarray(rng.normal(size=(130, 272)), dtype)
   tuning = pk.default_tuning(130, 272, n, 4, x_dtype=dtype)
   assert tuning.block_m == 128 and (tuning.block_n > 64) == (n >= 4096 and dtype == jnp.bfloat16)
-  _close(pk.lut_matmul(x, w.packed, w.centroids, 4, interpret=INTERPRET), _reference(x, w), dtype)
+  _close(pk.lut_matmul(x, w.packed, w.centroids, 4, interpret=INTERPRET), float64_product(x, w), dtype)
 
 
 @pytest.mark.parametrize("tuning", [
@@ -76,7 +61,7 @@ def test_tunings_compute_the_same_function(tuning):
   w = random_codebook_weight(rng, (), 45, 464, 4, 116)
   x = jnp.asarray(rng.normal(size=(5, 464)), jnp.float32)
   got = pk.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning, interpret=INTERPRET)
-  _close(got, _reference(x, w), jnp.float32)
+  _close(got, float64_product(x, w), jnp.float32)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -89,7 +74,7 @@ def test_grouped_matches_reference_with_empty_experts(dtype, bits, group):
     gs = jnp.asarray(sizes, jnp.int32)
     got = pk.grouped_lut_matmul(x, w.packed, w.centroids, bits, gs, interpret=INTERPRET)
     assert got.dtype == dtype and got.shape == (21, 23)
-    _close(got, _reference(x, w, gs), dtype)
+    _close(got, float64_product(x, w, gs), dtype)
     assert not np.asarray(got[sum(sizes):]).any()  # rows past the last group are zero
 
 
@@ -100,7 +85,7 @@ def test_grouped_many_rows_per_expert_walks_row_blocks():
   gs = jnp.asarray([37, 0, 33], jnp.int32)
   tuning = LutTuning(block_m=16, block_n=16, block_k=128, k_splits=2)
   got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, tuning=tuning, interpret=INTERPRET)
-  _close(got, _reference(x, w, gs), jnp.float32)
+  _close(got, float64_product(x, w, gs), jnp.float32)
 
 
 def _run_ptx(program: str, operands: dict) -> dict:
