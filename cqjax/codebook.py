@@ -113,3 +113,14 @@ def check_codebook_operands(op: str, x, packed, centroids, bits: int, d_in: int,
     raise CqjaxError(f"{op}: centroids {centroids.shape} do not fit packed codes {packed.shape} "
                      f"({2 ** bits} entries per group, groups dividing d_in={d_in})")
   return n
+
+
+def expert_slots(group_sizes: jax.Array, slots: int) -> jax.Array:
+  """int32 [3, slots]: (expert, first row, rows) of each expert that has rows, compacted, for the
+  grouped kernels' grids (the ragged_dot contract: rows sorted by expert). Slots past the last
+  non-empty expert have 0 rows, so empty experts launch no work."""
+  group_sizes = group_sizes.astype(jnp.int32)
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  (expert,) = jnp.nonzero(group_sizes > 0, size=slots, fill_value=0)
+  used = jnp.arange(slots) < jnp.sum(group_sizes > 0)
+  return jnp.stack([expert, starts[expert], jnp.where(used, group_sizes[expert], 0)]).astype(jnp.int32)

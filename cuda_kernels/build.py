@@ -23,7 +23,7 @@ ARCHS = ("80", "90")
 
 
 def command(nvcc: str, out: str, verbose: bool = False) -> list[str]:
-  cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-isystem", jax.ffi.include_dir(), SOURCE, "-o", out]
+  cmd = [nvcc, "-O3", "-std=c++17", "--threads", "0", "-shared", "-Xcompiler", "-fPIC", "-isystem", jax.ffi.include_dir(), SOURCE, "-o", out]
   for arch in ARCHS:
     cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
   if verbose:

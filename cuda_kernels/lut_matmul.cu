@@ -18,23 +18,20 @@
 // in last for its (slot, column block) adds all partials in split order and writes the bf16
 // result: deterministic, and no second pass over the output.
 //
-// Table layouts (`layout` attribute): 0 puts row r's table at words r*256 + e, so a warp's 32
-// lookups land in banks e % 32, random (about 3.5 accesses to the busiest bank); 1 interleaves
-// the 8 rows of a tile (entry e of row g at word 8 e + g), so row g owns banks g + 8 (e % 4) and
-// only the 4 lanes that share a row can collide (about 2.1), at the same address arithmetic
-// (e << 5 bytes); 3 is layout 1 for the first two bytes of every code word and a register decode
-// for the other two (each lane holds its row's 16 centroids as lo/hi byte tables, and byte
-// permutes select, mask and interleave them: about 11 integer instructions per 4 codes), so the
-// shared-memory pipe and the integer pipe share the decode; 2 is a timing probe that skips the lookup (uses the code word itself: wrong
-// results; it shows what the loads and tensor-core work cost without the decode).
-//
-// Decode: a code byte holds the two codes of inputs 2j and 2j+1, which is exactly one bf16x2
-// register of a tensor-core B fragment. Each block writes, for each of its output rows, a
-// 256-entry table of bf16x2 pairs (1 KB) into shared memory; decoding a byte is then one shared
-// load, and the decoded registers feed mma.sync m16n8k16 directly (no weight tile is ever
-// stored). The mma's k order is free as long as A and B agree: lane (g, t) takes the 16
-// consecutive code bytes 16t..16t+15 of each 128-input chunk of its row (one 16-byte load) and
-// the 32 activations they multiply, so both operands are read with 16-byte loads.
+// Decode (`layout` attribute). A code byte holds the two codes of inputs 2j and 2j+1, which is
+// exactly one bf16x2 register of a tensor-core B fragment, and the decoded registers feed
+// mma.sync m16n8k16 directly (no weight tile is ever stored). The mma's k order is free as long
+// as A and B agree: lane (g, t) takes the 16 consecutive code bytes 16t..16t+15 of each
+// 128-input chunk of its row (one 16-byte load) and the 32 activations they multiply, so both
+// operands are read with 16-byte loads.
+//   4: registers only. Each lane holds its row's 16 centroids as byte tables (lo bytes, hi
+//      bytes), and byte permutes select, mask and interleave them: about 12 integer instructions
+//      per 4 codes, no shared memory, nothing to build before the first load.
+//   3: half of each code word through 256-entry tables of bf16x2 pairs in shared memory (1 KB a
+//      row, rows of a tile interleaved so row g owns banks g + 8 (e % 4)), the other half by the
+//      register decode, so the shared-memory and integer pipes share the work.
+//   2: a timing probe: layout 4's loads and tensor-core work with no decode (wrong results).
+// (Layouts 0 and 1, tables alone, lost to 3 at every shape measured: BENCHMARKS.md.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -97,11 +94,24 @@ __device__ __forceinline__ void decode_upper_half(uint32_t w, const uint32_t (&c
   b1 = prmt(lo, hi, 0x7362u);
 }
 
+// Four codes -> two bf16x2 B registers. Layout 3 looks the first two bytes up in its pair tables
+// (tab: the lane's row, entry e at word 8 e), layout 4 decodes both halves in registers, the probe
+// passes the code bits through.
 template <int kLayout>
-__device__ __forceinline__ uint32_t lookup(const uint32_t* tab, uint32_t e) {
-  if constexpr (kLayout == 0) return tab[e];
-  else if constexpr (kLayout == 1 || kLayout == 3) return tab[e << 3];
-  else return e * 0x00010001u;
+__device__ __forceinline__ void decode(uint32_t w, int s, const uint32_t* tab, const uint32_t (&cb)[8], uint32_t& b0,
+                                       uint32_t& b1) {
+  if constexpr (kLayout == 4) {
+    decode_upper_half(s ? w : w << 16, cb, b0, b1);
+  } else if constexpr (kLayout == 3) {
+    if (s) {
+      decode_upper_half(w, cb, b0, b1);
+    } else {
+      b0 = tab[(w & 0xFF) << 3], b1 = tab[((w >> 8) & 0xFF) << 3];
+    }
+  } else {
+    const uint32_t h = w >> (16 * s);
+    b0 = (h & 0xFF) * 0x00010001u, b1 = ((h >> 8) & 0xFF) * 0x00010001u;
+  }
 }
 
 // Multiplies one chunk of inputs [k0, k0 + 32 * kWords): lane t4 holds code words q[j][0..kWords)
@@ -125,13 +135,8 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
     for (int s = 0; s < 2; ++s) {
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const uint32_t w = q[j][s2] >> (16 * s);
         uint32_t b0, b1;
-        if (kLayout == 3 && s == 1) {
-          decode_upper_half(q[j][s2], cb[j], b0, b1);
-        } else {
-          b0 = lookup<kLayout>(tab[j], w & 0xFF), b1 = lookup<kLayout>(tab[j], (w >> 8) & 0xFF);
-        }
+        decode<kLayout>(q[j][s2], s, tab[j], cb[j], b0, b1);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const uint32_t a0 = s ? a[mt][0].z : a[mt][0].x, a2 = s ? a[mt][0].w : a[mt][0].y;
@@ -143,15 +148,27 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
   }
 }
 
-// KG warps share each column warp's tables and split the block's chunks among them (warp w takes
-// chunks w, w + KG, ...): more loads in flight per SM without more tables to build; their sums
-// meet in shared memory at the end.
+// Shared memory of one block: layout 3's pair tables and staged centroids, then the K warps'
+// fragment hand-over.
+template <int NT, int kLayout>
+__host__ __device__ constexpr int table_words() {
+  return kLayout == 3 ? kWarps * NT * 8 * (256 + 8) : 0;
+}
+template <int MT, int NT, int kLayout, int KG>
+__host__ __device__ constexpr int smem_bytes() {
+  return table_words<NT, kLayout>() * 4 + (KG - 1) * kWarps * MT * NT * 4 * 32 * 4;
+}
+
+// KG warps per column warp split the block's chunks among them (warp w takes chunks w, w + KG,
+// ...; with layout 3 they share the column warp's tables): more loads in flight per SM; their
+// sums meet in shared memory at the end.
 template <int MT, int NT, int kLayout, int KG>
 __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p) {
   constexpr int kCols = kWarps * NT * 8;
   constexpr int kThreads = kWarps * KG * 32;
   extern __shared__ uint4 smem[];
-  uint32_t* table = reinterpret_cast<uint32_t*>(smem);  // [kCols][256] bf16x2 pairs
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem);  // layout 3: [kCols / 8][256][8] bf16x2 pairs
+  float* red = reinterpret_cast<float*>(table + table_words<NT, kLayout>());
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
   const int rows = p.slots[2 * p.num_slots + slot];
   if (split == 0 && slot == 0) {
@@ -165,12 +182,36 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   }
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
-
-  // Pair tables: entry e = (hi << 4 | lo) = {centroid[lo], centroid[hi]}.
+  const int warp = (threadIdx.x >> 5) & (kWarps - 1), wk = threadIdx.x >> 7, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const size_t row_bytes = p.k / 2;
   const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
-  if constexpr (kLayout == 1 || kLayout == 3) {
-    // Word `task` of the tables is entry e = (task >> 3) & 255 of row 8 (task >> 11) + (task & 7):
-    // consecutive threads store consecutive words, from the block's centroids staged once.
+  const uint8_t* wrow[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+    wrow[j] = p.packed + (static_cast<size_t>(expert) * p.n + min(n0 + (warp * NT + j) * 8 + g, p.n - 1)) * row_bytes;
+
+  // The first kDepth chunks of codes (this warp's: c_begin + wk, + KG, ...) are requested before
+  // anything else, so their memory latency overlaps the set-up; every row block reads the same.
+  const int full = p.k / kChunk;
+  const int c_begin = split * p.chunks_per_split, c_end = min(full, c_begin + p.chunks_per_split);
+  constexpr int kStep = KG;
+  uint4 ring[kDepth][NT];
+  const auto prologue = [&] {
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        if (c_begin + wk + i * kStep < c_end)
+          ring[i][j] = load_stream(wrow[j] + (c_begin + wk + i * kStep) * (kChunk / 2) + 16 * t4);
+  };
+  prologue();
+
+  const uint32_t* tab[NT] = {};
+  if constexpr (kLayout == 3) {
+    // Pair tables: entry e = (hi << 4 | lo) = {centroid[lo], centroid[hi]}. Word `task` is entry
+    // e = (task >> 3) & 255 of row 8 (task >> 11) + (task & 7): consecutive threads store
+    // consecutive words, from the block's centroids staged once.
     uint16_t* staged = reinterpret_cast<uint16_t*>(table + kCols * 256);
     for (int i = threadIdx.x; i < kCols * 16; i += kThreads)
       staged[i] = cent[static_cast<size_t>(min(n0 + i / 16, p.n - 1)) * 16 + i % 16];
@@ -179,31 +220,15 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
       const int r = (task >> 11) * 8 + (task & 7), e = (task >> 3) & 255;
       table[task] = staged[r * 16 + (e & 15)] | (static_cast<uint32_t>(staged[r * 16 + (e >> 4)]) << 16);
     }
-  } else {
-    // Row r's table at words r * 256 + e; a thread writes entries e..e+3 with one 16-byte store.
-    for (int task = threadIdx.x; task < kCols * 64; task += kThreads) {
-      const int r = task >> 6, hi = (task >> 2) & 15, lo = (task & 3) * 4;
-      const uint16_t* c = cent + static_cast<size_t>(min(n0 + r, p.n - 1)) * 16;
-      const uint32_t h = static_cast<uint32_t>(c[hi]) << 16;
-      smem[task] = make_uint4(c[lo] | h, c[lo + 1] | h, c[lo + 2] | h, c[lo + 3] | h);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int r = (warp * NT + j) * 8 + g;
+      tab[j] = table + (r >> 3) * 2048 + (r & 7);
     }
   }
-  __syncthreads();
-
-  const int warp = (threadIdx.x >> 5) & (kWarps - 1), wk = threadIdx.x >> 7, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t4 = lane & 3;
-  float* red = reinterpret_cast<float*>(table + kCols * 256 + (kLayout == 1 || kLayout == 3 ? kCols * 8 : 0));
-  const size_t row_bytes = p.k / 2;
-  const uint8_t* wrow[NT];
-  const uint32_t* tab[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int r = (warp * NT + j) * 8 + g;
-    wrow[j] = p.packed + (static_cast<size_t>(expert) * p.n + min(n0 + r, p.n - 1)) * row_bytes;
-    tab[j] = table + (kLayout == 1 || kLayout == 3 ? (r >> 3) * 2048 + (r & 7) : r * 256);
-  }
   uint32_t cb[NT][8] = {};
-  if constexpr (kLayout == 3) {
+  if constexpr (kLayout == 3 || kLayout == 4) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(n0 + (warp * NT + j) * 8 + g, p.n - 1)) * 16);
@@ -214,8 +239,6 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
       cb[j][6] = prmt(v.x, v.y, 0x7531u), cb[j][7] = prmt(v.z, v.w, 0x7531u);
     }
   }
-  const int full = p.k / kChunk;
-  const int c_begin = split * p.chunks_per_split, c_end = min(full, c_begin + p.chunks_per_split);
   const int tail_words = split == p.splits - 1 && wk == 0 ? (p.k % kChunk) / 32 : 0;
 
   for (int rb = 0; rb < rows; rb += 16 * MT) {
@@ -237,16 +260,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.f;
 
-    // Full chunks (this warp's: c_begin + wk, + KG, ...), kDepth of them loaded ahead of the one
-    // being decoded.
-    constexpr int kStep = KG;
-    uint4 ring[kDepth][NT];
-#pragma unroll
-    for (int i = 0; i < kDepth; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-        if (c_begin + wk + i * kStep < c_end)
-          ring[i][j] = load_stream(wrow[j] + (c_begin + wk + i * kStep) * (kChunk / 2) + 16 * t4);
+    // Full chunks, kDepth of them loaded ahead of the one being decoded.
     for (int c = c_begin + wk; c < c_end; c += kDepth * kStep) {
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
@@ -263,6 +277,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
         }
       }
     }
+    if (rb + 16 * MT < rows) prologue();  // the next row block's first chunks, during this one's tail
     // The last split also takes the 32-input chunks past the last full one.
     for (int w = 0; w < tail_words; ++w) {
       const int k0 = full * kChunk + 32 * w;
@@ -353,9 +368,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
 template <int MT, int NT, int kLayout, int KG>
 cudaError_t launch(cudaStream_t stream, const Problem& p) {
   constexpr int kCols = kWarps * NT * 8;
-  // Pair tables (+ staged centroids) (+ the K warps' fragment hand-over).
-  constexpr int kSmem = kCols * 256 * 4 + (kLayout == 1 || kLayout == 3 ? kCols * 32 : 0) +
-                        (KG - 1) * kWarps * MT * NT * 4 * 32 * 4;
+  constexpr int kSmem = smem_bytes<MT, NT, kLayout, KG>();
   // The opt-in above 48 KB of shared memory is per device: set once for each.
   static bool ready[64] = {};
   int device = 0;
@@ -389,17 +402,16 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
   if (k % 32 != 0 || pd[2] != k / 2 || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k must be a multiple of 32, one 16-entry codebook per row)");
-  if (splits < 1 || (mt != 1 && mt != 2) || (nt != 1 && nt != 2 && nt != 4) || layout < 0 || layout > 3 ||
-      (kgroups != 1 && kgroups != 4))
-    return invalid("tuning out of range (splits >= 1, mt in {1, 2}, nt in {1, 2, 4}, layout in 0..3)");
+  if (splits < 1) return invalid("splits must be >= 1");
   const auto od = out->dimensions(), wd = partials->dimensions();
   if (out->element_type() != ffi::BF16 || od.size() != 2 || od[0] != t || od[1] != n)
     return invalid("output must be bf16 [t, n]");
   if (splits > 1 && (wd.size() != 3 || wd[0] != splits || wd[1] != t || wd[2] != n))
     return invalid("partials must be float32 [splits, t, n] when K is split");
   const int64_t cols = 32 * nt, blocks = (n + cols - 1) / cols;
-  if (counters.element_count() != sd[1] * blocks || counters_out->element_count() != sd[1] * blocks)
-    return invalid("counters must be int32 zeros [slots * column blocks], aliased to the third result");
+  const int64_t count = splits > 1 ? sd[1] * blocks : 1;  // only split launches count blocks in
+  if (counters.element_count() != count || counters_out->element_count() != count)
+    return invalid("counters must be int32 zeros [slots * column blocks] (one when K is not split), aliased to the third result");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
   const int64_t full = k / kChunk;
   Problem p{static_cast<const uint16_t*>(x.untyped_data()), packed.typed_data(),
@@ -409,33 +421,26 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
             static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits)};
   cudaError_t err;
   switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
-    case 1011: err = launch<1, 1, 0, 1>(stream, p); break;
-    case 1012: err = launch<1, 2, 0, 1>(stream, p); break;
-    case 1014: err = launch<1, 4, 0, 1>(stream, p); break;
-    case 1021: err = launch<2, 1, 0, 1>(stream, p); break;
-    case 1022: err = launch<2, 2, 0, 1>(stream, p); break;
-    case 1024: err = launch<2, 4, 0, 1>(stream, p); break;
-    case 1111: err = launch<1, 1, 1, 1>(stream, p); break;
-    case 1112: err = launch<1, 2, 1, 1>(stream, p); break;
-    case 1114: err = launch<1, 4, 1, 1>(stream, p); break;
-    case 1121: err = launch<2, 1, 1, 1>(stream, p); break;
-    case 1122: err = launch<2, 2, 1, 1>(stream, p); break;
-    case 1124: err = launch<2, 4, 1, 1>(stream, p); break;
-    case 1212: err = launch<1, 2, 2, 1>(stream, p); break;
     case 4212: err = launch<1, 2, 2, 4>(stream, p); break;
-    case 1311: err = launch<1, 1, 3, 1>(stream, p); break;
-    case 1312: err = launch<1, 2, 3, 1>(stream, p); break;
-    case 1314: err = launch<1, 4, 3, 1>(stream, p); break;
-    case 1321: err = launch<2, 1, 3, 1>(stream, p); break;
-    case 1322: err = launch<2, 2, 3, 1>(stream, p); break;
-    case 1324: err = launch<2, 4, 3, 1>(stream, p); break;
+    case 4214: err = launch<1, 4, 2, 4>(stream, p); break;
     case 4311: err = launch<1, 1, 3, 4>(stream, p); break;
     case 4312: err = launch<1, 2, 3, 4>(stream, p); break;
     case 4314: err = launch<1, 4, 3, 4>(stream, p); break;
     case 4321: err = launch<2, 1, 3, 4>(stream, p); break;
     case 4322: err = launch<2, 2, 3, 4>(stream, p); break;
     case 4324: err = launch<2, 4, 3, 4>(stream, p); break;
-    default: return invalid("no kernel for this tuning (kgroups 4 runs layouts 2 and 3; layout 2 mt 1, nt 2 only)");
+    case 4411: err = launch<1, 1, 4, 4>(stream, p); break;
+    case 4412: err = launch<1, 2, 4, 4>(stream, p); break;
+    case 4414: err = launch<1, 4, 4, 4>(stream, p); break;
+    case 4421: err = launch<2, 1, 4, 4>(stream, p); break;
+    case 4422: err = launch<2, 2, 4, 4>(stream, p); break;
+    case 4424: err = launch<2, 4, 4, 4>(stream, p); break;
+    case 4441: err = launch<4, 1, 4, 4>(stream, p); break;
+    case 4442: err = launch<4, 2, 4, 4>(stream, p); break;
+    case 1411: err = launch<1, 1, 4, 1>(stream, p); break;
+    case 1412: err = launch<1, 2, 4, 1>(stream, p); break;
+    case 1414: err = launch<1, 4, 4, 1>(stream, p); break;
+    default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul.py: KERNELS lists those built)");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));
   return ffi::Error::Success();

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cqjax.codebook import check_codebook_operands
+from cqjax.codebook import check_codebook_operands, expert_slots
 from cqjax.errors import CqjaxError
 
 SUPPORTED_BITS = (4,)
@@ -51,26 +51,32 @@ def supports(x_dtype, bits: int, d_in: int, groups: int) -> bool:
   return bits == 4 and jnp.dtype(x_dtype) == jnp.bfloat16 and groups == 1 and d_in % 32 == 0
 
 
+# The (layout, kgroups, mt, nt) instantiated in lut_matmul.cu (its switch in LutMatmulImpl).
+KERNELS = frozenset(
+    [(2, 4, 1, 2), (2, 4, 1, 4)]
+    + [(3, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)]
+    + [(4, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)] + [(4, 4, 4, 1), (4, 4, 4, 2)]
+    + [(4, 1, 1, nt) for nt in (1, 2, 4)])
+
+
 @dataclasses.dataclass(frozen=True)
 class CudaTuning:
-  """mt: 16-row tiles of x per pass over the codes (1 or 2); nt: 8-column tiles per warp (1, 2, 4:
-  a block owns 32 * nt columns and 1 KB of pair tables per column); splits: blocks along d_in;
-  layout: the decode (lut_matmul.cu: pair tables in shared memory, 0 plain, 1 a bank set per row;
-  3 layout 1 for half of the bytes and a register decode for the rest; 2 is a timing probe
-  without the decode, wrong results, mt 1 / nt 2 only); kgroups: warps per column warp that split
-  the block's chunks (1 or 4; 4 with layouts 2 and 3)."""
+  """mt: 16-row tiles of x per pass over the codes; nt: 8-column tiles per warp (a block owns
+  32 * nt columns); splits: blocks along d_in; layout: the decode (lut_matmul.cu: 4 registers
+  only, 3 half through 1 KB-a-row pair tables in shared memory and half in registers, 2 a timing
+  probe without the decode, wrong results); kgroups: warps per column warp that split the block's
+  chunks. KERNELS lists the combinations built."""
 
   mt: int = 1
   nt: int = 2
   splits: int = 1
   layout: int = 3
-  kgroups: int = 1
+  kgroups: int = 4
 
   def __post_init__(self):
-    if (self.mt not in (1, 2) or self.nt not in (1, 2, 4) or self.splits < 1 or self.layout not in (0, 1, 2, 3)
-        or (self.layout == 2 and (self.mt, self.nt) != (1, 2)) or self.kgroups not in (1, 4)
-        or (self.kgroups == 4 and self.layout not in (2, 3))):
-      raise CqjaxError(f"CudaTuning out of range: {self}")
+    if self.splits < 1 or (self.layout, self.kgroups, self.mt, self.nt) not in KERNELS:
+      raise CqjaxError(f"CudaTuning out of range: {self} (built: splits >= 1 and (layout, kgroups, mt, nt) in "
+                       f"{sorted(KERNELS)})")
 
 
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
@@ -91,8 +97,9 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   slot covers are zero)."""
   t, n = x.shape[0], packed.shape[-2]
   blocks = -(-n // (_WARPS * 8 * tuning.nt))
-  partials = (tuning.splits, t, n) if tuning.splits > 1 else (1, 1, 1)
-  counters = jnp.zeros((slots.shape[1] * blocks,), jnp.int32)
+  split = tuning.splits > 1  # only split launches use the float32 partials and the block counters
+  partials = (tuning.splits, t, n) if split else (1, 1, 1)
+  counters = jnp.zeros((slots.shape[1] * blocks if split else 1,), jnp.int32)
   out = (jax.ShapeDtypeStruct((t, n), jnp.bfloat16), jax.ShapeDtypeStruct(partials, jnp.float32),
          jax.ShapeDtypeStruct(counters.shape, jnp.int32))
   y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2}, vmap_method="sequential")(
@@ -124,16 +131,6 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
   tuning = tuning or default_tuning(m, d_in, n)
   slots = jnp.asarray([[0], [0], [m]], jnp.int32)
   return _call(x, packed[None], centroids[None], slots, tuning)
-
-
-def expert_slots(group_sizes: jax.Array, slots: int) -> jax.Array:
-  """int32 [3, slots]: expert, first row and rows of each non-empty expert, compacted; slots past
-  the last non-empty expert have 0 rows, so empty experts cost a block that exits at once."""
-  group_sizes = group_sizes.astype(jnp.int32)
-  starts = jnp.cumsum(group_sizes) - group_sizes
-  (expert,) = jnp.nonzero(group_sizes > 0, size=slots, fill_value=0)
-  used = jnp.arange(slots) < jnp.sum(group_sizes > 0)
-  return jnp.stack([expert, starts[expert], jnp.where(used, group_sizes[expert], 0)]).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "tuning"))

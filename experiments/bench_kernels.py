@@ -102,35 +102,34 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
 
 
 def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
-  """The default first, then both table layouts at every column width and row tiling with K split
-  1..16 ways, and the no-decode probe at the default's split (what loads and mma cost alone)."""
+  """The default first, then every built decode, column width and row tiling with K split 1..8
+  ways, and the no-decode probe at the default's split and unsplit (what loads and mma cost alone)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
-  for layout in (1, 3):
-    for nt in (2, 4):
-      for mt in ((1, 2) if m > 16 else (1,)):
-        for splits in (1, 2, 4, 8):
-          if splits <= max(1, k // 128):
-            out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout))
-  for nt in (1, 2, 4):
-    for splits in (1, 2, 4):
+  for layout, kgroups, mt, nt in sorted(ck.KERNELS):
+    if layout == 2 or (mt > 1 and m <= 16 * (mt // 2)):  # more row tiles than rows: same work
+      continue
+    for splits in (1, 2, 4, 8):
       if splits <= max(1, k // 128):
-        out.append(ck.CudaTuning(nt=nt, splits=splits, kgroups=4))
-  out.append(ck.CudaTuning(mt=1, nt=2, splits=base.splits, layout=2))
-  out.append(ck.CudaTuning(mt=1, nt=2, splits=1, layout=2, kgroups=4))
+        out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups))
+  for splits in dict.fromkeys((base.splits, 1)):
+    out.append(ck.CudaTuning(mt=1, nt=2, splits=splits, layout=2, kgroups=4))
   return list(dict.fromkeys(out))
 
 
-def _time_cuda(m, k, n, x, weights, sets, sweep, ref):
-  """Default CUDA tuning's time and error, plus (with sweep) every candidate's time."""
-  w0 = weights[0]
-  err = _rel_err(ck.lut_matmul(x, w0.packed, w0.centroids, BITS), ref)
-  cands = cuda_candidates(m, k, n) if sweep else [ck.default_tuning(m, k, n)]
+def _time_tunings(matmul, x, weights, tunings, sets, repeats):
+  """(µs per weight, tuning) of each tuning that runs, in order; one that fails is reported."""
   res = []
-  for t in cands:
-    f = jax.jit(lambda x, ws, t=t: [ck.lut_matmul(x, w.packed, w.centroids, BITS, tuning=t) for w in ws])
-    res.append((_per_call_us(f, (x, weights), repeats=5 if sweep else 7) / sets, t))
-  return res, err
+  for t in tunings:
+    f = jax.jit(lambda x, ws, t=t: [matmul(x, w.packed, w.centroids, BITS, tuning=t) for w in ws])
+    try:
+      res.append((_per_call_us(f, (x, weights), repeats=repeats) / sets, t))
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  {x.shape[1]}x{weights[0].packed.shape[0]} M={x.shape[0]} {t}: failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}")
+  if not res:
+    raise SystemExit(f"bench_kernels: every tuning failed at {x.shape[1]}x{weights[0].packed.shape[0]} M={x.shape[0]}")
+  return res
 
 
 def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False):
@@ -150,7 +149,10 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
     row = dict(k=k, n=n, m=m, bf16_us=t_bf16, xla_gather_us=t_gather, sets=sets,
                floor_us=bytes_codes / bw / 1e3)
     if "cuda" in kernels:
-      res, cerr = _time_cuda(m, k, n, x, weights, sets, cuda_sweep, ref)
+      w0 = weights[0]
+      cerr = _rel_err(ck.lut_matmul(x, w0.packed, w0.centroids, BITS), ref)
+      cands = cuda_candidates(m, k, n) if cuda_sweep else [ck.default_tuning(m, k, n)]
+      res = _time_tunings(ck.lut_matmul, x, weights, cands, sets, 5 if cuda_sweep else 7)
       t_c = res[0][0]
       cbest, cbest_t = min((r for r in res if r[1].layout != 2), key=lambda r: r[0])  # the probe is wrong on purpose
       row.update(cuda_us=t_c, cuda_err=cerr, cuda_tuning=dataclasses.asdict(res[0][1]), cuda_best_us=cbest,
@@ -165,15 +167,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
       continue
     err = _rel_err(pk.lut_matmul(x, weights[0].packed, weights[0].centroids, BITS), ref)
     tunings = sweep_candidates(m, k, n) if sweep else [pk.default_tuning(m, k, n, BITS)]
-    results = []
-    for t in tunings:
-      f = jax.jit(lambda x, ws, t=t: [pk.lut_matmul(x, w.packed, w.centroids, BITS, tuning=t) for w in ws])
-      try:
-        results.append((_per_call_us(f, (x, weights), repeats=5 if sweep else 7) / sets, t))
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"  {k}x{n} M={m} {t}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    if not results:
-      raise SystemExit(f"bench_kernels: every tuning failed at {k}x{n} M={m}")
+    results = _time_tunings(pk.lut_matmul, x, weights, tunings, sets, 5 if sweep else 7)
     t_default = results[0][0]  # the default tuning comes first
     best, best_t = min(results, key=lambda r: r[0])
     row.update(kernel_us=t_default, best_us=best, best_tuning=dataclasses.asdict(best_t), rel_err=err,

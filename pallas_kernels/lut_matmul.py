@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cqjax.codebook import check_codebook_operands
+from cqjax.codebook import check_codebook_operands, expert_slots
 from cqjax.errors import CqjaxError
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -325,16 +325,6 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
   return _sum_partials(partials, x.dtype)
 
 
-def _expert_slots(group_sizes: jax.Array, slots: int):
-  """The experts that have rows, compacted: (expert, first row, rows) per slot, int32 [slots];
-  slots past the last non-empty expert have 0 rows, so empty experts launch no work."""
-  starts = jnp.cumsum(group_sizes) - group_sizes
-  (expert,) = jnp.nonzero(group_sizes > 0, size=slots, fill_value=0)
-  used = jnp.arange(slots) < jnp.sum(group_sizes > 0)
-  count = jnp.where(used, group_sizes[expert], 0)
-  return expert.astype(jnp.int32), starts[expert].astype(jnp.int32), count.astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "tuning", "interpret"))
 def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
                        group_sizes: jax.Array, *, tuning: LutTuning | None = None, interpret: bool = False) -> jax.Array:
@@ -361,7 +351,7 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   bm, bn = tuning.block_m, tuning.block_n
   xs = _split_activations(x, lay, t + bm)  # a row block may run past the last row
   masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
-  slot_expert, slot_start, slot_rows = _expert_slots(group_sizes.astype(jnp.int32), slots)
+  slot_expert, slot_start, slot_rows = expert_slots(group_sizes, slots)
 
   def kernel(expert_ref, start_ref, rows_ref, xs_ref, packed_ref, table_ref, out_ref):
     slot, pn, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)

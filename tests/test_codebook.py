@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes, pack_codes, unpack_codes
+from cqjax.codebook import CodebookWeight, codes_of, dequantize, expert_slots, from_codes, pack_codes, unpack_codes
 from cqjax.errors import CqjaxError
 from cqjax.kmeans import kmeans_fit, kmeans_quantize, rtn_quantize
 from cqjax.lut_matmul import grouped_lut_matmul, lut_matmul
@@ -108,3 +108,8 @@ def test_model_runs_on_codebook_params_like_their_dequantized_copy(hf_checkpoint
   np.testing.assert_allclose(got, MoeCausalLM(cfg).apply({"params": dense}, tokens)[0], rtol=1e-5, atol=1e-5)
   ref = MoeCausalLM(cfg, dense_moe_reference=True).apply({"params": q}, tokens)[0]
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_slots_compact_non_empty_experts():
+  slots = np.asarray(expert_slots(jnp.asarray([0, 3, 0, 2, 1], jnp.int32), 5))
+  np.testing.assert_array_equal(slots, [[1, 3, 4, 0, 0], [0, 3, 5, 0, 0], [3, 2, 1, 0, 0]])

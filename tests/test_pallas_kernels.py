@@ -200,3 +200,12 @@ def test_model_on_gpu_uses_the_kernels_and_matches_the_reference(monkeypatch):
     monkeypatch.setenv("CQJAX_KERNELS", "reference")
     ref = jax.jit(lambda p: model.apply({"params": p}, tokens)[0])(q)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+def test_cuda_first_dispatch_offers_the_pallas_bit_widths():
+  """CQJAX_KERNELS=cuda falls back to Pallas for what CUDA does not take, so it must claim
+  exactly the Pallas bit widths (its copy is there to avoid importing Pallas on CPU)."""
+  from cqjax.lut_matmul import _CudaFirst  # pylint: disable=g-import-not-at-top
+  from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
+  assert _CudaFirst.SUPPORTED_BITS == pk.SUPPORTED_BITS
+  assert set(cuda.SUPPORTED_BITS) <= set(pk.SUPPORTED_BITS)

@@ -1,0 +1,52 @@
+"""Runs the CUDA codebook matmul once per tuning, for a profiler to read (ncu on the GPU image):
+
+  ncu --clock-control none -k regex:lut_matmul_kernel --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 -m experiments.profile_cuda_lut --shape=4096x14336 --ms=1,16 --tunings=3/4/1/2/1,4/4/1/2/1
+
+A tuning is layout/kgroups/mt/nt/splits (cuda_kernels.lut_matmul.CudaTuning); "default" is the
+default tuning at that shape and M. Launches come in the order printed.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from cqjax.codebook import CodebookWeight
+from cuda_kernels import lut_matmul as ck
+
+
+def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
+  if spec == "default":
+    return ck.default_tuning(m, k, n)
+  try:
+    layout, kgroups, mt, nt, splits = (int(v) for v in spec.split("/"))
+  except ValueError:
+    raise SystemExit(f"profile_cuda_lut: tuning {spec!r} is not layout/kgroups/mt/nt/splits") from None
+  return ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
+  ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
+  ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits or default")
+  args = ap.parse_args()
+  if not ck.available():
+    raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available (python -m cuda_kernels.build)")
+  k, n = (int(v) for v in args.shape.split("x"))
+  kp, kc, kx = jax.random.split(jax.random.key(0), 3)
+  packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+  w = CodebookWeight(packed, jax.random.normal(kc, (n, 1, 16), jnp.bfloat16), 4, k)
+  for m in (int(v) for v in args.ms.split(",")):
+    x = jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.bfloat16)
+    for spec in args.tunings.split(","):
+      t = parse_tuning(spec, m, k, n)
+      print(f"launch: {k}x{n} M={m} {t}", flush=True)
+      jax.block_until_ready(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t))
+
+
+if __name__ == "__main__":
+  main()
