@@ -30,6 +30,9 @@
 //   3: half of each code word through 256-entry tables of bf16x2 pairs in shared memory (1 KB a
 //      row, rows of a tile interleaved so row g owns banks g + 8 (e % 4)), the other half by the
 //      register decode, so the shared-memory and integer pipes share the work.
+//   5: layout 4's decode with the operands swapped: the decoded weights are the mma's A operand
+//      (rows g and g + 8 of a pair of n-tiles) and x its B operand (8 rows a tile), so a pass over
+//      8 rows or fewer runs half the mma, and neither operand needs a register shuffle.
 //   2: a timing probe: layout 4's loads and tensor-core work with no decode (wrong results).
 // (Layouts 0 and 1, tables alone, lost to 3 at every shape measured: BENCHMARKS.md.)
 #include <cuda_bf16.h>
@@ -57,6 +60,8 @@ struct Problem {
   __nv_bfloat16* out;
   float* partials;
   int t, k, n, num_slots, splits, chunks_per_split;
+  int stage_rows;  // rows of x each block copies to shared memory per pass (0: read x from global)
+  int stage_stride;  // elements between staged rows (the block's K range plus 8)
 };
 
 __device__ __forceinline__ uint4 load_stream(const void* p) {
@@ -68,7 +73,7 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
 
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                     uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(  // not volatile: outputs only, so loads may be scheduled across it
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -100,7 +105,7 @@ __device__ __forceinline__ void decode_upper_half(uint32_t w, const uint32_t (&c
 template <int kLayout>
 __device__ __forceinline__ void decode(uint32_t w, int s, const uint32_t* tab, const uint32_t (&cb)[8], uint32_t& b0,
                                        uint32_t& b1) {
-  if constexpr (kLayout == 4) {
+  if constexpr (kLayout == 4 || kLayout == 5) {
     decode_upper_half(s ? w : w << 16, cb, b0, b1);
   } else if constexpr (kLayout == 3) {
     if (s) {
@@ -121,7 +126,7 @@ template <int MT, int NT, int kWords, int kLayout>
 __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&q)[NT][kWords],
                                       const uint16_t* const (&xr)[MT][2], const bool (&ok)[MT][2],
                                       const uint32_t* const (&tab)[NT], const uint32_t (&cb)[NT][8], int k0,
-                                      int t4) {
+                                      int t4, bool wide) {
 #pragma unroll
   for (int s2 = 0; s2 < kWords; ++s2) {
     uint4 a[MT][2];
@@ -129,27 +134,46 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        a[mt][h] = ok[mt][h] ? __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k0 + 8 * kWords * t4 + 8 * s2))
-                             : make_uint4(0, 0, 0, 0);
+        a[mt][h] = ok[mt][h] ? *reinterpret_cast<const uint4*>(xr[mt][h] + k0 + 8 * kWords * t4 + 8 * s2)
+                             : make_uint4(0, 0, 0, 0);  // generic load: x staged in shared memory or global
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
+      if constexpr (kLayout == 5) {
+        // Weights as the mma's A operand (rows g and g + 8 of each pair of n-tiles), the rows of x
+        // as its B operand (8 per tile): no register shuffles, half the mma at 8 rows or fewer.
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        uint32_t b0, b1;
-        decode<kLayout>(q[j][s2], s, tab[j], cb[j], b0, b1);
+        for (int jp = 0; jp < NT / 2; ++jp) {
+          uint32_t p0, p1, q0, q1;
+          decode<kLayout>(q[2 * jp][s2], s, tab[2 * jp], cb[2 * jp], p0, p1);
+          decode<kLayout>(q[2 * jp + 1][s2], s, tab[2 * jp + 1], cb[2 * jp + 1], q0, q1);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint32_t a0 = s ? a[mt][0].z : a[mt][0].x, a2 = s ? a[mt][0].w : a[mt][0].y;
-          const uint32_t a1 = s ? a[mt][1].z : a[mt][1].x, a3 = s ? a[mt][1].w : a[mt][1].y;
-          mma(acc[mt][j], a0, a1, a2, a3, b0, b1);
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              if (h == 1 && !wide) continue;
+              const uint32_t x0 = s ? a[mt][h].z : a[mt][h].x, x1 = s ? a[mt][h].w : a[mt][h].y;
+              mma(acc[mt][h * (NT / 2) + jp], p0, q0, p1, q1, x0, x1);
+            }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t b0, b1;
+          decode<kLayout>(q[j][s2], s, tab[j], cb[j], b0, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint32_t a0 = s ? a[mt][0].z : a[mt][0].x, a2 = s ? a[mt][0].w : a[mt][0].y;
+            const uint32_t a1 = s ? a[mt][1].z : a[mt][1].x, a3 = s ? a[mt][1].w : a[mt][1].y;
+            mma(acc[mt][j], a0, a1, a2, a3, b0, b1);
+          }
         }
       }
     }
   }
 }
 
-// Shared memory of one block: layout 3's pair tables and staged centroids, then the K warps'
-// fragment hand-over.
+// Shared memory of one block: layout 3's pair tables and staged centroids, the K warps' fragment
+// hand-over, then (sized at launch) the staged rows of x.
 template <int NT, int kLayout>
 __host__ __device__ constexpr int table_words() {
   return kLayout == 3 ? kWarps * NT * 8 * (256 + 8) : 0;
@@ -169,6 +193,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   extern __shared__ uint4 smem[];
   uint32_t* table = reinterpret_cast<uint32_t*>(smem);  // layout 3: [kCols / 8][256][8] bf16x2 pairs
   float* red = reinterpret_cast<float*>(table + table_words<NT, kLayout>());
+  uint16_t* stage = reinterpret_cast<uint16_t*>(red + (KG - 1) * kWarps * MT * NT * 4 * 32);
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
   const int rows = p.slots[2 * p.num_slots + slot];
   if (split == 0 && slot == 0) {
@@ -228,7 +253,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
     }
   }
   uint32_t cb[NT][8] = {};
-  if constexpr (kLayout == 3 || kLayout == 4) {
+  if constexpr (kLayout >= 3) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(n0 + (warp * NT + j) * 8 + g, p.n - 1)) * 16);
@@ -241,7 +266,21 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   }
   const int tail_words = split == p.splits - 1 && wk == 0 ? (p.k % kChunk) / 32 : 0;
 
+  // The block's K range: its chunks, and the tail for the last split.
+  const int kb = min(c_begin, full) * kChunk, ke = split == p.splits - 1 ? p.k : max(kb, c_end * kChunk);
   for (int rb = 0; rb < rows; rb += 16 * MT) {
+    if (p.stage_rows > 0) {
+      // This pass's rows of x over the block's K range, copied once into shared memory so that the
+      // K loop reads activations at shared-memory latency instead of L2's.
+      if (rb > 0) __syncthreads();  // every warp is done with the previous pass's rows
+      const int srows = min(rows - rb, p.stage_rows), vecs = (ke - kb) / 8;
+      for (int i = threadIdx.x; i < srows * vecs; i += kThreads) {
+        const int r = i / vecs, v = i % vecs;
+        *reinterpret_cast<uint4*>(stage + r * p.stage_stride + 8 * v) =
+            __ldg(reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(row0 + rb + r) * p.k + kb + 8 * v));
+      }
+      __syncthreads();
+    }
     const uint16_t* xr[MT][2];
     bool ok[MT][2];
 #pragma unroll
@@ -250,8 +289,12 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
       for (int h = 0; h < 2; ++h) {
         const int rr = rb + mt * 16 + g + 8 * h;
         ok[mt][h] = rr < rows;
-        xr[mt][h] = p.x + static_cast<size_t>(row0 + min(rr, rows - 1)) * p.k;
+        // Indexed by absolute k in both cases.
+        xr[mt][h] = p.stage_rows > 0 ? stage + (min(rr, rows - 1) - rb) * p.stage_stride - kb
+                                     : p.x + static_cast<size_t>(row0 + min(rr, rows - 1)) * p.k;
       }
+    // Layout 5 with 8 rows or fewer in the pass (MT 1) skips the second 8-row tile of x.
+    const bool wide = MT > 1 || rows - rb > 8;
     float acc[MT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -273,7 +316,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
             if (cc + kDepth * kStep < c_end)
               ring[i][j] = load_stream(wrow[j] + (cc + kDepth * kStep) * (kChunk / 2) + 16 * t4);
           }
-          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, cb, cc * kChunk, t4);
+          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, cb, cc * kChunk, t4, wide);
         }
       }
     }
@@ -284,7 +327,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
       uint32_t q[NT][1];
 #pragma unroll
       for (int j = 0; j < NT; ++j) q[j][0] = __ldg(reinterpret_cast<const uint32_t*>(wrow[j] + k0 / 2 + 4 * t4));
-      chunk<MT, NT, 1, kLayout>(acc, q, xr, ok, tab, cb, k0, t4);
+      chunk<MT, NT, 1, kLayout>(acc, q, xr, ok, tab, cb, k0, t4, wide);
     }
 
     if constexpr (KG > 1) {
@@ -313,36 +356,57 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
       __syncthreads();  // the buffer is free for the next row block
       if (wk > 0) continue;
     }
-    // Fragment: acc[mt][j] = rows (g, g + 8) x columns (2 t4, 2 t4 + 1) of the 16x8 tile.
+    if constexpr (kLayout == 5) {
+      // Fragment: acc[mt][h * NT / 2 + jp] = columns (g, g + 8) of n-tiles 2 jp, 2 jp + 1 x rows
+      // (2 t4, 2 t4 + 1) of x's 8-row tile h.
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (!ok[mt][h]) continue;
-        const size_t row = row0 + rb + mt * 16 + g + 8 * h;
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const int col = n0 + (warp * NT + j) * 8 + 2 * t4;
-          const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
-          if (p.splits == 1) {
-            __nv_bfloat16* o = p.out + row * p.n + col;
-            if (col + 1 < p.n && (p.n % 2) == 0) {
-              *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
-            } else {
-              if (col < p.n) o[0] = __float2bfloat16_rn(v0);
-              if (col + 1 < p.n) o[1] = __float2bfloat16_rn(v1);
+          for (int jp = 0; jp < NT / 2; ++jp)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int r = rb + mt * 16 + h * 8 + 2 * t4 + (i & 1);
+              const int col = n0 + (warp * NT + 2 * jp + (i >> 1)) * 8 + g;
+              if (r >= rows || col >= p.n) continue;
+              const float v = acc[mt][h * (NT / 2) + jp][i];
+              const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
+              if (p.splits == 1) p.out[at] = __float2bfloat16_rn(v);
+              else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = v;
             }
-          } else {
-            float* o = p.partials + (static_cast<size_t>(split) * p.t + row) * p.n + col;
-            if (col + 1 < p.n && (p.n % 2) == 0) {
-              *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+    } else {
+      // Fragment: acc[mt][j] = rows (g, g + 8) x columns (2 t4, 2 t4 + 1) of the 16x8 tile.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (!ok[mt][h]) continue;
+          const size_t row = row0 + rb + mt * 16 + g + 8 * h;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const int col = n0 + (warp * NT + j) * 8 + 2 * t4;
+            const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
+            if (p.splits == 1) {
+              __nv_bfloat16* o = p.out + row * p.n + col;
+              if (col + 1 < p.n && (p.n % 2) == 0) {
+                *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
+              } else {
+                if (col < p.n) o[0] = __float2bfloat16_rn(v0);
+                if (col + 1 < p.n) o[1] = __float2bfloat16_rn(v1);
+              }
             } else {
-              if (col < p.n) o[0] = v0;
-              if (col + 1 < p.n) o[1] = v1;
+              float* o = p.partials + (static_cast<size_t>(split) * p.t + row) * p.n + col;
+              if (col + 1 < p.n && (p.n % 2) == 0) {
+                *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+              } else {
+                if (col < p.n) o[0] = v0;
+                if (col + 1 < p.n) o[1] = v1;
+              }
             }
           }
         }
-      }
+    }
   }
   if (p.splits == 1) return;
 
@@ -366,22 +430,35 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
 }
 
 template <int MT, int NT, int kLayout, int KG>
-cudaError_t launch(cudaStream_t stream, const Problem& p) {
+cudaError_t launch(cudaStream_t stream, Problem p, bool stage) {
   constexpr int kCols = kWarps * NT * 8;
-  constexpr int kSmem = smem_bytes<MT, NT, kLayout, KG>();
-  // The opt-in above 48 KB of shared memory is per device: set once for each.
-  static bool ready[64] = {};
+  // The dynamic shared memory a block may take (opted in above 48 KB once per device): 227 KB on
+  // Hopper less the static.
+  static int limits[64] = {};
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  if (device >= 64 || !ready[device]) {
-    err = cudaFuncSetAttribute(lut_matmul_kernel<MT, NT, kLayout, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kSmem);
+  int limit = device < 64 ? limits[device] : 0;
+  if (limit == 0) {
+    // The opt-in covers static and dynamic shared memory together.
+    cudaFuncAttributes attr;
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, lut_matmul_kernel<MT, NT, kLayout, KG>);
     if (err != cudaSuccess) return err;
-    if (device < 64) ready[device] = true;
+    limit -= static_cast<int>(attr.sharedSizeBytes);
+    err = cudaFuncSetAttribute(lut_matmul_kernel<MT, NT, kLayout, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+    if (err != cudaSuccess) return err;
+    if (device < 64) limits[device] = limit;
   }
+  // Stage x where the pass's rows over the block's K range fit beside the rest.
+  int smem = smem_bytes<MT, NT, kLayout, KG>();
+  const int stride = p.chunks_per_split * kChunk + p.k % kChunk + 8, rows = min(p.t, 16 * MT);
+  const bool fits = stage && smem + rows * stride * 2 <= limit;
+  p.stage_rows = fits ? rows : 0;
+  p.stage_stride = stride;
+  smem += fits ? rows * stride * 2 : 0;
   const dim3 grid((p.n + kCols - 1) / kCols, p.splits, p.num_slots);
-  lut_matmul_kernel<MT, NT, kLayout, KG><<<grid, kWarps * KG * 32, kSmem, stream>>>(p);
+  lut_matmul_kernel<MT, NT, kLayout, KG><<<grid, kWarps * KG * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -392,8 +469,8 @@ ffi::Error invalid(const std::string& what) {
 ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids,
                          ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> counters, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::F32>> partials, ffi::Result<ffi::Buffer<ffi::S32>> counters_out,
-                         int64_t splits, int64_t mt,
-                         int64_t nt, int64_t layout, int64_t kgroups) {
+                         int64_t splits, int64_t mt, int64_t nt, int64_t layout, int64_t kgroups,
+                         int64_t stage) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (x.element_type() != ffi::BF16 || centroids.element_type() != ffi::BF16)
     return invalid("x and centroids must be bfloat16");
@@ -418,28 +495,32 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
             static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), counters_out->typed_data(),
             static_cast<__nv_bfloat16*>(out->untyped_data()), partials->typed_data(),
             static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
-            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits)};
+            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0};
   cudaError_t err;
   switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
-    case 4212: err = launch<1, 2, 2, 4>(stream, p); break;
-    case 4214: err = launch<1, 4, 2, 4>(stream, p); break;
-    case 4311: err = launch<1, 1, 3, 4>(stream, p); break;
-    case 4312: err = launch<1, 2, 3, 4>(stream, p); break;
-    case 4314: err = launch<1, 4, 3, 4>(stream, p); break;
-    case 4321: err = launch<2, 1, 3, 4>(stream, p); break;
-    case 4322: err = launch<2, 2, 3, 4>(stream, p); break;
-    case 4324: err = launch<2, 4, 3, 4>(stream, p); break;
-    case 4411: err = launch<1, 1, 4, 4>(stream, p); break;
-    case 4412: err = launch<1, 2, 4, 4>(stream, p); break;
-    case 4414: err = launch<1, 4, 4, 4>(stream, p); break;
-    case 4421: err = launch<2, 1, 4, 4>(stream, p); break;
-    case 4422: err = launch<2, 2, 4, 4>(stream, p); break;
-    case 4424: err = launch<2, 4, 4, 4>(stream, p); break;
-    case 4441: err = launch<4, 1, 4, 4>(stream, p); break;
-    case 4442: err = launch<4, 2, 4, 4>(stream, p); break;
-    case 1411: err = launch<1, 1, 4, 1>(stream, p); break;
-    case 1412: err = launch<1, 2, 4, 1>(stream, p); break;
-    case 1414: err = launch<1, 4, 4, 1>(stream, p); break;
+    case 4212: err = launch<1, 2, 2, 4>(stream, p, stage != 0); break;
+    case 4214: err = launch<1, 4, 2, 4>(stream, p, stage != 0); break;
+    case 4311: err = launch<1, 1, 3, 4>(stream, p, stage != 0); break;
+    case 4312: err = launch<1, 2, 3, 4>(stream, p, stage != 0); break;
+    case 4314: err = launch<1, 4, 3, 4>(stream, p, stage != 0); break;
+    case 4321: err = launch<2, 1, 3, 4>(stream, p, stage != 0); break;
+    case 4322: err = launch<2, 2, 3, 4>(stream, p, stage != 0); break;
+    case 4324: err = launch<2, 4, 3, 4>(stream, p, stage != 0); break;
+    case 4411: err = launch<1, 1, 4, 4>(stream, p, stage != 0); break;
+    case 4412: err = launch<1, 2, 4, 4>(stream, p, stage != 0); break;
+    case 4414: err = launch<1, 4, 4, 4>(stream, p, stage != 0); break;
+    case 4421: err = launch<2, 1, 4, 4>(stream, p, stage != 0); break;
+    case 4422: err = launch<2, 2, 4, 4>(stream, p, stage != 0); break;
+    case 4424: err = launch<2, 4, 4, 4>(stream, p, stage != 0); break;
+    case 4441: err = launch<4, 1, 4, 4>(stream, p, stage != 0); break;
+    case 4442: err = launch<4, 2, 4, 4>(stream, p, stage != 0); break;
+    case 1411: err = launch<1, 1, 4, 1>(stream, p, stage != 0); break;
+    case 1412: err = launch<1, 2, 4, 1>(stream, p, stage != 0); break;
+    case 1414: err = launch<1, 4, 4, 1>(stream, p, stage != 0); break;
+    case 4512: err = launch<1, 2, 5, 4>(stream, p, stage != 0); break;
+    case 4522: err = launch<2, 2, 5, 4>(stream, p, stage != 0); break;
+    case 4542: err = launch<4, 2, 5, 4>(stream, p, stage != 0); break;
+    case 1512: err = launch<1, 2, 5, 1>(stream, p, stage != 0); break;
     default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul.py: KERNELS lists those built)");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));
@@ -463,5 +544,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
                                   .Attr<int64_t>("mt")
                                   .Attr<int64_t>("nt")
                                   .Attr<int64_t>("layout")
-                                  .Attr<int64_t>("kgroups"),
+                                  .Attr<int64_t>("kgroups")
+                                  .Attr<int64_t>("stage"),
                               {ffi::Traits::kCmdBufferCompatible});  // XLA may capture it in its CUDA graphs

@@ -56,22 +56,26 @@ KERNELS = frozenset(
     [(2, 4, 1, 2), (2, 4, 1, 4)]
     + [(3, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)]
     + [(4, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)] + [(4, 4, 4, 1), (4, 4, 4, 2)]
-    + [(4, 1, 1, nt) for nt in (1, 2, 4)])
+    + [(4, 1, 1, nt) for nt in (1, 2, 4)]
+    + [(5, 4, mt, 2) for mt in (1, 2, 4)] + [(5, 1, 1, 2)])
 
 
 @dataclasses.dataclass(frozen=True)
 class CudaTuning:
   """mt: 16-row tiles of x per pass over the codes; nt: 8-column tiles per warp (a block owns
   32 * nt columns); splits: blocks along d_in; layout: the decode (lut_matmul.cu: 4 registers
-  only, 3 half through 1 KB-a-row pair tables in shared memory and half in registers, 2 a timing
-  probe without the decode, wrong results); kgroups: warps per column warp that split the block's
-  chunks. KERNELS lists the combinations built."""
+  only, 5 the same with the weights as the tensor-core A operand and x as B, 3 half through 1
+  KB-a-row pair tables in shared memory and half in registers, 2 a timing probe without the
+  decode, wrong results); kgroups: warps per column warp that split the block's
+  chunks; stage_x: copy each pass's rows of x over the block's K range into shared memory first,
+  where they fit (else x is read from global memory). KERNELS lists the combinations built."""
 
   mt: int = 1
   nt: int = 2
   splits: int = 1
   layout: int = 3
   kgroups: int = 4
+  stage_x: bool = True
 
   def __post_init__(self):
     if self.splits < 1 or (self.layout, self.kgroups, self.mt, self.nt) not in KERNELS:
@@ -105,7 +109,7 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2}, vmap_method="sequential")(
       x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
       splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout),
-      kgroups=np.int64(tuning.kgroups))
+      kgroups=np.int64(tuning.kgroups), stage=np.int64(tuning.stage_x))
   return y
 
 

@@ -40,8 +40,9 @@ def test_lut_matmul_matches_reference(m, k, n):
 
 
 # Every built kernel but the probe, each with a K split from a cycle that includes more splits than
-# chunks (splits with no chunk write zeros).
-TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=(1, 3, 5, 16, 2)[i % 5], layout=layout, kgroups=kgroups)
+# chunks (splits with no chunk write zeros), x staged in shared memory or read from global memory.
+TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=(1, 3, 5, 16, 2)[i % 5], layout=layout, kgroups=kgroups,
+                      stage_x=i % 3 != 1)
            for i, (layout, kgroups, mt, nt) in enumerate(sorted(k for k in ck.KERNELS if k[0] != 2))]
 
 
@@ -52,6 +53,18 @@ def test_tunings_compute_the_same_function(tuning):
   w = random_codebook_weight(rng, (), 77, 1184, 4, 1184)  # 9 chunks + a 32-input tail
   x = jnp.asarray(rng.normal(size=(71, 1184)), jnp.bfloat16)  # rows past 64 loop again at every mt
   _close(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning), float64_product(x, w))
+
+
+@needs_gpu
+@pytest.mark.parametrize("splits", [1, 4])
+def test_x_staging_falls_back_where_it_does_not_fit(splits):
+  """16 rows of x over K = 8192 need 262 KB of shared memory unsplit (read from global memory),
+  66 KB in four splits (staged): both give the product."""
+  rng = np.random.default_rng(splits)
+  w = random_codebook_weight(rng, (), 40, 8192, 4, 8192)
+  x = jnp.asarray(rng.normal(size=(16, 8192)), jnp.bfloat16)
+  got = ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=CudaTuning(splits=splits, layout=4))
+  _close(got, float64_product(x, w))
 
 
 @needs_gpu
