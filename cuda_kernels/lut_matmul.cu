@@ -33,6 +33,7 @@
 //   5: layout 4's decode with the operands swapped: the decoded weights are the mma's A operand
 //      (rows g and g + 8 of a pair of n-tiles) and x its B operand (8 rows a tile), so a pass over
 //      8 rows or fewer runs half the mma, and neither operand needs a register shuffle.
+//   6: layout 3's decode with layout 5's operands.
 //   2: a timing probe: layout 4's loads and tensor-core work with no decode (wrong results).
 // (Layouts 0 and 1, tables alone, lost to 3 at every shape measured: BENCHMARKS.md.)
 #include <cuda_bf16.h>
@@ -107,7 +108,7 @@ __device__ __forceinline__ void decode(uint32_t w, int s, const uint32_t* tab, c
                                        uint32_t& b1) {
   if constexpr (kLayout == 4 || kLayout == 5) {
     decode_upper_half(s ? w : w << 16, cb, b0, b1);
-  } else if constexpr (kLayout == 3) {
+  } else if constexpr (kLayout == 3 || kLayout == 6) {
     if (s) {
       decode_upper_half(w, cb, b0, b1);
     } else {
@@ -138,7 +139,7 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
                              : make_uint4(0, 0, 0, 0);  // generic load: x staged in shared memory or global
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      if constexpr (kLayout == 5) {
+      if constexpr (kLayout >= 5) {
         // Weights as the mma's A operand (rows g and g + 8 of each pair of n-tiles), the rows of x
         // as its B operand (8 per tile): no register shuffles, half the mma at 8 rows or fewer.
 #pragma unroll
@@ -176,7 +177,7 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
 // hand-over, then (sized at launch) the staged rows of x.
 template <int NT, int kLayout>
 __host__ __device__ constexpr int table_words() {
-  return kLayout == 3 ? kWarps * NT * 8 * (256 + 8) : 0;
+  return kLayout == 3 || kLayout == 6 ? kWarps * NT * 8 * (256 + 8) : 0;
 }
 template <int MT, int NT, int kLayout, int KG>
 __host__ __device__ constexpr int smem_bytes() {
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   prologue();
 
   const uint32_t* tab[NT] = {};
-  if constexpr (kLayout == 3) {
+  if constexpr (kLayout == 3 || kLayout == 6) {
     // Pair tables: entry e = (hi << 4 | lo) = {centroid[lo], centroid[hi]}. Word `task` is entry
     // e = (task >> 3) & 255 of row 8 (task >> 11) + (task & 7): consecutive threads store
     // consecutive words, from the block's centroids staged once.
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
       __syncthreads();  // the buffer is free for the next row block
       if (wk > 0) continue;
     }
-    if constexpr (kLayout == 5) {
+    if constexpr (kLayout >= 5) {
       // Fragment: acc[mt][h * NT / 2 + jp] = columns (g, g + 8) of n-tiles 2 jp, 2 jp + 1 x rows
       // (2 t4, 2 t4 + 1) of x's 8-row tile h.
 #pragma unroll
@@ -521,6 +522,8 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     case 4522: err = launch<2, 2, 5, 4>(stream, p, stage != 0); break;
     case 4542: err = launch<4, 2, 5, 4>(stream, p, stage != 0); break;
     case 1512: err = launch<1, 2, 5, 1>(stream, p, stage != 0); break;
+    case 4612: err = launch<1, 2, 6, 4>(stream, p, stage != 0); break;
+    case 4622: err = launch<2, 2, 6, 4>(stream, p, stage != 0); break;
     default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul.py: KERNELS lists those built)");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));

@@ -57,7 +57,8 @@ KERNELS = frozenset(
     + [(3, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)]
     + [(4, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)] + [(4, 4, 4, 1), (4, 4, 4, 2)]
     + [(4, 1, 1, nt) for nt in (1, 2, 4)]
-    + [(5, 4, mt, 2) for mt in (1, 2, 4)] + [(5, 1, 1, 2)])
+    + [(5, 4, mt, 2) for mt in (1, 2, 4)] + [(5, 1, 1, 2)]
+    + [(6, 4, mt, 2) for mt in (1, 2)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,8 @@ class CudaTuning:
   """mt: 16-row tiles of x per pass over the codes; nt: 8-column tiles per warp (a block owns
   32 * nt columns); splits: blocks along d_in; layout: the decode (lut_matmul.cu: 4 registers
   only, 5 the same with the weights as the tensor-core A operand and x as B, 3 half through 1
-  KB-a-row pair tables in shared memory and half in registers, 2 a timing probe without the
-  decode, wrong results); kgroups: warps per column warp that split the block's
+  KB-a-row pair tables in shared memory and half in registers, 6 layout 3 with 5's operands, 2 a
+  timing probe without the decode, wrong results); kgroups: warps per column warp that split the block's
   chunks; stage_x: copy each pass's rows of x over the block's K range into shared memory first,
   where they fit (else x is read from global memory). KERNELS lists the combinations built."""
 
@@ -86,14 +87,14 @@ class CudaTuning:
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots.
 
-  From the H200 sweep (BENCHMARKS.md): the register/shared-memory split decode (layout 3), 64
-  columns a block, four warps sharing each column warp's tables (kgroups 4: 16 warps a block, two
-  blocks an SM), and K split so that the blocks number about one per SM: more splits rebuild more
-  tables, fewer leave SMs idle."""
+  From the H200 sweeps (BENCHMARKS.md, session 21): the register decode with the weights as the
+  tensor-core A operand (layout 5), 64 columns a block, four warps per column warp splitting the
+  chunks (16 warps a block, one block an SM at 128 registers), x read from global memory (staging
+  it in shared memory measured no faster), and K split so that the blocks number about one per SM."""
   blocks = -(-d_out // (_WARPS * 8 * 2)) * slots
   chunks = max(1, d_in // _CHUNK)
   splits = max(1, min(chunks, 16, round(sms / blocks)))
-  return CudaTuning(mt=1 if rows <= 16 else 2, nt=2, splits=splits, layout=3, kgroups=4)
+  return CudaTuning(mt=1 if rows <= 16 else 2, nt=2, splits=splits, layout=5, kgroups=4, stage_x=False)
 
 
 def _call(x, packed, centroids, slots, tuning: CudaTuning):

@@ -110,7 +110,7 @@ def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
   for layout, kgroups, mt, nt in sorted(ck.KERNELS):
     if layout == 2 or (mt > 1 and m <= 16 * (mt // 2)):  # more row tiles than rows: same work
       continue
-    for splits in (1, 2, 3, 4, 6, 8) if kgroups == 4 and layout in (4, 5) else (1, 2, 4, 8):
+    for splits in (1, 2, 3, 4, 6, 8) if kgroups == 4 and layout >= 4 else (1, 2, 4, 8):
       for stage in (True, False) if (kgroups, mt, nt) == (4, 1, 2) else (True,):
         if splits <= max(1, k // 128):
           out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, stage_x=stage))

@@ -129,7 +129,7 @@ def test_default_tuning_gives_about_one_block_per_sm(rows, k, n, slots):
   chunks = max(1, k // 128)
   blocks = -(-n // (32 * t.nt)) * slots
   assert 1 <= t.splits <= min(chunks, 16)
-  assert t.mt == (1 if rows <= 16 else 2) and t.layout == 3 and t.kgroups == 4
+  assert t.mt == (1 if rows <= 16 else 2) and t.layout == 5 and t.kgroups == 4
   # About one block per SM of the 132, unless K has too few chunks or the grid is already larger.
   assert 66 <= blocks * t.splits <= 264 or t.splits in (1, chunks, 16)
 
