@@ -224,10 +224,14 @@ void RowsByTiles(const Problem& p, int64_t n0, int64_t n1) {
 
 constexpr auto RowsBf16 = RowsByTiles<RowsBf16Tile<8>, RowsBf16Tile<4>, RowsBf16Tile<1>>;
 
-bool UseInt8(const Problem& p) {
+bool Int8Cpu() {
   static const bool cpu = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi") &&
                           __builtin_cpu_supports("avx512vnni");
-  return cpu && p.xu8 != nullptr && p.bits == 4 && (p.k / p.groups) % 64 == 0;
+  return cpu;
+}
+
+bool UseInt8(const Problem& p) {
+  return Int8Cpu() && p.xu8 != nullptr && p.bits == 4 && (p.k / p.groups) % 64 == 0;
 }
 
 // Symmetric int8 rounding of n values: scale = absmax / 127 (1 for all zeros), q = round(v / scale).
@@ -429,4 +433,5 @@ NB_MODULE(_lut_matmul, m) {
     d["cqjax_grouped_lut_matmul"] = nb::capsule(reinterpret_cast<void*>(GroupedLutMatmul));
     return d;
   });
+  m.def("int8_cpu", &Int8Cpu);  // whether this CPU has the int8 path's instructions (AVX512-VNNI, VBMI)
 }

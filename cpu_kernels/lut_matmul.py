@@ -78,8 +78,17 @@ class Int8:
 
 
 def int8_supported(bits: int, d_in: int, groups: int) -> bool:
-  """Whether `int8=True` takes the int8 path for this weight (else the float path runs)."""
-  return bits == 4 and (d_in // groups) % 64 == 0
+  """Whether `int8=True` takes the int8 path for this weight on this CPU (else the float path
+  runs): 4-bit codes, groups of 64k inputs, AVX512-VNNI and VBMI."""
+  return bits == 4 and (d_in // groups) % 64 == 0 and _int8_cpu()
+
+
+@functools.cache
+def _int8_cpu() -> bool:
+  if not available():
+    return False
+  from cpu_kernels import _lut_matmul  # pylint: disable=g-import-not-at-top
+  return bool(_lut_matmul.int8_cpu())
 
 
 def _int8_round(v, axis):

@@ -1,21 +1,22 @@
 """The one dispatcher through which the model multiplies by a kernel that may be quantized.
 
 Dense arrays take XLA's dot / ragged_dot. A `CodebookWeight` takes, on the CPU backend, the C++
-FFI kernel of cpu_kernels/ (when the package build compiled it); on GPUs the Pallas kernels of
-pallas_kernels/ (1-, 2-, 4- and 8-bit codes), or with `CQJAX_KERNELS=cuda` the CUDA kernel of
-cuda_kernels/ for the serving case it covers (4-bit codes, one codebook per row, bf16
-activations; when its library is built; opt-in until it beats Pallas: BENCHMARKS.md);
-otherwise the jnp reference (unpack + gather + dot) that every
+FFI kernel of cpu_kernels/ (when the package build compiled it); on GPUs the CUDA kernel of
+cuda_kernels/ where its library is built and it was measured faster (4-bit codes, one codebook
+per row, bf16 activations, at most 16 rows per weight, weights of 2^20 codes or more:
+`cuda_kernels.lut_matmul.serves`, BENCHMARKS.md), else the Pallas kernels of pallas_kernels/
+(1-, 2-, 4- and 8-bit codes); otherwise the jnp reference (unpack + gather + dot) that every
 kernel is tested against. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
 `CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (cpu_kernels/lut_matmul.py);
-`CQJAX_KERNELS=cuda` prefers the CUDA kernel on GPUs.
+on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it applies and `pallas` never.
 The variable is read when a function is traced: set it before the first call, or call
 `jax.clear_caches()` after changing it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -59,34 +60,39 @@ def grouped_lut_matmul_reference(x: jax.Array, w: CodebookWeight, group_sizes: j
   return jax.lax.ragged_dot(x, dequantize(w, x.dtype), group_sizes)
 
 
+@dataclasses.dataclass(frozen=True)
 class _CudaFirst:
-  """The CUDA kernel where it applies, else the Pallas kernels (same signatures)."""
+  """The CUDA kernel where it applies (everywhere=False: only where `serves` says it is faster),
+  else the Pallas kernels (same signatures)."""
 
+  everywhere: bool = False
   SUPPORTED_BITS = (1, 2, 4, 8)  # the Pallas kernels' (read lazily: no Pallas import on CPU); CUDA's 4 is among them
 
-  @staticmethod
-  def _cuda(x, centroids, bits):
+  def _cuda(self, x, packed, centroids, bits, rows):
     from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
-    return cuda if cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2]) else None
+    if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
+      return None
+    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2]) else None
 
-  @staticmethod
-  def lut_matmul(x, packed, centroids, bits):
+  def lut_matmul(self, x, packed, centroids, bits):
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    return (_CudaFirst._cuda(x, centroids, bits) or pallas).lut_matmul(x, packed, centroids, bits)
+    return (self._cuda(x, packed, centroids, bits, x.shape[0]) or pallas).lut_matmul(x, packed, centroids, bits)
 
-  @staticmethod
-  def grouped_lut_matmul(x, packed, centroids, bits, group_sizes):
+  def grouped_lut_matmul(self, x, packed, centroids, bits, group_sizes):
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    return (_CudaFirst._cuda(x, centroids, bits) or pallas).grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+    rows = -(-x.shape[0] // max(1, min(x.shape[0], packed.shape[0])))  # per non-empty expert, at most
+    kernels = self._cuda(x, packed, centroids, bits, rows) or pallas
+    return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
 def _kernels():
   """The kernels for this backend (same signatures in all), or None for the reference:
-  cpu_kernels on the CPU backend when built (its int8 numerics with CQJAX_KERNELS=int8),
-  the Pallas kernels on GPUs (the CUDA kernel first with CQJAX_KERNELS=cuda)."""
+  cpu_kernels on the CPU backend when built (its int8 numerics with CQJAX_KERNELS=int8), on GPUs
+  the CUDA kernel where built and measured faster, else Pallas (CQJAX_KERNELS=cuda: CUDA wherever
+  it applies; pallas: Pallas only)."""
   mode = os.environ.get("CQJAX_KERNELS", "auto")
-  if mode not in ("auto", "reference", "int8", "cuda"):
-    raise CqjaxError(f"CQJAX_KERNELS must be auto, reference, int8 or cuda, got {mode!r}")
+  if mode not in ("auto", "reference", "int8", "cuda", "pallas"):
+    raise CqjaxError(f"CQJAX_KERNELS must be auto, reference, int8, cuda or pallas, got {mode!r}")
   if mode == "reference":
     return None
   backend = jax.default_backend()
@@ -96,8 +102,8 @@ def _kernels():
       return None
     return cpu.Int8 if mode == "int8" else cpu
   if backend == "gpu":
-    if mode == "cuda":
-      return _CudaFirst
+    if mode != "pallas":
+      return _CudaFirst(everywhere=mode == "cuda")
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
     return pallas
   return None
