@@ -10,7 +10,7 @@
 //   packed     uint8 [experts, n, k/2]   two codes a byte, low nibble first (cqjax/codebook.py)
 //   centroids  bf16  [experts, n, 16]
 //   slots      int32 [3, s]              expert, first row, rows of each slot (rows 0: no work)
-//   counters   int32 [s * n blocks]      zeros, aliased to the third result (one when K is not split)
+//   counters   int32 [s, n blocks]       zeros (aliased to the third result)
 //   out        bf16 [t, n]; rows no slot covers are zero
 //   partials   float32 [splits, t, n]    scratch when K is split ([1, 1, 1] otherwise)
 //
@@ -18,22 +18,24 @@
 // in last for its (slot, column block) adds all partials in split order and writes the bf16
 // result: deterministic, and no second pass over the output.
 //
-// Tensor cores, weights as the A operand. mma.sync m16n8k16 takes 16 weight rows (output
-// columns) as A and 8 rows of x as B, so a pass over 8 rows or fewer runs one mma per 16x16
-// weight tile. A code byte holds the codes of two consecutive inputs, exactly one bf16x2 register
-// of an A fragment; the decoded registers feed the mma directly (no weight tile is ever stored).
-// The mma's k order is free as long as A and B agree: lane (g, t) takes the 16 consecutive code
-// bytes 16t..16t+15 of each 128-input chunk of its rows g and g + 8 (16-byte loads) and the 32
-// activations they multiply (16-byte loads).
-//
-// Decode in registers: each lane holds its two rows' 16 centroids as byte tables (lo bytes, hi
-// bytes) and byte permutes select, mask and interleave them: 11 integer instructions per 4 codes,
-// no shared memory and nothing to build before the first load. PRMT and LOP3 issue at half rate
-// on Hopper, so this decode bounds the kernel near 2.75 ALU instructions a code (BENCHMARKS.md).
-// `probe` is a timing probe with the same loads and mma and no decode (wrong results on purpose).
-//
-// (Measured and dropped, BENCHMARKS.md: 256-entry pair tables in shared memory, alone or for half
-// of each word; x as the A operand; x staged in shared memory.)
+// Decode (`layout` attribute). A code byte holds the two codes of inputs 2j and 2j+1, which is
+// exactly one bf16x2 register of a tensor-core B fragment, and the decoded registers feed
+// mma.sync m16n8k16 directly (no weight tile is ever stored). The mma's k order is free as long
+// as A and B agree: lane (g, t) takes the 16 consecutive code bytes 16t..16t+15 of each
+// 128-input chunk of its row (one 16-byte load) and the 32 activations they multiply, so both
+// operands are read with 16-byte loads.
+//   4: registers only. Each lane holds its row's 16 centroids as byte tables (lo bytes, hi
+//      bytes), and byte permutes select, mask and interleave them: about 12 integer instructions
+//      per 4 codes, no shared memory, nothing to build before the first load.
+//   3: half of each code word through 256-entry tables of bf16x2 pairs in shared memory (1 KB a
+//      row, rows of a tile interleaved so row g owns banks g + 8 (e % 4)), the other half by the
+//      register decode, so the shared-memory and integer pipes share the work.
+//   5: layout 4's decode with the operands swapped: the decoded weights are the mma's A operand
+//      (rows g and g + 8 of a pair of n-tiles) and x its B operand (8 rows a tile), so a pass over
+//      8 rows or fewer runs half the mma, and neither operand needs a register shuffle.
+//   6: layout 3's decode with layout 5's operands.
+//   2: a timing probe: layout 4's loads and tensor-core work with no decode (wrong results).
+// (Layouts 0 and 1, tables alone, lost to 3 at every shape measured: BENCHMARKS.md.)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -46,8 +48,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kWarps = 4;    // column warps per block, 16 columns each: a block owns 64 columns
-constexpr int kCols = kWarps * 16;
+constexpr int kWarps = 4;   // column warps per block: a block owns 4 * 8 * nt columns
 constexpr int kChunk = 128;  // inputs per full chunk (16 code bytes per lane, 64 per row)
 constexpr int kDepth = 3;    // chunks of codes in flight per lane ahead of the decode
 
@@ -56,10 +57,12 @@ struct Problem {
   const uint8_t* packed;
   const uint16_t* centroids;
   const int32_t* slots;  // [3, num_slots]
-  int32_t* counters;     // [num_slots * column blocks]
+  int32_t* counters;     // [num_slots, column blocks]
   __nv_bfloat16* out;
   float* partials;
   int t, k, n, num_slots, splits, chunks_per_split;
+  int stage_rows;  // rows of x each block copies to shared memory per pass (0: read x from global)
+  int stage_stride;  // elements between staged rows (the block's K range plus 8)
 };
 
 __device__ __forceinline__ uint4 load_stream(const void* p) {
@@ -97,25 +100,34 @@ __device__ __forceinline__ void decode_upper_half(uint32_t w, const uint32_t (&c
   b1 = prmt(lo, hi, 0x7362u);
 }
 
-// Codes 4s..4s+3 of the word w -> the bf16x2 pairs of inputs (0, 1) and (2, 3) of those four.
-template <bool kProbe>
-__device__ __forceinline__ void decode(uint32_t w, int s, const uint32_t (&cb)[8], uint32_t& b0, uint32_t& b1) {
-  if constexpr (kProbe) {
+// Four codes -> two bf16x2 B registers. Layout 3 looks the first two bytes up in its pair tables
+// (tab: the lane's row, entry e at word 8 e), layout 4 decodes both halves in registers, the probe
+// passes the code bits through.
+template <int kLayout>
+__device__ __forceinline__ void decode(uint32_t w, int s, const uint32_t* tab, const uint32_t (&cb)[8], uint32_t& b0,
+                                       uint32_t& b1) {
+  if constexpr (kLayout == 4 || kLayout == 5) {
+    decode_upper_half(s ? w : w << 16, cb, b0, b1);
+  } else if constexpr (kLayout == 3 || kLayout == 6) {
+    if (s) {
+      decode_upper_half(w, cb, b0, b1);
+    } else {
+      b0 = tab[(w & 0xFF) << 3], b1 = tab[((w >> 8) & 0xFF) << 3];
+    }
+  } else {
     const uint32_t h = w >> (16 * s);
     b0 = (h & 0xFF) * 0x00010001u, b1 = ((h >> 8) & 0xFF) * 0x00010001u;
-  } else {
-    decode_upper_half(s ? w : w << 16, cb, b0, b1);
   }
 }
 
 // Multiplies one chunk of inputs [k0, k0 + 32 * kWords): lane t4 holds code words q[j][0..kWords)
-// (bytes 4*kWords*t4 ... of the chunk's row bytes) of its rows g (j = 0) and g + 8 (j = 1), and
-// reads the 8*kWords activations of each of its rows of x that those codes multiply.
-// acc[mt][h] accumulates columns (g, g + 8) x rows (2 t4, 2 t4 + 1) of x's 8-row tile (mt, h).
-template <int MT, int kWords, bool kProbe>
-__device__ __forceinline__ void chunk(float (&acc)[MT][2][4], const uint32_t (&q)[2][kWords],
+// (bytes 4*kWords*t4 ... of the chunk's row bytes) for its row of each n-tile j, and reads the
+// 8*kWords activations of each of its rows that those codes multiply.
+template <int MT, int NT, int kWords, int kLayout>
+__device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&q)[NT][kWords],
                                       const uint16_t* const (&xr)[MT][2], const bool (&ok)[MT][2],
-                                      const uint32_t (&cb)[2][8], int k0, int t4, bool wide) {
+                                      const uint32_t* const (&tab)[NT], const uint32_t (&cb)[NT][8], int k0,
+                                      int t4, bool wide) {
 #pragma unroll
   for (int s2 = 0; s2 < kWords; ++s2) {
     uint4 a[MT][2];
@@ -123,31 +135,66 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][2][4], const uint32_t (&q
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        a[mt][h] = ok[mt][h] ? __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + k0 + 8 * kWords * t4 + 8 * s2))
-                             : make_uint4(0, 0, 0, 0);
+        a[mt][h] = ok[mt][h] ? *reinterpret_cast<const uint4*>(xr[mt][h] + k0 + 8 * kWords * t4 + 8 * s2)
+                             : make_uint4(0, 0, 0, 0);  // generic load: x staged in shared memory or global
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      uint32_t p0, p1, q0, q1;
-      decode<kProbe>(q[0][s2], s, cb[0], p0, p1);
-      decode<kProbe>(q[1][s2], s, cb[1], q0, q1);
+      if constexpr (kLayout >= 5) {
+        // Weights as the mma's A operand (rows g and g + 8 of each pair of n-tiles), the rows of x
+        // as its B operand (8 per tile): no register shuffles, half the mma at 8 rows or fewer.
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+        for (int jp = 0; jp < NT / 2; ++jp) {
+          uint32_t p0, p1, q0, q1;
+          decode<kLayout>(q[2 * jp][s2], s, tab[2 * jp], cb[2 * jp], p0, p1);
+          decode<kLayout>(q[2 * jp + 1][s2], s, tab[2 * jp + 1], cb[2 * jp + 1], q0, q1);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (h == 1 && !wide) continue;
-          const uint32_t x0 = s ? a[mt][h].z : a[mt][h].x, x1 = s ? a[mt][h].w : a[mt][h].y;
-          mma(acc[mt][h], p0, q0, p1, q1, x0, x1);
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              if (h == 1 && !wide) continue;
+              const uint32_t x0 = s ? a[mt][h].z : a[mt][h].x, x1 = s ? a[mt][h].w : a[mt][h].y;
+              mma(acc[mt][h * (NT / 2) + jp], p0, q0, p1, q1, x0, x1);
+            }
         }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          uint32_t b0, b1;
+          decode<kLayout>(q[j][s2], s, tab[j], cb[j], b0, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint32_t a0 = s ? a[mt][0].z : a[mt][0].x, a2 = s ? a[mt][0].w : a[mt][0].y;
+            const uint32_t a1 = s ? a[mt][1].z : a[mt][1].x, a3 = s ? a[mt][1].w : a[mt][1].y;
+            mma(acc[mt][j], a0, a1, a2, a3, b0, b1);
+          }
+        }
+      }
     }
   }
 }
 
+// Shared memory of one block: layout 3's pair tables and staged centroids, the K warps' fragment
+// hand-over, then (sized at launch) the staged rows of x.
+template <int NT, int kLayout>
+__host__ __device__ constexpr int table_words() {
+  return kLayout == 3 || kLayout == 6 ? kWarps * NT * 8 * (256 + 8) : 0;
+}
+template <int MT, int NT, int kLayout, int KG>
+__host__ __device__ constexpr int smem_bytes() {
+  return table_words<NT, kLayout>() * 4 + (KG - 1) * kWarps * MT * NT * 4 * 32 * 4;
+}
+
 // KG warps per column warp split the block's chunks among them (warp w takes chunks w, w + KG,
-// ...): more loads in flight per SM; their sums meet in shared memory at the end.
-template <int MT, int KG, bool kProbe>
+// ...; with layout 3 they share the column warp's tables): more loads in flight per SM; their
+// sums meet in shared memory at the end.
+template <int MT, int NT, int kLayout, int KG>
 __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p) {
+  constexpr int kCols = kWarps * NT * 8;
   constexpr int kThreads = kWarps * KG * 32;
-  __shared__ float red[KG > 1 ? (KG - 1) * kWarps * MT * 8 * 32 : 1];  // the K warps' fragment hand-over
+  extern __shared__ uint4 smem[];
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem);  // layout 3: [kCols / 8][256][8] bf16x2 pairs
+  float* red = reinterpret_cast<float*>(table + table_words<NT, kLayout>());
+  uint16_t* stage = reinterpret_cast<uint16_t*>(red + (KG - 1) * kWarps * MT * NT * 4 * 32);
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
   const int rows = p.slots[2 * p.num_slots + slot];
   if (split == 0 && slot == 0) {
@@ -164,43 +211,77 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   const int warp = (threadIdx.x >> 5) & (kWarps - 1), wk = threadIdx.x >> 7, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const size_t row_bytes = p.k / 2;
-  // The lane's weight rows (output columns): g and g + 8 of its column warp's 16.
-  int wcol[2];
-  const uint8_t* wrow[2];
+  const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
+  const uint8_t* wrow[NT];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    wcol[j] = min(n0 + warp * 16 + 8 * j + g, p.n - 1);
-    wrow[j] = p.packed + (static_cast<size_t>(expert) * p.n + wcol[j]) * row_bytes;
-  }
+  for (int j = 0; j < NT; ++j)
+    wrow[j] = p.packed + (static_cast<size_t>(expert) * p.n + min(n0 + (warp * NT + j) * 8 + g, p.n - 1)) * row_bytes;
 
   // The first kDepth chunks of codes (this warp's: c_begin + wk, + KG, ...) are requested before
   // anything else, so their memory latency overlaps the set-up; every row block reads the same.
   const int full = p.k / kChunk;
   const int c_begin = split * p.chunks_per_split, c_end = min(full, c_begin + p.chunks_per_split);
-  uint4 ring[kDepth][2];
+  constexpr int kStep = KG;
+  uint4 ring[kDepth][NT];
   const auto prologue = [&] {
 #pragma unroll
     for (int i = 0; i < kDepth; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        if (c_begin + wk + i * KG < c_end)
-          ring[i][j] = load_stream(wrow[j] + (c_begin + wk + i * KG) * (kChunk / 2) + 16 * t4);
+      for (int j = 0; j < NT; ++j)
+        if (c_begin + wk + i * kStep < c_end)
+          ring[i][j] = load_stream(wrow[j] + (c_begin + wk + i * kStep) * (kChunk / 2) + 16 * t4);
   };
   prologue();
 
-  uint32_t cb[2][8];
+  const uint32_t* tab[NT] = {};
+  if constexpr (kLayout == 3 || kLayout == 6) {
+    // Pair tables: entry e = (hi << 4 | lo) = {centroid[lo], centroid[hi]}. Word `task` is entry
+    // e = (task >> 3) & 255 of row 8 (task >> 11) + (task & 7): consecutive threads store
+    // consecutive words, from the block's centroids staged once.
+    uint16_t* staged = reinterpret_cast<uint16_t*>(table + kCols * 256);
+    for (int i = threadIdx.x; i < kCols * 16; i += kThreads)
+      staged[i] = cent[static_cast<size_t>(min(n0 + i / 16, p.n - 1)) * 16 + i % 16];
+    __syncthreads();
+    for (int task = threadIdx.x; task < kCols * 256; task += kThreads) {
+      const int r = (task >> 11) * 8 + (task & 7), e = (task >> 3) & 255;
+      table[task] = staged[r * 16 + (e & 15)] | (static_cast<uint32_t>(staged[r * 16 + (e >> 4)]) << 16);
+    }
+    __syncthreads();
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const uint4* c = reinterpret_cast<const uint4*>(p.centroids + (static_cast<size_t>(expert) * p.n + wcol[j]) * 16);
-    const uint4 u = __ldg(c), v = __ldg(c + 1);
-    cb[j][0] = prmt(u.x, u.y, 0x6420u), cb[j][1] = prmt(u.z, u.w, 0x6420u);
-    cb[j][2] = prmt(v.x, v.y, 0x6420u), cb[j][3] = prmt(v.z, v.w, 0x6420u);
-    cb[j][4] = prmt(u.x, u.y, 0x7531u), cb[j][5] = prmt(u.z, u.w, 0x7531u);
-    cb[j][6] = prmt(v.x, v.y, 0x7531u), cb[j][7] = prmt(v.z, v.w, 0x7531u);
+    for (int j = 0; j < NT; ++j) {
+      const int r = (warp * NT + j) * 8 + g;
+      tab[j] = table + (r >> 3) * 2048 + (r & 7);
+    }
+  }
+  uint32_t cb[NT][8] = {};
+  if constexpr (kLayout >= 3) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(n0 + (warp * NT + j) * 8 + g, p.n - 1)) * 16);
+      const uint4 u = __ldg(c), v = __ldg(c + 1);
+      cb[j][0] = prmt(u.x, u.y, 0x6420u), cb[j][1] = prmt(u.z, u.w, 0x6420u);
+      cb[j][2] = prmt(v.x, v.y, 0x6420u), cb[j][3] = prmt(v.z, v.w, 0x6420u);
+      cb[j][4] = prmt(u.x, u.y, 0x7531u), cb[j][5] = prmt(u.z, u.w, 0x7531u);
+      cb[j][6] = prmt(v.x, v.y, 0x7531u), cb[j][7] = prmt(v.z, v.w, 0x7531u);
+    }
   }
   const int tail_words = split == p.splits - 1 && wk == 0 ? (p.k % kChunk) / 32 : 0;
 
+  // The block's K range: its chunks, and the tail for the last split.
+  const int kb = min(c_begin, full) * kChunk, ke = split == p.splits - 1 ? p.k : max(kb, c_end * kChunk);
   for (int rb = 0; rb < rows; rb += 16 * MT) {
+    if (p.stage_rows > 0) {
+      // This pass's rows of x over the block's K range, copied once into shared memory so that the
+      // K loop reads activations at shared-memory latency instead of L2's.
+      if (rb > 0) __syncthreads();  // every warp is done with the previous pass's rows
+      const int srows = min(rows - rb, p.stage_rows), vecs = (ke - kb) / 8;
+      for (int i = threadIdx.x; i < srows * vecs; i += kThreads) {
+        const int r = i / vecs, v = i % vecs;
+        *reinterpret_cast<uint4*>(stage + r * p.stage_stride + 8 * v) =
+            __ldg(reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(row0 + rb + r) * p.k + kb + 8 * v));
+      }
+      __syncthreads();
+    }
     const uint16_t* xr[MT][2];
     bool ok[MT][2];
 #pragma unroll
@@ -209,31 +290,34 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
       for (int h = 0; h < 2; ++h) {
         const int rr = rb + mt * 16 + g + 8 * h;
         ok[mt][h] = rr < rows;
-        xr[mt][h] = p.x + static_cast<size_t>(row0 + min(rr, rows - 1)) * p.k;
+        // Indexed by absolute k in both cases.
+        xr[mt][h] = p.stage_rows > 0 ? stage + (min(rr, rows - 1) - rb) * p.stage_stride - kb
+                                     : p.x + static_cast<size_t>(row0 + min(rr, rows - 1)) * p.k;
       }
-    const bool wide = MT > 1 || rows - rb > 8;  // one row tile: skip its second 8 rows if empty
-    float acc[MT][2][4];
+    // Layout 5 with 8 rows or fewer in the pass (MT 1) skips the second 8-row tile of x.
+    const bool wide = MT > 1 || rows - rb > 8;
+    float acc[MT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mt][h][i] = 0.f;
+        for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.f;
 
     // Full chunks, kDepth of them loaded ahead of the one being decoded.
-    for (int c = c_begin + wk; c < c_end; c += kDepth * KG) {
+    for (int c = c_begin + wk; c < c_end; c += kDepth * kStep) {
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
-        const int cc = c + i * KG;
+        const int cc = c + i * kStep;
         if (cc < c_end) {
-          uint32_t q[2][4];
+          uint32_t q[NT][4];
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+          for (int j = 0; j < NT; ++j) {
             q[j][0] = ring[i][j].x, q[j][1] = ring[i][j].y, q[j][2] = ring[i][j].z, q[j][3] = ring[i][j].w;
-            if (cc + kDepth * KG < c_end)
-              ring[i][j] = load_stream(wrow[j] + (cc + kDepth * KG) * (kChunk / 2) + 16 * t4);
+            if (cc + kDepth * kStep < c_end)
+              ring[i][j] = load_stream(wrow[j] + (cc + kDepth * kStep) * (kChunk / 2) + 16 * t4);
           }
-          chunk<MT, 4, kProbe>(acc, q, xr, ok, cb, cc * kChunk, t4, wide);
+          chunk<MT, NT, 4, kLayout>(acc, q, xr, ok, tab, cb, cc * kChunk, t4, wide);
         }
       }
     }
@@ -241,53 +325,89 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
     // The last split also takes the 32-input chunks past the last full one.
     for (int w = 0; w < tail_words; ++w) {
       const int k0 = full * kChunk + 32 * w;
-      uint32_t q[2][1];
+      uint32_t q[NT][1];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) q[j][0] = __ldg(reinterpret_cast<const uint32_t*>(wrow[j] + k0 / 2 + 4 * t4));
-      chunk<MT, 1, kProbe>(acc, q, xr, ok, cb, k0, t4, wide);
+      for (int j = 0; j < NT; ++j) q[j][0] = __ldg(reinterpret_cast<const uint32_t*>(wrow[j] + k0 / 2 + 4 * t4));
+      chunk<MT, NT, 1, kLayout>(acc, q, xr, ok, tab, cb, k0, t4, wide);
     }
 
     if constexpr (KG > 1) {
       // Warps 1..KG-1 of each column warp hand their fragments to warp 0 through shared memory.
-      float* mine = red + ((wk - 1) * kWarps + warp) * (MT * 8 * 32) + lane;
+      float* mine = red + ((wk - 1) * kWarps + warp) * (MT * NT * 4 * 32) + lane;
       if (wk > 0) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) mine[((mt * 2 + h) * 4 + i) * 32] = acc[mt][h][i];
+            for (int i = 0; i < 4; ++i) mine[((mt * NT + j) * 4 + i) * 32] = acc[mt][j][i];
       }
       __syncthreads();
       if (wk == 0) {
         for (int o = 1; o < KG; ++o) {
-          const float* theirs = red + ((o - 1) * kWarps + warp) * (MT * 8 * 32) + lane;
+          const float* theirs = red + ((o - 1) * kWarps + warp) * (MT * NT * 4 * 32) + lane;
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
+            for (int j = 0; j < NT; ++j)
 #pragma unroll
-              for (int i = 0; i < 4; ++i) acc[mt][h][i] += theirs[((mt * 2 + h) * 4 + i) * 32];
+              for (int i = 0; i < 4; ++i) acc[mt][j][i] += theirs[((mt * NT + j) * 4 + i) * 32];
         }
       }
       __syncthreads();  // the buffer is free for the next row block
       if (wk > 0) continue;
     }
-    // Fragment: acc[mt][h][i] = column 8 (i >> 1) + g of the column warp's 16, row 2 t4 + (i & 1)
-    // of x's 8-row tile (mt, h).
+    if constexpr (kLayout >= 5) {
+      // Fragment: acc[mt][h * NT / 2 + jp] = columns (g, g + 8) of n-tiles 2 jp, 2 jp + 1 x rows
+      // (2 t4, 2 t4 + 1) of x's 8-row tile h.
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = rb + mt * 16 + h * 8 + 2 * t4 + (i & 1);
-          const int col = n0 + warp * 16 + 8 * (i >> 1) + g;
-          if (r >= rows || col >= p.n) continue;
-          const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
-          if (p.splits == 1) p.out[at] = __float2bfloat16_rn(acc[mt][h][i]);
-          else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = acc[mt][h][i];
+          for (int jp = 0; jp < NT / 2; ++jp)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int r = rb + mt * 16 + h * 8 + 2 * t4 + (i & 1);
+              const int col = n0 + (warp * NT + 2 * jp + (i >> 1)) * 8 + g;
+              if (r >= rows || col >= p.n) continue;
+              const float v = acc[mt][h * (NT / 2) + jp][i];
+              const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
+              if (p.splits == 1) p.out[at] = __float2bfloat16_rn(v);
+              else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = v;
+            }
+    } else {
+      // Fragment: acc[mt][j] = rows (g, g + 8) x columns (2 t4, 2 t4 + 1) of the 16x8 tile.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (!ok[mt][h]) continue;
+          const size_t row = row0 + rb + mt * 16 + g + 8 * h;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const int col = n0 + (warp * NT + j) * 8 + 2 * t4;
+            const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
+            if (p.splits == 1) {
+              __nv_bfloat16* o = p.out + row * p.n + col;
+              if (col + 1 < p.n && (p.n % 2) == 0) {
+                *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
+              } else {
+                if (col < p.n) o[0] = __float2bfloat16_rn(v0);
+                if (col + 1 < p.n) o[1] = __float2bfloat16_rn(v1);
+              }
+            } else {
+              float* o = p.partials + (static_cast<size_t>(split) * p.t + row) * p.n + col;
+              if (col + 1 < p.n && (p.n % 2) == 0) {
+                *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+              } else {
+                if (col < p.n) o[0] = v0;
+                if (col + 1 < p.n) o[1] = v1;
+              }
+            }
+          }
         }
+    }
   }
   if (p.splits == 1) return;
 
@@ -310,10 +430,36 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   }
 }
 
-template <int MT, int KG, bool kProbe>
-cudaError_t launch(cudaStream_t stream, const Problem& p) {
+template <int MT, int NT, int kLayout, int KG>
+cudaError_t launch(cudaStream_t stream, Problem p, bool stage) {
+  constexpr int kCols = kWarps * NT * 8;
+  // The dynamic shared memory a block may take (opted in above 48 KB once per device): 227 KB on
+  // Hopper less the static.
+  static int limits[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int limit = device < 64 ? limits[device] : 0;
+  if (limit == 0) {
+    // The opt-in covers static and dynamic shared memory together.
+    cudaFuncAttributes attr;
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, lut_matmul_kernel<MT, NT, kLayout, KG>);
+    if (err != cudaSuccess) return err;
+    limit -= static_cast<int>(attr.sharedSizeBytes);
+    err = cudaFuncSetAttribute(lut_matmul_kernel<MT, NT, kLayout, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+    if (err != cudaSuccess) return err;
+    if (device < 64) limits[device] = limit;
+  }
+  // Stage x where the pass's rows over the block's K range fit beside the rest.
+  int smem = smem_bytes<MT, NT, kLayout, KG>();
+  const int stride = p.chunks_per_split * kChunk + p.k % kChunk + 8, rows = min(p.t, 16 * MT);
+  const bool fits = stage && smem + rows * stride * 2 <= limit;
+  p.stage_rows = fits ? rows : 0;
+  p.stage_stride = stride;
+  smem += fits ? rows * stride * 2 : 0;
   const dim3 grid((p.n + kCols - 1) / kCols, p.splits, p.num_slots);
-  lut_matmul_kernel<MT, KG, kProbe><<<grid, kWarps * KG * 32, 0, stream>>>(p);
+  lut_matmul_kernel<MT, NT, kLayout, KG><<<grid, kWarps * KG * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -324,7 +470,8 @@ ffi::Error invalid(const std::string& what) {
 ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids,
                          ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> counters, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::F32>> partials, ffi::Result<ffi::Buffer<ffi::S32>> counters_out,
-                         int64_t splits, int64_t mt, int64_t kgroups, int64_t probe) {
+                         int64_t splits, int64_t mt, int64_t nt, int64_t layout, int64_t kgroups,
+                         int64_t stage) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (x.element_type() != ffi::BF16 || centroids.element_type() != ffi::BF16)
     return invalid("x and centroids must be bfloat16");
@@ -339,7 +486,7 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     return invalid("output must be bf16 [t, n]");
   if (splits > 1 && (wd.size() != 3 || wd[0] != splits || wd[1] != t || wd[2] != n))
     return invalid("partials must be float32 [splits, t, n] when K is split");
-  const int64_t blocks = (n + kCols - 1) / kCols;
+  const int64_t cols = 32 * nt, blocks = (n + cols - 1) / cols;
   const int64_t count = splits > 1 ? sd[1] * blocks : 1;  // only split launches count blocks in
   if (counters.element_count() != count || counters_out->element_count() != count)
     return invalid("counters must be int32 zeros [slots * column blocks] (one when K is not split), aliased to the third result");
@@ -349,13 +496,34 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
             static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), counters_out->typed_data(),
             static_cast<__nv_bfloat16*>(out->untyped_data()), partials->typed_data(),
             static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
-            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits)};
+            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0};
   cudaError_t err;
-  switch (probe * 100 + kgroups * 10 + mt) {
-    case 41: err = launch<1, 4, false>(stream, p); break;
-    case 42: err = launch<2, 4, false>(stream, p); break;
-    case 11: err = launch<1, 1, false>(stream, p); break;
-    case 141: err = launch<1, 4, true>(stream, p); break;
+  switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
+    case 4212: err = launch<1, 2, 2, 4>(stream, p, stage != 0); break;
+    case 4214: err = launch<1, 4, 2, 4>(stream, p, stage != 0); break;
+    case 4311: err = launch<1, 1, 3, 4>(stream, p, stage != 0); break;
+    case 4312: err = launch<1, 2, 3, 4>(stream, p, stage != 0); break;
+    case 4314: err = launch<1, 4, 3, 4>(stream, p, stage != 0); break;
+    case 4321: err = launch<2, 1, 3, 4>(stream, p, stage != 0); break;
+    case 4322: err = launch<2, 2, 3, 4>(stream, p, stage != 0); break;
+    case 4324: err = launch<2, 4, 3, 4>(stream, p, stage != 0); break;
+    case 4411: err = launch<1, 1, 4, 4>(stream, p, stage != 0); break;
+    case 4412: err = launch<1, 2, 4, 4>(stream, p, stage != 0); break;
+    case 4414: err = launch<1, 4, 4, 4>(stream, p, stage != 0); break;
+    case 4421: err = launch<2, 1, 4, 4>(stream, p, stage != 0); break;
+    case 4422: err = launch<2, 2, 4, 4>(stream, p, stage != 0); break;
+    case 4424: err = launch<2, 4, 4, 4>(stream, p, stage != 0); break;
+    case 4441: err = launch<4, 1, 4, 4>(stream, p, stage != 0); break;
+    case 4442: err = launch<4, 2, 4, 4>(stream, p, stage != 0); break;
+    case 1411: err = launch<1, 1, 4, 1>(stream, p, stage != 0); break;
+    case 1412: err = launch<1, 2, 4, 1>(stream, p, stage != 0); break;
+    case 1414: err = launch<1, 4, 4, 1>(stream, p, stage != 0); break;
+    case 4512: err = launch<1, 2, 5, 4>(stream, p, stage != 0); break;
+    case 4522: err = launch<2, 2, 5, 4>(stream, p, stage != 0); break;
+    case 4542: err = launch<4, 2, 5, 4>(stream, p, stage != 0); break;
+    case 1512: err = launch<1, 2, 5, 1>(stream, p, stage != 0); break;
+    case 4612: err = launch<1, 2, 6, 4>(stream, p, stage != 0); break;
+    case 4622: err = launch<2, 2, 6, 4>(stream, p, stage != 0); break;
     default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul.py: KERNELS lists those built)");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));
@@ -377,6 +545,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("splits")
                                   .Attr<int64_t>("mt")
+                                  .Attr<int64_t>("nt")
+                                  .Attr<int64_t>("layout")
                                   .Attr<int64_t>("kgroups")
-                                  .Attr<int64_t>("probe"),
+                                  .Attr<int64_t>("stage"),
                               {ffi::Traits::kCmdBufferCompatible});  // XLA may capture it in its CUDA graphs

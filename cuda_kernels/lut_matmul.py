@@ -33,7 +33,7 @@ SUPPORTED_BITS = (4,)
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lut_matmul_cuda.so")
 _TARGET = "cqjax_cuda_lut_matmul"
 _CHUNK = 128          # inputs per full chunk of the kernel's K loop
-_COLS = 64            # columns per block (4 column warps of 16)
+_WARPS = 4            # warps per block; a block owns 8 * nt columns per warp
 
 
 @functools.cache
@@ -51,38 +51,50 @@ def supports(x_dtype, bits: int, d_in: int, groups: int) -> bool:
   return bits == 4 and jnp.dtype(x_dtype) == jnp.bfloat16 and groups == 1 and d_in % 32 == 0
 
 
-# The (kgroups, mt, probe) instantiated in lut_matmul.cu (its switch in LutMatmulImpl).
-KERNELS = frozenset([(4, 1, False), (4, 2, False), (1, 1, False), (4, 1, True)])
+# The (layout, kgroups, mt, nt) instantiated in lut_matmul.cu (its switch in LutMatmulImpl).
+KERNELS = frozenset(
+    [(2, 4, 1, 2), (2, 4, 1, 4)]
+    + [(3, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)]
+    + [(4, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)] + [(4, 4, 4, 1), (4, 4, 4, 2)]
+    + [(4, 1, 1, nt) for nt in (1, 2, 4)]
+    + [(5, 4, mt, 2) for mt in (1, 2, 4)] + [(5, 1, 1, 2)]
+    + [(6, 4, mt, 2) for mt in (1, 2)])
 
 
 @dataclasses.dataclass(frozen=True)
 class CudaTuning:
-  """mt: 16-row tiles of x per pass over the codes; splits: blocks along d_in; kgroups: warps per
-  column warp that split the block's chunks (a block owns 64 columns); probe: a timing probe with
-  the kernel's loads and tensor-core work and no decode (wrong results on purpose). KERNELS lists
-  the combinations built."""
+  """mt: 16-row tiles of x per pass over the codes; nt: 8-column tiles per warp (a block owns
+  32 * nt columns); splits: blocks along d_in; layout: the decode (lut_matmul.cu: 4 registers
+  only, 5 the same with the weights as the tensor-core A operand and x as B, 3 half through 1
+  KB-a-row pair tables in shared memory and half in registers, 6 layout 3 with 5's operands, 2 a
+  timing probe without the decode, wrong results); kgroups: warps per column warp that split the block's
+  chunks; stage_x: copy each pass's rows of x over the block's K range into shared memory first,
+  where they fit (else x is read from global memory). KERNELS lists the combinations built."""
 
   mt: int = 1
+  nt: int = 2
   splits: int = 1
+  layout: int = 3
   kgroups: int = 4
-  probe: bool = False
+  stage_x: bool = True
 
   def __post_init__(self):
-    if self.splits < 1 or (self.kgroups, self.mt, self.probe) not in KERNELS:
-      raise CqjaxError(f"CudaTuning out of range: {self} (built: splits >= 1 and (kgroups, mt, probe) in "
+    if self.splits < 1 or (self.layout, self.kgroups, self.mt, self.nt) not in KERNELS:
+      raise CqjaxError(f"CudaTuning out of range: {self} (built: splits >= 1 and (layout, kgroups, mt, nt) in "
                        f"{sorted(KERNELS)})")
 
 
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots.
 
-  From the H200 sweeps (BENCHMARKS.md, session 21): four warps per column warp splitting the
-  chunks (16 warps a block, one block an SM), K split so that the blocks number about one per SM,
-  two row tiles a pass past 16 rows."""
-  blocks = -(-d_out // _COLS) * slots
+  From the H200 sweeps (BENCHMARKS.md, session 21): the register decode with the weights as the
+  tensor-core A operand (layout 5), 64 columns a block, four warps per column warp splitting the
+  chunks (16 warps a block, one block an SM at 128 registers), x read from global memory (staging
+  it in shared memory measured no faster), and K split so that the blocks number about one per SM."""
+  blocks = -(-d_out // (_WARPS * 8 * 2)) * slots
   chunks = max(1, d_in // _CHUNK)
   splits = max(1, min(chunks, 16, round(sms / blocks)))
-  return CudaTuning(mt=1 if rows <= 16 else 2, splits=splits, kgroups=4)
+  return CudaTuning(mt=1 if rows <= 16 else 2, nt=2, splits=splits, layout=5, kgroups=4, stage_x=False)
 
 
 def serves(rows: int, d_in: int, d_out: int) -> bool:
@@ -97,7 +109,7 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] bf16 (rows no
   slot covers are zero)."""
   t, n = x.shape[0], packed.shape[-2]
-  blocks = -(-n // _COLS)
+  blocks = -(-n // (_WARPS * 8 * tuning.nt))
   split = tuning.splits > 1  # only split launches use the float32 partials and the block counters
   partials = (tuning.splits, t, n) if split else (1, 1, 1)
   counters = jnp.zeros((slots.shape[1] * blocks if split else 1,), jnp.int32)
@@ -105,8 +117,8 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
          jax.ShapeDtypeStruct(counters.shape, jnp.int32))
   y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2}, vmap_method="sequential")(
       x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
-      splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), kgroups=np.int64(tuning.kgroups),
-      probe=np.int64(tuning.probe))
+      splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout),
+      kgroups=np.int64(tuning.kgroups), stage=np.int64(tuning.stage_x))
   return y
 
 

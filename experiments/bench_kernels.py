@@ -102,18 +102,21 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
 
 
 def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
-  """The default first, then every built kernel with K split 1..8 ways, and the no-decode probe
-  at the default's split and unsplit (what the loads and mma cost alone)."""
+  """The default first, then every built decode, column width and row tiling with K split 1..8
+  ways (x staged in shared memory; also read from global memory for the two 64-column families),
+  and the no-decode probe at the default's split and unsplit (what loads and mma cost alone)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
-  for kgroups, mt, probe in sorted(ck.KERNELS):
-    if probe or (mt > 1 and m <= 16):  # more row tiles than rows: the same work
+  for layout, kgroups, mt, nt in sorted(ck.KERNELS):
+    if layout == 2 or (mt > 1 and m <= 16 * (mt // 2)):  # more row tiles than rows: same work
       continue
-    for splits in (1, 2, 3, 4, 6, 8):
-      if splits <= max(1, k // 128):
-        out.append(ck.CudaTuning(mt=mt, splits=splits, kgroups=kgroups))
+    for splits in (1, 2, 3, 4, 6, 8) if kgroups == 4 and layout >= 4 else (1, 2, 4, 8):
+      for stage in (True, False) if (kgroups, mt, nt) == (4, 1, 2) else (True,):
+        if splits <= max(1, k // 128):
+          out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, stage_x=stage))
   for splits in dict.fromkeys((base.splits, 1)):
-    out.append(ck.CudaTuning(splits=splits, probe=True))
+    for stage in (True, False):
+      out.append(ck.CudaTuning(mt=1, nt=2, splits=splits, layout=2, kgroups=4, stage_x=stage))
   return list(dict.fromkeys(out))
 
 
@@ -154,7 +157,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
       cands = cuda_candidates(m, k, n) if cuda_sweep else [ck.default_tuning(m, k, n)]
       res = _time_tunings(ck.lut_matmul, x, weights, cands, sets, 5 if cuda_sweep else 7)
       t_c = res[0][0]
-      cbest, cbest_t = min((r for r in res if not r[1].probe), key=lambda r: r[0])  # the probe is wrong on purpose
+      cbest, cbest_t = min((r for r in res if r[1].layout != 2), key=lambda r: r[0])  # the probe is wrong on purpose
       row.update(cuda_us=t_c, cuda_err=cerr, cuda_tuning=dataclasses.asdict(res[0][1]), cuda_best_us=cbest,
                  cuda_best_tuning=dataclasses.asdict(cbest_t), cuda_speedup_vs_bf16=t_bf16 / t_c,
                  cuda_pct_copy=100 * bytes_codes / t_c / 1e3 / bw)

@@ -2,9 +2,9 @@
 
   ncu --clock-control none -k regex:lut_matmul_kernel --section SpeedOfLight --section Occupancy \
       --section WarpStateStats --section MemoryWorkloadAnalysis \
-      python3 -m experiments.profile_cuda_lut --shape=4096x14336 --ms=1,16 --tunings=default,4/1/1/0,4/1/1/1
+      python3 -m experiments.profile_cuda_lut --shape=4096x14336 --ms=1,16 --tunings=3/4/1/2/1,4/4/1/2/1
 
-A tuning is kgroups/mt/splits/probe (cuda_kernels.lut_matmul.CudaTuning); "default" is the
+A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmul.CudaTuning); "default" is the
 default tuning at that shape and M. Launches come in the order printed.
 """
 from __future__ import annotations
@@ -22,17 +22,17 @@ def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
   if spec == "default":
     return ck.default_tuning(m, k, n)
   try:
-    kgroups, mt, splits, probe = (int(v) for v in spec.split("/"))
+    layout, kgroups, mt, nt, splits, *stage = (int(v) for v in spec.split("/"))
   except ValueError:
-    raise SystemExit(f"profile_cuda_lut: tuning {spec!r} is not kgroups/mt/splits/probe") from None
-  return ck.CudaTuning(mt=mt, splits=splits, kgroups=kgroups, probe=bool(probe))
+    raise SystemExit(f"profile_cuda_lut: tuning {spec!r} is not layout/kgroups/mt/nt/splits[/stage_x]") from None
+  return ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, stage_x=bool(stage[0]) if stage else True)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
-  ap.add_argument("--tunings", default="default", help="comma list of kgroups/mt/splits/probe or default")
+  ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
   args = ap.parse_args()
   if not ck.available():
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available (python -m cuda_kernels.build)")

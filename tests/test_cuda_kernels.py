@@ -39,10 +39,11 @@ def test_lut_matmul_matches_reference(m, k, n):
   _close(got, float64_product(x, w))
 
 
-# Every built kernel but the probe, each with several K splits, including more splits than chunks
-# (splits with no chunk write zeros).
-TUNINGS = [CudaTuning(mt=mt, splits=splits, kgroups=kgroups)
-           for kgroups, mt, probe in sorted(ck.KERNELS) if not probe for splits in (1, 3, 16)]
+# Every built kernel but the probe, each with a K split from a cycle that includes more splits than
+# chunks (splits with no chunk write zeros), x staged in shared memory or read from global memory.
+TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=(1, 3, 5, 16, 2)[i % 5], layout=layout, kgroups=kgroups,
+                      stage_x=i % 3 != 1)
+           for i, (layout, kgroups, mt, nt) in enumerate(sorted(k for k in ck.KERNELS if k[0] != 2))]
 
 
 @needs_gpu
@@ -52,6 +53,18 @@ def test_tunings_compute_the_same_function(tuning):
   w = random_codebook_weight(rng, (), 77, 1184, 4, 1184)  # 9 chunks + a 32-input tail
   x = jnp.asarray(rng.normal(size=(71, 1184)), jnp.bfloat16)  # rows past 64 loop again at every mt
   _close(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning), float64_product(x, w))
+
+
+@needs_gpu
+@pytest.mark.parametrize("splits", [1, 4])
+def test_x_staging_falls_back_where_it_does_not_fit(splits):
+  """16 rows of x over K = 8192 need 262 KB of shared memory unsplit (read from global memory),
+  66 KB in four splits (staged): both give the product."""
+  rng = np.random.default_rng(splits)
+  w = random_codebook_weight(rng, (), 40, 8192, 4, 8192)
+  x = jnp.asarray(rng.normal(size=(16, 8192)), jnp.bfloat16)
+  got = ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=CudaTuning(splits=splits, layout=4))
+  _close(got, float64_product(x, w))
 
 
 @needs_gpu
@@ -114,9 +127,9 @@ def test_supports_only_the_serving_case():
 def test_default_tuning_gives_about_one_block_per_sm(rows, k, n, slots):
   t = ck.default_tuning(rows, k, n, slots)
   chunks = max(1, k // 128)
-  blocks = -(-n // 64) * slots
+  blocks = -(-n // (32 * t.nt)) * slots
   assert 1 <= t.splits <= min(chunks, 16)
-  assert t.mt == (1 if rows <= 16 else 2) and t.kgroups == 4 and not t.probe
+  assert t.mt == (1 if rows <= 16 else 2) and t.layout == 5 and t.kgroups == 4
   # About one block per SM of the 132, unless K has too few chunks or the grid is already larger.
   assert 66 <= blocks * t.splits <= 264 or t.splits in (1, chunks, 16)
 
@@ -127,15 +140,53 @@ def test_tuning_refuses_out_of_range_values():
   with pytest.raises(CqjaxError, match="out of range"):
     CudaTuning(splits=0)
   with pytest.raises(CqjaxError, match="out of range"):
-    CudaTuning(mt=2, probe=True)  # the timing probe has one shape
+    CudaTuning(mt=2, layout=2)  # the timing probe has one shape
   with pytest.raises(CqjaxError, match="out of range"):
-    CudaTuning(kgroups=2)
+    CudaTuning(layout=1, kgroups=4)  # tables alone: measured, lost, not built
+  with pytest.raises(CqjaxError, match="out of range"):
+    CudaTuning(layout=3, kgroups=1)
 
 
 def test_serves_the_decode_regime_of_large_weights():
   assert ck.serves(1, 4096, 14336) and ck.serves(16, 14336, 4096) and ck.serves(2, 2048, 768)
   assert not ck.serves(17, 4096, 14336)  # prefill rows: the Pallas tiles
   assert not ck.serves(1, 512, 1024)  # launch-bound small weights
+
+
+def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
+  """The dispatcher's GPU choice, without a GPU: the CUDA kernel for decode rows of a 2^20-code
+  weight (single and grouped), the Pallas kernels for prefill rows, small weights, other bit
+  widths, and everywhere when CQJAX_KERNELS=pallas; CUDA wherever it applies with =cuda."""
+  from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
+  called = []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(ck, "available", lambda: True)
+  for mod, name in ((ck, "cuda"), (pk, "pallas")):
+    monkeypatch.setattr(mod, "lut_matmul", lambda *a, name=name: called.append(name))
+    monkeypatch.setattr(mod, "grouped_lut_matmul", lambda *a, name=name: called.append(name))
+
+  def choice(mode, m, d_in, d_out, bits=4, experts=0):
+    monkeypatch.setenv("CQJAX_KERNELS", mode)
+    kernels = dispatch._kernels()  # pylint: disable=protected-access
+    x = jnp.zeros((m, d_in), jnp.bfloat16)
+    cent = jnp.zeros((*((experts,) if experts else ()), d_out, 1, 16), jnp.bfloat16)
+    packed = jnp.zeros((*((experts,) if experts else ()), d_out, d_in // 2), jnp.uint8)
+    if experts:
+      kernels.grouped_lut_matmul(x, packed, cent, bits, jnp.zeros((experts,), jnp.int32))
+    else:
+      kernels.lut_matmul(x, packed, cent, bits)
+    return called.pop()
+
+  assert choice("auto", 1, 4096, 14336) == "cuda"
+  assert choice("auto", 16, 1024, 1024) == "cuda"
+  assert choice("auto", 64, 1024, 1024) == "pallas"
+  assert choice("auto", 4, 512, 1024) == "pallas"
+  assert choice("auto", 4, 1024, 1024, bits=2) == "pallas"
+  assert choice("auto", 32, 4096, 14336, experts=8) == "cuda"  # batch 16 top-2: 4 rows an expert
+  assert choice("auto", 1024, 4096, 14336, experts=8) == "pallas"  # prefill: 128 rows an expert
+  assert choice("cuda", 64, 512, 1024) == "cuda"
+  assert choice("pallas", 1, 4096, 14336) == "pallas"
 
 
 @needs_gpu
@@ -166,8 +217,8 @@ def test_bf16_model_takes_the_cuda_kernel(monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("m,n,cuda", [(4, 1024, True), (64, 1024, False), (4, 256, False)])
 def test_automatic_dispatch_takes_cuda_where_it_serves(monkeypatch, m, n, cuda):
-  """Unset CQJAX_KERNELS: the CUDA kernel at decode rows of a 2^20-code weight, the Pallas
-  kernels for prefill rows and small weights."""
+  """Unset CQJAX_KERNELS on a GPU: the CUDA kernel at decode rows of a 2^20-code weight, the
+  Pallas kernels for prefill rows and small weights; both give the product."""
   from cqjax.lut_matmul import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("CQJAX_KERNELS", raising=False)
   rng = np.random.default_rng(m + n)
