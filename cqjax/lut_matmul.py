@@ -68,20 +68,20 @@ class _CudaFirst:
   everywhere: bool = False
   SUPPORTED_BITS = (1, 2, 4, 8)  # the Pallas kernels' (read lazily: no Pallas import on CPU); CUDA's 4 is among them
 
-  def _cuda(self, x, packed, centroids, bits, rows):
+  def _cuda(self, x, packed, centroids, bits, grouped):
     from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
       return None
+    rows = cuda.rows_per_slot(x.shape[0], packed.shape[0]) if grouped else x.shape[0]
     return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2]) else None
 
   def lut_matmul(self, x, packed, centroids, bits):
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    return (self._cuda(x, packed, centroids, bits, x.shape[0]) or pallas).lut_matmul(x, packed, centroids, bits)
+    return (self._cuda(x, packed, centroids, bits, False) or pallas).lut_matmul(x, packed, centroids, bits)
 
   def grouped_lut_matmul(self, x, packed, centroids, bits, group_sizes):
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    rows = -(-x.shape[0] // max(1, min(x.shape[0], packed.shape[0])))  # per non-empty expert, at most
-    kernels = self._cuda(x, packed, centroids, bits, rows) or pallas
+    kernels = self._cuda(x, packed, centroids, bits, True) or pallas
     return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 

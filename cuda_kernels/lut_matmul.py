@@ -105,6 +105,12 @@ def serves(rows: int, d_in: int, d_out: int) -> bool:
   return rows <= 16 and d_in * d_out >= 1 << 20
 
 
+def rows_per_slot(t: int, experts: int) -> int:
+  """The most rows of x one launch slot of a grouped product can hold: t rows over the
+  min(t, experts) slots of non-empty experts, on average."""
+  return max(1, -(-t // max(1, min(t, experts))))
+
+
 def _call(x, packed, centroids, slots, tuning: CudaTuning):
   """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] bf16 (rows no
   slot covers are zero)."""
@@ -159,5 +165,5 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
-  tuning = tuning or default_tuning(max(1, -(-t // slots)), d_in, n, slots)
+  tuning = tuning or default_tuning(rows_per_slot(t, e), d_in, n, slots)
   return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
