@@ -69,14 +69,15 @@ class CudaTuning:
   KB-a-row pair tables in shared memory and half in registers, 6 layout 3 with 5's operands, 2 a
   timing probe without the decode, wrong results); kgroups: warps per column warp that split the block's
   chunks; stage_x: copy each pass's rows of x over the block's K range into shared memory first,
-  where they fit (else x is read from global memory). KERNELS lists the combinations built."""
+  where they fit (else x is read from global memory). KERNELS lists the combinations built; the
+  field defaults are the measured default (`default_tuning` sets only the rows and splits)."""
 
   mt: int = 1
   nt: int = 2
   splits: int = 1
-  layout: int = 3
+  layout: int = 5
   kgroups: int = 4
-  stage_x: bool = True
+  stage_x: bool = False
 
   def __post_init__(self):
     if self.splits < 1 or (self.layout, self.kgroups, self.mt, self.nt) not in KERNELS:
@@ -91,10 +92,10 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   tensor-core A operand (layout 5), 64 columns a block, four warps per column warp splitting the
   chunks (16 warps a block, one block an SM at 128 registers), x read from global memory (staging
   it in shared memory measured no faster), and K split so that the blocks number about one per SM."""
-  blocks = -(-d_out // (_WARPS * 8 * 2)) * slots
+  blocks = _column_blocks(d_out, CudaTuning.nt) * slots
   chunks = max(1, d_in // _CHUNK)
   splits = max(1, min(chunks, 16, round(sms / blocks)))
-  return CudaTuning(mt=1 if rows <= 16 else 2, nt=2, splits=splits, layout=5, kgroups=4, stage_x=False)
+  return CudaTuning(mt=1 if rows <= 16 else 2, splits=splits)
 
 
 def serves(rows: int, d_in: int, d_out: int) -> bool:
@@ -103,6 +104,11 @@ def serves(rows: int, d_in: int, d_out: int) -> bool:
   decode regime; prefill tiles favour the Pallas kernels) and at least 2^20 codes a weight
   (smaller ones are launch-bound, where the Pallas path measured faster)."""
   return rows <= 16 and d_in * d_out >= 1 << 20
+
+
+def _column_blocks(d_out: int, nt: int) -> int:
+  """Blocks along d_out: each owns _WARPS warps of nt 8-column tiles."""
+  return -(-d_out // (_WARPS * 8 * nt))
 
 
 def rows_per_slot(t: int, experts: int) -> int:
@@ -115,7 +121,7 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] bf16 (rows no
   slot covers are zero)."""
   t, n = x.shape[0], packed.shape[-2]
-  blocks = -(-n // (_WARPS * 8 * tuning.nt))
+  blocks = _column_blocks(n, tuning.nt)
   split = tuning.splits > 1  # only split launches use the float32 partials and the block counters
   partials = (tuning.splits, t, n) if split else (1, 1, 1)
   counters = jnp.zeros((slots.shape[1] * blocks if split else 1,), jnp.int32)

@@ -1,6 +1,8 @@
 """The CUDA codebook matmul (cuda_kernels/) against a float64 reference on a GPU where the library
 is built (`python -m cuda_kernels.build`; run on the H200: BENCHMARKS.md), and its host-side
 parts (tuning, slots, refusals) everywhere."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +65,7 @@ def test_x_staging_falls_back_where_it_does_not_fit(splits):
   rng = np.random.default_rng(splits)
   w = random_codebook_weight(rng, (), 40, 8192, 4, 8192)
   x = jnp.asarray(rng.normal(size=(16, 8192)), jnp.bfloat16)
-  got = ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=CudaTuning(splits=splits, layout=4))
+  got = ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=CudaTuning(splits=splits, layout=4, stage_x=True))
   _close(got, float64_product(x, w))
 
 
@@ -129,7 +131,8 @@ def test_default_tuning_gives_about_one_block_per_sm(rows, k, n, slots):
   chunks = max(1, k // 128)
   blocks = -(-n // (32 * t.nt)) * slots
   assert 1 <= t.splits <= min(chunks, 16)
-  assert t.mt == (1 if rows <= 16 else 2) and t.layout == 5 and t.kgroups == 4
+  assert t.mt == (1 if rows <= 16 else 2) and t.layout == 5 and t.kgroups == 4 and not t.stage_x
+  assert dataclasses.replace(t, mt=1, splits=1) == CudaTuning()  # the field defaults are the default
   # About one block per SM of the 132, unless K has too few chunks or the grid is already larger.
   assert 66 <= blocks * t.splits <= 264 or t.splits in (1, chunks, 16)
 
