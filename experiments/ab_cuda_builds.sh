@@ -5,7 +5,7 @@
 # times the earlier commit's defaults, then this checkout's tuning sweep. Each step runs under a
 # timeout (a kernel that hangs costs only its own step) and writes into OUT_DIR as it goes.
 set -u
-base=$1 out=$2 repo=$PWD
+base=$1 out=$2
 shapes=(--single=4096x14336,14336x4096 --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768 --batches=1,16)
 python3 -m cuda_kernels.build > "$out/build.txt" 2>&1 || { cat "$out/build.txt"; exit 1; }
 timeout 100 python3 -m experiments.bench_kernels --kernels=cuda "${shapes[@]}" --out="$out/new.json" > "$out/new.log" 2>&1

@@ -4,7 +4,7 @@
       --section WarpStateStats --section MemoryWorkloadAnalysis \
       python3 -m experiments.profile_cuda_lut --shape=4096x14336 --ms=1,16 --tunings=3/4/1/2/1,4/4/1/2/1
 
-A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1, default 0] (cuda_kernels.lut_matmul.CudaTuning); "default" is the
+A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmul.CudaTuning, whose defaults fill the rest); "default" is the
 default tuning at that shape and M. Launches come in the order printed.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
     layout, kgroups, mt, nt, splits, *stage = (int(v) for v in spec.split("/"))
   except ValueError:
     raise SystemExit(f"profile_cuda_lut: tuning {spec!r} is not layout/kgroups/mt/nt/splits[/stage_x]") from None
-  return ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, stage_x=bool(stage[0]) if stage else False)
+  staging = {"stage_x": bool(stage[0])} if stage else {}  # else CudaTuning's default
+  return ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, **staging)
 
 
 def main():
