@@ -87,17 +87,40 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// The four codes in bits 16..31 of w -> two bf16x2 registers, from a row's centroids held as byte
-// tables cb = {lo bytes of centroids 0-3, 4-7, 8-11, 12-15, hi bytes of the same}.
-__device__ __forceinline__ void decode_upper_half(uint32_t w, const uint32_t (&cb)[8], uint32_t& b0, uint32_t& b1) {
-  const uint32_t sel = (w >> 16) & 0x7777u;  // code & 7 per nibble (bit 3 would switch prmt to sign mode)
+// Four codes -> two bf16x2 registers (inputs 0, 1 and 2, 3 of the four), from a row's centroids
+// held as byte tables cb = {lo bytes of centroids 0-3, 4-7, 8-11, 12-15, hi bytes of the same}.
+// sel: the codes & 7 in its low four nibbles (bit 3 would switch prmt to sign mode); m: byte i
+// 0xFF where code i has bit 3 set.
+__device__ __forceinline__ void decode_four(uint32_t sel, uint32_t m, const uint32_t (&cb)[8], uint32_t& b0,
+                                            uint32_t& b1) {
   const uint32_t la = prmt(cb[0], cb[1], sel), lb = prmt(cb[2], cb[3], sel);
   const uint32_t ha = prmt(cb[4], cb[5], sel), hb = prmt(cb[6], cb[7], sel);
-  // Byte i = 0xFF where code 4 + i has bit 3 set: sign-replicate the byte whose top bit it is.
-  const uint32_t m = prmt(w << 4, w, 0xFBEAu);
   const uint32_t lo = (la & ~m) | (lb & m), hi = (ha & ~m) | (hb & m);
   b0 = prmt(lo, hi, 0x5140u);
   b1 = prmt(lo, hi, 0x7362u);
+}
+
+// The four codes in bits 16..31 of w -> two bf16x2 registers. The mask sign-replicates the byte
+// whose top bit is bit 3 of code 4 + i.
+__device__ __forceinline__ void decode_upper_half(uint32_t w, const uint32_t (&cb)[8], uint32_t& b0, uint32_t& b1) {
+  decode_four((w >> 16) & 0x7777u, prmt(w << 4, w, 0xFBEAu), cb, b0, b1);
+}
+
+// The eight codes of w -> b[0..3], the bf16x2 pairs of inputs (0, 1) ... (6, 7): 21 integer
+// instructions. One shift serves both halves' masks: bit 3 of code i is the top bit of a byte of
+// w (odd i) or of w << 4 (even i).
+__device__ __forceinline__ void decode_word(uint32_t w, const uint32_t (&cb)[8], uint32_t (&b)[4]) {
+  const uint32_t w4 = w << 4, sel = w & 0x77777777u;
+  decode_four(sel, prmt(w4, w, 0xD9C8u), cb, b[0], b[1]);
+  decode_four(sel >> 16, prmt(w4, w, 0xFBEAu), cb, b[2], b[3]);
+}
+
+// A row's 16 bf16 centroids -> its byte tables (decode_four's cb).
+__device__ __forceinline__ void byte_tables(uint4 u, uint4 v, uint32_t (&cb)[8]) {
+  cb[0] = prmt(u.x, u.y, 0x6420u), cb[1] = prmt(u.z, u.w, 0x6420u);
+  cb[2] = prmt(v.x, v.y, 0x6420u), cb[3] = prmt(v.z, v.w, 0x6420u);
+  cb[4] = prmt(u.x, u.y, 0x7531u), cb[5] = prmt(u.z, u.w, 0x7531u);
+  cb[6] = prmt(v.x, v.y, 0x7531u), cb[7] = prmt(v.z, v.w, 0x7531u);
 }
 
 // Four codes -> two bf16x2 B registers. Layout 3 looks the first two bytes up in its pair tables
@@ -173,6 +196,37 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
   }
 }
 
+// Rows past the last slot's (grouped: rows outside every group) are zero: columns [col0, col0 +
+// cols) of them, by the calling block's `threads` threads.
+__device__ void zero_uncovered_rows(const Problem& p, int col0, int cols, int threads) {
+  int covered = 0;
+  for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
+  for (int i = threadIdx.x; i < (p.t - covered) * cols; i += threads) {
+    const int col = col0 + i % cols;
+    if (col < p.n) p.out[static_cast<size_t>(covered + i / cols) * p.n + col] = __float2bfloat16_rn(0.f);
+  }
+}
+
+// Split K: whether this block is the last of its `counter`'s splits to finish (all threads get the
+// answer); its partials are visible device-wide before it counts in, the others' after.
+__device__ bool last_to_finish(const Problem& p, int counter) {
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(p.counters + counter, 1) == p.splits - 1;
+  __syncthreads();
+  __threadfence();
+  return is_last;
+}
+
+// out[at] = the partials at `at` added in split order (deterministic; read from L2, written this launch).
+__device__ void store_split_sum(const Problem& p, size_t at) {
+  const size_t plane = static_cast<size_t>(p.t) * p.n;
+  float sum = 0.f;
+  for (int sp = 0; sp < p.splits; ++sp) sum += __ldcg(p.partials + sp * plane + at);
+  p.out[at] = __float2bfloat16_rn(sum);
+}
+
 // Shared memory of one block: layout 3's pair tables and staged centroids, the K warps' fragment
 // hand-over, then (sized at launch) the staged rows of x.
 template <int NT, int kLayout>
@@ -197,15 +251,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   uint16_t* stage = reinterpret_cast<uint16_t*>(red + (KG - 1) * kWarps * MT * NT * 4 * 32);
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
   const int rows = p.slots[2 * p.num_slots + slot];
-  if (split == 0 && slot == 0) {
-    // Rows past the last slot's (grouped: rows outside every group) are zero.
-    int covered = 0;
-    for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
-    for (int i = threadIdx.x; i < (p.t - covered) * kCols; i += kThreads) {
-      const int col = n0 + i % kCols;
-      if (col < p.n) p.out[static_cast<size_t>(covered + i / kCols) * p.n + col] = __float2bfloat16_rn(0.f);
-    }
-  }
+  if (split == 0 && slot == 0) zero_uncovered_rows(p, n0, kCols, kThreads);
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
   const int warp = (threadIdx.x >> 5) & (kWarps - 1), wk = threadIdx.x >> 7, lane = threadIdx.x & 31;
@@ -258,11 +304,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(n0 + (warp * NT + j) * 8 + g, p.n - 1)) * 16);
-      const uint4 u = __ldg(c), v = __ldg(c + 1);
-      cb[j][0] = prmt(u.x, u.y, 0x6420u), cb[j][1] = prmt(u.z, u.w, 0x6420u);
-      cb[j][2] = prmt(v.x, v.y, 0x6420u), cb[j][3] = prmt(v.z, v.w, 0x6420u);
-      cb[j][4] = prmt(u.x, u.y, 0x7531u), cb[j][5] = prmt(u.z, u.w, 0x7531u);
-      cb[j][6] = prmt(v.x, v.y, 0x7531u), cb[j][7] = prmt(v.z, v.w, 0x7531u);
+      byte_tables(__ldg(c), __ldg(c + 1), cb[j]);
     }
   }
   const int tail_words = split == p.splits - 1 && wk == 0 ? (p.k % kChunk) / 32 : 0;
@@ -409,48 +451,211 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
         }
     }
   }
-  if (p.splits == 1) return;
-
   // Split K: the last of the column block's splits to finish adds the partials in split order.
-  __shared__ int is_last;
-  __threadfence();  // this block's partials are visible device-wide before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(p.counters + slot * gridDim.x + blockIdx.x, 1) == p.splits - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  const size_t plane = static_cast<size_t>(p.t) * p.n;
+  if (p.splits == 1 || !last_to_finish(p, slot * gridDim.x + blockIdx.x)) return;
   for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
     const int col = n0 + i % kCols;
-    if (col >= p.n) continue;
-    const size_t at = static_cast<size_t>(row0 + i / kCols) * p.n + col;
-    float sum = 0.f;
-    for (int sp = 0; sp < p.splits; ++sp) sum += __ldcg(p.partials + sp * plane + at);  // L2: written this launch
-    p.out[at] = __float2bfloat16_rn(sum);
+    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + i / kCols) * p.n + col);
   }
+}
+
+// What a launch of kKernel may take on the current device, found once per device and kernel: the
+// dynamic shared memory a block may use (opted in above 48 KB: the opt-in limit, which covers
+// static and dynamic together, less the static), the SM count, and the blocks an SM holds at
+// `threads` threads by registers alone.
+struct LaunchLimits {
+  int smem = 0, sms = 0, fit = 0;
+};
+
+template <auto kKernel>
+cudaError_t launch_limits(int threads, LaunchLimits& out) {
+  static LaunchLimits cache[64];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 64 && cache[device].smem > 0) {
+    out = cache[device];
+    return cudaSuccess;
+  }
+  cudaFuncAttributes attr;
+  err = cudaDeviceGetAttribute(&out.smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&out.sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kKernel);
+  if (err != cudaSuccess) return err;
+  out.smem -= static_cast<int>(attr.sharedSizeBytes);
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, out.smem);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out.fit, kKernel, threads, 0);
+  if (err != cudaSuccess) return err;
+  if (device < 64) cache[device] = out;
+  return cudaSuccess;
+}
+
+// Layout 7, x-stationary (BENCHMARKS.md, session 23). Each warp owns one 128-input chunk of K for
+// the whole launch: it holds the activations of that chunk in registers (the mma's B operand, NB
+// tiles of 8 rows of x) and walks 16-row tiles of the weight, a fresh accumulator per tile stored
+// to shared memory; the block's W warps (W chunks) are summed once per pass over x. Block
+// (bx, split, slot) takes tiles bx, bx + gridDim.x, ... of its slot's weight over chunks
+// [W split, W split + W), and the launch sizes gridDim.x so that all blocks are resident and each
+// takes the same number of tiles within one. Against layout 5, which walks K for fixed rows, this
+// removes the activation loads from the K loop, the serial chain of mma into one accumulator and
+// the warps' hand-over after it. Decode and operand roles are layout 5's; the byte tables of the
+// block's rows are built once in shared memory; codes stream kXsDepth tiles ahead.
+constexpr int kXsDepth = 2;
+
+template <int W, int NB>
+__host__ __device__ constexpr int xs_tile_bytes() {
+  return W * NB * 32 * 16 + 16 * 8 * 4;  // the warps' sums of one tile, its 16 rows' byte tables
+}
+
+template <int W, int NB>
+__global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
+  extern __shared__ uint4 smem[];
+  const int slot = blockIdx.z, split = blockIdx.y, tiles = (p.n + 15) / 16;
+  const int mine = (tiles - 1 - static_cast<int>(blockIdx.x)) / gridDim.x + 1;  // gridDim.x <= tiles
+  const int max_tiles = (tiles + gridDim.x - 1) / gridDim.x;
+  const auto tile_of = [&](int i) { return static_cast<int>(blockIdx.x + i * gridDim.x); };
+  if (split == 0 && slot == 0)
+    for (int i = 0; i < mine; ++i) zero_uncovered_rows(p, tile_of(i) * 16, 16, W * 32);
+  const int rows = p.slots[2 * p.num_slots + slot];
+  if (rows == 0) return;
+  const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const size_t row_bytes = p.k / 2;
+  // The lane's inputs [k0, k0 + 32): k is a multiple of 32, so a lane has all 32 or none; a warp
+  // with none skips the mma (warp-uniform), a lane with none multiplies zero codes by zero x.
+  const int k0 = (split * W + warp) * kChunk + 32 * t4;
+  const bool live = k0 < p.k, warp_live = (split * W + warp) * kChunk < p.k;
+  const uint8_t* codes = p.packed + static_cast<size_t>(expert) * p.n * row_bytes + k0 / 2;
+  const auto load = [&](int i, int h) {
+    return load_stream(codes + static_cast<size_t>(min(tile_of(i) * 16 + g + 8 * h, p.n - 1)) * row_bytes);
+  };
+  uint4 ring[kXsDepth][2] = {};
+  const auto prologue = [&] {
+#pragma unroll
+    for (int d = 0; d < kXsDepth; ++d)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (live && d < mine) ring[d][h] = load(d, h);
+  };
+  prologue();  // the first tiles' codes are requested before the set-up
+
+  uint32_t* tables = reinterpret_cast<uint32_t*>(smem);                   // [max_tiles * 16 rows][8]
+  float4* sums = reinterpret_cast<float4*>(tables + max_tiles * 16 * 8);  // [W][max_tiles][NB][32 lanes]
+  const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
+  for (int r = threadIdx.x; r < mine * 16; r += W * 32) {
+    const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(tile_of(r / 16) * 16 + r % 16, p.n - 1)) * 16);
+    uint32_t cb[8];
+    byte_tables(__ldg(c), __ldg(c + 1), cb);
+    uint4* at = reinterpret_cast<uint4*>(tables + r * 8);
+    at[0] = make_uint4(cb[0], cb[1], cb[2], cb[3]), at[1] = make_uint4(cb[4], cb[5], cb[6], cb[7]);
+  }
+  __syncthreads();
+
+  for (int rb = 0; rb < rows; rb += 8 * NB) {
+    // Lane (g, t4) holds row 8 b + g of this pass's rows of x over its 32 inputs: 16 bf16x2 words.
+    const bool wide = NB > 1 && rows - rb > 8;
+    uint32_t xb[NB][16];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      const int r = rb + 8 * b + g;
+      const uint4* xp = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(row0 + min(r, rows - 1)) * p.k + min(k0, p.k - 32));
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const uint4 u = live && r < rows ? __ldg(xp + v) : make_uint4(0, 0, 0, 0);
+        xb[b][4 * v] = u.x, xb[b][4 * v + 1] = u.y, xb[b][4 * v + 2] = u.z, xb[b][4 * v + 3] = u.w;
+      }
+    }
+    for (int i0 = 0; i0 < mine; i0 += kXsDepth) {
+#pragma unroll
+      for (int d = 0; d < kXsDepth; ++d) {
+        const int i = i0 + d;
+        if (i >= mine) break;
+        uint32_t q[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          q[h][0] = ring[d][h].x, q[h][1] = ring[d][h].y, q[h][2] = ring[d][h].z, q[h][3] = ring[d][h].w;
+          if (live && i + kXsDepth < mine) ring[d][h] = load(i + kXsDepth, h);
+        }
+        float acc[NB][4] = {};
+        if (warp_live) {
+          uint32_t cb[2][8];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint4* at = reinterpret_cast<const uint4*>(tables + (i * 16 + g + 8 * h) * 8);
+            const uint4 u = at[0], v = at[1];
+            cb[h][0] = u.x, cb[h][1] = u.y, cb[h][2] = u.z, cb[h][3] = u.w;
+            cb[h][4] = v.x, cb[h][5] = v.y, cb[h][6] = v.z, cb[h][7] = v.w;
+          }
+          // Word wi of row g (h = 0) or g + 8 holds the codes of inputs k0 + 8 wi ... k0 + 8 wi + 7:
+          // two k16 steps whose B registers are x words 4 wi ... 4 wi + 3.
+#pragma unroll
+          for (int wi = 0; wi < 4; ++wi) {
+            uint32_t ag[4], ah[4];
+            decode_word(q[0][wi], cb[0], ag);
+            decode_word(q[1][wi], cb[1], ah);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+              if (b == 1 && !wide) continue;
+              mma(acc[b], ag[0], ah[0], ag[1], ah[1], xb[b][4 * wi], xb[b][4 * wi + 1]);
+              mma(acc[b], ag[2], ah[2], ag[3], ah[3], xb[b][4 * wi + 2], xb[b][4 * wi + 3]);
+            }
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+          sums[((warp * max_tiles + i) * NB + b) * 32 + lane] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+      }
+    }
+    if (rb + 8 * NB < rows) prologue();  // the next pass's first codes, during this one's sums
+    __syncthreads();
+    // Sum the warps' chunks: element e = (tile i, x tile b, lane l, j) is column g + 8 (j >> 1) of
+    // the tile and row 8 b + 2 t4 + (j & 1) of the pass (the mma's D fragment).
+    const float* f = reinterpret_cast<const float*>(sums);
+    constexpr int kTile = NB * 128;
+    for (int e = threadIdx.x; e < mine * kTile; e += W * 32) {
+      const int i = e / kTile, b = (e >> 7) % NB, l = (e >> 2) & 31, j = e & 3;
+      const int r = rb + 8 * b + 2 * (l & 3) + (j & 1), col = tile_of(i) * 16 + (l >> 2) + 8 * (j >> 1);
+      if (r >= rows || col >= p.n) continue;
+      float sum = 0.f;
+      for (int w = 0; w < W; ++w) sum += f[(w * max_tiles + i) * kTile + e % kTile];
+      const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
+      if (p.splits == 1) p.out[at] = __float2bfloat16_rn(sum);
+      else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = sum;
+    }
+    __syncthreads();  // the sums are read before the next pass writes them
+  }
+
+  // Split K: the last of the splits of this block's tiles to finish adds the partials in split order.
+  if (p.splits == 1 || !last_to_finish(p, slot * tiles + blockIdx.x)) return;
+  for (int e = threadIdx.x; e < mine * 16 * rows; e += W * 32) {
+    const int i = e / (16 * rows), r = (e / 16) % rows, col = tile_of(i) * 16 + e % 16;
+    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + r) * p.n + col);
+  }
+}
+
+template <int W, int NB>
+cudaError_t launch_xs(cudaStream_t stream, const Problem& p) {
+  LaunchLimits lim;
+  const cudaError_t err = launch_limits<xs_kernel<W, NB>>(W * 32, lim);
+  if (err != cudaSuccess) return err;
+  // Persistent: as many blocks as are resident at once (by registers), spread over the splits and
+  // slots, but enough that a block's tiles fit its shared memory and at most one block a tile.
+  const int tiles = (p.n + 15) / 16, most = max(1, lim.smem / xs_tile_bytes<W, NB>());
+  const int others = p.splits * p.num_slots;
+  int grid_x = min(tiles, max(1, (lim.sms * max(lim.fit, 1) + others - 1) / others));
+  grid_x = max(grid_x, (tiles + most - 1) / most);
+  const int smem = (tiles + grid_x - 1) / grid_x * xs_tile_bytes<W, NB>();
+  xs_kernel<W, NB><<<dim3(grid_x, p.splits, p.num_slots), W * 32, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <int MT, int NT, int kLayout, int KG>
 cudaError_t launch(cudaStream_t stream, Problem p, bool stage) {
   constexpr int kCols = kWarps * NT * 8;
-  // The dynamic shared memory a block may take (opted in above 48 KB once per device): 227 KB on
-  // Hopper less the static.
-  static int limits[64] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  LaunchLimits lim;
+  const cudaError_t err = launch_limits<lut_matmul_kernel<MT, NT, kLayout, KG>>(kWarps * KG * 32, lim);
   if (err != cudaSuccess) return err;
-  int limit = device < 64 ? limits[device] : 0;
-  if (limit == 0) {
-    // The opt-in covers static and dynamic shared memory together.
-    cudaFuncAttributes attr;
-    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, lut_matmul_kernel<MT, NT, kLayout, KG>);
-    if (err != cudaSuccess) return err;
-    limit -= static_cast<int>(attr.sharedSizeBytes);
-    err = cudaFuncSetAttribute(lut_matmul_kernel<MT, NT, kLayout, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
-    if (err != cudaSuccess) return err;
-    if (device < 64) limits[device] = limit;
-  }
+  const int limit = lim.smem;
   // Stage x where the pass's rows over the block's K range fit beside the rest.
   int smem = smem_bytes<MT, NT, kLayout, KG>();
   const int stride = p.chunks_per_split * kChunk + p.k % kChunk + 8, rows = min(p.t, 16 * MT);
@@ -486,7 +691,11 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     return invalid("output must be bf16 [t, n]");
   if (splits > 1 && (wd.size() != 3 || wd[0] != splits || wd[1] != t || wd[2] != n))
     return invalid("partials must be float32 [splits, t, n] when K is split");
-  const int64_t cols = 32 * nt, blocks = (n + cols - 1) / cols;
+  // Layout 7 splits K into blocks of kgroups chunks and counts splits in per 16-column tile.
+  const int64_t chunks = (k + kChunk - 1) / kChunk;
+  if (layout == 7 && splits != (chunks + kgroups - 1) / kgroups)
+    return invalid("layout 7 takes splits = ceil(ceil(k / 128) / kgroups)");
+  const int64_t cols = layout == 7 ? 16 : 32 * nt, blocks = (n + cols - 1) / cols;
   const int64_t count = splits > 1 ? sd[1] * blocks : 1;  // only split launches count blocks in
   if (counters.element_count() != count || counters_out->element_count() != count)
     return invalid("counters must be int32 zeros [slots * column blocks] (one when K is not split), aliased to the third result");
@@ -499,6 +708,12 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
             static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0};
   cudaError_t err;
   switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
+    case 4712: err = launch_xs<4, 1>(stream, p); break;
+    case 4722: err = launch_xs<4, 2>(stream, p); break;
+    case 8712: err = launch_xs<8, 1>(stream, p); break;
+    case 8722: err = launch_xs<8, 2>(stream, p); break;
+    case 16712: err = launch_xs<16, 1>(stream, p); break;
+    case 16722: err = launch_xs<16, 2>(stream, p); break;
     case 4212: err = launch<1, 2, 2, 4>(stream, p, stage != 0); break;
     case 4214: err = launch<1, 4, 2, 4>(stream, p, stage != 0); break;
     case 4311: err = launch<1, 1, 3, 4>(stream, p, stage != 0); break;

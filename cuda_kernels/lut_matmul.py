@@ -58,7 +58,8 @@ KERNELS = frozenset(
     + [(4, 4, mt, nt) for mt in (1, 2) for nt in (1, 2, 4)] + [(4, 4, 4, 1), (4, 4, 4, 2)]
     + [(4, 1, 1, nt) for nt in (1, 2, 4)]
     + [(5, 4, mt, 2) for mt in (1, 2, 4)] + [(5, 1, 1, 2)]
-    + [(6, 4, mt, 2) for mt in (1, 2)])
+    + [(6, 4, mt, 2) for mt in (1, 2)]
+    + [(7, kgroups, mt, 2) for kgroups in (4, 8, 16) for mt in (1, 2)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +68,13 @@ class CudaTuning:
   32 * nt columns); splits: blocks along d_in; layout: the decode (lut_matmul.cu: 4 registers
   only, 5 the same with the weights as the tensor-core A operand and x as B, 3 half through 1
   KB-a-row pair tables in shared memory and half in registers, 6 layout 3 with 5's operands, 2 a
-  timing probe without the decode, wrong results); kgroups: warps per column warp that split the block's
-  chunks; stage_x: copy each pass's rows of x over the block's K range into shared memory first,
-  where they fit (else x is read from global memory). KERNELS lists the combinations built; the
-  field defaults are the measured default (`default_tuning` sets only the rows and splits)."""
+  timing probe without the decode, wrong results, 7 layout 5's decode with each warp holding one
+  128-input chunk of x in registers and walking 16-column tiles); kgroups: warps per column warp
+  that split the block's chunks (layout 7: warps a block, each one chunk); stage_x: copy each
+  pass's rows of x over the block's K range into shared memory first, where they fit (else x is
+  read from global memory). Layout 7 reads mt as 8-row tiles of x per pass, ignores nt and
+  stage_x, and splits K by kgroups (ceil(chunks / kgroups) blocks: leave splits at 1). KERNELS
+  lists the combinations built; the field defaults are layout 5's measured default."""
 
   mt: int = 1
   nt: int = 2
@@ -83,19 +87,32 @@ class CudaTuning:
     if self.splits < 1 or (self.layout, self.kgroups, self.mt, self.nt) not in KERNELS:
       raise CqjaxError(f"CudaTuning out of range: {self} (built: splits >= 1 and (layout, kgroups, mt, nt) in "
                        f"{sorted(KERNELS)})")
+    if self.layout == 7 and self.splits != 1:
+      raise CqjaxError(f"CudaTuning: layout 7 splits K by kgroups (ceil(chunks / kgroups) blocks); leave splits at 1, "
+                       f"got {self}")
+
+  def k_splits(self, d_in: int) -> int:
+    """Blocks along d_in of a launch with this tuning."""
+    return -(-max(1, -(-d_in // _CHUNK)) // self.kgroups) if self.layout == 7 else self.splits
 
 
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots.
 
-  From the H200 sweeps (BENCHMARKS.md, session 21): the register decode with the weights as the
-  tensor-core A operand (layout 5), 64 columns a block, four warps per column warp splitting the
-  chunks (16 warps a block, one block an SM at 128 registers), x read from global memory (staging
-  it in shared memory measured no faster), and K split so that the blocks number about one per SM."""
+  16 rows or fewer (decode): layout 7, whose warps each hold one chunk of x and walk the weight's
+  column tiles (BENCHMARKS.md, session 23), 16 warps a block, fewer where the (tile, K split)
+  units would not give every SM one; 8-row tiles of x at 8 rows or fewer. More rows: layout 5,
+  64 columns a block, four warps per column warp splitting the chunks (16 warps a block, one block
+  an SM at 128 registers), x read from global memory, K split so that the blocks number about one
+  per SM (session 21)."""
+  chunks = max(1, -(-d_in // _CHUNK))
+  if rows <= 16:
+    tiles = -(-d_out // 16) * slots
+    kgroups = next((w for w in (16, 8) if tiles * -(-chunks // w) >= sms), 4)
+    return CudaTuning(mt=1 if rows <= 8 else 2, layout=7, kgroups=kgroups)
   blocks = _column_blocks(d_out, CudaTuning.nt) * slots
-  chunks = max(1, d_in // _CHUNK)
-  splits = max(1, min(chunks, 16, round(sms / blocks)))
-  return CudaTuning(mt=1 if rows <= 16 else 2, splits=splits)
+  splits = max(1, min(d_in // _CHUNK, 16, round(sms / blocks)))
+  return CudaTuning(mt=2, splits=splits)
 
 
 def serves(rows: int, d_in: int, d_out: int) -> bool:
@@ -121,15 +138,16 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] bf16 (rows no
   slot covers are zero)."""
   t, n = x.shape[0], packed.shape[-2]
-  blocks = _column_blocks(n, tuning.nt)
-  split = tuning.splits > 1  # only split launches use the float32 partials and the block counters
-  partials = (tuning.splits, t, n) if split else (1, 1, 1)
+  splits = tuning.k_splits(x.shape[1])
+  blocks = -(-n // 16) if tuning.layout == 7 else _column_blocks(n, tuning.nt)  # counted per split launch
+  split = splits > 1  # only split launches use the float32 partials and the block counters
+  partials = (splits, t, n) if split else (1, 1, 1)
   counters = jnp.zeros((slots.shape[1] * blocks if split else 1,), jnp.int32)
   out = (jax.ShapeDtypeStruct((t, n), jnp.bfloat16), jax.ShapeDtypeStruct(partials, jnp.float32),
          jax.ShapeDtypeStruct(counters.shape, jnp.int32))
   y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={4: 2}, vmap_method="sequential")(
       x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
-      splits=np.int64(tuning.splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout),
+      splits=np.int64(splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout),
       kgroups=np.int64(tuning.kgroups), stage=np.int64(tuning.stage_x))
   return y
 

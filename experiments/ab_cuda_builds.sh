@@ -10,7 +10,7 @@ shapes=(--single=4096x14336,14336x4096 --ms=1,16 --grouped=mixtral-4096x14336,qw
 python3 -m cuda_kernels.build > "$out/build.txt" 2>&1 || { cat "$out/build.txt"; exit 1; }
 timeout 100 python3 -m experiments.bench_kernels --kernels=cuda "${shapes[@]}" --out="$out/new.json" > "$out/new.log" 2>&1
 grep -E "cuda|ragged" "$out/new.log"
-timeout 120 python3 -m pytest -q -x tests/test_cuda_kernels.py > "$out/tests.txt" 2>&1; tail -n 3 "$out/tests.txt"
+timeout 200 python3 -m pytest -q tests/test_cuda_kernels.py > "$out/tests.txt" 2>&1; tail -n 3 "$out/tests.txt"
 mkdir -p /tmp/base && git archive "$base" | tar -x -C /tmp/base && (cd /tmp/base && python3 -m cuda_kernels.build > /dev/null 2>&1 \
   && timeout 100 python3 -m experiments.bench_kernels --kernels=cuda "${shapes[@]}" --out="$out/base.json" > "$out/base.log" 2>&1)
 grep -E "cuda|ragged" "$out/base.log"

@@ -104,17 +104,22 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
 def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
   """The default first, then every built decode, column width and row tiling with K split 1..8
   ways (x staged in shared memory; also read from global memory for the two 64-column families),
-  and the no-decode probe at the default's split and unsplit (what loads and mma cost alone)."""
+  layout 7 at each of its warp counts, and the no-decode probe at the default's split and unsplit
+  (what loads and mma cost alone)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
   for layout, kgroups, mt, nt in sorted(ck.KERNELS):
+    if layout == 7:  # K split by its warps; 8-row tiles of x
+      if (mt == 1) == (m <= 8):
+        out.append(ck.CudaTuning(mt=mt, layout=7, kgroups=kgroups))
+      continue
     if layout == 2 or (mt > 1 and m <= 16 * (mt // 2)):  # more row tiles than rows: same work
       continue
     for splits in (1, 2, 3, 4, 6, 8) if kgroups == 4 and layout >= 4 else (1, 2, 4, 8):
       for stage in (True, False) if (kgroups, mt, nt) == (4, 1, 2) else (True,):
         if splits <= max(1, k // 128):
           out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, stage_x=stage))
-  for splits in dict.fromkeys((base.splits, 1)):
+  for splits in dict.fromkeys((base.k_splits(k), 1)):
     for stage in (True, False):
       out.append(ck.CudaTuning(mt=1, nt=2, splits=splits, layout=2, kgroups=4, stage_x=stage))
   return list(dict.fromkeys(out))

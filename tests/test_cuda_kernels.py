@@ -43,8 +43,9 @@ def test_lut_matmul_matches_reference(m, k, n):
 
 # Every built kernel but the probe, each with a K split from a cycle that includes more splits than
 # chunks (splits with no chunk write zeros), x staged in shared memory or read from global memory.
-TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=(1, 3, 5, 16, 2)[i % 5], layout=layout, kgroups=kgroups,
-                      stage_x=i % 3 != 1)
+# Layout 7 splits K by its warps: 10 chunks over 4, 8 or 16 warps (dead warps, a partial chunk).
+TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=1 if layout == 7 else (1, 3, 5, 16, 2)[i % 5], layout=layout,
+                      kgroups=kgroups, stage_x=i % 3 != 1)
            for i, (layout, kgroups, mt, nt) in enumerate(sorted(k for k in ck.KERNELS if k[0] != 2))]
 
 
@@ -85,12 +86,12 @@ def test_grouped_matches_reference(sizes, k, n):
 
 
 @needs_gpu
-def test_results_do_not_depend_on_the_run():
+@pytest.mark.parametrize("t", [CudaTuning(splits=8), CudaTuning(layout=7, kgroups=4)], ids=str)
+def test_results_do_not_depend_on_the_run(t):
   """Split partials are added in a fixed order: two runs give the same bits."""
   rng = np.random.default_rng(5)
   w = random_codebook_weight(rng, (), 64, 2048, 4, 2048)
   x = jnp.asarray(rng.normal(size=(4, 2048)), jnp.bfloat16)
-  t = CudaTuning(splits=8)
   a = np.asarray(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t), np.float32)
   b = np.asarray(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t), np.float32)
   np.testing.assert_array_equal(a, b)
@@ -125,14 +126,26 @@ def test_supports_only_the_serving_case():
 
 
 @pytest.mark.parametrize("rows,k,n,slots", [(1, 4096, 14336, 1), (16, 14336, 4096, 1), (1, 2048, 768, 8),
-                                            (2, 768, 2048, 16), (64, 4096, 4096, 1), (1, 96, 37, 1)])
-def test_default_tuning_gives_about_one_block_per_sm(rows, k, n, slots):
+                                            (2, 768, 2048, 16), (9, 2048, 768, 1), (1, 96, 37, 1)])
+def test_decode_default_gives_every_sm_a_block(rows, k, n, slots):
+  """Layout 7 at decode rows: 8-row x tiles up to 8 rows, 16 warps a block unless fewer give every
+  SM of the 132 a (column tile, K split) unit, four at the least."""
+  t = ck.default_tuning(rows, k, n, slots)
+  assert t.layout == 7 and t.mt == (1 if rows <= 8 else 2) and t.splits == 1
+  units = -(-n // 16) * slots * t.k_splits(k)
+  wider = {16: None, 8: 16, 4: 8}[t.kgroups]
+  assert units >= 132 or t.kgroups == 4
+  assert wider is None or -(-n // 16) * slots * dataclasses.replace(t, kgroups=wider).k_splits(k) < 132
+
+
+@pytest.mark.parametrize("rows,k,n,slots", [(64, 4096, 4096, 1), (17, 4096, 14336, 1), (40, 2048, 768, 8)])
+def test_prefill_default_gives_about_one_block_per_sm(rows, k, n, slots):
   t = ck.default_tuning(rows, k, n, slots)
   chunks = max(1, k // 128)
   blocks = -(-n // (32 * t.nt)) * slots
   assert 1 <= t.splits <= min(chunks, 16)
-  assert t.mt == (1 if rows <= 16 else 2) and t.layout == 5 and t.kgroups == 4 and not t.stage_x
-  assert dataclasses.replace(t, mt=1, splits=1) == CudaTuning()  # the field defaults are the default
+  assert t.mt == 2 and t.layout == 5 and t.kgroups == 4 and not t.stage_x
+  assert dataclasses.replace(t, mt=1, splits=1) == CudaTuning()  # the field defaults are layout 5's default
   # About one block per SM of the 132, unless K has too few chunks or the grid is already larger.
   assert 66 <= blocks * t.splits <= 264 or t.splits in (1, chunks, 16)
 
@@ -148,6 +161,8 @@ def test_tuning_refuses_out_of_range_values():
     CudaTuning(layout=1, kgroups=4)  # tables alone: measured, lost, not built
   with pytest.raises(CqjaxError, match="out of range"):
     CudaTuning(layout=3, kgroups=1)
+  with pytest.raises(CqjaxError, match="leave splits at 1"):
+    CudaTuning(layout=7, kgroups=8, splits=2)  # layout 7's split follows from kgroups
 
 
 def test_serves_the_decode_regime_of_large_weights():
