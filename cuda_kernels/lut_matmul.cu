@@ -10,7 +10,7 @@
 //   packed     uint8 [experts, n, k/2]   two codes a byte, low nibble first (cqjax/codebook.py)
 //   centroids  bf16  [experts, n, 16]
 //   slots      int32 [3, s]              expert, first row, rows of each slot (rows 0: no work)
-//   counters   int32 [s, n blocks]       zeros (aliased to the third result)
+//   counters   int32 [s, n blocks]       zeros (aliased to the third result; layout 7: 16-column blocks)
 //   out        bf16 [t, n]; rows no slot covers are zero
 //   partials   float32 [splits, t, n]    scratch when K is split ([1, 1, 1] otherwise)
 //
@@ -34,6 +34,8 @@
 //      (rows g and g + 8 of a pair of n-tiles) and x its B operand (8 rows a tile), so a pass over
 //      8 rows or fewer runs half the mma, and neither operand needs a register shuffle.
 //   6: layout 3's decode with layout 5's operands.
+//   7: layout 5's decode and operands with the loop turned around: each warp keeps one chunk of
+//      x in registers and walks 16-column tiles (xs_kernel below); the default at decode rows.
 //   2: a timing probe: layout 4's loads and tensor-core work with no decode (wrong results).
 // (Layouts 0 and 1, tables alone, lost to 3 at every shape measured: BENCHMARKS.md.)
 #include <cuda_bf16.h>
@@ -196,13 +198,15 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
   }
 }
 
-// Rows past the last slot's (grouped: rows outside every group) are zero: columns [col0, col0 +
-// cols) of them, by the calling block's `threads` threads.
-__device__ void zero_uncovered_rows(const Problem& p, int col0, int cols, int threads) {
+// Rows past the last slot's (grouped: rows outside every group) are zero: columns col_of(0 ..
+// cols - 1) of them, by the calling block's `threads` threads. One call a block: the slot sizes
+// are read once (a store to out may alias them, so a second call would wait for them again).
+template <typename ColOf>
+__device__ void zero_uncovered_rows(const Problem& p, int cols, ColOf col_of, int threads) {
   int covered = 0;
   for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
   for (int i = threadIdx.x; i < (p.t - covered) * cols; i += threads) {
-    const int col = col0 + i % cols;
+    const int col = col_of(i % cols);
     if (col < p.n) p.out[static_cast<size_t>(covered + i / cols) * p.n + col] = __float2bfloat16_rn(0.f);
   }
 }
@@ -251,7 +255,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   uint16_t* stage = reinterpret_cast<uint16_t*>(red + (KG - 1) * kWarps * MT * NT * 4 * 32);
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
   const int rows = p.slots[2 * p.num_slots + slot];
-  if (split == 0 && slot == 0) zero_uncovered_rows(p, n0, kCols, kThreads);
+  if (split == 0 && slot == 0) zero_uncovered_rows(p, kCols, [&](int c) { return n0 + c; }, kThreads);
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
   const int warp = (threadIdx.x >> 5) & (kWarps - 1), wk = threadIdx.x >> 7, lane = threadIdx.x & 31;
@@ -514,11 +518,7 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   const int mine = (tiles - 1 - static_cast<int>(blockIdx.x)) / gridDim.x + 1;  // gridDim.x <= tiles
   const int max_tiles = (tiles + gridDim.x - 1) / gridDim.x;
   const auto tile_of = [&](int i) { return static_cast<int>(blockIdx.x + i * gridDim.x); };
-  if (split == 0 && slot == 0)
-    for (int i = 0; i < mine; ++i) zero_uncovered_rows(p, tile_of(i) * 16, 16, W * 32);
-  const int rows = p.slots[2 * p.num_slots + slot];
-  if (rows == 0) return;
-  const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
+  const int rows = p.slots[2 * p.num_slots + slot], expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const size_t row_bytes = p.k / 2;
   // The lane's inputs [k0, k0 + 32): k is a multiple of 32, so a lane has all 32 or none; a warp
@@ -537,7 +537,10 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
       for (int h = 0; h < 2; ++h)
         if (live && d < mine) ring[d][h] = load(d, h);
   };
-  prologue();  // the first tiles' codes are requested before the set-up
+  if (rows > 0) prologue();  // the first tiles' codes are requested before the set-up
+  if (split == 0 && slot == 0)
+    zero_uncovered_rows(p, mine * 16, [&](int c) { return tile_of(c / 16) * 16 + c % 16; }, W * 32);
+  if (rows == 0) return;
 
   uint32_t* tables = reinterpret_cast<uint32_t*>(smem);                   // [max_tiles * 16 rows][8]
   float4* sums = reinterpret_cast<float4*>(tables + max_tiles * 16 * 8);  // [W][max_tiles][NB][32 lanes]

@@ -1,7 +1,7 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda] [--cuda_sweep] [--out=FILE]
+      [--kernels=pallas,cuda] [--cuda_sweep [--cuda_layouts=7,5]] [--out=FILE]
 
 Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
 768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
@@ -101,14 +101,16 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
   return max(sets, min(256, -(-int(2 * l2_mb * 2**20) // bytes_per_set)))
 
 
-def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
+def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]:
   """The default first, then every built decode, column width and row tiling with K split 1..8
   ways (x staged in shared memory; also read from global memory for the two 64-column families),
   layout 7 at each of its warp counts, and the no-decode probe at the default's split and unsplit
-  (what loads and mma cost alone)."""
+  (what loads and mma cost alone). layouts: only these decodes after the default (None: all)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
   for layout, kgroups, mt, nt in sorted(ck.KERNELS):
+    if layouts is not None and layout not in layouts:
+      continue
     if layout == 7:  # K split by its warps; 8-row tiles of x
       if (mt == 1) == (m <= 8):
         out.append(ck.CudaTuning(mt=mt, layout=7, kgroups=kgroups))
@@ -119,7 +121,7 @@ def cuda_candidates(m: int, k: int, n: int) -> list[ck.CudaTuning]:
       for stage in (True, False) if (kgroups, mt, nt) == (4, 1, 2) else (True,):
         if splits <= max(1, k // 128):
           out.append(ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, stage_x=stage))
-  for splits in dict.fromkeys((base.k_splits(k), 1)):
+  for splits in dict.fromkeys((base.k_splits(k), 1)) if layouts is None or 2 in layouts else ():
     for stage in (True, False):
       out.append(ck.CudaTuning(mt=1, nt=2, splits=splits, layout=2, kgroups=4, stage_x=stage))
   return list(dict.fromkeys(out))
@@ -140,7 +142,7 @@ def _time_tunings(matmul, x, weights, tunings, sets, repeats):
   return res
 
 
-def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False):
+def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False, cuda_layouts=None):
   key = jax.random.key(k * 7 + n)
   sets = sets_beyond_l2(k * n * BITS // 8, sets)
   weights = [_codebook(jax.random.fold_in(key, i), (), k, n) for i in range(sets)]
@@ -159,7 +161,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
     if "cuda" in kernels:
       w0 = weights[0]
       cerr = _rel_err(ck.lut_matmul(x, w0.packed, w0.centroids, BITS), ref)
-      cands = cuda_candidates(m, k, n) if cuda_sweep else [ck.default_tuning(m, k, n)]
+      cands = cuda_candidates(m, k, n, cuda_layouts) if cuda_sweep else [ck.default_tuning(m, k, n)]
       res = _time_tunings(ck.lut_matmul, x, weights, cands, sets, 5 if cuda_sweep else 7)
       t_c = res[0][0]
       cbest, cbest_t = min((r for r in res if r[1].layout != 2), key=lambda r: r[0])  # the probe is wrong on purpose
@@ -299,6 +301,7 @@ def main():
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda (cuda where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
+  ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
   ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
   ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
   ap.add_argument("--sets", type=int, default=8, help="weights per jitted call (raised past twice the L2)")
@@ -324,7 +327,8 @@ def main():
     os.replace(args.out + ".tmp", args.out)
 
   for name in _names(args.single, SINGLE):
-    result["single"] += bench_single(*SINGLE[name], ms, args.sets, False, bw, kernels, args.cuda_sweep)
+    result["single"] += bench_single(*SINGLE[name], ms, args.sets, False, bw, kernels, args.cuda_sweep,
+                                      [int(v) for v in args.cuda_layouts.split(",")] if args.cuda_layouts else None)
     save()
   for name in _names(args.grouped, GROUPED):
     result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels)
