@@ -465,10 +465,10 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
 
 // What a launch of kKernel may take on the current device, found once per device and kernel: the
 // dynamic shared memory a block may use (opted in above 48 KB: the opt-in limit, which covers
-// static and dynamic together, less the static), the SM count, and the blocks an SM holds at
-// `threads` threads by registers alone.
+// static and dynamic together, less the static), the shared memory of an SM, the SM count, and
+// the blocks an SM holds at `threads` threads by registers alone.
 struct LaunchLimits {
-  int smem = 0, sms = 0, fit = 0;
+  int smem = 0, sm_smem = 0, sms = 0, fit = 0;
 };
 
 template <auto kKernel>
@@ -483,6 +483,7 @@ cudaError_t launch_limits(int threads, LaunchLimits& out) {
   }
   cudaFuncAttributes attr;
   err = cudaDeviceGetAttribute(&out.smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&out.sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&out.sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kKernel);
   if (err != cudaSuccess) return err;
@@ -542,6 +543,23 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
     zero_uncovered_rows(p, mine * 16, [&](int c) { return tile_of(c / 16) * 16 + c % 16; }, W * 32);
   if (rows == 0) return;
 
+  // Lane (g, t4) holds row 8 b + g of a pass's rows of x over its 32 inputs: 16 bf16x2 words; the
+  // first pass's are requested before the set-up too.
+  uint32_t xb[NB][16];
+  const auto load_x = [&](int rb) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      const int r = rb + 8 * b + g;
+      const uint4* xp = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(row0 + min(r, rows - 1)) * p.k + min(k0, p.k - 32));
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const uint4 u = live && r < rows ? __ldg(xp + v) : make_uint4(0, 0, 0, 0);
+        xb[b][4 * v] = u.x, xb[b][4 * v + 1] = u.y, xb[b][4 * v + 2] = u.z, xb[b][4 * v + 3] = u.w;
+      }
+    }
+  };
+  load_x(0);
+
   uint32_t* tables = reinterpret_cast<uint32_t*>(smem);                   // [max_tiles * 16 rows][8]
   float4* sums = reinterpret_cast<float4*>(tables + max_tiles * 16 * 8);  // [W][max_tiles][NB][32 lanes]
   const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
@@ -555,19 +573,8 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   __syncthreads();
 
   for (int rb = 0; rb < rows; rb += 8 * NB) {
-    // Lane (g, t4) holds row 8 b + g of this pass's rows of x over its 32 inputs: 16 bf16x2 words.
+    if (rb > 0) load_x(rb);
     const bool wide = NB > 1 && rows - rb > 8;
-    uint32_t xb[NB][16];
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      const int r = rb + 8 * b + g;
-      const uint4* xp = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(row0 + min(r, rows - 1)) * p.k + min(k0, p.k - 32));
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const uint4 u = live && r < rows ? __ldg(xp + v) : make_uint4(0, 0, 0, 0);
-        xb[b][4 * v] = u.x, xb[b][4 * v + 1] = u.y, xb[b][4 * v + 2] = u.z, xb[b][4 * v + 3] = u.w;
-      }
-    }
     for (int i0 = 0; i0 < mine; i0 += kXsDepth) {
 #pragma unroll
       for (int d = 0; d < kXsDepth; ++d) {
@@ -641,12 +648,18 @@ cudaError_t launch_xs(cudaStream_t stream, const Problem& p) {
   LaunchLimits lim;
   const cudaError_t err = launch_limits<xs_kernel<W, NB>>(W * 32, lim);
   if (err != cudaSuccess) return err;
-  // Persistent: as many blocks as are resident at once (by registers), spread over the splits and
-  // slots, but enough that a block's tiles fit its shared memory and at most one block a tile.
-  const int tiles = (p.n + 15) / 16, most = max(1, lim.smem / xs_tile_bytes<W, NB>());
-  const int others = p.splits * p.num_slots;
-  int grid_x = min(tiles, max(1, (lim.sms * max(lim.fit, 1) + others - 1) / others));
-  grid_x = max(grid_x, (tiles + most - 1) / most);
+  // Persistent: the most blocks an SM holds (by registers, and by shared memory for the tiles each
+  // then takes) times the SMs, spread over the splits and slots, at most one block a tile. Where
+  // even one block an SM cannot hold its tiles, as many blocks as it takes (in waves).
+  const int tiles = (p.n + 15) / 16, others = p.splits * p.num_slots;
+  const int most = max(1, lim.smem / xs_tile_bytes<W, NB>());  // tiles one block can hold
+  int grid_x = 0;
+  for (int per_sm = max(lim.fit, 1); per_sm >= 1 && grid_x == 0; --per_sm) {
+    const int g = min(tiles, max(1, lim.sms * per_sm / others));
+    const int bytes = (tiles + g - 1) / g * xs_tile_bytes<W, NB>();
+    if (bytes <= lim.smem && per_sm * (bytes + 1024) <= lim.sm_smem) grid_x = g;  // 1 KB an SM reserves a block
+  }
+  if (grid_x == 0) grid_x = (tiles + most - 1) / most;
   const int smem = (tiles + grid_x - 1) / grid_x * xs_tile_bytes<W, NB>();
   xs_kernel<W, NB><<<dim3(grid_x, p.splits, p.num_slots), W * 32, smem, stream>>>(p);
   return cudaGetLastError();
