@@ -498,18 +498,19 @@ cudaError_t launch_limits(int threads, LaunchLimits& out) {
 // Layout 7, x-stationary (BENCHMARKS.md, session 23). Each warp owns one 128-input chunk of K for
 // the whole launch: it holds the activations of that chunk in registers (the mma's B operand, NB
 // tiles of 8 rows of x) and walks 16-row tiles of the weight, a fresh accumulator per tile stored
-// to shared memory; the block's W warps (W chunks) are summed once per pass over x. Block
+// to shared memory; the block's W warps (W chunks) are summed in warp order every kXsGroup tiles
+// (shared memory independent of the tiles a block takes). Block
 // (bx, split, slot) takes tiles bx, bx + gridDim.x, ... of its slot's weight over chunks
 // [W split, W split + W), and the launch sizes gridDim.x so that all blocks are resident and each
 // takes the same number of tiles within one. Against layout 5, which walks K for fixed rows, this
 // removes the activation loads from the K loop, the serial chain of mma into one accumulator and
 // the warps' hand-over after it. Decode and operand roles are layout 5's; the byte tables of the
 // block's rows are built once in shared memory; codes stream kXsDepth tiles ahead.
-constexpr int kXsDepth = 2;
+constexpr int kXsDepth = 2, kXsGroup = 4;  // tiles of codes in flight; tiles summed at a time
 
 template <int W, int NB>
-__host__ __device__ constexpr int xs_tile_bytes() {
-  return W * NB * 32 * 16 + 16 * 8 * 4;  // the warps' sums of one tile, its 16 rows' byte tables
+__host__ __device__ constexpr int xs_sum_bytes() {
+  return W * kXsGroup * NB * 32 * 16;  // the warps' sums of a group of tiles
 }
 
 template <int W, int NB>
@@ -517,7 +518,6 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   extern __shared__ uint4 smem[];
   const int slot = blockIdx.z, split = blockIdx.y, tiles = (p.n + 15) / 16;
   const int mine = (tiles - 1 - static_cast<int>(blockIdx.x)) / gridDim.x + 1;  // gridDim.x <= tiles
-  const int max_tiles = (tiles + gridDim.x - 1) / gridDim.x;
   const auto tile_of = [&](int i) { return static_cast<int>(blockIdx.x + i * gridDim.x); };
   const int rows = p.slots[2 * p.num_slots + slot], expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
@@ -560,8 +560,8 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   };
   load_x(0);
 
-  uint32_t* tables = reinterpret_cast<uint32_t*>(smem);                   // [max_tiles * 16 rows][8]
-  float4* sums = reinterpret_cast<float4*>(tables + max_tiles * 16 * 8);  // [W][max_tiles][NB][32 lanes]
+  float4* sums = reinterpret_cast<float4*>(smem);                              // [W][kXsGroup][NB][32 lanes]
+  uint32_t* tables = reinterpret_cast<uint32_t*>(smem) + xs_sum_bytes<W, NB>() / 4;  // [mine * 16 rows][8]
   const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
   for (int r = threadIdx.x; r < mine * 16; r += W * 32) {
     const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(tile_of(r / 16) * 16 + r % 16, p.n - 1)) * 16);
@@ -575,16 +575,19 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   for (int rb = 0; rb < rows; rb += 8 * NB) {
     if (rb > 0) load_x(rb);
     const bool wide = NB > 1 && rows - rb > 8;
-    for (int i0 = 0; i0 < mine; i0 += kXsDepth) {
+    // Groups of kXsGroup tiles: each warp stores its sums of the group, the block adds them in warp
+    // order and writes the group's columns, then the next group (the code loads run on across).
+    for (int i0 = 0; i0 < mine; i0 += kXsGroup) {
 #pragma unroll
-      for (int d = 0; d < kXsDepth; ++d) {
+      for (int d = 0; d < kXsGroup; ++d) {
         const int i = i0 + d;
         if (i >= mine) break;
+        uint4 (&slot_codes)[2] = ring[d % kXsDepth];
         uint32_t q[2][4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          q[h][0] = ring[d][h].x, q[h][1] = ring[d][h].y, q[h][2] = ring[d][h].z, q[h][3] = ring[d][h].w;
-          if (live && i + kXsDepth < mine) ring[d][h] = load(i + kXsDepth, h);
+          q[h][0] = slot_codes[h].x, q[h][1] = slot_codes[h].y, q[h][2] = slot_codes[h].z, q[h][3] = slot_codes[h].w;
+          if (live && i + kXsDepth < mine) slot_codes[h] = load(i + kXsDepth, h);
         }
         float acc[NB][4] = {};
         if (warp_live) {
@@ -613,26 +616,26 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
         }
 #pragma unroll
         for (int b = 0; b < NB; ++b)
-          sums[((warp * max_tiles + i) * NB + b) * 32 + lane] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+          sums[((warp * kXsGroup + d) * NB + b) * 32 + lane] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
       }
+      if (i0 + kXsGroup >= mine && rb + 8 * NB < rows) prologue();  // the next pass's first codes
+      __syncthreads();
+      // Element e = (tile d of the group, x tile b, lane l, j) is column g + 8 (j >> 1) of the tile
+      // and row 8 b + 2 t4 + (j & 1) of the pass (the mma's D fragment).
+      const float* f = reinterpret_cast<const float*>(sums);
+      constexpr int kTile = NB * 128;
+      for (int e = threadIdx.x; e < min(kXsGroup, mine - i0) * kTile; e += W * 32) {
+        const int d = e / kTile, b = (e >> 7) % NB, l = (e >> 2) & 31, j = e & 3;
+        const int r = rb + 8 * b + 2 * (l & 3) + (j & 1), col = tile_of(i0 + d) * 16 + (l >> 2) + 8 * (j >> 1);
+        if (r >= rows || col >= p.n) continue;
+        float sum = 0.f;
+        for (int w = 0; w < W; ++w) sum += f[(w * kXsGroup + d) * kTile + e % kTile];
+        const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
+        if (p.splits == 1) p.out[at] = __float2bfloat16_rn(sum);
+        else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = sum;
+      }
+      __syncthreads();  // the sums are read before the next group writes them
     }
-    if (rb + 8 * NB < rows) prologue();  // the next pass's first codes, during this one's sums
-    __syncthreads();
-    // Sum the warps' chunks: element e = (tile i, x tile b, lane l, j) is column g + 8 (j >> 1) of
-    // the tile and row 8 b + 2 t4 + (j & 1) of the pass (the mma's D fragment).
-    const float* f = reinterpret_cast<const float*>(sums);
-    constexpr int kTile = NB * 128;
-    for (int e = threadIdx.x; e < mine * kTile; e += W * 32) {
-      const int i = e / kTile, b = (e >> 7) % NB, l = (e >> 2) & 31, j = e & 3;
-      const int r = rb + 8 * b + 2 * (l & 3) + (j & 1), col = tile_of(i) * 16 + (l >> 2) + 8 * (j >> 1);
-      if (r >= rows || col >= p.n) continue;
-      float sum = 0.f;
-      for (int w = 0; w < W; ++w) sum += f[(w * max_tiles + i) * kTile + e % kTile];
-      const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
-      if (p.splits == 1) p.out[at] = __float2bfloat16_rn(sum);
-      else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = sum;
-    }
-    __syncthreads();  // the sums are read before the next pass writes them
   }
 
   // Split K: the last of the splits of this block's tiles to finish adds the partials in split order.
@@ -648,19 +651,19 @@ cudaError_t launch_xs(cudaStream_t stream, const Problem& p) {
   LaunchLimits lim;
   const cudaError_t err = launch_limits<xs_kernel<W, NB>>(W * 32, lim);
   if (err != cudaSuccess) return err;
-  // Persistent: the most blocks an SM holds (by registers, and by shared memory for the tiles each
-  // then takes) times the SMs, spread over the splits and slots, at most one block a tile. Where
-  // even one block an SM cannot hold its tiles, as many blocks as it takes (in waves).
-  const int tiles = (p.n + 15) / 16, others = p.splits * p.num_slots;
-  const int most = max(1, lim.smem / xs_tile_bytes<W, NB>());  // tiles one block can hold
+  // Persistent: the most blocks an SM holds (by registers, and by shared memory for the byte
+  // tables of the tiles each then takes) times the SMs, spread over the splits and slots, at most
+  // one block a tile. Where even one block an SM cannot hold its tables, as many blocks as it
+  // takes (in waves).
+  const int tiles = (p.n + 15) / 16, others = p.splits * p.num_slots, table_bytes = 16 * 8 * 4;
+  const auto smem_for = [&](int g) { return xs_sum_bytes<W, NB>() + (tiles + g - 1) / g * table_bytes; };
   int grid_x = 0;
   for (int per_sm = max(lim.fit, 1); per_sm >= 1 && grid_x == 0; --per_sm) {
     const int g = min(tiles, max(1, lim.sms * per_sm / others));
-    const int bytes = (tiles + g - 1) / g * xs_tile_bytes<W, NB>();
-    if (bytes <= lim.smem && per_sm * (bytes + 1024) <= lim.sm_smem) grid_x = g;  // 1 KB an SM reserves a block
+    if (smem_for(g) <= lim.smem && per_sm * (smem_for(g) + 1024) <= lim.sm_smem) grid_x = g;  // 1 KB a block reserved
   }
-  if (grid_x == 0) grid_x = (tiles + most - 1) / most;
-  const int smem = (tiles + grid_x - 1) / grid_x * xs_tile_bytes<W, NB>();
+  if (grid_x == 0) grid_x = min(tiles, (tiles + 255) / 256);  // 256 tiles' tables: 128 KB
+  const int smem = smem_for(grid_x);
   xs_kernel<W, NB><<<dim3(grid_x, p.splits, p.num_slots), W * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
