@@ -99,20 +99,21 @@ class CudaTuning:
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots.
 
-  16 rows or fewer (decode): layout 7, whose warps each hold one chunk of x and walk the weight's
-  column tiles (BENCHMARKS.md, session 23), 16 warps a block, fewer where the (tile, K split)
-  units would not give every SM one; 8-row tiles of x at 8 rows or fewer. More rows: layout 5,
-  64 columns a block, four warps per column warp splitting the chunks (16 warps a block, one block
-  an SM at 128 registers), x read from global memory, K split so that the blocks number about one
-  per SM (session 21)."""
+  From the H200 runs (BENCHMARKS.md, sessions 21 and 23). Layout 7 (each warp holds one chunk of
+  x and walks the weight's column tiles) where it measured ahead: at most 4 rows a slot, d_in up
+  to 4096 (K split at most two ways at 16 warps a block) and at most 8 slots (single weights,
+  top-k <= 8 experts at batch 1); 16 warps a block, fewer where the (tile, K split) units would
+  not give every SM one. Elsewhere layout 5: 64 columns a block, four warps per column warp
+  splitting the chunks (16 warps a block, one block an SM at 128 registers), x read from global
+  memory, K split so that the blocks number about one per SM."""
   chunks = max(1, -(-d_in // _CHUNK))
-  if rows <= 16:
+  if rows <= 4 and d_in <= 4096 and slots <= 8:
     tiles = -(-d_out // 16) * slots
     kgroups = next((w for w in (16, 8) if tiles * -(-chunks // w) >= sms), 4)
-    return CudaTuning(mt=1 if rows <= 8 else 2, layout=7, kgroups=kgroups)
+    return CudaTuning(layout=7, kgroups=kgroups)
   blocks = _column_blocks(d_out, CudaTuning.nt) * slots
   splits = max(1, min(d_in // _CHUNK, 16, round(sms / blocks)))
-  return CudaTuning(mt=2, splits=splits)
+  return CudaTuning(mt=1 if rows <= 16 else 2, splits=splits)
 
 
 def serves(rows: int, d_in: int, d_out: int) -> bool:
