@@ -100,16 +100,18 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots.
 
   From the H200 runs (BENCHMARKS.md, sessions 21 and 23). Layout 7 (each warp holds one chunk of
-  x and walks the weight's column tiles) where it measured ahead: at most 4 rows a slot, d_in up
-  to 4096 (K split at most two ways at 16 warps a block) and at most 8 slots (single weights,
-  top-k <= 8 experts at batch 1); 16 warps a block, fewer where the (tile, K split) units would
-  not give every SM one. Elsewhere layout 5: 64 columns a block, four warps per column warp
-  splitting the chunks (16 warps a block, one block an SM at 128 registers), x read from global
-  memory, K split so that the blocks number about one per SM."""
+  x and walks the weight's column tiles) only where it measured ahead of layout 5 in the same run:
+  one row a slot, at most two slots (a single weight, or a top-2 MoE at batch 1, whose slots are all
+  busy: a persistent grid wastes the blocks of empty slots), d_in up to 4096 (K split at most two
+  ways at 16 warps a block: longer K spends the gain on split sums) and d_out of 4096 or more
+  (enough column tiles); 16 warps a block, fewer where K has fewer chunks or the (tile, K split)
+  units would not give every SM one. Elsewhere layout 5: 64 columns a block, four warps per column warp splitting the
+  chunks (16 warps a block, one block an SM at 128 registers), x read from global memory, K split
+  so that the blocks number about one per SM."""
   chunks = max(1, -(-d_in // _CHUNK))
-  if rows <= 4 and d_in <= 4096 and slots <= 8:
+  if rows == 1 and slots <= 2 and d_in <= 4096 <= d_out:
     tiles = -(-d_out // 16) * slots
-    kgroups = next((w for w in (16, 8) if tiles * -(-chunks // w) >= sms), 4)
+    kgroups = next((w for w in (16, 8) if w <= chunks and tiles * -(-chunks // w) >= sms), 4)
     return CudaTuning(layout=7, kgroups=kgroups)
   blocks = _column_blocks(d_out, CudaTuning.nt) * slots
   splits = max(1, min(d_in // _CHUNK, 16, round(sms / blocks)))
