@@ -35,7 +35,8 @@
 //      8 rows or fewer runs half the mma, and neither operand needs a register shuffle.
 //   6: layout 3's decode with layout 5's operands.
 //   7: layout 5's decode and operands with the loop turned around: each warp keeps one chunk of
-//      x in registers and walks 16-column tiles (xs_kernel below); the default at decode rows.
+//      x in registers and walks 16-column tiles (xs_kernel below); the default where it measured
+//      ahead (lut_matmul.py: default_tuning).
 //   2: a timing probe: layout 4's loads and tensor-core work with no decode (wrong results).
 // (Layouts 0 and 1, tables alone, lost to 3 at every shape measured: BENCHMARKS.md.)
 #include <cuda_bf16.h>
