@@ -14,16 +14,14 @@
 #include <cstdio>
 #include <vector>
 
+#include "../cuda_kernels/lut_decode.cuh"
+#include "copy_bandwidth.cuh"
+
 namespace {
 
-constexpr int kWarps = 4, KG = 4, kThreads = kWarps * KG * 32, kChunkBytes = 64;
+using namespace cqjax_cuda;
 
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+constexpr int kWarps = 4, KG = 4, kThreads = kWarps * KG * 32, kChunkBytes = 64;
 
 // kTiled false: packed [n, k/2] row-major (the kernel's format); true: per 16-row column warp and
 // chunk, 16 rows x 64 bytes contiguous (row g at 64 g), so a warp's load of rows g (or g + 8) reads
@@ -108,20 +106,7 @@ int main() {
     row<6>(bufs, n, k, sink);
     for (auto p : bufs) cudaFree(p);
   }
-  // The copy bandwidth as a reference: one 256 MB device-to-device copy, read + write counted.
-  void *src, *dst;
-  const size_t bytes = 256u << 20;
-  cudaMalloc(&src, bytes), cudaMalloc(&dst, bytes);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a), cudaEventCreate(&b);
-  cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice);
-  cudaEventRecord(a);
-  for (int i = 0; i < 5; ++i) cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice);
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float ms;
-  cudaEventElapsedTime(&ms, a, b);
-  std::printf("device copy: %.0f GB/s (read + write)\n", 2.0 * bytes * 5 / (ms * 1e-3) / 1e9);
+  print_copy_bandwidth();
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) std::printf("error: %s\n", cudaGetErrorString(err));
   return err != cudaSuccess;

@@ -25,7 +25,12 @@
 #include <random>
 #include <vector>
 
+#include "../cuda_kernels/lut_decode.cuh"
+#include "copy_bandwidth.cuh"
+
 namespace {
+
+using namespace cqjax_cuda;
 
 constexpr int kChunk = 128;  // inputs per chunk: 64 code bytes of a row, 16 per lane (t4)
 
@@ -38,45 +43,14 @@ struct Args {
   int t, k, n, tiles, splits;
 };
 
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                    uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void decode_four(uint32_t sel, uint32_t m, const uint32_t (&cb)[8], uint32_t& b0,
-                                            uint32_t& b1) {
-  const uint32_t la = prmt(cb[0], cb[1], sel), lb = prmt(cb[2], cb[3], sel);
-  const uint32_t ha = prmt(cb[4], cb[5], sel), hb = prmt(cb[6], cb[7], sel);
-  const uint32_t lo = (la & ~m) | (lb & m), hi = (ha & ~m) | (hb & m);
-  b0 = prmt(lo, hi, 0x5140u);
-  b1 = prmt(lo, hi, 0x7362u);
-}
-
-// The eight codes of w -> the bf16x2 pairs of inputs (0, 1) ... (6, 7).
+// The kernel's decode, or (mode 1) the code bytes passed through.
 template <int kMode>
-__device__ __forceinline__ void decode_word(uint32_t w, const uint32_t (&cb)[8], uint32_t (&b)[4]) {
+__device__ __forceinline__ void decode_or_pass(uint32_t w, const uint32_t (&cb)[8], uint32_t (&b)[4]) {
   if constexpr (kMode == 1) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) b[i] = ((w >> (8 * i)) & 0xFF) * 0x00010001u;
   } else {
-    const uint32_t w4 = w << 4, sel = w & 0x77777777u;
-    decode_four(sel, prmt(w4, w, 0xD9C8u), cb, b[0], b[1]);
-    decode_four(sel >> 16, prmt(w4, w, 0xFBEAu), cb, b[2], b[3]);
+    cqjax_cuda::decode_word(w, cb, b);
   }
 }
 
@@ -166,8 +140,8 @@ __global__ void __launch_bounds__(W * 32) xs_gemv(Args a) {
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {
           uint32_t ag[4], ah[4];
-          decode_word<kMode>(wg[wi], cb[0], ag);
-          decode_word<kMode>(wh[wi], cb[1], ah);
+          decode_or_pass<kMode>(wg[wi], cb[0], ag);
+          decode_or_pass<kMode>(wh[wi], cb[1], ah);
 #pragma unroll
           for (int b = 0; b < NB; ++b) {
             mma(acc[b], ag[0], ah[0], ag[1], ah[1], xb[b][c][4 * wi], xb[b][c][4 * wi + 1]);
@@ -404,20 +378,7 @@ int main() {
       free_problem(p);
     }
   }
-  // The copy bandwidth as a reference: one 256 MB device-to-device copy, read + write counted.
-  void *src, *dst;
-  const size_t bytes = 256u << 20;
-  cudaMalloc(&src, bytes), cudaMalloc(&dst, bytes);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a), cudaEventCreate(&b);
-  cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice);
-  cudaEventRecord(a);
-  for (int i = 0; i < 5; ++i) cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice);
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float ms;
-  cudaEventElapsedTime(&ms, a, b);
-  std::printf("device copy: %.0f GB/s (read + write)\n", 2.0 * bytes * 5 / (ms * 1e-3) / 1e9);
+  print_copy_bandwidth();
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) std::printf("error: %s\n", cudaGetErrorString(err));
   return err != cudaSuccess;
