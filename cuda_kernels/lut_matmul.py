@@ -93,7 +93,12 @@ class CudaTuning:
 
   def k_splits(self, d_in: int) -> int:
     """Blocks along d_in of a launch with this tuning."""
-    return -(-max(1, -(-d_in // _CHUNK)) // self.kgroups) if self.layout == 7 else self.splits
+    return -(-_chunks(d_in) // self.kgroups) if self.layout == 7 else self.splits
+
+
+def _chunks(d_in: int) -> int:
+  """128-input chunks of d_in, the last one partial (layout 7 gives each warp one)."""
+  return max(1, -(-d_in // _CHUNK))
 
 
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132) -> CudaTuning:
@@ -105,11 +110,11 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   busy: a persistent grid wastes the blocks of empty slots), d_in up to 4096 (K split at most two
   ways at 16 warps a block: longer K spends the gain on split sums) and d_out of 4096 or more
   (enough column tiles); 16 warps a block, fewer where K has fewer chunks or the (tile, K split)
-  units would not give every SM one. Elsewhere layout 5: 64 columns a block, four warps per column warp splitting the
-  chunks (16 warps a block, one block an SM at 128 registers), x read from global memory, K split
-  so that the blocks number about one per SM."""
-  chunks = max(1, -(-d_in // _CHUNK))
+  units would not give every SM one. Elsewhere layout 5: 64 columns a block, four warps per
+  column warp splitting the chunks (16 warps a block, one block an SM at 128 registers), x read
+  from global memory, K split so that the blocks number about one per SM."""
   if rows == 1 and slots <= 2 and d_in <= 4096 <= d_out:
+    chunks = _chunks(d_in)
     tiles = -(-d_out // 16) * slots
     kgroups = next((w for w in (16, 8) if w <= chunks and tiles * -(-chunks // w) >= sms), 4)
     return CudaTuning(layout=7, kgroups=kgroups)
