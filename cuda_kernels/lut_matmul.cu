@@ -151,16 +151,22 @@ __device__ __forceinline__ void chunk(float (&acc)[MT][NT][4], const uint32_t (&
 }
 
 // Rows past the last slot's (grouped: rows outside every group) are zero: columns col_of(0 ..
-// cols - 1) of them, by the calling block's `threads` threads. One call a block: the slot sizes
-// are read once (a store to out may alias them, so a second call would wait for them again).
+// cols - 1) of them, by the calling block. One call a block: the slot sizes are read once (a
+// store to out may alias them, so a second call would wait for them again).
 template <typename ColOf>
-__device__ void zero_uncovered_rows(const Problem& p, int cols, ColOf col_of, int threads) {
+__device__ void zero_uncovered_rows(const Problem& p, int cols, ColOf col_of) {
   int covered = 0;
   for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
-  for (int i = threadIdx.x; i < (p.t - covered) * cols; i += threads) {
+  for (int i = threadIdx.x; i < (p.t - covered) * cols; i += blockDim.x) {
     const int col = col_of(i % cols);
     if (col < p.n) p.out[static_cast<size_t>(covered + i / cols) * p.n + col] = __float2bfloat16_rn(0.f);
   }
+}
+
+// A block's sum for out[at]: the result (K not split) or this split's partial.
+__device__ __forceinline__ void store_sum(const Problem& p, int split, size_t at, float v) {
+  if (p.splits == 1) p.out[at] = __float2bfloat16_rn(v);
+  else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = v;
 }
 
 // Split K: whether this block is the last of its `counter`'s splits to finish (all threads get the
@@ -207,7 +213,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
   uint16_t* stage = reinterpret_cast<uint16_t*>(red + (KG - 1) * kWarps * MT * NT * 4 * 32);
   const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
   const int rows = p.slots[2 * p.num_slots + slot];
-  if (split == 0 && slot == 0) zero_uncovered_rows(p, kCols, [&](int c) { return n0 + c; }, kThreads);
+  if (split == 0 && slot == 0) zero_uncovered_rows(p, kCols, [&](int c) { return n0 + c; });
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
   const int warp = (threadIdx.x >> 5) & (kWarps - 1), wk = threadIdx.x >> 7, lane = threadIdx.x & 31;
@@ -371,8 +377,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
               if (r >= rows || col >= p.n) continue;
               const float v = acc[mt][h * (NT / 2) + jp][i];
               const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
-              if (p.splits == 1) p.out[at] = __float2bfloat16_rn(v);
-              else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = v;
+              store_sum(p, split, at, v);
             }
     } else {
       // Fragment: acc[mt][j] = rows (g, g + 8) x columns (2 t4, 2 t4 + 1) of the 16x8 tile.
@@ -492,7 +497,7 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   };
   if (rows > 0) prologue();  // the first tiles' codes are requested before the set-up
   if (split == 0 && slot == 0)
-    zero_uncovered_rows(p, mine * 16, [&](int c) { return tile_of(c / 16) * 16 + c % 16; }, W * 32);
+    zero_uncovered_rows(p, mine * 16, [&](int c) { return tile_of(c / 16) * 16 + c % 16; });
   if (rows == 0) return;
 
   // Lane (g, t4) holds row 8 b + g of a pass's rows of x over its 32 inputs: 16 bf16x2 words; the
@@ -583,8 +588,7 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
         float sum = 0.f;
         for (int w = 0; w < W; ++w) sum += f[(w * kXsGroup + d) * kTile + e % kTile];
         const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
-        if (p.splits == 1) p.out[at] = __float2bfloat16_rn(sum);
-        else p.partials[static_cast<size_t>(split) * p.t * p.n + at] = sum;
+        store_sum(p, split, at, sum);
       }
       __syncthreads();  // the sums are read before the next group writes them
     }
@@ -626,11 +630,10 @@ cudaError_t launch(cudaStream_t stream, Problem p, bool stage) {
   LaunchLimits lim;
   const cudaError_t err = launch_limits<lut_matmul_kernel<MT, NT, kLayout, KG>>(kWarps * KG * 32, lim);
   if (err != cudaSuccess) return err;
-  const int limit = lim.smem;
   // Stage x where the pass's rows over the block's K range fit beside the rest.
   int smem = smem_bytes<MT, NT, kLayout, KG>();
   const int stride = p.chunks_per_split * kChunk + p.k % kChunk + 8, rows = min(p.t, 16 * MT);
-  const bool fits = stage && smem + rows * stride * 2 <= limit;
+  const bool fits = stage && smem + rows * stride * 2 <= lim.smem;
   p.stage_rows = fits ? rows : 0;
   p.stage_stride = stride;
   smem += fits ? rows * stride * 2 : 0;

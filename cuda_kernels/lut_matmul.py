@@ -118,7 +118,7 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
     tiles = -(-d_out // 16) * slots
     kgroups = next((w for w in (16, 8) if w <= chunks and tiles * -(-chunks // w) >= sms), 4)
     return CudaTuning(layout=7, kgroups=kgroups)
-  blocks = _column_blocks(d_out, CudaTuning.nt) * slots
+  blocks = _column_blocks(d_out, CudaTuning()) * slots
   splits = max(1, min(d_in // _CHUNK, 16, round(sms / blocks)))
   return CudaTuning(mt=1 if rows <= 16 else 2, splits=splits)
 
@@ -131,9 +131,10 @@ def serves(rows: int, d_in: int, d_out: int) -> bool:
   return rows <= 16 and d_in * d_out >= 1 << 20
 
 
-def _column_blocks(d_out: int, nt: int) -> int:
-  """Blocks along d_out: each owns _WARPS warps of nt 8-column tiles."""
-  return -(-d_out // (_WARPS * 8 * nt))
+def _column_blocks(d_out: int, tuning: CudaTuning) -> int:
+  """Column blocks along d_out, each with its split counter: 16-column tiles in layout 7, else
+  _WARPS warps of nt 8-column tiles (lut_matmul.cu's LutMatmulImpl checks the same count)."""
+  return -(-d_out // (16 if tuning.layout == 7 else _WARPS * 8 * tuning.nt))
 
 
 def rows_per_slot(t: int, experts: int) -> int:
@@ -147,7 +148,7 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   slot covers are zero)."""
   t, n = x.shape[0], packed.shape[-2]
   splits = tuning.k_splits(x.shape[1])
-  blocks = -(-n // 16) if tuning.layout == 7 else _column_blocks(n, tuning.nt)  # counted per split launch
+  blocks = _column_blocks(n, tuning)  # counted in per split launch
   split = splits > 1  # only split launches use the float32 partials and the block counters
   partials = (splits, t, n) if split else (1, 1, 1)
   counters = jnp.zeros((slots.shape[1] * blocks if split else 1,), jnp.int32)
