@@ -461,9 +461,8 @@ cudaError_t launch_limits(int threads, LaunchLimits& out) {
 // [W split, W split + W), and the launch sizes gridDim.x so that all blocks are resident and each
 // takes the same number of tiles within one. Against layout 5, which walks K for fixed rows, this
 // removes the activation loads from the K loop, the serial chain of mma into one accumulator and
-// the warps' hand-over after it. Decode and operand roles are layout 5's; each tile's byte tables
-// are made from its rows' centroids as it comes (read through L1, prefetched with the codes, which
-// stream kXsDepth tiles ahead), so nothing is built before the first tile.
+// the warps' hand-over after it. Decode and operand roles are layout 5's; the byte tables of the
+// block's rows are built once in shared memory; codes stream kXsDepth tiles ahead.
 constexpr int kXsDepth = 2, kXsGroup = 4;  // tiles of codes in flight; tiles summed at a time
 
 template <int W, int NB>
@@ -488,20 +487,13 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   const auto load = [&](int i, int h) {
     return load_stream(codes + static_cast<size_t>(min(tile_of(i) * 16 + g + 8 * h, p.n - 1)) * row_bytes);
   };
-  const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
-  const auto centroids_of = [&](int i, int h) {  // row 16 tile + g + 8 h's 16 centroids
-    return reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(tile_of(i) * 16 + g + 8 * h, p.n - 1)) * 16);
-  };
   uint4 ring[kXsDepth][2] = {};
   const auto prologue = [&] {
 #pragma unroll
     for (int d = 0; d < kXsDepth; ++d)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        if (live && d < mine) {
-          ring[d][h] = load(d, h);
-          if (t4 == 0) prefetch_l1(centroids_of(d, h));
-        }
+        if (live && d < mine) ring[d][h] = load(d, h);
   };
   if (rows > 0) prologue();  // the first tiles' codes are requested before the set-up
   if (split == 0 && slot == 0)
@@ -525,7 +517,18 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   };
   load_x(0);
 
-  float4* sums = reinterpret_cast<float4*>(smem);  // [W][kXsGroup][NB][32 lanes]
+  float4* sums = reinterpret_cast<float4*>(smem);                              // [W][kXsGroup][NB][32 lanes]
+  uint32_t* tables = reinterpret_cast<uint32_t*>(smem) + xs_sum_bytes<W, NB>() / 4;  // [mine * 16 rows][8]
+  const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
+  for (int r = threadIdx.x; r < mine * 16; r += W * 32) {
+    const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(tile_of(r / 16) * 16 + r % 16, p.n - 1)) * 16);
+    uint32_t cb[8];
+    byte_tables(__ldg(c), __ldg(c + 1), cb);
+    uint4* at = reinterpret_cast<uint4*>(tables + r * 8);
+    at[0] = make_uint4(cb[0], cb[1], cb[2], cb[3]), at[1] = make_uint4(cb[4], cb[5], cb[6], cb[7]);
+  }
+  __syncthreads();
+
   for (int rb = 0; rb < rows; rb += 8 * NB) {
     if (rb > 0) load_x(rb);
     const bool wide = NB > 1 && rows - rb > 8;
@@ -541,20 +544,17 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           q[h][0] = slot_codes[h].x, q[h][1] = slot_codes[h].y, q[h][2] = slot_codes[h].z, q[h][3] = slot_codes[h].w;
-          if (live && i + kXsDepth < mine) {
-            slot_codes[h] = load(i + kXsDepth, h);
-            if (t4 == 0) prefetch_l1(centroids_of(i + kXsDepth, h));
-          }
+          if (live && i + kXsDepth < mine) slot_codes[h] = load(i + kXsDepth, h);
         }
         float acc[NB][4] = {};
         if (warp_live) {
-          // The tile's two rows' centroids (the block's warps read the same 32 bytes: L1 after the
-          // first), as byte tables; the next tiles' are prefetched with their codes.
           uint32_t cb[2][8];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint4* c = centroids_of(i, h);
-            byte_tables(__ldg(c), __ldg(c + 1), cb[h]);
+            const uint4* at = reinterpret_cast<const uint4*>(tables + (i * 16 + g + 8 * h) * 8);
+            const uint4 u = at[0], v = at[1];
+            cb[h][0] = u.x, cb[h][1] = u.y, cb[h][2] = u.z, cb[h][3] = u.w;
+            cb[h][4] = v.x, cb[h][5] = v.y, cb[h][6] = v.z, cb[h][7] = v.w;
           }
           // Word wi of row g (h = 0) or g + 8 holds the codes of inputs k0 + 8 wi ... k0 + 8 wi + 7:
           // two k16 steps whose B registers are x words 4 wi ... 4 wi + 3.
@@ -607,12 +607,19 @@ cudaError_t launch_xs(cudaStream_t stream, const Problem& p) {
   LaunchLimits lim;
   const cudaError_t err = launch_limits<xs_kernel<W, NB>>(W * 32, lim);
   if (err != cudaSuccess) return err;
-  // Persistent: the most blocks an SM holds (by registers and by the shared memory of the warps'
-  // sums, 1 KB a block reserved) times the SMs, spread over the splits and slots, at most one
-  // block a tile.
-  constexpr int smem = xs_sum_bytes<W, NB>();
-  const int tiles = (p.n + 15) / 16, per_sm = max(1, min(lim.fit, lim.sm_smem / (smem + 1024)));
-  const int grid_x = min(tiles, max(1, lim.sms * per_sm / (p.splits * p.num_slots)));
+  // Persistent: the most blocks an SM holds (by registers, and by shared memory for the byte
+  // tables of the tiles each then takes) times the SMs, spread over the splits and slots, at most
+  // one block a tile. Where even one block an SM cannot hold its tables, as many blocks as it
+  // takes (in waves).
+  const int tiles = (p.n + 15) / 16, others = p.splits * p.num_slots, table_bytes = 16 * 8 * 4;
+  const auto smem_for = [&](int g) { return xs_sum_bytes<W, NB>() + (tiles + g - 1) / g * table_bytes; };
+  int grid_x = 0;
+  for (int per_sm = max(lim.fit, 1); per_sm >= 1 && grid_x == 0; --per_sm) {
+    const int g = min(tiles, max(1, lim.sms * per_sm / others));
+    if (smem_for(g) <= lim.smem && per_sm * (smem_for(g) + 1024) <= lim.sm_smem) grid_x = g;  // 1 KB a block reserved
+  }
+  if (grid_x == 0) grid_x = min(tiles, (tiles + 255) / 256);  // 256 tiles' tables: 128 KB
+  const int smem = smem_for(grid_x);
   xs_kernel<W, NB><<<dim3(grid_x, p.splits, p.num_slots), W * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
