@@ -47,6 +47,7 @@ def test_lut_matmul_matches_reference(m, k, n):
 TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=1 if layout == 7 else (1, 3, 5, 16, 2)[i % 5], layout=layout,
                       kgroups=kgroups, stage_x=i % 3 != 1)
            for i, (layout, kgroups, mt, nt) in enumerate(sorted(k for k in ck.KERNELS if k[0] != 2))]
+TUNINGS += [dataclasses.replace(t, cluster=False) for t in TUNINGS if t.layout == 7 and t.kgroups < 16]
 
 
 @needs_gpu
@@ -86,7 +87,30 @@ def test_grouped_matches_reference(sizes, k, n):
 
 
 @needs_gpu
-@pytest.mark.parametrize("t", [CudaTuning(splits=8), CudaTuning(layout=7, kgroups=4)], ids=str)
+@pytest.mark.parametrize("k,kgroups", [(2048, 4), (1184, 4), (4096, 16), (8192, 4)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cluster_sums_equal_counted_sums(k, kgroups, grouped):
+  """Layout 7's K splits added in a thread-block cluster (sm_90+) or through partials and counters:
+  the same order, so the same bits (4 and 10 chunks in 4-warp splits, 2 splits of 16 warps, and 16
+  splits: more than a cluster takes, so counted either way); grouped with an empty expert."""
+  rng = np.random.default_rng(k + kgroups)
+  sizes = [2, 0, 1] if grouped else [3]
+  w = random_codebook_weight(rng, (len(sizes),) if grouped else (), 40, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(sum(sizes), k)), jnp.bfloat16)
+  outs = []
+  for cluster in (True, False):
+    t = CudaTuning(layout=7, kgroups=kgroups, mt=1, cluster=cluster)
+    if grouped:
+      outs.append(ck.grouped_lut_matmul(x, w.packed, w.centroids, 4, jnp.asarray(sizes, jnp.int32), tuning=t))
+    else:
+      outs.append(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t))
+  _close(outs[0], float64_product(x, w, jnp.asarray(sizes, jnp.int32) if grouped else None))
+  np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [CudaTuning(splits=8), CudaTuning(layout=7, kgroups=4),
+                               CudaTuning(layout=7, kgroups=4, cluster=False)], ids=str)
 def test_results_do_not_depend_on_the_run(t):
   """Split partials are added in a fixed order: two runs give the same bits."""
   rng = np.random.default_rng(5)
