@@ -74,6 +74,7 @@ struct Problem {
   int stage_rows;  // rows of x each block copies to shared memory per pass (0: read x from global)
   int stage_stride;  // elements between staged rows (the block's K range plus 8)
   int cluster;       // layout 7: the K splits of a tile are one thread-block cluster (sm_90+)
+  int group;         // layout 7: tiles whose sums a block adds at a time (a multiple of kXsDepth)
 };
 
 // The four codes in bits 16..31 of w -> two bf16x2 registers. The mask sign-replicates the byte
@@ -461,7 +462,7 @@ cudaError_t launch_limits(int threads, LaunchLimits& out) {
 // the whole launch: it holds the activations of that chunk in registers (the mma's B operand, NB
 // tiles of 8 rows of x) and walks 16-row tiles of the weight, a fresh accumulator per tile stored
 // to shared memory; the block's W warps (W chunks) are summed in warp order every kXsGroup tiles
-// (shared memory independent of the tiles a block takes). Block
+// (shared memory independent of the tiles a block takes) or once, at the end (sum_once). Block
 // (bx, split, slot) takes tiles bx, bx + gridDim.x, ... of its slot's weight over chunks
 // [W split, W split + W), and the launch sizes gridDim.x so that all blocks are resident and each
 // takes the same number of tiles within one. Against layout 5, which walks K for fixed rows, this
@@ -492,11 +493,11 @@ __device__ __forceinline__ const float* cluster_peer(float* p, int rank) {
 #endif
 }
 
-constexpr int kXsDepth = 2, kXsGroup = 4;  // tiles of codes in flight; tiles summed at a time
+constexpr int kXsDepth = 2, kXsGroup = 4;  // tiles of codes in flight; tiles summed at a time (or all)
 
 template <int W, int NB>
-__host__ __device__ constexpr int xs_sum_bytes() {
-  return W * kXsGroup * NB * 32 * 16;  // the warps' sums of a group of tiles
+__host__ __device__ constexpr int xs_sum_bytes(int group) {
+  return W * group * NB * 32 * 16;  // the warps' sums of a group of tiles
 }
 
 template <int W, int NB>
@@ -546,8 +547,9 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   };
   load_x(0);
 
-  float4* sums = reinterpret_cast<float4*>(smem);                              // [W][kXsGroup][NB][32 lanes]
-  uint32_t* tables = reinterpret_cast<uint32_t*>(smem) + xs_sum_bytes<W, NB>() / 4;  // [mine * 16 rows][8]
+  const int group = p.group;
+  float4* sums = reinterpret_cast<float4*>(smem);                                    // [W][group][NB][32 lanes]
+  uint32_t* tables = reinterpret_cast<uint32_t*>(smem) + xs_sum_bytes<W, NB>(group) / 4;  // [mine * 16 rows][8]
   const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
   for (int r = threadIdx.x; r < mine * 16; r += W * 32) {
     const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(tile_of(r / 16) * 16 + r % 16, p.n - 1)) * 16);
@@ -561,14 +563,16 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   for (int rb = 0; rb < rows; rb += 8 * NB) {
     if (rb > 0) load_x(rb);
     const bool wide = NB > 1 && rows - rb > 8;
-    // Groups of kXsGroup tiles: each warp stores its sums of the group, the block adds them in warp
-    // order and writes the group's columns, then the next group (the code loads run on across).
-    for (int i0 = 0; i0 < mine; i0 += kXsGroup) {
+    // Groups of tiles: each warp stores its sums of the group, the block adds them in warp order
+    // and writes the group's columns, then the next group (the code loads run on across). A group
+    // of all the block's tiles leaves the warps unsynchronised until the end.
+    for (int i0 = 0; i0 < mine; i0 += group) {
+      for (int d0 = 0; d0 < group && i0 + d0 < mine; d0 += kXsDepth)
 #pragma unroll
-      for (int d = 0; d < kXsGroup; ++d) {
-        const int i = i0 + d;
+      for (int dd = 0; dd < kXsDepth; ++dd) {
+        const int d = d0 + dd, i = i0 + d;
         if (i >= mine) break;
-        uint4 (&slot_codes)[2] = ring[d % kXsDepth];
+        uint4 (&slot_codes)[2] = ring[dd];  // i % kXsDepth: groups are whole multiples of the depth
         uint32_t q[2][4];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -602,9 +606,9 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
         }
 #pragma unroll
         for (int b = 0; b < NB; ++b)
-          sums[((warp * kXsGroup + d) * NB + b) * 32 + lane] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+          sums[((warp * group + d) * NB + b) * 32 + lane] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
       }
-      if (i0 + kXsGroup >= mine && rb + 8 * NB < rows) prologue();  // the next pass's first codes
+      if (i0 + group >= mine && rb + 8 * NB < rows) prologue();  // the next pass's first codes
       group_sync(p.cluster);
       // Element e = (tile d of the group, x tile b, lane l, j) is column g + 8 (j >> 1) of the tile
       // and row 8 b + 2 t4 + (j & 1) of the pass (the mma's D fragment). In a cluster its blocks
@@ -612,13 +616,13 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
       // the partials' order), reading the other blocks' shared memory.
       constexpr int kTile = NB * 128;
       const int first = threadIdx.x + (p.cluster ? split * W * 32 : 0), step = W * 32 * (p.cluster ? p.splits : 1);
-      for (int e = first; e < min(kXsGroup, mine - i0) * kTile; e += step) {
+      for (int e = first; e < min(group, mine - i0) * kTile; e += step) {
         const int d = e / kTile, b = (e >> 7) % NB, l = (e >> 2) & 31, j = e & 3;
         const int r = rb + 8 * b + 2 * (l & 3) + (j & 1), col = tile_of(i0 + d) * 16 + (l >> 2) + 8 * (j >> 1);
         if (r >= rows || col >= p.n) continue;
         const auto warps_sum = [&](const float* f) {
           float sum = 0.f;
-          for (int w = 0; w < W; ++w) sum += f[(w * kXsGroup + d) * kTile + e % kTile];
+          for (int w = 0; w < W; ++w) sum += f[(w * group + d) * kTile + e % kTile];
           return sum;
         };
         const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
@@ -643,22 +647,35 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
 }
 
 template <int W, int NB>
-cudaError_t launch_xs(cudaStream_t stream, const Problem& p) {
+cudaError_t launch_xs(cudaStream_t stream, Problem p, bool sum_once) {
   LaunchLimits lim;
   const cudaError_t err = launch_limits<xs_kernel<W, NB>>(W * 32, lim);
   if (err != cudaSuccess) return err;
   // Persistent: the most blocks an SM holds (by registers, and by shared memory for the byte
   // tables of the tiles each then takes) times the SMs, spread over the splits and slots, at most
   // one block a tile. Where even one block an SM cannot hold its tables, as many blocks as it
-  // takes (in waves).
+  // takes (in waves). Then, if asked, one group of all a block's tiles where that keeps as many
+  // blocks an SM.
   const int tiles = (p.n + 15) / 16, others = p.splits * p.num_slots, table_bytes = 16 * 8 * 4;
-  const auto smem_for = [&](int g) { return xs_sum_bytes<W, NB>() + (tiles + g - 1) / g * table_bytes; };
-  int grid_x = 0;
-  for (int per_sm = max(lim.fit, 1); per_sm >= 1 && grid_x == 0; --per_sm) {
+  const auto smem_for = [&](int g) { return xs_sum_bytes<W, NB>(p.group) + (tiles + g - 1) / g * table_bytes; };
+  const auto fits = [&](int g, int per_sm) {
+    return smem_for(g) <= lim.smem && per_sm * (smem_for(g) + 1024) <= lim.sm_smem;  // 1 KB a block reserved
+  };
+  int grid_x = 0, per_sm = max(lim.fit, 1);
+  for (p.group = kXsGroup; per_sm >= 1; --per_sm) {
     const int g = min(tiles, max(1, lim.sms * per_sm / others));
-    if (smem_for(g) <= lim.smem && per_sm * (smem_for(g) + 1024) <= lim.sm_smem) grid_x = g;  // 1 KB a block reserved
+    if (fits(g, per_sm)) {
+      grid_x = g;
+      break;
+    }
   }
-  if (grid_x == 0) grid_x = min(tiles, (tiles + 255) / 256);  // 256 tiles' tables: 128 KB
+  if (grid_x == 0) {
+    grid_x = min(tiles, (tiles + 255) / 256);  // 256 tiles' tables: 128 KB
+  } else if (sum_once) {
+    const int mine = (tiles + grid_x - 1) / grid_x;
+    p.group = (mine + kXsDepth - 1) / kXsDepth * kXsDepth;
+    if (!fits(grid_x, per_sm)) p.group = kXsGroup;
+  }
   if (!p.cluster) {
     xs_kernel<W, NB><<<dim3(grid_x, p.splits, p.num_slots), W * 32, smem_for(grid_x), stream>>>(p);
     return cudaGetLastError();
@@ -709,7 +726,7 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
                          ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> counters, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::F32>> partials, ffi::Result<ffi::Buffer<ffi::S32>> counters_out,
                          int64_t splits, int64_t mt, int64_t nt, int64_t layout, int64_t kgroups,
-                         int64_t stage, int64_t cluster) {
+                         int64_t stage, int64_t cluster, int64_t sum_once) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (x.element_type() != ffi::BF16 || centroids.element_type() != ffi::BF16)
     return invalid("x and centroids must be bfloat16");
@@ -747,15 +764,15 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
             static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), counters_out->typed_data(),
             static_cast<__nv_bfloat16*>(out->untyped_data()), partials->typed_data(),
             static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
-            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0, static_cast<int>(cluster != 0)};
+            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0, static_cast<int>(cluster != 0), kXsGroup};
   cudaError_t err;
   switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
-    case 4712: err = launch_xs<4, 1>(stream, p); break;
-    case 4722: err = launch_xs<4, 2>(stream, p); break;
-    case 8712: err = launch_xs<8, 1>(stream, p); break;
-    case 8722: err = launch_xs<8, 2>(stream, p); break;
-    case 16712: err = launch_xs<16, 1>(stream, p); break;
-    case 16722: err = launch_xs<16, 2>(stream, p); break;
+    case 4712: err = launch_xs<4, 1>(stream, p, sum_once != 0); break;
+    case 4722: err = launch_xs<4, 2>(stream, p, sum_once != 0); break;
+    case 8712: err = launch_xs<8, 1>(stream, p, sum_once != 0); break;
+    case 8722: err = launch_xs<8, 2>(stream, p, sum_once != 0); break;
+    case 16712: err = launch_xs<16, 1>(stream, p, sum_once != 0); break;
+    case 16722: err = launch_xs<16, 2>(stream, p, sum_once != 0); break;
     case 4212: err = launch<1, 2, 2, 4>(stream, p, stage != 0); break;
     case 4214: err = launch<1, 4, 2, 4>(stream, p, stage != 0); break;
     case 4311: err = launch<1, 1, 3, 4>(stream, p, stage != 0); break;
@@ -806,5 +823,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
                                   .Attr<int64_t>("layout")
                                   .Attr<int64_t>("kgroups")
                                   .Attr<int64_t>("stage")
-                                  .Attr<int64_t>("cluster"),
+                                  .Attr<int64_t>("cluster")
+                                  .Attr<int64_t>("sum_once"),
                               {ffi::Traits::kCmdBufferCompatible});  // XLA may capture it in its CUDA graphs

@@ -78,7 +78,8 @@ class CudaTuning:
   layout 7 launches a tile's 2 to 8 K splits as one thread-block cluster that adds their sums in
   distributed shared memory, where the GPU has clusters (sm_90+; else, or False, the splits hand
   over through float32 partials and counters that XLA zeroes every call: the same bits either
-  way). KERNELS lists the combinations built; the field defaults are layout 5's measured default."""
+  way); sum_once: layout 7 adds its warps' sums once, after all of a block's tiles, where shared
+  memory holds them at the same blocks an SM (else every 4 tiles). KERNELS lists the combinations built; the field defaults are layout 5's measured default."""
 
   mt: int = 1
   nt: int = 2
@@ -87,6 +88,7 @@ class CudaTuning:
   kgroups: int = 4
   stage_x: bool = False
   cluster: bool = True
+  sum_once: bool = True
 
   def __post_init__(self):
     if self.splits < 1 or (self.layout, self.kgroups, self.mt, self.nt) not in KERNELS:
@@ -177,7 +179,8 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases=aliases, vmap_method="sequential")(
       x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
       splits=np.int64(splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout),
-      kgroups=np.int64(tuning.kgroups), stage=np.int64(tuning.stage_x), cluster=np.int64(cluster))
+      kgroups=np.int64(tuning.kgroups), stage=np.int64(tuning.stage_x), cluster=np.int64(cluster),
+      sum_once=np.int64(tuning.sum_once))
   return y
 
 

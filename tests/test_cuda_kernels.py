@@ -47,7 +47,8 @@ def test_lut_matmul_matches_reference(m, k, n):
 TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=1 if layout == 7 else (1, 3, 5, 16, 2)[i % 5], layout=layout,
                       kgroups=kgroups, stage_x=i % 3 != 1)
            for i, (layout, kgroups, mt, nt) in enumerate(sorted(k for k in ck.KERNELS if k[0] != 2))]
-TUNINGS += [dataclasses.replace(t, cluster=False) for t in TUNINGS if t.layout == 7 and t.kgroups < 16]
+TUNINGS += [dataclasses.replace(t, cluster=c, sum_once=o) for t in TUNINGS if t.layout == 7 and t.kgroups < 16
+            for c, o in ((False, True), (True, False), (False, False))]
 
 
 @needs_gpu
@@ -106,6 +107,22 @@ def test_cluster_sums_equal_counted_sums(k, kgroups, grouped):
       outs.append(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t))
   _close(outs[0], float64_product(x, w, jnp.asarray(sizes, jnp.int32) if grouped else None))
   np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 11])
+def test_layout7_sum_variants_give_the_same_bits(m):
+  """Many tiles a block (20000 columns over a grid of a few hundred blocks: groups longer than 4
+  tiles when summed once), K in two splits: clusters or counters, sums once or every 4 tiles."""
+  rng = np.random.default_rng(m)
+  w = random_codebook_weight(rng, (), 20000, 1024, 4, 1024)
+  x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
+  outs = [np.asarray(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=CudaTuning(
+      layout=7, kgroups=4, mt=1 if m <= 8 else 2, cluster=c, sum_once=o)), np.float32)
+          for c in (True, False) for o in (True, False)]
+  _close(outs[0], float64_product(x, w))
+  for other in outs[1:]:
+    np.testing.assert_array_equal(outs[0], other)
 
 
 @needs_gpu
