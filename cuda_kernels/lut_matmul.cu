@@ -16,10 +16,7 @@
 //
 // With K split over `splits` blocks, each writes its float32 partial sums; the block that counts
 // in last for its (slot, column block) adds all partials in split order and writes the bf16
-// result: deterministic, and no second pass over the output. Layout 7 on sm_90 and later may
-// instead launch a tile's splits as one thread-block cluster (attribute `cluster`, at most 8
-// splits) that adds the splits' sums in the same order through distributed shared memory: no
-// partials, no counters (then both are [1]-sized and unused), no zeroing by XLA.
+// result: deterministic, and no second pass over the output.
 //
 // Decode (`layout` attribute). A code byte holds the two codes of inputs 2j and 2j+1, which is
 // exactly one bf16x2 register of a tensor-core B fragment, and the decoded registers feed
@@ -43,7 +40,6 @@
 //   2: a timing probe: layout 4's loads and tensor-core work with no decode (wrong results).
 // (Layouts 0 and 1, tables alone, lost to 3 at every shape measured: BENCHMARKS.md.)
 #include <cuda_bf16.h>
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -73,7 +69,6 @@ struct Problem {
   int t, k, n, num_slots, splits, chunks_per_split;
   int stage_rows;  // rows of x each block copies to shared memory per pass (0: read x from global)
   int stage_stride;  // elements between staged rows (the block's K range plus 8)
-  int cluster;       // layout 7: the K splits of a tile are one thread-block cluster (sm_90+)
   int group;         // layout 7: tiles whose sums a block adds at a time (a multiple of kXsDepth)
 };
 
@@ -462,37 +457,14 @@ cudaError_t launch_limits(int threads, LaunchLimits& out) {
 // the whole launch: it holds the activations of that chunk in registers (the mma's B operand, NB
 // tiles of 8 rows of x) and walks 16-row tiles of the weight, a fresh accumulator per tile stored
 // to shared memory; the block's W warps (W chunks) are summed in warp order every kXsGroup tiles
-// (shared memory independent of the tiles a block takes) or once, at the end (sum_once). Block
+// (shared memory independent of the tiles a block takes) or in as few groups as shared memory
+// holds at the same residency (sum_once: at best once, at the end). Block
 // (bx, split, slot) takes tiles bx, bx + gridDim.x, ... of its slot's weight over chunks
 // [W split, W split + W), and the launch sizes gridDim.x so that all blocks are resident and each
 // takes the same number of tiles within one. Against layout 5, which walks K for fixed rows, this
 // removes the activation loads from the K loop, the serial chain of mma into one accumulator and
 // the warps' hand-over after it. Decode and operand roles are layout 5's; the byte tables of the
 // block's rows are built once in shared memory; codes stream kXsDepth tiles ahead.
-// A barrier over the block, or over its cluster (whose blocks' shared-memory writes it makes
-// visible to each other); a cluster launch needs sm_90, which the host checks before setting it.
-__device__ __forceinline__ void group_sync(int cluster) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cluster) {
-    cooperative_groups::this_cluster().sync();
-    return;
-  }
-#else
-  if (cluster) __trap();
-#endif
-  __syncthreads();
-}
-
-// The same shared-memory address in block `rank` of this block's cluster.
-__device__ __forceinline__ const float* cluster_peer(float* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  __trap();
-  return p;
-#endif
-}
-
 constexpr int kXsDepth = 2, kXsGroup = 4;  // tiles of codes in flight; tiles summed at a time (or all)
 
 template <int W, int NB>
@@ -609,37 +581,25 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
           sums[((warp * group + d) * NB + b) * 32 + lane] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
       }
       if (i0 + group >= mine && rb + 8 * NB < rows) prologue();  // the next pass's first codes
-      group_sync(p.cluster);
+      __syncthreads();
       // Element e = (tile d of the group, x tile b, lane l, j) is column g + 8 (j >> 1) of the tile
-      // and row 8 b + 2 t4 + (j & 1) of the pass (the mma's D fragment). In a cluster its blocks
-      // share the elements out and each adds every split's warps (split order, then warp order:
-      // the partials' order), reading the other blocks' shared memory.
+      // and row 8 b + 2 t4 + (j & 1) of the pass (the mma's D fragment).
+      const float* f = reinterpret_cast<const float*>(sums);
       constexpr int kTile = NB * 128;
-      const int first = threadIdx.x + (p.cluster ? split * W * 32 : 0), step = W * 32 * (p.cluster ? p.splits : 1);
-      for (int e = first; e < min(group, mine - i0) * kTile; e += step) {
+      for (int e = threadIdx.x; e < min(group, mine - i0) * kTile; e += W * 32) {
         const int d = e / kTile, b = (e >> 7) % NB, l = (e >> 2) & 31, j = e & 3;
         const int r = rb + 8 * b + 2 * (l & 3) + (j & 1), col = tile_of(i0 + d) * 16 + (l >> 2) + 8 * (j >> 1);
         if (r >= rows || col >= p.n) continue;
-        const auto warps_sum = [&](const float* f) {
-          float sum = 0.f;
-          for (int w = 0; w < W; ++w) sum += f[(w * group + d) * kTile + e % kTile];
-          return sum;
-        };
-        const size_t at = static_cast<size_t>(row0 + r) * p.n + col;
-        if (p.cluster) {
-          float sum = 0.f;
-          for (int sp = 0; sp < p.splits; ++sp) sum += warps_sum(cluster_peer(reinterpret_cast<float*>(sums), sp));
-          p.out[at] = __float2bfloat16_rn(sum);
-        } else {
-          store_sum(p, split, at, warps_sum(reinterpret_cast<const float*>(sums)));
-        }
+        float sum = 0.f;
+        for (int w = 0; w < W; ++w) sum += f[(w * group + d) * kTile + e % kTile];
+        store_sum(p, split, static_cast<size_t>(row0 + r) * p.n + col, sum);
       }
-      group_sync(p.cluster);  // the sums are read before the next group writes them
+      __syncthreads();  // the sums are read before the next group writes them
     }
   }
 
   // Split K: the last of the splits of this block's tiles to finish adds the partials in split order.
-  if (p.splits == 1 || p.cluster || !last_to_finish(p, slot * tiles + blockIdx.x)) return;
+  if (p.splits == 1 || !last_to_finish(p, slot * tiles + blockIdx.x)) return;
   for (int e = threadIdx.x; e < mine * 16 * rows; e += W * 32) {
     const int i = e / (16 * rows), r = (e / 16) % rows, col = tile_of(i) * 16 + e % 16;
     if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + r) * p.n + col);
@@ -654,8 +614,8 @@ cudaError_t launch_xs(cudaStream_t stream, Problem p, bool sum_once) {
   // Persistent: the most blocks an SM holds (by registers, and by shared memory for the byte
   // tables of the tiles each then takes) times the SMs, spread over the splits and slots, at most
   // one block a tile. Where even one block an SM cannot hold its tables, as many blocks as it
-  // takes (in waves). Then, if asked, one group of all a block's tiles where that keeps as many
-  // blocks an SM.
+  // takes (in waves). Then, if asked, groups of tiles as long as keep as many blocks an SM (at
+  // best one group of all a block's tiles: the warps meet once, at the end).
   const int tiles = (p.n + 15) / 16, others = p.splits * p.num_slots, table_bytes = 16 * 8 * 4;
   const auto smem_for = [&](int g) { return xs_sum_bytes<W, NB>(p.group) + (tiles + g - 1) / g * table_bytes; };
   const auto fits = [&](int g, int per_sm) {
@@ -671,33 +631,13 @@ cudaError_t launch_xs(cudaStream_t stream, Problem p, bool sum_once) {
   }
   if (grid_x == 0) {
     grid_x = min(tiles, (tiles + 255) / 256);  // 256 tiles' tables: 128 KB
-  } else if (sum_once) {
+  } else if (sum_once) {  // the longest group up to all the block's tiles, in whole depths, that fits
     const int mine = (tiles + grid_x - 1) / grid_x;
-    p.group = (mine + kXsDepth - 1) / kXsDepth * kXsDepth;
-    if (!fits(grid_x, per_sm)) p.group = kXsGroup;
+    for (p.group = (mine + kXsDepth - 1) / kXsDepth * kXsDepth; p.group > kXsGroup && !fits(grid_x, per_sm);)
+      p.group -= kXsDepth;
   }
-  if (!p.cluster) {
-    xs_kernel<W, NB><<<dim3(grid_x, p.splits, p.num_slots), W * 32, smem_for(grid_x), stream>>>(p);
-    return cudaGetLastError();
-  }
-  // A tile's splits as one cluster: its blocks sit in one GPC, so fewer may be resident than the
-  // SMs hold; shrink the grid to the clusters that fit (more tiles a block: more tables).
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = p.splits, attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.blockDim = dim3(W * 32), cfg.stream = stream, cfg.attrs = &attr, cfg.numAttrs = 1;
-  for (int tries = 0; tries < 4; ++tries) {
-    cfg.gridDim = dim3(grid_x, p.splits, p.num_slots), cfg.dynamicSmemBytes = smem_for(grid_x);
-    int clusters = 0;
-    const cudaError_t occ = cudaOccupancyMaxActiveClusters(&clusters, xs_kernel<W, NB>, &cfg);
-    if (occ != cudaSuccess) return occ;
-    const int fit = max(1, clusters / p.num_slots);
-    if (grid_x <= fit || smem_for(fit) > lim.smem) break;
-    grid_x = fit;
-  }
-  cfg.gridDim = dim3(grid_x, p.splits, p.num_slots), cfg.dynamicSmemBytes = smem_for(grid_x);
-  return cudaLaunchKernelEx(&cfg, xs_kernel<W, NB>, p);
+  xs_kernel<W, NB><<<dim3(grid_x, p.splits, p.num_slots), W * 32, smem_for(grid_x), stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <int MT, int NT, int kLayout, int KG>
@@ -726,7 +666,7 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
                          ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> counters, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::Buffer<ffi::F32>> partials, ffi::Result<ffi::Buffer<ffi::S32>> counters_out,
                          int64_t splits, int64_t mt, int64_t nt, int64_t layout, int64_t kgroups,
-                         int64_t stage, int64_t cluster, int64_t sum_once) {
+                         int64_t stage, int64_t sum_once) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (x.element_type() != ffi::BF16 || centroids.element_type() != ffi::BF16)
     return invalid("x and centroids must be bfloat16");
@@ -739,32 +679,23 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
   const auto od = out->dimensions(), wd = partials->dimensions();
   if (out->element_type() != ffi::BF16 || od.size() != 2 || od[0] != t || od[1] != n)
     return invalid("output must be bf16 [t, n]");
-  if (splits > 1 && !cluster && (wd.size() != 3 || wd[0] != splits || wd[1] != t || wd[2] != n))
-    return invalid("partials must be float32 [splits, t, n] when K is split (and not by a cluster)");
+  if (splits > 1 && (wd.size() != 3 || wd[0] != splits || wd[1] != t || wd[2] != n))
+    return invalid("partials must be float32 [splits, t, n] when K is split");
   // Layout 7 splits K into blocks of kgroups chunks and counts splits in per 16-column tile.
   const int64_t chunks = (k + kChunk - 1) / kChunk;
   if (layout == 7 && splits != (chunks + kgroups - 1) / kgroups)
     return invalid("layout 7 takes splits = ceil(ceil(k / 128) / kgroups)");
   const int64_t cols = layout == 7 ? 16 : 32 * nt, blocks = (n + cols - 1) / cols;
-  if (cluster) {  // the splits of a tile add their sums in their cluster (sm_90+, at most 8 blocks)
-    int device = 0, major = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));
-    if (layout != 7 || splits < 2 || splits > 8 || major < 9)
-      return invalid("cluster takes layout 7 with 2 to 8 K splits on sm_90 or later");
-  }
-  const bool counts = splits > 1 && !cluster;  // only split launches without a cluster count blocks in
-  const int64_t count = counts ? sd[1] * blocks : 1;
+  const int64_t count = splits > 1 ? sd[1] * blocks : 1;  // only split launches count blocks in
   if (counters.element_count() != count || counters_out->element_count() != count)
-    return invalid("counters must be int32 zeros [slots * column blocks] (one, unused, when no split counts in)");
+    return invalid("counters must be int32 zeros [slots * column blocks] (one, unused, when K is not split)");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
   const int64_t full = k / kChunk;
   Problem p{static_cast<const uint16_t*>(x.untyped_data()), packed.typed_data(),
             static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), counters_out->typed_data(),
             static_cast<__nv_bfloat16*>(out->untyped_data()), partials->typed_data(),
             static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
-            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0, static_cast<int>(cluster != 0), kXsGroup};
+            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0, kXsGroup};
   cudaError_t err;
   switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
     case 4712: err = launch_xs<4, 1>(stream, p, sum_once != 0); break;
@@ -823,6 +754,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulCuda, LutMatmulImpl,
                                   .Attr<int64_t>("layout")
                                   .Attr<int64_t>("kgroups")
                                   .Attr<int64_t>("stage")
-                                  .Attr<int64_t>("cluster")
                                   .Attr<int64_t>("sum_once"),
                               {ffi::Traits::kCmdBufferCompatible});  // XLA may capture it in its CUDA graphs

@@ -10,8 +10,7 @@ The kernel covers the GPU serving case (`supports`): 4-bit codes, one codebook p
 (CodeQuant's default), bf16 activations, d_in a multiple of 32. It computes what the Pallas
 kernels compute: centroids rounded to bf16, bf16 products on the tensor cores with float32
 accumulation, the result rounded to bf16 once. With K split over several blocks, the last block
-of each column block adds the float32 partials in split order (deterministic, in the same launch;
-layout 7 on sm_90+ adds them in a thread-block cluster instead, in the same order).
+of each column block adds the float32 partials in split order (deterministic, in the same launch).
 
 The library `_lut_matmul_cuda.so` is built by `python -m cuda_kernels.build` (or by
 `pip install -Ccmake.define.CQJAX_CUDA=ON`); `available()` is False without it or without a GPU.
@@ -74,12 +73,9 @@ class CudaTuning:
   that split the block's chunks (layout 7: warps a block, each one chunk); stage_x: copy each
   pass's rows of x over the block's K range into shared memory first, where they fit (else x is
   read from global memory). Layout 7 reads mt as 8-row tiles of x per pass, ignores nt and
-  stage_x, and splits K by kgroups (ceil(chunks / kgroups) blocks: leave splits at 1); cluster:
-  layout 7 launches a tile's 2 to 8 K splits as one thread-block cluster that adds their sums in
-  distributed shared memory, where the GPU has clusters (sm_90+; else, or False, the splits hand
-  over through float32 partials and counters that XLA zeroes every call: the same bits either
-  way); sum_once: layout 7 adds its warps' sums once, after all of a block's tiles, where shared
-  memory holds them at the same blocks an SM (else every 4 tiles). KERNELS lists the combinations built; the field defaults are layout 5's measured default."""
+  stage_x, and splits K by kgroups (ceil(chunks / kgroups) blocks: leave splits at 1); sum_once:
+  layout 7 adds its warps' sums in as few groups of tiles as shared memory holds at the same
+  blocks an SM (at best once, after all of a block's tiles; False: every 4 tiles; the same bits). KERNELS lists the combinations built; the field defaults are layout 5's measured default."""
 
   mt: int = 1
   nt: int = 2
@@ -87,7 +83,6 @@ class CudaTuning:
   layout: int = 5
   kgroups: int = 4
   stage_x: bool = False
-  cluster: bool = True
   sum_once: bool = True
 
   def __post_init__(self):
@@ -101,17 +96,6 @@ class CudaTuning:
   def k_splits(self, d_in: int) -> int:
     """Blocks along d_in of a launch with this tuning."""
     return -(-_chunks(d_in) // self.kgroups) if self.layout == 7 else self.splits
-
-
-def _clusters(tuning: CudaTuning, d_in: int) -> bool:
-  """Whether a launch adds its K splits in a thread-block cluster (lut_matmul.cu: layout 7, 2 to 8
-  splits, a GPU of compute capability 9.0 or later)."""
-  return tuning.cluster and tuning.layout == 7 and 2 <= tuning.k_splits(d_in) <= 8 and _has_clusters()
-
-
-@functools.cache
-def _has_clusters() -> bool:
-  return float(getattr(jax.devices()[0], "compute_capability", 0)) >= 9.0
 
 
 def _chunks(d_in: int) -> int:
@@ -167,19 +151,18 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   t, n = x.shape[0], packed.shape[-2]
   splits = tuning.k_splits(x.shape[1])
   blocks = _column_blocks(n, tuning)  # counted in per split launch
-  cluster = _clusters(tuning, x.shape[1])
-  split = splits > 1 and not cluster  # only these use the float32 partials and the block counters
+  split = splits > 1  # only split launches use the float32 partials and the block counters
   partials = (splits, t, n) if split else (1, 1, 1)
   counters = jnp.zeros((slots.shape[1] * blocks if split else 1,), jnp.int32)
   out = (jax.ShapeDtypeStruct((t, n), jnp.bfloat16), jax.ShapeDtypeStruct(partials, jnp.float32),
          jax.ShapeDtypeStruct(counters.shape, jnp.int32))
-  # Only a split launch without a cluster counts in, so only it needs the counters zeroed (aliased:
-  # a fresh zero buffer every call); otherwise they stay an unused constant and XLA zeroes nothing.
+  # Only a split launch counts in, so only it needs the counters zeroed (aliased: a fresh zero
+  # buffer every call); otherwise they stay an unused constant and XLA zeroes nothing.
   aliases = {4: 2} if split else {}
   y, _, _ = jax.ffi.ffi_call(_TARGET, out, input_output_aliases=aliases, vmap_method="sequential")(
       x, packed, centroids.reshape(*packed.shape[:2], 16).astype(jnp.bfloat16), slots, counters,
       splits=np.int64(splits), mt=np.int64(tuning.mt), nt=np.int64(tuning.nt), layout=np.int64(tuning.layout),
-      kgroups=np.int64(tuning.kgroups), stage=np.int64(tuning.stage_x), cluster=np.int64(cluster),
+      kgroups=np.int64(tuning.kgroups), stage=np.int64(tuning.stage_x),
       sum_once=np.int64(tuning.sum_once))
   return y
 

@@ -104,7 +104,7 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
 def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]:
   """The default first, then every built decode, column width and row tiling with K split 1..8
   ways (x staged in shared memory; also read from global memory for the two 64-column families),
-  layout 7 at each of its warp counts (with and without clusters, sums once or every 4 tiles), and the no-decode probe at the default's split and unsplit
+  layout 7 at each of its warp counts (sums in long groups or every 4 tiles), and the no-decode probe at the default's split and unsplit
   (what loads and mma cost alone). layouts: only these decodes after the default (None: all)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
@@ -112,9 +112,8 @@ def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]
     if layouts is not None and layout not in layouts:
       continue
     if layout == 7:  # K split by its warps; 8-row tiles of x
-      if (mt == 1) == (m <= 8):  # K splits added in a cluster (sm_90+) and through partials
-        out += [ck.CudaTuning(mt=mt, layout=7, kgroups=kgroups, cluster=c, sum_once=o)
-                for c in (True, False) for o in (True, False)]
+      if (mt == 1) == (m <= 8):  # sums in long groups (sum_once) and every 4 tiles
+        out += [ck.CudaTuning(mt=mt, layout=7, kgroups=kgroups, sum_once=o) for o in (True, False)]
       continue
     if layout == 2 or (mt > 1 and m <= 16 * (mt // 2)):  # more row tiles than rows: same work
       continue

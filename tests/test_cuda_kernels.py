@@ -47,8 +47,7 @@ def test_lut_matmul_matches_reference(m, k, n):
 TUNINGS = [CudaTuning(mt=mt, nt=nt, splits=1 if layout == 7 else (1, 3, 5, 16, 2)[i % 5], layout=layout,
                       kgroups=kgroups, stage_x=i % 3 != 1)
            for i, (layout, kgroups, mt, nt) in enumerate(sorted(k for k in ck.KERNELS if k[0] != 2))]
-TUNINGS += [dataclasses.replace(t, cluster=c, sum_once=o) for t in TUNINGS if t.layout == 7 and t.kgroups < 16
-            for c, o in ((False, True), (True, False), (False, False))]
+TUNINGS += [dataclasses.replace(t, sum_once=False) for t in TUNINGS if t.layout == 7 and t.kgroups < 16]
 
 
 @needs_gpu
@@ -88,46 +87,28 @@ def test_grouped_matches_reference(sizes, k, n):
 
 
 @needs_gpu
-@pytest.mark.parametrize("k,kgroups", [(2048, 4), (1184, 4), (4096, 16), (8192, 4)])
-@pytest.mark.parametrize("grouped", [False, True])
-def test_cluster_sums_equal_counted_sums(k, kgroups, grouped):
-  """Layout 7's K splits added in a thread-block cluster (sm_90+) or through partials and counters:
-  the same order, so the same bits (4 and 10 chunks in 4-warp splits, 2 splits of 16 warps, and 16
-  splits: more than a cluster takes, so counted either way); grouped with an empty expert."""
-  rng = np.random.default_rng(k + kgroups)
-  sizes = [2, 0, 1] if grouped else [3]
-  w = random_codebook_weight(rng, (len(sizes),) if grouped else (), 40, k, 4, k)
-  x = jnp.asarray(rng.normal(size=(sum(sizes), k)), jnp.bfloat16)
-  outs = []
-  for cluster in (True, False):
-    t = CudaTuning(layout=7, kgroups=kgroups, mt=1, cluster=cluster)
-    if grouped:
-      outs.append(ck.grouped_lut_matmul(x, w.packed, w.centroids, 4, jnp.asarray(sizes, jnp.int32), tuning=t))
-    else:
-      outs.append(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t))
-  _close(outs[0], float64_product(x, w, jnp.asarray(sizes, jnp.int32) if grouped else None))
-  np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
-
-
-@needs_gpu
-@pytest.mark.parametrize("m", [1, 11])
-def test_layout7_sum_variants_give_the_same_bits(m):
-  """Many tiles a block (20000 columns over a grid of a few hundred blocks: groups longer than 4
-  tiles when summed once), K in two splits: clusters or counters, sums once or every 4 tiles."""
+@pytest.mark.parametrize("m,sizes", [(1, None), (11, None), (4, [2, 0, 1, 1])])
+def test_layout7_sum_groups_give_the_same_bits(m, sizes):
+  """Many tiles a block (20000 columns over a grid of a few hundred blocks), K in two splits: the
+  warps' sums added in groups longer than 4 tiles (sum_once) or every 4 tiles; grouped with an
+  empty expert."""
   rng = np.random.default_rng(m)
-  w = random_codebook_weight(rng, (), 20000, 1024, 4, 1024)
+  gs = None if sizes is None else jnp.asarray(sizes, jnp.int32)
+  w = random_codebook_weight(rng, () if sizes is None else (len(sizes),), 20000, 1024, 4, 1024)
   x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
-  outs = [np.asarray(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=CudaTuning(
-      layout=7, kgroups=4, mt=1 if m <= 8 else 2, cluster=c, sum_once=o)), np.float32)
-          for c in (True, False) for o in (True, False)]
-  _close(outs[0], float64_product(x, w))
-  for other in outs[1:]:
-    np.testing.assert_array_equal(outs[0], other)
+  outs = []
+  for once in (True, False):
+    t = CudaTuning(layout=7, kgroups=4, mt=1 if m <= 8 else 2, sum_once=once)
+    y = ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t) if gs is None else \
+        ck.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, tuning=t)
+    outs.append(np.asarray(y, np.float32))
+  _close(outs[0], float64_product(x, w, gs))
+  np.testing.assert_array_equal(outs[0], outs[1])
 
 
 @needs_gpu
 @pytest.mark.parametrize("t", [CudaTuning(splits=8), CudaTuning(layout=7, kgroups=4),
-                               CudaTuning(layout=7, kgroups=4, cluster=False)], ids=str)
+                               CudaTuning(layout=7, kgroups=4, sum_once=False)], ids=str)
 def test_results_do_not_depend_on_the_run(t):
   """Split partials are added in a fixed order: two runs give the same bits."""
   rng = np.random.default_rng(5)
