@@ -75,7 +75,8 @@ class CudaTuning:
   read from global memory). Layout 7 reads mt as 8-row tiles of x per pass, ignores nt and
   stage_x, and splits K by kgroups (ceil(chunks / kgroups) blocks: leave splits at 1); sum_once:
   layout 7 adds its warps' sums in as few groups of tiles as shared memory holds at the same
-  blocks an SM (at best once, after all of a block's tiles; False: every 4 tiles; the same bits). KERNELS lists the combinations built; the field defaults are layout 5's measured default."""
+  blocks an SM (at best once, after all of a block's tiles; False: every 4 tiles; the same bits).
+  KERNELS lists the combinations built; the field defaults are layout 5's measured default."""
 
   mt: int = 1
   nt: int = 2

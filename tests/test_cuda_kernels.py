@@ -176,6 +176,23 @@ def test_other_defaults_give_about_one_block_per_sm(rows, k, n, slots):
   assert 66 <= blocks * t.splits <= 264 or t.splits in (1, chunks, 16)
 
 
+@pytest.mark.parametrize("tuning,d_in,split", [
+    (CudaTuning(), 1024, False), (CudaTuning(splits=2), 1024, True),
+    (CudaTuning(layout=7, kgroups=4), 256, False), (CudaTuning(layout=7, kgroups=4), 1024, True),
+    (CudaTuning(layout=7, kgroups=16, mt=2), 1024, False)])
+def test_only_split_launches_have_xla_zero_their_counters(tuning, d_in, split):
+  """An aliased zero operand makes XLA write a fresh zero buffer every call (1.3-3 us on the H200:
+  BENCHMARKS.md, session 24): only a launch whose K is split counts blocks in and needs it (layout
+  7 splits K by its warps: 8 chunks over 4 warps are two splits). Checked on the lowered program,
+  no GPU needed."""
+  x = jnp.zeros((1, d_in), jnp.bfloat16)
+  packed, cent = jnp.zeros((1, 64, d_in // 2), jnp.uint8), jnp.zeros((1, 64, 1, 16), jnp.bfloat16)
+  slots = jnp.asarray([[0], [0], [1]], jnp.int32)
+  text = jax.jit(lambda *a: ck._call(*a, tuning)).lower(x, packed, cent, slots).as_text()
+  assert "cqjax_cuda_lut_matmul" in text
+  assert ("output_operand_aliases" in text) == split
+
+
 def test_tuning_refuses_out_of_range_values():
   with pytest.raises(CqjaxError, match="out of range"):
     CudaTuning(mt=3)
