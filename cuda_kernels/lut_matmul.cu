@@ -69,7 +69,7 @@ struct Problem {
   int t, k, n, num_slots, splits, chunks_per_split;
   int stage_rows;  // rows of x each block copies to shared memory per pass (0: read x from global)
   int stage_stride;  // elements between staged rows (the block's K range plus 8)
-  int group;         // layout 7: tiles whose sums a block adds at a time (a multiple of kXsDepth)
+  int group;         // layout 7: tiles whose sums a block adds at a time (a multiple of kXsDepth; set by launch_xs)
 };
 
 // The four codes in bits 16..31 of w -> two bf16x2 registers. The mask sign-replicates the byte
@@ -621,8 +621,9 @@ cudaError_t launch_xs(cudaStream_t stream, Problem p, bool sum_once) {
   const auto fits = [&](int g, int per_sm) {
     return smem_for(g) <= lim.smem && per_sm * (smem_for(g) + 1024) <= lim.sm_smem;  // 1 KB a block reserved
   };
+  p.group = kXsGroup;
   int grid_x = 0, per_sm = max(lim.fit, 1);
-  for (p.group = kXsGroup; per_sm >= 1; --per_sm) {
+  for (; per_sm >= 1; --per_sm) {
     const int g = min(tiles, max(1, lim.sms * per_sm / others));
     if (fits(g, per_sm)) {
       grid_x = g;
@@ -695,7 +696,7 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
             static_cast<const uint16_t*>(centroids.untyped_data()), slots.typed_data(), counters_out->typed_data(),
             static_cast<__nv_bfloat16*>(out->untyped_data()), partials->typed_data(),
             static_cast<int>(t), static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]),
-            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0, kXsGroup};
+            static_cast<int>(splits), static_cast<int>(full == 0 ? 0 : (full + splits - 1) / splits), 0, 0, 0};
   cudaError_t err;
   switch (kgroups * 1000 + layout * 100 + mt * 10 + nt) {
     case 4712: err = launch_xs<4, 1>(stream, p, sum_once != 0); break;

@@ -119,7 +119,8 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   if rows == 1 and slots <= 2 and d_in <= 4096 <= d_out:
     chunks = _chunks(d_in)
     tiles = -(-d_out // 16) * slots
-    kgroups = next((w for w in (16, 8) if w <= chunks and tiles * -(-chunks // w) >= sms), 4)
+    units = lambda w: tiles * CudaTuning(layout=7, kgroups=w).k_splits(d_in)  # (tile, K split) pairs
+    kgroups = next((w for w in (16, 8) if w <= chunks and units(w) >= sms), 4)
     return CudaTuning(layout=7, kgroups=kgroups)
   blocks = _column_blocks(d_out, CudaTuning()) * slots
   splits = max(1, min(d_in // _CHUNK, 16, round(sms / blocks)))

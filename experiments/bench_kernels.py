@@ -105,7 +105,8 @@ def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]
   """The default first, then every built decode, column width and row tiling with K split 1..8
   ways (x staged in shared memory; also read from global memory for the two 64-column families),
   layout 7 at each of its warp counts (sums in long groups or every 4 tiles), and the no-decode
-  probe at the default's split and unsplit (what loads and mma cost alone). layouts: only these decodes after the default (None: all)."""
+  probe at the default's split and unsplit (what loads and mma cost alone). layouts: only these
+  decodes after the default (None: all)."""
   base = ck.default_tuning(m, k, n)
   out = [base]
   for layout, kgroups, mt, nt in sorted(ck.KERNELS):
