@@ -54,6 +54,12 @@ __device__ __forceinline__ void decode_word(uint32_t w, const uint32_t (&cb)[8],
   decode_four(sel >> 16, prmt(w4, w, 0xFBEAu), cb, b[2], b[3]);
 }
 
+// Byte t of each of the four words of u -> one word {u.x.t, u.y.t, u.z.t, u.w.t}; sel = t | (t + 4) << 4.
+// (Gathers the codes of one lane's k pairs in the mma's own k order from a row's consecutive bytes.)
+__device__ __forceinline__ uint32_t gather_bytes(uint4 u, uint32_t sel) {
+  return prmt(prmt(u.x, u.y, sel), prmt(u.z, u.w, sel), 0x5410u);
+}
+
 // A row's 16 bf16 centroids -> its byte tables (decode_four's cb).
 __device__ __forceinline__ void byte_tables(uint4 u, uint4 v, uint32_t (&cb)[8]) {
   cb[0] = prmt(u.x, u.y, 0x6420u), cb[1] = prmt(u.z, u.w, 0x6420u);

@@ -46,6 +46,7 @@
 #include <string>
 
 #include "lut_decode.cuh"
+#include "wgmma.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
 // static and dynamic together, less the static), the shared memory of an SM, the SM count, and
 // the blocks an SM holds at `threads` threads by registers alone.
 struct LaunchLimits {
-  int smem = 0, sm_smem = 0, sms = 0, fit = 0;
+  int smem = 0, sm_smem = 0, sms = 0, fit = 0, major = 0;
 };
 
 template <auto kKernel>
@@ -443,6 +444,7 @@ cudaError_t launch_limits(int threads, LaunchLimits& out) {
   err = cudaDeviceGetAttribute(&out.smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&out.sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&out.sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&out.major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kKernel);
   if (err != cudaSuccess) return err;
   out.smem -= static_cast<int>(attr.sharedSizeBytes);
@@ -641,6 +643,142 @@ cudaError_t launch_xs(cudaStream_t stream, Problem p, bool sum_once) {
   return cudaGetLastError();
 }
 
+// Layout 8, prefill on Hopper (sm_90a). A block of WG warpgroups owns 64 WG output columns (16 a
+// warp) and multiplies N = 64 or 128 rows of x at a time with wgmma: the decoded weights are the
+// A operand, in registers (each weight decoded once per N rows), x the B operand, read by the
+// tensor cores from shared memory (one copy for the block's warpgroups). Stages of 64 inputs
+// (x's N rows of 128 bytes in the 128-byte swizzle, and the block's rows of codes) are copied with
+// cp.async six stages ahead of the one multiplied. A lane's codes are in the mma's k order
+// (pairs 2 t and 2 t + 8 of each k16 step), so each lane reads its rows' 16-byte words and keeps
+// byte t of each (gather_bytes), then decodes as layouts 5 and 7: two k16 steps a word, whose
+// wgmma run while the next word is decoded. Rows of x past the slot's are zeros in shared memory;
+// K may end in a 32-input stage; split K as in layout 5 (counters per column block).
+constexpr int kWgInputs = 64, kWgStages = 8;  // 6 stages ahead: the codes come from memory, ~1 µs away
+
+template <int N, int WG>
+__host__ __device__ constexpr int wg_stage_bytes() {
+  return N * kWgInputs * 2 + 64 * WG * kWgInputs / 2;  // x's rows, then the block's rows of codes
+}
+
+template <int N, int WG>
+__global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kAhead = kWgStages - 2;  // a stage's buffer is rewritten once no wgmma reads it
+  constexpr int kThreads = 128 * WG, kCols = 64 * WG, kXBytes = N * kWgInputs * 2;
+  extern __shared__ __align__(128) uint8_t wsm_[];
+  uint8_t* const wsm = wsm_ + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(wsm_)) & 1023)) & 1023);  // swizzle tiles
+  const int slot = blockIdx.z, split = blockIdx.y, n0 = blockIdx.x * kCols;
+  if (split == 0 && slot == 0) zero_uncovered_rows(p, kCols, [&](int c) { return n0 + c; });
+  const int rows = p.slots[2 * p.num_slots + slot];
+  if (rows == 0) return;
+  const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const size_t row_bytes = p.k / 2;
+  const uint8_t* codes = p.packed + static_cast<size_t>(expert) * p.n * row_bytes;
+  const int stages = (p.k + kWgInputs - 1) / kWgInputs;
+  const int s_begin = min(stages, split * p.chunks_per_split), s_end = min(stages, s_begin + p.chunks_per_split);
+
+  uint32_t cb[2][8];  // byte tables of the lane's weight rows 16 warp + g and + 8 of the block
+  const uint16_t* cent = p.centroids + static_cast<size_t>(expert) * p.n * 16;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(n0 + 16 * warp + g + 8 * h, p.n - 1)) * 16);
+    byte_tables(__ldg(c), __ldg(c + 1), cb[h]);
+  }
+  const uint32_t sel = t4 | (t4 + 4) << 4;
+
+  // Stage s of the pass over rows [rb, rb + N): x's rows (128 bytes each, chunk c of row r at
+  // chunk c ^ (r % 8): 8 consecutive threads fill one row), then the codes, 32 bytes a row.
+  const auto load_stage = [&](int s, int rb) {
+    uint8_t* buf = wsm + (s % kWgStages) * wg_stage_bytes<N, WG>();
+    const int k0 = s * kWgInputs, kin = min(kWgInputs, p.k - k0);
+    for (int i = threadIdx.x; i < N * 8; i += kThreads) {
+      const int r = i >> 3, c = i & 7;
+      if (8 * c < kin)
+        cp_async16(buf + 128 * r + 16 * (c ^ (r & 7)),
+                   p.x + static_cast<size_t>(row0 + min(rb + r, rows - 1)) * p.k + k0 + 8 * c, rb + r < rows);
+    }
+    const int r = threadIdx.x >> 1, half = threadIdx.x & 1;  // kThreads = 2 kCols
+    if (32 * half < kin)
+      cp_async16(buf + kXBytes + 32 * r + 16 * half,
+                 codes + static_cast<size_t>(min(n0 + r, p.n - 1)) * row_bytes + k0 / 2 + 16 * half, true);
+  };
+
+  for (int rb = 0; rb < rows; rb += N) {
+    if (rb > 0) __syncthreads();  // every warp is done with the previous pass's buffers
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) {
+      if (s_begin + i < s_end) load_stage(s_begin + i, rb);
+      cp_async_commit();
+    }
+    float acc[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+    uint32_t a[2][8] = {};  // the A registers of two k16 steps (one code word), for two words
+    for (int s = s_begin; s < s_end; ++s) {
+      cp_async_wait<kAhead - 1>();  // this thread's copies of stage s
+      fence_proxy_async();
+      __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
+      if (s + kAhead < s_end) load_stage(s + kAhead, rb);
+      cp_async_commit();
+      const uint8_t* buf = wsm + (s % kWgStages) * wg_stage_bytes<N, WG>();
+      const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
+      const bool both = p.k - s * kWgInputs >= kWgInputs;  // else a 32-input end: word 0 only
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        if (m == 1 && !both) break;
+        // Word m decoded into a[m] while the wgmma of the previous word (a[1 - m]) run; a[m]'s
+        // earlier wgmma completed at the last wait.
+        uint32_t ag[4], ah[4];
+        const uint8_t* word = buf + kXBytes + 32 * (16 * warp + g) + 16 * m;
+        decode_word(gather_bytes(*reinterpret_cast<const uint4*>(word), sel), cb[0], ag);
+        decode_word(gather_bytes(*reinterpret_cast<const uint4*>(word + 256), sel), cb[1], ah);
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+          a[m][4 * q] = ag[2 * q], a[m][4 * q + 1] = ah[2 * q], a[m][4 * q + 2] = ag[2 * q + 1], a[m][4 * q + 3] = ah[2 * q + 1];
+        wgmma_fence();
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {  // k16 step 2 m + q: bytes 32 (2 m + q) ... of each row
+          const uint32_t (&aq)[4] = *reinterpret_cast<const uint32_t(*)[4]>(&a[m][4 * q]);
+          wgmma<N>(acc, aq, wgmma_desc_sw128(xs + 32 * (2 * m + q)));
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous word's wgmma are done
+        wgmma_keep(a[1 - m]);
+      }
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = rb + 8 * j + 2 * t4 + (i & 1), col = n0 + 16 * warp + g + 8 * (i >> 1);
+        if (r < rows && col < p.n) store_sum(p, split, static_cast<size_t>(row0 + r) * p.n + col, acc[4 * j + i]);
+      }
+  }
+  // Split K: the last of the column block's splits to finish adds the partials in split order.
+  if (p.splits == 1 || !last_to_finish(p, slot * gridDim.x + blockIdx.x)) return;
+  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
+    const int col = n0 + i % kCols;
+    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + i / kCols) * p.n + col);
+  }
+#endif
+}
+
+template <int N, int WG>
+cudaError_t launch_wg(cudaStream_t stream, Problem p) {
+  LaunchLimits lim;
+  const cudaError_t err = launch_limits<wg_kernel<N, WG>>(128 * WG, lim);
+  if (err != cudaSuccess) return err;
+  if (lim.major != 9) return cudaErrorNotSupported;  // wgmma: built for sm_90a only
+  const int stages = (p.k + kWgInputs - 1) / kWgInputs;
+  p.chunks_per_split = (stages + p.splits - 1) / p.splits;
+  const dim3 grid((p.n + 64 * WG - 1) / (64 * WG), p.splits, p.num_slots);
+  wg_kernel<N, WG><<<grid, 128 * WG, kWgStages * wg_stage_bytes<N, WG>() + 1024, stream>>>(p);  // + alignment
+  return cudaGetLastError();
+}
+
 template <int MT, int NT, int kLayout, int KG>
 cudaError_t launch(cudaStream_t stream, Problem p, bool stage) {
   constexpr int kCols = kWarps * NT * 8;
@@ -730,8 +868,13 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     case 1512: err = launch<1, 2, 5, 1>(stream, p, stage != 0); break;
     case 4612: err = launch<1, 2, 6, 4>(stream, p, stage != 0); break;
     case 4622: err = launch<2, 2, 6, 4>(stream, p, stage != 0); break;
+    case 1812: err = launch_wg<64, 1>(stream, p); break;
+    case 1814: err = launch_wg<64, 2>(stream, p); break;
+    case 1822: err = launch_wg<128, 1>(stream, p); break;
+    case 1824: err = launch_wg<128, 2>(stream, p); break;
     default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul.py: KERNELS lists those built)");
   }
+  if (layout == 8 && err == cudaErrorNotSupported) return invalid("layout 8 (wgmma) needs a Hopper GPU (sm_90)");
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

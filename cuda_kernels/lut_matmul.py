@@ -59,7 +59,8 @@ KERNELS = frozenset(
     + [(4, 1, 1, nt) for nt in (1, 2, 4)]
     + [(5, 4, mt, 2) for mt in (1, 2, 4)] + [(5, 1, 1, 2)]
     + [(6, 4, mt, 2) for mt in (1, 2)]
-    + [(7, kgroups, mt, 2) for kgroups in (4, 8, 16) for mt in (1, 2)])
+    + [(7, kgroups, mt, 2) for kgroups in (4, 8, 16) for mt in (1, 2)]
+    + [(8, 1, mt, nt) for mt in (1, 2) for nt in (2, 4)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,9 @@ class CudaTuning:
   stage_x, and splits K by kgroups (ceil(chunks / kgroups) blocks: leave splits at 1); sum_once:
   layout 7 adds its warps' sums in as few groups of tiles as shared memory holds at the same
   blocks an SM (at best once, after all of a block's tiles; False: every 4 tiles; the same bits).
+  Layout 8 (Hopper only: wgmma) multiplies 64 mt rows of x at a time, each weight decoded once
+  per pass, nt / 2 warpgroups of 64 columns a block (kgroups 1), K split into `splits` blocks; it
+  ignores stage_x.
   KERNELS lists the combinations built; the field defaults are layout 5's measured default."""
 
   mt: int = 1

@@ -116,6 +116,10 @@ def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]
       if (mt == 1) == (m <= 8):  # sums in long groups (sum_once) and every 4 tiles
         out += [ck.CudaTuning(mt=mt, layout=7, kgroups=kgroups, sum_once=o) for o in (True, False)]
       continue
+    if layout == 8:  # Hopper prefill: 64 mt rows a pass, 32 nt columns a block, K split 1, 2 or 4 ways
+      if mt == 1 or m > 64:
+        out += [ck.CudaTuning(mt=mt, nt=nt, layout=8, kgroups=1, splits=s) for s in (1, 2, 4) if s <= max(1, k // 64)]
+      continue
     if layout == 2 or (mt > 1 and m <= 16 * (mt // 2)):  # more row tiles than rows: same work
       continue
     for splits in (1, 2, 3, 4, 6, 8) if kgroups == 4 and layout >= 4 else (1, 2, 4, 8):

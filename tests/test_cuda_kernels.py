@@ -106,9 +106,39 @@ def test_layout7_sum_groups_give_the_same_bits(m, sizes):
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
+PREFILL = [CudaTuning(layout=8, kgroups=1, mt=1, splits=3), CudaTuning(layout=8, kgroups=1, mt=2, nt=4)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("tuning", PREFILL, ids=str)
+@pytest.mark.parametrize("m", [1, 64, 129, 300])
+def test_prefill_layout_passes_over_rows(tuning, m):
+  """Layout 8 (wgmma): one row (the rest of the pass zeros), a whole pass, a pass and one row,
+  several passes; K ends in a 32-input stage, n off the 64-column block."""
+  rng = np.random.default_rng(m)
+  w = random_codebook_weight(rng, (), 130, 1056, 4, 1056)
+  x = jnp.asarray(rng.normal(size=(m, 1056)), jnp.bfloat16)
+  _close(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=tuning), float64_product(x, w))
+
+
+@needs_gpu
+@pytest.mark.parametrize("tuning", PREFILL, ids=str)
+def test_prefill_layout_grouped(tuning):
+  """Empty experts between experts of 150 and 140 rows (passes of 64 or 128), one of 3 rows."""
+  sizes = [150, 0, 3, 0, 140]
+  rng = np.random.default_rng(8)
+  w = random_codebook_weight(rng, (len(sizes),), 200, 768, 4, 768)
+  gs = jnp.asarray(sizes, jnp.int32)
+  x = jnp.asarray(rng.normal(size=(sum(sizes) + 2, 768)), jnp.bfloat16)
+  got = ck.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, tuning=tuning)
+  _close(got, float64_product(x, w, gs))
+  assert not np.asarray(got[-2:], np.float32).any()
+
+
 @needs_gpu
 @pytest.mark.parametrize("t", [CudaTuning(splits=8), CudaTuning(layout=7, kgroups=4),
-                               CudaTuning(layout=7, kgroups=4, sum_once=False)], ids=str)
+                               CudaTuning(layout=7, kgroups=4, sum_once=False),
+                               CudaTuning(layout=8, kgroups=1, splits=8)], ids=str)
 def test_results_do_not_depend_on_the_run(t):
   """Split partials are added in a fixed order: two runs give the same bits."""
   rng = np.random.default_rng(5)
