@@ -104,7 +104,8 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
 def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]:
   """The default first, then every built decode, column width and row tiling with K split 1..8
   ways (x staged in shared memory; also read from global memory for the two 64-column families),
-  layout 7 at each of its warp counts (sums in long groups or every 4 tiles), and the no-decode
+  layout 7 at each of its warp counts (sums in long groups or every 4 tiles), layout 8 (Hopper
+  prefill) at one or two warpgroups a block and K split 1 to 8 ways, and the no-decode
   probe at the default's split and unsplit (what loads and mma cost alone). layouts: only these
   decodes after the default (None: all)."""
   base = ck.default_tuning(m, k, n)
@@ -116,9 +117,9 @@ def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]
       if (mt == 1) == (m <= 8):  # sums in long groups (sum_once) and every 4 tiles
         out += [ck.CudaTuning(mt=mt, layout=7, kgroups=kgroups, sum_once=o) for o in (True, False)]
       continue
-    if layout == 8:  # Hopper prefill: 64 mt rows a pass, 32 nt columns a block, K split 1, 2 or 4 ways
+    if layout == 8:  # Hopper prefill: 64 mt rows a pass, 32 nt columns a block, K split 1 to 8 ways
       if mt == 1 or m > 64:
-        out += [ck.CudaTuning(mt=mt, nt=nt, layout=8, kgroups=1, splits=s) for s in (1, 2, 4) if s <= max(1, k // 64)]
+        out += [ck.CudaTuning(mt=mt, nt=nt, layout=8, kgroups=1, splits=s) for s in (1, 2, 4, 8) if s <= max(1, k // 64)]
       continue
     if layout == 2 or (mt > 1 and m <= 16 * (mt // 2)):  # more row tiles than rows: same work
       continue
