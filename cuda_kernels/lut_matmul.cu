@@ -191,6 +191,16 @@ __device__ void store_split_sum(const Problem& p, size_t at) {
   p.out[at] = __float2bfloat16_rn(sum);
 }
 
+// Split K, layouts with one counter per column block (blockIdx.x) of `cols` columns from n0: the
+// last of the block's splits to finish adds the partials of the slot's rows in split order.
+__device__ void finish_column_block(const Problem& p, int slot, int row0, int rows, int n0, int cols) {
+  if (p.splits == 1 || !last_to_finish(p, slot * gridDim.x + blockIdx.x)) return;
+  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int col = n0 + i % cols;
+    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + i / cols) * p.n + col);
+  }
+}
+
 // Shared memory of one block: layout 3's pair tables and staged centroids, the K warps' fragment
 // hand-over, then (sized at launch) the staged rows of x.
 template <int NT, int kLayout>
@@ -414,12 +424,7 @@ __global__ void __launch_bounds__(kWarps * KG * 32) lut_matmul_kernel(Problem p)
         }
     }
   }
-  // Split K: the last of the column block's splits to finish adds the partials in split order.
-  if (p.splits == 1 || !last_to_finish(p, slot * gridDim.x + blockIdx.x)) return;
-  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
-    const int col = n0 + i % kCols;
-    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + i / kCols) * p.n + col);
-  }
+  finish_column_block(p, slot, row0, rows, n0, kCols);
 }
 
 // What a launch of kKernel may take on the current device, found once per device and kernel: the
@@ -689,8 +694,9 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
 
   // Stage s of the pass over rows [rb, rb + N): x's rows (128 bytes each, chunk c of row r at
   // chunk c ^ (r % 8): 8 consecutive threads fill one row), then the codes, 32 bytes a row.
+  const auto stage_buffer = [&](int s) { return wsm + (s % kWgStages) * wg_stage_bytes<N, WG>(); };
   const auto load_stage = [&](int s, int rb) {
-    uint8_t* buf = wsm + (s % kWgStages) * wg_stage_bytes<N, WG>();
+    uint8_t* buf = stage_buffer(s);
     const int k0 = s * kWgInputs, kin = min(kWgInputs, p.k - k0);
     for (int i = threadIdx.x; i < N * 8; i += kThreads) {
       const int r = i >> 3, c = i & 7;
@@ -721,7 +727,7 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
       __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
       if (s + kAhead < s_end) load_stage(s + kAhead, rb);
       cp_async_commit();
-      const uint8_t* buf = wsm + (s % kWgStages) * wg_stage_bytes<N, WG>();
+      const uint8_t* buf = stage_buffer(s);
       const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
       const bool both = p.k - s * kWgInputs >= kWgInputs;  // else a 32-input end: word 0 only
 #pragma unroll
@@ -757,12 +763,7 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
         if (r < rows && col < p.n) store_sum(p, split, static_cast<size_t>(row0 + r) * p.n + col, acc[4 * j + i]);
       }
   }
-  // Split K: the last of the column block's splits to finish adds the partials in split order.
-  if (p.splits == 1 || !last_to_finish(p, slot * gridDim.x + blockIdx.x)) return;
-  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
-    const int col = n0 + i % kCols;
-    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + i / kCols) * p.n + col);
-  }
+  finish_column_block(p, slot, row0, rows, n0, kCols);
 #endif
 }
 
