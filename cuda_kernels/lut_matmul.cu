@@ -732,7 +732,10 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
       const bool both = p.k - s * kWgInputs >= kWgInputs;  // else a 32-input end: word 0 only
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
-        if (m == 1 && !both) break;
+        if (m == 1 && !both) {  // K's end: word 0's wgmma retired before leaving (else ptxas, seeing
+          wgmma_wait<0>();      // a[0] rewritten while it may run, serializes every wgmma: C7513)
+          break;
+        }
         // Word m decoded into a[m] while the wgmma of the previous word (a[1 - m]) run; a[m]'s
         // earlier wgmma completed at the last wait.
         uint32_t ag[4], ah[4];
@@ -873,6 +876,8 @@ ffi::Error LutMatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     case 1814: err = launch_wg<64, 2>(stream, p); break;
     case 1822: err = launch_wg<128, 1>(stream, p); break;
     case 1824: err = launch_wg<128, 2>(stream, p); break;
+    case 1818: err = launch_wg<64, 4>(stream, p); break;
+    case 1828: err = launch_wg<128, 4>(stream, p); break;
     default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul.py: KERNELS lists those built)");
   }
   if (layout == 8 && err == cudaErrorNotSupported) return invalid("layout 8 (wgmma) needs a Hopper GPU (sm_90)");

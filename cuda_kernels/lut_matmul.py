@@ -60,7 +60,7 @@ KERNELS = frozenset(
     + [(5, 4, mt, 2) for mt in (1, 2, 4)] + [(5, 1, 1, 2)]
     + [(6, 4, mt, 2) for mt in (1, 2)]
     + [(7, kgroups, mt, 2) for kgroups in (4, 8, 16) for mt in (1, 2)]
-    + [(8, 1, mt, nt) for mt in (1, 2) for nt in (2, 4)])
+    + [(8, 1, mt, nt) for mt in (1, 2) for nt in (2, 4, 8)])
 
 
 @dataclasses.dataclass(frozen=True)

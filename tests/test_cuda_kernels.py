@@ -106,7 +106,8 @@ def test_layout7_sum_groups_give_the_same_bits(m, sizes):
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
-PREFILL = [CudaTuning(layout=8, kgroups=1, mt=1, splits=3), CudaTuning(layout=8, kgroups=1, mt=2, nt=4)]
+PREFILL = [CudaTuning(layout=8, kgroups=1, mt=1, splits=3), CudaTuning(layout=8, kgroups=1, mt=2, nt=4),
+           CudaTuning(layout=8, kgroups=1, mt=2, nt=8, splits=2)]
 
 
 @needs_gpu
@@ -114,7 +115,7 @@ PREFILL = [CudaTuning(layout=8, kgroups=1, mt=1, splits=3), CudaTuning(layout=8,
 @pytest.mark.parametrize("m", [1, 64, 129, 300])
 def test_prefill_layout_passes_over_rows(tuning, m):
   """Layout 8 (wgmma): one row (the rest of the pass zeros), a whole pass, a pass and one row,
-  several passes; K ends in a 32-input stage, n off the 64-column block."""
+  several passes; K ends in a 32-input stage, n off the 64-, 128- or 256-column block."""
   rng = np.random.default_rng(m)
   w = random_codebook_weight(rng, (), 130, 1056, 4, 1056)
   x = jnp.asarray(rng.normal(size=(m, 1056)), jnp.bfloat16)
