@@ -245,15 +245,37 @@ def test_serves_the_decode_regime_of_large_weights():
   assert not ck.serves(1, 512, 1024)  # launch-bound small weights
 
 
+def test_serves_prefill_rows_of_large_weights_on_hopper():
+  """Layout 8 where it measured ahead of Pallas: 49 to 128 rows, 2^25 codes and more, sm_90 only."""
+  for rows in (49, 64, 128):
+    assert ck.serves(rows, 4096, 14336, hopper=True) and ck.serves(rows, 14336, 4096, hopper=True)
+    assert not ck.serves(rows, 4096, 14336)
+  assert not ck.serves(48, 4096, 14336, hopper=True) and not ck.serves(129, 4096, 14336, hopper=True)
+  assert not ck.serves(128, 4096, 4096, hopper=True)  # 2^24 codes: not measured
+
+
+@pytest.mark.parametrize("rows,k,n,slots,want", [(64, 4096, 14336, 1, (1, 4, 1)), (128, 4096, 14336, 1, (2, 4, 1)),
+                                                 (64, 14336, 4096, 1, (1, 8, 8)), (128, 14336, 4096, 1, (2, 8, 8)),
+                                                 (100, 4096, 14336, 8, (2, 4, 1)), (64, 14336, 4096, 8, (1, 8, 1))])
+def test_prefill_default_on_hopper(rows, k, n, slots, want):
+  """The best layout-8 tunings of the session-26 sweep on the Mixtral shapes; K split so that
+  (column block, split) units number about one per SM, at most 8."""
+  t = ck.default_tuning(rows, k, n, slots, hopper=True)
+  assert (t.layout, t.kgroups, t.mt, t.nt, t.splits) == (8, 1, *want)
+  assert ck.default_tuning(rows, k, n, slots).layout == 5  # not on other GPUs
+
+
 def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   """The dispatcher's GPU choice, without a GPU: the CUDA kernel for decode rows of a 2^20-code
-  weight (single and grouped), the Pallas kernels for prefill rows, small weights, other bit
-  widths, and everywhere when CQJAX_KERNELS=pallas; CUDA wherever it applies with =cuda."""
+  weight (single and grouped), the Pallas kernels for prefill rows (but those of large weights on
+  Hopper), small weights, other bit widths, and everywhere when CQJAX_KERNELS=pallas; CUDA
+  wherever it applies with =cuda."""
   from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
   called = []
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(ck, "available", lambda: True)
+  monkeypatch.setattr(ck, "is_hopper", lambda: False)
   for mod, name in ((ck, "cuda"), (pk, "pallas")):
     monkeypatch.setattr(mod, "lut_matmul", lambda *a, name=name: called.append(name))
     monkeypatch.setattr(mod, "grouped_lut_matmul", lambda *a, name=name: called.append(name))
@@ -279,6 +301,11 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   assert choice("auto", 1024, 4096, 14336, experts=8) == "pallas"  # prefill: 128 rows an expert
   assert choice("cuda", 64, 512, 1024) == "cuda"
   assert choice("pallas", 1, 4096, 14336) == "pallas"
+  monkeypatch.setattr(ck, "is_hopper", lambda: True)  # layout 8 takes prefill rows of large weights
+  assert choice("auto", 1024, 4096, 14336, experts=8) == "cuda"
+  assert choice("auto", 128, 14336, 4096) == "cuda"
+  assert choice("auto", 256, 4096, 14336) == "pallas"
+  assert choice("auto", 64, 1024, 1024) == "pallas"
 
 
 @needs_gpu
