@@ -73,7 +73,7 @@ class _CudaFirst:
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
       return None
     rows = cuda.rows_per_slot(x.shape[0], packed.shape[0]) if grouped else x.shape[0]
-    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2], cuda.is_hopper()) else None
+    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2]) else None
 
   def lut_matmul(self, x, packed, centroids, bits):
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top

@@ -122,14 +122,15 @@ def prefill_rows(rows: int, d_in: int, d_out: int) -> bool:
 
 
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132,
-                   hopper: bool = False) -> CudaTuning:
+                   hopper: bool | None = None) -> CudaTuning:
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots; hopper:
-  whether layout 8 runs (is_hopper()).
+  whether layout 8 runs (None: is_hopper()).
 
   From the H200 runs (BENCHMARKS.md, sessions 21, 23 and 26). On Hopper, prefill_rows take layout
   8: one pass of 64 or 128 rows, 256 columns a block where d_in > d_out (few column blocks, K
-  split up to 8 ways so that the blocks number about one per SM), else 128. Layout 7 (each warp holds one chunk of
-  x and walks the weight's column tiles) only where it measured ahead of layout 5 in the same run:
+  split up to 8 ways so that the blocks number about one per SM), else 128. Layout 7 (each warp
+  holds one chunk of x and walks the weight's column tiles) only where it measured ahead of layout
+  5 in the same run:
   one row a slot, at most two slots (a single weight, or a top-2 MoE at batch 1, whose slots are all
   busy: a persistent grid wastes the blocks of empty slots), d_in up to 4096 (K split at most two
   ways at 16 warps a block: longer K spends the gain on split sums) and d_out of 4096 or more
@@ -137,7 +138,7 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   units would not give every SM one. Elsewhere layout 5: 64 columns a block, four warps per
   column warp splitting the chunks (16 warps a block, one block an SM at 128 registers), x read
   from global memory, K split so that the blocks number about one per SM."""
-  if hopper and prefill_rows(rows, d_in, d_out):
+  if (is_hopper() if hopper is None else hopper) and prefill_rows(rows, d_in, d_out):
     t = CudaTuning(layout=8, kgroups=1, mt=1 if rows <= 64 else 2, nt=8 if d_in > d_out else 4)
     blocks = _column_blocks(d_out, t) * slots
     return dataclasses.replace(t, splits=max(1, min(8, d_in // 64, round(sms / blocks))))
@@ -152,13 +153,15 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   return CudaTuning(mt=1 if rows <= 16 else 2, splits=splits)
 
 
-def serves(rows: int, d_in: int, d_out: int, hopper: bool = False) -> bool:
+def serves(rows: int, d_in: int, d_out: int, hopper: bool | None = None) -> bool:
   """Whether the dispatcher's automatic choice takes this kernel over the Pallas ones: where the
   H200 runs measured it ahead (BENCHMARKS.md, sessions 21 and 26): 16 rows of x or fewer per
   weight (the decode regime) and at least 2^20 codes a weight (smaller ones are launch-bound,
-  where the Pallas path measured faster); on Hopper also prefill_rows (layout 8). Elsewhere
-  prefill tiles favour the Pallas kernels."""
-  return (rows <= 16 and d_in * d_out >= 1 << 20) or (hopper and prefill_rows(rows, d_in, d_out))
+  where the Pallas path measured faster); on Hopper (hopper None: is_hopper()) also prefill_rows
+  (layout 8). Elsewhere prefill tiles favour the Pallas kernels."""
+  if rows <= 16 and d_in * d_out >= 1 << 20:
+    return True
+  return (is_hopper() if hopper is None else hopper) and prefill_rows(rows, d_in, d_out)
 
 
 def _column_blocks(d_out: int, tuning: CudaTuning) -> int:
@@ -214,7 +217,7 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
   n = _check("CUDA lut_matmul", x, packed, centroids, bits, ())
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
-  tuning = tuning or default_tuning(m, d_in, n, hopper=is_hopper())
+  tuning = tuning or default_tuning(m, d_in, n)
   slots = jnp.asarray([[0], [0], [m]], jnp.int32)
   return _call(x, packed[None], centroids[None], slots, tuning)
 
@@ -232,5 +235,5 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
-  tuning = tuning or default_tuning(rows_per_slot(t, e), d_in, n, slots, hopper=is_hopper())
+  tuning = tuning or default_tuning(rows_per_slot(t, e), d_in, n, slots)
   return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)

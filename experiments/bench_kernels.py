@@ -105,10 +105,10 @@ def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]
   """The default first, then every built decode, column width and row tiling with K split 1..8
   ways (x staged in shared memory; also read from global memory for the two 64-column families),
   layout 7 at each of its warp counts (sums in long groups or every 4 tiles), layout 8 (Hopper
-  prefill) at one or two warpgroups a block and K split 1 to 8 ways, and the no-decode
+  prefill) at one, two or four warpgroups a block and K split 1 to 8 ways, and the no-decode
   probe at the default's split and unsplit (what loads and mma cost alone). layouts: only these
   decodes after the default (None: all)."""
-  base = ck.default_tuning(m, k, n, hopper=ck.is_hopper())
+  base = ck.default_tuning(m, k, n)
   out = [base]
   for layout, kgroups, mt, nt in sorted(ck.KERNELS):
     if layouts is not None and layout not in layouts:
@@ -167,7 +167,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
     if "cuda" in kernels:
       w0 = weights[0]
       cerr = _rel_err(ck.lut_matmul(x, w0.packed, w0.centroids, BITS), ref)
-      cands = cuda_candidates(m, k, n, cuda_layouts) if cuda_sweep else [ck.default_tuning(m, k, n, hopper=ck.is_hopper())]
+      cands = cuda_candidates(m, k, n, cuda_layouts) if cuda_sweep else [ck.default_tuning(m, k, n)]
       res = _time_tunings(ck.lut_matmul, x, weights, cands, sets, 5 if cuda_sweep else 7)
       t_c = res[0][0]
       cbest, cbest_t = min((r for r in res if r[1].layout != 2), key=lambda r: r[0])  # the probe is wrong on purpose

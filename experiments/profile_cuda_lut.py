@@ -20,7 +20,7 @@ from cuda_kernels import lut_matmul as ck
 
 def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
   if spec == "default":
-    return ck.default_tuning(m, k, n, hopper=ck.is_hopper())
+    return ck.default_tuning(m, k, n)
   try:
     layout, kgroups, mt, nt, splits, *stage = (int(v) for v in spec.split("/"))
   except ValueError:

@@ -249,7 +249,7 @@ def test_serves_prefill_rows_of_large_weights_on_hopper():
   """Layout 8 where it measured ahead of Pallas: 49 to 128 rows, 2^25 codes and more, sm_90 only."""
   for rows in (49, 64, 128):
     assert ck.serves(rows, 4096, 14336, hopper=True) and ck.serves(rows, 14336, 4096, hopper=True)
-    assert not ck.serves(rows, 4096, 14336)
+    assert not ck.serves(rows, 4096, 14336, hopper=False)
   assert not ck.serves(48, 4096, 14336, hopper=True) and not ck.serves(129, 4096, 14336, hopper=True)
   assert not ck.serves(128, 4096, 4096, hopper=True)  # 2^24 codes: not measured
 
@@ -262,7 +262,7 @@ def test_prefill_default_on_hopper(rows, k, n, slots, want):
   (column block, split) units number about one per SM, at most 8."""
   t = ck.default_tuning(rows, k, n, slots, hopper=True)
   assert (t.layout, t.kgroups, t.mt, t.nt, t.splits) == (8, 1, *want)
-  assert ck.default_tuning(rows, k, n, slots).layout == 5  # not on other GPUs
+  assert ck.default_tuning(rows, k, n, slots, hopper=False).layout == 5  # not on other GPUs
 
 
 def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
