@@ -183,21 +183,38 @@ __device__ bool last_to_finish(const Problem& p, int counter) {
   return is_last;
 }
 
-// out[at] = the partials at `at` added in split order (deterministic; read from L2, written this launch).
-__device__ void store_split_sum(const Problem& p, size_t at) {
+// out[at[b]] = the partials at at[b] added in split order, where ok[b] (deterministic; read from
+// L2, written this launch). The loads of all kBatch positions are in flight together: taken one
+// position at a time, each waited on L2 before the next, and a 128-row block's sums (layout 8)
+// took as long as its product.
+template <int kBatch>
+__device__ void store_split_sums(const Problem& p, const size_t (&at)[kBatch], const bool (&ok)[kBatch]) {
   const size_t plane = static_cast<size_t>(p.t) * p.n;
-  float sum = 0.f;
-  for (int sp = 0; sp < p.splits; ++sp) sum += __ldcg(p.partials + sp * plane + at);
-  p.out[at] = __float2bfloat16_rn(sum);
+  float sum[kBatch] = {};
+  for (int sp = 0; sp < p.splits; ++sp)
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b)
+      if (ok[b]) sum[b] += __ldcg(p.partials + sp * plane + at[b]);
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b)
+    if (ok[b]) p.out[at[b]] = __float2bfloat16_rn(sum[b]);
 }
 
 // Split K, layouts with one counter per column block (blockIdx.x) of `cols` columns from n0: the
 // last of the block's splits to finish adds the partials of the slot's rows in split order.
 __device__ void finish_column_block(const Problem& p, int slot, int row0, int rows, int n0, int cols) {
   if (p.splits == 1 || !last_to_finish(p, slot * gridDim.x + blockIdx.x)) return;
-  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
-    const int col = n0 + i % cols;
-    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + i / cols) * p.n + col);
+  constexpr int kBatch = 8;
+  for (int i0 = threadIdx.x; i0 < rows * cols; i0 += kBatch * blockDim.x) {
+    size_t at[kBatch];
+    bool ok[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int i = i0 + b * blockDim.x, col = n0 + i % cols;
+      ok[b] = i < rows * cols && col < p.n;
+      at[b] = static_cast<size_t>(row0 + i / cols) * p.n + col;
+    }
+    store_split_sums(p, at, ok);
   }
 }
 
@@ -609,7 +626,9 @@ __global__ void __launch_bounds__(W * 32) xs_kernel(Problem p) {
   if (p.splits == 1 || !last_to_finish(p, slot * tiles + blockIdx.x)) return;
   for (int e = threadIdx.x; e < mine * 16 * rows; e += W * 32) {
     const int i = e / (16 * rows), r = (e / 16) % rows, col = tile_of(i) * 16 + e % 16;
-    if (col < p.n) store_split_sum(p, static_cast<size_t>(row0 + r) * p.n + col);
+    const size_t at[1] = {static_cast<size_t>(row0 + r) * p.n + col};
+    const bool ok[1] = {col < p.n};
+    store_split_sums(p, at, ok);
   }
 }
 
@@ -690,31 +709,47 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
     const uint4* c = reinterpret_cast<const uint4*>(cent + static_cast<size_t>(min(n0 + 16 * warp + g + 8 * h, p.n - 1)) * 16);
     byte_tables(__ldg(c), __ldg(c + 1), cb[h]);
   }
-  const uint32_t sel = t4 | (t4 + 4) << 4;
+  uint32_t sel = t4 | (t4 + 4) << 4;
+  pin(sel);
 
   // Stage s of the pass over rows [rb, rb + N): x's rows (128 bytes each, chunk c of row r at
-  // chunk c ^ (r % 8): 8 consecutive threads fill one row), then the codes, 32 bytes a row.
-  const auto stage_buffer = [&](int s) { return wsm + (s % kWgStages) * wg_stage_bytes<N, WG>(); };
-  const auto load_stage = [&](int s, int rb) {
+  // chunk c ^ (r % 8): 8 consecutive threads fill one row), then the codes, 32 bytes a row. A
+  // thread's copies move by the same offsets each stage, so their addresses are set once a pass
+  // (x) or once (codes) and a stage only adds its K offset: the address arithmetic was half the
+  // instructions of a stage.
+  constexpr int kXCopies = N * 8 / kThreads;  // a thread's 16-byte chunks of x a stage (rows kThreads / 8 apart)
+  const int xc = threadIdx.x & 7, xr = threadIdx.x >> 3;
+  uint32_t x_dst = 128 * xr + 16 * (xc ^ (xr & 7));  // + j kThreads 16 for copy j: kThreads / 8 rows, a multiple of 8
+  const uint16_t* x_src[kXCopies];
+  uint32_t x_valid = 0;  // bit j: copy j's row is one of the slot's
+  const int code_row = threadIdx.x >> 1, code_half = threadIdx.x & 1;  // kThreads = 2 kCols
+  const uint8_t* code_src = codes + static_cast<size_t>(min(n0 + code_row, p.n - 1)) * row_bytes + 16 * code_half;
+  uint32_t code_dst = kXBytes + 32 * code_row + 16 * code_half, word_at = kXBytes + 32 * (16 * warp + g);
+  pin(x_dst), pin(code_src), pin(code_dst), pin(word_at);
+  const auto stage_buffer = [&](int s) { return wsm + static_cast<unsigned>(s) % kWgStages * wg_stage_bytes<N, WG>(); };
+  const auto load_stage = [&](int s) {
     uint8_t* buf = stage_buffer(s);
     const int k0 = s * kWgInputs, kin = min(kWgInputs, p.k - k0);
-    for (int i = threadIdx.x; i < N * 8; i += kThreads) {
-      const int r = i >> 3, c = i & 7;
-      if (8 * c < kin)
-        cp_async16(buf + 128 * r + 16 * (c ^ (r & 7)),
-                   p.x + static_cast<size_t>(row0 + min(rb + r, rows - 1)) * p.k + k0 + 8 * c, rb + r < rows);
+    if (8 * xc < kin) {
+#pragma unroll
+      for (int j = 0; j < kXCopies; ++j) cp_async16(buf + x_dst + 16 * kThreads * j, x_src[j] + k0, (x_valid >> j) & 1);
     }
-    const int r = threadIdx.x >> 1, half = threadIdx.x & 1;  // kThreads = 2 kCols
-    if (32 * half < kin)
-      cp_async16(buf + kXBytes + 32 * r + 16 * half,
-                 codes + static_cast<size_t>(min(n0 + r, p.n - 1)) * row_bytes + k0 / 2 + 16 * half, true);
+    if (32 * code_half < kin) cp_async16(buf + code_dst, code_src + k0 / 2, true);
   };
 
   for (int rb = 0; rb < rows; rb += N) {
     if (rb > 0) __syncthreads();  // every warp is done with the previous pass's buffers
+    x_valid = 0;
+#pragma unroll
+    for (int j = 0; j < kXCopies; ++j) {
+      const int r = rb + xr + kThreads / 8 * j;
+      x_src[j] = p.x + static_cast<size_t>(row0 + min(r, rows - 1)) * p.k + 8 * xc;
+      pin(x_src[j]);
+      x_valid |= static_cast<uint32_t>(r < rows) << j;
+    }
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
-      if (s_begin + i < s_end) load_stage(s_begin + i, rb);
+      if (s_begin + i < s_end) load_stage(s_begin + i);
       cp_async_commit();
     }
     float acc[N / 2];
@@ -725,7 +760,7 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
       cp_async_wait<kAhead - 1>();  // this thread's copies of stage s
       fence_proxy_async();
       __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
-      if (s + kAhead < s_end) load_stage(s + kAhead, rb);
+      if (s + kAhead < s_end) load_stage(s + kAhead);
       cp_async_commit();
       const uint8_t* buf = stage_buffer(s);
       const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
@@ -739,7 +774,7 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
         // Word m decoded into a[m] while the wgmma of the previous word (a[1 - m]) run; a[m]'s
         // earlier wgmma completed at the last wait.
         uint32_t ag[4], ah[4];
-        const uint8_t* word = buf + kXBytes + 32 * (16 * warp + g) + 16 * m;
+        const uint8_t* word = buf + word_at + 16 * m;
         decode_word(gather_bytes(*reinterpret_cast<const uint4*>(word), sel), cb[0], ag);
         decode_word(gather_bytes(*reinterpret_cast<const uint4*>(word + 256), sel), cb[1], ah);
 #pragma unroll

@@ -3,6 +3,7 @@
 // descriptor, and wgmma.mma_async with the A operand in registers (the same per-warp fragment as
 // mma.sync m16n8k16's A: rows g and g + 8, k pairs 2 t and 2 t + 8) and B in shared memory,
 // K-major in the 128-byte swizzle. The operand lists are written out for each N used (64 and 128 rows of x).
+// And `pin`, which keeps loop-invariant addresses in registers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,6 +35,12 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 __device__ __forceinline__ void wgmma_keep(const uint32_t (&r)[8]) {
   asm volatile("" :: "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]), "r"(r[4]), "r"(r[5]), "r"(r[6]), "r"(r[7]));
 }
+
+// Pins a value in a register where it is set: the compiler would rather recompute a loop's
+// invariant address arithmetic at every use (layout 8's copies: ~25 instructions each) than keep it.
+template <typename T>
+__device__ __forceinline__ void pin(T*& p) { asm volatile("" : "+l"(p)); }
+__device__ __forceinline__ void pin(uint32_t& v) { asm volatile("" : "+r"(v)); }
 
 // Descriptor of a K-major B operand with 128-byte rows (64 bf16 along K) in the 128-byte swizzle:
 // row r at r * 128 bytes of a 1024-byte aligned tile (8-row groups 1024 bytes apart), its 16-byte
