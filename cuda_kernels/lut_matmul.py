@@ -115,10 +115,11 @@ def is_hopper() -> bool:
 
 
 def prefill_rows(rows: int, d_in: int, d_out: int) -> bool:
-  """Where layout 8 measured ahead of the Pallas kernels on the H200 (BENCHMARKS.md, session 26):
-  more than 48 rows a slot (three quarters of its 64-row pass) up to 128, Mixtral-size weights
-  (2^25 codes or more; smaller ones were not measured)."""
-  return 48 < rows <= 128 and d_in * d_out >= 1 << 25
+  """Where layout 8 measured ahead of the Pallas kernels on the H200 (BENCHMARKS.md, sessions 26
+  and 27): more than 48 rows a slot (three quarters of its 64-row pass), up to 512 where d_out >
+  d_in (4096x14336), else up to 256 (14336x4096: it lost at 512); Mixtral-size weights (2^25
+  codes or more: at 4096x4096, 256 and 512 rows, it lost)."""
+  return 48 < rows <= (512 if d_out > d_in else 256) and d_in * d_out >= 1 << 25
 
 
 def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 132,
@@ -126,20 +127,21 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
   """rows: rows of x per slot (per expert when grouped); slots: launched expert slots; hopper:
   whether layout 8 runs (None: is_hopper()).
 
-  From the H200 runs (BENCHMARKS.md, sessions 21, 23 and 26). On Hopper, prefill_rows take layout
-  8: one pass of 64 or 128 rows, 256 columns a block where d_in > d_out (few column blocks, K
-  split up to 8 ways so that the blocks number about one per SM), else 128. Layout 7 (each warp
-  holds one chunk of x and walks the weight's column tiles) only where it measured ahead of layout
-  5 in the same run:
-  one row a slot, at most two slots (a single weight, or a top-2 MoE at batch 1, whose slots are all
-  busy: a persistent grid wastes the blocks of empty slots), d_in up to 4096 (K split at most two
-  ways at 16 warps a block: longer K spends the gain on split sums) and d_out of 4096 or more
-  (enough column tiles); 16 warps a block, fewer where K has fewer chunks or the (tile, K split)
-  units would not give every SM one. Elsewhere layout 5: 64 columns a block, four warps per
-  column warp splitting the chunks (16 warps a block, one block an SM at 128 registers), x read
-  from global memory, K split so that the blocks number about one per SM."""
+  From the H200 runs (BENCHMARKS.md, sessions 21, 23, 26 and 27). On Hopper, prefill_rows take
+  layout 8: passes of 64 rows (up to 64) or 128; 256 columns a block for 64-row passes where d_in >
+  d_out (few column blocks), else 128; K split up to 8 ways so that the blocks number about one
+  per SM. Layout 7 (each warp holds one chunk of x and walks the weight's column tiles) only where
+  it measured ahead of layout 5 in the same run: one row a slot, at most two slots (a single
+  weight, or a top-2 MoE at batch 1, whose slots are all busy: a persistent grid wastes the
+  blocks of empty slots), d_in up to 4096 (K split at most two ways at 16 warps a block: longer K
+  spends the gain on split sums) and d_out of 4096 or more (enough column tiles); 16 warps a
+  block, fewer where K has fewer chunks or the (tile, K split) units would not give every SM one.
+  Elsewhere layout 5: 64 columns a block, four warps per column warp splitting the chunks (16
+  warps a block, one block an SM at 128 registers), x read from global memory, K split so that
+  the blocks number about one per SM."""
   if (is_hopper() if hopper is None else hopper) and prefill_rows(rows, d_in, d_out):
-    t = CudaTuning(layout=8, kgroups=1, mt=1 if rows <= 64 else 2, nt=8 if d_in > d_out else 4)
+    mt = 1 if rows <= 64 else 2
+    t = CudaTuning(layout=8, kgroups=1, mt=mt, nt=8 if mt == 1 and d_in > d_out else 4)
     blocks = _column_blocks(d_out, t) * slots
     return dataclasses.replace(t, splits=max(1, min(8, d_in // 64, round(sms / blocks))))
   if rows == 1 and slots <= 2 and d_in <= 4096 <= d_out:

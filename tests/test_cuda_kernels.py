@@ -246,20 +246,24 @@ def test_serves_the_decode_regime_of_large_weights():
 
 
 def test_serves_prefill_rows_of_large_weights_on_hopper():
-  """Layout 8 where it measured ahead of Pallas: 49 to 128 rows, 2^25 codes and more, sm_90 only."""
-  for rows in (49, 64, 128):
+  """Layout 8 where it measured ahead of Pallas: 49 to 512 rows where d_out > d_in, else to 256;
+  2^25 codes and more, sm_90 only."""
+  for rows in (49, 64, 128, 256):
     assert ck.serves(rows, 4096, 14336, hopper=True) and ck.serves(rows, 14336, 4096, hopper=True)
     assert not ck.serves(rows, 4096, 14336, hopper=False)
-  assert not ck.serves(48, 4096, 14336, hopper=True) and not ck.serves(129, 4096, 14336, hopper=True)
-  assert not ck.serves(128, 4096, 4096, hopper=True)  # 2^24 codes: not measured
+  for rows in (257, 512):
+    assert ck.serves(rows, 4096, 14336, hopper=True) and not ck.serves(rows, 14336, 4096, hopper=True)
+  assert not ck.serves(48, 4096, 14336, hopper=True) and not ck.serves(513, 4096, 14336, hopper=True)
+  assert not ck.serves(128, 4096, 4096, hopper=True)  # 2^24 codes: lost at 256 and 512 rows
 
 
 @pytest.mark.parametrize("rows,k,n,slots,want", [(64, 4096, 14336, 1, (1, 4, 1)), (128, 4096, 14336, 1, (2, 4, 1)),
-                                                 (64, 14336, 4096, 1, (1, 8, 8)), (128, 14336, 4096, 1, (2, 8, 8)),
-                                                 (100, 4096, 14336, 8, (2, 4, 1)), (64, 14336, 4096, 8, (1, 8, 1))])
+                                                 (64, 14336, 4096, 1, (1, 8, 8)), (128, 14336, 4096, 1, (2, 4, 4)),
+                                                 (100, 4096, 14336, 8, (2, 4, 1)), (64, 14336, 4096, 8, (1, 8, 1)),
+                                                 (512, 4096, 14336, 1, (2, 4, 1))])
 def test_prefill_default_on_hopper(rows, k, n, slots, want):
-  """The best layout-8 tunings of the session-26 sweep on the Mixtral shapes; K split so that
-  (column block, split) units number about one per SM, at most 8."""
+  """The best layout-8 tunings of the session-26 and -27 sweeps on the Mixtral shapes; K split so
+  that (column block, split) units number about one per SM, at most 8."""
   t = ck.default_tuning(rows, k, n, slots, hopper=True)
   assert (t.layout, t.kgroups, t.mt, t.nt, t.splits) == (8, 1, *want)
   assert ck.default_tuning(rows, k, n, slots, hopper=False).layout == 5  # not on other GPUs
@@ -304,7 +308,8 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   monkeypatch.setattr(ck, "is_hopper", lambda: True)  # layout 8 takes prefill rows of large weights
   assert choice("auto", 1024, 4096, 14336, experts=8) == "cuda"
   assert choice("auto", 128, 14336, 4096) == "cuda"
-  assert choice("auto", 256, 4096, 14336) == "pallas"
+  assert choice("auto", 512, 4096, 14336) == "cuda" and choice("auto", 512, 14336, 4096) == "pallas"
+  assert choice("auto", 1024, 4096, 14336) == "pallas"
   assert choice("auto", 64, 1024, 1024) == "pallas"
 
 
