@@ -9,7 +9,7 @@ bf16-rounded centroids in bf16 dot products with float32 accumulation where the 
 AVX512-BF16 (4-bit codes, groups of 32k), else they are widened. `int8=True` (the dispatcher's
 `CQJAX_KERNELS=int8`) rounds each activation row and each codebook to int8 with absmax scales and
 takes int8 dot products where the CPU has AVX512-VNNI (4-bit codes, groups of 64k): other
-numerics, defined by `int8_reference`. The result has x's dtype. Shapes and dtypes are checked here, at trace time, with errors that name the
+numerics, defined by `cqjax.lut_matmul.lut_matmul_int8_reference`. The result has x's dtype. Shapes and dtypes are checked here, at trace time, with errors that name the
 operand; the handlers check again and reject bad group sizes at run time, so no input reaches
 memory it should not.
 """
@@ -91,26 +91,3 @@ def _int8_cpu() -> bool:
   return bool(_lut_matmul.int8_cpu())
 
 
-def _int8_round(v, axis):
-  amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-  scale = jnp.where(amax > 0, amax / np.float32(127), np.float32(1))
-  return jnp.round(v / scale).astype(jnp.int32), scale
-
-
-def int8_reference(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
-  """What `lut_matmul(..., int8=True)` computes on the int8 path, in jnp (float32 [m, d_out]):
-  x rows and each group's codebook rounded to int8 (scale absmax / 127), exact integer dot
-  products per group, then y = sx * sum over groups (in order) of sc * dot."""
-  from cqjax.codebook import unpack_codes  # pylint: disable=g-import-not-at-top
-  d_in = x.shape[1]
-  groups = centroids.shape[-2]
-  xq, sx = _int8_round(x.astype(jnp.float32), -1)                 # [m, d_in], [m, 1]
-  cq, sc = _int8_round(centroids.astype(jnp.float32), -1)         # [n, G, 16], [n, G, 1]
-  codes = unpack_codes(packed, bits, d_in).reshape(packed.shape[0], groups, -1)
-  wq = jnp.take_along_axis(cq, codes, axis=-1)                    # [n, G, group]
-  dots = jnp.einsum("mgj,ngj->mng", xq.reshape(x.shape[0], groups, d_in // groups), wq,
-                    preferred_element_type=jnp.int32).astype(jnp.float32)
-  y = jnp.zeros(dots.shape[:2], jnp.float32)
-  for g in range(groups):
-    y = y + sc[None, :, g, 0] * dots[:, :, g]
-  return y * sx

@@ -9,7 +9,7 @@ per row, bf16 activations, at most 16 rows per weight, weights of 2^20 codes or 
 kernel is tested against. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
-`CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (cpu_kernels/lut_matmul.py);
+`CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (`lut_matmul_int8_reference`);
 on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it applies and `pallas` never.
 The variable is read when a function is traced: set it before the first call, or call
 `jax.clear_caches()` after changing it.
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cqjax.codebook import CodebookWeight, dequantize
+from cqjax.codebook import CodebookWeight, dequantize, unpack_codes
 from cqjax.errors import CqjaxError
 
 
@@ -58,6 +58,45 @@ def lut_matmul_reference(x: jax.Array, w: CodebookWeight) -> jax.Array:
 def grouped_lut_matmul_reference(x: jax.Array, w: CodebookWeight, group_sizes: jax.Array) -> jax.Array:
   """ragged_dot(x [m, d_in], dequantize(w) [experts, d_in, d_out], group_sizes) -> [m, d_out]."""
   return jax.lax.ragged_dot(x, dequantize(w, x.dtype), group_sizes)
+
+
+def int8_round(v: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """v rounded to int8 along `axis` with an absmax scale: (int32 values in [-127, 127], float32
+  scale amax / 127, 1 where amax is 0), v ~ values * scale."""
+  amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
+  scale = jnp.where(amax > 0, amax / np.float32(127), np.float32(1))
+  return jnp.round(v / scale).astype(jnp.int32), scale
+
+
+def lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
+  """The opt-in int8 numerics of the kernels (CPU: `CQJAX_KERNELS=int8`; GPU:
+  cuda_kernels/lut_matmul_int8.py), in jnp: x [m, d_in] rows and each group's codebook
+  (centroids [d_out, groups, 2^bits]) rounded to int8 (`int8_round`), exact integer dot products
+  per group, then y = sx * sum over groups (in order) of sc * dot (float32 [m, d_out])."""
+  d_in = x.shape[1]
+  groups = centroids.shape[-2]
+  xq, sx = int8_round(x.astype(jnp.float32), -1)                  # [m, d_in], [m, 1]
+  cq, sc = int8_round(centroids.astype(jnp.float32), -1)          # [n, G, 16], [n, G, 1]
+  codes = unpack_codes(packed, bits, d_in).reshape(packed.shape[0], groups, -1)
+  wq = jnp.take_along_axis(cq, codes, axis=-1)                    # [n, G, group]
+  dots = jnp.einsum("mgj,ngj->mng", xq.reshape(x.shape[0], groups, d_in // groups), wq,
+                    preferred_element_type=jnp.int32).astype(jnp.float32)
+  y = jnp.zeros(dots.shape[:2], jnp.float32)
+  for g in range(groups):
+    y = y + sc[None, :, g, 0] * dots[:, :, g]
+  return y * sx
+
+
+def grouped_lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
+                                      group_sizes: jax.Array) -> jax.Array:
+  """The int8 numerics under ragged_dot's contract: row i of x [t, d_in] (sorted by expert) times
+  its expert's weight of packed [e, d_out, bytes] -> float32 [t, d_out]; rows past the last group
+  are zero. Computes every expert for every row: for tests, not for large shapes."""
+  e = packed.shape[0]
+  expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")
+  every = jax.vmap(lambda p, c: lut_matmul_int8_reference(x, p, c, bits))(packed, centroids)  # [e, t, n]
+  y = jnp.take_along_axis(every, jnp.minimum(expert, e - 1)[None, :, None], axis=0)[0]
+  return jnp.where((expert < e)[:, None], y, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda] [--cuda_sweep [--cuda_layouts=7,5]] [--out=FILE]
+      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--out=FILE]
 
 Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
 768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
@@ -12,7 +12,9 @@ read twice the 50 MB L2), issued `calls` times back to back and synchronised onc
 GPU), median of `repeats` such batches, reported per weight. GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
 shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
-shape and M (its candidates recorded beside the default); --decode times greedy decoding of the small reference model's
+shape and M (its candidates recorded beside the default; with int8 also every Int8Tuning); kernel
+int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
+reference, which should be float32 rounding, and against the float product); --decode times greedy decoding of the small reference model's
 architecture, bf16 vs 4-bit codebooks.
 """
 from __future__ import annotations
@@ -29,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cqjax.codebook import CodebookWeight
-from cqjax.lut_matmul import grouped_lut_matmul_reference, lut_matmul_reference
+from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference,
+                              lut_matmul_int8_reference, lut_matmul_reference)
 from cuda_kernels import lut_matmul as ck
+from cuda_kernels import lut_matmul_int8 as ck8
 from pallas_kernels import lut_matmul as pk
 
 BITS = 4
@@ -178,6 +182,20 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
         row["cuda_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  cuda {t_c:6.1f} us ({t_bf16 / t_c:4.2f}x bf16, "
             f"{row['cuda_pct_copy']:3.0f}% of copy, {res[0][1]}; best {cbest:6.1f} {cbest_t}) err {cerr:.1e}", flush=True)
+    if "int8" in kernels:
+      w0 = weights[0]
+      got = ck8.lut_matmul_int8(x, w0.packed, w0.centroids, BITS)
+      cands = [ck8.default_tuning(m)] + ([ck8.Int8Tuning(*t) for t in sorted(ck8.KERNELS)] if cuda_sweep else [])
+      res = _time_tunings(ck8.lut_matmul_int8, x, weights, list(dict.fromkeys(cands)), sets, 5 if cuda_sweep else 7)
+      t_i, (ibest, ibest_t) = res[0][0], min(res, key=lambda r: r[0])
+      row.update(int8_us=t_i, int8_err_own=_rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS)),
+                 int8_err_float=_rel_err(got, ref), int8_tuning=dataclasses.asdict(res[0][1]), int8_best_us=ibest,
+                 int8_best_tuning=dataclasses.asdict(ibest_t), int8_speedup_vs_bf16=t_bf16 / t_i)
+      if cuda_sweep:
+        row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
+      print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
+            f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
+            flush=True)
     if "pallas" not in kernels:
       rows.append(row)
       continue
@@ -214,6 +232,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   gather = jax.jit(lambda x, ws, gs: [grouped_lut_matmul_reference(x, w, gs) for w in ws])
   kern = jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
   cuda = jax.jit(lambda x, ws, gs: [ck.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
+  int8 = jax.jit(lambda x, ws, gs: [ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, BITS, gs) for w in ws])
   rows = []
   for b in batches:
     gs = _routing(jax.random.fold_in(key, b), b, experts, top_k)
@@ -234,6 +253,15 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
       print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  cuda {t_c:6.1f} us "
             f"({t_ragged / t_c:5.2f}x, {row['cuda_pct_copy']:3.0f}% of copy for active experts) err {cerr:.1e}",
             flush=True)
+    if "int8" in kernels:
+      t_i = _per_call_us(int8, (x, weights, gs)) / sets
+      w0 = weights[0]
+      got = ck8.grouped_lut_matmul_int8(x, w0.packed, w0.centroids, BITS, gs)
+      own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None
+      row.update(int8_us=t_i, int8_speedup_vs_ragged=t_ragged / t_i, int8_err_float=_rel_err(got, ref),
+                 int8_err_own=None if own is None else _rel_err(got, own))
+      print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  int8 {t_i:6.1f} us "
+            f"({t_ragged / t_i:5.2f}x) err own {row['int8_err_own']} float {row['int8_err_float']:.1e}", flush=True)
     if "pallas" not in kernels:
       continue
     t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
@@ -305,7 +333,7 @@ def main():
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
-  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda (cuda where built)")
+  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
   ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
@@ -321,7 +349,7 @@ def main():
   batches = (1, 16) if args.quick else (1, 4, 16, 64)
   ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
   batches = tuple(int(v) for v in args.batches.split(",")) if args.batches else batches
-  kernels = tuple(k for k in args.kernels.split(",") if k and (k != "cuda" or ck.available()))
+  kernels = tuple(k for k in args.kernels.split(",") if k and (k not in ("cuda", "int8") or ck.available()))
   print(f"kernels: {', '.join(kernels)}", flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw, "single": [],
             "grouped": []}

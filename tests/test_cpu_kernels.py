@@ -9,7 +9,8 @@ from cpu_kernels import lut_matmul as cpu
 from cqjax.errors import CqjaxError
 from cqjax.kmeans import kmeans_quantize
 from cqjax.load import load_params
-from cqjax.lut_matmul import grouped_lut_matmul_reference, lut_matmul_reference
+from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference,
+                              lut_matmul_int8_reference, lut_matmul_reference)
 from cqjax.model import MoeCausalLM
 from cqjax.quantize_weights import quantize_scope
 
@@ -118,11 +119,11 @@ def test_int8_path_matches_its_reference(m, k, n, group, dtype):
   got = jax.jit(lambda x: cpu.lut_matmul(x, w.packed, w.centroids, 4, int8=True))(x)
   exact = lut_matmul_reference(x.astype(jnp.float32), w)
   # A CPU without AVX512-VNNI runs the float path: then its result is the exact product.
-  ref = cpu.int8_reference(x, w.packed, w.centroids, 4) if cpu.int8_supported(4, k, k // group) else exact
+  ref = lut_matmul_int8_reference(x, w.packed, w.centroids, 4) if cpu.int8_supported(4, k, k // group) else exact
   tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the output's rounding
   np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol, atol=tol * float(jnp.abs(ref).max()))
   # Really other numerics: int8 rounding moves the result off the float path's.
-  int8 = cpu.int8_reference(x, w.packed, w.centroids, 4)
+  int8 = lut_matmul_int8_reference(x, w.packed, w.centroids, 4)
   assert float(jnp.abs(int8 - exact).max()) > 1e-4 * float(jnp.abs(exact).max())
 
 
@@ -132,7 +133,7 @@ def test_int8_grouped_and_fallback():
   x = jnp.asarray(rng.normal(size=(9, 128)), jnp.float32)
   gs = jnp.asarray([3, 0, 5, 0], jnp.int32)
   got = cpu.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, int8=True)
-  path = cpu.int8_reference if cpu.int8_supported(4, 128, 2) else (
+  path = lut_matmul_int8_reference if cpu.int8_supported(4, 128, 2) else (
       lambda x, p, c, bits: lut_matmul_reference(x, type(w)(p, c, bits, 128)))  # no VNNI: the float path
   start = 0
   for e, size in enumerate([3, 0, 5, 0]):
@@ -140,12 +141,31 @@ def test_int8_grouped_and_fallback():
     np.testing.assert_allclose(got[start:start + size], ref, rtol=1e-5, atol=1e-5)
     start += size
   assert not np.asarray(got[8:]).any()
+  if cpu.int8_supported(4, 128, 2):
+    np.testing.assert_allclose(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs),
+                               rtol=1e-5, atol=1e-5)
   # Shapes the int8 path does not take (3-bit codes; groups of 48) run the float path.
   for bits, group in ((3, 48), (4, 48)):
     v = random_codebook_weight(rng, (), 13, 96, bits, group)
     assert not cpu.int8_supported(bits, 96, 96 // group)
     got = cpu.lut_matmul(x[:, :96], v.packed, v.centroids, bits, int8=True)
     np.testing.assert_allclose(got, lut_matmul_reference(x[:, :96], v), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_int8_reference_is_the_single_one_per_expert():
+  """Each expert's rows get the single-weight int8 numerics (x rounded per row, so a row's
+  result does not depend on its neighbours); rows past the last group are zero."""
+  rng = np.random.default_rng(13)
+  w = random_codebook_weight(rng, (4,), 19, 96, 4, 96)
+  x = jnp.asarray(rng.normal(size=(10, 96)), jnp.float32)
+  sizes = [0, 4, 0, 3]
+  got = grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, jnp.asarray(sizes, jnp.int32))
+  start = 0
+  for e, size in enumerate(sizes):
+    want = lut_matmul_int8_reference(x[start:start + size], w.packed[e], w.centroids[e], 4)
+    np.testing.assert_array_equal(got[start:start + size], want)
+    start += size
+  assert start == 7 and not np.asarray(got[7:]).any()
 
 
 def test_dispatcher_int8_mode(monkeypatch):
@@ -157,7 +177,7 @@ def test_dispatcher_int8_mode(monkeypatch):
   gs = jnp.asarray([2, 0, 4], jnp.int32)
   monkeypatch.setenv("CQJAX_KERNELS", "int8")
   if cpu.int8_supported(4, 128, 1):
-    ref, ref_grouped = cpu.int8_reference(x, w.packed, w.centroids, 4), cpu.int8_reference(
+    ref, ref_grouped = lut_matmul_int8_reference(x, w.packed, w.centroids, 4), lut_matmul_int8_reference(
         x[:2], stacked.packed[0], stacked.centroids[0], 4)
   else:  # no VNNI: the float path
     ref, ref_grouped = lut_matmul_reference(x, w), lut_matmul_reference(x[:2], type(w)(

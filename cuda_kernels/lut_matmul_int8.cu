@@ -1,0 +1,239 @@
+// CUDA codebook (LUT) matmul with int8 numerics, as an XLA FFI custom call (wrapper:
+// cuda_kernels/lut_matmul_int8.py; the numerics are defined by cqjax.lut_matmul's
+// lut_matmul_int8_reference, the same as the CPU kernel's int8 path):
+//
+//   out [t, n] = (sc[e, n] * float(xq [t, k] . cq[e, n, code(e, n, kk)])) * sx[t]   (float32)
+//
+// where xq is x rounded to int8 per row (scale sx) and cq each row's 16 centroids rounded to int8
+// (scale sc); the dot products are exact in int32. Operands:
+//   xq       int8  [t, k]
+//   sx       float32 [t]
+//   packed   uint8 [experts, n, k/2]   two codes a byte, low nibble first (cqjax/codebook.py)
+//   cq       int8  [experts, n, 16]
+//   sc       float32 [experts, n]
+//   slots    int32 [3, s]              expert, first row, rows of each slot (rows 0: no work)
+//   out      float32 [t, n]; rows no slot covers are zero
+//
+// Why: the bf16 kernel (lut_matmul.cu) is bound by its decode at decode batch sizes (21 integer
+// instructions per 8 codes, BENCHMARKS.md session 23). An int8 table is 16 bytes, so 8 codes
+// decode in 11 instructions (two byte permutes and a select per 4 codes) into the A operand of
+// mma.sync m16n8k32 (s8), which takes twice the inputs of the bf16 mma.
+//
+// Mapping: a block owns 16 output columns (the mma's rows: lane (g, t) decodes rows g and g + 8)
+// and its W warps split K by 128-input chunks (warp w takes chunks w, w + W, ...). The mma's k
+// order is free as long as A and B agree: lane t takes inputs [32 t, 32 t + 32) of each chunk
+// (16 consecutive code bytes of each of its rows, one 16-byte load), 8 a k32 step, so the 32
+// activations of each of its rows of x are consecutive too. Codes are loaded kDepth8 chunks
+// ahead. The warps' int32 sums meet in shared memory (exact, so in any order).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "lut_decode.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace cqjax_cuda;
+
+constexpr int kChunk8 = 128;  // inputs a chunk: 16 code bytes a lane, four k32 steps
+constexpr int kDepth8 = 3;    // chunks of codes in flight per lane ahead of the decode
+constexpr int64_t kMaxK8 = 133143;  // |dot| <= k * 127 * 127 must fit in int32
+
+struct Int8Problem {
+  const int8_t* x;
+  const float* sx;
+  const uint8_t* packed;
+  const int8_t* cq;
+  const float* sc;
+  const int32_t* slots;  // [3, num_slots]
+  float* out;
+  int t, k, n, num_slots;
+};
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The eight codes of w (code i in bits 4i .. 4i + 3) -> their int8 centroids from a row's table
+// (entry j in byte j): lo holds codes 0-3, hi codes 4-7. prmt indexes 8 bytes with bits 0-2 of
+// each selector nibble (bit 3 would switch it to sign mode), so entries 0-7 and 8-15 are looked up
+// separately and bit 3 of each code picks one: the mask sign-replicates the byte whose top bit is
+// that bit (as decode_word of lut_decode.cuh).
+__device__ __forceinline__ void decode8_s8(uint32_t w, const uint4& tab, uint32_t& lo, uint32_t& hi) {
+  const uint32_t w4 = w << 4, sel = w & 0x77777777u, sel_hi = sel >> 16;
+  const uint32_t m_lo = prmt(w4, w, 0xD9C8u), m_hi = prmt(w4, w, 0xFBEAu);
+  lo = (prmt(tab.x, tab.y, sel) & ~m_lo) | (prmt(tab.z, tab.w, sel) & m_lo);
+  hi = (prmt(tab.x, tab.y, sel_hi) & ~m_hi) | (prmt(tab.z, tab.w, sel_hi) & m_hi);
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One 128-input chunk c: the lane's code words qa (row g) and qb (row g + 8), 8 codes a word, and
+// the 32 activations of each of its MT rows of x that they multiply (zeros where the row is not
+// the slot's or the lane has no inputs in a partial last chunk).
+template <int MT>
+__device__ __forceinline__ void chunk_s8(int (&acc)[MT][4], const uint4& qa, const uint4& qb, const uint4& tab_a,
+                                         const uint4& tab_b, const int8_t* const (&xr)[MT], const bool (&xok)[MT],
+                                         int c) {
+  uint4 xv[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    const uint4* src = reinterpret_cast<const uint4*>(xr[i] + static_cast<size_t>(c) * kChunk8);
+    xv[i][0] = xok[i] ? __ldg(src) : make_uint4(0, 0, 0, 0);
+    xv[i][1] = xok[i] ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // k32 step j: the lane's inputs 8 j .. 8 j + 7
+    uint32_t a0, a1, a2, a3;
+    decode8_s8(word(qa, j), tab_a, a0, a2);
+    decode8_s8(word(qb, j), tab_b, a1, a3);
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+      mma_s8(acc[i], a0, a1, a2, a3, word(xv[i][j / 2], 2 * (j % 2)), word(xv[i][j / 2], 2 * (j % 2) + 1));
+  }
+}
+
+template <int W, int MT>
+__global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
+  __shared__ int sums[W][MT * 4][32];
+  const int slot = blockIdx.y, n0 = blockIdx.x * 16;
+  if (slot == 0) {  // rows past the last slot's are zero (ragged_dot's contract)
+    int covered = 0;
+    for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
+    for (int i = threadIdx.x; i < (p.t - covered) * 16; i += blockDim.x)
+      if (n0 + i % 16 < p.n) p.out[static_cast<size_t>(covered + i / 16) * p.n + n0 + i % 16] = 0.f;
+  }
+  const int rows = p.slots[2 * p.num_slots + slot];
+  if (rows == 0) return;
+  const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const size_t row_bytes = p.k / 2;
+  // Columns past n decode row n - 1 and are not stored.
+  const size_t ra = static_cast<size_t>(expert) * p.n + min(n0 + g, p.n - 1);
+  const size_t rb = static_cast<size_t>(expert) * p.n + min(n0 + g + 8, p.n - 1);
+  const uint8_t* const code_a = p.packed + ra * row_bytes + 16 * t4;
+  const uint8_t* const code_b = p.packed + rb * row_bytes + 16 * t4;
+  const uint4 tab_a = __ldg(reinterpret_cast<const uint4*>(p.cq + ra * 16));
+  const uint4 tab_b = __ldg(reinterpret_cast<const uint4*>(p.cq + rb * 16));
+  const int chunks = (p.k + kChunk8 - 1) / kChunk8, mine = (chunks - warp + W - 1) / W;
+  // k is a multiple of 32, so a lane has all 32 inputs of a chunk or none (partial last chunk).
+  const auto has_inputs = [&](int c) { return 32 * t4 < p.k - c * kChunk8; };
+
+  for (int r0 = 0; r0 < rows; r0 += 8 * MT) {
+    const int8_t* xr[MT];
+    bool xok[MT];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      const int r = r0 + 8 * i + g;
+      xok[i] = r < rows;
+      xr[i] = p.x + static_cast<size_t>(row0 + min(r, rows - 1)) * p.k + 32 * t4;
+    }
+    int acc[MT][4] = {};
+    uint4 qa[kDepth8], qb[kDepth8];
+    const auto load = [&](int j, int c) {
+      const bool ok = has_inputs(c);
+      qa[j] = ok ? load_stream(code_a + static_cast<size_t>(c) * (kChunk8 / 2)) : make_uint4(0, 0, 0, 0);
+      qb[j] = ok ? load_stream(code_b + static_cast<size_t>(c) * (kChunk8 / 2)) : make_uint4(0, 0, 0, 0);
+    };
+#pragma unroll
+    for (int j = 0; j < kDepth8; ++j)
+      if (j < mine) load(j, warp + j * W);
+    for (int i = 0; i < mine; i += kDepth8) {
+#pragma unroll
+      for (int j = 0; j < kDepth8; ++j) {
+        if (i + j < mine) {
+          const int c = warp + (i + j) * W;
+          const uint4 a = qa[j], b = qb[j];
+          if (i + j + kDepth8 < mine) load(j, c + kDepth8 * W);
+          bool ok[MT];
+#pragma unroll
+          for (int r = 0; r < MT; ++r) ok[r] = xok[r] && has_inputs(c);
+          chunk_s8<MT>(acc, a, b, tab_a, tab_b, xr, ok, c);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sums[warp][4 * i + e][lane] = acc[i][e];
+    __syncthreads();
+    // D fragment: register e of tile i holds (column g + 8 (e / 2), row 2 t + e % 2) of lane (g, t).
+    for (int q = threadIdx.x; q < MT * 4 * 32; q += W * 32) {
+      const int reg = q / 32, l = q % 32, e = reg % 4;
+      int dot = 0;
+#pragma unroll
+      for (int w = 0; w < W; ++w) dot += sums[w][reg][l];
+      const int col = n0 + (l >> 2) + 8 * (e >> 1), r = r0 + 8 * (reg / 4) + 2 * (l & 3) + (e & 1);
+      if (r < rows && col < p.n)
+        p.out[static_cast<size_t>(row0 + r) * p.n + col] =
+            __fmul_rn(__fmul_rn(p.sc[static_cast<size_t>(expert) * p.n + col], __int2float_rn(dot)), p.sx[row0 + r]);
+    }
+    __syncthreads();  // the sums are read before the next pass writes them
+  }
+}
+
+template <int W, int MT>
+cudaError_t launch_int8(cudaStream_t stream, const Int8Problem& p) {
+  int8_kernel<W, MT><<<dim3((p.n + 15) / 16, p.num_slots), W * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+ffi::Error invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("cqjax CUDA lut_matmul_int8: " + what);
+}
+
+ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx,
+                             ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::S8> cq, ffi::Buffer<ffi::F32> sc,
+                             ffi::Buffer<ffi::S32> slots, ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t warps,
+                             int64_t mt) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = cq.dimensions(), sd = slots.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
+    return invalid("expected x [t, k], packed [e, n, k/2], cq [e, n, 16], slots [3, s]");
+  const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
+  if (k % 32 != 0 || k > kMaxK8 || pd[2] != k / 2 || cd[0] != e || cd[1] != n || cd[2] != 16)
+    return invalid("operand shapes disagree (k a multiple of 32 up to 133143, one 16-entry codebook a row)");
+  if (sx.element_count() != t || sc.element_count() != e * n) return invalid("scales must be sx [t] and sc [e, n]");
+  const auto od = out->dimensions();
+  if (od.size() != 2 || od[0] != t || od[1] != n) return invalid("output must be float32 [t, n]");
+  if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
+  const Int8Problem p{x.typed_data(), sx.typed_data(), packed.typed_data(), cq.typed_data(), sc.typed_data(),
+                      slots.typed_data(), out->typed_data(), static_cast<int>(t), static_cast<int>(k),
+                      static_cast<int>(n), static_cast<int>(sd[1])};
+  cudaError_t err;
+  switch (warps * 10 + mt) {
+    case 41: err = launch_int8<4, 1>(stream, p); break;
+    case 42: err = launch_int8<4, 2>(stream, p); break;
+    case 81: err = launch_int8<8, 1>(stream, p); break;
+    case 82: err = launch_int8<8, 2>(stream, p); break;
+    case 161: err = launch_int8<16, 1>(stream, p); break;
+    case 162: err = launch_int8<16, 2>(stream, p); break;
+    default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul_int8.py: KERNELS lists those built)");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_int8: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulInt8Cuda, LutMatmulInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("warps")
+                                  .Attr<int64_t>("mt"),
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,122 @@
+"""Thin JAX wrapper of the CUDA codebook matmul with int8 numerics (lut_matmul_int8.cu).
+
+  lut_matmul_int8:          x [m, d_in] @ (packed uint8 [d_out, d_in/2], centroids [d_out, 1, 16])
+                            -> [m, d_out]
+  grouped_lut_matmul_int8:  x [t, d_in] rows sorted by expert, packed [e, d_out, d_in/2],
+                            centroids [e, d_out, 1, 16], group_sizes int32 [e] -> [t, d_out]
+                            (the `jax.lax.ragged_dot` contract; rows past the last group are zero)
+
+It computes `cqjax.lut_matmul.lut_matmul_int8_reference`, the numerics of the CPU kernel's int8
+path: x rows and each row's codebook rounded to int8 (absmax / 127; the rounding runs here, in
+XLA, each call), exact int32 dot products, y = (sc * dot) * sx in float32, cast to x's dtype.
+4-bit codes, one codebook per row, d_in a multiple of 32 (`supports`).
+
+Status: written without a GPU (session 28) and compiled for sm_80 / sm_90a only; the dispatcher
+does not take it until its compiled tests pass and it is measured on the H200 (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cqjax.codebook import check_codebook_operands, expert_slots
+from cqjax.errors import CqjaxError
+from cqjax.lut_matmul import int8_round
+from cuda_kernels import lut_matmul as cuda
+
+_TARGET = "cqjax_cuda_lut_matmul_int8"
+MAX_D_IN = 133143  # |dot| <= d_in * 127 * 127 stays within int32
+
+# The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl).
+KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Tuning:
+  """warps: warps a block, splitting K by 128-input chunks (a block owns 16 output columns);
+  mt: 8-row tiles of x a pass over the codes (each code decoded once a pass)."""
+
+  warps: int = 8
+  mt: int = 1
+
+  def __post_init__(self):
+    if (self.warps, self.mt) not in KERNELS:
+      raise CqjaxError(f"Int8Tuning out of range: {self} (built: (warps, mt) in {sorted(KERNELS)})")
+
+
+def default_tuning(rows: int) -> Int8Tuning:
+  """Not yet measured: 8 warps a block, one pass for up to 16 rows a slot."""
+  return Int8Tuning(mt=1 if rows <= 8 else 2)
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the CUDA library is built and a CUDA GPU is the default backend (registers the target)."""
+  if not cuda.available():
+    return False
+  import ctypes  # pylint: disable=g-import-not-at-top
+  lib = ctypes.cdll.LoadLibrary(cuda.LIBRARY)
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulInt8Cuda), platform="CUDA")
+  return True
+
+
+def supports(bits: int, d_in: int, groups: int) -> bool:
+  """Whether the kernel takes this product: 4-bit codes, one codebook per row, d_in a multiple of
+  32 up to MAX_D_IN (x of any float dtype: it is rounded to int8 first)."""
+  return bits == 4 and groups == 1 and d_in % 32 == 0 and d_in <= MAX_D_IN
+
+
+def _call(x, packed, centroids, slots, tuning: Int8Tuning):
+  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] in x's dtype."""
+  e, n = packed.shape[:2]
+  xq, sx = int8_round(x.astype(jnp.float32), -1)
+  cq, sc = int8_round(centroids.reshape(e, n, 16).astype(jnp.float32), -1)
+  out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+  y = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
+      xq.astype(jnp.int8), sx[:, 0], packed, cq.astype(jnp.int8), sc[..., 0], slots,
+      warps=np.int64(tuning.warps), mt=np.int64(tuning.mt))
+  return y.astype(x.dtype)
+
+
+def _check(op, x, packed, centroids, bits, lead):
+  if not available():
+    raise CqjaxError(f"{op}: the CUDA kernel library is not available (build it with python -m cuda_kernels.build; "
+                     "it needs a CUDA GPU backend)")
+  n = check_codebook_operands(op, x, packed, centroids, bits, x.shape[-1], lead)
+  if not supports(bits, x.shape[-1], centroids.shape[-2]):
+    raise CqjaxError(f"{op}: takes 4-bit codes, one codebook per row and d_in a multiple of 32 up to {MAX_D_IN}; "
+                     f"got {bits}-bit codes, {centroids.shape[-2]} groups, d_in={x.shape[-1]}")
+  return n
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "tuning"))
+def lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int, *,
+                    tuning: Int8Tuning | None = None) -> jax.Array:
+  """x [m, d_in] times one codebook weight with int8 numerics -> [m, d_out] (x's dtype)."""
+  m = x.shape[0]
+  n = _check("CUDA lut_matmul_int8", x, packed, centroids, bits, ())
+  if m == 0:
+    return jnp.zeros((0, n), x.dtype)
+  slots = jnp.asarray([[0], [0], [m]], jnp.int32)
+  return _call(x, packed[None], centroids[None], slots, tuning or default_tuning(m))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "tuning"))
+def grouped_lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
+                            group_sizes: jax.Array, *, tuning: Int8Tuning | None = None) -> jax.Array:
+  """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics -> [t, d_out]."""
+  t = x.shape[0]
+  e = packed.shape[0] if packed.ndim == 3 else -1
+  n = _check("CUDA grouped_lut_matmul_int8", x, packed, centroids, bits, (e,))
+  if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise CqjaxError(f"CUDA grouped_lut_matmul_int8: group_sizes must be integers [{e}], got "
+                     f"{group_sizes.dtype}{group_sizes.shape}")
+  if t == 0:
+    return jnp.zeros((0, n), x.dtype)
+  slots = min(t, e)
+  tuning = tuning or default_tuning(cuda.rows_per_slot(t, e))
+  return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
