@@ -1,7 +1,7 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--out=FILE]
+      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep] [--out=FILE]
 
 Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
 768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
@@ -12,8 +12,8 @@ read twice the 50 MB L2), issued `calls` times back to back and synchronised onc
 GPU), median of `repeats` such batches, reported per weight. GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
 shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
-shape and M (its candidates recorded beside the default; with int8 also every Int8Tuning); kernel
-int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
+shape and M (its candidates recorded beside the default; --int8_sweep the same for every
+Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
 reference, which should be float32 rounding, and against the float product); --decode times greedy decoding of the small reference model's
 architecture, bf16 vs 4-bit codebooks.
 """
@@ -152,7 +152,8 @@ def _time_tunings(matmul, x, weights, tunings, sets, repeats):
   return res
 
 
-def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False, cuda_layouts=None):
+def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False, cuda_layouts=None,
+                 int8_sweep=False):
   key = jax.random.key(k * 7 + n)
   sets = sets_beyond_l2(k * n * BITS // 8, sets)
   weights = [_codebook(jax.random.fold_in(key, i), (), k, n) for i in range(sets)]
@@ -185,13 +186,13 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
     if "int8" in kernels:
       w0 = weights[0]
       got = ck8.lut_matmul_int8(x, w0.packed, w0.centroids, BITS)
-      cands = [ck8.default_tuning(m)] + ([ck8.Int8Tuning(*t) for t in sorted(ck8.KERNELS)] if cuda_sweep else [])
-      res = _time_tunings(ck8.lut_matmul_int8, x, weights, list(dict.fromkeys(cands)), sets, 5 if cuda_sweep else 7)
+      cands = [ck8.default_tuning(m)] + ([ck8.Int8Tuning(*t) for t in sorted(ck8.KERNELS)] if int8_sweep else [])
+      res = _time_tunings(ck8.lut_matmul_int8, x, weights, list(dict.fromkeys(cands)), sets, 5 if int8_sweep else 7)
       t_i, (ibest, ibest_t) = res[0][0], min(res, key=lambda r: r[0])
       row.update(int8_us=t_i, int8_err_own=_rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS)),
                  int8_err_float=_rel_err(got, ref), int8_tuning=dataclasses.asdict(res[0][1]), int8_best_us=ibest,
                  int8_best_tuning=dataclasses.asdict(ibest_t), int8_speedup_vs_bf16=t_bf16 / t_i)
-      if cuda_sweep:
+      if int8_sweep:
         row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
@@ -335,6 +336,7 @@ def main():
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
+  ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each single-weight shape")
   ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
   ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
   ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
@@ -362,7 +364,8 @@ def main():
 
   for name in _names(args.single, SINGLE):
     result["single"] += bench_single(*SINGLE[name], ms, args.sets, False, bw, kernels, args.cuda_sweep,
-                                      [int(v) for v in args.cuda_layouts.split(",")] if args.cuda_layouts else None)
+                                      [int(v) for v in args.cuda_layouts.split(",")] if args.cuda_layouts else None,
+                                      args.int8_sweep)
     save()
   for name in _names(args.grouped, GROUPED):
     result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels)
