@@ -200,15 +200,27 @@ def _call(x, packed, centroids, slots, tuning: CudaTuning):
   return y
 
 
-def _check(op, x, packed, centroids, bits, lead):
-  if not available():
+def check_call(op: str, x, packed, centroids, bits: int, lead: tuple, ready: bool, takes, needs: str,
+               group_sizes=None) -> int:
+  """The checks of a call into the library (this kernel's and lut_matmul_int8's): `ready` (the
+  library loaded and the target registered), the codebook operands and the group sizes of a
+  grouped call, then takes(x dtype, bits, d_in, groups), whose refusal says what the kernel
+  `needs`. Returns d_out."""
+  if not ready:
     raise CqjaxError(f"{op}: the CUDA kernel library is not available (build it with python -m cuda_kernels.build; "
                      "it needs a CUDA GPU backend)")
   n = check_codebook_operands(op, x, packed, centroids, bits, x.shape[-1], lead)
-  if not supports(x.dtype, bits, x.shape[-1], centroids.shape[-2]):
-    raise CqjaxError(f"{op}: takes 4-bit codes, one codebook per row, bf16 x and d_in % 32 == 0; got {bits}-bit "
-                     f"codes, {centroids.shape[-2]} groups, {x.dtype} x, d_in={x.shape[-1]}")
+  if group_sizes is not None and (group_sizes.shape != lead or not jnp.issubdtype(group_sizes.dtype, jnp.integer)):
+    raise CqjaxError(f"{op}: group_sizes must be integers {list(lead)}, got {group_sizes.dtype}{group_sizes.shape}")
+  if not takes(x.dtype, bits, x.shape[-1], centroids.shape[-2]):
+    raise CqjaxError(f"{op}: takes {needs}; got {bits}-bit codes, {centroids.shape[-2]} groups, {x.dtype} x, "
+                     f"d_in={x.shape[-1]}")
   return n
+
+
+def _check(op, x, packed, centroids, bits, lead, group_sizes=None):
+  return check_call(op, x, packed, centroids, bits, lead, available(), supports,
+                    "4-bit codes, one codebook per row, bf16 x and d_in % 32 == 0", group_sizes)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "tuning"))
@@ -230,10 +242,7 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   """x [t, d_in] rows sorted by expert (bf16) times stacked codebook weights -> [t, d_out] (bf16)."""
   t, d_in = x.shape
   e = packed.shape[0] if packed.ndim == 3 else -1
-  n = _check("CUDA grouped_lut_matmul", x, packed, centroids, bits, (e,))
-  if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise CqjaxError(f"CUDA grouped_lut_matmul: group_sizes must be integers [{e}], got "
-                     f"{group_sizes.dtype}{group_sizes.shape}")
+  n = _check("CUDA grouped_lut_matmul", x, packed, centroids, bits, (e,), group_sizes)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)

@@ -16,6 +16,7 @@ does not take it until its compiled tests pass and it is measured on the H200 (B
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cqjax.codebook import check_codebook_operands, expert_slots
+from cqjax.codebook import expert_slots
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import int8_round
 from cuda_kernels import lut_matmul as cuda
@@ -58,8 +59,9 @@ def available() -> bool:
   """Whether the CUDA library is built and a CUDA GPU is the default backend (registers the target)."""
   if not cuda.available():
     return False
-  import ctypes  # pylint: disable=g-import-not-at-top
   lib = ctypes.cdll.LoadLibrary(cuda.LIBRARY)
+  if not hasattr(lib, "CqjaxLutMatmulInt8Cuda"):  # a library built before this kernel: rebuild
+    return False
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulInt8Cuda), platform="CUDA")
   return True
 
@@ -82,15 +84,9 @@ def _call(x, packed, centroids, slots, tuning: Int8Tuning):
   return y.astype(x.dtype)
 
 
-def _check(op, x, packed, centroids, bits, lead):
-  if not available():
-    raise CqjaxError(f"{op}: the CUDA kernel library is not available (build it with python -m cuda_kernels.build; "
-                     "it needs a CUDA GPU backend)")
-  n = check_codebook_operands(op, x, packed, centroids, bits, x.shape[-1], lead)
-  if not supports(bits, x.shape[-1], centroids.shape[-2]):
-    raise CqjaxError(f"{op}: takes 4-bit codes, one codebook per row and d_in a multiple of 32 up to {MAX_D_IN}; "
-                     f"got {bits}-bit codes, {centroids.shape[-2]} groups, d_in={x.shape[-1]}")
-  return n
+def _check(op, x, packed, centroids, bits, lead, group_sizes=None):
+  return cuda.check_call(op, x, packed, centroids, bits, lead, available(), lambda _, *rest: supports(*rest),
+                         f"4-bit codes, one codebook per row and d_in a multiple of 32 up to {MAX_D_IN}", group_sizes)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "tuning"))
@@ -111,10 +107,7 @@ def grouped_lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Arra
   """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics -> [t, d_out]."""
   t = x.shape[0]
   e = packed.shape[0] if packed.ndim == 3 else -1
-  n = _check("CUDA grouped_lut_matmul_int8", x, packed, centroids, bits, (e,))
-  if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise CqjaxError(f"CUDA grouped_lut_matmul_int8: group_sizes must be integers [{e}], got "
-                     f"{group_sizes.dtype}{group_sizes.shape}")
+  n = _check("CUDA grouped_lut_matmul_int8", x, packed, centroids, bits, (e,), group_sizes)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
