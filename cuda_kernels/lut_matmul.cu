@@ -718,6 +718,7 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
   // (x) or once (codes) and a stage only adds its K offset: the address arithmetic was half the
   // instructions of a stage.
   constexpr int kXCopies = N * 8 / kThreads;  // a thread's 16-byte chunks of x a stage (rows kThreads / 8 apart)
+  static_assert(kXCopies >= 1 && kXCopies <= 32 && kXCopies * kThreads == N * 8, "x's chunks shared evenly (x_valid: 32 bits)");
   const int xc = threadIdx.x & 7, xr = threadIdx.x >> 3;
   uint32_t x_dst = 128 * xr + 16 * (xc ^ (xr & 7));  // + j kThreads 16 for copy j: kThreads / 8 rows, a multiple of 8
   const uint16_t* x_src[kXCopies];
