@@ -9,7 +9,8 @@ per row, bf16 activations, at most 16 rows per weight, weights of 2^20 codes or 
 kernel is tested against. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
-`CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (`lut_matmul_int8_reference`);
+`CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (`lut_matmul_int8_reference`;
+on GPUs it runs the default kernels: cuda_kernels/lut_matmul_int8.py is not yet measured);
 on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it applies and `pallas` never.
 The variable is read when a function is traced: set it before the first call, or call
 `jax.clear_caches()` after changing it.
