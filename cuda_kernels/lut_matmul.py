@@ -37,11 +37,20 @@ _WARPS = 4            # warps per block; a block owns 8 * nt columns per warp
 
 
 @functools.cache
+def library() -> ctypes.CDLL | None:
+  """The loaded library (this kernel's and lut_matmul_int8's handlers), or None where it is not
+  built or a CUDA GPU is not the default backend."""
+  if jax.default_backend() != "gpu" or not os.path.exists(LIBRARY):
+    return None
+  return ctypes.cdll.LoadLibrary(LIBRARY)
+
+
+@functools.cache
 def available() -> bool:
   """Whether the library is built and a CUDA GPU is the default backend (registers the target)."""
-  if jax.default_backend() != "gpu" or not os.path.exists(LIBRARY):
+  lib = library()
+  if lib is None:
     return False
-  lib = ctypes.cdll.LoadLibrary(LIBRARY)
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulCuda), platform="CUDA")
   return True
 

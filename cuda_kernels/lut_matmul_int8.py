@@ -16,7 +16,6 @@ does not take it until its compiled tests pass and it is measured on the H200 (B
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 
@@ -57,10 +56,8 @@ def default_tuning(rows: int) -> Int8Tuning:
 @functools.cache
 def available() -> bool:
   """Whether the CUDA library is built and a CUDA GPU is the default backend (registers the target)."""
-  if not cuda.available():
-    return False
-  lib = ctypes.cdll.LoadLibrary(cuda.LIBRARY)
-  if not hasattr(lib, "CqjaxLutMatmulInt8Cuda"):  # a library built before this kernel: rebuild
+  lib = cuda.library()
+  if lib is None or not hasattr(lib, "CqjaxLutMatmulInt8Cuda"):  # none, or built before this kernel: rebuild
     return False
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulInt8Cuda), platform="CUDA")
   return True
