@@ -234,11 +234,13 @@ bool UseInt8(const Problem& p) {
   return Int8Cpu() && p.xu8 != nullptr && p.bits == 4 && (p.k / p.groups) % 64 == 0;
 }
 
-// Symmetric int8 rounding of n values: scale = absmax / 127 (1 for all zeros), q = round(v / scale).
+// Symmetric int8 rounding of n values as cqjax.lut_matmul.int8_round: scale = absmax * f32(1/127)
+// (1 for all zeros), q = rint(v * (1 / scale)) (multiplies, as XLA compiles the reference).
 inline float Int8Scale(const float* v, int64_t n) {
+  constexpr float kInv127 = 1.0f / 127.0f;
   float amax = 0;
   for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
-  return amax > 0 ? amax / 127.0f : 1.0f;
+  return amax > 0 ? amax * kInv127 : 1.0f;
 }
 
 // 64 four-bit codes (32 bytes) -> 64 int8 weights from the 16-entry int8 table (low 16 bytes).
@@ -257,9 +259,9 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni"))) void RowsInt8T
   float res[MT] = {0};
   for (int64_t gi = 0; gi < p.groups; ++gi) {
     const float* c = p.cent + (n * p.groups + gi) * 16;
-    const float sc = Int8Scale(c, 16);
+    const float sc = Int8Scale(c, 16), inv = 1.0f / sc;
     alignas(64) int8_t tab[64] = {0};
-    for (int j = 0; j < 16; ++j) tab[j] = static_cast<int8_t>(std::nearbyint(c[j] / sc));
+    for (int j = 0; j < 16; ++j) tab[j] = static_cast<int8_t>(std::nearbyint(c[j] * inv));
     const __m512i table = _mm512_load_si512(tab);
     __m512i acc[MT], sumw = _mm512_setzero_si512();
     for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_si512();
@@ -321,10 +323,10 @@ void QuantizeActivations(Activations& a, int64_t m, int64_t k) {
   a.scale.resize(m);
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = a.f32 + r * k;
-    const float s = Int8Scale(xr, k);
+    const float s = Int8Scale(xr, k), inv = 1.0f / s;
     a.scale[r] = s;
     for (int64_t i = 0; i < k; ++i)
-      a.u8[r * k + i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(xr[i] / s)) + 128);
+      a.u8[r * k + i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(xr[i] * inv)) + 128);
   }
 }
 

@@ -9,9 +9,11 @@ per row, bf16 activations, at most 16 rows per weight, weights of 2^20 codes or 
 kernel is tested against. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
-`CQJAX_KERNELS=int8` takes the CPU kernel's opt-in int8 numerics (`lut_matmul_int8_reference`;
-on GPUs it runs the default kernels: cuda_kernels/lut_matmul_int8.py is not yet measured);
-on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it applies and `pallas` never.
+`CQJAX_KERNELS=int8` takes the opt-in int8 numerics (`lut_matmul_int8_reference`): the CPU
+kernel's int8 path, and on GPUs the int8 CUDA kernel (cuda_kernels/lut_matmul_int8.py) for up
+to `INT8_MAX_ROWS` rows a weight or expert slot (the decode batches it was measured at), the
+default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it
+applies and `pallas` never.
 The variable is read when a function is traced: set it before the first call, or call
 `jax.clear_caches()` after changing it.
 """
@@ -61,12 +63,19 @@ def grouped_lut_matmul_reference(x: jax.Array, w: CodebookWeight, group_sizes: j
   return jax.lax.ragged_dot(x, dequantize(w, x.dtype), group_sizes)
 
 
+_INV_127 = np.float32(1) / np.float32(127)
+
+
 def int8_round(v: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   """v rounded to int8 along `axis` with an absmax scale: (int32 values in [-127, 127], float32
-  scale amax / 127, 1 where amax is 0), v ~ values * scale."""
+  scale amax · f32(1/127), 1 where amax is 0), v ~ values * scale.
+
+  Written as the multiplies XLA compiles `amax / 127` and `v / scale` into (values =
+  rint(v · (1 / scale)), one IEEE division), so that the CPU and CUDA kernels, which spell the same
+  operations out, round halves exactly as this reference does."""
   amax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-  scale = jnp.where(amax > 0, amax / np.float32(127), np.float32(1))
-  return jnp.round(v / scale).astype(jnp.int32), scale
+  scale = jnp.where(amax > 0, amax * _INV_127, np.float32(1))
+  return jnp.round(v * (np.float32(1) / scale)).astype(jnp.int32), scale
 
 
 def lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
@@ -100,36 +109,45 @@ def grouped_lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids
   return jnp.where((expert < e)[:, None], y, 0.0)
 
 
+# Rows a weight (or expert slot) up to which CQJAX_KERNELS=int8 takes the int8 CUDA kernel: it
+# streams the codes once per 16 rows, so prefill stays with the bf16 kernels (BENCHMARKS.md).
+INT8_MAX_ROWS = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class _CudaFirst:
   """The CUDA kernel where it applies (everywhere=False: only where `serves` says it is faster),
-  else the Pallas kernels (same signatures)."""
+  else the Pallas kernels (same signatures); int8=True: the int8 CUDA kernel first, for decode
+  batches it takes."""
 
   everywhere: bool = False
+  int8: bool = False
   SUPPORTED_BITS = (1, 2, 4, 8)  # the Pallas kernels' (read lazily: no Pallas import on CPU); CUDA's 4 is among them
 
-  def _cuda(self, x, packed, centroids, bits, grouped):
+  def _pick(self, x, packed, centroids, bits, grouped):
     from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
-    if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
-      return None
+    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
     rows = cuda.rows_per_slot(x.shape[0], packed.shape[0]) if grouped else x.shape[0]
-    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2]) else None
+    if self.int8 and rows <= INT8_MAX_ROWS:
+      from cuda_kernels import lut_matmul_int8 as cuda8  # pylint: disable=g-import-not-at-top
+      if cuda8.available() and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
+        return cuda8.Int8Kernels
+    if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
+      return pallas
+    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2]) else pallas
 
   def lut_matmul(self, x, packed, centroids, bits):
-    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    return (self._cuda(x, packed, centroids, bits, False) or pallas).lut_matmul(x, packed, centroids, bits)
+    return self._pick(x, packed, centroids, bits, False).lut_matmul(x, packed, centroids, bits)
 
   def grouped_lut_matmul(self, x, packed, centroids, bits, group_sizes):
-    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    kernels = self._cuda(x, packed, centroids, bits, True) or pallas
-    return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+    return self._pick(x, packed, centroids, bits, True).grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
 def _kernels():
   """The kernels for this backend (same signatures in all), or None for the reference:
   cpu_kernels on the CPU backend when built (its int8 numerics with CQJAX_KERNELS=int8), on GPUs
   the CUDA kernel where built and measured faster, else Pallas (CQJAX_KERNELS=cuda: CUDA wherever
-  it applies; pallas: Pallas only)."""
+  it applies; pallas: Pallas only; int8: the int8 CUDA kernel for decode batches first)."""
   mode = os.environ.get("CQJAX_KERNELS", "auto")
   if mode not in ("auto", "reference", "int8", "cuda", "pallas"):
     raise CqjaxError(f"CQJAX_KERNELS must be auto, reference, int8, cuda or pallas, got {mode!r}")
@@ -143,7 +161,7 @@ def _kernels():
     return cpu.Int8 if mode == "int8" else cpu
   if backend == "gpu":
     if mode != "pallas":
-      return _CudaFirst(everywhere=mode == "cuda")
+      return _CudaFirst(everywhere=mode == "cuda", int8=mode == "int8")
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
     return pallas
   return None

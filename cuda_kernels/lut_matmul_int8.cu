@@ -2,17 +2,19 @@
 // cuda_kernels/lut_matmul_int8.py; the numerics are defined by cqjax.lut_matmul's
 // lut_matmul_int8_reference, the same as the CPU kernel's int8 path):
 //
-//   out [t, n] = (sc[e, n] * float(xq [t, k] . cq[e, n, code(e, n, kk)])) * sx[t]   (float32)
+//   out [t, n] = (sc[e, n] * float(xq [t, k] . cq[e, n, code(e, n, kk)])) * sx[t]   (float32, then
+//                out's dtype)
 //
 // where xq is x rounded to int8 per row (scale sx) and cq each row's 16 centroids rounded to int8
-// (scale sc); the dot products are exact in int32. Operands:
-//   xq       int8  [t, k]
-//   sx       float32 [t]
-//   packed   uint8 [experts, n, k/2]   two codes a byte, low nibble first (cqjax/codebook.py)
-//   cq       int8  [experts, n, 16]
-//   sc       float32 [experts, n]
-//   slots    int32 [3, s]              expert, first row, rows of each slot (rows 0: no work)
-//   out      float32 [t, n]; rows no slot covers are zero
+// (scale sc: absmax / 127); the dot products are exact in int32. Operands:
+//   xq         int8  [t, k]
+//   sx         float32 [t]
+//   packed     uint8 [experts, n, k/2]   two codes a byte, low nibble first (cqjax/codebook.py)
+//   centroids  float32 or bf16 [experts, n, 16]; rounded here, as int8_round (round half to
+//              even), once a block into shared memory: no pass over every expert's codebooks in
+//              XLA, only the rows a block multiplies
+//   slots      int32 [3, s]              expert, first row, rows of each slot (rows 0: no work)
+//   out        float32 or bf16 [t, n]; rows no slot covers are zero
 //
 // Why: the bf16 kernel (lut_matmul.cu) is bound by its decode at decode batch sizes (21 integer
 // instructions per 8 codes, BENCHMARKS.md session 23). An int8 table is 16 bytes, so 8 codes
@@ -25,6 +27,7 @@
 // (16 consecutive code bytes of each of its rows, one 16-byte load), 8 a k32 step, so the 32
 // activations of each of its rows of x are consecutive too. Codes are loaded kDepth8 chunks
 // ahead. The warps' int32 sums meet in shared memory (exact, so in any order).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -47,11 +50,11 @@ struct Int8Problem {
   const int8_t* x;
   const float* sx;
   const uint8_t* packed;
-  const int8_t* cq;
-  const float* sc;
-  const int32_t* slots;  // [3, num_slots]
-  float* out;
+  const void* centroids;  // float32 or bf16 (cent_bf16)
+  const int32_t* slots;   // [3, num_slots]
+  void* out;              // float32 or bf16 (out_bf16)
   int t, k, n, num_slots;
+  bool cent_bf16, out_bf16;
 };
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
@@ -73,13 +76,43 @@ __device__ __forceinline__ void decode8_s8(uint32_t w, const uint4& tab, uint32_
   hi = (prmt(tab.x, tab.y, sel_hi) & ~m_hi) | (prmt(tab.z, tab.w, sel_hi) & m_hi);
 }
 
+// Rounds the codebooks of a block's 16 columns (n0 + r of this expert; past n, column n - 1) to
+// int8 in shared memory, 16 threads a column, as cqjax.lut_matmul.int8_round: scale = absmax *
+// f32(1/127) (1 where absmax is 0), entries rint(c * (1 / scale)), the division IEEE-rounded.
+__device__ __forceinline__ void round_tables(const Int8Problem& p, int expert, int n0, int8_t (&tab)[16][16],
+                                             float (&scale)[16]) {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {  // blockDim.x divides 256: whole warps a round
+    const int r = i / 16, j = i % 16;
+    const size_t at = (static_cast<size_t>(expert) * p.n + min(n0 + r, p.n - 1)) * 16 + j;
+    const float c = p.cent_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.centroids)[at])
+                                : static_cast<const float*>(p.centroids)[at];
+    float amax = fabsf(c);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
+    tab[r][j] = static_cast<int8_t>(__float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s))));
+    if (j == 0) scale[r] = s;
+  }
+}
+
+// out[row, col] = v in out's dtype (float32 -> bf16 rounds to nearest even, as XLA's convert).
+__device__ __forceinline__ void store(const Int8Problem& p, int row, int col, float v) {
+  const size_t at = static_cast<size_t>(row) * p.n + col;
+  if (p.out_bf16)
+    static_cast<__nv_bfloat16*>(p.out)[at] = __float2bfloat16_rn(v);
+  else
+    static_cast<float*>(p.out)[at] = v;
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
 // One 128-input chunk c: the lane's code words qa (row g) and qb (row g + 8), 8 codes a word, and
 // the 32 activations of each of its MT rows of x that they multiply (zeros where the row is not
-// the slot's or the lane has no inputs in a partial last chunk).
+// the slot's or the lane has no inputs in a partial last chunk). x is loaded here, not with the
+// codes ahead: a register ring for it measured no faster at M = 1 and slower at M = 16 (its
+// registers cost occupancy; BENCHMARKS.md session 29).
 template <int MT>
 __device__ __forceinline__ void chunk_s8(int (&acc)[MT][4], const uint4& qa, const uint4& qb, const uint4& tab_a,
                                          const uint4& tab_b, const int8_t* const (&xr)[MT], const bool (&xok)[MT],
@@ -105,12 +138,14 @@ __device__ __forceinline__ void chunk_s8(int (&acc)[MT][4], const uint4& qa, con
 template <int W, int MT>
 __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
   __shared__ int sums[W][MT * 4][32];
+  __shared__ __align__(16) int8_t tab[16][16];
+  __shared__ float scale[16];
   const int slot = blockIdx.y, n0 = blockIdx.x * 16;
   if (slot == 0) {  // rows past the last slot's are zero (ragged_dot's contract)
     int covered = 0;
     for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
     for (int i = threadIdx.x; i < (p.t - covered) * 16; i += blockDim.x)
-      if (n0 + i % 16 < p.n) p.out[static_cast<size_t>(covered + i / 16) * p.n + n0 + i % 16] = 0.f;
+      if (n0 + i % 16 < p.n) store(p, covered + i / 16, n0 + i % 16, 0.f);
   }
   const int rows = p.slots[2 * p.num_slots + slot];
   if (rows == 0) return;
@@ -122,8 +157,6 @@ __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
   const size_t rb = static_cast<size_t>(expert) * p.n + min(n0 + g + 8, p.n - 1);
   const uint8_t* const code_a = p.packed + ra * row_bytes + 16 * t4;
   const uint8_t* const code_b = p.packed + rb * row_bytes + 16 * t4;
-  const uint4 tab_a = __ldg(reinterpret_cast<const uint4*>(p.cq + ra * 16));
-  const uint4 tab_b = __ldg(reinterpret_cast<const uint4*>(p.cq + rb * 16));
   const int chunks = (p.k + kChunk8 - 1) / kChunk8, mine = (chunks - warp + W - 1) / W;
   // k is a multiple of 32, so a lane has all 32 inputs of a chunk or none (partial last chunk).
   const auto has_inputs = [&](int c) { return 32 * t4 < p.k - c * kChunk8; };
@@ -147,6 +180,11 @@ __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
 #pragma unroll
     for (int j = 0; j < kDepth8; ++j)
       if (j < mine) load(j, warp + j * W);
+    if (r0 == 0) {  // while the first codes are on their way
+      round_tables(p, expert, n0, tab, scale);
+      __syncthreads();
+    }
+    const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[g], tab_b = reinterpret_cast<const uint4*>(tab)[g + 8];
     for (int i = 0; i < mine; i += kDepth8) {
 #pragma unroll
       for (int j = 0; j < kDepth8; ++j) {
@@ -172,10 +210,9 @@ __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
       int dot = 0;
 #pragma unroll
       for (int w = 0; w < W; ++w) dot += sums[w][reg][l];
-      const int col = n0 + (l >> 2) + 8 * (e >> 1), r = r0 + 8 * (reg / 4) + 2 * (l & 3) + (e & 1);
-      if (r < rows && col < p.n)
-        p.out[static_cast<size_t>(row0 + r) * p.n + col] =
-            __fmul_rn(__fmul_rn(p.sc[static_cast<size_t>(expert) * p.n + col], __int2float_rn(dot)), p.sx[row0 + r]);
+      const int c = (l >> 2) + 8 * (e >> 1), r = r0 + 8 * (reg / 4) + 2 * (l & 3) + (e & 1);
+      if (r < rows && n0 + c < p.n)
+        store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(dot)), p.sx[row0 + r]));
     }
     __syncthreads();  // the sums are read before the next pass writes them
   }
@@ -192,22 +229,25 @@ ffi::Error invalid(const std::string& what) {
 }
 
 ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx,
-                             ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::S8> cq, ffi::Buffer<ffi::F32> sc,
-                             ffi::Buffer<ffi::S32> slots, ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t warps,
-                             int64_t mt) {
-  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = cq.dimensions(), sd = slots.dimensions();
+                             ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
+                             ffi::Result<ffi::AnyBuffer> out, int64_t warps, int64_t mt) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (xd.size() != 2 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
-    return invalid("expected x [t, k], packed [e, n, k/2], cq [e, n, 16], slots [3, s]");
+    return invalid("expected x [t, k], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
   const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
   if (k % 32 != 0 || k > kMaxK8 || pd[2] != k / 2 || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k a multiple of 32 up to 133143, one 16-entry codebook a row)");
-  if (sx.element_count() != t || sc.element_count() != e * n) return invalid("scales must be sx [t] and sc [e, n]");
+  const auto is_float = [](ffi::DataType d) { return d == ffi::DataType::F32 || d == ffi::DataType::BF16; };
+  if (!is_float(centroids.element_type()) || !is_float(out->element_type()))
+    return invalid("centroids and the output must be float32 or bf16");
+  if (sx.element_count() != t) return invalid("the scales of x must be float32 [t]");
   const auto od = out->dimensions();
-  if (od.size() != 2 || od[0] != t || od[1] != n) return invalid("output must be float32 [t, n]");
+  if (od.size() != 2 || od[0] != t || od[1] != n) return invalid("output must be [t, n]");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
-  const Int8Problem p{x.typed_data(), sx.typed_data(), packed.typed_data(), cq.typed_data(), sc.typed_data(),
-                      slots.typed_data(), out->typed_data(), static_cast<int>(t), static_cast<int>(k),
-                      static_cast<int>(n), static_cast<int>(sd[1])};
+  const Int8Problem p{x.typed_data(), sx.typed_data(), packed.typed_data(), centroids.untyped_data(),
+                      slots.typed_data(), out->untyped_data(), static_cast<int>(t), static_cast<int>(k),
+                      static_cast<int>(n), static_cast<int>(sd[1]), centroids.element_type() == ffi::DataType::BF16,
+                      out->element_type() == ffi::DataType::BF16};
   cudaError_t err;
   switch (warps * 10 + mt) {
     case 41: err = launch_int8<4, 1>(stream, p); break;
@@ -230,10 +270,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulInt8Cuda, LutMatmulInt8Impl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("warps")
                                   .Attr<int64_t>("mt"),
                               {ffi::Traits::kCmdBufferCompatible});

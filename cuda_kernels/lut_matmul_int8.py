@@ -7,12 +7,13 @@
                             (the `jax.lax.ragged_dot` contract; rows past the last group are zero)
 
 It computes `cqjax.lut_matmul.lut_matmul_int8_reference`, the numerics of the CPU kernel's int8
-path: x rows and each row's codebook rounded to int8 (absmax / 127; the rounding runs here, in
-XLA, each call), exact int32 dot products, y = (sc * dot) * sx in float32, cast to x's dtype.
+path: x rows and each row's codebook rounded to int8 (absmax / 127; x's in XLA, so it can fuse
+with x's producer, the codebooks' in the kernel, only those of the rows it multiplies), exact
+int32 dot products, y = (sc * dot) * sx in float32, written in x's dtype.
 4-bit codes, one codebook per row, d_in a multiple of 32 (`supports`).
 
-Status: written without a GPU (session 28) and compiled for sm_80 / sm_90a only; the dispatcher
-does not take it until its compiled tests pass and it is measured on the H200 (BENCHMARKS.md).
+The dispatcher (cqjax/lut_matmul.py) takes it under CQJAX_KERNELS=int8 for decode batches;
+measured on an H200 in BENCHMARKS.md (session 29).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from cuda_kernels import lut_matmul as cuda
 
 _TARGET = "cqjax_cuda_lut_matmul_int8"
 MAX_D_IN = 133143  # |dot| <= d_in * 127 * 127 stays within int32
+
+# Codebook and output dtypes the kernel reads and writes itself (others go through float32).
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 # The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl).
 KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
@@ -73,11 +77,12 @@ def _call(x, packed, centroids, slots, tuning: Int8Tuning):
   """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] in x's dtype."""
   e, n = packed.shape[:2]
   xq, sx = int8_round(x.astype(jnp.float32), -1)
-  cq, sc = int8_round(centroids.reshape(e, n, 16).astype(jnp.float32), -1)
-  out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+  centroids = centroids.reshape(e, n, 16)
+  if centroids.dtype not in _KERNEL_DTYPES:
+    centroids = centroids.astype(jnp.float32)
+  out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype if x.dtype in _KERNEL_DTYPES else jnp.float32)
   y = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
-      xq.astype(jnp.int8), sx[:, 0], packed, cq.astype(jnp.int8), sc[..., 0], slots,
-      warps=np.int64(tuning.warps), mt=np.int64(tuning.mt))
+      xq.astype(jnp.int8), sx[:, 0], packed, centroids, slots, warps=np.int64(tuning.warps), mt=np.int64(tuning.mt))
   return y.astype(x.dtype)
 
 
@@ -110,3 +115,10 @@ def grouped_lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Arra
   slots = min(t, e)
   tuning = tuning or default_tuning(cuda.rows_per_slot(t, e))
   return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
+
+
+class Int8Kernels:
+  """This kernel under the dispatcher's kernel names (`CQJAX_KERNELS=int8` on GPUs)."""
+
+  lut_matmul = staticmethod(lut_matmul_int8)
+  grouped_lut_matmul = staticmethod(grouped_lut_matmul_int8)

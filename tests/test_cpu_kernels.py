@@ -9,7 +9,7 @@ from cpu_kernels import lut_matmul as cpu
 from cqjax.errors import CqjaxError
 from cqjax.kmeans import kmeans_quantize
 from cqjax.load import load_params
-from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference,
+from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference, int8_round,
                               lut_matmul_int8_reference, lut_matmul_reference)
 from cqjax.model import MoeCausalLM
 from cqjax.quantize_weights import quantize_scope
@@ -150,6 +150,19 @@ def test_int8_grouped_and_fallback():
     assert not cpu.int8_supported(bits, 96, 96 // group)
     got = cpu.lut_matmul(x[:, :96], v.packed, v.centroids, bits, int8=True)
     np.testing.assert_allclose(got, lut_matmul_reference(x[:, :96], v), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_round_is_the_kernels_multiplies():
+  """int8_round is defined by the operations the kernels spell out (scale = amax * f32(1/127),
+  values = rint(v * (1 / scale))), not by `v / scale`, which XLA compiles into those multiplies
+  anyway: they differ on ties such as 0.83984375 * 127 / 1.6796875 = 63.5 exactly."""
+  v = np.array([[1.6796875, 0.83984375, -0.5, 0.25], [0, 0, 0, 0], [127, 0.5, 1.5, -2.5]], np.float32)
+  q, s = jax.jit(lambda v: int8_round(v, -1))(v)
+  amax = np.abs(v).max(-1, keepdims=True)
+  want_s = np.where(amax > 0, amax * (np.float32(1) / np.float32(127)), np.float32(1)).astype(np.float32)
+  np.testing.assert_array_equal(s, want_s)
+  np.testing.assert_array_equal(q, np.rint(v * (np.float32(1) / want_s)).astype(np.int32))
+  assert q[0, 1] == 63 and list(q[2]) == [127, 0, 2, -2]  # halves to even; the f32 reciprocal's tie breaks down
 
 
 def test_grouped_int8_reference_is_the_single_one_per_expert():

@@ -1,6 +1,8 @@
 """The CUDA codebook matmul with int8 numerics (cuda_kernels/lut_matmul_int8.*) against its jnp
 reference (cqjax.lut_matmul.lut_matmul_int8_reference) on a GPU where the library is built, and
 its host-side parts (tuning, refusals) everywhere."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,6 +45,23 @@ def test_matches_reference(m, k, n, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("cdtype", [jnp.bfloat16, jnp.float16])
+def test_codebooks_rounded_in_the_kernel(cdtype):
+  """The kernel rounds bf16 codebooks itself (float16 ones reach it as float32); an all-zero
+  codebook takes scale 1; halves between int8 steps round to even as in jnp."""
+  rng = np.random.default_rng(7)
+  w = random_codebook_weight(rng, (), 40, 480, 4, 480)
+  cent = np.array(w.centroids, np.float32)
+  cent[3] = 0.0
+  cent[5, 0] = [127.0, 0.5, 1.5, -2.5, -0.5] + [0.25] * 11  # scale 1: exact halves
+  w = dataclasses.replace(w, centroids=jnp.asarray(cent, cdtype))
+  x = jnp.asarray(rng.normal(size=(5, 480)), jnp.float32)
+  got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4)
+  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
+  assert not np.asarray(got[:, 3]).any()
+
+
+@needs_gpu
 @pytest.mark.parametrize("tuning", [ck8.Int8Tuning(warps, mt) for warps, mt in sorted(ck8.KERNELS)], ids=str)
 def test_tunings_compute_the_same_function(tuning):
   rng = np.random.default_rng(5)
@@ -62,6 +81,32 @@ def test_grouped_matches_reference(sizes):
   got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs)
   _same(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
   assert not np.asarray(got[sum(sizes):], np.float32).any()
+
+
+@needs_gpu
+def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
+  """CQJAX_KERNELS=int8 on a GPU: the int8 numerics up to INT8_MAX_ROWS rows a weight (single and
+  grouped), the default bf16 kernels above."""
+  import jax
+  from cqjax import lut_matmul as dispatch
+  monkeypatch.setenv("CQJAX_KERNELS", "int8")
+  jax.clear_caches()
+  rng = np.random.default_rng(9)
+  w = random_codebook_weight(rng, (), 48, 256, 4, 256)
+  for m in (1, dispatch.INT8_MAX_ROWS):
+    x = jnp.asarray(rng.normal(size=(m, 256)), jnp.float32)
+    _same(dispatch.lut_matmul(x, w), lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
+  g = random_codebook_weight(rng, (3,), 48, 256, 4, 256)
+  gs = jnp.asarray([2, 0, 3], jnp.int32)
+  x = jnp.asarray(rng.normal(size=(5, 256)), jnp.bfloat16)
+  _same(dispatch.grouped_lut_matmul(x, g, gs), grouped_lut_matmul_int8_reference(x, g.packed, g.centroids, 4, gs),
+        jnp.bfloat16)
+  big = jnp.asarray(rng.normal(size=(dispatch.INT8_MAX_ROWS + 1, 256)), jnp.bfloat16)
+  int8_mode = dispatch.lut_matmul(big, w)
+  monkeypatch.setenv("CQJAX_KERNELS", "auto")
+  jax.clear_caches()
+  np.testing.assert_array_equal(np.asarray(int8_mode, np.float32), np.asarray(dispatch.lut_matmul(big, w), np.float32))
+  jax.clear_caches()
 
 
 def test_supports_and_tunings():
