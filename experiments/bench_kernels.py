@@ -277,7 +277,8 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
 
 def bench_decode(batches, new_tokens=64, prompt_len=32):
   """Greedy decode of the small reference architecture (random weights: speed does not depend on
-  the values), bf16 vs every MoE and attention kernel as 4-bit RTN codebooks."""
+  the values), bf16 vs every MoE and attention kernel as 4-bit RTN codebooks (default kernels,
+  CQJAX_KERNELS=cuda and int8)."""
   from cqjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
   from cqjax.kmeans import rtn_quantize  # pylint: disable=g-import-not-at-top
@@ -296,7 +297,8 @@ def bench_decode(batches, new_tokens=64, prompt_len=32):
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
     row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len}
     # The dispatcher reads CQJAX_KERNELS when tracing: cleared caches and a fresh jit per setting.
-    for name, p, mode in (("bf16", params, "auto"), ("codebook_w4", quant, "auto"), ("codebook_w4_cuda", quant, "cuda")):
+    for name, p, mode in (("bf16", params, "auto"), ("codebook_w4", quant, "auto"), ("codebook_w4_cuda", quant, "cuda"),
+                          ("codebook_w4_int8", quant, "int8")):
       os.environ["CQJAX_KERNELS"] = mode
       jax.clear_caches()
       run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
@@ -305,9 +307,11 @@ def bench_decode(batches, new_tokens=64, prompt_len=32):
     os.environ.pop("CQJAX_KERNELS")
     row["speedup"] = row["codebook_w4_tokens_per_s"] / row["bf16_tokens_per_s"]
     row["speedup_cuda"] = row["codebook_w4_cuda_tokens_per_s"] / row["bf16_tokens_per_s"]
+    row["speedup_int8"] = row["codebook_w4_int8_tokens_per_s"] / row["bf16_tokens_per_s"]
     print(f"decode small arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s, 4-bit "
           f"{row['codebook_w4_tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x; CQJAX_KERNELS=cuda "
-          f"{row['speedup_cuda']:.2f}x; {new_tokens} new tokens after a {prompt_len}-token prefill)", flush=True)
+          f"{row['speedup_cuda']:.2f}x, int8 {row['speedup_int8']:.2f}x; {new_tokens} new tokens after a "
+          f"{prompt_len}-token prefill)", flush=True)
     out.append(row)
   return out
 

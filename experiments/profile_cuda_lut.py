@@ -5,7 +5,8 @@
       python3 -m experiments.profile_cuda_lut --shape=4096x14336 --ms=1,16 --tunings=3/4/1/2/1,4/4/1/2/1
 
 A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmul.CudaTuning, whose defaults fill the rest); "default" is the
-default tuning at that shape and M. Launches come in the order printed.
+default tuning at that shape and M. With --int8 the kernel is the int8 one (-k regex:int8_kernel) and a
+tuning is warps/mt (cuda_kernels.lut_matmul_int8.Int8Tuning). Launches come in the order printed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,17 @@ import jax.numpy as jnp
 
 from cqjax.codebook import CodebookWeight
 from cuda_kernels import lut_matmul as ck
+from cuda_kernels import lut_matmul_int8 as ck8
+
+
+def parse_int8_tuning(spec: str, m: int) -> ck8.Int8Tuning:
+  if spec == "default":
+    return ck8.default_tuning(m)
+  try:
+    warps, mt = (int(v) for v in spec.split("/"))
+  except ValueError:
+    raise SystemExit(f"profile_cuda_lut: int8 tuning {spec!r} is not warps/mt") from None
+  return ck8.Int8Tuning(warps=warps, mt=mt)
 
 
 def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
@@ -34,6 +46,7 @@ def main():
   ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
+  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt")
   args = ap.parse_args()
   if not ck.available():
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available (python -m cuda_kernels.build)")
@@ -44,9 +57,10 @@ def main():
   for m in (int(v) for v in args.ms.split(",")):
     x = jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.bfloat16)
     for spec in args.tunings.split(","):
-      t = parse_tuning(spec, m, k, n)
+      t = parse_int8_tuning(spec, m) if args.int8 else parse_tuning(spec, m, k, n)
       print(f"launch: {k}x{n} M={m} {t}", flush=True)
-      jax.block_until_ready(ck.lut_matmul(x, w.packed, w.centroids, 4, tuning=t))
+      run = ck8.lut_matmul_int8 if args.int8 else ck.lut_matmul
+      jax.block_until_ready(run(x, w.packed, w.centroids, 4, tuning=t))
 
 
 if __name__ == "__main__":
