@@ -273,16 +273,18 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   """The dispatcher's GPU choice, without a GPU: the CUDA kernel for decode rows of a 2^20-code
   weight (single and grouped), the Pallas kernels for prefill rows (but those of large weights on
   Hopper), small weights, other bit widths, and everywhere when CQJAX_KERNELS=pallas; CUDA
-  wherever it applies with =cuda."""
+  wherever it applies with =cuda; the int8 kernel for decode rows it takes with =int8."""
   from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
+  from cuda_kernels import lut_matmul_int8 as ck8  # pylint: disable=g-import-not-at-top
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
   called = []
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(ck, "available", lambda: True)
+  monkeypatch.setattr(ck8, "available", lambda: True)
   monkeypatch.setattr(ck, "is_hopper", lambda: False)
-  for mod, name in ((ck, "cuda"), (pk, "pallas")):
-    monkeypatch.setattr(mod, "lut_matmul", lambda *a, name=name: called.append(name))
-    monkeypatch.setattr(mod, "grouped_lut_matmul", lambda *a, name=name: called.append(name))
+  for mod, name in ((ck, "cuda"), (pk, "pallas"), (ck8.Int8Kernels, "int8")):
+    monkeypatch.setattr(mod, "lut_matmul", staticmethod(lambda *a, name=name: called.append(name)))
+    monkeypatch.setattr(mod, "grouped_lut_matmul", staticmethod(lambda *a, name=name: called.append(name)))
 
   def choice(mode, m, d_in, d_out, bits=4, experts=0):
     monkeypatch.setenv("CQJAX_KERNELS", mode)
@@ -305,6 +307,11 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   assert choice("auto", 1024, 4096, 14336, experts=8) == "pallas"  # prefill: 128 rows an expert
   assert choice("cuda", 64, 512, 1024) == "cuda"
   assert choice("pallas", 1, 4096, 14336) == "pallas"
+  assert choice("int8", 1, 4096, 14336) == "int8" and choice("int8", 16, 1024, 1024) == "int8"
+  assert choice("int8", 32, 4096, 14336, experts=8) == "int8"  # 4 rows an expert slot
+  assert choice("int8", 64, 1024, 1024) == "pallas"  # prefill rows: the default kernels
+  assert choice("int8", 4, 1040, 1024) == choice("auto", 4, 1040, 1024) != "int8"  # d_in off 32: the default
+  assert choice("int8", 4, 1024, 1024, bits=2) == "pallas"
   monkeypatch.setattr(ck, "is_hopper", lambda: True)  # layout 8 takes prefill rows of large weights
   assert choice("auto", 1024, 4096, 14336, experts=8) == "cuda"
   assert choice("auto", 128, 14336, 4096) == "cuda"
