@@ -11,7 +11,7 @@ only; gradients (ACCF fine-tunes centroids through these products) come from the
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
 `CQJAX_KERNELS=int8` takes the opt-in int8 numerics (`lut_matmul_int8_reference`): the CPU
 kernel's int8 path, and on GPUs the int8 CUDA kernel (cuda_kernels/lut_matmul_int8.py) for up
-to `INT8_MAX_ROWS` rows a weight or expert slot (the decode batches it was measured at), the
+to its `MAX_ROWS` (16) rows a weight or expert slot (the decode batches it was measured at), the
 default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it
 applies and `pallas` never.
 The variable is read when a function is traced: set it before the first call, or call
@@ -109,11 +109,6 @@ def grouped_lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids
   return jnp.where((expert < e)[:, None], y, 0.0)
 
 
-# Rows a weight (or expert slot) up to which CQJAX_KERNELS=int8 takes the int8 CUDA kernel: it
-# streams the codes once per 16 rows, so prefill stays with the bf16 kernels (BENCHMARKS.md).
-INT8_MAX_ROWS = 16
-
-
 @dataclasses.dataclass(frozen=True)
 class _CudaFirst:
   """The CUDA kernel where it applies (everywhere=False: only where `serves` says it is faster),
@@ -128,9 +123,9 @@ class _CudaFirst:
     from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
     rows = cuda.rows_per_slot(x.shape[0], packed.shape[0]) if grouped else x.shape[0]
-    if self.int8 and rows <= INT8_MAX_ROWS:
+    if self.int8:
       from cuda_kernels import lut_matmul_int8 as cuda8  # pylint: disable=g-import-not-at-top
-      if cuda8.available() and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
+      if rows <= cuda8.MAX_ROWS and cuda8.available() and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
         return cuda8.Int8Kernels
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
       return pallas

@@ -38,6 +38,10 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl).
 KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
 
+# Rows a weight or expert slot it serves (CQJAX_KERNELS=int8): those of one pass over the codes;
+# more rows stream the codes again per pass, so prefill stays with the bf16 kernels.
+MAX_ROWS = 8 * max(mt for _, mt in KERNELS)
+
 
 @dataclasses.dataclass(frozen=True)
 class Int8Tuning:

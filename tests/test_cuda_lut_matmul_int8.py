@@ -85,7 +85,7 @@ def test_grouped_matches_reference(sizes):
 
 @needs_gpu
 def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
-  """CQJAX_KERNELS=int8 on a GPU: the int8 numerics up to INT8_MAX_ROWS rows a weight (single and
+  """CQJAX_KERNELS=int8 on a GPU: the int8 numerics up to MAX_ROWS rows a weight (single and
   grouped), the default bf16 kernels above."""
   import jax
   from cqjax import lut_matmul as dispatch
@@ -93,7 +93,7 @@ def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
   jax.clear_caches()
   rng = np.random.default_rng(9)
   w = random_codebook_weight(rng, (), 48, 256, 4, 256)
-  for m in (1, dispatch.INT8_MAX_ROWS):
+  for m in (1, ck8.MAX_ROWS):
     x = jnp.asarray(rng.normal(size=(m, 256)), jnp.float32)
     _same(dispatch.lut_matmul(x, w), lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
   g = random_codebook_weight(rng, (3,), 48, 256, 4, 256)
@@ -101,7 +101,7 @@ def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
   x = jnp.asarray(rng.normal(size=(5, 256)), jnp.bfloat16)
   _same(dispatch.grouped_lut_matmul(x, g, gs), grouped_lut_matmul_int8_reference(x, g.packed, g.centroids, 4, gs),
         jnp.bfloat16)
-  big = jnp.asarray(rng.normal(size=(dispatch.INT8_MAX_ROWS + 1, 256)), jnp.bfloat16)
+  big = jnp.asarray(rng.normal(size=(ck8.MAX_ROWS + 1, 256)), jnp.bfloat16)
   int8_mode = dispatch.lut_matmul(big, w)
   monkeypatch.setenv("CQJAX_KERNELS", "auto")
   jax.clear_caches()
