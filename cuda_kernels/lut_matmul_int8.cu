@@ -30,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -140,87 +141,117 @@ __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
   __shared__ int sums[W][MT * 4][32];
   __shared__ __align__(16) int8_t tab[16][16];
   __shared__ float scale[16];
-  const int slot = blockIdx.y, n0 = blockIdx.x * 16;
+  const int slot = blockIdx.y, col_tiles = (p.n + 15) / 16;
+  // This block's 16-column tiles: blockIdx.x, blockIdx.x + gridDim.x, ... (one unless persistent).
+  const int my_tiles = (col_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;
+  const auto tile_n0 = [&](int q) { return (blockIdx.x + q * gridDim.x) * 16; };
   if (slot == 0) {  // rows past the last slot's are zero (ragged_dot's contract)
     int covered = 0;
     for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
-    for (int i = threadIdx.x; i < (p.t - covered) * 16; i += blockDim.x)
-      if (n0 + i % 16 < p.n) store(p, covered + i / 16, n0 + i % 16, 0.f);
+    for (int q = 0; q < my_tiles; ++q)
+      for (int i = threadIdx.x; i < (p.t - covered) * 16; i += blockDim.x)
+        if (tile_n0(q) + i % 16 < p.n) store(p, covered + i / 16, tile_n0(q) + i % 16, 0.f);
   }
   const int rows = p.slots[2 * p.num_slots + slot];
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const size_t row_bytes = p.k / 2;
-  // Columns past n decode row n - 1 and are not stored.
-  const size_t ra = static_cast<size_t>(expert) * p.n + min(n0 + g, p.n - 1);
-  const size_t rb = static_cast<size_t>(expert) * p.n + min(n0 + g + 8, p.n - 1);
-  const uint8_t* const code_a = p.packed + ra * row_bytes + 16 * t4;
-  const uint8_t* const code_b = p.packed + rb * row_bytes + 16 * t4;
   const int chunks = (p.k + kChunk8 - 1) / kChunk8, mine = (chunks - warp + W - 1) / W;
+  const int passes = (rows + 8 * MT - 1) / (8 * MT);
   // k is a multiple of 32, so a lane has all 32 inputs of a chunk or none (partial last chunk).
   const auto has_inputs = [&](int c) { return 32 * t4 < p.k - c * kChunk8; };
 
-  for (int r0 = 0; r0 < rows; r0 += 8 * MT) {
-    const int8_t* xr[MT];
-    bool xok[MT];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      const int r = r0 + 8 * i + g;
-      xok[i] = r < rows;
-      xr[i] = p.x + static_cast<size_t>(row0 + min(r, rows - 1)) * p.k + 32 * t4;
-    }
-    int acc[MT][4] = {};
-    uint4 qa[kDepth8], qb[kDepth8];
-    const auto load = [&](int j, int c) {
-      const bool ok = has_inputs(c);
-      qa[j] = ok ? load_stream(code_a + static_cast<size_t>(c) * (kChunk8 / 2)) : make_uint4(0, 0, 0, 0);
-      qb[j] = ok ? load_stream(code_b + static_cast<size_t>(c) * (kChunk8 / 2)) : make_uint4(0, 0, 0, 0);
-    };
-#pragma unroll
-    for (int j = 0; j < kDepth8; ++j)
-      if (j < mine) load(j, warp + j * W);
-    if (r0 == 0) {  // while the first codes are on their way
-      round_tables(p, expert, n0, tab, scale);
-      __syncthreads();
-    }
-    const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[g], tab_b = reinterpret_cast<const uint4*>(tab)[g + 8];
-    for (int i = 0; i < mine; i += kDepth8) {
-#pragma unroll
-      for (int j = 0; j < kDepth8; ++j) {
-        if (i + j < mine) {
-          const int c = warp + (i + j) * W;
-          const uint4 a = qa[j], b = qb[j];
-          if (i + j + kDepth8 < mine) load(j, c + kDepth8 * W);
-          bool ok[MT];
-#pragma unroll
-          for (int r = 0; r < MT; ++r) ok[r] = xok[r] && has_inputs(c);
-          chunk_s8<MT>(acc, a, b, tab_a, tab_b, xr, ok, c);
-        }
+  // The code loads run kDepth8 chunks ahead through one ring over the block's (tile, pass, chunk)
+  // sequence, so the next tile's first codes are in flight while this one's sums are reduced
+  // (the point of a persistent grid). Load cursor: tile lt, pass lp, chunk index li; code_a /
+  // code_b are the lane's rows g and g + 8 of tile lt (columns past n decode row n - 1, unstored).
+  int lt = 0, lp = 0, li = 0;
+  const uint8_t *code_a, *code_b;
+  const auto aim = [&](int q) {
+    const size_t base = static_cast<size_t>(expert) * p.n;
+    code_a = p.packed + (base + min(tile_n0(q) + g, p.n - 1)) * row_bytes + 16 * t4;
+    code_b = p.packed + (base + min(tile_n0(q) + g + 8, p.n - 1)) * row_bytes + 16 * t4;
+  };
+  aim(0);
+  const auto issue = [&](uint4& a, uint4& b) {
+    const int c = warp + li * W;
+    const bool ok = mine > 0 && lt < my_tiles && has_inputs(c);
+    a = ok ? load_stream(code_a + static_cast<size_t>(c) * (kChunk8 / 2)) : make_uint4(0, 0, 0, 0);
+    b = ok ? load_stream(code_b + static_cast<size_t>(c) * (kChunk8 / 2)) : make_uint4(0, 0, 0, 0);
+    if (mine > 0 && ++li == mine) {
+      li = 0;
+      if (++lp == passes) {
+        lp = 0;
+        if (++lt < my_tiles) aim(lt);
       }
     }
+  };
+  uint4 qa[kDepth8], qb[kDepth8];
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sums[warp][4 * i + e][lane] = acc[i][e];
+  for (int j = 0; j < kDepth8; ++j) issue(qa[j], qb[j]);
+
+  for (int q = 0; q < my_tiles; ++q) {
+    const int n0 = tile_n0(q);
+    round_tables(p, expert, n0, tab, scale);  // while this tile's first codes are on their way
     __syncthreads();
-    // D fragment: register e of tile i holds (column g + 8 (e / 2), row 2 t + e % 2) of lane (g, t).
-    for (int q = threadIdx.x; q < MT * 4 * 32; q += W * 32) {
-      const int reg = q / 32, l = q % 32, e = reg % 4;
-      int dot = 0;
+    const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[g], tab_b = reinterpret_cast<const uint4*>(tab)[g + 8];
+    for (int r0 = 0; r0 < rows; r0 += 8 * MT) {
+      const int8_t* xr[MT];
+      bool xok[MT];
 #pragma unroll
-      for (int w = 0; w < W; ++w) dot += sums[w][reg][l];
-      const int c = (l >> 2) + 8 * (e >> 1), r = r0 + 8 * (reg / 4) + 2 * (l & 3) + (e & 1);
-      if (r < rows && n0 + c < p.n)
-        store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(dot)), p.sx[row0 + r]));
+      for (int i = 0; i < MT; ++i) {
+        const int r = r0 + 8 * i + g;
+        xok[i] = r < rows;
+        xr[i] = p.x + static_cast<size_t>(row0 + min(r, rows - 1)) * p.k + 32 * t4;
+      }
+      int acc[MT][4] = {};
+      for (int i = 0; i < mine; ++i) {
+        const int c = warp + i * W;
+        const uint4 a = qa[0], b = qb[0];
+#pragma unroll
+        for (int j = 0; j + 1 < kDepth8; ++j) qa[j] = qa[j + 1], qb[j] = qb[j + 1];
+        issue(qa[kDepth8 - 1], qb[kDepth8 - 1]);
+        bool ok[MT];
+#pragma unroll
+        for (int r = 0; r < MT; ++r) ok[r] = xok[r] && has_inputs(c);
+        chunk_s8<MT>(acc, a, b, tab_a, tab_b, xr, ok, c);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sums[warp][4 * i + e][lane] = acc[i][e];
+      __syncthreads();
+      // D fragment: register e of tile i holds (column g + 8 (e / 2), row 2 t + e % 2) of lane (g, t).
+      for (int v = threadIdx.x; v < MT * 4 * 32; v += W * 32) {
+        const int reg = v / 32, l = v % 32, e = reg % 4;
+        int dot = 0;
+#pragma unroll
+        for (int w = 0; w < W; ++w) dot += sums[w][reg][l];
+        const int c = (l >> 2) + 8 * (e >> 1), r = r0 + 8 * (reg / 4) + 2 * (l & 3) + (e & 1);
+        if (r < rows && n0 + c < p.n)
+          store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(dot)), p.sx[row0 + r]));
+      }
+      __syncthreads();  // sums and scales are read before the next pass or tile writes them
     }
-    __syncthreads();  // the sums are read before the next pass writes them
   }
 }
 
+// persistent: as many blocks a slot as fill the GPU once (resident blocks an SM times SMs, shared
+// among the slots), each looping over column tiles; else one block a tile.
 template <int W, int MT>
-cudaError_t launch_int8(cudaStream_t stream, const Int8Problem& p) {
-  int8_kernel<W, MT><<<dim3((p.n + 15) / 16, p.num_slots), W * 32, 0, stream>>>(p);
+cudaError_t launch_int8(cudaStream_t stream, const Int8Problem& p, bool persistent) {
+  const int col_tiles = (p.n + 15) / 16;
+  int grid_x = col_tiles;
+  if (persistent) {
+    int device = 0, sms = 0, resident = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, int8_kernel<W, MT>, W * 32, 0);
+    if (err != cudaSuccess) return err;
+    grid_x = std::min(col_tiles, std::max(1, (sms * resident + p.num_slots - 1) / p.num_slots));
+  }
+  int8_kernel<W, MT><<<dim3(grid_x, p.num_slots), W * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -230,7 +261,7 @@ ffi::Error invalid(const std::string& what) {
 
 ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx,
                              ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
-                             ffi::Result<ffi::AnyBuffer> out, int64_t warps, int64_t mt) {
+                             ffi::Result<ffi::AnyBuffer> out, int64_t warps, int64_t mt, bool persistent) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (xd.size() != 2 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
     return invalid("expected x [t, k], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
@@ -250,12 +281,12 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
                       out->element_type() == ffi::DataType::BF16};
   cudaError_t err;
   switch (warps * 10 + mt) {
-    case 41: err = launch_int8<4, 1>(stream, p); break;
-    case 42: err = launch_int8<4, 2>(stream, p); break;
-    case 81: err = launch_int8<8, 1>(stream, p); break;
-    case 82: err = launch_int8<8, 2>(stream, p); break;
-    case 161: err = launch_int8<16, 1>(stream, p); break;
-    case 162: err = launch_int8<16, 2>(stream, p); break;
+    case 41: err = launch_int8<4, 1>(stream, p, persistent); break;
+    case 42: err = launch_int8<4, 2>(stream, p, persistent); break;
+    case 81: err = launch_int8<8, 1>(stream, p, persistent); break;
+    case 82: err = launch_int8<8, 2>(stream, p, persistent); break;
+    case 161: err = launch_int8<16, 1>(stream, p, persistent); break;
+    case 162: err = launch_int8<16, 2>(stream, p, persistent); break;
     default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul_int8.py: KERNELS lists those built)");
   }
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_int8: ") + cudaGetErrorString(err));
@@ -274,5 +305,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulInt8Cuda, LutMatmulInt8Impl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("warps")
-                                  .Attr<int64_t>("mt"),
+                                  .Attr<int64_t>("mt")
+                                  .Attr<bool>("persistent"),
                               {ffi::Traits::kCmdBufferCompatible});

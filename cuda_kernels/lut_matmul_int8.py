@@ -46,19 +46,26 @@ MAX_ROWS = 8 * max(mt for _, mt in KERNELS)
 @dataclasses.dataclass(frozen=True)
 class Int8Tuning:
   """warps: warps a block, splitting K by 128-input chunks (a block owns 16 output columns);
-  mt: 8-row tiles of x a pass over the codes (each code decoded once a pass)."""
+  mt: 8-row tiles of x a pass over the codes (each code decoded once a pass); persistent: as many
+  blocks as are resident at once, each looping over column tiles with its code loads running on
+  across them (else one block a tile)."""
 
   warps: int = 8
   mt: int = 1
+  persistent: bool = False
 
   def __post_init__(self):
     if (self.warps, self.mt) not in KERNELS:
       raise CqjaxError(f"Int8Tuning out of range: {self} (built: (warps, mt) in {sorted(KERNELS)})")
 
 
-def default_tuning(rows: int) -> Int8Tuning:
-  """Not yet measured: 8 warps a block, one pass for up to 16 rows a slot."""
-  return Int8Tuning(mt=1 if rows <= 8 else 2)
+def default_tuning(rows: int, grouped: bool = False) -> Int8Tuning:
+  """One pass over the codes for up to 16 rows a slot. A single weight: 8 warps a block and a
+  persistent grid (its at most ~900 column tiles; 4 warps starved 14336x4096 at 256 tiles). Grouped
+  experts: 4 warps a block, one block a tile (slots x tiles blocks are plenty, a persistent grid
+  balanced uneven slots badly, and 8 warps left some idle on d_in = 768). Measured on an H200,
+  BENCHMARKS.md session 30."""
+  return Int8Tuning(warps=4 if grouped else 8, mt=1 if rows <= 8 else 2, persistent=not grouped)
 
 
 @functools.cache
@@ -86,7 +93,8 @@ def _call(x, packed, centroids, slots, tuning: Int8Tuning):
     centroids = centroids.astype(jnp.float32)
   out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype if x.dtype in _KERNEL_DTYPES else jnp.float32)
   y = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
-      xq.astype(jnp.int8), sx[:, 0], packed, centroids, slots, warps=np.int64(tuning.warps), mt=np.int64(tuning.mt))
+      xq.astype(jnp.int8), sx[:, 0], packed, centroids, slots, warps=np.int64(tuning.warps), mt=np.int64(tuning.mt),
+      persistent=bool(tuning.persistent))
   return y.astype(x.dtype)
 
 
@@ -117,7 +125,7 @@ def grouped_lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Arra
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
-  tuning = tuning or default_tuning(cuda.rows_per_slot(t, e))
+  tuning = tuning or default_tuning(cuda.rows_per_slot(t, e), grouped=True)
   return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
 
 

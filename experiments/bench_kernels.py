@@ -186,8 +186,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
     if "int8" in kernels:
       w0 = weights[0]
       got = ck8.lut_matmul_int8(x, w0.packed, w0.centroids, BITS)
-      cands = [ck8.default_tuning(m)] + ([ck8.Int8Tuning(*t) for t in sorted(ck8.KERNELS)] if int8_sweep else [])
-      res = _time_tunings(ck8.lut_matmul_int8, x, weights, list(dict.fromkeys(cands)), sets, 5 if int8_sweep else 7)
+      res = _time_tunings(ck8.lut_matmul_int8, x, weights, _int8_candidates(m, int8_sweep), sets, 5 if int8_sweep else 7)
       t_i, (ibest, ibest_t) = res[0][0], min(res, key=lambda r: r[0])
       row.update(int8_us=t_i, int8_err_own=_rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS)),
                  int8_err_float=_rel_err(got, ref), int8_tuning=dataclasses.asdict(res[0][1]), int8_best_us=ibest,
@@ -224,7 +223,13 @@ def _routing(key, batch, experts, top_k):
   return jnp.bincount(ids, length=experts).astype(jnp.int32)
 
 
-def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",)):
+def _int8_candidates(rows, sweep, grouped=False):
+  """The default int8 tuning at this many rows a slot, then (sweep) every built one, persistent or not."""
+  every = [ck8.Int8Tuning(*t, persistent=pp) for t in sorted(ck8.KERNELS) for pp in (False, True)]
+  return list(dict.fromkeys([ck8.default_tuning(rows, grouped)] + (every if sweep else [])))
+
+
+def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=False):
   key = jax.random.key(experts * 31 + k)
   weights = [_codebook(jax.random.fold_in(key, i), (experts,), k, n) for i in range(sets)]
   dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (experts, k, n), jnp.bfloat16) for i in range(sets)]
@@ -233,7 +238,6 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   gather = jax.jit(lambda x, ws, gs: [grouped_lut_matmul_reference(x, w, gs) for w in ws])
   kern = jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
   cuda = jax.jit(lambda x, ws, gs: [ck.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
-  int8 = jax.jit(lambda x, ws, gs: [ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, BITS, gs) for w in ws])
   rows = []
   for b in batches:
     gs = _routing(jax.random.fold_in(key, b), b, experts, top_k)
@@ -255,7 +259,15 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
             f"({t_ragged / t_c:5.2f}x, {row['cuda_pct_copy']:3.0f}% of copy for active experts) err {cerr:.1e}",
             flush=True)
     if "int8" in kernels:
-      t_i = _per_call_us(int8, (x, weights, gs)) / sets
+      res = []
+      for t in _int8_candidates(ck.rows_per_slot(x.shape[0], experts), int8_sweep, grouped=True):  # first: its own pick
+        f = jax.jit(lambda x, ws, gs, t=t: [ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, BITS, gs, tuning=t)
+                                            for w in ws])
+        res.append((_per_call_us(f, (x, weights, gs)) / sets, t))
+      t_i = res[0][0]
+      if int8_sweep:
+        row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
+        print(f"  int8 tunings: " + ", ".join(f"{t.warps}/{t.mt}{'p' if t.persistent else ''} {us:.1f}" for us, t in res))
       w0 = weights[0]
       got = ck8.grouped_lut_matmul_int8(x, w0.packed, w0.centroids, BITS, gs)
       own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None
@@ -340,7 +352,7 @@ def main():
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
-  ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each single-weight shape")
+  ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
   ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
   ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
   ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
@@ -372,7 +384,7 @@ def main():
                                       args.int8_sweep)
     save()
   for name in _names(args.grouped, GROUPED):
-    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels)
+    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels, args.int8_sweep)
     save()
   if args.sweep:
     result["sweep"] = []

@@ -6,7 +6,7 @@
 
 A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmul.CudaTuning, whose defaults fill the rest); "default" is the
 default tuning at that shape and M. With --int8 the kernel is the int8 one (-k regex:int8_kernel) and a
-tuning is warps/mt (cuda_kernels.lut_matmul_int8.Int8Tuning). Launches come in the order printed.
+tuning is warps/mt[/persistent 0 or 1] (cuda_kernels.lut_matmul_int8.Int8Tuning). Launches come in the order printed.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def parse_int8_tuning(spec: str, m: int) -> ck8.Int8Tuning:
   if spec == "default":
     return ck8.default_tuning(m)
   try:
-    warps, mt = (int(v) for v in spec.split("/"))
+    warps, mt, *persistent = (int(v) for v in spec.split("/"))
   except ValueError:
-    raise SystemExit(f"profile_cuda_lut: int8 tuning {spec!r} is not warps/mt") from None
-  return ck8.Int8Tuning(warps=warps, mt=mt)
+    raise SystemExit(f"profile_cuda_lut: int8 tuning {spec!r} is not warps/mt[/persistent 0 or 1]") from None
+  return ck8.Int8Tuning(warps=warps, mt=mt, persistent=bool(persistent and persistent[0]))
 
 
 def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:

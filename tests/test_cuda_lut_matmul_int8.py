@@ -62,7 +62,8 @@ def test_codebooks_rounded_in_the_kernel(cdtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("tuning", [ck8.Int8Tuning(warps, mt) for warps, mt in sorted(ck8.KERNELS)], ids=str)
+@pytest.mark.parametrize("tuning", [ck8.Int8Tuning(warps, mt, persistent) for warps, mt in sorted(ck8.KERNELS)
+                                    for persistent in (False, True)], ids=str)
 def test_tunings_compute_the_same_function(tuning):
   rng = np.random.default_rng(5)
   w = random_codebook_weight(rng, (), 45, 2336, 4, 2336)  # 18 chunks + a 32-input tail: warps with 1-5 chunks
@@ -109,11 +110,34 @@ def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
   jax.clear_caches()
 
 
+@needs_gpu
+@pytest.mark.parametrize("mt", [1, 2])
+def test_persistent_blocks_loop_over_tiles(mt):
+  """A persistent grid (fewer blocks than column tiles: each loops over several, its code loads
+  running on across them) over grouped experts with several passes of rows, an empty expert and
+  a K tail; and a single weight of more tiles than blocks fit on the GPU at once."""
+  rng = np.random.default_rng(mt)
+  w = random_codebook_weight(rng, (4,), 1000, 352, 4, 352)
+  sizes = [20, 0, 3, 9]
+  x = jnp.asarray(rng.normal(size=(sum(sizes) + 1, 352)), jnp.bfloat16)
+  gs = jnp.asarray(sizes, jnp.int32)
+  tuning = ck8.Int8Tuning(warps=4, mt=mt, persistent=True)
+  got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs, tuning=tuning)
+  _same(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
+  v = random_codebook_weight(rng, (), 16 * 1500 + 5, 64, 4, 64)
+  xs = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+  _same(ck8.lut_matmul_int8(xs, v.packed, v.centroids, 4, tuning=tuning),
+        lut_matmul_int8_reference(xs, v.packed, v.centroids, 4), jnp.float32)
+
+
 def test_supports_and_tunings():
   assert ck8.supports(4, 4096, 1) and ck8.supports(4, 32, 1)
   assert not ck8.supports(4, 4096, 2) and not ck8.supports(3, 4096, 1) and not ck8.supports(4, 4080, 1)
   assert not ck8.supports(4, ck8.MAX_D_IN + 1, 1)
   assert ck8.default_tuning(1).mt == 1 and ck8.default_tuning(9).mt == 2
+  for rows in (1, 8, 9, ck8.MAX_ROWS):  # the defaults name built kernels (else Int8Tuning raises)
+    for grouped in (False, True):
+      assert (ck8.default_tuning(rows, grouped).warps, ck8.default_tuning(rows, grouped).mt) in ck8.KERNELS
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
     ck8.Int8Tuning(warps=3)
 
