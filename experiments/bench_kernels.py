@@ -137,18 +137,19 @@ def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]
   return list(dict.fromkeys(out))
 
 
-def _time_tunings(matmul, x, weights, tunings, sets, repeats):
-  """(µs per weight, tuning) of each tuning that runs, in order; one that fails is reported."""
+def _time_tunings(matmul, x, weights, tunings, sets, repeats, *extra):
+  """(µs per weight, tuning) of each tuning that runs, in order; one that fails is reported.
+  extra: matmul's arguments after bits (group sizes)."""
   res = []
   for t in tunings:
-    f = jax.jit(lambda x, ws, t=t: [matmul(x, w.packed, w.centroids, BITS, tuning=t) for w in ws])
+    f = jax.jit(lambda x, ws, *extra, t=t: [matmul(x, w.packed, w.centroids, BITS, *extra, tuning=t) for w in ws])
     try:
-      res.append((_per_call_us(f, (x, weights), repeats=repeats) / sets, t))
+      res.append((_per_call_us(f, (x, weights, *extra), repeats=repeats) / sets, t))
     except Exception as e:  # pylint: disable=broad-except
-      print(f"  {x.shape[1]}x{weights[0].packed.shape[0]} M={x.shape[0]} {t}: failed: {type(e).__name__}: "
+      print(f"  {x.shape[1]}x{weights[0].packed.shape[-2]} M={x.shape[0]} {t}: failed: {type(e).__name__}: "
             f"{str(e).splitlines()[0][:120]}")
   if not res:
-    raise SystemExit(f"bench_kernels: every tuning failed at {x.shape[1]}x{weights[0].packed.shape[0]} M={x.shape[0]}")
+    raise SystemExit(f"bench_kernels: every tuning failed at {x.shape[1]}x{weights[0].packed.shape[-2]} M={x.shape[0]}")
   return res
 
 
@@ -259,11 +260,8 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
             f"({t_ragged / t_c:5.2f}x, {row['cuda_pct_copy']:3.0f}% of copy for active experts) err {cerr:.1e}",
             flush=True)
     if "int8" in kernels:
-      res = []
-      for t in _int8_candidates(ck.rows_per_slot(x.shape[0], experts), int8_sweep, grouped=True):  # first: its own pick
-        f = jax.jit(lambda x, ws, gs, t=t: [ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, BITS, gs, tuning=t)
-                                            for w in ws])
-        res.append((_per_call_us(f, (x, weights, gs)) / sets, t))
+      cands = _int8_candidates(ck.rows_per_slot(x.shape[0], experts), int8_sweep, grouped=True)  # first: its own pick
+      res = _time_tunings(ck8.grouped_lut_matmul_int8, x, weights, cands, sets, 7, gs)
       t_i = res[0][0]
       if int8_sweep:
         row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
