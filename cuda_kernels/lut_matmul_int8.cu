@@ -237,19 +237,37 @@ __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
   }
 }
 
-// persistent: as many blocks a slot as fill the GPU once (resident blocks an SM times SMs, shared
-// among the slots), each looping over column tiles; else one block a tile.
+// Blocks of int8_kernel<W, MT> resident on the current GPU at once (an SM's times its SMs),
+// queried once a device (as lut_matmul.cu's launch_limits), not on every launch.
+template <int W, int MT>
+cudaError_t resident_blocks(int& out) {
+  static int cache[64] = {};
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 64 && cache[device] > 0) {
+    out = cache[device];
+    return cudaSuccess;
+  }
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, int8_kernel<W, MT>, W * 32, 0);
+  if (err != cudaSuccess) return err;
+  out = sms * per_sm;
+  if (device < 64) cache[device] = out;
+  return cudaSuccess;
+}
+
+// persistent: as many blocks a slot as fill the GPU once (its resident blocks shared among the
+// slots), each looping over column tiles; else one block a tile.
 template <int W, int MT>
 cudaError_t launch_int8(cudaStream_t stream, const Int8Problem& p, bool persistent) {
   const int col_tiles = (p.n + 15) / 16;
   int grid_x = col_tiles;
   if (persistent) {
-    int device = 0, sms = 0, resident = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, int8_kernel<W, MT>, W * 32, 0);
+    int resident = 0;
+    const cudaError_t err = resident_blocks<W, MT>(resident);
     if (err != cudaSuccess) return err;
-    grid_x = std::min(col_tiles, std::max(1, (sms * resident + p.num_slots - 1) / p.num_slots));
+    grid_x = std::min(col_tiles, std::max(1, (resident + p.num_slots - 1) / p.num_slots));
   }
   int8_kernel<W, MT><<<dim3(grid_x, p.num_slots), W * 32, 0, stream>>>(p);
   return cudaGetLastError();

@@ -54,12 +54,12 @@ def main():
   kp, kc, kx = jax.random.split(jax.random.key(0), 3)
   packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
   w = CodebookWeight(packed, jax.random.normal(kc, (n, 1, 16), jnp.bfloat16), 4, k)
+  run = ck8.lut_matmul_int8 if args.int8 else ck.lut_matmul
   for m in (int(v) for v in args.ms.split(",")):
     x = jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.bfloat16)
     for spec in args.tunings.split(","):
       t = parse_int8_tuning(spec, m) if args.int8 else parse_tuning(spec, m, k, n)
       print(f"launch: {k}x{n} M={m} {t}", flush=True)
-      run = ck8.lut_matmul_int8 if args.int8 else ck.lut_matmul
       jax.block_until_ready(run(x, w.packed, w.centroids, 4, tuning=t))
 
 
