@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import time
 
@@ -332,11 +333,13 @@ GROUPED = {"mixtral-4096x14336": ("mixtral", 8, 2, 4096, 14336), "mixtral-14336x
            "qwen3-2048x768": ("qwen3", 128, 8, 2048, 768), "qwen3-768x2048": ("qwen3", 128, 8, 768, 2048)}
 
 
-def _names(arg: str, table: dict) -> list[str]:
+def _names(arg: str, table: dict, any_kxn: bool = False) -> list[str]:
+  """The shapes named in arg; with any_kxn, also any d_in x d_out spelt KxN (e.g. a fused gate and up)."""
   names = list(table) if arg == "all" else [a for a in arg.split(",") if a]
-  unknown = [a for a in names if a not in table]
+  unknown = [a for a in names if a not in table and not (any_kxn and re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", a))]
   if unknown:
-    raise SystemExit(f"bench_kernels: unknown shape {unknown[0]!r}; choose from {', '.join(table)} or all")
+    more = ", any KxN" if any_kxn else ""
+    raise SystemExit(f"bench_kernels: unknown shape {unknown[0]!r}; choose from {', '.join(table)}{more} or all")
   return names
 
 
@@ -346,7 +349,7 @@ def main():
   ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes at --sweep_ms")
   ap.add_argument("--sweep_ms", default="128", help="comma list of M for --sweep")
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
-  ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, all, or empty")
+  ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
@@ -376,8 +379,9 @@ def main():
       json.dump(result, f, indent=2)
     os.replace(args.out + ".tmp", args.out)
 
-  for name in _names(args.single, SINGLE):
-    result["single"] += bench_single(*SINGLE[name], ms, args.sets, False, bw, kernels, args.cuda_sweep,
+  for name in _names(args.single, SINGLE, any_kxn=True):
+    k, n = SINGLE.get(name) or map(int, name.split("x"))
+    result["single"] += bench_single(k, n, ms, args.sets, False, bw, kernels, args.cuda_sweep,
                                       [int(v) for v in args.cuda_layouts.split(",")] if args.cuda_layouts else None,
                                       args.int8_sweep)
     save()
