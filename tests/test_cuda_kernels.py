@@ -2,6 +2,8 @@
 is built (`python -m cuda_kernels.build`; run on the H200: BENCHMARKS.md), and its host-side
 parts (tuning, slots, refusals) everywhere."""
 import dataclasses
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +170,15 @@ def test_unavailable_without_a_gpu_library():
     w = random_codebook_weight(rng, (), 8, 64, 4, 64)
     with pytest.raises(CqjaxError, match="not available"):
       ck.lut_matmul(jnp.ones((1, 64), jnp.bfloat16), w.packed, w.centroids, 4)
+
+
+def test_kernels_mirrors_the_cu_switch():
+  """KERNELS restates lut_matmul.cu's switch (case kgroups layout mt nt, as digits); a tuning the
+  switch lacks would fail only at run time on a GPU, so the two are compared on any machine."""
+  source = (pathlib.Path(ck.__file__).parent / "lut_matmul.cu").read_text()
+  keys = [int(v) for v in re.findall(r"case (\d+): err = launch", source)]
+  assert len(keys) == len(set(keys))
+  assert {(key // 100 % 10, key // 1000, key // 10 % 10, key % 10) for key in keys} == ck.KERNELS
 
 
 def test_supports_only_the_serving_case():

@@ -2,6 +2,8 @@
 reference (cqjax.lut_matmul.lut_matmul_int8_reference) on a GPU where the library is built, and
 its host-side parts (tuning, refusals) everywhere."""
 import dataclasses
+import pathlib
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +142,17 @@ def test_supports_and_tunings():
       assert (ck8.default_tuning(rows, grouped).warps, ck8.default_tuning(rows, grouped).mt) in ck8.KERNELS
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
     ck8.Int8Tuning(warps=3)
+
+
+def test_python_mirrors_the_cu_file():
+  """KERNELS and MAX_D_IN restate lut_matmul_int8.cu's switch and kMaxK8 (a tuning the switch
+  lacks fails only at run time on a GPU, so the two are compared here, on any machine)."""
+  source = (pathlib.Path(ck8.__file__).parent / "lut_matmul_int8.cu").read_text()
+  built = {(int(w), int(mt)) for key, w, mt in re.findall(r"case (\d+): err = launch_int8<(\d+), (\d+)>", source)
+           if int(key) == 10 * int(w) + int(mt)}
+  assert built == ck8.KERNELS
+  assert int(re.search(r"constexpr int64_t kMaxK8 = (\d+);", source).group(1)) == ck8.MAX_D_IN
+  assert ck8.MAX_D_IN * 127 * 127 <= 2**31 - 1  # int8 values in [-127, 127]: the int32 dot cannot overflow
 
 
 @pytest.mark.skipif(ck8.available(), reason="checks the refusal where the library is not available")
