@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Same-machine comparison of the int8 CUDA kernel as checked out against the same tree with a patch
 # applied (GPU image, from the repository root):
-#   bash experiments/ab_int8_patch.sh PATCH OUT_DIR
+#   bash experiments/ab_int8_patch.sh PATCH OUT_DIR [ROUNDS]
 # Builds both (the patched one with ptxas -v: registers, spills), runs the patched kernel's compiled
 # tests, writes both SASS of int8_kernel<8, 1> (the single-weight default), profiles both at M = 1 on
 # 4096x14336 under ncu (time, DRAM, instructions executed, stall reasons per issued instruction),
-# then times both at the decode shapes, each against XLA in its own run.
+# then times both at the decode shapes, each against XLA in its own run, ROUNDS times alternately
+# (default 1; the small Qwen3 shapes vary by 2x between runs of one build). Everything lands in
+# OUT_DIR/ab_int8.tar.gz (the device tool returns only a few files) and the summary on stdout.
 set -u
-patch_file=$(realpath "$1") out=$(realpath "$2")
+patch_file=$(realpath "$1") dest=$(realpath "$2") rounds=${3:-1}
+out=$dest/ab_int8
 mkdir -p "$out" /tmp/ab_patched
+trap 'tar -czf "$dest/ab_int8.tar.gz" -C "$dest" ab_int8 && rm -rf "$out"' EXIT
 export PYTHONUNBUFFERED=1
 tar --exclude=.git -c . | tar -x -C /tmp/ab_patched && (cd /tmp/ab_patched && patch -p1 -s < "$patch_file") || exit 1
 PYTHONPATH=$PWD python3 -m cuda_kernels.build > "$out/build_base.txt" 2>&1 &
@@ -26,12 +30,14 @@ for tree in "$PWD" /tmp/ab_patched; do
   (cd "$tree" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k regex:int8_kernel \
     --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed" \
     python3 -m experiments.profile_cuda_lut --int8 --shape=4096x14336 --ms=1 --tunings=8/1/1 > "$out/ncu_$name.txt" 2>&1)
-  grep -E "gpu__time|inst_executed|dram__" "$out/ncu_$name.txt" | tr -s ' ' | sed "s/^/$name /"
+  grep -E "smsp__|gpu__time|dram__" "$out/ncu_$name.txt" | tr -s ' ' | sed "s/^/$name /"
 done
-for tree in "$PWD" /tmp/ab_patched; do
-  name=$([ "$tree" = "$PWD" ] && echo base || echo patched)
-  (cd "$tree" && PYTHONPATH=$PWD timeout 130 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
-    --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 --out="$out/bench_$name.json" \
-    > "$out/bench_$name.log" 2>&1)
-  grep -E "int8" "$out/bench_$name.log" | cut -c1-110 | sed "s/^/$name /"
+for round in $(seq "$rounds"); do
+  for tree in "$PWD" /tmp/ab_patched; do
+    name=$([ "$tree" = "$PWD" ] && echo base || echo patched)$round
+    (cd "$tree" && PYTHONPATH=$PWD timeout 130 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
+      --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 --out="$out/bench_$name.json" \
+      > "$out/bench_$name.log" 2>&1)
+    grep -E "int8" "$out/bench_$name.log" | cut -c1-110 | sed "s/^/$name /"
+  done
 done
