@@ -48,8 +48,9 @@ def main():
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
   ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt")
   args = ap.parse_args()
-  if not ck.available():
-    raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available (python -m cuda_kernels.build)")
+  if not (ck8.available() if args.int8 else ck.available()):
+    raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "
+                     "for (python -m cuda_kernels.build)")
   k, n = (int(v) for v in args.shape.split("x"))
   kp, kc, kx = jax.random.split(jax.random.key(0), 3)
   packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
