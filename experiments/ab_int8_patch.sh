@@ -23,21 +23,20 @@ echo "patched build: $(grep -c C75 "$out/build_patched.txt") C75 warnings, $(ls 
   > "$out/tests_patched.txt" 2>&1); grep -E "^FAILED|passed|failed" "$out/tests_patched.txt" | head
 stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard wait \
   math_pipe_throttle barrier not_selected lg_throttle mio_throttle no_instruction dispatch_stall selected branch_resolving)
-for tree in "$PWD" /tmp/ab_patched; do
-  name=$([ "$tree" = "$PWD" ] && echo base || echo patched)
-  cuobjdump --dump-sass "$tree/cuda_kernels/_lut_matmul_cuda.so" \
+declare -A tree=([base]=$PWD [patched]=/tmp/ab_patched)
+for name in base patched; do
+  cuobjdump --dump-sass "${tree[$name]}/cuda_kernels/_lut_matmul_cuda.so" \
     | awk '/Function :/{f = index($0, "int8_kernelILi8ELi1E") > 0} f' > "$out/sass81_$name.txt"
-  (cd "$tree" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k regex:int8_kernel \
+  (cd "${tree[$name]}" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k regex:int8_kernel \
     --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed" \
     python3 -m experiments.profile_cuda_lut --int8 --shape=4096x14336 --ms=1 --tunings=8/1/1 > "$out/ncu_$name.txt" 2>&1)
   grep -E "smsp__|gpu__time|dram__" "$out/ncu_$name.txt" | tr -s ' ' | sed "s/^/$name /"
 done
 for round in $(seq "$rounds"); do
-  for tree in "$PWD" /tmp/ab_patched; do
-    name=$([ "$tree" = "$PWD" ] && echo base || echo patched)$round
-    (cd "$tree" && PYTHONPATH=$PWD timeout 130 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
-      --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 --out="$out/bench_$name.json" \
-      > "$out/bench_$name.log" 2>&1)
-    grep -E "int8" "$out/bench_$name.log" | cut -c1-110 | sed "s/^/$name /"
+  for name in base patched; do
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 130 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
+      --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 --out="$out/bench_$name$round.json" \
+      > "$out/bench_$name$round.log" 2>&1)
+    grep -E "int8" "$out/bench_$name$round.log" | cut -c1-110 | sed "s/^/$name$round /"
   done
 done

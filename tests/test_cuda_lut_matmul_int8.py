@@ -148,9 +148,9 @@ def test_python_mirrors_the_cu_file():
   """KERNELS and MAX_D_IN restate lut_matmul_int8.cu's switch and kMaxK8 (a tuning the switch
   lacks fails only at run time on a GPU, so the two are compared here, on any machine)."""
   source = (pathlib.Path(ck8.__file__).parent / "lut_matmul_int8.cu").read_text()
-  built = {(int(w), int(mt)) for key, w, mt in re.findall(r"case (\d+): err = launch_int8<(\d+), (\d+)>", source)
-           if int(key) == 10 * int(w) + int(mt)}
-  assert built == ck8.KERNELS
+  cases = [tuple(map(int, c)) for c in re.findall(r"case (\d+): err = launch_int8<(\d+), (\d+)>", source)]
+  assert all(key == 10 * warps + mt for key, warps, mt in cases)  # the switch's key is warps * 10 + mt
+  assert {(warps, mt) for _, warps, mt in cases} == ck8.KERNELS
   assert int(re.search(r"constexpr int64_t kMaxK8 = (\d+);", source).group(1)) == ck8.MAX_D_IN
   assert ck8.MAX_D_IN * 127 * 127 <= 2**31 - 1  # int8 values in [-127, 127]: the int32 dot cannot overflow
 
