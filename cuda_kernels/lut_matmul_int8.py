@@ -59,6 +59,10 @@ class Int8Tuning:
       raise CqjaxError(f"Int8Tuning out of range: {self} (built: (warps, mt) in {sorted(KERNELS)})")
 
 
+# Every tuning built: each (warps, mt), one block a tile or persistent (sweeps and tests).
+TUNINGS = tuple(Int8Tuning(warps, mt, persistent) for warps, mt in sorted(KERNELS) for persistent in (False, True))
+
+
 def default_tuning(rows: int, grouped: bool = False) -> Int8Tuning:
   """One pass over the codes for up to 16 rows a slot. A single weight: 8 warps a block and a
   persistent grid (its at most ~900 column tiles; 4 warps starved 14336x4096 at 256 tiles). Grouped

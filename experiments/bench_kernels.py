@@ -227,8 +227,7 @@ def _routing(key, batch, experts, top_k):
 
 def _int8_candidates(rows, sweep, grouped=False):
   """The default int8 tuning at this many rows a slot, then (sweep) every built one, persistent or not."""
-  every = [ck8.Int8Tuning(*t, persistent=pp) for t in sorted(ck8.KERNELS) for pp in (False, True)]
-  return list(dict.fromkeys([ck8.default_tuning(rows, grouped)] + (every if sweep else [])))
+  return list(dict.fromkeys([ck8.default_tuning(rows, grouped)] + (list(ck8.TUNINGS) if sweep else [])))
 
 
 def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=False):

@@ -46,7 +46,7 @@ def main():
   ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
-  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt")
+  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[/persistent]")
   args = ap.parse_args()
   if not (ck8.available() if args.int8 else ck.available()):
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "

@@ -64,8 +64,7 @@ def test_codebooks_rounded_in_the_kernel(cdtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("tuning", [ck8.Int8Tuning(warps, mt, persistent) for warps, mt in sorted(ck8.KERNELS)
-                                    for persistent in (False, True)], ids=str)
+@pytest.mark.parametrize("tuning", ck8.TUNINGS, ids=str)
 def test_tunings_compute_the_same_function(tuning):
   rng = np.random.default_rng(5)
   w = random_codebook_weight(rng, (), 45, 2336, 4, 2336)  # 18 chunks + a 32-input tail: warps with 1-5 chunks
