@@ -6,7 +6,10 @@
 # tests, writes both SASS of int8_kernel<8, 1> (the single-weight default), profiles both at M = 1 on
 # 4096x14336 under ncu (time, DRAM, instructions executed, stall reasons per issued instruction),
 # then times both at the decode shapes, each against XLA in its own run, ROUNDS times alternately
-# (default 1; the small Qwen3 shapes vary by 2x between runs of one build). Everything lands in
+# (default 1; the small Qwen3 shapes vary by 2x between runs of one build). ncu also writes the
+# source page: samples of each stall reason per SASS instruction (where in the loop warps wait).
+# Env: AB_TUNING (ncu's warps/mt/persistent; default: each tree's own default tuning),
+# AB_BENCH_FLAGS (added to bench_kernels, e.g. --int8_sweep). Everything lands in
 # OUT_DIR/ab_int8.tar.gz (the device tool returns only a few files) and the summary on stdout.
 set -u
 patch_file=$(realpath "$1") dest=$(realpath "$2") rounds=${3:-1}
@@ -29,13 +32,16 @@ for name in base patched; do
     | awk '/Function :/{f = index($0, "int8_kernelILi8ELi1E") > 0} f' > "$out/sass81_$name.txt"
   (cd "${tree[$name]}" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k regex:int8_kernel \
     --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed" \
-    python3 -m experiments.profile_cuda_lut --int8 --shape=4096x14336 --ms=1 --tunings=8/1/1 > "$out/ncu_$name.txt" 2>&1)
+    --section SourceCounters -f -o "$out/ncu_$name" \
+    python3 -m experiments.profile_cuda_lut --int8 --shape=4096x14336 --ms=1 --tunings="${AB_TUNING:-default}" > "$out/ncu_run_$name.txt" 2>&1)
+  ncu -i "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_$name.txt" 2>&1
+  ncu -i "$out/ncu_$name.ncu-rep" --page source --print-source sass --csv > "$out/ncu_source_$name.csv" 2>&1
   grep -E "smsp__|gpu__time|dram__" "$out/ncu_$name.txt" | tr -s ' ' | sed "s/^/$name /"
 done
 for round in $(seq "$rounds"); do
   for name in base patched; do
     (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 130 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
-      --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 --out="$out/bench_$name$round.json" \
+      --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 ${AB_BENCH_FLAGS:-} --out="$out/bench_$name$round.json" \
       > "$out/bench_$name$round.log" 2>&1)
     grep -E "int8" "$out/bench_$name$round.log" | cut -c1-110 | sed "s/^/$name$round /"
   done
