@@ -8,9 +8,10 @@
 # then times both at the decode shapes, each against XLA in its own run, ROUNDS times alternately
 # (default 1; the small Qwen3 shapes vary by 2x between runs of one build). ncu also writes the
 # source page: samples of each stall reason per SASS instruction (where in the loop warps wait).
-# Env: AB_TUNING (ncu's warps/mt/persistent; default: each tree's own default tuning),
-# AB_BENCH_FLAGS (added to bench_kernels, e.g. --int8_sweep). Everything lands in
-# OUT_DIR/ab_int8.tar.gz (the device tool returns only a few files) and the summary on stdout.
+# Env: AB_SHAPE (ncu's weight, default 4096x14336), AB_TUNING (its warps/mt/persistent; default:
+# each tree's own default tuning), AB_BENCH_FLAGS (added to bench_kernels, later flags winning:
+# --int8_sweep, --grouped= ...). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
+# returns only a few files) and the summary on stdout.
 set -u
 patch_file=$(realpath "$1") dest=$(realpath "$2") rounds=${3:-1}
 out=$dest/ab_int8
@@ -33,7 +34,7 @@ for name in base patched; do
   (cd "${tree[$name]}" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k regex:int8_kernel \
     --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed" \
     --section SourceCounters -f -o "$out/ncu_$name" \
-    python3 -m experiments.profile_cuda_lut --int8 --shape=4096x14336 --ms=1 --tunings="${AB_TUNING:-default}" > "$out/ncu_run_$name.txt" 2>&1)
+    python3 -m experiments.profile_cuda_lut --int8 --shape="${AB_SHAPE:-4096x14336}" --ms=1 --tunings="${AB_TUNING:-default}" > "$out/ncu_run_$name.txt" 2>&1)
   ncu -i "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_$name.txt" 2>&1
   ncu -i "$out/ncu_$name.ncu-rep" --page source --print-source sass --csv > "$out/ncu_source_$name.csv" 2>&1
   grep -E "smsp__|gpu__time|dram__" "$out/ncu_$name.txt" | tr -s ' ' | sed "s/^/$name /"
