@@ -44,7 +44,15 @@ namespace {
 using namespace cqjax_cuda;
 
 constexpr int kChunk8 = 128;  // inputs a chunk: 16 code bytes a lane, four k32 steps
-constexpr int kDepth8 = 3;    // chunks of codes in flight per lane ahead of the decode
+// Chunks of codes in flight per lane ahead of the decode: 2 with 16 warps, whose registers then fit
+// two blocks an SM (32 warps; 3 chunks took one block), else 3.
+template <int W>
+constexpr int kDepth8 = W == 16 ? 2 : 3;
+// Blocks an SM the registers are held to with one 8-row tile of x: 24 warps, or 32 with 16 warps
+// a block (ptxas spills nothing there; left to itself it may take registers enough to cost a
+// block). 0 leaves two tiles to ptxas (a bound of 1 would let it take more).
+template <int W, int MT>
+constexpr int kMinBlocks8 = MT != 1 ? 0 : W == 16 ? 2 : 768 / (W * 32);
 constexpr int64_t kMaxK8 = 133143;  // |dot| <= k * 127 * 127 must fit in int32
 
 struct Int8Problem {
@@ -137,7 +145,7 @@ __device__ __forceinline__ void chunk_s8(int (&acc)[MT][4], const uint4& qa, con
 }
 
 template <int W, int MT>
-__global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
+__global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Problem p) {
   __shared__ int sums[W][MT * 4][32];
   __shared__ __align__(16) int8_t tab[16][16];
   __shared__ float scale[16];
@@ -187,9 +195,9 @@ __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
       }
     }
   };
-  uint4 qa[kDepth8], qb[kDepth8];
+  uint4 qa[kDepth8<W>], qb[kDepth8<W>];
 #pragma unroll
-  for (int j = 0; j < kDepth8; ++j) issue(qa[j], qb[j]);
+  for (int j = 0; j < kDepth8<W>; ++j) issue(qa[j], qb[j]);
 
   for (int q = 0; q < my_tiles; ++q) {
     const int n0 = tile_n0(q);
@@ -210,8 +218,8 @@ __global__ void __launch_bounds__(W * 32) int8_kernel(Int8Problem p) {
         const int c = warp + i * W;
         const uint4 a = qa[0], b = qb[0];
 #pragma unroll
-        for (int j = 0; j + 1 < kDepth8; ++j) qa[j] = qa[j + 1], qb[j] = qb[j + 1];
-        issue(qa[kDepth8 - 1], qb[kDepth8 - 1]);
+        for (int j = 0; j + 1 < kDepth8<W>; ++j) qa[j] = qa[j + 1], qb[j] = qb[j + 1];
+        issue(qa[kDepth8<W> - 1], qb[kDepth8<W> - 1]);
         bool ok[MT];
 #pragma unroll
         for (int r = 0; r < MT; ++r) ok[r] = xok[r] && has_inputs(c);

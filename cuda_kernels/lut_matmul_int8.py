@@ -63,13 +63,17 @@ class Int8Tuning:
 TUNINGS = tuple(Int8Tuning(warps, mt, persistent) for warps, mt in sorted(KERNELS) for persistent in (False, True))
 
 
-def default_tuning(rows: int, grouped: bool = False) -> Int8Tuning:
-  """One pass over the codes for up to 16 rows a slot. A single weight: 8 warps a block and a
-  persistent grid (its at most ~900 column tiles; 4 warps starved 14336x4096 at 256 tiles). Grouped
-  experts: 4 warps a block, one block a tile (slots x tiles blocks are plenty, a persistent grid
-  balanced uneven slots badly, and 8 warps left some idle on d_in = 768). Measured on an H200,
-  BENCHMARKS.md session 30."""
-  return Int8Tuning(warps=4 if grouped else 8, mt=1 if rows <= 8 else 2, persistent=not grouped)
+def default_tuning(rows: int, d_in: int, grouped: bool = False) -> Int8Tuning:
+  """One pass over the codes for up to 16 rows a slot. A single weight: a persistent grid (its at
+  most ~900 column tiles) of 8 warps a block; for up to 8 rows and d_in >= 8192 (4+ chunks a warp)
+  16 warps, two blocks an SM (14336x4096's 256 column tiles left a third of the GPU's 8-warp block
+  slots idle; ncu: 17.7 -> 15.0 us). Grouped experts: 4 warps a block, one block a tile (slots x
+  tiles blocks are plenty, a persistent grid balanced uneven slots badly, and 8 warps left some
+  idle on d_in = 768). Measured on an H200, BENCHMARKS.md sessions 30 and 32."""
+  mt = 1 if rows <= 8 else 2
+  if grouped:
+    return Int8Tuning(warps=4, mt=mt, persistent=False)
+  return Int8Tuning(warps=16 if mt == 1 and d_in >= 8192 else 8, mt=mt, persistent=True)
 
 
 @functools.cache
@@ -116,7 +120,7 @@ def lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits:
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = jnp.asarray([[0], [0], [m]], jnp.int32)
-  return _call(x, packed[None], centroids[None], slots, tuning or default_tuning(m))
+  return _call(x, packed[None], centroids[None], slots, tuning or default_tuning(m, x.shape[1]))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "tuning"))
@@ -129,7 +133,7 @@ def grouped_lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Arra
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
-  tuning = tuning or default_tuning(cuda.rows_per_slot(t, e), grouped=True)
+  tuning = tuning or default_tuning(cuda.rows_per_slot(t, e), x.shape[1], grouped=True)
   return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
 
 

@@ -7,7 +7,8 @@
 # 4096x14336 under ncu (time, DRAM, instructions executed, stall reasons per issued instruction),
 # then times both at the decode shapes, each against XLA in its own run, ROUNDS times alternately
 # (default 1; the small Qwen3 shapes vary by 2x between runs of one build). ncu also writes the
-# source page: samples of each stall reason per SASS instruction (where in the loop warps wait).
+# source page: samples of each stall reason per SASS instruction (where in the loop warps wait;
+# experiments/ncu_source_summary.py prints the largest).
 # Env: AB_SHAPE (ncu's weight, default 4096x14336), AB_TUNING (its warps/mt/persistent; default:
 # each tree's own default tuning), AB_BENCH_FLAGS (added to bench_kernels, later flags winning:
 # --int8_sweep, --grouped= ...). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
@@ -38,6 +39,7 @@ for name in base patched; do
   ncu -i "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_$name.txt" 2>&1
   ncu -i "$out/ncu_$name.ncu-rep" --page source --print-source sass --csv > "$out/ncu_source_$name.csv" 2>&1
   grep -E "smsp__|gpu__time|dram__" "$out/ncu_$name.txt" | tr -s ' ' | sed "s/^/$name /"
+  PYTHONPATH=$PWD python3 -m experiments.ncu_source_summary "$out/ncu_source_$name.csv" --top 6 | sed "s/^/$name /"
 done
 for round in $(seq "$rounds"); do
   for name in base patched; do

@@ -135,10 +135,13 @@ def test_supports_and_tunings():
   assert ck8.supports(4, 4096, 1) and ck8.supports(4, 32, 1)
   assert not ck8.supports(4, 4096, 2) and not ck8.supports(3, 4096, 1) and not ck8.supports(4, 4080, 1)
   assert not ck8.supports(4, ck8.MAX_D_IN + 1, 1)
-  assert ck8.default_tuning(1).mt == 1 and ck8.default_tuning(9).mt == 2
+  assert ck8.default_tuning(1, 4096).mt == 1 and ck8.default_tuning(9, 4096).mt == 2
+  assert ck8.default_tuning(1, 4096).warps == 8 and ck8.default_tuning(1, 14336).warps == 16
   for rows in (1, 8, 9, ck8.MAX_ROWS):  # the defaults name built kernels (else Int8Tuning raises)
-    for grouped in (False, True):
-      assert (ck8.default_tuning(rows, grouped).warps, ck8.default_tuning(rows, grouped).mt) in ck8.KERNELS
+    for d_in in (768, 4096, 14336):
+      for grouped in (False, True):
+        t = ck8.default_tuning(rows, d_in, grouped)
+        assert (t.warps, t.mt) in ck8.KERNELS
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
     ck8.Int8Tuning(warps=3)
 

@@ -1,0 +1,90 @@
+"""Where a kernel's warps wait, per SASS instruction, from ncu's source page:
+
+  ncu --section SourceCounters -o rep ...; ncu -i rep.ncu-rep --page source --print-source sass --csv > src.csv
+  python3 -m experiments.ncu_source_summary src.csv [--top=12]
+
+Prints the stall samples grouped by how often an instruction ran (a warp-level count: the hot loop
+runs most, per-tile work less, a warp's set-up once), then the instructions with the most samples
+and their main stall reasons. Samples are a statistical picture of where warps sit, not a cost:
+at a kernel's start every warp waits on its first loads wherever those are consumed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  address: int
+  source: str
+  executed: int  # warp-level instructions executed
+  samples: int
+  stalls: dict[str, int]  # reason -> samples (not-issued and issued)
+
+
+def _number(text: str) -> int:
+  return int(float(text.replace(",", ""))) if text.strip() not in ("", "-") else 0
+
+
+def parse(text: str) -> list[Instruction]:
+  """The rows of one kernel's source page (the first line names the kernel, the second the columns)."""
+  lines = text.splitlines()
+  start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
+  if start is None:
+    raise SystemExit("ncu_source_summary: no 'Address' header: not ncu's --page source --csv output")
+  rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+  header, body = rows[0], rows[1:]
+  col = {name: i for i, name in enumerate(header)}
+  missing = [c for c in ("Address", "Source", "Instructions Executed", "# Samples") if c not in col]
+  if missing:
+    raise SystemExit(f"ncu_source_summary: columns {missing} missing (collect with --section SourceCounters)")
+  reasons = [c for c in header if c.startswith("stall_") and "Not Issued" not in c]
+  out = []
+  for r in body:
+    if len(r) != len(header):
+      continue
+    out.append(Instruction(int(r[col["Address"]], 0), r[col["Source"]].strip(), _number(r[col["Instructions Executed"]]),
+                           _number(r[col["# Samples"]]),
+                           {c.removeprefix("stall_"): _number(r[col[c]]) for c in reasons if _number(r[col[c]])}))
+  return out
+
+
+def by_count(insts: list[Instruction]) -> list[tuple[int, int, int]]:
+  """(executions, instructions, samples) for each distinct execution count, most samples first."""
+  groups: dict[int, list[int]] = {}
+  for i in insts:
+    if i.executed:
+      g = groups.setdefault(i.executed, [0, 0])
+      g[0] += 1
+      g[1] += i.samples
+  return sorted(((n, k, s) for n, (k, s) in groups.items()), key=lambda t: -t[2])
+
+
+def summary(insts: list[Instruction], top: int = 12) -> str:
+  total = sum(i.samples for i in insts)
+  lines = [f"{total} samples over {sum(i.executed for i in insts):,} instructions executed"]
+  lines.append("executions  instructions  samples  share")
+  for n, k, s in by_count(insts)[:8]:
+    lines.append(f"{n:10d}  {k:12d}  {s:7d}  {100 * s / max(total, 1):4.1f}%")
+  lines.append(f"top {top} instructions by samples:")
+  for i in sorted(insts, key=lambda i: -i.samples)[:top]:
+    reasons = ", ".join(f"{r} {v}" for r, v in sorted(i.stalls.items(), key=lambda t: -t[1])[:3])
+    lines.append(f"  {i.address:#x} x{i.executed:<7d} {i.samples:5d} ({100 * i.samples / max(total, 1):4.1f}%) "
+                 f"{i.source[:48]:48s} {reasons}")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("csv", help="ncu -i REP --page source --print-source sass --csv output")
+  ap.add_argument("--top", type=int, default=12, help="instructions listed")
+  args = ap.parse_args()
+  with open(args.csv) as f:
+    print(summary(parse(f.read()), args.top))
+
+
+if __name__ == "__main__":
+  main()
