@@ -47,6 +47,18 @@ def test_matches_reference(m, k, n, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("m", [1, 3, 8, 9])
+def test_long_rows_take_sixteen_warps(m):
+  """d_in >= 8192 takes 16 warps with a two-chunk ring (up to 8 rows; 9+ take 8 warps, 2 row tiles)."""
+  rng = np.random.default_rng(m)
+  w = random_codebook_weight(rng, (), 37, 8224, 4, 8224)  # 64 chunks and a 32-input tail
+  x = jnp.asarray(rng.normal(size=(m, 8224)), jnp.bfloat16)
+  assert ck8.default_tuning(m, 8224).warps == (16 if m <= 8 else 8)
+  _same(ck8.lut_matmul_int8(x, w.packed, w.centroids, 4), lut_matmul_int8_reference(x, w.packed, w.centroids, 4),
+        jnp.bfloat16)
+
+
+@needs_gpu
 @pytest.mark.parametrize("cdtype", [jnp.bfloat16, jnp.float16])
 def test_codebooks_rounded_in_the_kernel(cdtype):
   """The kernel rounds bf16 codebooks itself (float16 ones reach it as float32); an all-zero
