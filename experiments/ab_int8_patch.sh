@@ -3,8 +3,8 @@
 # applied (GPU image, from the repository root):
 #   bash experiments/ab_int8_patch.sh PATCH OUT_DIR [ROUNDS]
 # Builds both (the patched one with ptxas -v: registers, spills), runs the patched kernel's compiled
-# tests, writes both SASS of int8_kernel<8, 1> (the single-weight default), profiles both at M = 1 on
-# 4096x14336 under ncu (time, DRAM, instructions executed, stall reasons per issued instruction),
+# tests, writes both SASS of int8_kernel<8, 1>, profiles both at M = 1 on one weight (AB_SHAPE) under
+# ncu (time, DRAM, instructions executed, stall reasons per issued instruction),
 # then times both at the decode shapes, each against XLA in its own run, ROUNDS times alternately
 # (default 1; the small Qwen3 shapes vary by 2x between runs of one build). ncu also writes the
 # source page: samples of each stall reason per SASS instruction (where in the loop warps wait;
