@@ -4,8 +4,8 @@
   python3 -m experiments.ncu_source_summary src.csv [--top=12]
 
 Prints the stall samples grouped by how often an instruction ran (a warp-level count: the hot loop
-runs most, per-tile work less, a warp's set-up once), then the instructions with the most samples
-and their main stall reasons. Samples are a statistical picture of where warps sit, not a cost:
+runs most, per-tile work less, a warp's set-up once), the stall reasons over all samples, then the
+instructions with the most samples and their main reasons. Samples are a statistical picture of where warps sit, not a cost:
 at a kernel's start every warp waits on its first loads wherever those are consumed.
 """
 from __future__ import annotations
@@ -69,6 +69,12 @@ def summary(insts: list[Instruction], top: int = 12) -> str:
   lines.append("executions  instructions  samples  share")
   for n, k, s in by_count(insts)[:8]:
     lines.append(f"{n:10d}  {k:12d}  {s:7d}  {100 * s / max(total, 1):4.1f}%")
+  reasons: dict[str, int] = {}
+  for i in insts:
+    for r, v in i.stalls.items():
+      reasons[r] = reasons.get(r, 0) + v
+  lines.append("reasons: " + ", ".join(f"{r} {100 * v / max(total, 1):.1f}%"
+                                       for r, v in sorted(reasons.items(), key=lambda t: -t[1])[:8]))
   lines.append(f"top {top} instructions by samples:")
   for i in sorted(insts, key=lambda i: -i.samples)[:top]:
     reasons = ", ".join(f"{r} {v}" for r, v in sorted(i.stalls.items(), key=lambda t: -t[1])[:3])

@@ -22,6 +22,7 @@ def test_groups_by_execution_count_and_ranks_instructions():
   assert by_count(insts) == [(28672, 2, 43), (7168, 1, 9), (3168, 1, 0)]
   text = summary(insts, top=2)
   assert text.splitlines()[0] == "52 samples over 67,680 instructions executed"
+  assert "reasons: long_sb 75.0%, barrier 17.3%" in text
   top = [line for line in text.splitlines() if line.startswith("  0x")]
   assert "IMMA" in top[0] and "long_sb 38" in top[0] and "BRA" in top[1] and len(top) == 2
 
