@@ -42,6 +42,10 @@ KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
 # more rows stream the codes again per pass, so prefill stays with the bf16 kernels.
 MAX_ROWS = 8 * max(mt for _, mt in KERNELS)
 
+# d_in from which a single weight's 16 warps each get at least 4 of the kernel's 128-input chunks
+# (kChunk8) a column tile: 8192.
+_SIXTEEN_WARPS_D_IN = 16 * 4 * 128
+
 
 @dataclasses.dataclass(frozen=True)
 class Int8Tuning:
@@ -73,7 +77,7 @@ def default_tuning(rows: int, d_in: int, grouped: bool = False) -> Int8Tuning:
   mt = 1 if rows <= 8 else 2
   if grouped:
     return Int8Tuning(warps=4, mt=mt, persistent=False)
-  return Int8Tuning(warps=16 if mt == 1 and d_in >= 8192 else 8, mt=mt, persistent=True)
+  return Int8Tuning(warps=16 if mt == 1 and d_in >= _SIXTEEN_WARPS_D_IN else 8, mt=mt, persistent=True)
 
 
 @functools.cache
