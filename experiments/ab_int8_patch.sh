@@ -43,7 +43,7 @@ for name in base patched; do
 done
 for round in $(seq "$rounds"); do
   for name in base patched; do
-    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 130 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 200 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
       --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 ${AB_BENCH_FLAGS:-} --out="$out/bench_$name$round.json" \
       > "$out/bench_$name$round.log" 2>&1)
     grep -E "int8" "$out/bench_$name$round.log" | cut -c1-110 | sed "s/^/$name$round /"

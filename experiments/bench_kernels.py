@@ -1,7 +1,8 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep] [--out=FILE]
+      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=4/16p,8/8p]
+      [--out=FILE]
 
 Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
 768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
@@ -155,7 +156,7 @@ def _time_tunings(matmul, x, weights, tunings, sets, repeats, *extra):
 
 
 def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False, cuda_layouts=None,
-                 int8_sweep=False):
+                 int8_sweep=()):
   key = jax.random.key(k * 7 + n)
   sets = sets_beyond_l2(k * n * BITS // 8, sets)
   weights = [_codebook(jax.random.fold_in(key, i), (), k, n) for i in range(sets)]
@@ -195,6 +196,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
                  int8_best_tuning=dataclasses.asdict(ibest_t), int8_speedup_vs_bf16=t_bf16 / t_i)
       if int8_sweep:
         row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
+        print(f"  int8 tunings: " + ", ".join(f"{t.warps}/{t.mt}{'p' if t.persistent else ''} {us:.1f}" for us, t in res))
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
             flush=True)
@@ -226,11 +228,17 @@ def _routing(key, batch, experts, top_k):
 
 
 def _int8_candidates(rows, d_in, sweep, grouped=False):
-  """The default int8 tuning at this many rows a slot, then (sweep) every built one, persistent or not."""
-  return list(dict.fromkeys([ck8.default_tuning(rows, d_in, grouped)] + (list(ck8.TUNINGS) if sweep else [])))
+  """The default int8 tuning at this many rows a slot, then those of `sweep` (Int8Tunings)."""
+  return list(dict.fromkeys([ck8.default_tuning(rows, d_in, grouped), *sweep]))
 
 
-def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=False):
+def _int8_tunings(spec: str) -> tuple:
+  """'4/16p,8/8' -> Int8Tunings (warps/mt, p: persistent)."""
+  return tuple(ck8.Int8Tuning(int(w), int(mt.rstrip("p")), mt.endswith("p"))
+               for w, mt in (v.split("/") for v in spec.split(",") if v))
+
+
+def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=()):
   key = jax.random.key(experts * 31 + k)
   weights = [_codebook(jax.random.fold_in(key, i), (experts,), k, n) for i in range(sets)]
   dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (experts, k, n), jnp.bfloat16) for i in range(sets)]
@@ -353,6 +361,7 @@ def main():
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
+  ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (warps/mt, p: persistent)")
   ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
   ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
   ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
@@ -368,6 +377,7 @@ def main():
   ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
   batches = tuple(int(v) for v in args.batches.split(",")) if args.batches else batches
   kernels = tuple(k for k in args.kernels.split(",") if k and (k not in ("cuda", "int8") or ck.available()))
+  int8_sweep = ck8.TUNINGS if args.int8_sweep else _int8_tunings(args.int8_tunings)
   print(f"kernels: {', '.join(kernels)}", flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw, "single": [],
             "grouped": []}
@@ -382,10 +392,10 @@ def main():
     k, n = SINGLE.get(name) or map(int, name.split("x"))
     result["single"] += bench_single(k, n, ms, args.sets, False, bw, kernels, args.cuda_sweep,
                                       [int(v) for v in args.cuda_layouts.split(",")] if args.cuda_layouts else None,
-                                      args.int8_sweep)
+                                      int8_sweep)
     save()
   for name in _names(args.grouped, GROUPED):
-    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels, args.int8_sweep)
+    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels, int8_sweep)
     save()
   if args.sweep:
     result["sweep"] = []
