@@ -34,7 +34,9 @@
 #include <cstdint>
 #include <string>
 
+#include "launch_limits.cuh"
 #include "lut_decode.cuh"
+#include "wgmma.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -63,6 +65,7 @@ struct Int8Problem {
   const int32_t* slots;   // [3, num_slots]
   void* out;              // float32 or bf16 (out_bf16)
   int t, k, n, num_slots;
+  int x_stride;  // x's row length: k, or k padded to whole 128-input stages (wg8_kernel)
   bool cent_bf16, out_bf16;
 };
 
@@ -85,12 +88,13 @@ __device__ __forceinline__ void decode8_s8(uint32_t w, const uint4& tab, uint32_
   hi = (prmt(tab.x, tab.y, sel_hi) & ~m_hi) | (prmt(tab.z, tab.w, sel_hi) & m_hi);
 }
 
-// Rounds the codebooks of a block's 16 columns (n0 + r of this expert; past n, column n - 1) to
+// Rounds the codebooks of a block's R columns (n0 + r of this expert; past n, column n - 1) to
 // int8 in shared memory, 16 threads a column, as cqjax.lut_matmul.int8_round: scale = absmax *
 // f32(1/127) (1 where absmax is 0), entries rint(c * (1 / scale)), the division IEEE-rounded.
-__device__ __forceinline__ void round_tables(const Int8Problem& p, int expert, int n0, int8_t (&tab)[16][16],
-                                             float (&scale)[16]) {
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) {  // blockDim.x divides 256: whole warps a round
+template <int R>
+__device__ __forceinline__ void round_tables(const Int8Problem& p, int expert, int n0, int8_t (&tab)[R][16],
+                                             float (&scale)[R]) {
+  for (int i = threadIdx.x; i < R * 16; i += blockDim.x) {  // blockDim.x divides R * 16: whole warps a round
     const int r = i / 16, j = i % 16;
     const size_t at = (static_cast<size_t>(expert) * p.n + min(n0 + r, p.n - 1)) * 16 + j;
     const float c = p.cent_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.centroids)[at])
@@ -111,6 +115,14 @@ __device__ __forceinline__ void store(const Int8Problem& p, int row, int col, fl
     static_cast<__nv_bfloat16*>(p.out)[at] = __float2bfloat16_rn(v);
   else
     static_cast<float*>(p.out)[at] = v;
+}
+
+// Rows past the last slot's are zero (ragged_dot's contract): those of columns n0 .. n0 + cols - 1.
+__device__ void zero_rows_past_slots(const Int8Problem& p, int n0, int cols) {
+  int covered = 0;
+  for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
+  for (int i = threadIdx.x; i < (p.t - covered) * cols; i += blockDim.x)
+    if (n0 + i % cols < p.n) store(p, covered + i / cols, n0 + i % cols, 0.f);
 }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
@@ -153,13 +165,8 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
   // This block's 16-column tiles: blockIdx.x, blockIdx.x + gridDim.x, ... (one unless persistent).
   const int my_tiles = (col_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;
   const auto tile_n0 = [&](int q) { return (blockIdx.x + q * gridDim.x) * 16; };
-  if (slot == 0) {  // rows past the last slot's are zero (ragged_dot's contract)
-    int covered = 0;
-    for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
-    for (int q = 0; q < my_tiles; ++q)
-      for (int i = threadIdx.x; i < (p.t - covered) * 16; i += blockDim.x)
-        if (tile_n0(q) + i % 16 < p.n) store(p, covered + i / 16, tile_n0(q) + i % 16, 0.f);
-  }
+  if (slot == 0)
+    for (int q = 0; q < my_tiles; ++q) zero_rows_past_slots(p, tile_n0(q), 16);
   const int rows = p.slots[2 * p.num_slots + slot];
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
@@ -245,24 +252,118 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
   }
 }
 
-// Blocks of int8_kernel<W, MT> resident on the current GPU at once (an SM's times its SMs),
-// queried once a device (as lut_matmul.cu's launch_limits), not on every launch.
-template <int W, int MT>
-cudaError_t resident_blocks(int& out) {
-  static int cache[64] = {};
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 64 && cache[device] > 0) {
-    out = cache[device];
-    return cudaSuccess;
+// Prefill on Hopper (sm_90a): a block (one warpgroup) owns 64 output columns (16 a warp) and N = 32
+// or 64 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's decoded int8 weights
+// are the A operand, in registers, decoded once for the N rows; x the B operand, read by the
+// tensor cores from shared memory. Stages of 128 inputs (x's N rows of 128 bytes in the 128-byte
+// swizzle, then the block's 64 rows of 64 code bytes) are copied with cp.async kWg8Ahead stages
+// ahead of the one multiplied. x comes permuted within each 128 inputs (cuda_kernels/
+// lut_matmul_int8.py: wg_order) so that lane t's A operands of all four k32 steps are the codes
+// of inputs [32 t, 32 t + 32) of the stage, one 16-byte word of each of its two rows, decoded as
+// the decode kernel does; x is zero-padded to whole stages, so a K tail needs no care (its codes,
+// zero-filled, meet zeros). The sums are exact: no split of K, no order to keep.
+constexpr int kWg8Inputs = 128, kWg8Stages = 6;
+
+template <int N>
+__host__ __device__ constexpr int wg8_stage_bytes() {
+  return N * kWg8Inputs + 64 * kWg8Inputs / 2;  // x's rows, then the block's rows of codes
+}
+
+template <int N>
+__global__ void __launch_bounds__(128) wg8_kernel(Int8Problem p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kWg8Ahead = kWg8Stages - 2;  // a stage's buffer is rewritten once no wgmma reads it
+  constexpr int kXBytes = N * kWg8Inputs, kXCopies = N * 8 / 128;  // a thread's 16-byte chunks of x a stage
+  extern __shared__ __align__(128) uint8_t wsm_[];
+  uint8_t* const wsm = wsm_ + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(wsm_)) & 1023)) & 1023);  // swizzle tiles
+  __shared__ __align__(16) int8_t tab[64][16];
+  __shared__ float scale[64];
+  const int slot = blockIdx.z, n0 = blockIdx.x * 64;
+  if (slot == 0 && blockIdx.y == 0) zero_rows_past_slots(p, n0, 64);
+  const int rows = p.slots[2 * p.num_slots + slot];
+  if (blockIdx.y * N >= rows) return;
+  const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const size_t row_bytes = p.k / 2, x_stride = p.x_stride;
+  const int stages = (p.k + kWg8Inputs - 1) / kWg8Inputs;
+  round_tables(p, expert, n0, tab, scale);
+  __syncthreads();
+  const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[16 * warp + g], tab_b = reinterpret_cast<const uint4*>(tab)[16 * warp + g + 8];
+
+  // Stage s: x's rows rb + xr + 16 j (chunk c of row r at chunk c ^ (r % 8) of its 128 bytes; rows
+  // past the slot's zero-filled), then code row n0 + thread / 2, 32 bytes a thread. A thread's
+  // copies move by the same offsets each stage, so their addresses are set once a pass.
+  const int xc = threadIdx.x & 7, xr = threadIdx.x >> 3;
+  const uint32_t x_dst = 128 * xr + 16 * (xc ^ (xr & 7));  // + 2048 j for copy j (16 rows on: the same swizzle)
+  const int code_row = threadIdx.x >> 1, code_half = threadIdx.x & 1;
+  const uint8_t* code_src = p.packed + (static_cast<size_t>(expert) * p.n + min(n0 + code_row, p.n - 1)) * row_bytes + 32 * code_half;
+  const uint32_t code_dst = kXBytes + 64 * code_row + 32 * code_half, word_at = kXBytes + 64 * (16 * warp + g) + 16 * t4;
+  pin(code_src);
+  const auto stage_buffer = [&](int s) { return wsm + static_cast<unsigned>(s) % kWg8Stages * wg8_stage_bytes<N>(); };
+
+  // Passes over the block's row blocks (one unless the grid has fewer row blocks than a slot's
+  // rows need: grouped experts' slots are sized on the device).
+  for (int rb = blockIdx.y * N; rb < rows; rb += gridDim.y * N) {
+    if (rb != blockIdx.y * N) __syncthreads();  // every warp is done with the previous pass's buffers
+    const int8_t* x_src = p.x + static_cast<size_t>(row0 + min(rb + xr, rows - 1)) * x_stride + 16 * xc;
+    uint32_t x_valid = 0;  // bit j: copy j's row is one of the slot's
+#pragma unroll
+    for (int j = 0; j < kXCopies; ++j) x_valid |= static_cast<uint32_t>(rb + xr + 16 * j < rows) << j;
+    pin(x_src);
+    const auto load_stage = [&](int s) {
+      uint8_t* buf = stage_buffer(s);
+      const int k0 = s * kWg8Inputs, kin = min(kWg8Inputs, p.k - k0);
+#pragma unroll
+      for (int j = 0; j < kXCopies; ++j)
+        cp_async16(buf + x_dst + 2048 * j, x_src + 16 * j * x_stride + k0, (x_valid >> j) & 1);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)  // 16 bytes: 32 inputs, all of the row's or none (k: a multiple of 32)
+        cp_async16(buf + code_dst + 16 * h, code_src + k0 / 2 + 16 * h, 64 * code_half + 32 * h < kin);
+    };
+#pragma unroll
+    for (int i = 0; i < kWg8Ahead; ++i) {
+      if (i < stages) load_stage(i);
+      cp_async_commit();
+    }
+    int acc[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0;
+    uint32_t a[2][4];  // the A registers of two k32 steps: one decoded while the other's wgmma runs
+    for (int s = 0; s < stages; ++s) {
+      cp_async_wait<kWg8Ahead - 1>();  // this thread's copies of stage s
+      fence_proxy_async();
+      __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
+      if (s + kWg8Ahead < stages) load_stage(s + kWg8Ahead);
+      cp_async_commit();
+      const uint8_t* buf = stage_buffer(s);
+      const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
+      const uint4 qa = *reinterpret_cast<const uint4*>(buf + word_at), qb = *reinterpret_cast<const uint4*>(buf + word_at + 512);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // k32 step j: bytes 32 j ... of x's rows, word j of the lane's codes
+        uint32_t (&aj)[4] = a[j & 1];
+        decode8_s8(word(qa, j), tab_a, aj[0], aj[2]);
+        decode8_s8(word(qb, j), tab_b, aj[1], aj[3]);
+        wgmma_fence();
+        wgmma_s8<N>(acc, aj, wgmma_desc_sw128(xs + 32 * j));
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous step's wgmma is done: its A registers may be rewritten
+        wgmma_keep(a[(j + 1) & 1]);
+      }
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+    // D fragment: acc[4 j + i] of warp w, lane (g, t) is column n0 + 16 w + g + 8 (i >> 1) of row
+    // rb + 8 j + 2 t + (i & 1).
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = rb + 8 * j + 2 * t4 + (i & 1), c = 16 * warp + g + 8 * (i >> 1);
+        if (r < rows && n0 + c < p.n)
+          store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(acc[4 * j + i])), p.sx[row0 + r]));
+      }
   }
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, int8_kernel<W, MT>, W * 32, 0);
-  if (err != cudaSuccess) return err;
-  out = sms * per_sm;
-  if (device < 64) cache[device] = out;
-  return cudaSuccess;
+#endif
 }
 
 // persistent: as many blocks a slot as fill the GPU once (its resident blocks shared among the
@@ -272,12 +373,26 @@ cudaError_t launch_int8(cudaStream_t stream, const Int8Problem& p, bool persiste
   const int col_tiles = (p.n + 15) / 16;
   int grid_x = col_tiles;
   if (persistent) {
-    int resident = 0;
-    const cudaError_t err = resident_blocks<W, MT>(resident);
+    LaunchLimits lim;
+    const cudaError_t err = launch_limits<int8_kernel<W, MT>>(W * 32, lim);
     if (err != cudaSuccess) return err;
-    grid_x = std::min(col_tiles, std::max(1, (resident + p.num_slots - 1) / p.num_slots));
+    grid_x = std::min(col_tiles, std::max(1, (lim.sms * lim.fit + p.num_slots - 1) / p.num_slots));
   }
   int8_kernel<W, MT><<<dim3(grid_x, p.num_slots), W * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The wgmma kernel: 64 columns a block, as many row blocks as the rows of an even share of the
+// slots need (single weights: all; a block loops over any more of its slot's).
+template <int N>
+cudaError_t launch_wg8(cudaStream_t stream, const Int8Problem& p) {
+  LaunchLimits lim;
+  const cudaError_t err = launch_limits<wg8_kernel<N>>(128, lim);
+  if (err != cudaSuccess) return err;
+  if (lim.major != 9) return cudaErrorNotSupported;  // wgmma: built for sm_90a only
+  const int row_blocks = std::max(1, (p.t + p.num_slots * N - 1) / (p.num_slots * N));
+  const dim3 grid((p.n + 63) / 64, row_blocks, p.num_slots);
+  wg8_kernel<N><<<grid, 128, kWg8Stages * wg8_stage_bytes<N>() + 1024, stream>>>(p);  // + alignment
   return cudaGetLastError();
 }
 
@@ -287,12 +402,14 @@ ffi::Error invalid(const std::string& what) {
 
 ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> sx,
                              ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
-                             ffi::Result<ffi::AnyBuffer> out, int64_t warps, int64_t mt, bool persistent) {
+                             ffi::Result<ffi::AnyBuffer> out, int64_t warps, int64_t mt, bool persistent,
+                             bool wgmma) {
   const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (xd.size() != 2 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
-    return invalid("expected x [t, k], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
-  const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
-  if (k % 32 != 0 || k > kMaxK8 || pd[2] != k / 2 || cd[0] != e || cd[1] != n || cd[2] != 16)
+    return invalid("expected x [t, k] (wgmma: k padded to a multiple of 128), packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
+  const int64_t t = xd[0], k = 2 * pd[2], e = pd[0], n = pd[1];
+  const int64_t x_stride = wgmma ? (k + kWg8Inputs - 1) / kWg8Inputs * kWg8Inputs : k;
+  if (k % 32 != 0 || k > kMaxK8 || xd[1] != x_stride || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k a multiple of 32 up to 133143, one 16-entry codebook a row)");
   const auto is_float = [](ffi::DataType d) { return d == ffi::DataType::F32 || d == ffi::DataType::BF16; };
   if (!is_float(centroids.element_type()) || !is_float(out->element_type()))
@@ -303,10 +420,12 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
   const Int8Problem p{x.typed_data(), sx.typed_data(), packed.typed_data(), centroids.untyped_data(),
                       slots.typed_data(), out->untyped_data(), static_cast<int>(t), static_cast<int>(k),
-                      static_cast<int>(n), static_cast<int>(sd[1]), centroids.element_type() == ffi::DataType::BF16,
-                      out->element_type() == ffi::DataType::BF16};
+                      static_cast<int>(n), static_cast<int>(sd[1]), static_cast<int>(x_stride),
+                      centroids.element_type() == ffi::DataType::BF16, out->element_type() == ffi::DataType::BF16};
   cudaError_t err;
-  switch (warps * 10 + mt) {
+  switch (wgmma ? 100000 + warps * 100 + mt : warps * 10 + mt) {
+    case 100404: err = launch_wg8<32>(stream, p); break;
+    case 100408: err = launch_wg8<64>(stream, p); break;
     case 41: err = launch_int8<4, 1>(stream, p, persistent); break;
     case 42: err = launch_int8<4, 2>(stream, p, persistent); break;
     case 81: err = launch_int8<8, 1>(stream, p, persistent); break;
@@ -315,6 +434,7 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
     case 162: err = launch_int8<16, 2>(stream, p, persistent); break;
     default: return invalid("no kernel for this tuning (cuda_kernels/lut_matmul_int8.py: KERNELS lists those built)");
   }
+  if (wgmma && err == cudaErrorNotSupported) return invalid("the wgmma kernel needs a Hopper GPU (sm_90)");
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_int8: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -332,5 +452,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulInt8Cuda, LutMatmulInt8Impl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("warps")
                                   .Attr<int64_t>("mt")
-                                  .Attr<bool>("persistent"),
+                                  .Attr<bool>("persistent")
+                                  .Attr<bool>("wgmma"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -35,12 +35,18 @@ MAX_D_IN = 133143  # |dot| <= d_in * 127 * 127 stays within int32
 # Codebook and output dtypes the kernel reads and writes itself (others go through float32).
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
-# The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl).
+# The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl): the
+# mma.sync kernel's, and the Hopper wgmma kernel's (4 warps, 8 mt rows of x a block).
 KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
+WGMMA_KERNELS = frozenset({(4, 4), (4, 8)})
 
-# Rows a weight or expert slot it serves (CQJAX_KERNELS=int8): those of one pass over the codes;
-# more rows stream the codes again per pass, so prefill stays with the bf16 kernels.
+# Rows a weight or expert slot the mma.sync kernel serves: those of one pass over the codes (more
+# stream the codes again per pass); on Hopper the wgmma kernel takes more.
 MAX_ROWS = 8 * max(mt for _, mt in KERNELS)
+
+# Inputs of one stage of the wgmma kernel (kWg8Inputs): x is padded to whole stages and permuted
+# within each (wg_order).
+_WG_STAGE = 128
 
 # d_in from which a single weight's 16 warps each get at least 4 of the kernel's 128-input chunks
 # (kChunk8) a column tile: 8192.
@@ -57,14 +63,19 @@ class Int8Tuning:
   warps: int = 8
   mt: int = 1
   persistent: bool = False
+  wgmma: bool = False
 
   def __post_init__(self):
-    if (self.warps, self.mt) not in KERNELS:
-      raise CqjaxError(f"Int8Tuning out of range: {self} (built: (warps, mt) in {sorted(KERNELS)})")
+    built = WGMMA_KERNELS if self.wgmma else KERNELS
+    if (self.warps, self.mt) not in built or (self.wgmma and self.persistent):
+      raise CqjaxError(f"Int8Tuning out of range: {self} (built: (warps, mt) in {sorted(KERNELS)}; "
+                       f"wgmma, not persistent: {sorted(WGMMA_KERNELS)})")
 
 
-# Every tuning built: each (warps, mt), one block a tile or persistent (sweeps and tests).
-TUNINGS = tuple(Int8Tuning(warps, mt, persistent) for warps, mt in sorted(KERNELS) for persistent in (False, True))
+# Every tuning built: each (warps, mt), one block a tile or persistent, and the wgmma kernels
+# (sweeps and tests).
+TUNINGS = (tuple(Int8Tuning(warps, mt, persistent) for warps, mt in sorted(KERNELS) for persistent in (False, True))
+           + tuple(Int8Tuning(warps, mt, wgmma=True) for warps, mt in sorted(WGMMA_KERNELS)))
 
 
 def default_tuning(rows: int, d_in: int, grouped: bool = False) -> Int8Tuning:
@@ -74,6 +85,8 @@ def default_tuning(rows: int, d_in: int, grouped: bool = False) -> Int8Tuning:
   slots idle; ncu: 17.7 -> 15.0 us). Grouped experts: 4 warps a block, one block a tile (slots x
   tiles blocks are plenty, a persistent grid balanced uneven slots badly, and 8 warps left some
   idle on d_in = 768). Measured on an H200, BENCHMARKS.md sessions 30 and 32."""
+  if rows > MAX_ROWS and cuda.is_hopper():
+    return Int8Tuning(warps=4, mt=8, wgmma=True)
   mt = 1 if rows <= 8 else 2
   if grouped:
     return Int8Tuning(warps=4, mt=mt, persistent=False)
@@ -96,17 +109,31 @@ def supports(bits: int, d_in: int, groups: int) -> bool:
   return bits == 4 and groups == 1 and d_in % 32 == 0 and d_in <= MAX_D_IN
 
 
+def wg_order(xq: jax.Array) -> jax.Array:
+  """x [t, k] -> [t, k padded to whole 128-input stages] in the wgmma kernel's order: within each
+  stage, input 32 l + 8 j + 4 h + i (lane l's codes, k32 step j, half h) at 32 j + 16 h + 4 l + i,
+  where wgmma reads the B operand of lane l's A registers (mma.sync m16n8k32's A: k 4 l ... and
+  16 + 4 l ...). Padding is zeros, so a stage's missing inputs add nothing."""
+  t, k = xq.shape
+  kp = -(-k // _WG_STAGE) * _WG_STAGE
+  xq = jnp.pad(xq, ((0, 0), (0, kp - k))).reshape(t, kp // _WG_STAGE, 4, 4, 2, 4)  # [t, stage, l, j, h, i]
+  return xq.transpose(0, 1, 3, 4, 2, 5).reshape(t, kp)
+
+
 def _call(x, packed, centroids, slots, tuning: Int8Tuning):
   """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] in x's dtype."""
   e, n = packed.shape[:2]
   xq, sx = int8_round(x.astype(jnp.float32), -1)
+  xq = xq.astype(jnp.int8)
+  if tuning.wgmma:
+    xq = wg_order(xq)
   centroids = centroids.reshape(e, n, 16)
   if centroids.dtype not in _KERNEL_DTYPES:
     centroids = centroids.astype(jnp.float32)
   out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype if x.dtype in _KERNEL_DTYPES else jnp.float32)
   y = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
-      xq.astype(jnp.int8), sx[:, 0], packed, centroids, slots, warps=np.int64(tuning.warps), mt=np.int64(tuning.mt),
-      persistent=bool(tuning.persistent))
+      xq, sx[:, 0], packed, centroids, slots, warps=np.int64(tuning.warps), mt=np.int64(tuning.mt),
+      persistent=bool(tuning.persistent), wgmma=bool(tuning.wgmma))
   return y.astype(x.dtype)
 
 

@@ -2,7 +2,8 @@
 // cp.async staging, the fences between it and the tensor cores, the shared-memory matrix
 // descriptor, and wgmma.mma_async with the A operand in registers (the same per-warp fragment as
 // mma.sync m16n8k16's A: rows g and g + 8, k pairs 2 t and 2 t + 8) and B in shared memory,
-// K-major in the 128-byte swizzle. The operand lists are written out for each N used (64 and 128 rows of x).
+// K-major in the 128-byte swizzle (and the int8 prefill kernel's s8 variant, lut_matmul_int8.cu).
+// The operand lists are written out for each N used (bf16: 64 and 128 rows of x; s8: 32 and 64).
 // And `pin`, which keeps loop-invariant addresses in registers.
 #pragma once
 
@@ -34,6 +35,9 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // registers until it completes, which the compiler does not know.
 __device__ __forceinline__ void wgmma_keep(const uint32_t (&r)[8]) {
   asm volatile("" :: "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]), "r"(r[4]), "r"(r[5]), "r"(r[6]), "r"(r[7]));
+}
+__device__ __forceinline__ void wgmma_keep(const uint32_t (&r)[4]) {
+  asm volatile("" :: "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]));
 }
 
 // Pins a value in a register where it is set: the compiler would rather recompute a loop's
@@ -92,6 +96,40 @@ __device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4],
   static_assert(N == 64 || N == 128, "wgmma.cuh writes out N = 64 and 128");
   if constexpr (N == 64) wgmma_n64(d, a, desc);
   else wgmma_n128(d, a, desc);
+}
+
+// d [64 x N] += a [64 x 32] (registers, s8: mma.sync m16n8k32's A fragment per warp, rows g and
+// g + 8, k 4 t ... 4 t + 3 and 16 + 4 t ...) . B [32 x N] (descriptor, s8, K-major: 32 bytes of
+// each 128-byte row), exact int32 sums; d has the layout of the bf16 variants' (int32 for float).
+__device__ __forceinline__ void wgmma_s8_n32(int (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, {%16, %17, %18, %19}, %20, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_s8_n64(int (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_s8(int (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(N == 32 || N == 64, "wgmma.cuh writes out the s8 N = 32 and 64");
+  if constexpr (N == 32) wgmma_s8_n32(d, a, desc);
+  else wgmma_s8_n64(d, a, desc);
 }
 
 }  // namespace cqjax_cuda

@@ -196,7 +196,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
                  int8_best_tuning=dataclasses.asdict(ibest_t), int8_speedup_vs_bf16=t_bf16 / t_i)
       if int8_sweep:
         row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
-        print(f"  int8 tunings: " + ", ".join(f"{t.warps}/{t.mt}{'p' if t.persistent else ''} {us:.1f}" for us, t in res))
+        print(f"  int8 tunings: " + ", ".join(f"{_tuning_name(t)} {us:.1f}" for us, t in res))
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
             flush=True)
@@ -233,9 +233,13 @@ def _int8_candidates(rows, d_in, sweep, grouped=False):
 
 
 def _int8_tunings(spec: str) -> tuple:
-  """'4/16p,8/8' -> Int8Tunings (warps/mt, p: persistent)."""
-  return tuple(ck8.Int8Tuning(int(w), int(mt.rstrip("p")), mt.endswith("p"))
+  """'8/2p,4/8w' -> Int8Tunings (warps/mt, p: persistent, w: the wgmma kernel)."""
+  return tuple(ck8.Int8Tuning(int(w), int(mt.rstrip("pw")), mt.endswith("p"), mt.endswith("w"))
                for w, mt in (v.split("/") for v in spec.split(",") if v))
+
+
+def _tuning_name(t) -> str:
+  return f"{t.warps}/{t.mt}{'p' if t.persistent else ''}{'w' if t.wgmma else ''}"
 
 
 def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=()):
@@ -273,7 +277,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
       t_i = res[0][0]
       if int8_sweep:
         row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
-        print(f"  int8 tunings: " + ", ".join(f"{t.warps}/{t.mt}{'p' if t.persistent else ''} {us:.1f}" for us, t in res))
+        print(f"  int8 tunings: " + ", ".join(f"{_tuning_name(t)} {us:.1f}" for us, t in res))
       w0 = weights[0]
       got = ck8.grouped_lut_matmul_int8(x, w0.packed, w0.centroids, BITS, gs)
       own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None
@@ -361,7 +365,7 @@ def main():
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
-  ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (warps/mt, p: persistent)")
+  ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (warps/mt, p: persistent, w: wgmma)")
   ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
   ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
   ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")

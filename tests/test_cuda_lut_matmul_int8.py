@@ -78,11 +78,62 @@ def test_codebooks_rounded_in_the_kernel(cdtype):
 @needs_gpu
 @pytest.mark.parametrize("tuning", ck8.TUNINGS, ids=str)
 def test_tunings_compute_the_same_function(tuning):
+  if tuning.wgmma and not ck8.cuda.is_hopper():
+    pytest.skip("the wgmma kernel runs on Hopper GPUs")
   rng = np.random.default_rng(5)
   w = random_codebook_weight(rng, (), 45, 2336, 4, 2336)  # 18 chunks + a 32-input tail: warps with 1-5 chunks
   x = jnp.asarray(rng.normal(size=(21, 2336)) * np.linspace(0.1, 10, 21)[:, None], jnp.float32)  # 3 passes at mt 1
   got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=tuning)
   _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
+
+
+needs_hopper = pytest.mark.skipif(not (ck8.available() and ck8.cuda.is_hopper()),
+                                  reason="needs a Hopper GPU and the built library (the wgmma kernel)")
+
+
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 17, 64, 65, 130])
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("mt", [4, 8])
+def test_wgmma_kernel_matches_reference(m, k, n, mt):
+  """The Hopper prefill kernel: row blocks of 32 or 64 (the last partial), K tails of 32-96
+  inputs (x padded to whole 128-input stages), column blocks of 64 past n."""
+  rng = np.random.default_rng(m * 100 + k + n + mt)
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(m, k)) * np.linspace(0.1, 10, m)[:, None], jnp.bfloat16)
+  got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=ck8.Int8Tuning(warps=4, mt=mt, wgmma=True))
+  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
+
+
+@needs_hopper
+@pytest.mark.parametrize("sizes", [[70, 0, 5, 0], [0, 0, 0, 0], [1, 130, 1, 1], [0, 17, 0, 64]])
+def test_wgmma_kernel_grouped(sizes):
+  """Grouped experts: slots of uneven rows (a block loops over the row blocks its slot has beyond
+  the grid's), empty experts, rows past the last group zero."""
+  rng = np.random.default_rng(sum(sizes) + 1)
+  w = random_codebook_weight(rng, (4,), 70, 352, 4, 352)
+  x = jnp.asarray(rng.normal(size=(sum(sizes) + 3, 352)), jnp.float32)
+  gs = jnp.asarray(sizes, jnp.int32)
+  got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs, tuning=ck8.Int8Tuning(warps=4, mt=8, wgmma=True))
+  _same(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.float32)
+  assert not np.asarray(got[sum(sizes):]).any()
+
+
+def test_wg_order_puts_each_lanes_inputs_where_wgmma_reads_them():
+  """Within a 128-input stage, input 32 l + 8 j + 4 h + i (lane l's codes of k32 step j, half h)
+  lands at 32 j + 16 h + 4 l + i; the padding to whole stages is zeros."""
+  k = 160
+  x = jnp.arange(1, k + 1, dtype=jnp.int32)[None] % 127
+  got = np.asarray(ck8.wg_order(x.astype(jnp.int8)))[0]
+  assert got.shape == (256,)
+  for l in range(4):
+    for j in range(4):
+      for h in range(2):
+        for i in range(4):
+          for stage in range(2):
+            src = 128 * stage + 32 * l + 8 * j + 4 * h + i
+            dst = 128 * stage + 32 * j + 16 * h + 4 * l + i
+            assert got[dst] == (np.asarray(x)[0, src] if src < k else 0)
 
 
 @needs_gpu
@@ -156,6 +207,8 @@ def test_supports_and_tunings():
         assert (t.warps, t.mt) in ck8.KERNELS
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
     ck8.Int8Tuning(warps=3)
+  with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
+    ck8.Int8Tuning(warps=4, mt=8, persistent=True, wgmma=True)
 
 
 def test_python_mirrors_the_cu_file():
@@ -165,6 +218,10 @@ def test_python_mirrors_the_cu_file():
   cases = [tuple(map(int, c)) for c in re.findall(r"case (\d+): err = launch_int8<(\d+), (\d+)>", source)]
   assert all(key == 10 * warps + mt for key, warps, mt in cases)  # the switch's key is warps * 10 + mt
   assert {(warps, mt) for _, warps, mt in cases} == ck8.KERNELS
+  wg = [tuple(map(int, c)) for c in re.findall(r"case (\d+): err = launch_wg8<(\d+)>", source)]
+  assert {(key // 100 % 100, key % 100) for key, _ in wg} == ck8.WGMMA_KERNELS  # 100000 + warps * 100 + mt
+  assert all(rows == 8 * (key % 100) and key // 100 % 100 == 4 for key, rows in wg)  # 4 warps, 8 mt rows
+  assert int(re.search(r"kWg8Inputs = (\d+)", source).group(1)) == ck8._WG_STAGE
   assert int(re.search(r"constexpr int64_t kMaxK8 = (\d+);", source).group(1)) == ck8.MAX_D_IN
   assert ck8.MAX_D_IN * 127 * 127 <= 2**31 - 1  # int8 values in [-127, 127]: the int32 dot cannot overflow
 
