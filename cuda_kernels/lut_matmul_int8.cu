@@ -252,11 +252,13 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
   }
 }
 
-// Prefill on Hopper (sm_90a): a block (one warpgroup) owns 64 output columns (16 a warp) and N = 32
-// or 64 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's decoded int8 weights
-// are the A operand, in registers, decoded once for the N rows; x the B operand, read by the
-// tensor cores from shared memory. Stages of 128 inputs (x's N rows of 128 bytes in the 128-byte
-// swizzle, then the block's 64 rows of 64 code bytes) are copied with cp.async kWg8Ahead stages
+// Prefill on Hopper (sm_90a): a block of WG warpgroups owns 64 WG output columns (16 a warp) and
+// N = 32 or 64 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's decoded int8
+// weights are the A operand, in registers, decoded once for the N rows; x the B operand, read by
+// the tensor cores from shared memory, one copy for the block's warpgroups (every column block
+// reads all of x: more warpgroups a block, fewer bytes of x from L2 a code byte). Stages of 128
+// inputs (x's N rows of 128 bytes in the 128-byte swizzle, then the block's 64 WG rows of 64
+// code bytes) are copied with cp.async kWg8Ahead stages
 // ahead of the one multiplied. x comes permuted within each 128 inputs (cuda_kernels/
 // lut_matmul_int8.py: wg_order) so that lane t's A operands of all four k32 steps are the codes
 // of inputs [32 t, 32 t + 32) of the stage, one 16-byte word of each of its two rows, decoded as
@@ -264,22 +266,24 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
 // zero-filled, meet zeros). The sums are exact: no split of K, no order to keep.
 constexpr int kWg8Inputs = 128, kWg8Stages = 6;
 
-template <int N>
+template <int N, int WG>
 __host__ __device__ constexpr int wg8_stage_bytes() {
-  return N * kWg8Inputs + 64 * kWg8Inputs / 2;  // x's rows, then the block's rows of codes
+  return N * kWg8Inputs + 64 * WG * kWg8Inputs / 2;  // x's rows, then the block's rows of codes
 }
 
-template <int N>
-__global__ void __launch_bounds__(128) wg8_kernel(Int8Problem p) {
+template <int N, int WG>
+__global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWg8Ahead = kWg8Stages - 2;  // a stage's buffer is rewritten once no wgmma reads it
-  constexpr int kXBytes = N * kWg8Inputs, kXCopies = N * 8 / 128;  // a thread's 16-byte chunks of x a stage
+  constexpr int kCols = 64 * WG, kXRows = 16 * WG;  // x's rows a round of copies (kXRows / 8 whole swizzle groups)
+  constexpr int kXBytes = N * kWg8Inputs, kXCopies = N / kXRows;  // a thread's 16-byte chunks of x a stage
+  static_assert(kXCopies >= 1 && kXCopies * kXRows == N, "x's chunks shared evenly");
   extern __shared__ __align__(128) uint8_t wsm_[];
   uint8_t* const wsm = wsm_ + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(wsm_)) & 1023)) & 1023);  // swizzle tiles
-  __shared__ __align__(16) int8_t tab[64][16];
-  __shared__ float scale[64];
-  const int slot = blockIdx.z, n0 = blockIdx.x * 64;
-  if (slot == 0 && blockIdx.y == 0) zero_rows_past_slots(p, n0, 64);
+  __shared__ __align__(16) int8_t tab[kCols][16];
+  __shared__ float scale[kCols];
+  const int slot = blockIdx.z, n0 = blockIdx.x * kCols;
+  if (slot == 0 && blockIdx.y == 0) zero_rows_past_slots(p, n0, kCols);
   const int rows = p.slots[2 * p.num_slots + slot];
   if (blockIdx.y * N >= rows) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
@@ -290,16 +294,16 @@ __global__ void __launch_bounds__(128) wg8_kernel(Int8Problem p) {
   __syncthreads();
   const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[16 * warp + g], tab_b = reinterpret_cast<const uint4*>(tab)[16 * warp + g + 8];
 
-  // Stage s: x's rows rb + xr + 16 j (chunk c of row r at chunk c ^ (r % 8) of its 128 bytes; rows
+  // Stage s: x's rows rb + xr + kXRows j (chunk c of row r at chunk c ^ (r % 8) of its 128 bytes; rows
   // past the slot's zero-filled), then code row n0 + thread / 2, 32 bytes a thread. A thread's
   // copies move by the same offsets each stage, so their addresses are set once a pass.
   const int xc = threadIdx.x & 7, xr = threadIdx.x >> 3;
-  const uint32_t x_dst = 128 * xr + 16 * (xc ^ (xr & 7));  // + 2048 j for copy j (16 rows on: the same swizzle)
+  const uint32_t x_dst = 128 * xr + 16 * (xc ^ (xr & 7));  // + 128 kXRows j for copy j (the same swizzle)
   const int code_row = threadIdx.x >> 1, code_half = threadIdx.x & 1;
   const uint8_t* code_src = p.packed + (static_cast<size_t>(expert) * p.n + min(n0 + code_row, p.n - 1)) * row_bytes + 32 * code_half;
   const uint32_t code_dst = kXBytes + 64 * code_row + 32 * code_half, word_at = kXBytes + 64 * (16 * warp + g) + 16 * t4;
   pin(code_src);
-  const auto stage_buffer = [&](int s) { return wsm + static_cast<unsigned>(s) % kWg8Stages * wg8_stage_bytes<N>(); };
+  const auto stage_buffer = [&](int s) { return wsm + static_cast<unsigned>(s) % kWg8Stages * wg8_stage_bytes<N, WG>(); };
 
   // Passes over the block's row blocks (one unless the grid has fewer row blocks than a slot's
   // rows need: grouped experts' slots are sized on the device).
@@ -308,14 +312,14 @@ __global__ void __launch_bounds__(128) wg8_kernel(Int8Problem p) {
     const int8_t* x_src = p.x + static_cast<size_t>(row0 + min(rb + xr, rows - 1)) * x_stride + 16 * xc;
     uint32_t x_valid = 0;  // bit j: copy j's row is one of the slot's
 #pragma unroll
-    for (int j = 0; j < kXCopies; ++j) x_valid |= static_cast<uint32_t>(rb + xr + 16 * j < rows) << j;
+    for (int j = 0; j < kXCopies; ++j) x_valid |= static_cast<uint32_t>(rb + xr + kXRows * j < rows) << j;
     pin(x_src);
     const auto load_stage = [&](int s) {
       uint8_t* buf = stage_buffer(s);
       const int k0 = s * kWg8Inputs, kin = min(kWg8Inputs, p.k - k0);
 #pragma unroll
       for (int j = 0; j < kXCopies; ++j)
-        cp_async16(buf + x_dst + 2048 * j, x_src + 16 * j * x_stride + k0, (x_valid >> j) & 1);
+        cp_async16(buf + x_dst + 128 * kXRows * j, x_src + kXRows * j * x_stride + k0, (x_valid >> j) & 1);
 #pragma unroll
       for (int h = 0; h < 2; ++h)  // 16 bytes: 32 inputs, all of the row's or none (k: a multiple of 32)
         cp_async16(buf + code_dst + 16 * h, code_src + k0 / 2 + 16 * h, 64 * code_half + 32 * h < kin);
@@ -382,17 +386,17 @@ cudaError_t launch_int8(cudaStream_t stream, const Int8Problem& p, bool persiste
   return cudaGetLastError();
 }
 
-// The wgmma kernel: 64 columns a block, as many row blocks as the rows of an even share of the
+// The wgmma kernel: 64 WG columns a block, as many row blocks as the rows of an even share of the
 // slots need (single weights: all; a block loops over any more of its slot's).
-template <int N>
+template <int N, int WG>
 cudaError_t launch_wg8(cudaStream_t stream, const Int8Problem& p) {
   LaunchLimits lim;
-  const cudaError_t err = launch_limits<wg8_kernel<N>>(128, lim);
+  const cudaError_t err = launch_limits<wg8_kernel<N, WG>>(128 * WG, lim);
   if (err != cudaSuccess) return err;
   if (lim.major != 9) return cudaErrorNotSupported;  // wgmma: built for sm_90a only
   const int row_blocks = std::max(1, (p.t + p.num_slots * N - 1) / (p.num_slots * N));
-  const dim3 grid((p.n + 63) / 64, row_blocks, p.num_slots);
-  wg8_kernel<N><<<grid, 128, kWg8Stages * wg8_stage_bytes<N>() + 1024, stream>>>(p);  // + alignment
+  const dim3 grid((p.n + 64 * WG - 1) / (64 * WG), row_blocks, p.num_slots);
+  wg8_kernel<N, WG><<<grid, 128 * WG, kWg8Stages * wg8_stage_bytes<N, WG>() + 1024, stream>>>(p);  // + alignment
   return cudaGetLastError();
 }
 
@@ -424,8 +428,11 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
                       centroids.element_type() == ffi::DataType::BF16, out->element_type() == ffi::DataType::BF16};
   cudaError_t err;
   switch (wgmma ? 100000 + warps * 100 + mt : warps * 10 + mt) {
-    case 100404: err = launch_wg8<32>(stream, p); break;
-    case 100408: err = launch_wg8<64>(stream, p); break;
+    case 100404: err = launch_wg8<32, 1>(stream, p); break;
+    case 100408: err = launch_wg8<64, 1>(stream, p); break;
+    case 100804: err = launch_wg8<32, 2>(stream, p); break;
+    case 100808: err = launch_wg8<64, 2>(stream, p); break;
+    case 101608: err = launch_wg8<64, 4>(stream, p); break;
     case 41: err = launch_int8<4, 1>(stream, p, persistent); break;
     case 42: err = launch_int8<4, 2>(stream, p, persistent); break;
     case 81: err = launch_int8<8, 1>(stream, p, persistent); break;

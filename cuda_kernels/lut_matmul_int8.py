@@ -36,9 +36,9 @@ MAX_D_IN = 133143  # |dot| <= d_in * 127 * 127 stays within int32
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 # The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl): the
-# mma.sync kernel's, and the Hopper wgmma kernel's (4 warps, 8 mt rows of x a block).
+# mma.sync kernel's, and the Hopper wgmma kernel's (warps / 4 warpgroups, 8 mt rows of x a block).
 KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
-WGMMA_KERNELS = frozenset({(4, 4), (4, 8)})
+WGMMA_KERNELS = frozenset({(4, 4), (4, 8), (8, 4), (8, 8), (16, 8)})
 
 # Rows a weight or expert slot the mma.sync kernel serves: those of one pass over the codes (more
 # stream the codes again per pass); on Hopper the wgmma kernel takes more.

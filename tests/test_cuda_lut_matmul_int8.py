@@ -94,14 +94,14 @@ needs_hopper = pytest.mark.skipif(not (ck8.available() and ck8.cuda.is_hopper())
 @needs_hopper
 @pytest.mark.parametrize("m", [1, 17, 64, 65, 130])
 @pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("mt", [4, 8])
-def test_wgmma_kernel_matches_reference(m, k, n, mt):
+@pytest.mark.parametrize("warps,mt", sorted(ck8.WGMMA_KERNELS))
+def test_wgmma_kernel_matches_reference(m, k, n, warps, mt):
   """The Hopper prefill kernel: row blocks of 32 or 64 (the last partial), K tails of 32-96
-  inputs (x padded to whole 128-input stages), column blocks of 64 past n."""
+  inputs (x padded to whole 128-input stages), column blocks of 64-256 past n."""
   rng = np.random.default_rng(m * 100 + k + n + mt)
   w = random_codebook_weight(rng, (), n, k, 4, k)
   x = jnp.asarray(rng.normal(size=(m, k)) * np.linspace(0.1, 10, m)[:, None], jnp.bfloat16)
-  got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=ck8.Int8Tuning(warps=4, mt=mt, wgmma=True))
+  got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=ck8.Int8Tuning(warps=warps, mt=mt, wgmma=True))
   _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
 
 
@@ -218,9 +218,9 @@ def test_python_mirrors_the_cu_file():
   cases = [tuple(map(int, c)) for c in re.findall(r"case (\d+): err = launch_int8<(\d+), (\d+)>", source)]
   assert all(key == 10 * warps + mt for key, warps, mt in cases)  # the switch's key is warps * 10 + mt
   assert {(warps, mt) for _, warps, mt in cases} == ck8.KERNELS
-  wg = [tuple(map(int, c)) for c in re.findall(r"case (\d+): err = launch_wg8<(\d+)>", source)]
-  assert {(key // 100 % 100, key % 100) for key, _ in wg} == ck8.WGMMA_KERNELS  # 100000 + warps * 100 + mt
-  assert all(rows == 8 * (key % 100) and key // 100 % 100 == 4 for key, rows in wg)  # 4 warps, 8 mt rows
+  wg = [tuple(map(int, c)) for c in re.findall(r"case (\d+): err = launch_wg8<(\d+), (\d+)>", source)]
+  assert {(key // 100 % 100, key % 100) for key, _, _ in wg} == ck8.WGMMA_KERNELS  # 100000 + warps * 100 + mt
+  assert all(rows == 8 * (key % 100) and key // 100 % 100 == 4 * wg for key, rows, wg in wg)  # 8 mt rows, 4 warps a group
   assert int(re.search(r"kWg8Inputs = (\d+)", source).group(1)) == ck8._WG_STAGE
   assert int(re.search(r"constexpr int64_t kMaxK8 = (\d+);", source).group(1)) == ck8.MAX_D_IN
   assert ck8.MAX_D_IN * 127 * 127 <= 2**31 - 1  # int8 values in [-127, 127]: the int32 dot cannot overflow
