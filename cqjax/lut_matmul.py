@@ -11,8 +11,8 @@ only; gradients (ACCF fine-tunes centroids through these products) come from the
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
 `CQJAX_KERNELS=int8` takes the opt-in int8 numerics (`lut_matmul_int8_reference`): the CPU
 kernel's int8 path, and on GPUs the int8 CUDA kernel (cuda_kernels/lut_matmul_int8.py) for up
-to its `MAX_ROWS` (16) rows a weight or expert slot (the decode batches it was measured at), the
-default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it
+to its `MAX_ROWS` (16) rows a weight or expert slot (the decode batches it was measured at) and,
+on Hopper, for any rows (its wgmma kernel), the default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it
 applies and `pallas` never.
 The variable is read when a function is traced: set it before the first call, or call
 `jax.clear_caches()` after changing it.
@@ -112,8 +112,8 @@ def grouped_lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids
 @dataclasses.dataclass(frozen=True)
 class _CudaFirst:
   """The CUDA kernel where it applies (everywhere=False: only where `serves` says it is faster),
-  else the Pallas kernels (same signatures); int8=True: the int8 CUDA kernel first, for decode
-  batches it takes."""
+  else the Pallas kernels (same signatures); int8=True: the int8 CUDA kernel first, for the rows
+  it serves (cuda_kernels/lut_matmul_int8.serves)."""
 
   everywhere: bool = False
   int8: bool = False
@@ -125,7 +125,7 @@ class _CudaFirst:
     rows = cuda.rows_per_slot(x.shape[0], packed.shape[0]) if grouped else x.shape[0]
     if self.int8:
       from cuda_kernels import lut_matmul_int8 as cuda8  # pylint: disable=g-import-not-at-top
-      if rows <= cuda8.MAX_ROWS and cuda8.available() and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
+      if cuda8.available() and cuda8.serves(rows) and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
         return cuda8.Int8Kernels
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
       return pallas

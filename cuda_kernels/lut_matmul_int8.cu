@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
   }
 }
 
-// Prefill on Hopper (sm_90a): a block of WG warpgroups owns 64 WG output columns (16 a warp) and
+// Prefill on Hopper (sm_90a): a block of WG (1 or 2) warpgroups owns 64 WG output columns (16 a warp) and
 // N = 32 or 64 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's decoded int8
 // weights are the A operand, in registers, decoded once for the N rows; x the B operand, read by
 // the tensor cores from shared memory, one copy for the block's warpgroups (every column block
@@ -430,9 +430,7 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
   switch (wgmma ? 100000 + warps * 100 + mt : warps * 10 + mt) {
     case 100404: err = launch_wg8<32, 1>(stream, p); break;
     case 100408: err = launch_wg8<64, 1>(stream, p); break;
-    case 100804: err = launch_wg8<32, 2>(stream, p); break;
     case 100808: err = launch_wg8<64, 2>(stream, p); break;
-    case 101608: err = launch_wg8<64, 4>(stream, p); break;
     case 41: err = launch_int8<4, 1>(stream, p, persistent); break;
     case 42: err = launch_int8<4, 2>(stream, p, persistent); break;
     case 81: err = launch_int8<8, 1>(stream, p, persistent); break;

@@ -38,10 +38,11 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl): the
 # mma.sync kernel's, and the Hopper wgmma kernel's (warps / 4 warpgroups, 8 mt rows of x a block).
 KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
-WGMMA_KERNELS = frozenset({(4, 4), (4, 8), (8, 4), (8, 8), (16, 8)})
+WGMMA_KERNELS = frozenset({(4, 4), (4, 8), (8, 8)})
 
-# Rows a weight or expert slot the mma.sync kernel serves: those of one pass over the codes (more
-# stream the codes again per pass); on Hopper the wgmma kernel takes more.
+# Rows a weight or expert slot the mma.sync kernel serves off Hopper (CQJAX_KERNELS=int8): those of
+# one pass over the codes (more stream the codes again per pass); on Hopper the wgmma kernel takes
+# more (`serves`).
 MAX_ROWS = 8 * max(mt for _, mt in KERNELS)
 
 # Inputs of one stage of the wgmma kernel (kWg8Inputs): x is padded to whole stages and permuted
@@ -51,6 +52,10 @@ _WG_STAGE = 128
 # d_in from which a single weight's 16 warps each get at least 4 of the kernel's 128-input chunks
 # (kChunk8) a column tile: 8192.
 _SIXTEEN_WARPS_D_IN = 16 * 4 * 128
+
+# Blocks of the wgmma kernel that fill the GPU well enough, a share of its SMs: below, a candidate
+# with more, smaller blocks won (H200, 132 SMs: 119).
+_WGMMA_FILL = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +83,48 @@ TUNINGS = (tuple(Int8Tuning(warps, mt, persistent) for warps, mt in sorted(KERNE
            + tuple(Int8Tuning(warps, mt, wgmma=True) for warps, mt in sorted(WGMMA_KERNELS)))
 
 
-def default_tuning(rows: int, d_in: int, grouped: bool = False) -> Int8Tuning:
-  """One pass over the codes for up to 16 rows a slot. A single weight: a persistent grid (its at
-  most ~900 column tiles) of 8 warps a block; for up to 8 rows and d_in >= 8192 (4+ chunks a warp)
-  16 warps, two blocks an SM (14336x4096's 256 column tiles left a third of the GPU's 8-warp block
-  slots idle; ncu: 17.7 -> 15.0 us). Grouped experts: 4 warps a block, one block a tile (slots x
-  tiles blocks are plenty, a persistent grid balanced uneven slots badly, and 8 warps left some
-  idle on d_in = 768). Measured on an H200, BENCHMARKS.md sessions 30 and 32."""
-  if rows > MAX_ROWS and cuda.is_hopper():
-    return Int8Tuning(warps=4, mt=8, wgmma=True)
+def _sm_count() -> int:
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)  # 132: H100 / H200 SXM
+
+
+def _wgmma_tuning(rows: int, d_out: int, grouped: bool, sms: int) -> Int8Tuning | None:
+  """The wgmma kernel for `rows` rows a slot, or None where the mma.sync kernel measured faster.
+  Grouped experts (slots give blocks enough): one warpgroup a block, 32-row blocks up to 32 rows,
+  else 64. A single weight: the first of (2 warpgroups, 64 rows), (1, 64), (1, 32) whose blocks
+  fill the GPU (64-row blocks only past 32 rows: half-empty blocks cost their tensor work; 2
+  warpgroups share one copy of x, which every column block reads from L2); none: up to 32 rows
+  the mma.sync kernel in two passes, else the most blocks. H200, BENCHMARKS.md session 33."""
+  if grouped:
+    return Int8Tuning(warps=4, mt=4 if rows <= 32 else 8, wgmma=True)
+  for warps, mt in ((8, 8), (4, 8), (4, 4)):
+    if mt == 8 and rows <= 32:
+      continue
+    if -(-d_out // (16 * warps)) * -(-rows // (8 * mt)) >= _WGMMA_FILL * sms:
+      return Int8Tuning(warps=warps, mt=mt, wgmma=True)
+  return None if rows <= 32 else Int8Tuning(warps=4, mt=4, wgmma=True)
+
+
+def serves(rows: int, hopper: bool | None = None) -> bool:
+  """Whether CQJAX_KERNELS=int8 takes this kernel for `rows` rows a weight or expert slot: up to
+  MAX_ROWS, and on Hopper (hopper None: the default GPU's) any number (the wgmma kernel, ahead of
+  the bf16 kernels' layout 8 at every prefill shape measured, BENCHMARKS.md session 33)."""
+  return rows <= MAX_ROWS or (cuda.is_hopper() if hopper is None else hopper)
+
+
+def default_tuning(rows: int, d_in: int, d_out: int, grouped: bool = False, hopper: bool | None = None,
+                   sms: int | None = None) -> Int8Tuning:
+  """The mma.sync kernel, one pass over the codes, for up to 16 rows a slot. A single weight: a
+  persistent grid (its at most ~900 column tiles) of 8 warps a block; for up to 8 rows and d_in >=
+  8192 (4+ chunks a warp) 16 warps, two blocks an SM (14336x4096's 256 column tiles left a third of
+  the GPU's 8-warp block slots idle; ncu: 17.7 -> 15.0 us). Grouped experts: 4 warps a block, one
+  block a tile (slots x tiles blocks are plenty, a persistent grid balanced uneven slots badly, and
+  8 warps left some idle on d_in = 768). Measured on an H200, BENCHMARKS.md sessions 30 and 32.
+  On Hopper (hopper None: the default GPU's; sms: its SMs) the wgmma kernel past 16 rows a single
+  weight or 8 an expert slot (_wgmma_tuning)."""
+  if rows > (8 if grouped else MAX_ROWS) and (cuda.is_hopper() if hopper is None else hopper):
+    tuning = _wgmma_tuning(rows, d_out, grouped, sms or _sm_count())
+    if tuning is not None:
+      return tuning
   mt = 1 if rows <= 8 else 2
   if grouped:
     return Int8Tuning(warps=4, mt=mt, persistent=False)
@@ -151,7 +189,7 @@ def lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits:
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = jnp.asarray([[0], [0], [m]], jnp.int32)
-  return _call(x, packed[None], centroids[None], slots, tuning or default_tuning(m, x.shape[1]))
+  return _call(x, packed[None], centroids[None], slots, tuning or default_tuning(m, x.shape[1], n))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "tuning"))
@@ -164,7 +202,7 @@ def grouped_lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Arra
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
-  tuning = tuning or default_tuning(cuda.rows_per_slot(t, e), x.shape[1], grouped=True)
+  tuning = tuning or default_tuning(cuda.rows_per_slot(t, e), x.shape[1], n, grouped=True)
   return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
 
 

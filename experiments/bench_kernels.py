@@ -189,7 +189,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
     if "int8" in kernels:
       w0 = weights[0]
       got = ck8.lut_matmul_int8(x, w0.packed, w0.centroids, BITS)
-      res = _time_tunings(ck8.lut_matmul_int8, x, weights, _int8_candidates(m, k, int8_sweep), sets, 5 if int8_sweep else 7)
+      res = _time_tunings(ck8.lut_matmul_int8, x, weights, _int8_candidates(m, k, n, int8_sweep), sets, 5 if int8_sweep else 7)
       t_i, (ibest, ibest_t) = res[0][0], min(res, key=lambda r: r[0])
       row.update(int8_us=t_i, int8_err_own=_rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS)),
                  int8_err_float=_rel_err(got, ref), int8_tuning=dataclasses.asdict(res[0][1]), int8_best_us=ibest,
@@ -227,9 +227,9 @@ def _routing(key, batch, experts, top_k):
   return jnp.bincount(ids, length=experts).astype(jnp.int32)
 
 
-def _int8_candidates(rows, d_in, sweep, grouped=False):
+def _int8_candidates(rows, d_in, d_out, sweep, grouped=False):
   """The default int8 tuning at this many rows a slot, then those of `sweep` (Int8Tunings)."""
-  return list(dict.fromkeys([ck8.default_tuning(rows, d_in, grouped), *sweep]))
+  return list(dict.fromkeys([ck8.default_tuning(rows, d_in, d_out, grouped), *sweep]))
 
 
 def _int8_tunings(spec: str) -> tuple:
@@ -272,7 +272,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
             f"({t_ragged / t_c:5.2f}x, {row['cuda_pct_copy']:3.0f}% of copy for active experts) err {cerr:.1e}",
             flush=True)
     if "int8" in kernels:
-      cands = _int8_candidates(ck.rows_per_slot(x.shape[0], experts), k, int8_sweep, grouped=True)  # first: its own pick
+      cands = _int8_candidates(ck.rows_per_slot(x.shape[0], experts), k, n, int8_sweep, grouped=True)  # first: its own pick
       res = _time_tunings(ck8.grouped_lut_matmul_int8, x, weights, cands, sets, 7, gs)
       t_i = res[0][0]
       if int8_sweep:

@@ -20,9 +20,9 @@ from cuda_kernels import lut_matmul as ck
 from cuda_kernels import lut_matmul_int8 as ck8
 
 
-def parse_int8_tuning(spec: str, m: int, k: int) -> ck8.Int8Tuning:
+def parse_int8_tuning(spec: str, m: int, k: int, n: int) -> ck8.Int8Tuning:
   if spec == "default":
-    return ck8.default_tuning(m, k)
+    return ck8.default_tuning(m, k, n)
   try:
     warps, mt, *persistent = (int(v) for v in spec.split("/"))
   except ValueError:
@@ -59,7 +59,7 @@ def main():
   for m in (int(v) for v in args.ms.split(",")):
     x = jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.bfloat16)
     for spec in args.tunings.split(","):
-      t = parse_int8_tuning(spec, m, k) if args.int8 else parse_tuning(spec, m, k, n)
+      t = parse_int8_tuning(spec, m, k, n) if args.int8 else parse_tuning(spec, m, k, n)
       print(f"launch: {k}x{n} M={m} {t}", flush=True)
       jax.block_until_ready(run(x, w.packed, w.centroids, 4, tuning=t))
 

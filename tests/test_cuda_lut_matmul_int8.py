@@ -53,7 +53,7 @@ def test_long_rows_take_sixteen_warps(m):
   rng = np.random.default_rng(m)
   w = random_codebook_weight(rng, (), 37, 8224, 4, 8224)  # 64 chunks and a 32-input tail
   x = jnp.asarray(rng.normal(size=(m, 8224)), jnp.bfloat16)
-  assert ck8.default_tuning(m, 8224).warps == (16 if m <= 8 else 8)
+  assert ck8.default_tuning(m, 8224, 37).warps == (16 if m <= 8 else 8)
   _same(ck8.lut_matmul_int8(x, w.packed, w.centroids, 4), lut_matmul_int8_reference(x, w.packed, w.centroids, 4),
         jnp.bfloat16)
 
@@ -151,7 +151,7 @@ def test_grouped_matches_reference(sizes):
 @needs_gpu
 def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
   """CQJAX_KERNELS=int8 on a GPU: the int8 numerics up to MAX_ROWS rows a weight (single and
-  grouped), the default bf16 kernels above."""
+  grouped), above them on Hopper (the wgmma kernel), the default bf16 kernels above elsewhere."""
   import jax
   from cqjax import lut_matmul as dispatch
   monkeypatch.setenv("CQJAX_KERNELS", "int8")
@@ -168,9 +168,12 @@ def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
         jnp.bfloat16)
   big = jnp.asarray(rng.normal(size=(ck8.MAX_ROWS + 1, 256)), jnp.bfloat16)
   int8_mode = dispatch.lut_matmul(big, w)
+  if ck8.serves(big.shape[0]):  # Hopper: the wgmma kernel
+    _same(int8_mode, lut_matmul_int8_reference(big, w.packed, w.centroids, 4), jnp.bfloat16)
   monkeypatch.setenv("CQJAX_KERNELS", "auto")
   jax.clear_caches()
-  np.testing.assert_array_equal(np.asarray(int8_mode, np.float32), np.asarray(dispatch.lut_matmul(big, w), np.float32))
+  if not ck8.serves(big.shape[0]):
+    np.testing.assert_array_equal(np.asarray(int8_mode, np.float32), np.asarray(dispatch.lut_matmul(big, w), np.float32))
   jax.clear_caches()
 
 
@@ -198,13 +201,35 @@ def test_supports_and_tunings():
   assert ck8.supports(4, 4096, 1) and ck8.supports(4, 32, 1)
   assert not ck8.supports(4, 4096, 2) and not ck8.supports(3, 4096, 1) and not ck8.supports(4, 4080, 1)
   assert not ck8.supports(4, ck8.MAX_D_IN + 1, 1)
-  assert ck8.default_tuning(1, 4096).mt == 1 and ck8.default_tuning(9, 4096).mt == 2
-  assert ck8.default_tuning(1, 4096).warps == 8 and ck8.default_tuning(1, 14336).warps == 16
-  for rows in (1, 8, 9, ck8.MAX_ROWS):  # the defaults name built kernels (else Int8Tuning raises)
-    for d_in in (768, 4096, 14336):
+  assert ck8.default_tuning(1, 4096, 14336).mt == 1 and ck8.default_tuning(9, 4096, 14336).mt == 2
+  assert ck8.default_tuning(1, 4096, 14336).warps == 8 and ck8.default_tuning(1, 14336, 4096).warps == 16
+  for rows in (1, 8, 9, ck8.MAX_ROWS, 17, 33, 64, 65, 128, 256, 1000):  # the defaults name built kernels
+    for d_in, d_out in ((768, 2048), (4096, 14336), (14336, 4096)):
       for grouped in (False, True):
-        t = ck8.default_tuning(rows, d_in, grouped)
-        assert (t.warps, t.mt) in ck8.KERNELS
+        for hopper in (False, True):
+          t = ck8.default_tuning(rows, d_in, d_out, grouped, hopper=hopper, sms=132)
+          assert (t.warps, t.mt) in (ck8.WGMMA_KERNELS if t.wgmma else ck8.KERNELS)
+          assert t.wgmma == (hopper and rows > (8 if grouped else 16) and (grouped or rows > 32 or d_out > 4096))
+  assert ck8.serves(ck8.MAX_ROWS, hopper=False) and not ck8.serves(ck8.MAX_ROWS + 1, hopper=False)
+  assert ck8.serves(4096, hopper=True)
+
+
+@pytest.mark.parametrize("rows,d_in,d_out,grouped,picked", [
+    (32, 4096, 14336, False, (4, 4)),    # 224 blocks of 32 rows (64-row blocks would be half empty)
+    (64, 4096, 14336, False, (4, 8)),    # 2 warpgroups: 112 blocks, too few
+    (128, 4096, 14336, False, (8, 8)),   # 224 blocks of 2 warpgroups
+    (64, 14336, 4096, False, (4, 4)),    # 64-row blocks: 64 of them; 32-row: 128
+    (128, 14336, 4096, False, (4, 8)),
+    (256, 14336, 4096, False, (8, 8)),
+    (32, 14336, 4096, False, None),      # 64 blocks at most: the mma.sync kernel in two passes
+    (16, 4096, 14336, True, (4, 4)),     # grouped: Mixtral top-2 at batch 64
+    (64, 4096, 14336, True, (4, 8)),     # batch 256
+    (4, 4096, 14336, True, None),        # batch 16: the mma.sync kernel
+])
+def test_wgmma_defaults_follow_the_measured_choices(rows, d_in, d_out, grouped, picked):
+  """The H200 sweep of session 33 (BENCHMARKS.md): which wgmma block shape, or none, won."""
+  t = ck8.default_tuning(rows, d_in, d_out, grouped, hopper=True, sms=132)
+  assert ((t.warps, t.mt) if t.wgmma else None) == picked
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
     ck8.Int8Tuning(warps=3)
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
