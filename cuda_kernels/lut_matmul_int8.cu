@@ -26,7 +26,8 @@
 // order is free as long as A and B agree: lane t takes inputs [32 t, 32 t + 32) of each chunk
 // (16 consecutive code bytes of each of its rows, one 16-byte load), 8 a k32 step, so the 32
 // activations of each of its rows of x are consecutive too. Codes are loaded kDepth8 chunks
-// ahead. The warps' int32 sums meet in shared memory (exact, so in any order).
+// ahead. The warps' int32 sums meet in shared memory (exact, so in any order). Prefill rows on
+// Hopper take a second kernel, wg8_kernel (below): the same decode into wgmma's A operand.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -252,18 +253,18 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
   }
 }
 
-// Prefill on Hopper (sm_90a): a block of WG (1 or 2) warpgroups owns 64 WG output columns (16 a warp) and
-// N = 32 or 64 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's decoded int8
-// weights are the A operand, in registers, decoded once for the N rows; x the B operand, read by
-// the tensor cores from shared memory, one copy for the block's warpgroups (every column block
-// reads all of x: more warpgroups a block, fewer bytes of x from L2 a code byte). Stages of 128
-// inputs (x's N rows of 128 bytes in the 128-byte swizzle, then the block's 64 WG rows of 64
-// code bytes) are copied with cp.async kWg8Ahead stages
-// ahead of the one multiplied. x comes permuted within each 128 inputs (cuda_kernels/
-// lut_matmul_int8.py: wg_order) so that lane t's A operands of all four k32 steps are the codes
-// of inputs [32 t, 32 t + 32) of the stage, one 16-byte word of each of its two rows, decoded as
-// the decode kernel does; x is zero-padded to whole stages, so a K tail needs no care (its codes,
-// zero-filled, meet zeros). The sums are exact: no split of K, no order to keep.
+// Prefill on Hopper (sm_90a): a block of WG (1 or 2) warpgroups owns 64 WG output columns (16 a
+// warp) and N = 32 or 64 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's
+// decoded int8 weights are the A operand, in registers, decoded once for the N rows; x the B
+// operand, read by the tensor cores from shared memory, one copy for the block's warpgroups (every
+// column block reads all of x: more warpgroups a block, fewer bytes of x from L2 a code byte).
+// Stages of 128 inputs (x's N rows of 128 bytes in the 128-byte swizzle, then the block's 64 WG
+// rows of 64 code bytes) are copied with cp.async kWg8Ahead stages ahead of the one multiplied.
+// x comes permuted within each 128 inputs (cuda_kernels/lut_matmul_int8.py: wg_order) so that
+// lane t's A operands of all four k32 steps are the codes of inputs [32 t, 32 t + 32) of the
+// stage, one 16-byte word of each of its two rows, decoded as the decode kernel does; x is
+// zero-padded to whole stages, so a K tail needs no care (its codes, zero-filled, meet zeros).
+// The sums are exact: no split of K, no order to keep.
 constexpr int kWg8Inputs = 128, kWg8Stages = 6;
 
 template <int N, int WG>
