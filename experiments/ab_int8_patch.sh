@@ -3,13 +3,14 @@
 # applied (GPU image, from the repository root):
 #   bash experiments/ab_int8_patch.sh PATCH OUT_DIR [ROUNDS]
 # Builds both (the patched one with ptxas -v: registers, spills), runs the patched kernel's compiled
-# tests, writes both SASS of int8_kernel<8, 1>, profiles both at M = 1 on one weight (AB_SHAPE) under
+# tests, writes both SASS of int8_kernel<8, 1>, profiles both at AB_M rows on one weight (AB_SHAPE) under
 # ncu (time, DRAM, instructions executed, stall reasons per issued instruction),
 # then times both at the decode shapes, each against XLA in its own run, ROUNDS times alternately
 # (default 1; the small Qwen3 shapes vary by 2x between runs of one build). ncu also writes the
 # source page: samples of each stall reason per SASS instruction (where in the loop warps wait;
 # experiments/ncu_source_summary.py prints the largest).
-# Env: AB_SHAPE (ncu's weight, default 4096x14336), AB_TUNING (its warps/mt/persistent; default:
+# Env: AB_SHAPE (ncu's weight, default 4096x14336), AB_M (its rows, default 1), AB_TUNING (its
+# warps/mt/persistent, or warps/mtw for the wgmma kernel; default:
 # each tree's own default tuning), AB_BENCH_FLAGS (added to bench_kernels, later flags winning:
 # --int8_sweep, --grouped= ...). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
 # returns only a few files) and the summary on stdout.
@@ -32,10 +33,10 @@ declare -A tree=([base]=$PWD [patched]=/tmp/ab_patched)
 for name in base patched; do
   cuobjdump --dump-sass "${tree[$name]}/cuda_kernels/_lut_matmul_cuda.so" \
     | awk '/Function :/{f = index($0, "int8_kernelILi8ELi1E") > 0} f' > "$out/sass81_$name.txt"
-  (cd "${tree[$name]}" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k regex:int8_kernel \
+  (cd "${tree[$name]}" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k 'regex:(int8|wg8)_kernel' \
     --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed" \
     --section SourceCounters -f -o "$out/ncu_$name" \
-    python3 -m experiments.profile_cuda_lut --int8 --shape="${AB_SHAPE:-4096x14336}" --ms=1 --tunings="${AB_TUNING:-default}" > "$out/ncu_run_$name.txt" 2>&1)
+    python3 -m experiments.profile_cuda_lut --int8 --shape="${AB_SHAPE:-4096x14336}" --ms="${AB_M:-1}" --tunings="${AB_TUNING:-default}" > "$out/ncu_run_$name.txt" 2>&1)
   ncu -i "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_$name.txt" 2>&1
   ncu -i "$out/ncu_$name.ncu-rep" --page source --print-source sass --csv > "$out/ncu_source_$name.csv" 2>&1
   grep -E "smsp__|gpu__time|dram__" "$out/ncu_$name.txt" | tr -s ' ' | sed "s/^/$name /"

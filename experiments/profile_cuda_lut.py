@@ -23,11 +23,13 @@ from cuda_kernels import lut_matmul_int8 as ck8
 def parse_int8_tuning(spec: str, m: int, k: int, n: int) -> ck8.Int8Tuning:
   if spec == "default":
     return ck8.default_tuning(m, k, n)
+  wgmma = spec.endswith("w")
   try:
-    warps, mt, *persistent = (int(v) for v in spec.split("/"))
+    warps, mt, *persistent = (int(v) for v in spec.removesuffix("w").split("/"))
   except ValueError:
-    raise SystemExit(f"profile_cuda_lut: int8 tuning {spec!r} is not warps/mt[/persistent 0 or 1]") from None
-  return ck8.Int8Tuning(warps=warps, mt=mt, persistent=bool(persistent and persistent[0]))
+    raise SystemExit(f"profile_cuda_lut: int8 tuning {spec!r} is not warps/mt[/persistent 0 or 1] or warps/mtw "
+                     "(the wgmma kernel)") from None
+  return ck8.Int8Tuning(warps=warps, mt=mt, persistent=bool(persistent and persistent[0]), wgmma=wgmma)
 
 
 def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
@@ -46,7 +48,7 @@ def main():
   ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
-  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[/persistent]")
+  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[/persistent], or warps/mtw for its wgmma kernel")
   args = ap.parse_args()
   if not (ck8.available() if args.int8 else ck.available()):
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "
