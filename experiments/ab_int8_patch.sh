@@ -12,7 +12,8 @@
 # Env: AB_SHAPE (ncu's weight, default 4096x14336), AB_M (its rows, default 1), AB_TUNING (its
 # warps/mt/persistent, or warps/mtw for the wgmma kernel; default:
 # each tree's own default tuning), AB_BENCH_FLAGS (added to bench_kernels, later flags winning:
-# --int8_sweep, --grouped= ...). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
+# --int8_sweep, --grouped= ...), AB_PATCHED_FLAGS (added to the patched tree's bench only: tunings
+# only it has, e.g. --int8_tunings=4/8w2). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
 # returns only a few files) and the summary on stdout.
 set -u
 patch_file=$(realpath "$1") dest=$(realpath "$2") rounds=${3:-1}
@@ -45,7 +46,8 @@ done
 for round in $(seq "$rounds"); do
   for name in base patched; do
     (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 200 python3 -m experiments.bench_kernels --kernels=int8 --single=4096x14336,14336x4096 \
-      --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 ${AB_BENCH_FLAGS:-} --out="$out/bench_$name$round.json" \
+      --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048 --batches=1,16 ${AB_BENCH_FLAGS:-} \
+      $([ $name = patched ] && echo "${AB_PATCHED_FLAGS:-}") --out="$out/bench_$name$round.json" \
       > "$out/bench_$name$round.log" 2>&1)
     grep -E "int8" "$out/bench_$name$round.log" | cut -c1-110 | sed "s/^/$name$round /"
   done
