@@ -63,7 +63,8 @@ class Int8Tuning:
   """warps: warps a block, splitting K by 128-input chunks (a block owns 16 output columns);
   mt: 8-row tiles of x a pass over the codes (each code decoded once a pass); persistent: as many
   blocks as are resident at once, each looping over column tiles with its code loads running on
-  across them (else one block a tile)."""
+  across them (else one block a tile); wgmma: the Hopper prefill kernel instead, warps / 4
+  warpgroups of 64 columns and 8 mt rows of x a block (WGMMA_KERNELS; never persistent)."""
 
   warps: int = 8
   mt: int = 1
