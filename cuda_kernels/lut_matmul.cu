@@ -762,13 +762,10 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
     }
     wgmma_wait<0>();
     cp_async_wait<0>();
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = rb + 8 * j + 2 * t4 + (i & 1), col = n0 + 16 * warp + g + 8 * (i >> 1);
-        if (r < rows && col < p.n) store_sum(p, split, static_cast<size_t>(row0 + r) * p.n + col, acc[4 * j + i]);
-      }
+    for_each_d<N>(warp, lane, [&](int i, int c, int x_row) {
+      const int r = rb + x_row, col = n0 + c;
+      if (r < rows && col < p.n) store_sum(p, split, static_cast<size_t>(row0 + r) * p.n + col, acc[i]);
+    });
   }
   finish_column_block(p, slot, row0, rows, n0, kCols);
 #endif

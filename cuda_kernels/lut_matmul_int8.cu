@@ -357,16 +357,11 @@ __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
     }
     wgmma_wait<0>();
     cp_async_wait<0>();
-    // D fragment: acc[4 j + i] of warp w, lane (g, t) is column n0 + 16 w + g + 8 (i >> 1) of row
-    // rb + 8 j + 2 t + (i & 1).
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = rb + 8 * j + 2 * t4 + (i & 1), c = 16 * warp + g + 8 * (i >> 1);
-        if (r < rows && n0 + c < p.n)
-          store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(acc[4 * j + i])), p.sx[row0 + r]));
-      }
+    for_each_d<N>(warp, lane, [&](int i, int c, int x_row) {
+      const int r = rb + x_row;
+      if (r < rows && n0 + c < p.n)
+        store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(acc[i])), p.sx[row0 + r]));
+    });
   }
 #endif
 }

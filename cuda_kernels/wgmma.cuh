@@ -98,6 +98,18 @@ __device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4],
   else wgmma_n128(d, a, desc);
 }
 
+// Visits a warp's share of a wgmma's D fragment [64 x N] (the layout of every variant here):
+// f(i, row, col) for register i of warp `warp` (of the block's warpgroups) and lane (g, t): row
+// 16 warp + g + 8 ((i % 4) >> 1) of the block's weight rows, column 8 (i / 4) + 2 t + (i & 1) of
+// its N rows of x.
+template <int N, typename F>
+__device__ __forceinline__ void for_each_d(int warp, int lane, F&& f) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f(4 * j + i, 16 * warp + (lane >> 2) + 8 * (i >> 1), 8 * j + 2 * (lane & 3) + (i & 1));
+}
+
 // d [64 x N] += a [64 x 32] (registers, s8: mma.sync m16n8k32's A fragment per warp, rows g and
 // g + 8, k 4 t ... 4 t + 3 and 16 + 4 t ...) . B [32 x N] (descriptor, s8, K-major: 32 bytes of
 // each 128-byte row), exact int32 sums; d has the layout of the bf16 variants' (int32 for float).
