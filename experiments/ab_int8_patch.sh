@@ -13,7 +13,8 @@
 # warps/mt/persistent, or warps/mtw for the wgmma kernel; default:
 # each tree's own default tuning), AB_BENCH_FLAGS (added to bench_kernels, later flags winning:
 # --int8_sweep, --grouped= ...), AB_PATCHED_FLAGS (added to the patched tree's bench only: tunings
-# only it has, e.g. --int8_tunings=4/8w2). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
+# only it has, e.g. --int8_tunings=4/8w2), AB_TESTS (the patched tree's compiled test files, default
+# tests/test_cuda_lut_matmul_int8.py). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
 # returns only a few files) and the summary on stdout.
 set -u
 patch_file=$(realpath "$1") dest=$(realpath "$2") rounds=${3:-1}
@@ -26,7 +27,7 @@ PYTHONPATH=$PWD python3 -m cuda_kernels.build > "$out/build_base.txt" 2>&1 &
 (cd /tmp/ab_patched && PYTHONPATH=$PWD python3 -m cuda_kernels.build --verbose > "$out/build_patched.txt" 2>&1)
 wait
 echo "patched build: $(grep -c C75 "$out/build_patched.txt") C75 warnings, $(ls /tmp/ab_patched/cuda_kernels/*.so)"
-(cd /tmp/ab_patched && PYTHONPATH=$PWD timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_lut_matmul_int8.py \
+(cd /tmp/ab_patched && PYTHONPATH=$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider ${AB_TESTS:-tests/test_cuda_lut_matmul_int8.py} \
   > "$out/tests_patched.txt" 2>&1); grep -E "^FAILED|passed|failed" "$out/tests_patched.txt" | head
 stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard wait \
   math_pipe_throttle barrier not_selected lg_throttle mio_throttle no_instruction dispatch_stall selected branch_resolving)
