@@ -67,6 +67,7 @@ struct Int8Problem {
   void* out;              // float32 or bf16 (out_bf16)
   int t, k, n, num_slots;
   int x_stride;  // x's row length: k, or k padded to whole 128-input stages (wg8_kernel)
+  int splits;    // wg8_kernel: K split this many ways, each split's int32 sums in out [splits, t, n]
   bool cent_bf16, out_bf16;
 };
 
@@ -264,7 +265,9 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
 // lane t's A operands of all four k32 steps are the codes of inputs [32 t, 32 t + 32) of the
 // stage, one 16-byte word of each of its two rows, decoded as the decode kernel does; x is
 // zero-padded to whole stages, so a K tail needs no care (its codes, zero-filled, meet zeros).
-// The sums are exact: no split of K, no order to keep.
+// The sums are exact, so K may be split (p.splits, single weights: blockIdx.y = row block *
+// splits + split) with each split's int32 sums written to out [splits, t, n] for XLA to add and
+// scale: no counters, no order to keep.
 constexpr int kWg8Inputs = 128, kWg8Stages = 6;
 
 template <int N, int WG>
@@ -283,14 +286,15 @@ __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
   uint8_t* const wsm = wsm_ + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(wsm_)) & 1023)) & 1023);  // swizzle tiles
   __shared__ __align__(16) int8_t tab[kCols][16];
   __shared__ float scale[kCols];
-  const int slot = blockIdx.z, n0 = blockIdx.x * kCols;
-  if (slot == 0 && blockIdx.y == 0) zero_rows_past_slots(p, n0, kCols);
+  const int slot = blockIdx.z, n0 = blockIdx.x * kCols, split = blockIdx.y % p.splits, row_block = blockIdx.y / p.splits;
+  if (slot == 0 && blockIdx.y == 0 && p.splits == 1) zero_rows_past_slots(p, n0, kCols);
   const int rows = p.slots[2 * p.num_slots + slot];
-  if (blockIdx.y * N >= rows) return;
+  if (row_block * N >= rows) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const size_t row_bytes = p.k / 2, x_stride = p.x_stride;
-  const int stages = (p.k + kWg8Inputs - 1) / kWg8Inputs;
+  const int stages = (p.k + kWg8Inputs - 1) / kWg8Inputs, per_split = (stages + p.splits - 1) / p.splits;
+  const int s_begin = min(stages, split * per_split), s_end = min(stages, s_begin + per_split);
   round_tables(p, expert, n0, tab, scale);
   __syncthreads();
   const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[16 * warp + g], tab_b = reinterpret_cast<const uint4*>(tab)[16 * warp + g + 8];
@@ -308,8 +312,8 @@ __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
 
   // Passes over the block's row blocks (one unless the grid has fewer row blocks than a slot's
   // rows need: grouped experts' slots are sized on the device).
-  for (int rb = blockIdx.y * N; rb < rows; rb += gridDim.y * N) {
-    if (rb != blockIdx.y * N) __syncthreads();  // every warp is done with the previous pass's buffers
+  for (int rb = row_block * N; rb < rows; rb += gridDim.y / p.splits * N) {
+    if (rb != row_block * N) __syncthreads();  // every warp is done with the previous pass's buffers
     const int8_t* x_src = p.x + static_cast<size_t>(row0 + min(rb + xr, rows - 1)) * x_stride + 16 * xc;
     uint32_t x_valid = 0;  // bit j: copy j's row is one of the slot's
 #pragma unroll
@@ -327,18 +331,18 @@ __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
     };
 #pragma unroll
     for (int i = 0; i < kWg8Ahead; ++i) {
-      if (i < stages) load_stage(i);
+      if (s_begin + i < s_end) load_stage(s_begin + i);
       cp_async_commit();
     }
     int acc[N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) acc[i] = 0;
     uint32_t a[2][4];  // the A registers of two k32 steps: one decoded while the other's wgmma runs
-    for (int s = 0; s < stages; ++s) {
+    for (int s = s_begin; s < s_end; ++s) {
       cp_async_wait<kWg8Ahead - 1>();  // this thread's copies of stage s
       fence_proxy_async();
       __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
-      if (s + kWg8Ahead < stages) load_stage(s + kWg8Ahead);
+      if (s + kWg8Ahead < s_end) load_stage(s + kWg8Ahead);
       cp_async_commit();
       const uint8_t* buf = stage_buffer(s);
       const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
@@ -359,7 +363,10 @@ __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
     cp_async_wait<0>();
     for_each_d<N>(warp, lane, [&](int i, int c, int x_row) {
       const int r = rb + x_row;
-      if (r < rows && n0 + c < p.n)
+      if (r >= rows || n0 + c >= p.n) return;
+      if (p.splits > 1)
+        static_cast<int*>(p.out)[(static_cast<size_t>(split) * p.t + row0 + r) * p.n + n0 + c] = acc[i];
+      else
         store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(acc[i])), p.sx[row0 + r]));
     });
   }
@@ -391,7 +398,7 @@ cudaError_t launch_wg8(cudaStream_t stream, const Int8Problem& p) {
   if (err != cudaSuccess) return err;
   if (lim.major != 9) return cudaErrorNotSupported;  // wgmma: built for sm_90a only
   const int row_blocks = std::max(1, (p.t + p.num_slots * N - 1) / (p.num_slots * N));
-  const dim3 grid((p.n + 64 * WG - 1) / (64 * WG), row_blocks, p.num_slots);
+  const dim3 grid((p.n + 64 * WG - 1) / (64 * WG), row_blocks * p.splits, p.num_slots);
   wg8_kernel<N, WG><<<grid, 128 * WG, kWg8Stages * wg8_stage_bytes<N, WG>() + 1024, stream>>>(p);  // + alignment
   return cudaGetLastError();
 }
@@ -412,16 +419,21 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
   if (k % 32 != 0 || k > kMaxK8 || xd[1] != x_stride || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k a multiple of 32 up to 133143, one 16-entry codebook a row)");
   const auto is_float = [](ffi::DataType d) { return d == ffi::DataType::F32 || d == ffi::DataType::BF16; };
-  if (!is_float(centroids.element_type()) || !is_float(out->element_type()))
-    return invalid("centroids and the output must be float32 or bf16");
+  // An int32 output [splits, t, n]: the wgmma kernel's split-K sums of one weight (no scaling).
+  const bool partial = out->element_type() == ffi::DataType::S32;
+  if (!is_float(centroids.element_type()) || !(is_float(out->element_type()) || partial))
+    return invalid("centroids and the output must be float32 or bf16 (int32 [splits, t, n]: split-K sums)");
   if (sx.element_count() != t) return invalid("the scales of x must be float32 [t]");
   const auto od = out->dimensions();
-  if (od.size() != 2 || od[0] != t || od[1] != n) return invalid("output must be [t, n]");
+  if (partial ? od.size() != 3 || od[0] < 1 || od[1] != t || od[2] != n : od.size() != 2 || od[0] != t || od[1] != n)
+    return invalid("output must be [t, n] (split-K sums: int32 [splits, t, n])");
+  if (partial && (!wgmma || sd[1] != 1)) return invalid("split-K sums come from the wgmma kernel, for one weight");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
   const Int8Problem p{x.typed_data(), sx.typed_data(), packed.typed_data(), centroids.untyped_data(),
                       slots.typed_data(), out->untyped_data(), static_cast<int>(t), static_cast<int>(k),
                       static_cast<int>(n), static_cast<int>(sd[1]), static_cast<int>(x_stride),
-                      centroids.element_type() == ffi::DataType::BF16, out->element_type() == ffi::DataType::BF16};
+                      partial ? static_cast<int>(od[0]) : 1, centroids.element_type() == ffi::DataType::BF16,
+                      out->element_type() == ffi::DataType::BF16};
   cudaError_t err;
   switch (wgmma ? 100000 + warps * 100 + mt : warps * 10 + mt) {
     case 100404: err = launch_wg8<32, 1>(stream, p); break;

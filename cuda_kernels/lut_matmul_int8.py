@@ -57,6 +57,11 @@ _SIXTEEN_WARPS_D_IN = 16 * 4 * 128
 # with more, smaller blocks won (H200, 132 SMs: 119).
 _WGMMA_FILL = 0.9
 
+# A single weight's wgmma blocks, a share of the SMs, short of which K is split (H200: 198; the
+# winners at n = 4096 had 256 blocks, two an SM), and the fewest 128-input stages a split keeps.
+_SPLIT_FILL = 1.5
+_MIN_SPLIT_STAGES = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class Int8Tuning:
@@ -70,39 +75,44 @@ class Int8Tuning:
   mt: int = 1
   persistent: bool = False
   wgmma: bool = False
+  splits: int = 1
 
   def __post_init__(self):
     built = WGMMA_KERNELS if self.wgmma else KERNELS
-    if (self.warps, self.mt) not in built or (self.wgmma and self.persistent):
+    if ((self.warps, self.mt) not in built or (self.wgmma and self.persistent) or self.splits < 1
+        or (self.splits > 1 and not self.wgmma)):
       raise CqjaxError(f"Int8Tuning out of range: {self} (built: (warps, mt) in {sorted(KERNELS)}; "
-                       f"wgmma, not persistent: {sorted(WGMMA_KERNELS)})")
+                       f"wgmma, not persistent, K split 1+ ways: {sorted(WGMMA_KERNELS)})")
 
 
 # Every tuning built: each (warps, mt), one block a tile or persistent, and the wgmma kernels
 # (sweeps and tests).
 TUNINGS = (tuple(Int8Tuning(warps, mt, persistent) for warps, mt in sorted(KERNELS) for persistent in (False, True))
-           + tuple(Int8Tuning(warps, mt, wgmma=True) for warps, mt in sorted(WGMMA_KERNELS)))
+           + tuple(Int8Tuning(warps, mt, wgmma=True, splits=s) for warps, mt in sorted(WGMMA_KERNELS) for s in (1, 2, 4)))
 
 
 def _sm_count() -> int:
   return int(getattr(jax.devices()[0], "core_count", 0) or 132)  # 132: H100 / H200 SXM
 
 
-def _wgmma_tuning(rows: int, d_out: int, grouped: bool, sms: int) -> Int8Tuning | None:
-  """The wgmma kernel for `rows` rows a slot, or None where the mma.sync kernel measured faster.
-  Grouped experts (slots give blocks enough): one warpgroup a block, 32-row blocks up to 32 rows,
-  else 64. A single weight: the first of (2 warpgroups, 64 rows), (1, 64), (1, 32) whose blocks
-  fill the GPU (64-row blocks only past 32 rows: half-empty blocks cost their tensor work; 2
-  warpgroups share one copy of x, which every column block reads from L2); none: up to 32 rows
-  the mma.sync kernel in two passes, else the most blocks. H200, BENCHMARKS.md session 33."""
+def _wgmma_tuning(rows: int, d_in: int, d_out: int, grouped: bool, sms: int) -> Int8Tuning:
+  """The wgmma kernel for `rows` rows a slot. Grouped experts (slots give blocks enough): one
+  warpgroup a block, 32-row blocks up to 32 rows, else 64. A single weight: 64-row blocks past 32
+  rows (fewer blocks decode each code again; half-empty ones cost their tensor work), 2 warpgroups
+  where their blocks still fill the GPU (they share one copy of x, which every column block reads
+  from L2), then K split 2 or 4 ways until the blocks number _SPLIT_FILL of the SMs (a block's
+  time is its stage count; each split keeps _MIN_SPLIT_STAGES stages). H200, BENCHMARKS.md
+  sessions 33 and 34: the best measured of every candidate at all eight Mixtral shapes."""
+  mt = 4 if rows <= 32 else 8
   if grouped:
-    return Int8Tuning(warps=4, mt=4 if rows <= 32 else 8, wgmma=True)
-  for warps, mt in ((8, 8), (4, 8), (4, 4)):
-    if mt == 8 and rows <= 32:
-      continue
-    if -(-d_out // (16 * warps)) * -(-rows // (8 * mt)) >= _WGMMA_FILL * sms:
-      return Int8Tuning(warps=warps, mt=mt, wgmma=True)
-  return None if rows <= 32 else Int8Tuning(warps=4, mt=4, wgmma=True)
+    return Int8Tuning(warps=4, mt=mt, wgmma=True)
+  row_blocks = -(-rows // (8 * mt))
+  warps = 8 if mt == 8 and -(-d_out // 128) * row_blocks >= _WGMMA_FILL * sms else 4
+  blocks, stages = -(-d_out // (16 * warps)) * row_blocks, -(-d_in // _WG_STAGE)
+  splits = 1
+  while splits < 4 and blocks * splits < _SPLIT_FILL * sms and stages >= 2 * splits * _MIN_SPLIT_STAGES:
+    splits *= 2
+  return Int8Tuning(warps=warps, mt=mt, wgmma=True, splits=splits)
 
 
 def serves(rows: int, hopper: bool | None = None) -> bool:
@@ -123,9 +133,7 @@ def default_tuning(rows: int, d_in: int, d_out: int, grouped: bool = False, hopp
   On Hopper (hopper None: the default GPU's; sms: its SMs) the wgmma kernel past 16 rows a single
   weight or 8 an expert slot (_wgmma_tuning)."""
   if rows > (8 if grouped else MAX_ROWS) and (cuda.is_hopper() if hopper is None else hopper):
-    tuning = _wgmma_tuning(rows, d_out, grouped, sms or _sm_count())
-    if tuning is not None:
-      return tuning
+    return _wgmma_tuning(rows, d_in, d_out, grouped, sms or _sm_count())
   mt = 1 if rows <= 8 else 2
   if grouped:
     return Int8Tuning(warps=4, mt=mt, persistent=False)
@@ -160,7 +168,9 @@ def wg_order(xq: jax.Array) -> jax.Array:
 
 
 def _call(x, packed, centroids, slots, tuning: Int8Tuning):
-  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] in x's dtype."""
+  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s] -> [t, n] in x's dtype.
+  With K split (one weight), the kernel's int32 sums of each split are added and scaled here as
+  the kernel would: (sc * dot) * sx."""
   e, n = packed.shape[:2]
   xq, sx = int8_round(x.astype(jnp.float32), -1)
   xq = xq.astype(jnp.int8)
@@ -169,10 +179,16 @@ def _call(x, packed, centroids, slots, tuning: Int8Tuning):
   centroids = centroids.reshape(e, n, 16)
   if centroids.dtype not in _KERNEL_DTYPES:
     centroids = centroids.astype(jnp.float32)
-  out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype if x.dtype in _KERNEL_DTYPES else jnp.float32)
+  if tuning.splits > 1:
+    out = jax.ShapeDtypeStruct((tuning.splits, x.shape[0], n), jnp.int32)
+  else:
+    out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype if x.dtype in _KERNEL_DTYPES else jnp.float32)
   y = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
       xq, sx[:, 0], packed, centroids, slots, warps=np.int64(tuning.warps), mt=np.int64(tuning.mt),
       persistent=bool(tuning.persistent), wgmma=bool(tuning.wgmma))
+  if tuning.splits > 1:
+    sc = int8_round(centroids[0].astype(jnp.float32), -1)[1][:, 0]  # [n]: the kernel's codebook scales
+    y = (sc * y.sum(0).astype(jnp.float32)) * sx
   return y.astype(x.dtype)
 
 
@@ -204,6 +220,8 @@ def grouped_lut_matmul_int8(x: jax.Array, packed: jax.Array, centroids: jax.Arra
     return jnp.zeros((0, n), x.dtype)
   slots = min(t, e)
   tuning = tuning or default_tuning(cuda.rows_per_slot(t, e), x.shape[1], n, grouped=True)
+  if tuning.splits > 1:
+    raise CqjaxError(f"CUDA grouped_lut_matmul_int8: {tuning} splits K, which only single weights do")
   return _call(x, packed, centroids, expert_slots(group_sizes, slots), tuning)
 
 

@@ -233,13 +233,15 @@ def _int8_candidates(rows, d_in, d_out, sweep, grouped=False):
 
 
 def _int8_tunings(spec: str) -> tuple:
-  """'8/2p,4/8w' -> Int8Tunings (warps/mt, p: persistent, w: the wgmma kernel)."""
-  return tuple(ck8.Int8Tuning(int(w), int(mt.rstrip("pw")), mt.endswith("p"), mt.endswith("w"))
-               for w, mt in (v.split("/") for v in spec.split(",") if v))
+  """'8/2p,4/8w,4/8w2' -> Int8Tunings (warps/mt, p: persistent, w: the wgmma kernel, then K splits)."""
+  parsed = [re.fullmatch(r"(\d+)/(\d+)(p?)(w?)(\d*)", v) for v in spec.split(",") if v]
+  if not all(parsed):
+    raise SystemExit(f"bench_kernels: --int8_tunings={spec!r}: each is warps/mt[p][w[splits]]")
+  return tuple(ck8.Int8Tuning(int(p[1]), int(p[2]), bool(p[3]), bool(p[4]), int(p[5] or 1)) for p in parsed)
 
 
 def _tuning_name(t) -> str:
-  return f"{t.warps}/{t.mt}{'p' if t.persistent else ''}{'w' if t.wgmma else ''}"
+  return f"{t.warps}/{t.mt}{'p' if t.persistent else ''}{'w' if t.wgmma else ''}{t.splits if t.splits > 1 else ''}"
 
 
 def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=()):

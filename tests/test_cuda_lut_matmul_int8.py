@@ -106,6 +106,29 @@ def test_wgmma_kernel_matches_reference(m, k, n, warps, mt):
 
 
 @needs_hopper
+@pytest.mark.parametrize("m", [1, 65])
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_wgmma_kernel_split_k_matches_reference(m, k, n, splits):
+  """K split across blocks, each split's exact int32 sums added and scaled in XLA: the same
+  numbers, including splits left without a stage (k = 96: one stage)."""
+  rng = np.random.default_rng(m * 10 + k + n + splits)
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+  got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=ck8.Int8Tuning(warps=4, mt=8, wgmma=True, splits=splits))
+  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
+
+
+@needs_hopper
+def test_grouped_refuses_split_k():
+  rng = np.random.default_rng(3)
+  w = random_codebook_weight(rng, (2,), 16, 64, 4, 64)
+  with pytest.raises(CqjaxError, match="only single weights"):
+    ck8.grouped_lut_matmul_int8(jnp.ones((3, 64), jnp.bfloat16), w.packed, w.centroids, 4, jnp.asarray([1, 2]),
+                                tuning=ck8.Int8Tuning(warps=4, mt=8, wgmma=True, splits=2))
+
+
+@needs_hopper
 @pytest.mark.parametrize("sizes", [[70, 0, 5, 0], [0, 0, 0, 0], [1, 130, 1, 1], [0, 17, 0, 64]])
 def test_wgmma_kernel_grouped(sizes):
   """Grouped experts: slots of uneven rows (a block loops over the row blocks its slot has beyond
@@ -209,31 +232,37 @@ def test_supports_and_tunings():
         for hopper in (False, True):
           t = ck8.default_tuning(rows, d_in, d_out, grouped, hopper=hopper, sms=132)
           assert (t.warps, t.mt) in (ck8.WGMMA_KERNELS if t.wgmma else ck8.KERNELS)
-          assert t.wgmma == (hopper and rows > (8 if grouped else 16) and (grouped or rows > 32 or d_out > 4096))
+          assert t.wgmma == (hopper and rows > (8 if grouped else 16))
+          assert t.splits == 1 or not grouped
   assert ck8.serves(ck8.MAX_ROWS, hopper=False) and not ck8.serves(ck8.MAX_ROWS + 1, hopper=False)
   assert ck8.serves(4096, hopper=True)
 
 
 @pytest.mark.parametrize("rows,d_in,d_out,grouped,picked", [
-    (32, 4096, 14336, False, (4, 4)),    # 224 blocks of 32 rows (64-row blocks would be half empty)
-    (64, 4096, 14336, False, (4, 8)),    # 2 warpgroups: 112 blocks, too few
-    (128, 4096, 14336, False, (8, 8)),   # 224 blocks of 2 warpgroups
-    (64, 14336, 4096, False, (4, 4)),    # 64-row blocks: 64 of them; 32-row: 128
-    (128, 14336, 4096, False, (4, 8)),
-    (256, 14336, 4096, False, (8, 8)),
-    (32, 14336, 4096, False, None),      # 64 blocks at most: the mma.sync kernel in two passes
-    (16, 4096, 14336, True, (4, 4)),     # grouped: Mixtral top-2 at batch 64
-    (64, 4096, 14336, True, (4, 8)),     # batch 256
-    (4, 4096, 14336, True, None),        # batch 16: the mma.sync kernel
+    (32, 4096, 14336, False, (4, 4, 1)),    # 224 blocks of 32 rows (64-row blocks would be half empty)
+    (64, 4096, 14336, False, (4, 8, 1)),    # 2 warpgroups: 112 blocks, too few
+    (128, 4096, 14336, False, (8, 8, 1)),   # 224 blocks of 2 warpgroups
+    (256, 4096, 14336, False, (8, 8, 1)),
+    (32, 14336, 4096, False, (4, 4, 4)),    # 64 column blocks: K split 4 ways, 256 blocks
+    (64, 14336, 4096, False, (4, 8, 4)),    # (32-row blocks, split 2 ways: 35.9 us against 29.4)
+    (128, 14336, 4096, False, (4, 8, 2)),   # 2 row blocks
+    (256, 14336, 4096, False, (8, 8, 2)),   # 2 warpgroups: 128 blocks, split 2 ways
+    (128, 512, 4096, False, (4, 8, 1)),     # 4 stages: too few to split
+    (16, 4096, 14336, True, (4, 4, 1)),     # grouped: Mixtral top-2 at batch 64
+    (64, 4096, 14336, True, (4, 8, 1)),     # batch 256
+    (4, 4096, 14336, True, None),           # batch 16: the mma.sync kernel
 ])
 def test_wgmma_defaults_follow_the_measured_choices(rows, d_in, d_out, grouped, picked):
-  """The H200 sweep of session 33 (BENCHMARKS.md): which wgmma block shape, or none, won."""
+  """The H200 sweeps of sessions 33 and 34 (BENCHMARKS.md): the wgmma block shape and K splits
+  that won, or the mma.sync kernel."""
   t = ck8.default_tuning(rows, d_in, d_out, grouped, hopper=True, sms=132)
-  assert ((t.warps, t.mt) if t.wgmma else None) == picked
+  assert ((t.warps, t.mt, t.splits) if t.wgmma else None) == picked
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
     ck8.Int8Tuning(warps=3)
   with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
     ck8.Int8Tuning(warps=4, mt=8, persistent=True, wgmma=True)
+  with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
+    ck8.Int8Tuning(warps=8, mt=2, splits=2)  # K splits: the wgmma kernel's
 
 
 def test_python_mirrors_the_cu_file():
