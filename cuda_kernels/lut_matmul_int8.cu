@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
 }
 
 // Prefill on Hopper (sm_90a): a block of WG (1 or 2) warpgroups owns 64 WG output columns (16 a
-// warp) and N = 32 or 64 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's
+// warp) and N = 32, 64 or 128 rows of x (blockIdx.y), and multiplies them with wgmma: each warp's
 // decoded int8 weights are the A operand, in registers, decoded once for the N rows; x the B
 // operand, read by the tensor cores from shared memory, one copy for the block's warpgroups (every
 // column block reads all of x: more warpgroups a block, fewer bytes of x from L2 a code byte).
@@ -268,17 +268,24 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
 // The sums are exact, so K may be split (p.splits, single weights: blockIdx.y = row block *
 // splits + split) with each split's int32 sums written to out [splits, t, n] for XLA to add and
 // scale: no counters, no order to keep.
-constexpr int kWg8Inputs = 128, kWg8Stages = 6;
+constexpr int kWg8Inputs = 128;
 
 template <int N, int WG>
 __host__ __device__ constexpr int wg8_stage_bytes() {
   return N * kWg8Inputs + 64 * WG * kWg8Inputs / 2;  // x's rows, then the block's rows of codes
 }
 
+// Stages in the ring: 6 (4 copied ahead); 4 for 128-row blocks, whose 20-24 KiB stages would
+// otherwise leave one block an SM.
+template <int N>
+__host__ __device__ constexpr int wg8_stages() {
+  return N > 64 ? 4 : 6;
+}
+
 template <int N, int WG>
 __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kWg8Ahead = kWg8Stages - 2;  // a stage's buffer is rewritten once no wgmma reads it
+  constexpr int kWg8Stages = wg8_stages<N>(), kWg8Ahead = kWg8Stages - 2;  // a stage's buffer is rewritten once no wgmma reads it
   constexpr int kCols = 64 * WG, kXRows = 16 * WG;  // x's rows a round of copies (kXRows / 8 whole swizzle groups)
   constexpr int kXBytes = N * kWg8Inputs, kXCopies = N / kXRows;  // a thread's 16-byte chunks of x a stage
   static_assert(kXCopies >= 1 && kXCopies * kXRows == N, "x's chunks shared evenly");
@@ -399,7 +406,7 @@ cudaError_t launch_wg8(cudaStream_t stream, const Int8Problem& p) {
   if (lim.major != 9) return cudaErrorNotSupported;  // wgmma: built for sm_90a only
   const int row_blocks = std::max(1, (p.t + p.num_slots * N - 1) / (p.num_slots * N));
   const dim3 grid((p.n + 64 * WG - 1) / (64 * WG), row_blocks * p.splits, p.num_slots);
-  wg8_kernel<N, WG><<<grid, 128 * WG, kWg8Stages * wg8_stage_bytes<N, WG>() + 1024, stream>>>(p);  // + alignment
+  wg8_kernel<N, WG><<<grid, 128 * WG, wg8_stages<N>() * wg8_stage_bytes<N, WG>() + 1024, stream>>>(p);  // + alignment
   return cudaGetLastError();
 }
 
@@ -439,6 +446,8 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
     case 100404: err = launch_wg8<32, 1>(stream, p); break;
     case 100408: err = launch_wg8<64, 1>(stream, p); break;
     case 100808: err = launch_wg8<64, 2>(stream, p); break;
+    case 100416: err = launch_wg8<128, 1>(stream, p); break;
+    case 100816: err = launch_wg8<128, 2>(stream, p); break;
     case 41: err = launch_int8<4, 1>(stream, p, persistent); break;
     case 42: err = launch_int8<4, 2>(stream, p, persistent); break;
     case 81: err = launch_int8<8, 1>(stream, p, persistent); break;

@@ -38,7 +38,7 @@ _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl): the
 # mma.sync kernel's, and the Hopper wgmma kernel's (warps / 4 warpgroups, 8 mt rows of x a block).
 KERNELS = frozenset((warps, mt) for warps in (4, 8, 16) for mt in (1, 2))
-WGMMA_KERNELS = frozenset({(4, 4), (4, 8), (8, 8)})
+WGMMA_KERNELS = frozenset({(4, 4), (4, 8), (8, 8), (4, 16), (8, 16)})
 
 # Rows a weight or expert slot the mma.sync kernel serves off Hopper (CQJAX_KERNELS=int8): those of
 # one pass over the codes (more stream the codes again per pass); on Hopper the wgmma kernel takes
@@ -96,18 +96,19 @@ def _sm_count() -> int:
 
 
 def _wgmma_tuning(rows: int, d_in: int, d_out: int, grouped: bool, sms: int) -> Int8Tuning:
-  """The wgmma kernel for `rows` rows a slot. Grouped experts (slots give blocks enough): one
-  warpgroup a block, 32-row blocks up to 32 rows, else 64. A single weight: 64-row blocks past 32
-  rows (fewer blocks decode each code again; half-empty ones cost their tensor work), 2 warpgroups
-  where their blocks still fill the GPU (they share one copy of x, which every column block reads
-  from L2), then K split 2 or 4 ways until the blocks number _SPLIT_FILL of the SMs (a block's
-  time is its stage count; each split keeps _MIN_SPLIT_STAGES stages). H200, BENCHMARKS.md
-  sessions 33 and 34: the best measured of every candidate at all eight Mixtral shapes."""
-  mt = 4 if rows <= 32 else 8
+  """The wgmma kernel for `rows` rows a slot. Grouped experts (slots give blocks enough): up to 32
+  rows one warpgroup, 32-row blocks; past that 2 warpgroups, 128-row blocks. A single weight:
+  32-, 64- or 128-row blocks, the fewest that hold its rows (more row blocks decode each code
+  again; half-empty ones cost their tensor work), 2 warpgroups past 32 rows where their blocks
+  still fill the GPU (they share one copy of x, which every column block reads from L2), then K
+  split 2 or 4 ways until the blocks number _SPLIT_FILL of the SMs (a block's time is its stage
+  count; each split keeps _MIN_SPLIT_STAGES stages). H200, BENCHMARKS.md sessions 33 and 34: the
+  best measured, or within 1 % of it, at all twelve Mixtral single shapes of 32-512 rows."""
   if grouped:
-    return Int8Tuning(warps=4, mt=mt, wgmma=True)
+    return Int8Tuning(warps=4, mt=4, wgmma=True) if rows <= 32 else Int8Tuning(warps=8, mt=16, wgmma=True)
+  mt = 4 if rows <= 32 else 8 if rows <= 64 else 16
   row_blocks = -(-rows // (8 * mt))
-  warps = 8 if mt == 8 and -(-d_out // 128) * row_blocks >= _WGMMA_FILL * sms else 4
+  warps = 8 if mt > 4 and -(-d_out // 128) * row_blocks >= _WGMMA_FILL * sms else 4
   blocks, stages = -(-d_out // (16 * warps)) * row_blocks, -(-d_in // _WG_STAGE)
   splits = 1
   while splits < 4 and blocks * splits < _SPLIT_FILL * sms and stages >= 2 * splits * _MIN_SPLIT_STAGES:

@@ -3,7 +3,7 @@
 // descriptor, and wgmma.mma_async with the A operand in registers (the same per-warp fragment as
 // mma.sync m16n8k16's A: rows g and g + 8, k pairs 2 t and 2 t + 8) and B in shared memory,
 // K-major in the 128-byte swizzle (and the int8 prefill kernel's s8 variant, lut_matmul_int8.cu).
-// The operand lists are written out for each N used (bf16: 64 and 128 rows of x; s8: 32 and 64).
+// The operand lists are written out for each N used (bf16: 64 and 128 rows of x; s8: 32, 64, 128).
 // And `pin`, which keeps loop-invariant addresses in registers.
 #pragma once
 
@@ -137,11 +137,29 @@ __device__ __forceinline__ void wgmma_s8_n64(int (&d)[32], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
 }
 
+__device__ __forceinline__ void wgmma_s8_n128(int (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
 template <int N>
 __device__ __forceinline__ void wgmma_s8(int (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
-  static_assert(N == 32 || N == 64, "wgmma.cuh writes out the s8 N = 32 and 64");
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma.cuh writes out the s8 N = 32, 64 and 128");
   if constexpr (N == 32) wgmma_s8_n32(d, a, desc);
-  else wgmma_s8_n64(d, a, desc);
+  else if constexpr (N == 64) wgmma_s8_n64(d, a, desc);
+  else wgmma_s8_n128(d, a, desc);
 }
 
 }  // namespace cqjax_cuda

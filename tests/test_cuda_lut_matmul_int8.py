@@ -96,7 +96,7 @@ needs_hopper = pytest.mark.skipif(not (ck8.available() and ck8.cuda.is_hopper())
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("warps,mt", sorted(ck8.WGMMA_KERNELS))
 def test_wgmma_kernel_matches_reference(m, k, n, warps, mt):
-  """The Hopper prefill kernel: row blocks of 32 or 64 (the last partial), K tails of 32-96
+  """The Hopper prefill kernel: row blocks of 32, 64 or 128 (the last partial), K tails of 32-96
   inputs (x padded to whole 128-input stages), column blocks of 64-256 past n."""
   rng = np.random.default_rng(m * 100 + k + n + mt)
   w = random_codebook_weight(rng, (), n, k, 4, k)
@@ -130,14 +130,15 @@ def test_grouped_refuses_split_k():
 
 @needs_hopper
 @pytest.mark.parametrize("sizes", [[70, 0, 5, 0], [0, 0, 0, 0], [1, 130, 1, 1], [0, 17, 0, 64]])
-def test_wgmma_kernel_grouped(sizes):
+@pytest.mark.parametrize("mt", [8, 16])
+def test_wgmma_kernel_grouped(sizes, mt):
   """Grouped experts: slots of uneven rows (a block loops over the row blocks its slot has beyond
   the grid's), empty experts, rows past the last group zero."""
   rng = np.random.default_rng(sum(sizes) + 1)
   w = random_codebook_weight(rng, (4,), 70, 352, 4, 352)
   x = jnp.asarray(rng.normal(size=(sum(sizes) + 3, 352)), jnp.float32)
   gs = jnp.asarray(sizes, jnp.int32)
-  got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs, tuning=ck8.Int8Tuning(warps=4, mt=8, wgmma=True))
+  got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs, tuning=ck8.Int8Tuning(warps=4, mt=mt, wgmma=True))
   _same(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.float32)
   assert not np.asarray(got[sum(sizes):]).any()
 
@@ -239,18 +240,21 @@ def test_supports_and_tunings():
 
 
 @pytest.mark.parametrize("rows,d_in,d_out,grouped,picked", [
-    (32, 4096, 14336, False, (4, 4, 1)),    # 224 blocks of 32 rows (64-row blocks would be half empty)
-    (64, 4096, 14336, False, (4, 8, 1)),    # 2 warpgroups: 112 blocks, too few
-    (128, 4096, 14336, False, (8, 8, 1)),   # 224 blocks of 2 warpgroups
-    (256, 4096, 14336, False, (8, 8, 1)),
-    (32, 14336, 4096, False, (4, 4, 4)),    # 64 column blocks: K split 4 ways, 256 blocks
-    (64, 14336, 4096, False, (4, 8, 4)),    # (32-row blocks, split 2 ways: 35.9 us against 29.4)
-    (128, 14336, 4096, False, (4, 8, 2)),   # 2 row blocks
-    (256, 14336, 4096, False, (8, 8, 2)),   # 2 warpgroups: 128 blocks, split 2 ways
-    (128, 512, 4096, False, (4, 8, 1)),     # 4 stages: too few to split
-    (16, 4096, 14336, True, (4, 4, 1)),     # grouped: Mixtral top-2 at batch 64
-    (64, 4096, 14336, True, (4, 8, 1)),     # batch 256
-    (4, 4096, 14336, True, None),           # batch 16: the mma.sync kernel
+    (32, 4096, 14336, False, (4, 4, 1)),     # 224 blocks of 32 rows (64-row blocks would be half empty)
+    (64, 4096, 14336, False, (4, 8, 1)),     # 2 warpgroups: 112 blocks, too few
+    (128, 4096, 14336, False, (4, 16, 1)),   # one row block: 34.5 us (2 of 64 rows: 42.7)
+    (256, 4096, 14336, False, (8, 16, 1)),   # 224 blocks of 2 warpgroups
+    (512, 4096, 14336, False, (8, 16, 1)),
+    (32, 14336, 4096, False, (4, 4, 4)),     # 64 column blocks: K split 4 ways, 256 blocks
+    (64, 14336, 4096, False, (4, 8, 4)),     # (32-row blocks, split 2 ways: 35.9 us against 29.4)
+    (128, 14336, 4096, False, (4, 16, 4)),
+    (256, 14336, 4096, False, (4, 16, 2)),   # (8/16w2: 50.6 us against 51.1)
+    (512, 14336, 4096, False, (8, 16, 2)),   # 2 warpgroups: 128 blocks, split 2 ways
+    (128, 512, 4096, False, (4, 16, 1)),     # 4 stages: too few to split
+    (16, 4096, 14336, True, (4, 4, 1)),      # grouped: Mixtral top-2 at batch 64
+    (64, 4096, 14336, True, (8, 16, 1)),     # batch 256: 153.4 us (one warpgroup, 64 rows: 200.5)
+    (256, 4096, 14336, True, (8, 16, 1)),    # batch 1024
+    (4, 4096, 14336, True, None),            # batch 16: the mma.sync kernel
 ])
 def test_wgmma_defaults_follow_the_measured_choices(rows, d_in, d_out, grouped, picked):
   """The H200 sweeps of sessions 33 and 34 (BENCHMARKS.md): the wgmma block shape and K splits
