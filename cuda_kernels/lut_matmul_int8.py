@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,20 @@ class Int8Tuning:
         or (self.splits > 1 and not self.wgmma)):
       raise CqjaxError(f"Int8Tuning out of range: {self} (built: (warps, mt) in {sorted(KERNELS)}; "
                        f"wgmma, not persistent, K split 1+ ways: {sorted(WGMMA_KERNELS)})")
+
+  @property
+  def spec(self) -> str:
+    """The tuning as the scripts spell it: warps/mt, then p (persistent) or w (the wgmma kernel) and
+    its K splits past 1: '8/2p', '4/16w2'."""
+    return f"{self.warps}/{self.mt}{'p' if self.persistent else ''}{'w' if self.wgmma else ''}{self.splits if self.splits > 1 else ''}"
+
+  @classmethod
+  def parse(cls, spec: str) -> Int8Tuning:
+    """The inverse of `spec`."""
+    m = re.fullmatch(r"(\d+)/(\d+)(p?)(w?)(\d*)", spec.strip())
+    if m is None or (m[5] and not m[4]):
+      raise CqjaxError(f"int8 tuning {spec!r} is not warps/mt[p] or warps/mtw[splits], e.g. 8/2p, 4/16w2")
+    return cls(int(m[1]), int(m[2]), bool(m[3]), bool(m[4]), int(m[5] or 1))
 
 
 # Every tuning built: each (warps, mt), one block a tile or persistent, and the wgmma kernels

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cqjax.codebook import CodebookWeight
+from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference,
                               lut_matmul_int8_reference, lut_matmul_reference)
 from cuda_kernels import lut_matmul as ck
@@ -196,7 +197,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
                  int8_best_tuning=dataclasses.asdict(ibest_t), int8_speedup_vs_bf16=t_bf16 / t_i)
       if int8_sweep:
         row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
-        print(f"  int8 tunings: " + ", ".join(f"{_tuning_name(t)} {us:.1f}" for us, t in res))
+        print(f"  int8 tunings: " + ", ".join(f"{t.spec} {us:.1f}" for us, t in res))
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
             flush=True)
@@ -233,15 +234,12 @@ def _int8_candidates(rows, d_in, d_out, sweep, grouped=False):
 
 
 def _int8_tunings(spec: str) -> tuple:
-  """'8/2p,4/8w,4/8w2' -> Int8Tunings (warps/mt, p: persistent, w: the wgmma kernel, then K splits)."""
-  parsed = [re.fullmatch(r"(\d+)/(\d+)(p?)(w?)(\d*)", v) for v in spec.split(",") if v]
-  if not all(parsed):
-    raise SystemExit(f"bench_kernels: --int8_tunings={spec!r}: each is warps/mt[p][w[splits]]")
-  return tuple(ck8.Int8Tuning(int(p[1]), int(p[2]), bool(p[3]), bool(p[4]), int(p[5] or 1)) for p in parsed)
-
-
-def _tuning_name(t) -> str:
-  return f"{t.warps}/{t.mt}{'p' if t.persistent else ''}{'w' if t.wgmma else ''}{t.splits if t.splits > 1 else ''}"
+  """'8/2p,4/8w,4/8w2' -> Int8Tunings (Int8Tuning.parse: warps/mt, p: persistent, w: the wgmma
+  kernel, then K splits)."""
+  try:
+    return tuple(ck8.Int8Tuning.parse(v) for v in spec.split(",") if v)
+  except CqjaxError as e:
+    raise SystemExit(f"bench_kernels: --int8_tunings: {e}") from None
 
 
 def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=()):
@@ -279,7 +277,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
       t_i = res[0][0]
       if int8_sweep:
         row["int8_candidates"] = [dict(us=us, **dataclasses.asdict(t)) for us, t in res]
-        print(f"  int8 tunings: " + ", ".join(f"{_tuning_name(t)} {us:.1f}" for us, t in res))
+        print(f"  int8 tunings: " + ", ".join(f"{t.spec} {us:.1f}" for us, t in res))
       w0 = weights[0]
       got = ck8.grouped_lut_matmul_int8(x, w0.packed, w0.centroids, BITS, gs)
       own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None

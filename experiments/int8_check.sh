@@ -29,6 +29,6 @@ grep -E "int8|cuda" "$out/bench.log" | cut -c1-200
 for shape in 4096x14336 14336x4096; do
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k regex:int8_kernel \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    python3 -m experiments.profile_cuda_lut --int8 --shape=$shape --ms=1 --tunings=8/1,8/1/1,4/1/1 > "$out/ncu_$shape.txt" 2>&1
+    python3 -m experiments.profile_cuda_lut --int8 --shape=$shape --ms=1 --tunings=8/1,8/1p,4/1p > "$out/ncu_$shape.txt" 2>&1
   grep -E "launch:|Duration|DRAM Throughput|Achieved Occupancy" "$out/ncu_$shape.txt" | head -30
 done

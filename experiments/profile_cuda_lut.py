@@ -5,8 +5,9 @@
       python3 -m experiments.profile_cuda_lut --shape=4096x14336 --ms=1,16 --tunings=3/4/1/2/1,4/4/1/2/1
 
 A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmul.CudaTuning, whose defaults fill the rest); "default" is the
-default tuning at that shape and M. With --int8 the kernel is the int8 one (-k regex:int8_kernel) and a
-tuning is warps/mt[/persistent 0 or 1] (cuda_kernels.lut_matmul_int8.Int8Tuning). Launches come in the order printed.
+default tuning at that shape and M. With --int8 the kernel is the int8 one (-k 'regex:(int8|wg8)_kernel') and a
+tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tuning.parse, as bench_kernels
+spells them: 8/2p, 4/16w2). Launches come in the order printed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cqjax.codebook import CodebookWeight
+from cqjax.errors import CqjaxError
 from cuda_kernels import lut_matmul as ck
 from cuda_kernels import lut_matmul_int8 as ck8
 
@@ -23,13 +25,10 @@ from cuda_kernels import lut_matmul_int8 as ck8
 def parse_int8_tuning(spec: str, m: int, k: int, n: int) -> ck8.Int8Tuning:
   if spec == "default":
     return ck8.default_tuning(m, k, n)
-  wgmma = spec.endswith("w")
   try:
-    warps, mt, *persistent = (int(v) for v in spec.removesuffix("w").split("/"))
-  except ValueError:
-    raise SystemExit(f"profile_cuda_lut: int8 tuning {spec!r} is not warps/mt[/persistent 0 or 1] or warps/mtw "
-                     "(the wgmma kernel)") from None
-  return ck8.Int8Tuning(warps=warps, mt=mt, persistent=bool(persistent and persistent[0]), wgmma=wgmma)
+    return ck8.Int8Tuning.parse(spec)
+  except CqjaxError as e:
+    raise SystemExit(f"profile_cuda_lut: {e}") from None
 
 
 def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
@@ -48,7 +47,7 @@ def main():
   ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
-  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[/persistent], or warps/mtw for its wgmma kernel")
+  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
   args = ap.parse_args()
   if not (ck8.available() if args.int8 else ck.available()):
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "

@@ -269,6 +269,18 @@ def test_wgmma_defaults_follow_the_measured_choices(rows, d_in, d_out, grouped, 
     ck8.Int8Tuning(warps=8, mt=2, splits=2)  # K splits: the wgmma kernel's
 
 
+def test_tuning_specs_round_trip():
+  """The scripts' spelling of a tuning (bench_kernels, profile_cuda_lut): every built tuning back
+  from its spec, and a clear error for a malformed one."""
+  assert [ck8.Int8Tuning.parse(t.spec) for t in ck8.TUNINGS] == list(ck8.TUNINGS)
+  assert ck8.Int8Tuning.parse("4/16w2") == ck8.Int8Tuning(warps=4, mt=16, wgmma=True, splits=2)
+  for bad in ("8", "8/2x", "8/2p2", "w/4"):
+    with pytest.raises(CqjaxError, match=f"int8 tuning '{bad}' is not warps/mt"):
+      ck8.Int8Tuning.parse(bad)
+  with pytest.raises(CqjaxError, match="Int8Tuning out of range"):
+    ck8.Int8Tuning.parse("8/2w")  # spelled right, not built
+
+
 def test_python_mirrors_the_cu_file():
   """KERNELS and MAX_D_IN restate lut_matmul_int8.cu's switch and kMaxK8 (a tuning the switch
   lacks fails only at run time on a GPU, so the two are compared here, on any machine)."""
