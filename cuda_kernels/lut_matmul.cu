@@ -716,21 +716,13 @@ __global__ void __launch_bounds__(128 * WG) wg_kernel(Problem p) {
       pin(x_src[j]);
       x_valid |= static_cast<uint32_t>(r < rows) << j;
     }
-#pragma unroll
-    for (int i = 0; i < kAhead; ++i) {
-      if (s_begin + i < s_end) load_stage(s_begin + i);
-      cp_async_commit();
-    }
+    ring_start<kAhead>(s_begin, s_end, load_stage);
     float acc[N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
     uint32_t a[2][8] = {};  // the A registers of two k16 steps (one code word), for two words
     for (int s = s_begin; s < s_end; ++s) {
-      cp_async_wait<kAhead - 1>();  // this thread's copies of stage s
-      fence_proxy_async();
-      __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
-      if (s + kAhead < s_end) load_stage(s + kAhead);
-      cp_async_commit();
+      ring_next<kAhead>(s, s_end, load_stage);
       const uint8_t* buf = stage_buffer(s);
       const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
       const bool both = p.k - s * kWgInputs >= kWgInputs;  // else a 32-input end: word 0 only

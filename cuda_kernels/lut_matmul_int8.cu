@@ -336,21 +336,13 @@ __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
       for (int h = 0; h < 2; ++h)  // 16 bytes: 32 inputs, all of the row's or none (k: a multiple of 32)
         cp_async16(buf + code_dst + 16 * h, code_src + k0 / 2 + 16 * h, 64 * code_half + 32 * h < kin);
     };
-#pragma unroll
-    for (int i = 0; i < kWg8Ahead; ++i) {
-      if (s_begin + i < s_end) load_stage(s_begin + i);
-      cp_async_commit();
-    }
+    ring_start<kWg8Ahead>(s_begin, s_end, load_stage);
     int acc[N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) acc[i] = 0;
     uint32_t a[2][4];  // the A registers of two k32 steps: one decoded while the other's wgmma runs
     for (int s = s_begin; s < s_end; ++s) {
-      cp_async_wait<kWg8Ahead - 1>();  // this thread's copies of stage s
-      fence_proxy_async();
-      __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
-      if (s + kWg8Ahead < s_end) load_stage(s + kWg8Ahead);
-      cp_async_commit();
+      ring_next<kWg8Ahead>(s, s_end, load_stage);
       const uint8_t* buf = stage_buffer(s);
       const uint32_t xs = static_cast<uint32_t>(__cvta_generic_to_shared(buf));
       const uint4 qa = *reinterpret_cast<const uint4*>(buf + word_at), qb = *reinterpret_cast<const uint4*>(buf + word_at + 512);

@@ -4,6 +4,7 @@
 // mma.sync m16n8k16's A: rows g and g + 8, k pairs 2 t and 2 t + 8) and B in shared memory,
 // K-major in the 128-byte swizzle (and the int8 prefill kernel's s8 variant, lut_matmul_int8.cu).
 // The operand lists are written out for each N used (bf16: 64 and 128 rows of x; s8: 32, 64, 128).
+// The cp.async stage ring both kernels run (ring_start, ring_next).
 // And `pin`, which keeps loop-invariant addresses in registers.
 #pragma once
 
@@ -25,6 +26,30 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // Shared-memory writes by the threads (cp.async included) made visible to the tensor cores' reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// A ring of shared-memory stages [s_begin, s_end) filled by cp.async kAhead stages ahead of the
+// one multiplied, with two buffers more than kAhead (the wgmma of the last two stages may still
+// read theirs). load_stage(s) issues this thread's copies of stage s. ring_start: the first
+// kAhead stages' copies (a commit group each, empty past s_end, so the waits count alike).
+template <int kAhead, typename Load>
+__device__ __forceinline__ void ring_start(int s_begin, int s_end, Load&& load_stage) {
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) {
+    if (s_begin + i < s_end) load_stage(s_begin + i);
+    cp_async_commit();
+  }
+}
+
+// Stage s in shared memory, visible to the tensor cores, for every thread of the block; then the
+// copies of stage s + kAhead into the buffer stage s - 2 left.
+template <int kAhead, typename Load>
+__device__ __forceinline__ void ring_next(int s, int s_end, Load&& load_stage) {
+  cp_async_wait<kAhead - 1>();  // this thread's copies of stage s
+  fence_proxy_async();
+  __syncthreads();  // everyone's; and stage s - 2's buffer is no longer read
+  if (s + kAhead < s_end) load_stage(s + kAhead);
+  cp_async_commit();
+}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
