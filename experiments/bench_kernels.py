@@ -1,8 +1,9 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=4/16p,8/8p]
-      [--out=FILE]
+      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
+      [--out=FILE] [--plot=PNG]
+  python -m experiments.bench_kernels --replot=FILE --plot=PNG   # the figure of a saved run
 
 Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B expert (2048->768,
 768->2048), attention 4096x4096; M in 1..128. Grouped: 8 experts top-2 (Mixtral shapes) and 128
@@ -16,7 +17,8 @@ shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at ev
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every
 Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
 reference, which should be float32 rounding, and against the float product); --decode times greedy decoding of the small reference model's
-architecture, bf16 vs 4-bit codebooks.
+architecture, bf16 vs 4-bit codebooks. --plot draws each kernel's speedup against M and the
+decode batch (experiments.plots.plot_kernel_speedups).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference,
                               lut_matmul_int8_reference, lut_matmul_reference)
 from cuda_kernels import lut_matmul as ck
+from experiments.plots import plot_kernel_speedups
 from cuda_kernels import lut_matmul_int8 as ck8
 from pallas_kernels import lut_matmul as pk
 
@@ -365,14 +368,23 @@ def main():
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
-  ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (warps/mt, p: persistent, w: wgmma)")
+  ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (Int8Tuning.spec: warps/mt, "
+                  "p: persistent, w: wgmma, then its K splits: 8/2p, 4/16w2)")
   ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
   ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
   ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
   ap.add_argument("--sets", type=int, default=8, help="weights per jitted call (raised past twice the L2)")
   ap.add_argument("--out", default="experiments/results/bench-kernels/results.json",
                   help="written after every shape, so a run stopped early keeps what it measured")
+  ap.add_argument("--plot", default="", help="also draw the speedups of this run (PNG; experiments.plots)")
+  ap.add_argument("--replot", default="", help="measure nothing: draw --plot from this saved --out JSON")
   args = ap.parse_args()
+  if args.replot:
+    if not args.plot:
+      raise SystemExit("bench_kernels: --replot needs --plot=PNG")
+    with open(args.replot) as f:
+      plot_kernel_speedups(json.load(f), args.plot)
+    return
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   bw = copy_bandwidth_gbs()
   print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)
@@ -410,6 +422,8 @@ def main():
   if args.decode:
     result["decode"] = bench_decode((1, 16))
     save()
+  if args.plot:
+    plot_kernel_speedups(result, args.plot)
 
 
 if __name__ == "__main__":

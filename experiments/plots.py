@@ -68,3 +68,41 @@ def plot_centroid_histograms(centroids: dict, path: str) -> None:
     ax.set_title(f"{name}\n{v.size:,} centroids, {values.shape[-1]} per codebook", fontsize=8)
     ax.grid(alpha=0.3)
   _save(plt, fig, path)
+
+
+_KERNEL_LINES = (("", "Pallas"), ("cuda_", "CUDA, bf16 numerics"), ("int8_", "CUDA, int8 numerics"))
+
+
+def plot_kernel_speedups(result: dict, path: str) -> None:
+  """bench_kernels' result: each kernel's speedup over XLA bf16 of the same run, single weights
+  against the rows of x (left) and grouped experts against the decode batch (right), one line per
+  shape and kernel measured; 1x dashed."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  panels = ((axes[0], result.get("single", []), "m", "speedup_vs_bf16", "rows of x (M)", "over XLA bf16 dot"),
+            (axes[1], result.get("grouped", []), "batch", "speedup_vs_ragged", "decode batch",
+             "over XLA bf16 ragged_dot"))
+  for ax, rows, x_key, suffix, xlabel, versus in panels:
+    shapes = dict.fromkeys((r.get("name", ""), r["k"], r["n"]) for r in rows)
+    for name, k, n in shapes:
+      mine = [r for r in rows if (r.get("name", ""), r["k"], r["n"]) == (name, k, n)]
+      for prefix, kernel in _KERNEL_LINES:
+        pts = sorted((r[x_key], r[prefix + suffix]) for r in mine if prefix + suffix in r)
+        if pts:
+          ax.plot(*zip(*pts), marker="o", label=f"{name + ' ' if name else ''}{k}x{n}, {kernel}")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ys = [y for line in ax.get_lines()[:-1] for y in line.get_ydata()]
+    if ys and max(ys) > 4 * min(ys):  # wide ranges (grouped experts: 2-50x) on a log scale
+      ax.set_yscale("log", base=2)
+    ticks = sorted({r[x_key] for r in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}x")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"speedup {versus}")
+    ax.grid(alpha=0.3)
+    if rows:
+      ax.legend(fontsize=7)
+  fig.suptitle(f"codebook matmul on {result.get('device', '?')} (jax {result.get('jax', '?')})", fontsize=10)
+  _save(plt, fig, path)
