@@ -83,16 +83,16 @@ def plot_kernel_speedups(result: dict, path: str) -> None:
             (axes[1], result.get("grouped", []), "batch", "speedup_vs_ragged", "decode batch",
              "over XLA bf16 ragged_dot"))
   for ax, rows, x_key, suffix, xlabel, versus in panels:
-    shapes = dict.fromkeys((r.get("name", ""), r["k"], r["n"]) for r in rows)
+    shapes, ys = dict.fromkeys((r.get("name", ""), r["k"], r["n"]) for r in rows), []
     for name, k, n in shapes:
       mine = [r for r in rows if (r.get("name", ""), r["k"], r["n"]) == (name, k, n)]
       for prefix, kernel in _KERNEL_LINES:
         pts = sorted((r[x_key], r[prefix + suffix]) for r in mine if prefix + suffix in r)
         if pts:
           ax.plot(*zip(*pts), marker="o", label=f"{name + ' ' if name else ''}{k}x{n}, {kernel}")
+          ys += [y for _, y in pts]
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
-    ys = [y for line in ax.get_lines()[:-1] for y in line.get_ydata()]
     if ys and max(ys) > 4 * min(ys):  # wide ranges (grouped experts: 2-50x) on a log scale
       ax.set_yscale("log", base=2)
     ticks = sorted({r[x_key] for r in rows})
