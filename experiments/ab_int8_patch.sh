@@ -12,8 +12,8 @@
 # Env: AB_SHAPE (ncu's weight, default 4096x14336), AB_M (its rows, default 1), AB_TUNING (its
 # tuning as bench_kernels spells it, Int8Tuning.spec: 8/1p, 4/16w2; default: each tree's own), AB_BENCH_FLAGS (added to bench_kernels, later flags winning:
 # --int8_sweep, --grouped= ...), AB_PATCHED_FLAGS (added to the patched tree's bench only: tunings
-# only it has, e.g. --int8_tunings=4/8w2), AB_PATCHED_NCU_FLAGS (added to the patched tree's
-# profile_cuda_lut only, e.g. --tiled), AB_TESTS (the patched tree's compiled test files, default
+# only it has, e.g. --int8_tunings=4/8w2), AB_NCU_FLAGS (added to both trees' profile_cuda_lut,
+# e.g. --experts=128 --top_k=8: the grouped kernel), AB_PATCHED_NCU_FLAGS (the patched tree's only, e.g. --tiled), AB_TESTS (the patched tree's compiled test files, default
 # tests/test_cuda_lut_matmul_int8.py). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
 # returns only a few files) and the summary on stdout.
 set -u
@@ -38,7 +38,7 @@ for name in base patched; do
   (cd "${tree[$name]}" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 ncu --clock-control none -k 'regex:(int8|wg8)_kernel' \
     --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed" \
     --section SourceCounters -f -o "$out/ncu_$name" \
-    python3 -m experiments.profile_cuda_lut --int8 --shape="${AB_SHAPE:-4096x14336}" --ms="${AB_M:-1}" --tunings="${AB_TUNING:-default}" \
+    python3 -m experiments.profile_cuda_lut --int8 --shape="${AB_SHAPE:-4096x14336}" --ms="${AB_M:-1}" --tunings="${AB_TUNING:-default}" ${AB_NCU_FLAGS:-} \
     $([ $name = patched ] && echo "${AB_PATCHED_NCU_FLAGS:-}") > "$out/ncu_run_$name.txt" 2>&1)
   ncu -i "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_$name.txt" 2>&1
   ncu -i "$out/ncu_$name.ncu-rep" --page source --print-source sass --csv > "$out/ncu_source_$name.csv" 2>&1

@@ -7,7 +7,10 @@
 A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmul.CudaTuning, whose defaults fill the rest); "default" is the
 default tuning at that shape and M. With --int8 the kernel is the int8 one (-k 'regex:(int8|wg8)_kernel') and a
 tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tuning.parse, as bench_kernels
-spells them: 8/2p, 4/16w2). Launches come in the order printed.
+spells them: 8/2p, 4/16w2). --experts=E --top_k=K instead runs the grouped kernel over E stacked experts
+at decode batches --ms (random top-K routing), two weights in one jitted call as bench_kernels times
+them, so that a profiler without a kernel filter also sees what XLA runs around the kernel
+(quantizing x, the expert slots). Launches come in the order printed.
 """
 from __future__ import annotations
 
@@ -42,18 +45,40 @@ def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
   return ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, **staging)
 
 
+def profile_grouped(args, k, n, kp, kc, kx):
+  e, run = args.experts, ck8.grouped_lut_matmul_int8 if args.int8 else ck.grouped_lut_matmul
+  ws = [CodebookWeight(jax.random.randint(jax.random.fold_in(kp, i), (e, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8),
+                       jax.random.normal(jax.random.fold_in(kc, i), (e, n, 1, 16), jnp.bfloat16), 4, k) for i in range(2)]
+  for b in (int(v) for v in args.ms.split(",")):
+    ids = jax.lax.top_k(jax.random.uniform(jax.random.fold_in(kx, b), (b, e)), args.top_k)[1].reshape(-1)
+    gs = jnp.bincount(ids, length=e).astype(jnp.int32)
+    x = jax.random.normal(jax.random.fold_in(kx, 1000 + b), (b * args.top_k, k), jnp.bfloat16)
+    for spec in args.tunings.split(","):
+      rows = ck.rows_per_slot(x.shape[0], e)
+      t = ((ck8.default_tuning(rows, k, n, grouped=True) if spec == "default" else parse_int8_tuning(spec, rows, k, n))
+           if args.int8 else (None if spec == "default" else parse_tuning(spec, rows, k, n)))
+      f = jax.jit(lambda x, ws, gs, t=t: [run(x, w.packed, w.centroids, 4, gs, tuning=t) for w in ws])
+      jax.block_until_ready(f(x, ws, gs))  # compiled and run once before the launches printed
+      print(f"launch: {e} experts {k}x{n} batch={b} top-{args.top_k} ({int(jnp.sum(gs > 0))} active) {t}", flush=True)
+      jax.block_until_ready(f(x, ws, gs))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
   ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
+  ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")
+  ap.add_argument("--top_k", type=int, default=2, help="grouped: experts a token")
   args = ap.parse_args()
   if not (ck8.available() if args.int8 else ck.available()):
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "
                      "for (python -m cuda_kernels.build)")
   k, n = (int(v) for v in args.shape.split("x"))
   kp, kc, kx = jax.random.split(jax.random.key(0), 3)
+  if args.experts:
+    return profile_grouped(args, k, n, kp, kc, kx)
   packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
   w = CodebookWeight(packed, jax.random.normal(kc, (n, 1, 16), jnp.bfloat16), 4, k)
   run = ck8.lut_matmul_int8 if args.int8 else ck.lut_matmul
