@@ -93,20 +93,34 @@ __device__ __forceinline__ void decode8_s8(uint32_t w, const uint4& tab, uint32_
 // Rounds the codebooks of a block's R columns (n0 + r of this expert; past n, column n - 1) to
 // int8 in shared memory, 16 threads a column, as cqjax.lut_matmul.int8_round: scale = absmax *
 // f32(1/127) (1 where absmax is 0), entries rint(c * (1 / scale)), the division IEEE-rounded.
-template <int R>
+// T threads: with more entries than threads, each loads all its entries before rounding any, so
+// the block waits on one round trip to memory, not on one a round (the wgmma kernel's blocks have 8).
+template <int R, int T>
 __device__ __forceinline__ void round_tables(const Int8Problem& p, int expert, int n0, int8_t (&tab)[R][16],
                                              float (&scale)[R]) {
-  for (int i = threadIdx.x; i < R * 16; i += blockDim.x) {  // blockDim.x divides R * 16: whole warps a round
-    const int r = i / 16, j = i % 16;
-    const size_t at = (static_cast<size_t>(expert) * p.n + min(n0 + r, p.n - 1)) * 16 + j;
-    const float c = p.cent_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.centroids)[at])
-                                : static_cast<const float*>(p.centroids)[at];
+  static_assert(T > R * 16 ? T % (R * 16) == 0 : R * 16 % T == 0, "whole warps a round");
+  const auto load = [&](int i) {
+    const size_t at = (static_cast<size_t>(expert) * p.n + min(n0 + i / 16, p.n - 1)) * 16 + i % 16;
+    return p.cent_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.centroids)[at])
+                       : static_cast<const float*>(p.centroids)[at];
+  };
+  const auto round = [&](int i, float c) {
     float amax = fabsf(c);
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
-    tab[r][j] = static_cast<int8_t>(__float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s))));
-    if (j == 0) scale[r] = s;
+    tab[i / 16][i % 16] = static_cast<int8_t>(__float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s))));
+    if (i % 16 == 0) scale[i / 16] = s;
+  };
+  constexpr int kRounds = R * 16 / T;
+  if constexpr (kRounds <= 1) {
+    if (threadIdx.x < R * 16) round(threadIdx.x, load(threadIdx.x));  // whole warps idle past R * 16
+  } else {
+    float c[kRounds];
+#pragma unroll
+    for (int u = 0; u < kRounds; ++u) c[u] = load(threadIdx.x + u * T);
+#pragma unroll
+    for (int u = 0; u < kRounds; ++u) round(threadIdx.x + u * T, c[u]);
   }
 }
 
@@ -210,7 +224,7 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
 
   for (int q = 0; q < my_tiles; ++q) {
     const int n0 = tile_n0(q);
-    round_tables(p, expert, n0, tab, scale);  // while this tile's first codes are on their way
+    round_tables<16, W * 32>(p, expert, n0, tab, scale);  // while this tile's first codes are on their way
     __syncthreads();
     const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[g], tab_b = reinterpret_cast<const uint4*>(tab)[g + 8];
     for (int r0 = 0; r0 < rows; r0 += 8 * MT) {
@@ -282,8 +296,14 @@ __host__ __device__ constexpr int wg8_stages() {
   return N > 64 ? 4 : 6;
 }
 
+// Blocks an SM the registers are held to: two of two 128-row warpgroups (their rings fit two).
 template <int N, int WG>
-__global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
+__host__ __device__ constexpr int wg8_min_blocks() {
+  return N > 64 && WG > 1 ? 2 : 1;
+}
+
+template <int N, int WG>
+__global__ void __launch_bounds__(128 * WG, wg8_min_blocks<N, WG>()) wg8_kernel(Int8Problem p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWg8Stages = wg8_stages<N>(), kWg8Ahead = kWg8Stages - 2;  // a stage's buffer is rewritten once no wgmma reads it
   constexpr int kCols = 64 * WG, kXRows = 16 * WG;  // x's rows a round of copies (kXRows / 8 whole swizzle groups)
@@ -302,7 +322,7 @@ __global__ void __launch_bounds__(128 * WG) wg8_kernel(Int8Problem p) {
   const size_t row_bytes = p.k / 2, x_stride = p.x_stride;
   const int stages = (p.k + kWg8Inputs - 1) / kWg8Inputs, per_split = (stages + p.splits - 1) / p.splits;
   const int s_begin = min(stages, split * per_split), s_end = min(stages, s_begin + per_split);
-  round_tables(p, expert, n0, tab, scale);
+  round_tables<kCols, 128 * WG>(p, expert, n0, tab, scale);
   __syncthreads();
   const uint4 tab_a = reinterpret_cast<const uint4*>(tab)[16 * warp + g], tab_b = reinterpret_cast<const uint4*>(tab)[16 * warp + g + 8];
 
