@@ -1,7 +1,7 @@
 """Where a kernel's warps wait, per SASS instruction, from ncu's source page:
 
   ncu --section SourceCounters -o rep ...; ncu -i rep.ncu-rep --page source --print-source sass --csv > src.csv
-  python3 -m experiments.ncu_source_summary src.csv [--top=12]
+  python3 -m experiments.ncu_source_summary src.csv [--top=12] [--launch=-1]
 
 Prints the stall samples grouped by how often an instruction ran (a warp-level count: the hot loop
 runs most, per-tile work less, a warp's set-up once), the stall reasons over all samples, then the
@@ -29,8 +29,19 @@ def _number(text: str) -> int:
   return int(float(text.replace(",", ""))) if text.strip() not in ("", "-") else 0
 
 
+def launches(text: str) -> list[str]:
+  """One page a profiled launch: ncu writes each after a line naming its kernel."""
+  pages, page = [], []
+  for line in text.splitlines():
+    if line.startswith('"Kernel Name"') and page:
+      pages.append("\n".join(page))
+      page = []
+    page.append(line)
+  return pages + ["\n".join(page)]
+
+
 def parse(text: str) -> list[Instruction]:
-  """The rows of one kernel's source page (the first line names the kernel, the second the columns)."""
+  """The rows of one launch's source page (the first line names the kernel, the second the columns)."""
   lines = text.splitlines()
   start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
   if start is None:
@@ -87,9 +98,15 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("csv", help="ncu -i REP --page source --print-source sass --csv output")
   ap.add_argument("--top", type=int, default=12, help="instructions listed")
+  ap.add_argument("--launch", type=int, default=-1, help="which profiled launch (Python index; default the last)")
   args = ap.parse_args()
   with open(args.csv) as f:
-    print(summary(parse(f.read()), args.top))
+    pages = launches(f.read())
+  if not -len(pages) <= args.launch < len(pages):
+    raise SystemExit(f"ncu_source_summary: --launch={args.launch}, but {args.csv} holds {len(pages)} launches")
+  if len(pages) > 1:
+    print(f"launch {args.launch % len(pages)} of {len(pages)}")
+  print(summary(parse(pages[args.launch]), args.top))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """ncu source page (CSV) -> stall samples per SASS instruction and per execution count."""
 import pytest
 
-from experiments.ncu_source_summary import by_count, parse, summary
+from experiments.ncu_source_summary import by_count, launches, parse, summary
 
 _COLUMNS = ('"Address","Source","# Samples","Instructions Executed","stall_long_sb","stall_barrier",'
             '"stall_long_sb (Not Issued)"')
@@ -32,3 +32,12 @@ def test_rejects_other_pages():
     parse('"ID","Kernel Name","Metric Name"\n"0","k","gpu__time_duration.sum"')
   with pytest.raises(SystemExit, match="--section SourceCounters"):
     parse('"Address","Source"\n"0x0","EXIT"')
+
+
+def test_splits_a_file_of_several_launches():
+  """ncu writes one page a profiled launch (a warm-up and the launch timed): each parses alone."""
+  first = _page(['"0x7f00","  EXIT","1","10","1","0","1"'])
+  second = _page(['"0x7f00","  EXIT","2","10","0","2","0"', '"0x7f10","  BRA 0x7f00","0","4","0","0","0"'])
+  pages = launches(first + "\n" + second)
+  assert len(pages) == 2 and launches(first) == [first]
+  assert [len(parse(p)) for p in pages] == [1, 2] and parse(pages[1])[0].stalls == {"barrier": 2}
