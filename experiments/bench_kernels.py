@@ -224,7 +224,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
   return rows
 
 
-def _routing(key, batch, experts, top_k):
+def random_routing(key, batch, experts, top_k):
   """Random top-k routing of `batch` tokens -> group sizes [experts] of the batch*top_k copies."""
   scores = jax.random.uniform(key, (batch, experts))
   ids = jax.lax.top_k(scores, top_k)[1].reshape(-1)
@@ -256,7 +256,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   cuda = jax.jit(lambda x, ws, gs: [ck.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
   rows = []
   for b in batches:
-    gs = _routing(jax.random.fold_in(key, b), b, experts, top_k)
+    gs = random_routing(jax.random.fold_in(key, b), b, experts, top_k)
     x = jax.random.normal(jax.random.fold_in(key, 2000 + b), (b * top_k, k), jnp.bfloat16)
     active = int(jnp.sum(gs > 0))
     t_ragged = _per_call_us(ragged, (x, dense, gs)) / sets

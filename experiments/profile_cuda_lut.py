@@ -23,6 +23,7 @@ from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
 from cuda_kernels import lut_matmul as ck
 from cuda_kernels import lut_matmul_int8 as ck8
+from experiments.bench_kernels import random_routing
 
 
 def parse_int8_tuning(spec: str, m: int, k: int, n: int) -> ck8.Int8Tuning:
@@ -50,13 +51,14 @@ def profile_grouped(args, k, n, kp, kc, kx):
   ws = [CodebookWeight(jax.random.randint(jax.random.fold_in(kp, i), (e, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8),
                        jax.random.normal(jax.random.fold_in(kc, i), (e, n, 1, 16), jnp.bfloat16), 4, k) for i in range(2)]
   for b in (int(v) for v in args.ms.split(",")):
-    ids = jax.lax.top_k(jax.random.uniform(jax.random.fold_in(kx, b), (b, e)), args.top_k)[1].reshape(-1)
-    gs = jnp.bincount(ids, length=e).astype(jnp.int32)
+    gs = random_routing(jax.random.fold_in(kx, b), b, e, args.top_k)
     x = jax.random.normal(jax.random.fold_in(kx, 1000 + b), (b * args.top_k, k), jnp.bfloat16)
+    rows = ck.rows_per_slot(x.shape[0], e)
     for spec in args.tunings.split(","):
-      rows = ck.rows_per_slot(x.shape[0], e)
-      t = ((ck8.default_tuning(rows, k, n, grouped=True) if spec == "default" else parse_int8_tuning(spec, rows, k, n))
-           if args.int8 else (None if spec == "default" else parse_tuning(spec, rows, k, n)))
+      if spec == "default":  # the grouped defaults (None: the bf16 kernel picks its own)
+        t = ck8.default_tuning(rows, k, n, grouped=True) if args.int8 else None
+      else:
+        t = parse_int8_tuning(spec, rows, k, n) if args.int8 else parse_tuning(spec, rows, k, n)
       f = jax.jit(lambda x, ws, gs, t=t: [run(x, w.packed, w.centroids, 4, gs, tuning=t) for w in ws])
       jax.block_until_ready(f(x, ws, gs))  # compiled and run once before the launches printed
       print(f"launch: {e} experts {k}x{n} batch={b} top-{args.top_k} ({int(jnp.sum(gs > 0))} active) {t}", flush=True)
