@@ -10,11 +10,12 @@
 # source page: samples of each stall reason per SASS instruction (where in the loop warps wait;
 # experiments/ncu_source_summary.py prints the largest).
 # Env: AB_SHAPE (ncu's weight, default 4096x14336), AB_M (its rows, default 1), AB_TUNING (its
-# tuning as bench_kernels spells it, Int8Tuning.spec: 8/1p, 4/16w2; default: each tree's own), AB_BENCH_FLAGS (added to bench_kernels, later flags winning:
-# --int8_sweep, --grouped= ...), AB_PATCHED_FLAGS (added to the patched tree's bench only: tunings
-# only it has, e.g. --int8_tunings=4/8w2), AB_NCU_FLAGS (added to both trees' profile_cuda_lut,
-# e.g. --experts=128 --top_k=8: the grouped kernel), AB_PATCHED_NCU_FLAGS (the patched tree's only, e.g. --tiled), AB_TESTS (the patched tree's compiled test files, default
-# tests/test_cuda_lut_matmul_int8.py). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
+# tuning as bench_kernels spells it, Int8Tuning.spec: 8/1p, 4/16w2; default: each tree's own),
+# AB_BENCH_FLAGS (added to bench_kernels, later flags winning: --int8_sweep, --grouped= ...),
+# AB_PATCHED_FLAGS (added to the patched tree's bench only: tunings only it has, e.g.
+# --int8_tunings=4/8w2), AB_NCU_FLAGS (added to both trees' profile_cuda_lut, e.g. --experts=128
+# --top_k=8: the grouped kernel), AB_PATCHED_NCU_FLAGS (the patched tree's only), AB_TESTS (the
+# patched tree's compiled test files, default tests/test_cuda_lut_matmul_int8.py). Everything lands in OUT_DIR/ab_int8.tar.gz (the device tool
 # returns only a few files) and the summary on stdout.
 set -u
 patch_file=$(realpath "$1") dest=$(realpath "$2") rounds=${3:-1}

@@ -26,18 +26,19 @@ from cuda_kernels import lut_matmul_int8 as ck8
 from experiments.bench_kernels import random_routing
 
 
-def parse_int8_tuning(spec: str, m: int, k: int, n: int) -> ck8.Int8Tuning:
+def parse_int8_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck8.Int8Tuning:
+  """slots: a grouped call's launch slots (0: one weight), whose default is the grouped one."""
   if spec == "default":
-    return ck8.default_tuning(m, k, n)
+    return ck8.default_tuning(m, k, n, grouped=slots > 0)
   try:
     return ck8.Int8Tuning.parse(spec)
   except CqjaxError as e:
     raise SystemExit(f"profile_cuda_lut: {e}") from None
 
 
-def parse_tuning(spec: str, m: int, k: int, n: int) -> ck.CudaTuning:
+def parse_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck.CudaTuning:
   if spec == "default":
-    return ck.default_tuning(m, k, n)
+    return ck.default_tuning(m, k, n, max(slots, 1))
   try:
     layout, kgroups, mt, nt, splits, *stage = (int(v) for v in spec.split("/"))
   except ValueError:
@@ -53,12 +54,9 @@ def profile_grouped(args, k, n, kp, kc, kx):
   for b in (int(v) for v in args.ms.split(",")):
     gs = random_routing(jax.random.fold_in(kx, b), b, e, args.top_k)
     x = jax.random.normal(jax.random.fold_in(kx, 1000 + b), (b * args.top_k, k), jnp.bfloat16)
-    rows = ck.rows_per_slot(x.shape[0], e)
+    rows, slots = ck.rows_per_slot(x.shape[0], e), min(x.shape[0], e)
     for spec in args.tunings.split(","):
-      if spec == "default":  # the grouped defaults (None: the bf16 kernel picks its own)
-        t = ck8.default_tuning(rows, k, n, grouped=True) if args.int8 else None
-      else:
-        t = parse_int8_tuning(spec, rows, k, n) if args.int8 else parse_tuning(spec, rows, k, n)
+      t = (parse_int8_tuning if args.int8 else parse_tuning)(spec, rows, k, n, slots)
       f = jax.jit(lambda x, ws, gs, t=t: [run(x, w.packed, w.centroids, 4, gs, tuning=t) for w in ws])
       jax.block_until_ready(f(x, ws, gs))  # compiled and run once before the launches printed
       print(f"launch: {e} experts {k}x{n} batch={b} top-{args.top_k} ({int(jnp.sum(gs > 0))} active) {t}", flush=True)

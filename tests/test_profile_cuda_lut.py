@@ -1,0 +1,25 @@
+"""experiments/profile_cuda_lut.py without a GPU: its grouped run, the jnp reference standing in
+for the kernel."""
+import sys
+
+
+def test_profile_cuda_lut_runs_the_grouped_call_per_batch_and_tuning(monkeypatch, capsys):
+  """profile_cuda_lut --experts: each batch's routing, each tuning (default: the grouped one) run
+  in one jitted call over two weights; here with the jnp reference standing in for the kernel."""
+  from cqjax.lut_matmul import grouped_lut_matmul_int8_reference
+  from cuda_kernels import lut_matmul_int8 as ck8
+  from experiments import profile_cuda_lut
+  calls = []
+
+  def reference(x, packed, centroids, bits, gs, tuning=None):
+    calls.append(tuning)
+    return grouped_lut_matmul_int8_reference(x, packed, centroids, bits, gs)
+
+  monkeypatch.setattr(ck8, "available", lambda: True)
+  monkeypatch.setattr(ck8, "grouped_lut_matmul_int8", reference)
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--experts=8", "--top_k=2", "--shape=64x32",
+                                    "--ms=1,3", "--tunings=default,8/2"])
+  profile_cuda_lut.main()
+  launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("launch:")]
+  assert len(launches) == 4 and "batch=1 top-2 (2 active)" in launches[0] and "batch=3" in launches[2]
+  assert set(calls) == {ck8.default_tuning(1, 64, 32, grouped=True), ck8.Int8Tuning(warps=8, mt=2)}
