@@ -118,8 +118,24 @@ def check_codebook_operands(op: str, x, packed, centroids, bits: int, d_in: int,
 def expert_slots(group_sizes: jax.Array, slots: int) -> jax.Array:
   """int32 [3, slots]: (expert, first row, rows) of each expert that has rows, compacted, for the
   grouped kernels' grids (the ragged_dot contract: rows sorted by expert). Slots past the last
-  non-empty expert have 0 rows, so empty experts launch no work."""
+  non-empty expert are (0, 0, 0), so empty experts launch no work.
+
+  Comparisons summed over [slots, experts], not nonzero / cumsum / gather: XLA runs those as 5-7
+  one-block kernels ahead of every grouped call on the GPU (BENCHMARKS.md session 35), these as
+  two reductions. Slot s holds the non-empty expert of rank s + 1, where rank is the inclusive
+  count of non-empty experts; the experts before it are those of rank <= s."""
   group_sizes = group_sizes.astype(jnp.int32)
+  experts = group_sizes.shape[0]
+  filled = (group_sizes > 0).astype(jnp.int32)
+  at = jnp.arange(experts)
+  rank = jnp.sum(jnp.where(at[None, :] <= at[:, None], filled[None, :], 0), axis=1)  # [experts]
+  s = jnp.arange(slots, dtype=jnp.int32)[:, None]
+  before = rank[None, :] <= s  # [slots, experts]
+  used = s[:, 0] < rank[-1]
+  expert = jnp.where(used, jnp.sum(before, axis=1, dtype=jnp.int32), 0)
+  start = jnp.where(used, jnp.sum(jnp.where(before, group_sizes[None, :], 0), axis=1), 0)
+  rows = jnp.sum(jnp.where((rank[None, :] == s + 1) & (filled[None, :] > 0), group_sizes[None, :], 0), axis=1)
+  return jnp.stack([expert, start, rows]).astype(jnp.int32)
   starts = jnp.cumsum(group_sizes) - group_sizes
   (expert,) = jnp.nonzero(group_sizes > 0, size=slots, fill_value=0)
   used = jnp.arange(slots) < jnp.sum(group_sizes > 0)

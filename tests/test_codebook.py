@@ -10,6 +10,13 @@ from cqjax.kmeans import kmeans_fit, kmeans_quantize, rtn_quantize
 from cqjax.lut_matmul import grouped_lut_matmul, lut_matmul
 
 
+@pytest.fixture(autouse=True)
+def _float32_dots():
+  """These tests compare float32 paths at 1e-5, and XLA's default f32 dot on a GPU rounds through tf32."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("k", [1, 7, 64, 129])
 def test_pack_unpack_round_trip(bits, k):
@@ -113,3 +120,14 @@ def test_model_runs_on_codebook_params_like_their_dequantized_copy(hf_checkpoint
 def test_expert_slots_compact_non_empty_experts():
   slots = np.asarray(expert_slots(jnp.asarray([0, 3, 0, 2, 1], jnp.int32), 5))
   np.testing.assert_array_equal(slots, [[1, 3, 4, 0, 0], [0, 3, 5, 0, 0], [3, 2, 1, 0, 0]])
+
+
+@pytest.mark.parametrize("experts,empty", [(1, 0.0), (1, 1.0), (8, 0.5), (128, 0.9), (300, 0.97), (16, 1.0)])
+def test_expert_slots_match_a_loop_over_experts(experts, empty):
+  rng = np.random.default_rng(experts)
+  sizes = np.where(rng.random(experts) < empty, 0, rng.integers(1, 40, experts)).astype(np.int32)
+  slots = max(1, min(int(sizes.sum()), experts))  # the grouped kernels' count: min(rows, experts)
+  want = np.zeros((3, slots), np.int32)
+  for i, e in enumerate(np.flatnonzero(sizes)):
+    want[:, i] = e, sizes[:e].sum(), sizes[e]
+  np.testing.assert_array_equal(np.asarray(expert_slots(jnp.asarray(sizes), slots)), want)
