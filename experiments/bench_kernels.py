@@ -11,7 +11,8 @@ experts top-8 (Qwen3 shapes) at decode batch 1..64, random routing. Baselines: X
 `ragged_dot` on dense weights, and XLA's own unpack + gather + dot of the same codes (the jnp
 reference). Every timing is one jitted call over `sets` distinct weights (at least 8, and enough to
 read twice the 50 MB L2), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
-GPU), median of `repeats` such batches, reported per weight. GB/s counts the codes and codebooks
+GPU), median of `repeats` such batches, reported per weight; a grouped row also records the host's
+floor for a call over the same arguments (a call timed near it is bound by dispatch, not the GPU). GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
 shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every
@@ -56,6 +57,13 @@ def _per_call_us(fn, args, repeats=7, calls=20) -> float:
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / calls * 1e6)
   return statistics.median(times)
+
+
+def host_floor_us(args) -> float:
+  """What dispatching one jitted call over these arguments costs the host, timed as _per_call_us
+  times the calls (a call that does next to nothing on the GPU): a call timed near it is bound by
+  the host's dispatch, not by the GPU."""
+  return _per_call_us(jax.jit(lambda x, *rest: x[:1, :1] + 1), args)
 
 
 def copy_bandwidth_gbs() -> float:
@@ -264,7 +272,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
     ref = grouped_lut_matmul_reference(x.astype(jnp.float32), weights[0], gs)
     read = active * per_expert
     row = dict(name=name, experts=experts, top_k=top_k, k=k, n=n, batch=b, active_experts=active,
-               ragged_bf16_us=t_ragged, xla_gather_us=t_gather)
+               ragged_bf16_us=t_ragged, xla_gather_us=t_gather, host_floor_us=host_floor_us((x, weights, gs)))
     rows.append(row)
     if "cuda" in kernels:
       t_c = _per_call_us(cuda, (x, weights, gs)) / sets
@@ -287,7 +295,8 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
       row.update(int8_us=t_i, int8_speedup_vs_ragged=t_ragged / t_i, int8_err_float=_rel_err(got, ref),
                  int8_err_own=None if own is None else _rel_err(got, own))
       print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  int8 {t_i:6.1f} us "
-            f"({t_ragged / t_i:5.2f}x) err own {row['int8_err_own']} float {row['int8_err_float']:.1e}", flush=True)
+            f"({t_ragged / t_i:5.2f}x; a call {t_i * sets:.0f} us, its host floor {row['host_floor_us']:.0f}) "
+            f"err own {row['int8_err_own']} float {row['int8_err_float']:.1e}", flush=True)
     if "pallas" not in kernels:
       continue
     t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
