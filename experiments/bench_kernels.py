@@ -10,7 +10,7 @@ Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B exp
 experts top-8 (Qwen3 shapes) at decode batch 1..64, random routing. Baselines: XLA bf16 `dot` /
 `ragged_dot` on dense weights, and XLA's own unpack + gather + dot of the same codes (the jnp
 reference). Every timing is one jitted call over `sets` distinct weights (at least 8, and enough to
-read twice the 50 MB L2), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
+read twice the 50 MB L2; grouped: the experts active at the smallest batch), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
 GPU), median of `repeats` such batches, reported per weight; a grouped row also records the host's
 floor for a call over the same arguments (a call timed near it is bound by dispatch, not the GPU). GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
@@ -117,6 +117,15 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
   """At least `sets`, and enough that one pass reads twice the H100's 50 MB L2 (a smaller
   working set would time L2 hits, not memory)."""
   return max(sets, min(256, -(-int(2 * l2_mb * 2**20) // bytes_per_set)))
+
+
+def grouped_sets(routings, k: int, n: int, sets: int) -> int:
+  """sets_beyond_l2 for grouped calls, counting the experts a call reads (codes and bf16 codebooks)
+  at its sparsest routing (group sizes): 8 sets of Qwen3's 8 experts active at batch 1 (52 MB)
+  would be read partly from L2, and their calls, too short for the host to keep ahead of, time its
+  dispatch (BENCHMARKS.md session 36)."""
+  active = min(int(jnp.sum(g > 0)) for g in routings)
+  return sets_beyond_l2(active * n * (k * BITS // 8 + 2 * 2**BITS), sets)
 
 
 def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]:
@@ -255,6 +264,8 @@ def _int8_tunings(spec: str) -> tuple:
 
 def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=()):
   key = jax.random.key(experts * 31 + k)
+  routing = {b: random_routing(jax.random.fold_in(key, b), b, experts, top_k) for b in batches}
+  sets = grouped_sets(routing.values(), k, n, sets)
   weights = [_codebook(jax.random.fold_in(key, i), (experts,), k, n) for i in range(sets)]
   dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (experts, k, n), jnp.bfloat16) for i in range(sets)]
   per_expert = _code_bytes(weights[0]) / experts
@@ -264,7 +275,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   cuda = jax.jit(lambda x, ws, gs: [ck.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
   rows = []
   for b in batches:
-    gs = random_routing(jax.random.fold_in(key, b), b, experts, top_k)
+    gs = routing[b]
     x = jax.random.normal(jax.random.fold_in(key, 2000 + b), (b * top_k, k), jnp.bfloat16)
     active = int(jnp.sum(gs > 0))
     t_ragged = _per_call_us(ragged, (x, dense, gs)) / sets
@@ -272,7 +283,8 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
     ref = grouped_lut_matmul_reference(x.astype(jnp.float32), weights[0], gs)
     read = active * per_expert
     row = dict(name=name, experts=experts, top_k=top_k, k=k, n=n, batch=b, active_experts=active,
-               ragged_bf16_us=t_ragged, xla_gather_us=t_gather, host_floor_us=host_floor_us((x, weights, gs)))
+               ragged_bf16_us=t_ragged, xla_gather_us=t_gather, sets=sets,
+               host_floor_us=host_floor_us((x, weights, gs)))
     rows.append(row)
     if "cuda" in kernels:
       t_c = _per_call_us(cuda, (x, weights, gs)) / sets

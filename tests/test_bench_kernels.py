@@ -27,3 +27,11 @@ def test_replot_needs_a_plot_path(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="--replot needs --plot"):
     bench_kernels.main()
 
+
+
+@pytest.mark.parametrize("experts,top_k,k,n,want", [(128, 8, 2048, 768, 17), (128, 8, 768, 2048, 16), (8, 2, 4096, 14336, 8)])
+def test_grouped_calls_read_past_the_l2_at_batch_one(experts, top_k, k, n, want):
+  import jax  # pylint: disable=g-import-not-at-top
+  routings = [bench_kernels.random_routing(jax.random.key(b), b, experts, top_k) for b in (1, 16)]
+  # batch 1 reads top_k experts: twice the 50 MB L2 over their codes and bf16 codebooks, at least 8 sets
+  assert bench_kernels.grouped_sets(routings, k, n, 8) == want == max(8, -(-100 * 2**20 // (top_k * n * (k // 2 + 32))))
