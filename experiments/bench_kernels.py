@@ -10,9 +10,10 @@ Single weight: Mixtral-8x7B expert (4096->14336, 14336->4096), Qwen3-30B-A3B exp
 experts top-8 (Qwen3 shapes) at decode batch 1..64, random routing. Baselines: XLA bf16 `dot` /
 `ragged_dot` on dense weights, and XLA's own unpack + gather + dot of the same codes (the jnp
 reference). Every timing is one jitted call over `sets` distinct weights (at least 8, and enough to
-read twice the 50 MB L2; grouped: the experts active at the smallest batch), issued `calls` times back to back and synchronised once (so host dispatch overlaps the
-GPU), median of `repeats` such batches, reported per weight; a grouped row also records the host's
-floor for a call over the same arguments (a call timed near it is bound by dispatch, not the GPU). GB/s counts the codes and codebooks
+read twice the 50 MB L2; grouped: the experts active at the smallest batch), issued `calls` times
+back to back and synchronised once (so host dispatch overlaps the GPU), median of `repeats` such
+batches, reported per weight; a grouped row also records the host's floor for a call over the same
+arguments (a call timed near it is bound by dispatch, not the GPU). GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
 shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every

@@ -28,7 +28,6 @@ def test_replot_needs_a_plot_path(tmp_path, monkeypatch):
     bench_kernels.main()
 
 
-
 @pytest.mark.parametrize("experts,top_k,k,n,want", [(128, 8, 2048, 768, 17), (128, 8, 768, 2048, 16), (8, 2, 4096, 14336, 8)])
 def test_grouped_calls_read_past_the_l2_at_batch_one(experts, top_k, k, n, want):
   import jax  # pylint: disable=g-import-not-at-top
