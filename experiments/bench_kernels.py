@@ -120,13 +120,18 @@ def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
   return max(sets, min(256, -(-int(2 * l2_mb * 2**20) // bytes_per_set)))
 
 
+def _expert_bytes(k: int, n: int) -> int:
+  """What one expert of _codebook's weights holds: its codes and bf16 codebooks."""
+  return n * (k * BITS // 8 + 2 * 2**BITS)
+
+
 def grouped_sets(routings, k: int, n: int, sets: int) -> int:
   """sets_beyond_l2 for grouped calls, counting the experts a call reads (codes and bf16 codebooks)
   at its sparsest routing (group sizes): 8 sets of Qwen3's 8 experts active at batch 1 (52 MB)
   would be read partly from L2, and their calls, too short for the host to keep ahead of, time its
   dispatch (BENCHMARKS.md session 36)."""
   active = min(int(jnp.sum(g > 0)) for g in routings)
-  return sets_beyond_l2(active * n * (k * BITS // 8 + 2 * 2**BITS), sets)
+  return sets_beyond_l2(active * _expert_bytes(k, n), sets)
 
 
 def cuda_candidates(m: int, k: int, n: int, layouts=None) -> list[ck.CudaTuning]:
@@ -269,7 +274,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   sets = grouped_sets(routing.values(), k, n, sets)
   weights = [_codebook(jax.random.fold_in(key, i), (experts,), k, n) for i in range(sets)]
   dense = [jax.random.normal(jax.random.fold_in(key, 100 + i), (experts, k, n), jnp.bfloat16) for i in range(sets)]
-  per_expert = _code_bytes(weights[0]) / experts
+  per_expert = _expert_bytes(k, n)
   ragged = jax.jit(lambda x, ws, gs: [jax.lax.ragged_dot(x, w, gs) for w in ws])
   gather = jax.jit(lambda x, ws, gs: [grouped_lut_matmul_reference(x, w, gs) for w in ws])
   kern = jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
