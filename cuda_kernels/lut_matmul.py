@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cqjax.codebook import check_codebook_operands, expert_slots
+from cqjax.codebook import check_codebook_operands
 from cqjax.errors import CqjaxError
+from cuda_kernels.expert_slots import expert_slots
 
 SUPPORTED_BITS = (4,)
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lut_matmul_cuda.so")

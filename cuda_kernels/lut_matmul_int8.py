@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cqjax.codebook import expert_slots
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import int8_round
 from cuda_kernels import lut_matmul as cuda
+from cuda_kernels.expert_slots import expert_slots
 
 _TARGET = "cqjax_cuda_lut_matmul_int8"
 MAX_D_IN = 133143  # |dot| <= d_in * 127 * 127 stays within int32
