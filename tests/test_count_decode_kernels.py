@@ -1,0 +1,36 @@
+"""experiments.count_decode_kernels reads the work of a compiled module's entry computation."""
+import jax
+import jax.numpy as jnp
+
+from experiments.count_decode_kernels import entry_work
+
+_HLO = """HloModule jit_step
+
+%fused_computation (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %neg = f32[4]{0} negate(%p)
+}
+
+ENTRY %main (a: f32[4], b: s32[8]) -> (f32[4], s32[3,8]) {
+  %a = f32[4]{0} parameter(0)
+  %b = s32[8]{0} parameter(1)
+  %c = f32[] constant(1)
+  %fusion = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused_computation
+  %slots = s32[3,8]{1,0} custom-call(%b), custom_call_target="cqjax_cuda_expert_slots", api_version=API_VERSION_TYPED_FFI
+  %gemm = (f32[4]{0}, s8[0]{0}) custom-call(%fusion), custom_call_target="__cublas$gemm"
+  %gte = f32[4]{0} get-tuple-element(%gemm), index=0
+  %copy = f32[4]{0} copy(%gte)
+  ROOT %t = (f32[4]{0}, s32[3,8]{1,0}) tuple(%copy, %slots)
+}
+"""
+
+
+def test_counts_the_entry_work_by_opcode_and_target():
+  assert dict(entry_work(_HLO)) == {"fusion": 1, "custom-call:cqjax_cuda_expert_slots": 1,
+                                    "custom-call:__cublas$gemm": 1, "copy": 1}
+
+
+def test_reads_a_compiled_module():
+  text = jax.jit(lambda a, b: (jnp.sin(a) @ b, a + 1)).lower(jnp.ones((3, 4)), jnp.ones((4, 5))).compile().as_text()
+  counts = entry_work(text)
+  assert sum(counts.values()) >= 1 and not {"parameter", "tuple", "constant"} & set(counts)
