@@ -1,0 +1,155 @@
+"""What a decode step of the small reference architecture launches and where its time goes, bf16
+against 4-bit codebooks under each kernel setting (those of `bench_kernels --decode`):
+
+  python -m experiments.profile_decode_step [--batches=1,16] [--trace_tokens=16] [--out=FILE.json]
+
+1. Launches: the entry computation of one compiled step (one token a row against a KV cache):
+   fusions, custom calls by target (the codebook kernels, cuBLAS GEMMs, ...) and any other op
+   outside a fusion; layout-only instructions (parameter, tuple, get-tuple-element, bitcast,
+   constant) are not counted.
+2. With --trace_tokens=T > 0: one greedy `generate` of T new tokens under `jax.profiler.trace`; the
+   device's kernels from the trace (CUPTI's records: no ncu needed), summed by name, per new token
+   (the 32-token prefill's kernels are spread over the T tokens), beside the call's wall time per
+   token timed outside the trace. Their ratio is how busy the GPU is: near 1, the kernels bound
+   the step; far below, launches and their gaps do.
+
+Why: at the small architecture's shapes the weights are a few MB and the 4-bit model decodes at
+0.64-0.85x bf16 (BENCHMARKS.md session 37), so this says which launches a quantized step adds and
+which of its kernels cost. Runs on any backend; the counts are the backend's own, and on the CPU
+the trace holds no device kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from cqjax.config import ModelConfig
+from cqjax.generate import generate
+from cqjax.kmeans import rtn_quantize
+from cqjax.model import MoeCausalLM, init_cache
+from cqjax.quantize_weights import quantize_scope
+from experiments.bench_kernels import _per_call_us
+from experiments.train_reference import SIZES
+
+BITS = 4
+PROMPT_LEN = 32
+SETTINGS = (("bf16", False, "auto"), ("codebook_w4", True, "auto"), ("codebook_w4_cuda", True, "cuda"),
+            ("codebook_w4_int8", True, "int8"))  # name, 4-bit weights, CQJAX_KERNELS
+_NO_WORK = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?\S+\s*=\s*.*?\s([a-z][a-z0-9-]*)\((.*)$")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def entry_work(hlo_text: str) -> collections.Counter:
+  """Opcode (custom calls: 'custom-call:target') -> count over the ENTRY computation of a compiled
+  module's text, layout-only instructions left out."""
+  counts = collections.Counter()
+  in_entry = False
+  for line in hlo_text.splitlines():
+    if line.startswith("ENTRY"):
+      in_entry = True
+      continue
+    if in_entry and line.startswith("}"):
+      break
+    m = _INSTRUCTION.match(line) if in_entry else None
+    if not m or m.group(1) in _NO_WORK:
+      continue
+    target = _TARGET.search(line)
+    counts[f"custom-call:{target.group(1)}" if m.group(1) == "custom-call" and target else m.group(1)] += 1
+  return counts
+
+
+def device_kernel_times(trace: dict) -> dict:
+  """Kernel name -> [launches, total µs] over the complete events ('ph': 'X') of a Chrome-format
+  trace (what jax.profiler writes) whose process is a device ('/device:...'), host processes left
+  out."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+  out = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in devices:
+      row = out.setdefault(e["name"], [0, 0.0])
+      row[0] += 1
+      row[1] += float(e.get("dur", 0.0))
+  return out
+
+
+def traced_kernels(fn, args) -> dict:
+  """device_kernel_times of one call of fn(*args) (compiled beforehand) under jax.profiler.trace."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      jax.block_until_ready(fn(*args))
+    files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+      raise SystemExit(f"profile_decode_step: jax.profiler wrote no *.trace.json.gz under {d}")
+    with gzip.open(files[0], "rt") as f:
+      return device_kernel_times(json.load(f))
+
+
+def _models():
+  cfg = ModelConfig.from_hf_dict(SIZES["small"].hf_config())
+  model = MoeCausalLM(cfg, jnp.bfloat16)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  quant = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, BITS))
+  quant = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, quant)
+  return cfg, model, params, quant
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batches", default="1,16", help="comma list of decode batches")
+  ap.add_argument("--cache_len", type=int, default=96, help="KV cache length of the counted step")
+  ap.add_argument("--trace_tokens", type=int, default=0, help="trace a generate of this many new tokens (0: no trace)")
+  ap.add_argument("--top", type=int, default=8, help="kernels printed a setting, most time first")
+  ap.add_argument("--out", default="", help="write the rows as JSON here")
+  args = ap.parse_args()
+  cfg, model, params, quant = _models()
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; small architecture, {cfg.num_layers} layers")
+  rows = []
+  for b in (int(v) for v in args.batches.split(",")):
+    token = jnp.zeros((b, 1), jnp.int32)
+    cache = init_cache(cfg, b, args.cache_len, jnp.bfloat16)
+    prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
+    for name, four_bit, mode in SETTINGS:
+      p = quant if four_bit else params
+      os.environ["CQJAX_KERNELS"] = mode  # read by the dispatcher while tracing: a fresh trace each
+      jax.clear_caches()
+      step = jax.jit(lambda p, token, cache: model.apply({"params": p}, token, cache=cache,
+                                                         cache_index=args.cache_len - 1))
+      counts = entry_work(step.lower(p, token, cache).compile().as_text())
+      row = dict(batch=b, setting=name, launches=sum(counts.values()), counts=dict(counts))
+      top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
+      print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step ({top})", flush=True)
+      if args.trace_tokens:
+        run = jax.jit(lambda p, prompt: generate(model, p, prompt, args.trace_tokens))
+        kernels = traced_kernels(run, (p, prompt))
+        row["wall_us_per_token"] = _per_call_us(run, (p, prompt), repeats=5, calls=3) / args.trace_tokens
+        row["kernels_per_token"] = {k: [n / args.trace_tokens, us / args.trace_tokens] for k, (n, us) in kernels.items()}
+        busy = sum(us for _, us in row["kernels_per_token"].values())
+        launched = sum(n for n, _ in row["kernels_per_token"].values())
+        print(f"  a token: {row['wall_us_per_token']:.1f} us wall, " + (
+            f"{launched:.0f} kernels taking {busy:.1f} us ({100 * busy / row['wall_us_per_token']:.0f}% busy)" if kernels
+            else "the trace holds no device kernels (a CPU backend, or a profiler without CUPTI)"), flush=True)
+        for k, (n, us) in sorted(row["kernels_per_token"].items(), key=lambda kv: -kv[1][1])[:args.top]:
+          print(f"    {us:7.2f} us  x{n:5.1f}  {k[:110]}")
+      rows.append(row)
+    os.environ.pop("CQJAX_KERNELS")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
