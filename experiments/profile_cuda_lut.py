@@ -10,7 +10,8 @@ tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tun
 spells them: 8/2p, 4/16w2). --experts=E --top_k=K instead runs the grouped kernel over E stacked experts
 at decode batches --ms (random top-K routing), two weights in one jitted call as bench_kernels times
 them, so that a profiler without a kernel filter also sees what XLA runs around the kernel
-(quantizing x, the expert slots). Launches come in the order printed.
+(quantizing x, the expert slots); --trace=N also prints each kernel's µs a call from jax.profiler's
+trace of N calls (experiments.device_trace). Launches come in the order printed.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from cqjax.errors import CqjaxError
 from cuda_kernels import lut_matmul as ck
 from cuda_kernels import lut_matmul_int8 as ck8
 from experiments.bench_kernels import random_routing
+from experiments.device_trace import print_kernels, traced_kernels
 
 
 def parse_int8_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck8.Int8Tuning:
@@ -61,6 +63,8 @@ def profile_grouped(args, k, n, kp, kc, kx):
       jax.block_until_ready(f(x, ws, gs))  # compiled and run once before the launches printed
       print(f"launch: {e} experts {k}x{n} batch={b} top-{args.top_k} ({int(jnp.sum(gs > 0))} active) {t}", flush=True)
       jax.block_until_ready(f(x, ws, gs))
+      if args.trace:
+        print_kernels(traced_kernels(f, (x, ws, gs), calls=args.trace), args.trace, "a call of 2 weights", top=12)
 
 
 def main():
@@ -71,6 +75,8 @@ def main():
   ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
   ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")
   ap.add_argument("--top_k", type=int, default=2, help="grouped: experts a token")
+  ap.add_argument("--trace", type=int, default=0, help="grouped: also trace this many calls under jax.profiler and "
+                  "print their device kernels a call (no ncu needed)")
   args = ap.parse_args()
   if not (ck8.available() if args.int8 else ck.available()):
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "

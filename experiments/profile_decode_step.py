@@ -11,7 +11,7 @@ against 4-bit codebooks under each kernel setting (those of `bench_kernels --dec
    device's kernels from the trace (CUPTI's records: no ncu needed), summed by name, per new token
    (the 32-token prefill's kernels are spread over the T tokens), beside the call's wall time per
    token timed outside the trace. Their ratio is how busy the GPU is: near 1, the kernels bound
-   the step; far below, launches and their gaps do.
+   the step; far below, launches and their gaps do (experiments.device_trace).
 
 Why: at the small architecture's shapes the weights are a few MB and the 4-bit model decodes at
 0.64-0.85x bf16 (BENCHMARKS.md session 37), so this says which launches a quantized step adds and
@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import re
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +35,7 @@ from cqjax.kmeans import rtn_quantize
 from cqjax.model import MoeCausalLM, init_cache
 from cqjax.quantize_weights import quantize_scope
 from experiments.bench_kernels import _per_call_us
+from experiments.device_trace import print_kernels, traced_kernels
 from experiments.train_reference import SIZES
 
 BITS = 4
@@ -66,35 +64,6 @@ def entry_work(hlo_text: str) -> collections.Counter:
     target = _TARGET.search(line)
     counts[f"custom-call:{target.group(1)}" if m.group(1) == "custom-call" and target else m.group(1)] += 1
   return counts
-
-
-def device_kernel_times(trace: dict) -> dict:
-  """Kernel name -> [launches, total µs] over the complete events ('ph': 'X') of a Chrome-format
-  trace (what jax.profiler writes) whose process is a device ('/device:...'), host processes left
-  out."""
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-             and str(e.get("args", {}).get("name", "")).startswith("/device:")}
-  out = {}
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in devices:
-      row = out.setdefault(e["name"], [0, 0.0])
-      row[0] += 1
-      row[1] += float(e.get("dur", 0.0))
-  return out
-
-
-def traced_kernels(fn, args) -> dict:
-  """device_kernel_times of one call of fn(*args) (compiled beforehand) under jax.profiler.trace."""
-  jax.block_until_ready(fn(*args))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      jax.block_until_ready(fn(*args))
-    files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
-    if not files:
-      raise SystemExit(f"profile_decode_step: jax.profiler wrote no *.trace.json.gz under {d}")
-    with gzip.open(files[0], "rt") as f:
-      return device_kernel_times(json.load(f))
 
 
 def _models():
@@ -137,13 +106,7 @@ def main():
         kernels = traced_kernels(run, (p, prompt))
         row["wall_us_per_token"] = _per_call_us(run, (p, prompt), repeats=5, calls=3) / args.trace_tokens
         row["kernels_per_token"] = {k: [n / args.trace_tokens, us / args.trace_tokens] for k, (n, us) in kernels.items()}
-        busy = sum(us for _, us in row["kernels_per_token"].values())
-        launched = sum(n for n, _ in row["kernels_per_token"].values())
-        print(f"  a token: {row['wall_us_per_token']:.1f} us wall, " + (
-            f"{launched:.0f} kernels taking {busy:.1f} us ({100 * busy / row['wall_us_per_token']:.0f}% busy)" if kernels
-            else "the trace holds no device kernels (a CPU backend, or a profiler without CUPTI)"), flush=True)
-        for k, (n, us) in sorted(row["kernels_per_token"].items(), key=lambda kv: -kv[1][1])[:args.top]:
-          print(f"    {us:7.2f} us  x{n:5.1f}  {k[:110]}")
+        print_kernels(kernels, args.trace_tokens, "a token", row["wall_us_per_token"], args.top)
       rows.append(row)
     os.environ.pop("CQJAX_KERNELS")
   if args.out:
