@@ -40,6 +40,12 @@ def kernel_param(module: nn.Module, name: str, init, shape, dtype):
   return module.param(name, init, shape, dtype)
 
 
+def has_params(module: nn.Module, name: str) -> bool:
+  """Whether the params given to `module` hold `name` (a kernel or a submodule's kernel): how the
+  model tells a fused projection (cqjax.fuse_projections) from its parts. False while initialising."""
+  return name in module.variables.get("params", {})
+
+
 class Linear(nn.Module):
   """x @ kernel [d_in, d_out], the kernel an array or a CodebookWeight (params: {'kernel': ...})."""
 

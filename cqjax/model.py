@@ -9,6 +9,8 @@ Parameter tree (kernels are [d_in, d_out]; experts stacked, see `cqjax.moe`):
   layers_i/moe/{router, gate_proj, up_proj, down_proj}, moe/shared/{gate,up,down}_proj/kernel
       (DeepSeek-V2)   or   layers_i/mlp/{gate,up,down}_proj/kernel
   final_norm/scale [d], lm_head/kernel [d, vocab] (absent when embeddings are tied)
+  For inference `cqjax.fuse_projections` may replace q/k/v by attn/qkv_proj/kernel and each
+  gate/up pair by one gate_up_proj; the modules run either form.
 
 `model.apply(..., mutable=["intermediates"])` also returns what calibration needs: every
 RMSNorm output that feeds a linear (`attn_input`, `mlp_input`), the input of each `o_proj`,
@@ -30,7 +32,7 @@ import numpy as np
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.config import ModelConfig
-from cqjax.lut_matmul import Linear
+from cqjax.lut_matmul import Linear, has_params
 from cqjax.moe import MoeBlock, SwigluMlp
 
 KVCache = list[dict[str, jax.Array]]
@@ -144,9 +146,13 @@ class Attention(nn.Module):
     cfg = self.config
     b, t, d = x.shape
     hd, kvh = cfg.head_dim, cfg.num_kv_heads
-    q = Linear(d, cfg.q_size, self.dtype, name="q_proj")(x).reshape(b, t, cfg.num_heads, hd)
-    k = Linear(d, cfg.kv_size, self.dtype, name="k_proj")(x).reshape(b, t, kvh, hd)
-    v = Linear(d, cfg.kv_size, self.dtype, name="v_proj")(x).reshape(b, t, kvh, hd)
+    if has_params(self, "qkv_proj"):  # cqjax.fuse_projections: one product, split
+      q, k, v = jnp.split(Linear(d, cfg.q_size + 2 * cfg.kv_size, self.dtype, name="qkv_proj")(x),
+                          (cfg.q_size, cfg.q_size + cfg.kv_size), axis=-1)
+    else:
+      q, k, v = (Linear(d, n, self.dtype, name=name)(x) for n, name in
+                 ((cfg.q_size, "q_proj"), (cfg.kv_size, "k_proj"), (cfg.kv_size, "v_proj")))
+    q, k, v = q.reshape(b, t, cfg.num_heads, hd), k.reshape(b, t, kvh, hd), v.reshape(b, t, kvh, hd)
     if cfg.qk_norm:
       q = RMSNorm(hd, cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
       k = RMSNorm(hd, cfg.rms_norm_eps, self.dtype, name="k_norm")(k)

@@ -1,7 +1,8 @@
 """Mixture-of-experts block: one router, two ways to run the experts.
 
 Expert weights are stacked per projection: `gate_proj`/`up_proj` are [experts, d_model, d_ff]
-and `down_proj` is [experts, d_ff, d_model]. The production path sorts token copies by expert
+(or one `gate_up_proj` [experts, d_model, 2 d_ff] after `cqjax.fuse_projections`) and `down_proj`
+is [experts, d_ff, d_model]. The production path sorts token copies by expert
 and runs grouped matmuls (`jax.lax.ragged_dot`); the dense path runs every expert on every token
 and exists only as the reference the grouped path is tested against. Under a mesh whose `expert`
 axis has several devices (`with jax.set_mesh(mesh):`, see `cqjax.sharding`) the grouped path runs
@@ -19,7 +20,7 @@ from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.codebook import CodebookWeight, dequantize
 from cqjax.hadamard import hadamard_transform
-from cqjax.lut_matmul import Linear, grouped_lut_matmul, kernel_param, lut_matmul
+from cqjax.lut_matmul import Linear, grouped_lut_matmul, has_params, kernel_param, lut_matmul
 from cqjax.sharding import expert_axis_size
 
 
@@ -75,13 +76,22 @@ def down_proj_input(module: nn.Module, gate, up):
   return h
 
 
-def _expert_ffn(module: nn.Module, xs, group_sizes, w_gate, w_up, w_down):
-  """Token copies [m, d] sorted by expert through their experts' SwiGLU -> (down input, [m, d])."""
-  h = down_proj_input(module, grouped_lut_matmul(xs, w_gate, group_sizes), grouped_lut_matmul(xs, w_up, group_sizes))
+def _gate_up(x, w_in: tuple, product):
+  """SwiGLU's (gate, up) of x: two products over w_in = (gate, up), or one over w_in = (gate_up,)
+  (cqjax.fuse_projections), split in halves. product(x, w) is the product with one weight."""
+  if len(w_in) == 1:
+    return jnp.split(product(x, w_in[0]), 2, axis=-1)
+  return product(x, w_in[0]), product(x, w_in[1])
+
+
+def _expert_ffn(module: nn.Module, xs, group_sizes, w_in: tuple, w_down):
+  """Token copies [m, d] sorted by expert through their experts' SwiGLU -> (down input, [m, d]).
+  w_in: the stacked (gate, up) kernels or (gate_up,), see `_gate_up`."""
+  h = down_proj_input(module, *_gate_up(xs, w_in, lambda x, w: grouped_lut_matmul(x, w, group_sizes)))
   return h, grouped_lut_matmul(h, w_down, group_sizes)
 
 
-def _expert_parallel(module: nn.Module, x, weights, ids, w_gate, w_up, w_down, num_experts: int):
+def _expert_parallel(module: nn.Module, x, weights, ids, w_in: tuple, w_down, num_experts: int):
   """The grouped path with experts sharded over the context mesh's `expert` axis.
 
   Tokens are split over the `data` and `expert` axes. Each device sorts its token copies by
@@ -100,7 +110,7 @@ def _expert_parallel(module: nn.Module, x, weights, ids, w_gate, w_up, w_down, n
   n, pad = x.shape[0], (-x.shape[0]) % shards
   x, weights, ids = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, ids))
 
-  def local(x, weights, ids, w_gate, w_up, w_down):
+  def local(x, weights, ids, w_in, w_down):
     copies, d = ids.size, x.shape[1]
     xs, order, _ = _expert_dispatch(x, ids, num_experts)
     expert = ids.reshape(-1)[order]
@@ -114,21 +124,22 @@ def _expert_parallel(module: nn.Module, x, weights, ids, w_gate, w_up, w_down, n
     # Empty slots carry the id `local_experts`: sorted last, outside every group, they stay zero.
     rorder = jnp.argsort(recv_ids, stable=True)
     sizes = jnp.bincount(recv_ids, length=local_experts).astype(jnp.int32)
-    _, y = _expert_ffn(module, recv[rorder], sizes, w_gate, w_up, w_down)
+    _, y = _expert_ffn(module, recv[rorder], sizes, w_in, w_down)
     y = jnp.zeros_like(y).at[rorder].set(y).reshape(devices, copies, -1)
     back = jax.lax.all_to_all(y, "expert", 0, 0)
     return _expert_collect(back[dest, slot], order, weights)
 
   spec = lambda w: jax.tree.map(lambda _: P("expert"), w)
   # check_vma=False: the kernels' custom VJPs (cqjax.lut_matmul) are written for plain arrays.
-  out = jax.shard_map(local, in_specs=(P(tokens),) * 3 + tuple(spec(w) for w in (w_gate, w_up, w_down)),
-                      out_specs=P(tokens), check_vma=False)(x, weights, ids, w_gate, w_up, w_down)
+  out = jax.shard_map(local, in_specs=(P(tokens),) * 3 + (spec(w_in), spec(w_down)),
+                      out_specs=P(tokens), check_vma=False)(x, weights, ids, w_in, w_down)
   return out[:n]
 
 
 class SwigluMlp(nn.Module):
   """SwiGLU MLP of width `d_ff`: the dense layers (Qwen3 `mlp_only_layers`, DeepSeek's first
-  layers) and DeepSeek's shared experts. Kernels gate_proj, up_proj [d, d_ff], down_proj [d_ff, d]."""
+  layers) and DeepSeek's shared experts. Kernels gate_proj, up_proj [d, d_ff] (or one gate_up_proj
+  [d, 2 d_ff], cqjax.fuse_projections), down_proj [d_ff, d]."""
 
   d_ff: int
   dtype: jnp.dtype = jnp.float32
@@ -138,8 +149,10 @@ class SwigluMlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     d, f = x.shape[-1], self.d_ff
-    gate = Linear(d, f, self.dtype, name="gate_proj")(x)
-    h = down_proj_input(self, gate, Linear(d, f, self.dtype, name="up_proj")(x))
+    linear = lambda n, name: Linear(d, n, self.dtype, name=name)
+    w_in = ((linear(2 * f, "gate_up_proj"),) if has_params(self, "gate_up_proj")
+            else (linear(f, "gate_proj"), linear(f, "up_proj")))
+    h = down_proj_input(self, *_gate_up(x, w_in, lambda x, module: module(x)))
     return Linear(f, d, self.dtype, name="down_proj")(h)
 
 
@@ -159,8 +172,11 @@ class MoeBlock(nn.Module):
     e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     init = nn.initializers.normal(0.02)
     router = kernel_param(self, "router", init, (d, e), self.dtype)
-    w_gate = kernel_param(self, "gate_proj", init, (e, d, f), self.dtype)
-    w_up = kernel_param(self, "up_proj", init, (e, d, f), self.dtype)
+    if has_params(self, "gate_up_proj"):  # cqjax.fuse_projections
+      w_in = (kernel_param(self, "gate_up_proj", init, (e, d, 2 * f), self.dtype),)
+    else:
+      w_in = (kernel_param(self, "gate_proj", init, (e, d, f), self.dtype),
+              kernel_param(self, "up_proj", init, (e, d, f), self.dtype))
     w_down = kernel_param(self, "down_proj", init, (e, f, d), self.dtype)
 
     shape = x.shape
@@ -173,18 +189,18 @@ class MoeBlock(nn.Module):
       weights = weights.astype(x.dtype).astype(jnp.float32)
 
     if self.dense_reference:
-      w_gate, w_up, w_down = (dequantize(w, x.dtype) if isinstance(w, CodebookWeight) else w
-                              for w in (w_gate, w_up, w_down))
-      h = down_proj_input(self, jnp.einsum("nd,edf->enf", x, w_gate), jnp.einsum("nd,edf->enf", x, w_up))
+      dense = lambda w: dequantize(w, x.dtype) if isinstance(w, CodebookWeight) else w
+      w_in, w_down = tuple(dense(w) for w in w_in), dense(w_down)
+      h = down_proj_input(self, *_gate_up(x, w_in, lambda x, w: jnp.einsum("nd,edf->enf", x, w)))
       y = jnp.einsum("enf,efd->end", h, w_down).astype(jnp.float32)
       dense_w = jnp.zeros((x.shape[0], e), jnp.float32).at[
           jnp.arange(x.shape[0])[:, None], ids].set(weights)
       out = jnp.einsum("end,ne->nd", y, dense_w)
     elif expert_axis_size() > 1:
-      out = _expert_parallel(self, x, weights, ids, w_gate, w_up, w_down, e)
+      out = _expert_parallel(self, x, weights, ids, w_in, w_down, e)
     else:
       xs, order, group_sizes = _expert_dispatch(x, ids, e)
-      h, y = _expert_ffn(self, xs, group_sizes, w_gate, w_up, w_down)
+      h, y = _expert_ffn(self, xs, group_sizes, w_in, w_down)
       self.sow("intermediates", "down_proj_input", (h, group_sizes))  # calibration statistics
       out = _expert_collect(y, order, weights)
     if cfg.n_shared_experts:

@@ -26,7 +26,7 @@ MESH_AXES = ("data", "expert", "model")
 
 # (regex on the kernel's path, mesh axis of each dimension of [..., d_in, d_out]).
 KERNEL_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"/moe/(gate_proj|up_proj|down_proj)$", ("expert", None, None)),
+    (r"/moe/(gate_proj|up_proj|gate_up_proj|down_proj)$", ("expert", None, None)),
     (r"/attn/(q_proj|k_proj|v_proj)/kernel$", (None, "model")),
     (r"/attn/o_proj/kernel$", ("model", None)),
     (r"/mlp/(gate_proj|up_proj)/kernel$", (None, "model")),

@@ -327,12 +327,16 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   return rows
 
 
-def bench_decode(batches, new_tokens=64, prompt_len=32):
-  """Greedy decode of the small reference architecture (random weights: speed does not depend on
-  the values), bf16 vs every MoE and attention kernel as 4-bit RTN codebooks (default kernels,
-  CQJAX_KERNELS=cuda and int8)."""
+DECODE_SETTINGS = (("bf16", False, "auto"), ("codebook_w4", True, "auto"), ("codebook_w4_cuda", True, "cuda"),
+                   ("codebook_w4_int8", True, "int8"))  # name, 4-bit weights, CQJAX_KERNELS
+
+
+def small_decode_models(fused: bool = False):
+  """The small reference architecture with random weights (decode speed does not depend on the
+  values): (config, model, bf16 params, every MoE and attention kernel as 4-bit RTN codebooks);
+  fused: both with q/k/v and gate/up fused (cqjax.fuse_projections)."""
   from cqjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
+  from cqjax.fuse_projections import fuse_projections  # pylint: disable=g-import-not-at-top
   from cqjax.kmeans import rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
   from cqjax.quantize_weights import quantize_scope  # pylint: disable=g-import-not-at-top
@@ -344,17 +348,28 @@ def bench_decode(batches, new_tokens=64, prompt_len=32):
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
   quant = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, BITS))
   quant = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, quant)
+  if fused:
+    params, quant = fuse_projections(params), fuse_projections(quant)
+  return cfg, model, params, quant
+
+
+def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False):
+  """Greedy decode of the small reference architecture, bf16 vs every MoE and attention kernel as
+  4-bit RTN codebooks (default kernels, CQJAX_KERNELS=cuda and int8); fused: q/k/v and gate/up
+  fused in both (cqjax.fuse_projections)."""
+  from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
+
+  cfg, model, params, quant = small_decode_models(fused)
   out = []
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
-    row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len}
+    row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused}
     # The dispatcher reads CQJAX_KERNELS when tracing: cleared caches and a fresh jit per setting.
-    for name, p, mode in (("bf16", params, "auto"), ("codebook_w4", quant, "auto"), ("codebook_w4_cuda", quant, "cuda"),
-                          ("codebook_w4_int8", quant, "int8")):
+    for name, four_bit, mode in DECODE_SETTINGS:
       os.environ["CQJAX_KERNELS"] = mode
       jax.clear_caches()
       run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
-      us = _per_call_us(run, (p, prompt), repeats=5, calls=3)
+      us = _per_call_us(run, (quant if four_bit else params, prompt), repeats=5, calls=3)
       row[f"{name}_tokens_per_s"] = b * new_tokens / (us * 1e-6)
     os.environ.pop("CQJAX_KERNELS")
     row["speedup"] = row["codebook_w4_tokens_per_s"] / row["bf16_tokens_per_s"]
@@ -363,7 +378,7 @@ def bench_decode(batches, new_tokens=64, prompt_len=32):
     print(f"decode small arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s, 4-bit "
           f"{row['codebook_w4_tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x; CQJAX_KERNELS=cuda "
           f"{row['speedup_cuda']:.2f}x, int8 {row['speedup_int8']:.2f}x; {new_tokens} new tokens after a "
-          f"{prompt_len}-token prefill)", flush=True)
+          f"{prompt_len}-token prefill{'; q/k/v and gate/up fused' if fused else ''})", flush=True)
     out.append(row)
   return out
 
@@ -390,6 +405,7 @@ def main():
   ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes at --sweep_ms")
   ap.add_argument("--sweep_ms", default="128", help="comma list of M for --sweep")
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
+  ap.add_argument("--fused", action="store_true", help="--decode with q/k/v and gate/up fused (cqjax.fuse_projections)")
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
@@ -447,7 +463,7 @@ def main():
         result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
         save()
   if args.decode:
-    result["decode"] = bench_decode((1, 16))
+    result["decode"] = bench_decode((1, 16), fused=args.fused)
     save()
   if args.plot:
     plot_kernel_speedups(result, args.plot)

@@ -1,7 +1,7 @@
 """What a decode step of the small reference architecture launches and where its time goes, bf16
 against 4-bit codebooks under each kernel setting (those of `bench_kernels --decode`):
 
-  python -m experiments.profile_decode_step [--batches=1,16] [--trace_tokens=16] [--out=FILE.json]
+  python -m experiments.profile_decode_step [--batches=1,16] [--trace_tokens=16] [--fused] [--out=FILE.json]
 
 1. Launches: the entry computation of one compiled step (one token a row against a KV cache):
    fusions, custom calls by target (the codebook kernels, cuBLAS GEMMs, ...) and any other op
@@ -29,19 +29,12 @@ import re
 import jax
 import jax.numpy as jnp
 
-from cqjax.config import ModelConfig
 from cqjax.generate import generate
-from cqjax.kmeans import rtn_quantize
-from cqjax.model import MoeCausalLM, init_cache
-from cqjax.quantize_weights import quantize_scope
-from experiments.bench_kernels import _per_call_us
+from cqjax.model import init_cache
+from experiments.bench_kernels import DECODE_SETTINGS, _per_call_us, small_decode_models
 from experiments.device_trace import print_kernels, traced_kernels
-from experiments.train_reference import SIZES
 
-BITS = 4
 PROMPT_LEN = 32
-SETTINGS = (("bf16", False, "auto"), ("codebook_w4", True, "auto"), ("codebook_w4_cuda", True, "cuda"),
-            ("codebook_w4_int8", True, "int8"))  # name, 4-bit weights, CQJAX_KERNELS
 _NO_WORK = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?\S+\s*=\s*.*?\s([a-z][a-z0-9-]*)\((.*)$")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
@@ -66,39 +59,30 @@ def entry_work(hlo_text: str) -> collections.Counter:
   return counts
 
 
-def _models():
-  cfg = ModelConfig.from_hf_dict(SIZES["small"].hf_config())
-  model = MoeCausalLM(cfg, jnp.bfloat16)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-  quant = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, BITS))
-  quant = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, quant)
-  return cfg, model, params, quant
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batches", default="1,16", help="comma list of decode batches")
   ap.add_argument("--cache_len", type=int, default=96, help="KV cache length of the counted step")
   ap.add_argument("--trace_tokens", type=int, default=0, help="trace a generate of this many new tokens (0: no trace)")
+  ap.add_argument("--fused", action="store_true", help="q/k/v and gate/up fused in both models (cqjax.fuse_projections)")
   ap.add_argument("--top", type=int, default=8, help="kernels printed a setting, most time first")
   ap.add_argument("--out", default="", help="write the rows as JSON here")
   args = ap.parse_args()
-  cfg, model, params, quant = _models()
+  cfg, model, params, quant = small_decode_models(args.fused)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; small architecture, {cfg.num_layers} layers")
   rows = []
   for b in (int(v) for v in args.batches.split(",")):
     token = jnp.zeros((b, 1), jnp.int32)
     cache = init_cache(cfg, b, args.cache_len, jnp.bfloat16)
     prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
-    for name, four_bit, mode in SETTINGS:
+    for name, four_bit, mode in DECODE_SETTINGS:
       p = quant if four_bit else params
       os.environ["CQJAX_KERNELS"] = mode  # read by the dispatcher while tracing: a fresh trace each
       jax.clear_caches()
       step = jax.jit(lambda p, token, cache: model.apply({"params": p}, token, cache=cache,
                                                          cache_index=args.cache_len - 1))
       counts = entry_work(step.lower(p, token, cache).compile().as_text())
-      row = dict(batch=b, setting=name, launches=sum(counts.values()), counts=dict(counts))
+      row = dict(batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), counts=dict(counts))
       top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
       print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step ({top})", flush=True)
       if args.trace_tokens:
