@@ -81,6 +81,8 @@ def main():
   if not (ck8.available() if args.int8 else ck.available()):
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "
                      "for (python -m cuda_kernels.build)")
+  if args.trace and not args.experts:
+    raise SystemExit("profile_cuda_lut: --trace profiles grouped calls; give --experts=E")
   k, n = (int(v) for v in args.shape.split("x"))
   kp, kc, kx = jax.random.split(jax.random.key(0), 3)
   if args.experts:

@@ -23,3 +23,22 @@ def test_profile_cuda_lut_runs_the_grouped_call_per_batch_and_tuning(monkeypatch
   launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("launch:")]
   assert len(launches) == 4 and "batch=1 top-2 (2 active)" in launches[0] and "batch=3" in launches[2]
   assert set(calls) == {ck8.default_tuning(1, 64, 32, grouped=True), ck8.Int8Tuning(warps=8, mt=2)}
+
+
+def test_profile_cuda_lut_traces_grouped_calls_only(monkeypatch, capsys):
+  """--trace=N reads the grouped call's device kernels from jax.profiler (none on the CPU), and
+  asks for --experts on a single weight."""
+  import pytest
+  from cqjax.lut_matmul import grouped_lut_matmul_int8_reference
+  from cuda_kernels import lut_matmul_int8 as ck8
+  from experiments import profile_cuda_lut
+
+  monkeypatch.setattr(ck8, "available", lambda: True)
+  monkeypatch.setattr(ck8, "grouped_lut_matmul_int8", lambda x, p, c, b, gs, tuning=None:
+                      grouped_lut_matmul_int8_reference(x, p, c, b, gs))
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--experts=8", "--shape=64x32", "--ms=1", "--trace=2"])
+  profile_cuda_lut.main()
+  assert "a call of 2 weights: the trace holds no device kernels" in capsys.readouterr().out
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--shape=64x32", "--trace=2"])
+  with pytest.raises(SystemExit, match="--trace profiles grouped calls"):
+    profile_cuda_lut.main()
