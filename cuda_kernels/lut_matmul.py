@@ -39,8 +39,8 @@ _WARPS = 4            # warps per block; a block owns 8 * nt columns per warp
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-  """The loaded library (this kernel's and lut_matmul_int8's handlers), or None where it is not
-  built or a CUDA GPU is not the default backend."""
+  """The loaded library (the handlers of this kernel, lut_matmul_int8 and expert_slots), or None
+  where it is not built or a CUDA GPU is not the default backend."""
   if jax.default_backend() != "gpu" or not os.path.exists(LIBRARY):
     return None
   return ctypes.cdll.LoadLibrary(LIBRARY)
