@@ -14,11 +14,12 @@ kernel's int8 path, and on GPUs the int8 CUDA kernel (cuda_kernels/lut_matmul_in
 to its `MAX_ROWS` (16) rows a weight or expert slot (the decode batches it was measured at) and,
 on Hopper, for any rows (its wgmma kernel), the default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it
 applies and `pallas` never.
-The variable is read when a function is traced: set it before the first call, or call
-`jax.clear_caches()` after changing it.
+The variable is read when a function is traced: set it before the first call, call
+`jax.clear_caches()` after changing it, or trace inside `with kernels_mode(mode):`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -142,6 +143,23 @@ class _CudaFirst:
 
   def grouped_lut_matmul(self, x, packed, centroids, bits, group_sizes):
     return self._pick(x, packed, centroids, bits, True).grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+
+
+@contextlib.contextmanager
+def kernels_mode(mode: str):
+  """CQJAX_KERNELS=mode for what is traced inside. The dispatcher reads it at trace time, so jit
+  caches traced under another mode are dropped on the way in and out."""
+  old = os.environ.get("CQJAX_KERNELS")
+  os.environ["CQJAX_KERNELS"] = mode
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    jax.clear_caches()
+    if old is None:
+      del os.environ["CQJAX_KERNELS"]
+    else:
+      os.environ["CQJAX_KERNELS"] = old
 
 
 def _kernels():

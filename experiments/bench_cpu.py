@@ -9,7 +9,6 @@ median of `repeats` calls after a warm-up, reported per weight. Baselines run in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ import numpy as np
 
 from cpu_kernels import lut_matmul as cpu
 from cqjax.codebook import from_codes
-from cqjax.lut_matmul import lut_matmul
+from cqjax.lut_matmul import kernels_mode, lut_matmul
 
 
 def _median_ms(fn, args, repeats):
@@ -85,30 +84,13 @@ def bench_decode(tokens, repeats):
     ms = _median_ms(run, (p,), repeats)
     out[name] = {"ms": ms, "tokens_per_s": tokens / (ms * 1e-3)}
     print(f"tiny decode {name}: {tokens / (ms * 1e-3):.1f} tokens/s ({tokens} tokens, prefill of 8 included)")
-  with _kernels_mode("int8"):
+  with kernels_mode("int8"):
     run8 = jax.jit(lambda p: generate(model, p, prompt, tokens))
     ms = _median_ms(run8, (quantized,), repeats)
   out["codebook_w4_full_scope_int8"] = {"ms": ms, "tokens_per_s": tokens / (ms * 1e-3)}
   print(f"tiny decode codebook_w4_full_scope_int8: {tokens / (ms * 1e-3):.1f} tokens/s")
   out["speedup"] = out["fp32"]["ms"] / out["codebook_w4_full_scope"]["ms"]
   return out
-
-
-@contextlib.contextmanager
-def _kernels_mode(mode: str):
-  """CQJAX_KERNELS for what is traced inside. The dispatcher reads it at trace time, so jit caches
-  traced under another mode are dropped on the way in and out."""
-  old = os.environ.get("CQJAX_KERNELS")
-  os.environ["CQJAX_KERNELS"] = mode
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    jax.clear_caches()
-    if old is None:
-      del os.environ["CQJAX_KERNELS"]
-    else:
-      os.environ["CQJAX_KERNELS"] = old
 
 
 def int8_accuracy(windows_per_text: int = 64, seqlen: int = 512):
@@ -137,7 +119,7 @@ def int8_accuracy(windows_per_text: int = 64, seqlen: int = 512):
     for label, (model, p) in models.items():
       row = {"windows": int(len(windows))}
       for mode in ("auto", "int8"):
-        with _kernels_mode(mode):
+        with kernels_mode(mode):
           row[mode] = perplexity(model, p, windows, batch_size=8, progress=False)["perplexity"]
       out[f"{label}/{name}"] = row
       print(f"tiny {label} perplexity on {name} ({len(windows)} windows of {seqlen}): float kernels "

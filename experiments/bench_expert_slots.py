@@ -19,7 +19,7 @@ import jax
 
 from cqjax import codebook
 from cuda_kernels import expert_slots as ces
-from experiments.bench_kernels import _per_call_us, random_routing
+from experiments.bench_kernels import _per_call_us, host_floor_us, random_routing
 from experiments.device_trace import traced_kernels
 
 CASES = ((8, 2, 1), (8, 2, 16), (128, 8, 1), (128, 8, 16), (128, 8, 64))  # experts, top_k, batch
@@ -39,7 +39,7 @@ def main():
     sizes = [random_routing(jax.random.fold_in(key, i), batch, experts, top_k) for i in range(args.sets)]
     slots = min(experts, batch * top_k)
     row = dict(experts=experts, top_k=top_k, batch=batch, sets=args.sets,
-               host_floor_us=_per_call_us(jax.jit(lambda ss: ss[0] + 1), (sizes,)))
+               host_floor_us=host_floor_us((sizes,)))
     for name, fn in (("xla", codebook.expert_slots), ("cuda", ces.expert_slots)):
       call = jax.jit(lambda ss, fn=fn: [fn(s, slots) for s in ss])
       row[f"{name}_us"] = _per_call_us(call, (sizes,)) / args.sets

@@ -38,7 +38,7 @@ import numpy as np
 
 from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
-from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference,
+from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference, kernels_mode,
                               lut_matmul_int8_reference, lut_matmul_reference)
 from cuda_kernels import lut_matmul as ck
 from experiments.plots import plot_kernel_speedups
@@ -61,10 +61,10 @@ def _per_call_us(fn, args, repeats=7, calls=20) -> float:
 
 
 def host_floor_us(args) -> float:
-  """What dispatching one jitted call over these arguments costs the host, timed as _per_call_us
-  times the calls (a call that does next to nothing on the GPU): a call timed near it is bound by
-  the host's dispatch, not by the GPU."""
-  return _per_call_us(jax.jit(lambda x, *rest: x[:1, :1] + 1), args)
+  """What dispatching one jitted call over these arguments (any pytree) costs the host, timed as
+  _per_call_us times the calls (a call that does next to nothing on the GPU): a call timed near it
+  is bound by the host's dispatch, not by the GPU."""
+  return _per_call_us(jax.jit(lambda *a: jax.tree.leaves(a)[0].ravel()[:1] + 1), args)
 
 
 def copy_bandwidth_gbs() -> float:
@@ -364,14 +364,11 @@ def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False):
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
     row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused}
-    # The dispatcher reads CQJAX_KERNELS when tracing: cleared caches and a fresh jit per setting.
     for name, four_bit, mode in DECODE_SETTINGS:
-      os.environ["CQJAX_KERNELS"] = mode
-      jax.clear_caches()
-      run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
-      us = _per_call_us(run, (quant if four_bit else params, prompt), repeats=5, calls=3)
+      with kernels_mode(mode):
+        run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
+        us = _per_call_us(run, (quant if four_bit else params, prompt), repeats=5, calls=3)
       row[f"{name}_tokens_per_s"] = b * new_tokens / (us * 1e-6)
-    os.environ.pop("CQJAX_KERNELS")
     row["speedup"] = row["codebook_w4_tokens_per_s"] / row["bf16_tokens_per_s"]
     row["speedup_cuda"] = row["codebook_w4_cuda_tokens_per_s"] / row["bf16_tokens_per_s"]
     row["speedup_int8"] = row["codebook_w4_int8_tokens_per_s"] / row["bf16_tokens_per_s"]

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 
 from cqjax.generate import generate
+from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
 from experiments.bench_kernels import DECODE_SETTINGS, _per_call_us, small_decode_models
 from experiments.device_trace import print_kernels, traced_kernels
@@ -77,22 +77,20 @@ def main():
     prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
     for name, four_bit, mode in DECODE_SETTINGS:
       p = quant if four_bit else params
-      os.environ["CQJAX_KERNELS"] = mode  # read by the dispatcher while tracing: a fresh trace each
-      jax.clear_caches()
-      step = jax.jit(lambda p, token, cache: model.apply({"params": p}, token, cache=cache,
-                                                         cache_index=args.cache_len - 1))
-      counts = entry_work(step.lower(p, token, cache).compile().as_text())
-      row = dict(batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), counts=dict(counts))
-      top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
-      print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step ({top})", flush=True)
-      if args.trace_tokens:
-        run = jax.jit(lambda p, prompt: generate(model, p, prompt, args.trace_tokens))
-        kernels = traced_kernels(run, (p, prompt))
-        row["wall_us_per_token"] = _per_call_us(run, (p, prompt), repeats=5, calls=3) / args.trace_tokens
-        row["kernels_per_token"] = {k: [n / args.trace_tokens, us / args.trace_tokens] for k, (n, us) in kernels.items()}
-        print_kernels(kernels, args.trace_tokens, "a token", row["wall_us_per_token"], args.top)
+      with kernels_mode(mode):
+        step = jax.jit(lambda p, token, cache: model.apply({"params": p}, token, cache=cache,
+                                                           cache_index=args.cache_len - 1))
+        counts = entry_work(step.lower(p, token, cache).compile().as_text())
+        row = dict(batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), counts=dict(counts))
+        top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
+        print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step ({top})", flush=True)
+        if args.trace_tokens:
+          run = jax.jit(lambda p, prompt: generate(model, p, prompt, args.trace_tokens))
+          kernels = traced_kernels(run, (p, prompt))
+          row["wall_us_per_token"] = _per_call_us(run, (p, prompt), repeats=5, calls=3) / args.trace_tokens
+          row["kernels_per_token"] = {k: [n / args.trace_tokens, us / args.trace_tokens] for k, (n, us) in kernels.items()}
+          print_kernels(kernels, args.trace_tokens, "a token", row["wall_us_per_token"], args.top)
       rows.append(row)
-    os.environ.pop("CQJAX_KERNELS")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

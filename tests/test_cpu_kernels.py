@@ -1,4 +1,6 @@
 """The C++ FFI codebook matmul against the jnp reference, its input checks, and its use in the model."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +202,20 @@ def test_dispatcher_int8_mode(monkeypatch):
   monkeypatch.setenv("CQJAX_KERNELS", "fast")
   with pytest.raises(CqjaxError, match="CQJAX_KERNELS must be auto, reference, int8, cuda or pallas"):
     lut_matmul(x, w)
+
+
+def test_kernels_mode_is_read_while_tracing_and_restored(monkeypatch):
+  from cqjax.lut_matmul import kernels_mode, lut_matmul
+  w = random_codebook_weight(np.random.default_rng(13), (), 8, 32, 4, 32)
+  x = jnp.ones((2, 32), jnp.float32)
+  monkeypatch.setenv("CQJAX_KERNELS", "reference")
+  f = jax.jit(lut_matmul)
+  f(x, w)  # traced under "reference"; the mode drops that trace on the way in
+  with kernels_mode("fast"):
+    with pytest.raises(CqjaxError, match="CQJAX_KERNELS must be"):
+      f(x, w)
+  assert os.environ["CQJAX_KERNELS"] == "reference"
+  monkeypatch.delenv("CQJAX_KERNELS")
+  with kernels_mode("reference"):
+    np.testing.assert_allclose(f(x, w), lut_matmul_reference(x, w), rtol=1e-6)
+  assert "CQJAX_KERNELS" not in os.environ
