@@ -209,3 +209,32 @@ def test_cuda_first_dispatch_offers_the_pallas_bit_widths():
   from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
   assert _CudaFirst.SUPPORTED_BITS == pk.SUPPORTED_BITS
   assert set(cuda.SUPPORTED_BITS) <= set(pk.SUPPORTED_BITS)
+
+
+def _lowers_to_triton(f, *args) -> bool:
+  """Whether f, traced on these shapes, lowers for CUDA GPUs with its Pallas calls in Triton: Pallas'
+  Triton lowering runs in Python, so CI's CPU checks what the compiled tests check on a GPU first
+  (e.g. a value gather, which that lowering rejects)."""
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return "__gpu$xla.gpu.triton" in text
+
+
+# (m, k, n, bits, group, dtype): the register decode (4-bit bf16 in words) at one row (FMA), 16 rows
+# (tensor cores) and prefill (128-row blocks, 256 columns); the gather through the table ref in
+# words and in bytes, f32, column-group codebooks, K split.
+LOWERED = [(1, 4096, 14336, 4, 4096, jnp.bfloat16), (16, 4096, 14336, 4, 4096, jnp.bfloat16),
+           (130, 4096, 4096, 4, 4096, jnp.bfloat16), (1, 14336, 4096, 4, 14336, jnp.bfloat16),
+           (3, 272, 37, 4, 272, jnp.bfloat16), (16, 200, 70, 4, 40, jnp.float32),
+           (1, 96, 130, 2, 96, jnp.float32), (64, 80, 33, 8, 16, jnp.bfloat16), (2, 136, 19, 1, 136, jnp.float32)]
+
+
+@pytest.mark.parametrize("m,k,n,bits,group,dtype", LOWERED)
+def test_kernels_lower_to_triton_for_cuda(m, k, n, bits, group, dtype):
+  x = jax.ShapeDtypeStruct((m, k), dtype)
+  packed = jax.ShapeDtypeStruct((n, k * bits // 8), jnp.uint8)
+  cent = jax.ShapeDtypeStruct((n, k // group, 2 ** bits), jnp.float32)
+  assert _lowers_to_triton(lambda x, p, c: pk.lut_matmul(x, p, c, bits), x, packed, cent)
+  e = 8
+  grouped = (jax.ShapeDtypeStruct((e, *packed.shape), jnp.uint8), jax.ShapeDtypeStruct((e, *cent.shape), jnp.float32),
+             jax.ShapeDtypeStruct((e,), jnp.int32))
+  assert _lowers_to_triton(lambda x, p, c, gs: pk.grouped_lut_matmul(x, p, c, bits, gs), x, *grouped)
