@@ -9,7 +9,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import cqjax
-from conftest import TINY_DEFAULT
 from cqjax.codebook import CodebookWeight, codes_of
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
@@ -125,7 +124,7 @@ def test_sharded_quantize_matches_single_device():
   """K-means is bit-identical; ACCF under SGD (the reference's optimizer) differs only by float32
   reduction order. (Adam would turn that noise into ±lr steps on centroids whose gradient is
   near zero, see BENCHMARKS.md.)"""
-  cfg, params = cqjax.load_params(TINY_DEFAULT, jnp.float32, progress=False)
+  cfg, params = _tiny_random()
   windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 32))
   qcfg = cqjax.QuantizeConfig(rotation="hadamard", accf=AccfConfig(lr=1e-2, optimizer="sgd", epochs=1, batch_size=2))
   single = cqjax.quantize(params, cfg, windows, qcfg, progress=False)
