@@ -331,6 +331,20 @@ DECODE_SETTINGS = (("bf16", False, "auto"), ("codebook_w4", True, "auto"), ("cod
                    ("codebook_w4_int8", True, "int8"))  # name, 4-bit weights, CQJAX_KERNELS
 
 
+DECODE_SETTINGS_HELP = (f"comma list of the 4-bit settings ({', '.join(n for n, four_bit, _ in DECODE_SETTINGS if four_bit)})"
+                        " or all; bf16 always")
+
+
+def decode_settings(arg: str = "all") -> tuple:
+  """The DECODE_SETTINGS named in arg (a comma list, or all), bf16 always: every speedup's baseline."""
+  names = [name for name, _, _ in DECODE_SETTINGS]
+  chosen = names if arg == "all" else [a for a in arg.split(",") if a]
+  unknown = [a for a in chosen if a not in names]
+  if unknown:
+    raise SystemExit(f"unknown decode setting {unknown[0]!r}; choose from {', '.join(names)} or all")
+  return tuple(s for s in DECODE_SETTINGS if s[0] == "bf16" or s[0] in chosen)
+
+
 def small_decode_models(fused: bool = False):
   """The small reference architecture with random weights (decode speed does not depend on the
   values): (config, model, bf16 params, every MoE and attention kernel as 4-bit RTN codebooks);
@@ -353,10 +367,10 @@ def small_decode_models(fused: bool = False):
   return cfg, model, params, quant
 
 
-def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False):
+def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS):
   """Greedy decode of the small reference architecture, bf16 vs every MoE and attention kernel as
-  4-bit RTN codebooks (default kernels, CQJAX_KERNELS=cuda and int8); fused: q/k/v and gate/up
-  fused in both (cqjax.fuse_projections)."""
+  4-bit RTN codebooks under each of `settings` (default kernels, CQJAX_KERNELS=cuda and int8);
+  fused: q/k/v and gate/up fused in both (cqjax.fuse_projections)."""
   from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
 
   cfg, model, params, quant = small_decode_models(fused)
@@ -364,18 +378,20 @@ def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False):
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
     row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused}
-    for name, four_bit, mode in DECODE_SETTINGS:
+    for name, four_bit, mode in settings:
       with kernels_mode(mode):
         run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
         us = _per_call_us(run, (quant if four_bit else params, prompt), repeats=5, calls=3)
       row[f"{name}_tokens_per_s"] = b * new_tokens / (us * 1e-6)
-    row["speedup"] = row["codebook_w4_tokens_per_s"] / row["bf16_tokens_per_s"]
-    row["speedup_cuda"] = row["codebook_w4_cuda_tokens_per_s"] / row["bf16_tokens_per_s"]
-    row["speedup_int8"] = row["codebook_w4_int8_tokens_per_s"] / row["bf16_tokens_per_s"]
-    print(f"decode small arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s, 4-bit "
-          f"{row['codebook_w4_tokens_per_s']:.0f} tok/s ({row['speedup']:.2f}x; CQJAX_KERNELS=cuda "
-          f"{row['speedup_cuda']:.2f}x, int8 {row['speedup_int8']:.2f}x; {new_tokens} new tokens after a "
-          f"{prompt_len}-token prefill{'; q/k/v and gate/up fused' if fused else ''})", flush=True)
+    speeds = []
+    for name, four_bit, mode in settings:
+      if four_bit:
+        key = "speedup" + name.removeprefix("codebook_w4")  # speedup, speedup_cuda, speedup_int8: earlier runs' keys
+        row[key] = row[f"{name}_tokens_per_s"] / row["bf16_tokens_per_s"]
+        speeds.append(f"{'default kernels' if mode == 'auto' else 'CQJAX_KERNELS=' + mode} "
+                      f"{row[f'{name}_tokens_per_s']:.0f} tok/s ({row[key]:.2f}x)")
+    print(f"decode small arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s; 4-bit: {'; '.join(speeds)}; {new_tokens} new "
+          f"tokens after a {prompt_len}-token prefill{'; q/k/v and gate/up fused' if fused else ''}", flush=True)
     out.append(row)
   return out
 
@@ -403,6 +419,7 @@ def main():
   ap.add_argument("--sweep_ms", default="128", help="comma list of M for --sweep")
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
   ap.add_argument("--fused", action="store_true", help="--decode with q/k/v and gate/up fused (cqjax.fuse_projections)")
+  ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
@@ -425,6 +442,7 @@ def main():
     with open(args.replot) as f:
       plot_kernel_speedups(json.load(f), args.plot)
     return
+  settings = decode_settings(args.decode_settings)  # refused before anything is timed
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   bw = copy_bandwidth_gbs()
   print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)
@@ -460,7 +478,7 @@ def main():
         result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
         save()
   if args.decode:
-    result["decode"] = bench_decode((1, 16), fused=args.fused)
+    result["decode"] = bench_decode((1, 16), fused=args.fused, settings=settings)
     save()
   if args.plot:
     plot_kernel_speedups(result, args.plot)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from cqjax.generate import generate
 from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
-from experiments.bench_kernels import DECODE_SETTINGS, _per_call_us, small_decode_models
+from experiments.bench_kernels import DECODE_SETTINGS_HELP, _per_call_us, decode_settings, small_decode_models
 from experiments.device_trace import print_kernels, traced_kernels
 
 PROMPT_LEN = 32
@@ -65,9 +65,11 @@ def main():
   ap.add_argument("--cache_len", type=int, default=96, help="KV cache length of the counted step")
   ap.add_argument("--trace_tokens", type=int, default=0, help="trace a generate of this many new tokens (0: no trace)")
   ap.add_argument("--fused", action="store_true", help="q/k/v and gate/up fused in both models (cqjax.fuse_projections)")
+  ap.add_argument("--settings", default="all", help=DECODE_SETTINGS_HELP)
   ap.add_argument("--top", type=int, default=8, help="kernels printed a setting, most time first")
   ap.add_argument("--out", default="", help="write the rows as JSON here")
   args = ap.parse_args()
+  settings = decode_settings(args.settings)
   cfg, model, params, quant = small_decode_models(args.fused)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; small architecture, {cfg.num_layers} layers")
   rows = []
@@ -75,7 +77,7 @@ def main():
     token = jnp.zeros((b, 1), jnp.int32)
     cache = init_cache(cfg, b, args.cache_len, jnp.bfloat16)
     prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
-    for name, four_bit, mode in DECODE_SETTINGS:
+    for name, four_bit, mode in settings:
       p = quant if four_bit else params
       with kernels_mode(mode):
         step = jax.jit(lambda p, token, cache: model.apply({"params": p}, token, cache=cache,

@@ -34,3 +34,11 @@ def test_grouped_calls_read_past_the_l2_at_batch_one(experts, top_k, k, n, want)
   routings = [bench_kernels.random_routing(jax.random.key(b), b, experts, top_k) for b in (1, 16)]
   # batch 1 reads top_k experts: twice the 50 MB L2 over their codes and bf16 codebooks, at least 8 sets
   assert bench_kernels.grouped_sets(routings, k, n, 8) == want == max(8, -(-100 * 2**20 // (top_k * n * (k // 2 + 32))))
+
+
+def test_decode_settings_keep_the_bf16_baseline_and_refuse_unknown_names(monkeypatch):
+  assert [s[0] for s in bench_kernels.decode_settings("codebook_w4")] == ["bf16", "codebook_w4"]
+  assert bench_kernels.decode_settings("all") == bench_kernels.DECODE_SETTINGS
+  monkeypatch.setattr(sys, "argv", ["bench_kernels", "--decode", "--decode_settings=codebook_w4,pallas"])
+  with pytest.raises(SystemExit, match="unknown decode setting 'pallas'"):
+    bench_kernels.main()
