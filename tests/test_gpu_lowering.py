@@ -1,0 +1,91 @@
+"""The 4-bit model's GPU paths, traced and lowered for CUDA on any machine (CI's CPU included): the
+dispatcher's choice under each CQJAX_KERNELS setting, the Pallas kernels' Triton lowering and the
+CUDA wrappers' custom calls, whose operand preparation, tunings and checks run while tracing.
+Whether the kernels compute the right numbers is for the compiled tests on a GPU; this catches the
+wiring around them, which otherwise runs first on a GPU."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cqjax.config import ModelConfig
+from cqjax.fuse_projections import fuse_projections
+from cqjax.kmeans import rtn_quantize
+from cqjax.lut_matmul import kernels_mode
+from cqjax.model import MoeCausalLM, init_cache
+from cqjax.quantize_weights import quantize_scope
+from cuda_kernels import expert_slots as ces
+from cuda_kernels import lut_matmul as cuda
+from cuda_kernels import lut_matmul_int8 as cuda8
+
+# d_in of every product a multiple of 32 (the CUDA kernels' requirement), so each setting's kernels take them all.
+CFG = ModelConfig(model_type="mixtral", vocab_size=61, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=16, num_experts=4, top_k=2, moe_intermediate_size=96)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+  model = MoeCausalLM(CFG, jnp.bfloat16)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+  q = quantize_scope(CFG, params, "full", lambda w, path: rtn_quantize(w, 4))
+  return model, jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, q)
+
+
+@pytest.fixture
+def as_gpu(monkeypatch):
+  """The dispatcher sees a CUDA GPU as the default backend, with the CUDA library built."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for module in (cuda, cuda8, ces):
+    monkeypatch.setattr(module, "available", lambda: True)
+
+
+def _lowered(model, params, tokens, decode: bool) -> str:
+  """StableHLO of the forward (or of one cached decode step) lowered for CUDA GPUs."""
+  if decode:
+    cache = init_cache(CFG, tokens.shape[0], 16, jnp.bfloat16)
+    f = lambda p, t, c: model.apply({"params": p}, t, cache=c, cache_index=7)[0]
+    args = (params, tokens, cache)
+  else:
+    f = lambda p, t: model.apply({"params": p}, t)[0]
+    args = (params, tokens)
+  return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _targets(text: str) -> set:
+  return set(re.findall(r"stablehlo.custom_call @([\w$.]+)", text))
+
+
+# setting -> (custom-call targets every product of the step must come to, names that must not appear)
+WANT = {"pallas": ({"__gpu$xla.gpu.triton"}, "cqjax_cuda"),
+        "cuda": ({"cqjax_cuda_lut_matmul", "cqjax_cuda_expert_slots"}, "xla.gpu.triton"),
+        "int8": ({"cqjax_cuda_lut_matmul_int8", "cqjax_cuda_expert_slots"}, "xla.gpu.triton")}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("mode", list(WANT))
+def test_model_lowers_for_cuda_under_each_kernel_setting(quantized, as_gpu, mode, decode, fused):
+  model, params = quantized
+  if fused:
+    params = fuse_projections(params)
+  # A decode step of 3 rows; a forward of 2 x 5 rows (10 rows, every expert busy at top-2 of 4).
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 1) if decode else (2, 5)))
+  with kernels_mode(mode):
+    text = _lowered(model, params, tokens, decode)
+  want, absent = WANT[mode]
+  assert want <= _targets(text) and absent not in text
+  if mode == "pallas":
+    assert "cqjax_grouped_lut_matmul" in text and "cqjax_lut_matmul" in text
+
+
+def test_prefill_rows_on_hopper_take_the_wgmma_kernels(quantized, as_gpu, monkeypatch):
+  """Past 16 rows a weight the int8 setting takes its wgmma kernel on Hopper (elsewhere the default
+  kernels): both lower, with the wgmma tunings' operands."""
+  model, params = quantized
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (4, 40)))  # 160 rows
+  for hopper, want in ((True, "cqjax_cuda_lut_matmul_int8"), (False, "__gpu$xla.gpu.triton")):
+    monkeypatch.setattr(cuda, "is_hopper", lambda hopper=hopper: hopper)
+    with kernels_mode("int8"):
+      assert want in _targets(_lowered(model, params, tokens, False))
