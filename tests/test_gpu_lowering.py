@@ -58,7 +58,8 @@ def _targets(text: str) -> set:
 
 
 # setting -> (custom-call targets every product of the step must come to, names that must not appear)
-WANT = {"pallas": ({"__gpu$xla.gpu.triton"}, "cqjax_cuda"),
+WANT = {"auto": ({"__gpu$xla.gpu.triton"}, "cqjax_cuda_lut_matmul"),  # weights this small: the Pallas kernels
+        "pallas": ({"__gpu$xla.gpu.triton"}, "cqjax_cuda"),
         "cuda": ({"cqjax_cuda_lut_matmul", "cqjax_cuda_expert_slots"}, "xla.gpu.triton"),
         "int8": ({"cqjax_cuda_lut_matmul_int8", "cqjax_cuda_expert_slots"}, "xla.gpu.triton")}
 
@@ -76,7 +77,7 @@ def test_model_lowers_for_cuda_under_each_kernel_setting(quantized, as_gpu, mode
     text = _lowered(model, params, tokens, decode)
   want, absent = WANT[mode]
   assert want <= _targets(text) and absent not in text
-  if mode == "pallas":
+  if mode in ("auto", "pallas"):
     assert "cqjax_grouped_lut_matmul" in text and "cqjax_lut_matmul" in text
 
 
