@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Same-machine comparison of decoding with this checkout against the same tree with a patch applied
 # (GPU image, from the repository root; each part well under the device's 10 minutes a command):
-#   bash experiments/ab_decode_patch.sh PATCH OUT_DIR [PARTS]
+#   bash experiments/ab_decode_patch.sh PATCH[,PATCH...] OUT_DIR [PARTS]
+# (several patches are applied in order). Both trees get the CUDA library, built here first if absent.
 # PARTS, a comma list (default tests,decode):
 #   tests    the patched tree's compiled tests (AB_TESTS, default tests/test_pallas_kernels.py)
 #   decode   both trees, alternately AB_ROUNDS times (default 2): one decode step's launches and its
@@ -14,14 +15,16 @@
 # Results (JSON a part, tree and round; the patched tests' log) land in OUT_DIR/ab_decode.tar.gz
 # (the device tool returns only a few files); the summary on stdout.
 set -u
-patch_file=$(realpath "$1") dest=$(realpath "$2") parts=${3:-tests,decode}
+patches=() && for p in ${1//,/ }; do patches+=("$(realpath "$p")"); done
+dest=$(realpath "$2") parts=${3:-tests,decode}
 settings=${AB_SETTINGS:-codebook_w4}
 out=$dest/ab_decode
-mkdir -p "$out" /tmp/ab_decode_patched
+rm -rf /tmp/ab_decode_patched && mkdir -p "$out" /tmp/ab_decode_patched
 trap 'tar -czf "$dest/ab_decode.tar.gz" -C "$dest" ab_decode && rm -rf "$out"' EXIT
 export PYTHONUNBUFFERED=1
-tar --exclude=.git --exclude=.venv -c . | tar -x -C /tmp/ab_decode_patched \
-  && (cd /tmp/ab_decode_patched && patch -p1 -s < "$patch_file") || exit 1
+[ -f cuda_kernels/_lut_matmul_cuda.so ] || python3 -m cuda_kernels.build > "$out/build.txt" 2>&1 || { tail "$out/build.txt"; exit 1; }
+tar --exclude=.git --exclude=.venv -c . | tar -x -C /tmp/ab_decode_patched || exit 1
+for p in "${patches[@]}"; do (cd /tmp/ab_decode_patched && patch -p1 -s < "$p") || { echo "$p does not apply"; exit 1; }; done
 declare -A tree=([base]=$PWD [patched]=/tmp/ab_decode_patched)
 quiet() { grep -vE "^[WIE][0-9]{4}|^\s*$" | cut -c1-170; }
 if [[ ,$parts, == *,tests,* ]]; then
