@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cqjax.config import ModelConfig
+from cqjax import lut_matmul as dispatch
 from cqjax.fuse_projections import fuse_projections
 from cqjax.kmeans import rtn_quantize
-from cqjax.lut_matmul import kernels_mode
 from cqjax.model import MoeCausalLM, init_cache
 from cqjax.quantize_weights import quantize_scope
 from cuda_kernels import expert_slots as ces
@@ -35,10 +35,17 @@ def quantized():
 
 @pytest.fixture
 def as_gpu(monkeypatch):
-  """The dispatcher sees a CUDA GPU as the default backend, with the CUDA library built."""
+  """The dispatcher sees a CUDA GPU as the default backend, with the CUDA library built; a product
+  that falls back to the jnp reference fails the trace."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   for module in (cuda, cuda8, ces):
     monkeypatch.setattr(module, "available", lambda: True)
+
+  def no_reference(*args):
+    raise AssertionError("a product took the jnp reference on the GPU path")
+
+  for name in ("lut_matmul_reference", "grouped_lut_matmul_reference"):
+    monkeypatch.setattr(dispatch, name, no_reference)
 
 
 def _lowered(model, params, tokens, decode: bool) -> str:
@@ -73,7 +80,7 @@ def test_model_lowers_for_cuda_under_each_kernel_setting(quantized, as_gpu, mode
     params = fuse_projections(params)
   # A decode step of 3 rows; a forward of 2 x 5 rows (10 rows, every expert busy at top-2 of 4).
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 1) if decode else (2, 5)))
-  with kernels_mode(mode):
+  with dispatch.kernels_mode(mode):
     text = _lowered(model, params, tokens, decode)
   want, absent = WANT[mode]
   assert want <= _targets(text) and absent not in text
@@ -88,5 +95,5 @@ def test_prefill_rows_on_hopper_take_the_wgmma_kernels(quantized, as_gpu, monkey
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (4, 40)))  # 160 rows
   for hopper, want in ((True, "cqjax_cuda_lut_matmul_int8"), (False, "__gpu$xla.gpu.triton")):
     monkeypatch.setattr(cuda, "is_hopper", lambda hopper=hopper: hopper)
-    with kernels_mode("int8"):
+    with dispatch.kernels_mode("int8"):
       assert want in _targets(_lowered(model, params, tokens, False))
