@@ -5,22 +5,23 @@
 # (several patches are applied in order). Both trees get the CUDA library, built here first if absent.
 # PARTS, a comma list (default tests,decode):
 #   tests    the patched tree's compiled tests (AB_TESTS, default tests/test_pallas_kernels.py)
-#   decode   both trees, alternately AB_ROUNDS times (default 2): one decode step's launches and its
+#   decode   both trees, alternately AB_ROUNDS times (default 1): one decode step's launches and its
 #            kernels per token from jax.profiler (experiments.profile_decode_step), then decode
 #            tokens/s against bf16 (bench_kernels --decode), for AB_SETTINGS (default codebook_w4:
 #            the default kernels; at the small architecture's shapes those are Pallas' whether or
 #            not the CUDA library is built, cqjax.lut_matmul)
 #   kernels  both trees: the Pallas kernels alone at the Mixtral and Qwen3 shapes (single M = 1, 16;
 #            grouped batch 1, 16), each against XLA in its own run
-# Results (JSON a part, tree and round; the patched tests' log) land in OUT_DIR/ab_decode.tar.gz
-# (the device tool returns only a few files); the summary on stdout.
+# Results (JSON a part, tree and round; the patched tests' log) land in OUT_DIR/ab_decode.tar.gz,
+# written again after every step (the device tool returns only a few files, and a command stopped
+# at its time limit keeps what it measured); the summary on stdout.
 set -u
 patches=() && for p in ${1//,/ }; do patches+=("$(realpath "$p")"); done
 dest=$(realpath "$2") parts=${3:-tests,decode}
 settings=${AB_SETTINGS:-codebook_w4}
-out=$dest/ab_decode
-rm -rf /tmp/ab_decode_patched && mkdir -p "$out" /tmp/ab_decode_patched
-trap 'tar -czf "$dest/ab_decode.tar.gz" -C "$dest" ab_decode && rm -rf "$out"' EXIT
+out=/tmp/ab_decode
+rm -rf /tmp/ab_decode_patched "$out" && mkdir -p "$dest" "$out" /tmp/ab_decode_patched
+save() { tar -czf "$dest/ab_decode.tar.gz.tmp" -C /tmp ab_decode && mv "$dest/ab_decode.tar.gz.tmp" "$dest/ab_decode.tar.gz"; }
 export PYTHONUNBUFFERED=1
 [ -f cuda_kernels/_lut_matmul_cuda.so ] || python3 -m cuda_kernels.build > "$out/build.txt" 2>&1 || { tail "$out/build.txt"; exit 1; }
 tar --exclude=.git --exclude=.venv -c . | tar -x -C /tmp/ab_decode_patched || exit 1
@@ -30,15 +31,17 @@ quiet() { grep -vE "^[WIE][0-9]{4}|^\s*$" | cut -c1-170; }
 if [[ ,$parts, == *,tests,* ]]; then
   (cd /tmp/ab_decode_patched && PYTHONPATH=$PWD timeout 300 python3 -m pytest -q -p no:cacheprovider \
     ${AB_TESTS:-tests/test_pallas_kernels.py} > "$out/tests_patched.txt" 2>&1)
-  grep -E "^FAILED|passed|failed" "$out/tests_patched.txt" | head
+  grep -E "^(FAILED|ERROR)" "$out/tests_patched.txt" | head; tail -n 1 "$out/tests_patched.txt"
+  save
 fi
 if [[ ,$parts, == *,decode,* ]]; then
-  for round in $(seq "${AB_ROUNDS:-2}"); do for name in base patched; do
+  for round in $(seq "${AB_ROUNDS:-1}"); do for name in base patched; do
     echo "== $name (round $round)"
     (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 150 python3 -m experiments.profile_decode_step --batches=1,16 \
       --trace_tokens=16 --top=6 --settings="$settings" --out="$out/decode_step_${name}_$round.json" 2>&1 | quiet)
     (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 120 python3 -m experiments.bench_kernels --single= --grouped= \
       --decode --decode_settings="$settings" --out="$out/decode_${name}_$round.json" 2>&1 | grep "decode small")
+    save
   done; done
 fi
 if [[ ,$parts, == *,kernels,* ]]; then
@@ -47,5 +50,6 @@ if [[ ,$parts, == *,kernels,* ]]; then
     (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 200 python3 -m experiments.bench_kernels --kernels=pallas \
       --single=4096x14336,14336x4096 --ms=1,16 --grouped=mixtral-4096x14336,qwen3-2048x768 --batches=1,16 \
       --out="$out/kernels_$name.json" 2>&1 | grep -E "pallas|ragged|copy" | cut -c1-170)
+    save
   done
 fi
