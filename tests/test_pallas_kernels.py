@@ -78,6 +78,19 @@ def test_grouped_matches_reference_with_empty_experts(dtype, bits, group):
     assert not np.asarray(got[sum(sizes):]).any()  # rows past the last group are zero
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_decode_rows_take_the_fma_path(dtype):
+  """Batch 1 at top-2 of 8 experts (and one row): a row a slot, the FMA path (block_m 1), odd K and N."""
+  rng = np.random.default_rng(12)
+  w = random_codebook_weight(rng, (8,), 37, 272, 4, 272)
+  for sizes in ([0, 1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1]):
+    gs = jnp.asarray(sizes, jnp.int32)
+    x = jnp.asarray(rng.normal(size=(sum(sizes), 272)), dtype)
+    assert pk.default_tuning(1, 272, 37, 4, experts=sum(sizes)).block_m == 1
+    got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, interpret=INTERPRET)
+    _close(got, float64_product(x, w, gs), dtype)
+
+
 def test_grouped_many_rows_per_expert_walks_row_blocks():
   rng = np.random.default_rng(3)
   w = random_codebook_weight(rng, (3,), 17, 64, 4, 64)
