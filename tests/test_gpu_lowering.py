@@ -97,3 +97,18 @@ def test_prefill_rows_on_hopper_take_the_wgmma_kernels(quantized, as_gpu, monkey
     monkeypatch.setattr(cuda, "is_hopper", lambda hopper=hopper: hopper)
     with dispatch.kernels_mode("int8"):
       assert want in _targets(_lowered(model, params, tokens, False))
+
+
+@pytest.mark.parametrize("mode", ["pallas", "int8"])
+def test_expert_parallel_model_lowers_for_cuda(quantized, as_gpu, mode):
+  """On a data x expert mesh (8 CPU devices standing in for GPUs) the kernels run inside the
+  expert-parallel shard_map, every product still a kernel."""
+  from cqjax.sharding import MeshConfig, make_mesh, shard_params  # pylint: disable=g-import-not-at-top
+  model, params = quantized
+  mesh = make_mesh(MeshConfig(data=2, expert=4), CFG.num_experts)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 5)))
+  with dispatch.kernels_mode(mode), jax.set_mesh(mesh):
+    text = _lowered(model, shard_params(params, mesh), tokens, False)
+  want, absent = WANT[mode]
+  assert want <= _targets(text) and absent not in text
+  assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text  # shard_map (Shardy or GSPMD)
