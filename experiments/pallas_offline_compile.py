@@ -1,0 +1,148 @@
+"""The Pallas kernels compiled for a GPU on a machine without one: registers, spills, shared memory
+and SASS instructions of each kernel, before any device time is spent (a stack means spills).
+
+  pip install triton==3.6.0   # the Triton of the GPU image's XLA; not a project dependency
+  python -m experiments.pallas_offline_compile [--single=1x4096x14336,...] [--grouped=8x2x1x4096x14336,...]
+                                               [--arch=90] [--out=FILE.json]
+
+Each product is traced and lowered for CUDA (Pallas' Triton lowering runs in Python, so this works
+on any backend); the Triton IR of each of its pallas_calls, with the call's warps and stages, is then
+compiled by the `triton` package for the given SM to PTX and a cubin, whose resource usage and SASS
+come from the cuobjdump that package bundles. It catches what lowering alone does not (Triton's
+verifier, PTX assembly) and shows what a change (a patch) does to registers and instructions. XLA
+compiles the same IR with its own Triton, so the numbers are a close estimate, not the GPU's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax._src.pallas.triton import pallas_call_registration
+from jax.experimental import pallas as pl
+
+from pallas_kernels import lut_matmul as pk
+
+SINGLE = "1x4096x14336,16x4096x14336,128x4096x14336,1x14336x4096,16x14336x4096,1x2048x768,1x768x2048,1x4096x4096"
+GROUPED = "8x2x1x4096x14336,8x2x16x4096x14336,128x8x1x2048x768,128x8x16x2048x768,128x8x1x768x2048"
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+  """One pallas_call as Triton compiles it: the Triton IR text (no debug locations) and its launch options."""
+
+  name: str
+  ttir: str
+  num_warps: int
+  num_stages: int
+
+
+@contextlib.contextmanager
+def captured_kernels():
+  """Yields a list that fills with a TritonKernel for every pallas_call lowered inside (jit caches
+  are dropped first, so that each call is traced, and its options seen, again)."""
+  jax.clear_caches()
+  kernels, options = [], []
+  lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+  call = pl.pallas_call
+
+  def recording_call(*args, **kwargs):
+    params = kwargs.get("compiler_params")
+    options.append((kwargs.get("name", "kernel"), getattr(params, "num_warps", 4), getattr(params, "num_stages", 3)))
+    return call(*args, **kwargs)
+
+  def recording_lower(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    name, warps, stages = options[len(kernels)]
+    kernels.append(TritonKernel(name, result.module.operation.get_asm(enable_debug_info=False), warps, stages))
+    return result
+
+  pl.pallas_call = recording_call
+  pallas_call_registration.lowering.lower_jaxpr_to_triton_module = recording_lower
+  try:
+    yield kernels
+  finally:
+    pl.pallas_call = call
+    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
+
+
+def product_kernels(m: int, k: int, n: int, experts: int = 0, top_k: int = 0) -> list[TritonKernel]:
+  """The Triton kernels of one 4-bit bf16 product with the default tunings: a single weight [k, n]
+  at m rows, or (experts > 0) the grouped product of m tokens routed to top_k of `experts`."""
+  x = jax.ShapeDtypeStruct((m * max(top_k, 1), k), jnp.bfloat16)
+  lead = (experts,) if experts else ()
+  packed = jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8)
+  cent = jax.ShapeDtypeStruct((*lead, n, 1, 16), jnp.bfloat16)
+  if experts:
+    f, args = (lambda x, p, c, gs: pk.grouped_lut_matmul(x, p, c, 4, gs)), (x, packed, cent,
+                                                                          jax.ShapeDtypeStruct((experts,), jnp.int32))
+  else:
+    f, args = (lambda x, p, c: pk.lut_matmul(x, p, c, 4)), (x, packed, cent)
+  with captured_kernels() as kernels:
+    jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+  return kernels
+
+
+def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
+  """Compiles with the `triton` package for sm_<arch>: registers and stack bytes (spills) of the
+  cubin (its bundled cuobjdump), the shared memory Triton allocates, and SASS instructions."""
+  import triton  # pylint: disable=g-import-not-at-top
+  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, f"{kernel.name}.ttir")
+  with open(path, "w") as f:
+    f.write(kernel.ttir)
+  compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+  cubin = os.path.join(workdir, f"{kernel.name}.cubin")
+  with open(cubin, "wb") as f:
+    f.write(compiled.asm["cubin"])
+  cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+  usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+  sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+  field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else 0
+  return {"registers": field("REG"), "stack": field("STACK"), "shared": compiled.metadata.shared,
+          "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, flags=re.M)),
+          "num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--single", default=SINGLE, help="comma list of MxKxN single weights (empty: none)")
+  ap.add_argument("--grouped", default=GROUPED, help="comma list of EXPERTSxTOPKxBATCHxKxN grouped products (empty: none)")
+  ap.add_argument("--arch", type=int, default=90, help="SM to compile for (90: H100 / H200)")
+  ap.add_argument("--out", default="", help="write the rows as JSON here")
+  args = ap.parse_args()
+  try:
+    import triton  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("pallas_offline_compile needs the triton package: pip install triton==3.6.0") from None
+  cases = [dict(m=m, k=k, n=n) for m, k, n in (map(int, s.split("x")) for s in args.single.split(",") if s)]
+  cases += [dict(experts=e, top_k=t, m=b, k=k, n=n)
+            for e, t, b, k, n in (map(int, s.split("x")) for s in args.grouped.split(",") if s)]
+  print(f"triton {triton.__version__}, sm_{args.arch}; jax {jax.__version__}")
+  rows = []
+  with tempfile.TemporaryDirectory() as workdir:
+    for case in cases:
+      for kernel in product_kernels(**case):
+        row = {**case, "kernel": kernel.name, **compile_kernel(kernel, args.arch, workdir)}
+        rows.append(row)
+        shape = (f"{case['experts']} experts top-{case['top_k']} batch {case['m']}" if "experts" in case
+                 else f"M={case['m']}")
+        print(f"{case['k']}x{case['n']} {shape:<26} {kernel.name:<26} warps {row['num_warps']:2d} stages "
+              f"{row['num_stages']}  registers {row['registers']:3d}  stack {row['stack']:4d}  shared "
+              f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
