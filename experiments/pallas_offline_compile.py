@@ -25,6 +25,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+# Private: the one place jax hands over a pallas_call's Triton module before serializing it.
 from jax._src.pallas.triton import pallas_call_registration
 from jax.experimental import pallas as pl
 
