@@ -16,6 +16,10 @@ on Hopper, for any rows (its wgmma kernel), the default kernels elsewhere; on GP
 applies and `pallas` never.
 The variable is read when a function is traced: set it before the first call, call
 `jax.clear_caches()` after changing it, or trace inside `with kernels_mode(mode):`.
+The backend is `jax.default_backend()`, except inside `kernels_mode(mode, backend="gpu")`: code
+compiled ahead of time for a GPU from a host without one (compile-only devices of
+`jax.experimental.topologies`) then takes the GPU's kernels; the CUDA library, which loads only
+beside a GPU, then never serves, so GPU products take the Pallas kernels.
 """
 from __future__ import annotations
 
@@ -145,17 +149,28 @@ class _CudaFirst:
     return self._pick(x, packed, centroids, bits, True).grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
+_BACKENDS = ("cpu", "gpu")
+_backend_override: str | None = None  # kernels_mode(backend=...), else jax.default_backend()
+
+
 @contextlib.contextmanager
-def kernels_mode(mode: str):
-  """CQJAX_KERNELS=mode for what is traced inside. The dispatcher reads it at trace time, so jit
-  caches traced under another mode are dropped on the way in and out."""
-  old = os.environ.get("CQJAX_KERNELS")
+def kernels_mode(mode: str, backend: str | None = None):
+  """CQJAX_KERNELS=mode for what is traced inside, and the backend it is traced for (None: the
+  default backend; "gpu" to compile for a GPU ahead of time from a host without one). The
+  dispatcher reads both at trace time, so jit caches traced under others are dropped on the way in
+  and out."""
+  global _backend_override
+  if backend is not None and backend not in _BACKENDS:
+    raise CqjaxError(f"kernels_mode backend must be one of {', '.join(_BACKENDS)} or None, got {backend!r}")
+  old, old_backend = os.environ.get("CQJAX_KERNELS"), _backend_override
   os.environ["CQJAX_KERNELS"] = mode
+  _backend_override = backend
   jax.clear_caches()
   try:
     yield
   finally:
     jax.clear_caches()
+    _backend_override = old_backend
     if old is None:
       del os.environ["CQJAX_KERNELS"]
     else:
@@ -172,7 +187,7 @@ def _kernels():
     raise CqjaxError(f"CQJAX_KERNELS must be auto, reference, int8, cuda or pallas, got {mode!r}")
   if mode == "reference":
     return None
-  backend = jax.default_backend()
+  backend = _backend_override or jax.default_backend()
   if backend == "cpu":
     from cpu_kernels import lut_matmul as cpu  # pylint: disable=g-import-not-at-top
     if not cpu.available():

@@ -7,7 +7,10 @@
 # added, `generate`'s scan of steps can become one graph launch a call. Each round times
 # `bench_kernels --decode` (bf16 and every 4-bit setting, batch 1 and 16) under the defaults, then
 # under the wider command buffers (XLA_FLAGS is read once a process, so one process each); the CUDA
-# library is built first if absent;
+# library is built first if absent. Compiled without a GPU (session 39, jax 0.10.2's XLA for an H200,
+# experiments.compile_only_gpu), the defaults already put each step's kernels in one command buffer,
+# and WHILE did not take the loop itself in (a compile-only device may not claim the driver's
+# conditional nodes): this run says what 0.11.2 does on the GPU;
 # results in OUT_DIR/decode_{default,while}_<round>.json, the summary on stdout.
 set -u
 out=$1 rounds=${2:-1}

@@ -74,18 +74,35 @@ def captured_kernels():
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
 
 
-def product_kernels(m: int, k: int, n: int, experts: int = 0, top_k: int = 0) -> list[TritonKernel]:
-  """The Triton kernels of one 4-bit bf16 product with the default tunings: a single weight [k, n]
-  at m rows, or (experts > 0) the grouped product of m tokens routed to top_k of `experts`."""
+def product_call(m: int, k: int, n: int, experts: int = 0, top_k: int = 0) -> tuple:
+  """(function, abstract arguments) of one 4-bit bf16 product through the Pallas kernels with the
+  default tunings: a single weight [k, n] at m rows, or (experts > 0) the grouped product of m tokens
+  routed to top_k of `experts`."""
   x = jax.ShapeDtypeStruct((m * max(top_k, 1), k), jnp.bfloat16)
   lead = (experts,) if experts else ()
   packed = jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8)
   cent = jax.ShapeDtypeStruct((*lead, n, 1, 16), jnp.bfloat16)
   if experts:
-    f, args = (lambda x, p, c, gs: pk.grouped_lut_matmul(x, p, c, 4, gs)), (x, packed, cent,
-                                                                          jax.ShapeDtypeStruct((experts,), jnp.int32))
-  else:
-    f, args = (lambda x, p, c: pk.lut_matmul(x, p, c, 4)), (x, packed, cent)
+    return (lambda x, p, c, gs: pk.grouped_lut_matmul(x, p, c, 4, gs)), (x, packed, cent,
+                                                                         jax.ShapeDtypeStruct((experts,), jnp.int32))
+  return (lambda x, p, c: pk.lut_matmul(x, p, c, 4)), (x, packed, cent)
+
+
+def parse_products(single: str, grouped: str) -> list[dict]:
+  """product_call's keyword arguments for --single (MxKxN, ...) and --grouped (EXPERTSxTOPKxBATCHxKxN, ...)."""
+  cases = [dict(m=m, k=k, n=n) for m, k, n in (map(int, s.split("x")) for s in single.split(",") if s)]
+  return cases + [dict(experts=e, top_k=t, m=b, k=k, n=n)
+                  for e, t, b, k, n in (map(int, s.split("x")) for s in grouped.split(",") if s)]
+
+
+def product_label(case: dict) -> str:
+  shape = f"{case['experts']} experts top-{case['top_k']} batch {case['m']}" if "experts" in case else f"M={case['m']}"
+  return f"{case['k']}x{case['n']} {shape}"
+
+
+def product_kernels(m: int, k: int, n: int, experts: int = 0, top_k: int = 0) -> list[TritonKernel]:
+  """The Triton kernels of one product (product_call's)."""
+  f, args = product_call(m, k, n, experts, top_k)
   with captured_kernels() as kernels:
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
   return kernels
@@ -125,9 +142,7 @@ def main():
     import triton  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise SystemExit("pallas_offline_compile needs the triton package: pip install triton==3.6.0") from None
-  cases = [dict(m=m, k=k, n=n) for m, k, n in (map(int, s.split("x")) for s in args.single.split(",") if s)]
-  cases += [dict(experts=e, top_k=t, m=b, k=k, n=n)
-            for e, t, b, k, n in (map(int, s.split("x")) for s in args.grouped.split(",") if s)]
+  cases = parse_products(args.single, args.grouped)
   print(f"triton {triton.__version__}, sm_{args.arch}; jax {jax.__version__}")
   rows = []
   with tempfile.TemporaryDirectory() as workdir:
@@ -135,9 +150,7 @@ def main():
       for kernel in product_kernels(**case):
         row = {**case, "kernel": kernel.name, **compile_kernel(kernel, args.arch, workdir)}
         rows.append(row)
-        shape = (f"{case['experts']} experts top-{case['top_k']} batch {case['m']}" if "experts" in case
-                 else f"M={case['m']}")
-        print(f"{case['k']}x{case['n']} {shape:<26} {kernel.name:<26} warps {row['num_warps']:2d} stages "
+        print(f"{product_label(case):<40} {kernel.name:<26} warps {row['num_warps']:2d} stages "
               f"{row['num_stages']}  registers {row['registers']:3d}  stack {row['stack']:4d}  shared "
               f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}", flush=True)
   if args.out:

@@ -2,16 +2,23 @@
 against 4-bit codebooks under each kernel setting (those of `bench_kernels --decode`):
 
   python -m experiments.profile_decode_step [--batches=1,16] [--trace_tokens=16] [--fused] [--out=FILE.json]
+  PYTHONPATH=/tmp/cuda_plugin python -m experiments.profile_decode_step --compile_for=h200 --settings=codebook_w4
 
 1. Launches: the entry computation of one compiled step (one token a row against a KV cache):
    fusions, custom calls by target (the codebook kernels, cuBLAS GEMMs, ...) and any other op
    outside a fusion; layout-only instructions (parameter, tuple, get-tuple-element, bitcast,
-   constant) are not counted.
+   constant) are not counted. Beside them, the longest chain of launches that each wait on the one
+   before (data dependencies): XLA runs `generate`'s decode step as one CUDA graph, whose
+   independent kernels may overlap, so the chain, not the count, bounds a step made of small
+   kernels.
 2. With --trace_tokens=T > 0: one greedy `generate` of T new tokens under `jax.profiler.trace`; the
    device's kernels from the trace (CUPTI's records: no ncu needed), summed by name, per new token
    (the 32-token prefill's kernels are spread over the T tokens), beside the call's wall time per
    token timed outside the trace. Their ratio is how busy the GPU is: near 1, the kernels bound
    the step; far below, launches and their gaps do (experiments.device_trace).
+3. With --compile_for=SPEC, on a machine without a GPU: the step compiled by XLA's GPU pipeline
+   for a compile-only device (experiments.compile_only_gpu; install line there), counted as in 1.
+   The CUDA library loads only beside a GPU, so only bf16 and the default (Pallas) setting count.
 
 Why: at the small architecture's shapes the weights are a few MB and the 4-bit model decodes at
 0.64-0.85x bf16 (BENCHMARKS.md session 37), so this says which launches a quantized step adds and
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 from cqjax.generate import generate
 from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
+from experiments import compile_only_gpu
 from experiments.bench_kernels import DECODE_SETTINGS_HELP, _per_call_us, decode_settings, small_decode_models
 from experiments.device_trace import print_kernels, traced_kernels
 
@@ -43,20 +51,32 @@ _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 def entry_work(hlo_text: str) -> collections.Counter:
   """Opcode (custom calls: 'custom-call:target') -> count over the ENTRY computation of a compiled
   module's text, layout-only instructions left out."""
-  counts = collections.Counter()
+  return collections.Counter(op for _, op, _ in _entry_instructions(hlo_text) if op not in _NO_WORK)
+
+
+def _entry_instructions(hlo_text: str):
+  """(name, opcode or 'custom-call:target', operand names) of each ENTRY instruction of a compiled module's text."""
   in_entry = False
   for line in hlo_text.splitlines():
     if line.startswith("ENTRY"):
       in_entry = True
       continue
     if in_entry and line.startswith("}"):
-      break
+      return
     m = _INSTRUCTION.match(line) if in_entry else None
-    if not m or m.group(1) in _NO_WORK:
-      continue
-    target = _TARGET.search(line)
-    counts[f"custom-call:{target.group(1)}" if m.group(1) == "custom-call" and target else m.group(1)] += 1
-  return counts
+    if m:
+      target = _TARGET.search(line)
+      op = f"custom-call:{target.group(1)}" if m.group(1) == "custom-call" and target else m.group(1)
+      yield line.split("=", 1)[0].replace("ROOT", "").strip(), op, re.findall(r"%[\w.\-]+", m.group(2).split(")", 1)[0])
+
+
+def longest_chain(hlo_text: str) -> int:
+  """Launches on the longest data-dependent chain of the ENTRY computation (layout-only
+  instructions pass their operands' chains on without adding a launch)."""
+  depth = {}
+  for name, op, operands in _entry_instructions(hlo_text):
+    depth[name] = max((depth.get(o, 0) for o in operands), default=0) + (op not in _NO_WORK)
+  return max(depth.values(), default=0)
 
 
 def main():
@@ -67,11 +87,22 @@ def main():
   ap.add_argument("--fused", action="store_true", help="q/k/v and gate/up fused in both models (cqjax.fuse_projections)")
   ap.add_argument("--settings", default="all", help=DECODE_SETTINGS_HELP)
   ap.add_argument("--top", type=int, default=8, help="kernels printed a setting, most time first")
+  ap.add_argument("--compile_for", default="", help="count a step compiled for this GPU spec without a GPU "
+                  "(experiments.compile_only_gpu: a name in experiments/assets/gpu_specs or a path)")
   ap.add_argument("--out", default="", help="write the rows as JSON here")
   args = ap.parse_args()
   settings = decode_settings(args.settings)
+  target = None
+  if args.compile_for:
+    cuda_only = [name for name, _, mode in settings if mode in ("cuda", "int8")]
+    if cuda_only or args.trace_tokens:
+      raise SystemExit(f"--compile_for counts bf16 and codebook_w4 only, without a trace (asked: {cuda_only or '--trace_tokens'}): "
+                       "the CUDA library and a trace need a GPU")
+    target = compile_only_gpu.compile_only_device(args.compile_for)  # before the backends start
   cfg, model, params, quant = small_decode_models(args.fused)
-  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; small architecture, {cfg.num_layers} layers")
+  device = target or jax.devices()[0]
+  print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
+        f"small architecture, {cfg.num_layers} layers")
   rows = []
   for b in (int(v) for v in args.batches.split(",")):
     token = jnp.zeros((b, 1), jnp.int32)
@@ -79,13 +110,17 @@ def main():
     prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
     for name, four_bit, mode in settings:
       p = quant if four_bit else params
-      with kernels_mode(mode):
-        step = jax.jit(lambda p, token, cache: model.apply({"params": p}, token, cache=cache,
-                                                           cache_index=args.cache_len - 1))
-        counts = entry_work(step.lower(p, token, cache).compile().as_text())
-        row = dict(batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), counts=dict(counts))
+      with kernels_mode(mode, backend="gpu" if target else None):
+        step = lambda p, token, cache: model.apply({"params": p}, token, cache=cache, cache_index=args.cache_len - 1)
+        compiled = (compile_only_gpu.compile_for(step, (p, token, cache), target) if target
+                    else jax.jit(step).lower(p, token, cache).compile())
+        text = compiled.as_text()
+        counts = entry_work(text)
+        row = dict(batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), chain=longest_chain(text),
+                   counts=dict(counts), compiled_for=args.compile_for or None)
         top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
-        print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step ({top})", flush=True)
+        print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step, {row['chain']:4d} in the longest chain "
+              f"({top})", flush=True)
         if args.trace_tokens:
           run = jax.jit(lambda p, prompt: generate(model, p, prompt, args.trace_tokens))
           kernels = traced_kernels(run, (p, prompt))

@@ -99,6 +99,24 @@ def test_prefill_rows_on_hopper_take_the_wgmma_kernels(quantized, as_gpu, monkey
       assert want in _targets(_lowered(model, params, tokens, False))
 
 
+def test_kernels_mode_traces_for_a_gpu_from_a_host_without_one(quantized, monkeypatch):
+  """kernels_mode(backend="gpu") with nothing mocked but the reference (as for compiling ahead of
+  time for a GPU, experiments.compile_only_gpu): every product a Pallas kernel, the CUDA library
+  never loaded without a GPU, under every setting; an unknown backend is refused."""
+  for name in ("lut_matmul_reference", "grouped_lut_matmul_reference"):
+    monkeypatch.setattr(dispatch, name, lambda *args: pytest.fail("a product took the jnp reference"))
+  model, params = quantized
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (3, 1)))
+  for mode in ("auto", "cuda", "int8"):
+    with dispatch.kernels_mode(mode, backend="gpu"):
+      text = _lowered(model, params, tokens, True)
+    assert _targets(text) == {"__gpu$xla.gpu.triton"}, mode
+  assert dispatch._backend_override is None  # the override ends with its block
+  with pytest.raises(dispatch.CqjaxError, match=r"kernels_mode backend must be one of cpu, gpu or None, got 'tpu'"):
+    with dispatch.kernels_mode("auto", backend="tpu"):
+      pass
+
+
 @pytest.mark.parametrize("mode", ["pallas", "int8"])
 def test_expert_parallel_model_lowers_for_cuda(quantized, as_gpu, mode):
   """On a data x expert mesh (8 CPU devices standing in for GPUs) the kernels run inside the

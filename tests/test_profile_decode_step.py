@@ -1,8 +1,9 @@
-"""experiments.profile_decode_step reads the work of a compiled module's entry computation."""
+"""experiments.profile_decode_step reads the work of a compiled module's entry computation and its
+longest chain of dependent launches."""
 import jax
 import jax.numpy as jnp
 
-from experiments.profile_decode_step import entry_work
+from experiments.profile_decode_step import entry_work, longest_chain
 
 _HLO = """HloModule jit_step
 
@@ -35,3 +36,12 @@ def test_reads_a_compiled_module():
   counts = entry_work(text)
   assert sum(counts.values()) >= 1 and not {"parameter", "tuple", "constant"} & set(counts)
 
+
+
+def test_longest_chain_follows_data_through_layout_only_instructions():
+  # fusion -> gemm -> (get-tuple-element) -> copy is 3 launches; the slots beside them are a chain of 1.
+  assert longest_chain(_HLO) == 3
+  # A second branch of 4 dependent launches next to it is the longest.
+  longer = _HLO.replace("  ROOT %t", "  %n1 = s32[8]{0} negate(%b)\n  %n2 = s32[8]{0} negate(%n1)\n"
+                        "  %n3 = s32[8]{0} negate(%n2)\n  %n4 = s32[8]{0} negate(%n3)\n  ROOT %t")
+  assert longest_chain(longer) == 4 and sum(entry_work(longer).values()) == 8

@@ -1,0 +1,53 @@
+"""experiments.compile_only_gpu where jax's CUDA plugin is not installed (CI): its clear refusals,
+its reading of ptxas' report, and the GPU specs it ships. The compiles themselves need the plugin
+and ptxas; their numbers are in BENCHMARKS.md (session 39)."""
+import pytest
+
+from experiments import compile_only_gpu as cog
+
+PTXAS_REPORT = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers, used 0 barriers
+ptxas info    : Compiling entry function 'cqjax_lut_matmul__1' for 'sm_90a'
+ptxas info    : Function properties for cqjax_lut_matmul__1
+    184 bytes stack frame, 180 bytes spill stores, 176 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 184 bytes cumulative stack size
+ptxas info    : Compiling entry function 'cqjax_grouped_lut_matmul' for 'sm_90a'
+ptxas info    : Function properties for cqjax_grouped_lut_matmul
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 78 registers, used 1 barriers
+"""
+
+
+def test_reads_the_cqjax_kernels_of_a_ptxas_report():
+  assert cog.parse_ptxas(PTXAS_REPORT) == [
+      dict(kernel="cqjax_lut_matmul__1", stack=184, spill_stores=180, spill_loads=176, registers=255),
+      dict(kernel="cqjax_grouped_lut_matmul", stack=0, spill_stores=0, spill_loads=0, registers=78)]
+
+
+def test_ships_the_specs_of_the_gpus_benchmarked():
+  assert {"h100_sxm", "h200"} <= set(cog.spec_names())
+
+
+def test_refuses_an_unknown_spec():
+  with pytest.raises(SystemExit, match=r"no GPU spec 'a100'.*h100_sxm, h200"):
+    cog.compile_only_device("a100")
+
+
+def test_asks_for_the_cuda_plugin(monkeypatch):
+  def no_plugin(*args, **kwargs):
+    raise NotImplementedError("topology not implemented for cuda")  # what jax raises without the plugin
+
+  monkeypatch.setattr(cog.topologies, "get_topology_desc", no_plugin)
+  with pytest.raises(SystemExit, match=r"needs jax's CUDA plugin: pip install --no-deps --target DIR "
+                                       r"jax-cuda12-plugin==\S+ jax-cuda12-pjrt==\S+, then run with PYTHONPATH=DIR"):
+    cog.compile_only_device("h200")
+
+
+def test_decode_step_count_without_a_gpu_refuses_what_needs_one(monkeypatch):
+  from experiments import profile_decode_step  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr("sys.argv", ["profile_decode_step", "--compile_for=h200", "--settings=codebook_w4_int8"])
+  with pytest.raises(SystemExit, match=r"--compile_for counts bf16 and codebook_w4 only.*\['codebook_w4_int8'\]"):
+    profile_decode_step.main()
