@@ -8,9 +8,9 @@ against 4-bit codebooks under each kernel setting (those of `bench_kernels --dec
    fusions, custom calls by target (the codebook kernels, cuBLAS GEMMs, ...) and any other op
    outside a fusion; layout-only instructions (parameter, tuple, get-tuple-element, bitcast,
    constant) are not counted. Beside them, the longest chain of launches that each wait on the one
-   before (data dependencies): XLA runs `generate`'s decode step as one CUDA graph, whose
-   independent kernels may overlap, so the chain, not the count, bounds a step made of small
-   kernels.
+   before (data dependencies): XLA runs each of `generate`'s decode steps as one CUDA graph
+   (BENCHMARKS.md session 39), whose independent kernels may overlap, so a step of small kernels
+   is bound by the chain as well as by the count.
 2. With --trace_tokens=T > 0: one greedy `generate` of T new tokens under `jax.profiler.trace`; the
    device's kernels from the trace (CUPTI's records: no ncu needed), summed by name, per new token
    (the 32-token prefill's kernels are spread over the T tokens), beside the call's wall time per
