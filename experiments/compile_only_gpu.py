@@ -104,8 +104,9 @@ def dumped_kernels(dump_dir: str, prefix: str = "cqjax_") -> list[dict]:
     if f".entry {prefix}" not in ptx:
       continue
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, flags=re.M).group(1)
-    out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    if out.returncode:
+      raise SystemExit(f"ptxas failed on {path}: {(out.stderr.strip().splitlines() or ['no message'])[-1]}")
     rows += parse_ptxas(out.stdout + out.stderr, prefix)
   return rows
 

@@ -51,3 +51,24 @@ def test_decode_step_count_without_a_gpu_refuses_what_needs_one(monkeypatch):
   monkeypatch.setattr("sys.argv", ["profile_decode_step", "--compile_for=h200", "--settings=codebook_w4_int8"])
   with pytest.raises(SystemExit, match=r"--compile_for counts bf16 and codebook_w4 only.*\['codebook_w4_int8'\]"):
     profile_decode_step.main()
+
+
+def test_reads_registers_from_a_dump_and_names_a_ptx_ptxas_refuses(tmp_path, monkeypatch):
+  """dumped_kernels runs ptxas on each PTX file with a cqjax_ entry (here a stand-in ptxas that
+  prints the report above, or fails), skipping the others."""
+  fake = tmp_path / "bin" / "ptxas"
+  fake.parent.mkdir()
+  report = tmp_path / "report.txt"
+  report.write_text(PTXAS_REPORT)
+  fake.write_text(f"#!/bin/sh\ncase \"$3\" in *bad.ptx) echo 'ptxas fatal   : syntax error' >&2; exit 1;; esac\n"
+                  f"cat {report} >&2\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+  (tmp_path / "dump").mkdir()
+  (tmp_path / "dump" / "module_0001.jit_f.ptx").write_text(".target sm_90a\n.visible .entry cqjax_lut_matmul__1(\n")
+  (tmp_path / "dump" / "module_0001.jit_g.ptx").write_text(".target sm_90a\n.visible .entry loop_add_fusion(\n")
+  rows = cog.dumped_kernels(str(tmp_path / "dump"))
+  assert [r["kernel"] for r in rows] == ["cqjax_lut_matmul__1", "cqjax_grouped_lut_matmul"]  # one file read
+  (tmp_path / "dump" / "module_0002.bad.ptx").write_text(".target sm_90a\n.visible .entry cqjax_lut_matmul(\n")
+  with pytest.raises(SystemExit, match=r"ptxas failed on .*module_0002.bad.ptx: ptxas fatal   : syntax error"):
+    cog.dumped_kernels(str(tmp_path / "dump"))
