@@ -11,6 +11,12 @@ GpuTargetConfigProto: what XLA reads of a device); programs lowered for one comp
 pipeline, its own Triton included, and `ptxas` from a CUDA toolkit on PATH. Nothing is autotuned
 (there is no device to time on), so cuBLAS / Triton GEMM configurations may differ from a GPU's.
 
+The CUDA kernels' library, built here by `python -m cuda_kernels.build` (nvcc, no GPU), can be
+served too (`use_cuda_library`, `profile_decode_step --cuda_library=PATH`): its FFI handlers
+register for the CUDA platform, and programs then take the CUDA and int8 kernels as on a GPU,
+except where a choice asks the GPU itself (`is_hopper()` sees none: the int8 setting's prefill rows
+take the default kernels, not its wgmma kernel).
+
 Each product (pallas_offline_compile's shapes and parser) compiles with XLA's dump on; `ptxas -v`
 then reads the registers, stack and spills of every `cqjax_` kernel in the dumped PTX. Unlike
 pallas_offline_compile (the `triton` package compiling Pallas' Triton IR), these are the kernels XLA
@@ -19,6 +25,7 @@ itself emits, for this jaxlib's XLA (the GPU image's jaxlib may be newer).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import json
 import os
@@ -31,6 +38,9 @@ import jax
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
+from cuda_kernels import expert_slots as ces
+from cuda_kernels import lut_matmul as cuda
+from cuda_kernels import lut_matmul_int8 as cuda8
 from experiments import pallas_offline_compile as poc
 
 SPECS_DIR = os.path.join(os.path.dirname(__file__), "assets", "gpu_specs")
@@ -61,6 +71,17 @@ def compile_only_device(spec: str = "h200") -> jax.Device:
                      f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}, then run with "
                      "PYTHONPATH=DIR (and before jax's backends start)") from None
   return topology.devices[0]
+
+
+def use_cuda_library(path: str) -> None:
+  """The dispatcher takes the CUDA kernels of the library at `path` without a GPU (cuda_kernels
+  loads its library only beside one): every wrapper asks `cuda_kernels.lut_matmul.library()`."""
+  if not os.path.exists(path):
+    raise SystemExit(f"no CUDA library at {path}: build one with python -m cuda_kernels.build (nvcc on PATH, no GPU needed)")
+  lib = ctypes.cdll.LoadLibrary(path)
+  cuda.library = lambda: lib
+  for module in (cuda, cuda8, ces):
+    module.available.cache_clear()
 
 
 def on_device(tree, device: jax.Device):

@@ -18,7 +18,8 @@ against 4-bit codebooks under each kernel setting (those of `bench_kernels --dec
    the step; far below, launches and their gaps do (experiments.device_trace).
 3. With --compile_for=SPEC, on a machine without a GPU: the step compiled by XLA's GPU pipeline
    for a compile-only device (experiments.compile_only_gpu; install line there), counted as in 1.
-   The CUDA library loads only beside a GPU, so only bf16 and the default (Pallas) setting count.
+   The CUDA and int8 settings need --cuda_library=PATH (a library built by `python -m
+   cuda_kernels.build`, which needs nvcc, not a GPU).
 
 Why: at the small architecture's shapes the weights are a few MB and the 4-bit model decodes at
 0.64-0.85x bf16 (BENCHMARKS.md session 37), so this says which launches a quantized step adds and
@@ -89,16 +90,22 @@ def main():
   ap.add_argument("--top", type=int, default=8, help="kernels printed a setting, most time first")
   ap.add_argument("--compile_for", default="", help="count a step compiled for this GPU spec without a GPU "
                   "(experiments.compile_only_gpu: a name in experiments/assets/gpu_specs or a path)")
+  ap.add_argument("--cuda_library", default="", help="with --compile_for: the CUDA kernels' library to compile "
+                  "the cuda and int8 settings with (python -m cuda_kernels.build)")
   ap.add_argument("--out", default="", help="write the rows as JSON here")
   args = ap.parse_args()
   settings = decode_settings(args.settings)
   target = None
   if args.compile_for:
+    if args.trace_tokens:
+      raise SystemExit("--compile_for compiles without a GPU: a trace (--trace_tokens) needs one")
     cuda_only = [name for name, _, mode in settings if mode in ("cuda", "int8")]
-    if cuda_only or args.trace_tokens:
-      raise SystemExit(f"--compile_for counts bf16 and codebook_w4 only, without a trace (asked: {cuda_only or '--trace_tokens'}): "
-                       "the CUDA library and a trace need a GPU")
+    if cuda_only and not args.cuda_library:
+      raise SystemExit(f"--compile_for compiles {', '.join(cuda_only)} with the CUDA kernels' library: give "
+                       "--cuda_library=PATH (python -m cuda_kernels.build), or choose --settings=codebook_w4")
     target = compile_only_gpu.compile_only_device(args.compile_for)  # before the backends start
+    if args.cuda_library:
+      compile_only_gpu.use_cuda_library(args.cuda_library)
   cfg, model, params, quant = small_decode_models(args.fused)
   device = target or jax.devices()[0]
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "

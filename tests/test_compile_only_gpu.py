@@ -46,11 +46,19 @@ def test_asks_for_the_cuda_plugin(monkeypatch):
     cog.compile_only_device("h200")
 
 
-def test_decode_step_count_without_a_gpu_refuses_what_needs_one(monkeypatch):
+@pytest.mark.parametrize("argv,match", [
+    (["--settings=codebook_w4_int8"], r"compiles codebook_w4_int8 with the CUDA kernels' library: give --cuda_library=PATH"),
+    (["--settings=codebook_w4", "--trace_tokens=4"], r"a trace \(--trace_tokens\) needs one")])
+def test_decode_step_count_without_a_gpu_refuses_what_needs_one(monkeypatch, argv, match):
   from experiments import profile_decode_step  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr("sys.argv", ["profile_decode_step", "--compile_for=h200", "--settings=codebook_w4_int8"])
-  with pytest.raises(SystemExit, match=r"--compile_for counts bf16 and codebook_w4 only.*\['codebook_w4_int8'\]"):
+  monkeypatch.setattr("sys.argv", ["profile_decode_step", "--compile_for=h200", *argv])
+  with pytest.raises(SystemExit, match=match):
     profile_decode_step.main()
+
+
+def test_asks_for_a_built_cuda_library(tmp_path):
+  with pytest.raises(SystemExit, match=r"no CUDA library at .*none.so: build one with python -m cuda_kernels.build"):
+    cog.use_cuda_library(str(tmp_path / "none.so"))
 
 
 def test_reads_registers_from_a_dump_and_names_a_ptx_ptxas_refuses(tmp_path, monkeypatch):
