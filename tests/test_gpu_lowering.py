@@ -34,18 +34,22 @@ def quantized():
 
 
 @pytest.fixture
-def as_gpu(monkeypatch):
+def no_reference(monkeypatch):
+  """A product that falls back to the jnp reference fails the trace."""
+  def refuse(*args):
+    raise AssertionError("a product took the jnp reference on the GPU path")
+
+  for name in ("lut_matmul_reference", "grouped_lut_matmul_reference"):
+    monkeypatch.setattr(dispatch, name, refuse)
+
+
+@pytest.fixture
+def as_gpu(monkeypatch, no_reference):
   """The dispatcher sees a CUDA GPU as the default backend, with the CUDA library built; a product
   that falls back to the jnp reference fails the trace."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   for module in (cuda, cuda8, ces):
     monkeypatch.setattr(module, "available", lambda: True)
-
-  def no_reference(*args):
-    raise AssertionError("a product took the jnp reference on the GPU path")
-
-  for name in ("lut_matmul_reference", "grouped_lut_matmul_reference"):
-    monkeypatch.setattr(dispatch, name, no_reference)
 
 
 def _lowered(model, params, tokens, decode: bool) -> str:
@@ -99,12 +103,10 @@ def test_prefill_rows_on_hopper_take_the_wgmma_kernels(quantized, as_gpu, monkey
       assert want in _targets(_lowered(model, params, tokens, False))
 
 
-def test_kernels_mode_traces_for_a_gpu_from_a_host_without_one(quantized, monkeypatch):
+def test_kernels_mode_traces_for_a_gpu_from_a_host_without_one(quantized, no_reference):
   """kernels_mode(backend="gpu") with nothing mocked but the reference (as for compiling ahead of
   time for a GPU, experiments.compile_only_gpu): every product a Pallas kernel, the CUDA library
   never loaded without a GPU, under every setting; an unknown backend is refused."""
-  for name in ("lut_matmul_reference", "grouped_lut_matmul_reference"):
-    monkeypatch.setattr(dispatch, name, lambda *args: pytest.fail("a product took the jnp reference"))
   model, params = quantized
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (3, 1)))
   for mode in ("auto", "cuda", "int8"):
