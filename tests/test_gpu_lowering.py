@@ -103,6 +103,7 @@ def test_prefill_rows_on_hopper_take_the_wgmma_kernels(quantized, as_gpu, monkey
       assert want in _targets(_lowered(model, params, tokens, False))
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="a host without a GPU: on a GPU the CUDA library serves")
 def test_kernels_mode_traces_for_a_gpu_from_a_host_without_one(quantized, no_reference):
   """kernels_mode(backend="gpu") with nothing mocked but the reference (as for compiling ahead of
   time for a GPU, experiments.compile_only_gpu): every product a Pallas kernel, the CUDA library
@@ -125,7 +126,7 @@ def test_expert_parallel_model_lowers_for_cuda(quantized, as_gpu, mode):
   expert-parallel shard_map, every product still a kernel."""
   from cqjax.sharding import MeshConfig, make_mesh, shard_params  # pylint: disable=g-import-not-at-top
   model, params = quantized
-  mesh = make_mesh(MeshConfig(data=2, expert=4), CFG.num_experts)
+  mesh = make_mesh(MeshConfig(data=2, expert=4), CFG.num_experts, jax.devices("cpu"))  # on a GPU host too
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 5)))
   with dispatch.kernels_mode(mode), jax.set_mesh(mesh):
     text = _lowered(model, shard_params(params, mesh), tokens, False)
