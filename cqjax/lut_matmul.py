@@ -146,7 +146,14 @@ class _CudaFirst:
     return self._pick(x, packed, centroids, bits, False).lut_matmul(x, packed, centroids, bits)
 
   def grouped_lut_matmul(self, x, packed, centroids, bits, group_sizes):
-    return self._pick(x, packed, centroids, bits, True).grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+    kernels = self._pick(x, packed, centroids, bits, True)
+    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
+    if kernels is pallas and x.shape[0]:
+      # The one-warp slots where the library has them (else XLA's, as the Pallas kernel would compute).
+      from cuda_kernels import expert_slots as ces  # pylint: disable=g-import-not-at-top
+      slots = ces.expert_slots(group_sizes, min(x.shape[0], packed.shape[0]))
+      return pallas.grouped_lut_matmul(x, packed, centroids, bits, group_sizes, slots=slots)
+    return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
 _BACKENDS = ("cpu", "gpu")

@@ -8,9 +8,10 @@
 
 Codes of b in {1, 2, 4, 8} bits sit 8/b to a byte, low bits first. A row is read in uint32 words
 when it is a whole number of words (32/b codes a word), else in bytes. Instead of interleaving
-decoded codes, the wrapper splits x into strided slices (xs[s, :, u] = x[:, u*per_unit + s]:
-activations are small) and the kernel multiplies slice s by the weights decoded from bit field s
-of every unit.
+decoded codes, the kernel multiplies the strided slice s of x (x[:, u*per_unit + s] over units u)
+by the weights decoded from bit field s of every unit. For prefill's large blocks the wrapper
+splits x into those slices first (xs[s, :, u], contiguous tiles); decode blocks read them from x
+itself through computed indices, one XLA pass fewer before the launch.
 
 Two decodes, no dense weight ever in device memory: 4-bit codes with bf16 activations (the
 GPU's serving case) decode in registers by byte permutes (`DECODE4_PTX`, inline PTX: 13 ALU
@@ -130,12 +131,14 @@ _DECODE4_HALF = """{{
 DECODE4_PTX = tuple(_DECODE4_HALF.format(shift=shift) for shift in (0, 16))
 
 
-def decode4_registers(centroids_bf16: jax.Array) -> jax.Array:
-  """[..., 16] bf16 codebooks -> [..., 8] uint32: the L0-L3, H0-H3 registers of DECODE4_PTX."""
-  bits16 = jax.lax.bitcast_convert_type(centroids_bf16, jnp.uint16).astype(jnp.uint32)
-  planes = jnp.concatenate([bits16 & 0xFF, bits16 >> 8], axis=-1)  # [..., 32]: low bytes, then high
-  planes = planes.reshape(*planes.shape[:-1], 8, 4)
-  return jnp.sum(planes << (8 * jnp.arange(4, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
+def decode4_registers(books: list) -> list:
+  """Sixteen same-shape float arrays (entry i of each codebook), rounded to bf16 here -> the eight
+  uint32 registers L0-L3, H0-H3 of DECODE4_PTX. Elementwise, so the kernel builds them from its
+  rows' centroids in place (no pass over the codebooks before the launch)."""
+  bits16 = [jax.lax.bitcast_convert_type(b.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32) for b in books]
+  planes = [b & 0xFF for b in bits16] + [b >> 8 for b in bits16]  # low bytes of entries 0-15, then high
+  return [planes[4 * r] | (planes[4 * r + 1] << 8) | (planes[4 * r + 2] << 16) | (planes[4 * r + 3] << 24)
+          for r in range(8)]
 
 
 def _decode4(words, regs):
@@ -194,12 +197,18 @@ def _codes(packed: jax.Array, lay: _Layout) -> jax.Array:
 
 
 def _table(centroids: jax.Array, dtype, lay: _Layout) -> jax.Array:
-  """What the decode reads, rounded to the activations' dtype as the reference rounds it: the
-  flat table [... * 2^b] for the gather, or the decode4 registers [..., groups, 8, d_out]."""
-  table = centroids.astype(dtype)
-  if not lay.registers:
-    return table.reshape(-1)
-  return jnp.moveaxis(decode4_registers(table), -3, -1)  # [..., d_out, groups, 8] -> [..., groups, 8, d_out]
+  """What the decode reads: the flat table [... * 2^b] for the gather, rounded to the activations'
+  dtype as the reference rounds it; the register decode reads the centroids as they are and rounds
+  them itself (decode4_registers)."""
+  if lay.registers:
+    return centroids
+  return centroids.astype(dtype).reshape(-1)
+
+
+def _splits_x(tuning: LutTuning) -> bool:
+  """Whether the wrapper splits x into its strided slices (contiguous tiles for the large blocks of
+  prefill); decode blocks (block_m < 64, FMA or tensor cores) read x itself: one XLA pass fewer."""
+  return tuning.block_m >= 64
 
 
 def _split_activations(x: jax.Array, lay: _Layout, rows: int) -> jax.Array:
@@ -221,13 +230,14 @@ def _load(ref, mask):
   return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
-def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, rows, n0, n_ok, book0, step0, n_steps,
-                tuning, masked_n, masked_k):
+def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_limit, n0, n_ok, book0, step0,
+                n_steps, tuning, masked_n, masked_k):
   """The K loop of one program: [block_m, block_n] float32 partial sums over n_steps steps.
 
-  xs_ref [codes per unit, rows, units]; packed_ref [d_out, units], or [experts, d_out, units] read
-  at `expert`; table_ref: the flat centroid table (gather) or the decode4 registers
-  [experts?, groups, 8, d_out]; rows: the slice of xs rows this program reads; n0 / n_ok
+  xs_ref: x split into [codes per unit, rows, units] (_splits_x), else x [rows, d_in] itself;
+  packed_ref [d_out, units], or [experts, d_out, units] read at `expert`; table_ref: the flat
+  centroid table (gather) or the centroids [experts?, d_out, groups, 16] (register decode); r0: the
+  first of the block_m rows of x this program reads (those from row_limit on read as zeros); n0 / n_ok
   [block_n]: its first output column and which columns are in range; book0 [block_n]: index of
   each column's first codebook in the flat table (clamped into range).
   """
@@ -236,6 +246,25 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, rows, n0
   use_dot = tuning.block_m >= 16
   f32 = xs_ref.dtype == jnp.float32
   lead = () if expert is None else (expert,)
+
+  def registers(group):
+    """The decode4 registers of this program's columns for one codebook group, from 16 column loads."""
+    return decode4_registers([_load(table_ref.at[(*lead, pl.ds(n0, tuning.block_n), group, jnp.int32(i))],
+                                    n_ok if masked_n else None) for i in range(entries)])
+
+  # One codebook a row (CodeQuant's default): its registers once, before the K loop, for blocks of up
+  # to 64 columns. Prefill's 256-column blocks build them each step: held across the loop they
+  # spilled more (offline compile, Triton 3.6, sm_90: stack 4344 bytes against 3056).
+  hoisted = lay.registers and lay.groups == 1 and tuning.block_n <= 64
+  row_regs = registers(jnp.int32(0)) if hoisted else None
+
+  def x_slice(s, u0, unit, k_ok):
+    """[block_m, bku]: the rows' inputs unit * per_unit + s."""
+    if _splits_x(tuning):
+      return _load(xs_ref.at[jnp.int32(s), pl.ds(r0, tuning.block_m), pl.ds(u0, bku)], k_ok[None, :] if masked_k else None)
+    row, col = r0 + jnp.arange(tuning.block_m), unit * per_unit + s
+    return plgpu.load(xs_ref.at[row[:, None], col[None, :]], mask=(row < row_limit)[:, None] & (col < xs_ref.shape[1])[None, :],
+                      other=0)
 
   def step(i, acc):
     u0 = (step0 + i) * bku
@@ -246,10 +275,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, rows, n0
       mask = (n_ok[:, None] if masked_n else True) & (k_ok[None, :] if masked_k else True)
     codes = _load(packed_ref.at[(*lead, pl.ds(n0, tuning.block_n), pl.ds(u0, bku))], mask)
     if lay.registers:
-      group = u0 * per_unit // lay.group_size
-      regs = [_load(table_ref.at[(*lead, group, jnp.int32(j), pl.ds(n0, tuning.block_n))],
-                    n_ok if masked_n else None) for j in range(8)]
-      values = _decode4(codes, regs)
+      values = _decode4(codes, row_regs if row_regs is not None else registers(u0 * per_unit // lay.group_size))
     else:
       codes = codes.astype(jnp.uint32)
       values = []
@@ -262,7 +288,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, rows, n0
           book = book + jnp.minimum((unit * per_unit + s) // lay.group_size, lay.groups - 1)[None, :]
         values.append(table_ref[book * entries + code.astype(jnp.int32)])  # [block_n, bku], from L1
     for s, w in enumerate(values):
-      x = _load(xs_ref.at[jnp.int32(s), rows, pl.ds(u0, bku)], k_ok[None, :] if masked_k else None)
+      x = x_slice(s, u0, unit, k_ok)
       if use_dot:
         acc = acc + plgpu.dot(x, w.astype(x.dtype), trans_b=True,
                               precision=jax.lax.Precision.HIGHEST if f32 else None)
@@ -302,7 +328,7 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
     return jnp.zeros((0, d_out), x.dtype)
   total, per_split, splits = _k_steps(lay, tuning)
   bm, bn = tuning.block_m, tuning.block_n
-  xs = _split_activations(x, lay, pl.cdiv(m, bm) * bm)
+  xs = _split_activations(x, lay, pl.cdiv(m, bm) * bm) if _splits_x(tuning) else x
   masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
 
   def kernel(xs_ref, packed_ref, table_ref, out_ref):
@@ -310,7 +336,7 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
     rows = pm * bm + jnp.arange(bm)
     cols = pn * bn + jnp.arange(bn)
     n_ok = cols < d_out
-    acc = _accumulate(xs_ref, packed_ref, table_ref, lay=lay, expert=None, rows=pl.ds(pm * bm, bm), n0=pn * bn,
+    acc = _accumulate(xs_ref, packed_ref, table_ref, lay=lay, expert=None, r0=pm * bm, row_limit=m, n0=pn * bn,
                       n_ok=n_ok, book0=jnp.minimum(cols, d_out - 1) * lay.groups, step0=ps * per_split,
                       n_steps=jnp.minimum(per_split, total - ps * per_split), tuning=tuning, masked_n=masked_n,
                       masked_k=masked_k)
@@ -327,11 +353,14 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
 
 @functools.partial(jax.jit, static_argnames=("bits", "tuning", "interpret"))
 def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
-                       group_sizes: jax.Array, *, tuning: LutTuning | None = None, interpret: bool = False) -> jax.Array:
+                       group_sizes: jax.Array, *, slots: jax.Array | None = None, tuning: LutTuning | None = None,
+                       interpret: bool = False) -> jax.Array:
   """x [t, d_in] rows sorted by expert times stacked codebook weights -> [t, d_out] (x's dtype).
 
   The grid runs over min(t, experts) slots of non-empty experts; a slot walks its expert's rows
-  in blocks of block_m, so an expert without rows costs one program that exits at once.
+  in blocks of block_m, so an expert without rows costs one program that exits at once. slots:
+  int32 [3, min(t, experts)], `cqjax.codebook.expert_slots` of group_sizes computed by the caller
+  (the dispatcher passes the CUDA library's one-warp kernel's where built); None: XLA's, here.
   """
   t, d_in = x.shape
   e = packed.shape[0] if packed.ndim == 3 else -1
@@ -341,21 +370,24 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
                      f"{group_sizes.dtype}{group_sizes.shape}")
   # Rows per expert if spread evenly; past one row per token, random routing gives some experts two.
   per_row = max(1, -(-t // e)) if t <= e // 2 or t == 1 else max(2, -(-t // e))
-  slots = min(t, e)
-  tuning = tuning or default_tuning(per_row, d_in, d_out, bits, experts=max(slots, 1), x_dtype=x.dtype,
+  n_slots = min(t, e)
+  if slots is not None and (slots.shape != (3, n_slots) or slots.dtype != jnp.int32):
+    raise CqjaxError(f"Pallas grouped_lut_matmul: slots must be int32 [3, {n_slots}] (expert_slots of group_sizes), "
+                     f"got {slots.dtype}{slots.shape}")
+  tuning = tuning or default_tuning(per_row, d_in, d_out, bits, experts=max(n_slots, 1), x_dtype=x.dtype,
                                     group_size=d_in // centroids.shape[-2])
   lay = _layout(x, packed, centroids, bits, tuning, interpret)
   if t == 0:
     return jnp.zeros((0, d_out), x.dtype)
   total, per_split, splits = _k_steps(lay, tuning)
   bm, bn = tuning.block_m, tuning.block_n
-  xs = _split_activations(x, lay, t + bm)  # a row block may run past the last row
+  xs = _split_activations(x, lay, t + bm) if _splits_x(tuning) else x  # a row block may run past the last row
   masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
-  slot_expert, slot_start, slot_rows = expert_slots(group_sizes, slots)
+  slots = expert_slots(group_sizes, n_slots) if slots is None else slots
 
-  def kernel(expert_ref, start_ref, rows_ref, xs_ref, packed_ref, table_ref, out_ref):
+  def kernel(slots_ref, xs_ref, packed_ref, table_ref, out_ref):
     slot, pn, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    expert, start, count = expert_ref[slot], start_ref[slot], rows_ref[slot]
+    expert, start, count = (slots_ref[jnp.int32(i), slot] for i in range(3))
     cols = pn * bn + jnp.arange(bn)
     n_ok = cols < d_out
     book0 = (expert * d_out + jnp.minimum(cols, d_out - 1)) * lay.groups
@@ -363,7 +395,7 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
     def row_block(rb, carry):
       r0 = start + rb * bm
       row_ok = r0 + jnp.arange(bm) < start + count
-      acc = _accumulate(xs_ref, packed_ref, table_ref, lay=lay, expert=expert, rows=pl.ds(r0, bm), n0=pn * bn,
+      acc = _accumulate(xs_ref, packed_ref, table_ref, lay=lay, expert=expert, r0=r0, row_limit=t, n0=pn * bn,
                         n_ok=n_ok, book0=book0, step0=ps * per_split,
                         n_steps=jnp.minimum(per_split, total - ps * per_split), tuning=tuning, masked_n=masked_n,
                         masked_k=masked_k)
@@ -373,11 +405,24 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
 
     jax.lax.fori_loop(0, pl.cdiv(count, bm), row_block, 0)
 
-  grid = (slots, pl.cdiv(d_out, bn), splits)
+    # Rows past the last group are zeroed here, by the slot that ends the groups (the last
+    # non-empty one, or slot 0 when all are empty), so no XLA pass follows the launch (a reduce
+    # of group_sizes and a select, 2-3 launches a call). Slots past the last are (0, 0, 0).
+    end = start + count
+    ends = (((slot == 0) | (count > 0))
+            & ((slot == n_slots - 1) | (slots_ref[jnp.int32(2), jnp.minimum(slot + 1, n_slots - 1)] == 0)))
+
+    def zero_block(rb, carry):
+      r0 = end + rb * bm
+      plgpu.store(out_ref.at[ps, pl.ds(r0, bm), pl.ds(pn * bn, bn)], jnp.zeros((bm, bn), out_ref.dtype),
+                  mask=(r0 + jnp.arange(bm) < t)[:, None] & n_ok[None, :])
+      return carry
+
+    jax.lax.fori_loop(0, jnp.where(ends, pl.cdiv(t - end, bm), 0), zero_block, 0)
+
+  grid = (n_slots, pl.cdiv(d_out, bn), splits)
   partials = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((splits, t, d_out), _partials_dtype(splits, x.dtype)), grid=grid,
       compiler_params=_params(tuning), interpret=interpret, name="cqjax_grouped_lut_matmul",
-  )(slot_expert, slot_start, slot_rows, xs, _codes(packed, lay), _table(centroids, x.dtype, lay))
-  # Rows outside every group are written by no program.
-  covered = jnp.arange(t) < jnp.sum(group_sizes)
-  return jnp.where(covered[:, None], _sum_partials(partials, x.dtype), 0)
+  )(slots, xs, _codes(packed, lay), _table(centroids, x.dtype, lay))
+  return _sum_partials(partials, x.dtype)

@@ -295,7 +295,7 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   monkeypatch.setattr(ck, "is_hopper", lambda: False)
   for mod, name in ((ck, "cuda"), (pk, "pallas"), (ck8.Int8Kernels, "int8")):
     monkeypatch.setattr(mod, "lut_matmul", staticmethod(lambda *a, name=name: called.append(name)))
-    monkeypatch.setattr(mod, "grouped_lut_matmul", staticmethod(lambda *a, name=name: called.append(name)))
+    monkeypatch.setattr(mod, "grouped_lut_matmul", staticmethod(lambda *a, name=name, **kw: called.append(name)))
 
   def choice(mode, m, d_in, d_out, bits=4, experts=0):
     monkeypatch.setenv("CQJAX_KERNELS", mode)

@@ -69,7 +69,7 @@ def _targets(text: str) -> set:
 
 
 # setting -> (custom-call targets every product of the step must come to, names that must not appear)
-WANT = {"auto": ({"__gpu$xla.gpu.triton"}, "cqjax_cuda_lut_matmul"),  # weights this small: the Pallas kernels
+WANT = {"auto": ({"__gpu$xla.gpu.triton", "cqjax_cuda_expert_slots"}, "cqjax_cuda_lut_matmul"),  # small: Pallas'
         "pallas": ({"__gpu$xla.gpu.triton"}, "cqjax_cuda"),
         "cuda": ({"cqjax_cuda_lut_matmul", "cqjax_cuda_expert_slots"}, "xla.gpu.triton"),
         "int8": ({"cqjax_cuda_lut_matmul_int8", "cqjax_cuda_expert_slots"}, "xla.gpu.triton")}

@@ -91,14 +91,29 @@ def test_grouped_decode_rows_take_the_fma_path(dtype):
     _close(got, float64_product(x, w, gs), dtype)
 
 
+def test_grouped_takes_the_callers_slots():
+  """Slots computed elsewhere (the dispatcher's one-warp kernel) run the same grid; a wrong shape is refused."""
+  from cqjax.codebook import expert_slots  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  w = random_codebook_weight(rng, (4,), 19, 64, 4, 64)
+  x = jnp.asarray(rng.normal(size=(9, 64)), jnp.float32)
+  gs = jnp.asarray([2, 0, 7, 0], jnp.int32)
+  got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, slots=expert_slots(gs, 4), interpret=INTERPRET)
+  _close(got, float64_product(x, w, gs), jnp.float32)
+  with pytest.raises(CqjaxError, match=r"slots must be int32 \[3, 4\]"):
+    pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, slots=expert_slots(gs, 3), interpret=INTERPRET)
+
+
 def test_grouped_many_rows_per_expert_walks_row_blocks():
   rng = np.random.default_rng(3)
   w = random_codebook_weight(rng, (3,), 17, 64, 4, 64)
   x = jnp.asarray(rng.normal(size=(70, 64)), jnp.float32)
-  gs = jnp.asarray([37, 0, 33], jnp.int32)
   tuning = LutTuning(block_m=16, block_n=16, block_k=128, k_splits=2)
-  got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, tuning=tuning, interpret=INTERPRET)
-  _close(got, float64_product(x, w, gs), jnp.float32)
+  for sizes in ([37, 0, 33], [20, 0, 13], [0, 0, 0]):  # uncovered rows: two row blocks and more, in each split
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, tuning=tuning, interpret=INTERPRET)
+    _close(got, float64_product(x, w, gs), jnp.float32)
+    assert not np.asarray(got[sum(sizes):]).any()
 
 
 def _run_ptx(program: str, operands: dict) -> dict:
@@ -144,7 +159,7 @@ def test_register_decode_program_decodes_every_code():
   n = 4096
   books = jnp.asarray(rng.normal(size=(n, 16)), jnp.bfloat16)
   words = rng.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
-  regs = np.asarray(pk.decode4_registers(books))
+  regs = np.stack([np.asarray(r) for r in pk.decode4_registers([books[:, i] for i in range(16)])], axis=-1)
   operands = {"$1": words, **{f"${2 + j}": regs[:, j] for j in range(8)}}
   books16 = np.asarray(books).view(np.uint16)
   for half, program in enumerate(pk.DECODE4_PTX):
