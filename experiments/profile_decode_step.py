@@ -21,9 +21,10 @@ against 4-bit codebooks under each kernel setting (those of `bench_kernels --dec
    The CUDA and int8 settings need --cuda_library=PATH (a library built by `python -m
    cuda_kernels.build`, which needs nvcc, not a GPU).
 
-Why: at the small architecture's shapes the weights are a few MB and the 4-bit model decodes at
-0.64-0.85x bf16 (BENCHMARKS.md session 37), so this says which launches a quantized step adds and
-which of its kernels cost. Runs on any backend; the counts are the backend's own, and on the CPU
+Why: at the small architecture's shapes the weights are a few MB, so decode is bound by launches,
+not bytes: the 4-bit model decodes at 1.04x bf16 at batch 1 and 0.82x at batch 16 (H200,
+BENCHMARKS.md session 40). This says which launches a quantized step adds and which of its
+kernels cost. Runs on any backend; the counts are the backend's own, and on the CPU
 the trace holds no device kernels.
 """
 from __future__ import annotations
