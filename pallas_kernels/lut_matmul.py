@@ -10,8 +10,8 @@ Codes of b in {1, 2, 4, 8} bits sit 8/b to a byte, low bits first. A row is read
 when it is a whole number of words (32/b codes a word), else in bytes. Instead of interleaving
 decoded codes, the kernel multiplies the strided slice s of x (x[:, u*per_unit + s] over units u)
 by the weights decoded from bit field s of every unit. For prefill's large blocks the wrapper
-splits x into those slices first (xs[s, :, u], contiguous tiles); decode blocks read them from x
-itself through computed indices, one XLA pass fewer before the launch.
+splits x into those slices first (xs[s, :, u], contiguous tiles); decode blocks load a contiguous
+tile of x and split it into the slices in registers (one XLA pass fewer before the launch).
 
 Two decodes, no dense weight ever in device memory: 4-bit codes with bf16 activations (the
 GPU's serving case) decode in registers by byte permutes (`DECODE4_PTX`, inline PTX: 13 ALU
@@ -133,8 +133,8 @@ DECODE4_PTX = tuple(_DECODE4_HALF.format(shift=shift) for shift in (0, 16))
 
 def decode4_registers(books: list) -> list:
   """Sixteen same-shape float arrays (entry i of each codebook), rounded to bf16 here -> the eight
-  uint32 registers L0-L3, H0-H3 of DECODE4_PTX. Elementwise, so the kernel builds them from its
-  rows' centroids in place (no pass over the codebooks before the launch)."""
+  uint32 registers L0-L3, H0-H3 of DECODE4_PTX. Elementwise, so a kernel can build them from its
+  rows' centroids in place (no pass over the codebooks before the launch; _Layout.tables_in_kernel)."""
   bits16 = [jax.lax.bitcast_convert_type(b.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32) for b in books]
   planes = [b & 0xFF for b in bits16] + [b >> 8 for b in bits16]  # low bytes of entries 0-15, then high
   return [planes[4 * r] | (planes[4 * r + 1] << 8) | (planes[4 * r + 2] << 16) | (planes[4 * r + 3] << 24)
@@ -166,6 +166,11 @@ class _Layout:
   units: int        # row length in load units
   unit_bytes: int   # 4 (uint32 words) or 1 (bytes)
   registers: bool   # decode with DECODE4_PTX (else gather through the flat table ref)
+  # The register decode's tables built in the kernel, once a program, from its rows' centroids:
+  # one codebook a row (CodeQuant's default) and blocks of up to 64 columns. Else (prefill's
+  # 256-column blocks, column groups) the wrapper builds them: built each K step in the kernel
+  # they spilled more and ran 8-10% slower at M = 128 (H100, BENCHMARKS.md session 41).
+  tables_in_kernel: bool
 
   @property
   def per_unit(self) -> int:
@@ -186,7 +191,8 @@ def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool)
   unit_bytes = 4 if words else 1
   if tuning.block_k < 8 * unit_bytes // bits:
     raise CqjaxError(f"LutTuning.block_k={tuning.block_k} is below one byte of {bits}-bit codes")
-  return _Layout(bits, groups, group_size, nbytes // unit_bytes, unit_bytes, registers)
+  return _Layout(bits, groups, group_size, nbytes // unit_bytes, unit_bytes, registers,
+                 registers and groups == 1 and tuning.block_n <= 64)
 
 
 def _codes(packed: jax.Array, lay: _Layout) -> jax.Array:
@@ -198,17 +204,33 @@ def _codes(packed: jax.Array, lay: _Layout) -> jax.Array:
 
 def _table(centroids: jax.Array, dtype, lay: _Layout) -> jax.Array:
   """What the decode reads: the flat table [... * 2^b] for the gather, rounded to the activations'
-  dtype as the reference rounds it; the register decode reads the centroids as they are and rounds
-  them itself (decode4_registers)."""
-  if lay.registers:
+  dtype as the reference rounds it; for the register decode the centroids as they are (the kernel
+  rounds them, decode4_registers) or, built here, the registers [..., groups, 8, d_out]."""
+  if lay.tables_in_kernel:
     return centroids
+  if lay.registers:
+    regs = decode4_registers([centroids[..., i] for i in range(16)])  # eight [..., d_out, groups]
+    return jnp.moveaxis(jnp.stack(regs, axis=-1), -3, -1)
   return centroids.astype(dtype).reshape(-1)
 
 
 def _splits_x(tuning: LutTuning) -> bool:
   """Whether the wrapper splits x into its strided slices (contiguous tiles for the large blocks of
-  prefill); decode blocks (block_m < 64, FMA or tensor cores) read x itself: one XLA pass fewer."""
+  prefill); decode blocks (block_m < 64, FMA or tensor cores) split tiles of x themselves: one XLA
+  pass fewer, at the same kernel time (H100 and H200, BENCHMARKS.md session 41)."""
   return tuning.block_m >= 64
+
+
+def _deinterleave(tile: jax.Array, ways: int) -> list:
+  """[rows, n * ways] -> `ways` arrays [rows, n]; array s holds columns j * ways + s. Halves by the
+  lowest index bit at a time (Triton's split of a size-2 minor axis: register moves, no memory)."""
+  rows, width = tile.shape
+  levels = ways.bit_length() - 1
+  parts = [(0, tile.reshape(rows, width // ways, *([2] * levels)))]
+  for level in range(levels):
+    parts = [(s | bit << level, half) for s, part in parts
+             for bit, half in enumerate(jax.lax.unstack(part, axis=part.ndim - 1))]
+  return [part for _, part in sorted(parts, key=lambda sp: sp[0])]
 
 
 def _split_activations(x: jax.Array, lay: _Layout, rows: int) -> jax.Array:
@@ -236,7 +258,8 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
 
   xs_ref: x split into [codes per unit, rows, units] (_splits_x), else x [rows, d_in] itself;
   packed_ref [d_out, units], or [experts, d_out, units] read at `expert`; table_ref: the flat
-  centroid table (gather) or the centroids [experts?, d_out, groups, 16] (register decode); r0: the
+  centroid table (gather) or, for the register decode, the centroids [experts?, d_out, groups, 16]
+  (tables_in_kernel) or the registers [experts?, groups, 8, d_out]; r0: the
   first of the block_m rows of x this program reads (those from row_limit on read as zeros); n0 / n_ok
   [block_n]: its first output column and which columns are in range; book0 [block_n]: index of
   each column's first codebook in the flat table (clamped into range).
@@ -248,23 +271,29 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
   lead = () if expert is None else (expert,)
 
   def registers(group):
-    """The decode4 registers of this program's columns for one codebook group, from 16 column loads."""
-    return decode4_registers([_load(table_ref.at[(*lead, pl.ds(n0, tuning.block_n), group, jnp.int32(i))],
-                                    n_ok if masked_n else None) for i in range(entries)])
+    """The decode4 registers of this program's columns for one codebook group."""
+    if lay.tables_in_kernel:  # from 16 column loads of the centroids
+      return decode4_registers([_load(table_ref.at[(*lead, pl.ds(n0, tuning.block_n), group, jnp.int32(i))],
+                                      n_ok if masked_n else None) for i in range(entries)])
+    return [_load(table_ref.at[(*lead, group, jnp.int32(j), pl.ds(n0, tuning.block_n))], n_ok if masked_n else None)
+            for j in range(8)]
 
-  # One codebook a row (CodeQuant's default): its registers once, before the K loop, for blocks of up
-  # to 64 columns. Prefill's 256-column blocks build them each step: held across the loop they
-  # spilled more (offline compile, Triton 3.6, sm_90: stack 4344 bytes against 3056).
-  hoisted = lay.registers and lay.groups == 1 and tuning.block_n <= 64
-  row_regs = registers(jnp.int32(0)) if hoisted else None
+  # Tables built in the kernel are built once, before the K loop. The wrapper's are loaded each step:
+  # held across the loop in prefill's 256-column blocks they spilled more (offline compile, Triton
+  # 3.6, sm_90: stack 4344 bytes against 3056).
+  row_regs = registers(jnp.int32(0)) if lay.tables_in_kernel else None
 
-  def x_slice(s, u0, unit, k_ok):
-    """[block_m, bku]: the rows' inputs unit * per_unit + s."""
+  def x_slices(u0, k_ok):
+    """per_unit arrays [block_m, bku]; slice s holds the rows' inputs u * per_unit + s (units u from u0)."""
     if _splits_x(tuning):
-      return _load(xs_ref.at[jnp.int32(s), pl.ds(r0, tuning.block_m), pl.ds(u0, bku)], k_ok[None, :] if masked_k else None)
-    row, col = r0 + jnp.arange(tuning.block_m), unit * per_unit + s
-    return plgpu.load(xs_ref.at[row[:, None], col[None, :]], mask=(row < row_limit)[:, None] & (col < xs_ref.shape[1])[None, :],
-                      other=0)
+      return [_load(xs_ref.at[jnp.int32(s), pl.ds(r0, tuning.block_m), pl.ds(u0, bku)], k_ok[None, :] if masked_k else None)
+              for s in range(per_unit)]
+    # One contiguous tile of x (wide, coalesced loads), split into the slices in registers.
+    mask = (r0 + jnp.arange(tuning.block_m) < row_limit)[:, None]
+    if masked_k or lay.units * per_unit != xs_ref.shape[1]:
+      mask = mask & (u0 * per_unit + jnp.arange(tuning.block_k) < xs_ref.shape[1])[None, :]
+    tile = plgpu.load(xs_ref.at[pl.ds(r0, tuning.block_m), pl.ds(u0 * per_unit, tuning.block_k)], mask=mask, other=0)
+    return _deinterleave(tile, per_unit)
 
   def step(i, acc):
     u0 = (step0 + i) * bku
@@ -287,8 +316,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
         if lay.groups > 1:
           book = book + jnp.minimum((unit * per_unit + s) // lay.group_size, lay.groups - 1)[None, :]
         values.append(table_ref[book * entries + code.astype(jnp.int32)])  # [block_n, bku], from L1
-    for s, w in enumerate(values):
-      x = x_slice(s, u0, unit, k_ok)
+    for x, w in zip(x_slices(u0, k_ok), values):
       if use_dot:
         acc = acc + plgpu.dot(x, w.astype(x.dtype), trans_b=True,
                               precision=jax.lax.Precision.HIGHEST if f32 else None)

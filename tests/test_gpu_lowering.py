@@ -125,6 +125,9 @@ def test_expert_parallel_model_lowers_for_cuda(quantized, as_gpu, mode):
   """On a data x expert mesh (8 CPU devices standing in for GPUs) the kernels run inside the
   expert-parallel shard_map, every product still a kernel."""
   from cqjax.sharding import MeshConfig, make_mesh, shard_params  # pylint: disable=g-import-not-at-top
+  if mode == "pallas" and jax.devices()[0].platform == "gpu":  # as_gpu fakes default_backend
+    # Seen with jax 0.11.2 on an H100: Triton's lowering reads the GPU model from the mesh's devices.
+    pytest.skip("a mesh of CPU stand-ins has no GPU model for Triton's lowering on a GPU host")
   model, params = quantized
   mesh = make_mesh(MeshConfig(data=2, expert=4), CFG.num_experts, jax.devices("cpu"))  # on a GPU host too
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 5)))

@@ -152,6 +152,16 @@ def _run_ptx(program: str, operands: dict) -> dict:
   return regs
 
 
+@pytest.mark.parametrize("ways", [1, 2, 8, 32])
+def test_deinterleave_splits_a_tile_into_strided_slices(ways):
+  """The decode blocks' in-register split of an x tile: slice s is columns s, s + ways, s + 2 ways, ..."""
+  tile = jnp.arange(3 * 4 * ways, dtype=jnp.float32).reshape(3, 4 * ways)
+  got = pk._deinterleave(tile, ways)  # pylint: disable=protected-access
+  assert len(got) == ways
+  for s, part in enumerate(got):
+    np.testing.assert_array_equal(part, tile[:, s::ways])
+
+
 def test_register_decode_program_decodes_every_code():
   """The inline PTX of the bf16 4-bit decode, run by an interpreter: four codes per program,
   each its row's bf16 centroid (compiled, it runs in the GPU tests)."""
