@@ -24,8 +24,8 @@ against 4-bit codebooks under each kernel setting (those of `bench_kernels --dec
 Why: at the small architecture's shapes the weights are a few MB, so decode is bound by launches,
 not bytes: the 4-bit model decodes at 1.03x bf16 at batch 1 and 0.84x at batch 16, 0.98-0.99x
 with fused projections (H200, BENCHMARKS.md session 41). This says which launches a quantized step
-adds and which of its kernels cost. Runs on any backend; the counts are the backend's own, and on the CPU
-the trace holds no device kernels.
+adds and which of its kernels cost. Runs on any backend; the counts are the backend's own, and on
+the CPU the trace holds no device kernels.
 """
 from __future__ import annotations
 
