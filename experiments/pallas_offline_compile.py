@@ -1,5 +1,6 @@
 """The Pallas kernels compiled for a GPU on a machine without one: registers, spills, shared memory
-and SASS instructions of each kernel, before any device time is spent (a stack means spills).
+and SASS instructions of each kernel and of its K loop, before any device time is spent (a stack
+means spills).
 
   pip install triton==3.6.0   # the Triton of the GPU image's XLA; not a project dependency
   python -m experiments.pallas_offline_compile [--single=1x4096x14336,...] [--grouped=8x2x1x4096x14336,...]
@@ -15,6 +16,7 @@ compiles the same IR with its own Triton, so the numbers are a close estimate, n
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -128,7 +130,23 @@ def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
   field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else 0
   return {"registers": field("REG"), "stack": field("STACK"), "shared": compiled.metadata.shared,
           "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, flags=re.M)),
-          "num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
+          "num_warps": kernel.num_warps, "num_stages": kernel.num_stages, **k_loop(sass)}
+
+
+def k_loop(sass: str) -> dict:
+  """The K loop in a cuobjdump SASS listing: of the innermost loops (a backward branch with none
+  inside its span), the longest; its instructions and their opcodes (predicates and modifiers
+  dropped: `@P0 BAR.SYNC.DEFER_BLOCKING` counts as BAR). What a step costs a thread, which is what
+  bounds a decode kernel that is not bound by bytes (BENCHMARKS.md)."""
+  ins = [(int(a, 16), op) for a, op in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, flags=re.M)]
+  loops = [(int(m.group(1), 16), a) for a, op in ins if (m := re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)", op))
+           and int(m.group(1), 16) <= a]
+  inner = [(lo, hi) for lo, hi in loops if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in loops)]
+  if not inner:
+    return {"loop_instructions": 0, "loop_opcodes": {}}
+  lo, hi = max(inner, key=lambda span: sum(span[0] <= a <= span[1] for a, _ in ins))
+  body = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0] for a, op in ins if lo <= a <= hi]
+  return {"loop_instructions": len(body), "loop_opcodes": dict(collections.Counter(body).most_common())}
 
 
 def main():
@@ -152,7 +170,9 @@ def main():
         rows.append(row)
         print(f"{product_label(case):<40} {kernel.name:<26} warps {row['num_warps']:2d} stages "
               f"{row['num_stages']}  registers {row['registers']:3d}  stack {row['stack']:4d}  shared "
-              f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}", flush=True)
+              f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}  K loop {row['loop_instructions']:4d} "
+              f"(BAR {row['loop_opcodes'].get('BAR', 0)}, FFMA {row['loop_opcodes'].get('FFMA', 0)}, "
+              f"HMMA {row['loop_opcodes'].get('HMMA', 0)}, PRMT {row['loop_opcodes'].get('PRMT', 0)})", flush=True)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

@@ -23,3 +23,31 @@ def test_asks_for_triton(monkeypatch):
   monkeypatch.setattr(sys, "argv", ["pallas_offline_compile", "--single=1x256x256", "--grouped="])
   with pytest.raises(SystemExit, match=r"needs the triton package: pip install triton==3.6.0"):
     poc.main()
+
+
+def _sass(ops: list[str]) -> str:
+  """A cuobjdump-style listing: one instruction every 16 bytes."""
+  return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;                 /* 0x000000000000 */"
+                   for i, op in enumerate(ops))
+
+
+def test_k_loop_is_the_longest_innermost_loop():
+  k_body = ["LDG.E.128 R4, desc[UR4][R2.64]", "PRMT R8, R4, R5, R6", "PRMT R9, R4, R5, R7",
+            "@P0 BAR.SYNC.DEFER_BLOCKING 0x0", "FFMA R10, R8, R9, R10", "FFMA R11, R8, R9, R11"]
+  ops = ["MOV R1, c[0x0][0x28]",                        # 0x00
+         "IADD3 R0, R0, 0x1, RZ",                       # 0x10: the row loop starts
+         *k_body,                                       # 0x20-0x70: the K loop
+         "@P1 BRA 0x20",                                # 0x80: its backward branch
+         "STG.E desc[UR4][R2.64], R10",                 # 0x90
+         "@!P2 BRA 0x10",                               # 0xa0: the row loop's, around the K loop
+         "STS [R3], RZ",                                # 0xb0: a short zeroing loop
+         "@P3 BRA 0xb0",                                # 0xc0
+         "BRA 0xd0",                                    # 0xd0: the end's self-branch
+         "EXIT"]
+  got = poc.k_loop(_sass(ops))
+  assert got["loop_instructions"] == len(k_body) + 1
+  assert got["loop_opcodes"] == {"PRMT": 2, "FFMA": 2, "LDG": 1, "BAR": 1, "BRA": 1}
+
+
+def test_k_loop_of_straight_code_is_empty():
+  assert poc.k_loop(_sass(["MOV R1, c[0x0][0x28]", "EXIT"])) == {"loop_instructions": 0, "loop_opcodes": {}}
