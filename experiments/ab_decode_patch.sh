@@ -10,8 +10,9 @@
 #            tokens/s against bf16 (bench_kernels --decode), for AB_SETTINGS (default codebook_w4:
 #            the default kernels; at the small architecture's shapes those are Pallas' whether or
 #            not the CUDA library is built, cqjax.lut_matmul)
-#   kernels  both trees: the Pallas kernels alone at the Mixtral and Qwen3 shapes (single M = AB_MS,
-#            default 1,16,128; grouped batch 1, 16), each against XLA in its own run
+#   kernels  both trees: the Pallas kernels alone, each against XLA in its own run: single weights
+#            AB_SINGLE (default 4096x14336,14336x4096) at M = AB_MS (default 1,16,128), grouped
+#            AB_GROUPED (default Mixtral's experts and both Qwen3 products) at batch 1 and 16
 # Results (JSON a part, tree and round; the patched tests' log) land in OUT_DIR/ab_decode.tar.gz,
 # written again after every step (the device tool returns only a few files, and a command stopped
 # at its time limit keeps what it measured); the summary on stdout.
@@ -47,8 +48,9 @@ fi
 if [[ ,$parts, == *,kernels,* ]]; then
   for name in base patched; do
     echo "== $name"
-    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 240 python3 -m experiments.bench_kernels --kernels=pallas \
-      --single=4096x14336,14336x4096 --ms=${AB_MS:-1,16,128} --grouped=mixtral-4096x14336,qwen3-2048x768 --batches=1,16 \
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 270 python3 -m experiments.bench_kernels --kernels=pallas \
+      --single=${AB_SINGLE:-4096x14336,14336x4096} --ms=${AB_MS:-1,16,128} \
+      --grouped=${AB_GROUPED:-mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048} --batches=1,16 \
       --out="$out/kernels_$name.json" 2>&1 | grep -E "pallas|ragged|copy" | cut -c1-170)
     save
   done
