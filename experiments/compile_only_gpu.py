@@ -18,7 +18,8 @@ except where a choice asks the GPU itself (`is_hopper()` sees none: the int8 set
 take the default kernels, not its wgmma kernel).
 
 Each product (pallas_offline_compile's shapes and parser) compiles with XLA's dump on; `ptxas -v`
-then reads the registers, stack and spills of every `cqjax_` kernel in the dumped PTX. Unlike
+then reads the registers, stack and spills of every `cqjax_` kernel in the dumped PTX, and a
+cuobjdump (a CUDA toolkit's, or the one the triton package bundles) its K loop from the SASS. Unlike
 pallas_offline_compile (the `triton` package compiling Pallas' Triton IR), these are the kernels XLA
 itself emits, for this jaxlib's XLA (the GPU image's jaxlib may be newer).
 """
@@ -112,12 +113,33 @@ def parse_ptxas(report: str, prefix: str = "cqjax_") -> list[dict]:
   return rows
 
 
+def sass_functions(sass: str) -> dict[str, str]:
+  """cuobjdump --dump-sass's listing -> each function's part of it, by name."""
+  parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
+  return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _cuobjdump() -> str | None:
+  """A cuobjdump: a CUDA toolkit's on PATH, else the one the triton package bundles, else None."""
+  found = shutil.which("cuobjdump")
+  if found is None:
+    try:
+      import triton  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return None
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    found = bundled if os.access(bundled, os.X_OK) else None
+  return found
+
+
 def dumped_kernels(dump_dir: str, prefix: str = "cqjax_") -> list[dict]:
   """Registers and spills of the `prefix` kernels in the PTX of an XLA dump (ptxas -v, for the
-  target each PTX file names)."""
+  target each PTX file names), and where a cuobjdump is found, each one's K loop
+  (pallas_offline_compile.k_loop of its SASS): the kernels as XLA itself builds them."""
   ptxas = shutil.which("ptxas")
   if ptxas is None:
     raise SystemExit("reading the kernels' registers needs ptxas from a CUDA toolkit on PATH")
+  cuobjdump = _cuobjdump()
   rows = []
   for path in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
     with open(path) as f:
@@ -125,10 +147,19 @@ def dumped_kernels(dump_dir: str, prefix: str = "cqjax_") -> list[dict]:
     if f".entry {prefix}" not in ptx:
       continue
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, flags=re.M).group(1)
-    out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    cubin = path[:-len(".ptx")] + ".cubin"
+    out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", cubin], capture_output=True, text=True)
     if out.returncode:
       raise SystemExit(f"ptxas failed on {path}: {(out.stderr.strip().splitlines() or ['no message'])[-1]}")
-    rows += parse_ptxas(out.stdout + out.stderr, prefix)
+    kernels = parse_ptxas(out.stdout + out.stderr, prefix)
+    if cuobjdump is not None:
+      sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True)
+      if sass.returncode:
+        raise SystemExit(f"cuobjdump failed on {cubin}: {(sass.stderr.strip().splitlines() or ['no message'])[-1]}")
+      functions = sass_functions(sass.stdout)
+      for kernel in kernels:
+        kernel.update(poc.k_loop(functions.get(kernel["kernel"], "")))
+    rows += kernels
   return rows
 
 
@@ -150,8 +181,8 @@ def main():
     for kernel in kernels:
       rows.append({**case, **kernel})
       print(f"{poc.product_label(case):<40} {kernel['kernel']:<26} registers {kernel['registers']:3d}  "
-            f"stack {kernel['stack']:4d}  spill stores {kernel['spill_stores']:4d}  loads {kernel['spill_loads']:4d}",
-            flush=True)
+            f"stack {kernel['stack']:4d}  spill stores {kernel['spill_stores']:4d}  loads {kernel['spill_loads']:4d}"
+            + (f"  {poc.k_loop_label(kernel)}" if "loop_opcodes" in kernel else ""), flush=True)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

@@ -167,6 +167,14 @@ def k_loop(sass: str) -> dict:
   return {"loop_instructions": len(body), "loop_opcodes": dict(collections.Counter(body).most_common())}
 
 
+def k_loop_label(row: dict) -> str:
+  """k_loop's fields in a line: the loop's instructions and the opcodes that tell a decode kernel's
+  cost (barriers, FMA or tensor-core work, byte permutes)."""
+  ops = row["loop_opcodes"]
+  return (f"K loop {row['loop_instructions']:4d} (BAR {ops.get('BAR', 0)}, FFMA {ops.get('FFMA', 0)}, "
+          f"HMMA {ops.get('HMMA', 0)}, PRMT {ops.get('PRMT', 0)})")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--single", default=SINGLE, help="comma list of MxKxN single weights (empty: none)")
@@ -188,9 +196,7 @@ def main():
         rows.append(row)
         print(f"{product_label(case):<40} {kernel.name:<26} warps {row['num_warps']:2d} stages "
               f"{row['num_stages']}  registers {row['registers']:3d}  stack {row['stack']:4d}  shared "
-              f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}  K loop {row['loop_instructions']:4d} "
-              f"(BAR {row['loop_opcodes'].get('BAR', 0)}, FFMA {row['loop_opcodes'].get('FFMA', 0)}, "
-              f"HMMA {row['loop_opcodes'].get('HMMA', 0)}, PRMT {row['loop_opcodes'].get('PRMT', 0)})", flush=True)
+              f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}  {k_loop_label(row)}", flush=True)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

@@ -72,6 +72,7 @@ def test_reads_registers_from_a_dump_and_names_a_ptx_ptxas_refuses(tmp_path, mon
                   f"cat {report} >&2\n")
   fake.chmod(0o755)
   monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+  monkeypatch.setattr(cog, "_cuobjdump", lambda: None)  # registers alone; the K loop: the test below
   (tmp_path / "dump").mkdir()
   (tmp_path / "dump" / "module_0001.jit_f.ptx").write_text(".target sm_90a\n.visible .entry cqjax_lut_matmul__1(\n")
   (tmp_path / "dump" / "module_0001.jit_g.ptx").write_text(".target sm_90a\n.visible .entry loop_add_fusion(\n")
@@ -80,3 +81,50 @@ def test_reads_registers_from_a_dump_and_names_a_ptx_ptxas_refuses(tmp_path, mon
   (tmp_path / "dump" / "module_0002.bad.ptx").write_text(".target sm_90a\n.visible .entry cqjax_lut_matmul(\n")
   with pytest.raises(SystemExit, match=r"ptxas failed on .*module_0002.bad.ptx: ptxas fatal   : syntax error"):
     cog.dumped_kernels(str(tmp_path / "dump"))
+
+
+SASS = """
+\tcode for sm_90a
+\t\tFunction : cqjax_lut_matmul__1
+\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                      /* 0x00000a00ff017b82 */
+        /*0010*/                   PRMT R4, R2, R3, R5 ;                       /* 0x0000000502047216 */
+        /*0020*/                   FFMA R6, R4, R7, R6 ;                       /* 0x0000000704067223 */
+        /*0030*/              @!P0 BRA 0x10 ;                                 /* 0x0000000000008947 */
+        /*0040*/                   EXIT ;                                      /* 0x000000000000794d */
+\t\t..........
+
+\t\tFunction : loop_add_fusion
+\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   FADD R0, R1, R2 ;                           /* 0x0000000201007221 */
+        /*0010*/                   FADD R0, R0, R2 ;                           /* 0x0000000200007221 */
+        /*0020*/                   FADD R0, R0, R3 ;                           /* 0x0000000300007221 */
+        /*0030*/                   FADD R0, R0, R4 ;                           /* 0x0000000400007221 */
+        /*0040*/               @P0 BRA 0x0 ;                                   /* 0x0000000000000947 */
+        /*0050*/                   EXIT ;                                      /* 0x000000000000794d */
+"""
+
+
+def test_splits_a_sass_listing_by_function():
+  functions = cog.sass_functions(SASS)
+  assert list(functions) == ["cqjax_lut_matmul__1", "loop_add_fusion"]
+  assert "PRMT" in functions["cqjax_lut_matmul__1"] and "FADD" not in functions["cqjax_lut_matmul__1"]
+
+
+def test_reads_each_kernels_k_loop_from_its_cubin(tmp_path, monkeypatch):
+  """With a cuobjdump (here a stand-in printing the listing above), each cqjax_ kernel gets its own
+  function's K loop, not another kernel's of the same file."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (tmp_path / "report.txt").write_text(PTXAS_REPORT.split("ptxas info    : Compiling entry function 'cqjax_grouped")[0])
+  (tmp_path / "sass.txt").write_text(SASS)
+  for name, body in (("ptxas", f"cat {tmp_path / 'report.txt'} >&2; touch \"$5\""),
+                     ("cuobjdump", f"test -f \"$2\" && cat {tmp_path / 'sass.txt'}")):
+    (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+  (tmp_path / "dump").mkdir()
+  (tmp_path / "dump" / "module_0001.jit_f.ptx").write_text(".target sm_90a\n.visible .entry cqjax_lut_matmul__1(\n")
+  (row,) = cog.dumped_kernels(str(tmp_path / "dump"))
+  assert row["kernel"] == "cqjax_lut_matmul__1" and row["registers"] == 255
+  assert row["loop_instructions"] == 3 and row["loop_opcodes"] == {"PRMT": 1, "FFMA": 1, "BRA": 1}
