@@ -124,10 +124,9 @@ def _cuobjdump() -> str | None:
   found = shutil.which("cuobjdump")
   if found is None:
     try:
-      import triton  # pylint: disable=g-import-not-at-top
+      bundled = poc.triton_cuobjdump()
     except ImportError:
       return None
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     found = bundled if os.access(bundled, os.X_OK) else None
   return found
 

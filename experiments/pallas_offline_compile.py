@@ -113,13 +113,19 @@ def product_kernels(m: int, k: int, n: int, experts: int = 0, top_k: int = 0) ->
   return kernels
 
 
+def triton_cuobjdump() -> str:
+  """The cuobjdump the triton package bundles (ImportError without the package)."""
+  import triton  # pylint: disable=g-import-not-at-top
+  return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
 def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
   """Compiles with the `triton` package for sm_<arch>: registers and stack bytes (spills) of the
   cubin (its bundled cuobjdump), the shared memory Triton allocates, and SASS instructions."""
   import triton  # pylint: disable=g-import-not-at-top
   from triton._C.libtriton import ir  # pylint: disable=g-import-not-at-top
   from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
-  from triton.compiler.compiler import make_backend  # pylint: disable=g-import-not-at-top
+  from triton.compiler.compiler import Language, make_backend  # pylint: disable=g-import-not-at-top
 
   target = GPUTarget("cuda", arch, 32)
   options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
@@ -135,14 +141,14 @@ def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
   module = ir.parse_mlir_module(path, context)
   module.context = context  # as triton.compile's IRSource does
   stages = {}
-  backend.add_stages(stages, backend.parse_options(options), triton.compiler.compiler.Language.TRITON)
+  backend.add_stages(stages, backend.parse_options(options), Language.TRITON)
   with open(path, "w") as f:
     f.write(str(stages["ttir"](module, {})))
   compiled = triton.compile(path, target=target, options=options)
   cubin = os.path.join(workdir, f"{kernel.name}.cubin")
   with open(cubin, "wb") as f:
     f.write(compiled.asm["cubin"])
-  cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+  cuobjdump = triton_cuobjdump()
   usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
   sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
   field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else 0
