@@ -162,14 +162,15 @@ def k_loop(sass: str) -> dict:
   inside its span), the longest; its instructions and their opcodes (predicates and modifiers
   dropped: `@P0 BAR.SYNC.DEFER_BLOCKING` counts as BAR). What a step costs a thread, which is what
   bounds a decode kernel that is not bound by bytes (BENCHMARKS.md)."""
-  ins = [(int(a, 16), op) for a, op in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, flags=re.M)]
-  loops = [(int(m.group(1), 16), a) for a, op in ins if (m := re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)", op))
+  ins = [(int(a, 16), re.sub(r"^@!?U?P\w+\s+", "", op))  # the predicate dropped
+         for a, op in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, flags=re.M)]
+  loops = [(int(m.group(1), 16), a) for a, op in ins if (m := re.match(r"BRA\s+(0x[0-9a-f]+)", op))
            and int(m.group(1), 16) <= a]
   inner = [(lo, hi) for lo, hi in loops if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in loops)]
   if not inner:
     return {"loop_instructions": 0, "loop_opcodes": {}}
   lo, hi = max(inner, key=lambda span: sum(span[0] <= a <= span[1] for a, _ in ins))
-  body = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0] for a, op in ins if lo <= a <= hi]
+  body = [op.split()[0].split(".")[0] for a, op in ins if lo <= a <= hi]
   return {"loop_instructions": len(body), "loop_opcodes": dict(collections.Counter(body).most_common())}
 
 
