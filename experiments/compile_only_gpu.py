@@ -54,11 +54,11 @@ def spec_names() -> list[str]:
   return sorted(os.path.basename(p)[:-len(".txtpb")] for p in glob.glob(os.path.join(SPECS_DIR, "*.txtpb")))
 
 
-def compile_only_device(spec: str = "h200") -> jax.Device:
-  """A compile-only CUDA device for `spec` (a name in experiments/assets/gpu_specs, or a path to a
-  GpuTargetConfigProto text file). Call it before anything runs on jax's backends: the CUDA plugin
-  initializes with them, and only skips its CUDA library checks (there are none to pass without a
-  GPU) when asked to first."""
+def compile_only_devices(spec: str = "h200", count: int = 1) -> list[jax.Device]:
+  """`count` compile-only CUDA devices of one host for `spec` (a name in experiments/assets/gpu_specs,
+  or a path to a GpuTargetConfigProto text file). Without a GPU call it before anything runs on jax's
+  backends: the CUDA plugin initializes with them, and only skips its CUDA library checks (there are
+  none to pass without a GPU) when asked to first."""
   path = spec if os.path.exists(spec) else os.path.join(SPECS_DIR, f"{spec}.txtpb")
   if not os.path.exists(path):
     raise SystemExit(f"no GPU spec {spec!r}: name one of {', '.join(spec_names())} or give a .txtpb path")
@@ -66,12 +66,12 @@ def compile_only_device(spec: str = "h200") -> jax.Device:
   with open(path) as f:
     config = f.read()
   try:
-    topology = topologies.get_topology_desc(spec, "cuda", topology="1x1x1", target_config=config)
+    topology = topologies.get_topology_desc(spec, "cuda", topology=f"1x1x{count}", target_config=config)
   except NotImplementedError:
     raise SystemExit(f"compiling for a GPU without one needs jax's CUDA plugin: pip install --no-deps --target DIR "
                      f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}, then run with "
                      "PYTHONPATH=DIR (and before jax's backends start)") from None
-  return topology.devices[0]
+  return list(topology.devices)
 
 
 def use_cuda_library(path: str) -> None:
@@ -169,7 +169,7 @@ def main():
   ap.add_argument("--grouped", default=poc.GROUPED, help="comma list of EXPERTSxTOPKxBATCHxKxN grouped products (empty: none)")
   ap.add_argument("--out", default="", help="write the rows as JSON here")
   args = ap.parse_args()
-  device = compile_only_device(args.spec)
+  (device,) = compile_only_devices(args.spec)
   print(f"compiled for {device.device_kind} by jax {jax.__version__}'s XLA, no GPU attached")
   rows = []
   for case in poc.parse_products(args.single, args.grouped):

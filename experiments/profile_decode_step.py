@@ -104,7 +104,7 @@ def main():
     if cuda_only and not args.cuda_library:
       raise SystemExit(f"--compile_for compiles {', '.join(cuda_only)} with the CUDA kernels' library: give "
                        "--cuda_library=PATH (python -m cuda_kernels.build), or choose --settings=codebook_w4")
-    target = compile_only_gpu.compile_only_device(args.compile_for)  # before the backends start
+    (target,) = compile_only_gpu.compile_only_devices(args.compile_for)  # before the backends start
     if args.cuda_library:
       compile_only_gpu.use_cuda_library(args.cuda_library)
   cfg, model, params, quant = small_decode_models(args.fused)

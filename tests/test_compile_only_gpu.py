@@ -33,7 +33,7 @@ def test_ships_the_specs_of_the_gpus_benchmarked():
 
 def test_refuses_an_unknown_spec():
   with pytest.raises(SystemExit, match=r"no GPU spec 'a100'.*h100_sxm, h200"):
-    cog.compile_only_device("a100")
+    cog.compile_only_devices("a100")
 
 
 def test_asks_for_the_cuda_plugin(monkeypatch):
@@ -43,7 +43,7 @@ def test_asks_for_the_cuda_plugin(monkeypatch):
   monkeypatch.setattr(cog.topologies, "get_topology_desc", no_plugin)
   with pytest.raises(SystemExit, match=r"needs jax's CUDA plugin: pip install --no-deps --target DIR "
                                        r"jax-cuda12-plugin==\S+ jax-cuda12-pjrt==\S+, then run with PYTHONPATH=DIR"):
-    cog.compile_only_device("h200")
+    cog.compile_only_devices("h200")
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -120,19 +120,26 @@ def test_kernels_mode_traces_for_a_gpu_from_a_host_without_one(quantized, no_ref
       pass
 
 
+def _mesh_devices() -> list:
+  """8 devices for a mesh: CPU stand-ins, or on a GPU host compile-only H200s (jax's CUDA plugin),
+  since there Triton's lowering reads the GPU model from the mesh's devices (jax 0.11.2, an H100)."""
+  if jax.devices()[0].platform != "gpu":  # as_gpu fakes default_backend
+    return jax.devices("cpu")
+  from experiments.compile_only_gpu import compile_only_devices  # pylint: disable=g-import-not-at-top
+  return compile_only_devices("h200", 8)
+
+
 @pytest.mark.parametrize("mode", ["pallas", "int8"])
 def test_expert_parallel_model_lowers_for_cuda(quantized, as_gpu, mode):
-  """On a data x expert mesh (8 CPU devices standing in for GPUs) the kernels run inside the
+  """On a data x expert mesh (8 devices standing in for GPUs) the kernels run inside the
   expert-parallel shard_map, every product still a kernel."""
-  from cqjax.sharding import MeshConfig, make_mesh, shard_params  # pylint: disable=g-import-not-at-top
-  if mode == "pallas" and jax.devices()[0].platform == "gpu":  # as_gpu fakes default_backend
-    # Seen with jax 0.11.2 on an H100: Triton's lowering reads the GPU model from the mesh's devices.
-    pytest.skip("a mesh of CPU stand-ins has no GPU model for Triton's lowering on a GPU host")
+  from cqjax.sharding import MeshConfig, make_mesh, param_shardings  # pylint: disable=g-import-not-at-top
   model, params = quantized
-  mesh = make_mesh(MeshConfig(data=2, expert=4), CFG.num_experts, jax.devices("cpu"))  # on a GPU host too
-  tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 5)))
+  mesh = make_mesh(MeshConfig(data=2, expert=4), CFG.num_experts, _mesh_devices())
+  abstract = lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # placed nowhere yet
+  tokens = abstract(jnp.zeros((2, 5), jnp.int32), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   with dispatch.kernels_mode(mode), jax.set_mesh(mesh):
-    text = _lowered(model, shard_params(params, mesh), tokens, False)
+    text = _lowered(model, jax.tree.map(abstract, params, param_shardings(params, mesh)), tokens, False)
   want, absent = WANT[mode]
   assert want <= _targets(text) and absent not in text
   assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text  # shard_map (Shardy or GSPMD)
