@@ -90,6 +90,9 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   experts, shorter ones lost to their set-up)."""
   block_m = 1 if m <= 1 else min(128, max(16, _pow2_at_least(m)))
   block_k = max(8 // bits, min(512 if block_m == 1 else 256, _pow2_at_least(d_in)))
+  if block_m == 1 and -(-d_in // 256) * 256 < -(-d_in // block_k) * block_k:
+    block_k = 256  # less of the last step past d_in (d_in = 768: three steps of 256, not 1024 of work,
+    # and whole steps, which the register decode needs)
   block_n = 16 if block_m == 1 else 64
   if block_m == 128 and d_out >= 4096:
     registers = _decodes_in_registers(bits, -(-d_in * bits // 8), x_dtype, group_size or d_in, block_k, False)
@@ -171,6 +174,7 @@ class _Layout:
   # 256-column blocks, column groups) the wrapper builds them: built each K step in the kernel
   # they spilled more and ran 8-10% slower at M = 128 (H100, BENCHMARKS.md session 41).
   tables_in_kernel: bool
+  compiled: bool    # not interpreted: inline PTX (the register decode, _fma) may be used
 
   @property
   def per_unit(self) -> int:
@@ -192,7 +196,7 @@ def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool)
   if tuning.block_k < 8 * unit_bytes // bits:
     raise CqjaxError(f"LutTuning.block_k={tuning.block_k} is below one byte of {bits}-bit codes")
   return _Layout(bits, groups, group_size, nbytes // unit_bytes, unit_bytes, registers,
-                 registers and groups == 1 and tuning.block_n <= 64)
+                 registers and groups == 1 and tuning.block_n <= 64, not interpret)
 
 
 def _codes(packed: jax.Array, lay: _Layout) -> jax.Array:
@@ -233,11 +237,30 @@ def _deinterleave(tile: jax.Array, ways: int) -> list:
   return [part for _, part in sorted(parts, key=lambda sp: sp[0])]
 
 
+def _fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+  """a * b + c (float32, one shape) as one fma.rn: XLA's Triton emits a product and a sum apart
+  (mul.rn + add.rn, which ptxas may not fuse), two instructions a code in the one-row K loop
+  (XLA's compile for an H200, experiments.compile_only_gpu)."""
+  (out,) = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])
+  return out
+
+
 def _split_activations(x: jax.Array, lay: _Layout, rows: int) -> jax.Array:
   """x [m, d_in] -> xs [codes per unit, rows, units], xs[s, :, u] = x[:, u*per_unit + s], zero
   past d_in and past m (rows past m are read by the last block, never stored)."""
   x = jnp.pad(x, ((0, rows - x.shape[0]), (0, lay.units * lay.per_unit - x.shape[1])))
   return jnp.moveaxis(x.reshape(rows, lay.units, lay.per_unit), 2, 0)
+
+
+def _kernel_activations(x: jax.Array, lay: _Layout, tuning: LutTuning, rows: int) -> jax.Array:
+  """What the kernel reads for x: split into strided slices for prefill blocks (_splits_x); for
+  one-row blocks x in float32, the FMA's operand type, converted once here rather than by each of
+  the block_n / 2 threads that read each value (offline compile, Triton 3.6, sm_90: 421 -> 364
+  instructions in the K loop of 4096x14336); else x as it is."""
+  if _splits_x(tuning):
+    return _split_activations(x, lay, rows)
+  return x.astype(jnp.float32) if tuning.block_m == 1 else x
 
 
 def _k_steps(lay: _Layout, tuning: LutTuning) -> tuple[int, int, int]:
@@ -320,13 +343,22 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
       if use_dot:
         acc = acc + plgpu.dot(x, w.astype(x.dtype), trans_b=True,
                               precision=jax.lax.Precision.HIGHEST if f32 else None)
+      elif one_row and lay.compiled:
+        acc = _fma(jnp.broadcast_to(x.astype(jnp.float32), w.shape), w.astype(jnp.float32), acc)
+      elif one_row:
+        acc = acc + x.astype(jnp.float32) * w.astype(jnp.float32)  # [1, bku] against [block_n, bku]
       else:
         acc = acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None, :, :]
     return acc
 
-  shape = (tuning.block_m, tuning.block_n) if use_dot else (tuning.block_m, tuning.block_n, bku)
+  # One row (decode's FMA blocks): a [block_n, bku] accumulator in the decoded weights' own layout.
+  # A [1, block_n, bku] one made Triton move every decoded tile through shared memory, a store, a
+  # load and two barriers each (offline compile, Triton 3.6, sm_90).
+  one_row = tuning.block_m == 1
+  shape = (tuning.block_m, tuning.block_n) if use_dot else (tuning.block_n, bku) if one_row else (
+      tuning.block_m, tuning.block_n, bku)
   acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros(shape, jnp.float32))
-  return acc if use_dot else acc.sum(axis=-1)
+  return acc if use_dot else acc.sum(axis=-1)[None, :] if one_row else acc.sum(axis=-1)
 
 
 def _partials_dtype(splits: int, dtype):
@@ -356,7 +388,7 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
     return jnp.zeros((0, d_out), x.dtype)
   total, per_split, splits = _k_steps(lay, tuning)
   bm, bn = tuning.block_m, tuning.block_n
-  xs = _split_activations(x, lay, pl.cdiv(m, bm) * bm) if _splits_x(tuning) else x
+  xs = _kernel_activations(x, lay, tuning, pl.cdiv(m, bm) * bm)
   masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
 
   def kernel(xs_ref, packed_ref, table_ref, out_ref):
@@ -409,7 +441,7 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
     return jnp.zeros((0, d_out), x.dtype)
   total, per_split, splits = _k_steps(lay, tuning)
   bm, bn = tuning.block_m, tuning.block_n
-  xs = _split_activations(x, lay, t + bm) if _splits_x(tuning) else x  # a row block may run past the last row
+  xs = _kernel_activations(x, lay, tuning, t + bm)  # a row block may run past the last row
   masked_n, masked_k = d_out % bn != 0, lay.units % (tuning.block_k // lay.per_unit) != 0
   slots = expert_slots(group_sizes, n_slots) if slots is None else slots
 

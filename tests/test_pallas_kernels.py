@@ -218,6 +218,14 @@ def test_default_tuning_picks_fma_for_decode_and_tensor_cores_for_batches():
   assert pk.default_tuning(2, 2048, 768, 4, experts=128).k_splits == 1
 
 
+def test_one_row_steps_run_least_past_d_in():
+  """One-row K steps of 256 where 512 would run further past d_in (768: 768 against 1024). Qwen3's
+  down projection (d_in 768) so takes whole steps, and with them the register decode."""
+  assert [pk.default_tuning(1, k, 2048, 4).block_k for k in (768, 1280, 1408, 272, 4096)] == [256, 256, 512, 512, 512]
+  assert pk._decodes_in_registers(4, 384, jnp.bfloat16, 768, 256, interpret=False)
+  assert not pk._decodes_in_registers(4, 384, jnp.bfloat16, 768, 512, interpret=False)  # a last step past d_in
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the dispatcher picks the Pallas kernels on GPUs only")
 def test_model_on_gpu_uses_the_kernels_and_matches_the_reference(monkeypatch):
   from conftest import TINY_DEFAULT
