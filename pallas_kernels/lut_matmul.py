@@ -71,9 +71,12 @@ def _pow2_at_least(v: int) -> int:
 
 def _decodes_in_registers(bits: int, row_bytes: int, x_dtype, group_size: int, block_k: int, interpret: bool) -> bool:
   """The register decode (DECODE4_PTX) applies: compiled only (inline PTX), 4-bit codes in whole
-  words, bf16 activations (its values are bf16), one codebook per K step."""
+  words, bf16 activations (its values are bf16), one codebook per K step, and at least 16 inputs
+  in each of a step's eight slices (block_k >= 128). Slices of 8 gave twice the product in a
+  tensor-core dot on an H200 (d_in 48, 16 rows; with the register-decode tails patch, session 43):
+  until that is understood the table gather, correct there, takes them."""
   return (not interpret and bits == 4 and row_bytes % 4 == 0 and jnp.dtype(x_dtype) == jnp.bfloat16
-          and group_size % block_k == 0 and block_k >= 8)
+          and group_size % block_k == 0 and block_k >= 128)
 
 
 def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x_dtype=jnp.bfloat16,

@@ -22,8 +22,9 @@ def _close(got, ref, dtype):
   np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
 
 
-# (k, n, bits, group): k and n off every block; per-row and column-group codebooks; 1/2/4/8 bits.
-SHAPES = [(272, 37, 4, 272), (200, 70, 4, 40), (96, 130, 2, 96), (80, 33, 8, 16), (136, 19, 1, 136)]
+# (k, n, bits, group): k and n off every block; per-row and column-group codebooks; 1/2/4/8 bits; and
+# one K step of 64 inputs, slices of 8 (_decodes_in_registers).
+SHAPES = [(272, 37, 4, 272), (200, 70, 4, 40), (96, 130, 2, 96), (80, 33, 8, 16), (136, 19, 1, 136), (64, 24, 4, 64)]
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 64])
@@ -224,6 +225,7 @@ def test_one_row_steps_run_least_past_d_in():
   assert [pk.default_tuning(1, k, 2048, 4).block_k for k in (768, 1280, 1408, 272, 4096)] == [256, 256, 512, 512, 512]
   assert pk._decodes_in_registers(4, 384, jnp.bfloat16, 768, 256, interpret=False)
   assert not pk._decodes_in_registers(4, 384, jnp.bfloat16, 768, 512, interpret=False)  # a last step past d_in
+  assert not pk._decodes_in_registers(4, 32, jnp.bfloat16, 64, 64, interpret=False)  # slices of 8 inputs
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the dispatcher picks the Pallas kernels on GPUs only")
