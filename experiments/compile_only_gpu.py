@@ -131,6 +131,10 @@ def _cuobjdump() -> str | None:
   return found
 
 
+def _tool_failed(tool: str, path: str, stderr: str):
+  raise SystemExit(f"{tool} failed on {path}: {(stderr.strip().splitlines() or ['no message'])[-1]}")
+
+
 def dumped_kernels(dump_dir: str, prefix: str = "cqjax_") -> list[dict]:
   """Registers and spills of the `prefix` kernels in the PTX of an XLA dump (ptxas -v, for the
   target each PTX file names), and where a cuobjdump is found, each one's K loop
@@ -149,12 +153,12 @@ def dumped_kernels(dump_dir: str, prefix: str = "cqjax_") -> list[dict]:
     cubin = path[:-len(".ptx")] + ".cubin"
     out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", cubin], capture_output=True, text=True)
     if out.returncode:
-      raise SystemExit(f"ptxas failed on {path}: {(out.stderr.strip().splitlines() or ['no message'])[-1]}")
+      _tool_failed("ptxas", path, out.stderr)
     kernels = parse_ptxas(out.stdout + out.stderr, prefix)
     if cuobjdump is not None:
       sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True)
       if sass.returncode:
-        raise SystemExit(f"cuobjdump failed on {cubin}: {(sass.stderr.strip().splitlines() or ['no message'])[-1]}")
+        _tool_failed("cuobjdump", cubin, sass.stderr)
       functions = sass_functions(sass.stdout)
       for kernel in kernels:
         kernel.update(poc.k_loop(functions.get(kernel["kernel"], "")))

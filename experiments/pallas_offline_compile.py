@@ -153,8 +153,14 @@ def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
   sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
   field = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else 0
   return {"registers": field("REG"), "stack": field("STACK"), "shared": compiled.metadata.shared,
-          "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, flags=re.M)),
+          "sass_instructions": len(_sass_instructions(sass)),
           "num_warps": kernel.num_warps, "num_stages": kernel.num_stages, **k_loop(sass)}
+
+
+def _sass_instructions(sass: str) -> list[tuple[int, str]]:
+  """A cuobjdump SASS listing's instructions: (address, text without its predicate)."""
+  return [(int(a, 16), re.sub(r"^@!?U?P\w+\s+", "", op))
+          for a, op in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, flags=re.M)]
 
 
 def k_loop(sass: str) -> dict:
@@ -162,8 +168,7 @@ def k_loop(sass: str) -> dict:
   inside its span), the longest; its instructions and their opcodes (predicates and modifiers
   dropped: `@P0 BAR.SYNC.DEFER_BLOCKING` counts as BAR). What a step costs a thread, which is what
   bounds a decode kernel that is not bound by bytes (BENCHMARKS.md)."""
-  ins = [(int(a, 16), re.sub(r"^@!?U?P\w+\s+", "", op))  # the predicate dropped
-         for a, op in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass, flags=re.M)]
+  ins = _sass_instructions(sass)
   loops = [(int(m.group(1), 16), a) for a, op in ins if (m := re.match(r"BRA\s+(0x[0-9a-f]+)", op))
            and int(m.group(1), 16) <= a]
   inner = [(lo, hi) for lo, hi in loops if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in loops)]
