@@ -167,11 +167,12 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
 
 def serves(rows: int, d_in: int, d_out: int, hopper: bool | None = None) -> bool:
   """Whether the dispatcher's automatic choice takes this kernel over the Pallas ones: where the
-  H200 runs measured it ahead (BENCHMARKS.md, sessions 21 and 26): 16 rows of x or fewer per
-  weight (the decode regime) and at least 2^20 codes a weight (smaller ones are launch-bound,
-  where the Pallas path measured faster); on Hopper (hopper None: is_hopper()) also prefill_rows
-  (layout 8). Elsewhere prefill tiles favour the Pallas kernels."""
-  if rows <= 16 and d_in * d_out >= 1 << 20:
+  H200 runs measured it ahead (BENCHMARKS.md, sessions 21, 26 and 44): 16 rows of x or fewer per
+  weight (the decode regime) of weights with at least 2^24 codes, 2^25 for one row (Mixtral's
+  experts). Smaller ones are launch-bound, and there Pallas' one-row kernel ran 1.4-2x faster
+  (4096x4096, Qwen3's experts) and its tensor-core blocks mostly ahead. On Hopper (hopper None:
+  is_hopper()) also prefill_rows (layout 8). Elsewhere prefill tiles favour the Pallas kernels."""
+  if rows <= 16 and d_in * d_out >= (1 << 25 if rows == 1 else 1 << 24):
     return True
   return (is_hopper() if hopper is None else hopper) and prefill_rows(rows, d_in, d_out)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decode with the whole token loop in XLA's command buffers (CUDA graphs) against XLA's defaults, on
 # one GPU (device machine, from the repository root; well under 10 minutes):
-#   bash experiments/decode_graphs.sh OUT_DIR [ROUNDS]
+#   bash experiments/decode_graphs.sh OUT_DIR [ROUNDS]   (DECODE_SETTINGS: bench_kernels --decode_settings, default all)
 # The decode step is bound by its launches (BENCHMARKS.md session 37). XLA's default command
 # buffers hold runs of fusions and custom calls but not a while loop; with WHILE (and CONDITIONAL)
 # added, `generate`'s scan of steps can become one graph launch a call. Each round times
@@ -23,7 +23,9 @@ for round in $(seq "$rounds"); do
     flags=""
     [ "$name" = while ] && flags=$while_flags
     echo "== $name (round $round) ${flags}"
-    XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout 200 python3 -m experiments.bench_kernels --single= --grouped= --decode \
-      --out="$out/decode_${name}_$round.json" 2>&1 | grep "decode small"
+    # A run's first process compiles the Triton kernels (Triton's cache serves the rest): 300 s.
+    XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout 300 python3 -m experiments.bench_kernels --single= --grouped= --decode \
+      --decode_settings="${DECODE_SETTINGS:-all}" --out="$out/decode_${name}_$round.json" > "$out/decode_${name}_$round.log" 2>&1
+    grep "decode small" "$out/decode_${name}_$round.log" || tail -n 5 "$out/decode_${name}_$round.log"
   done
 done

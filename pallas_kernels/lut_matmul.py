@@ -69,14 +69,25 @@ def _pow2_at_least(v: int) -> int:
   return 1 << max(0, (v - 1).bit_length())
 
 
+# Pallas builds Triton's IR itself, past the front end's rule that a dot has K >= 16. On an H200
+# (jax 0.11.2, Triton 3.6) a bf16 tensor-core dot of 8 inputs counted every product twice, with
+# its weights loaded or decoded in registers alike; 16 and 32 inputs were exact
+# (experiments.probe_short_dot, BENCHMARKS.md session 44). Every dot here takes 16 or more.
+_MIN_DOT_INPUTS = 16
+
+
+def _dot_inputs(block_k: int, bits: int, unit_bytes: int) -> int:
+  """Inputs of each tensor-core dot of a K step: the step splits into one slice per code of a unit."""
+  return block_k * bits // (8 * unit_bytes)
+
+
 def _decodes_in_registers(bits: int, row_bytes: int, x_dtype, group_size: int, block_k: int, interpret: bool) -> bool:
   """The register decode (DECODE4_PTX) applies: compiled only (inline PTX), 4-bit codes in whole
-  words, bf16 activations (its values are bf16), one codebook per K step, and at least 16 inputs
-  in each of a step's eight slices (block_k >= 128). Slices of 8 gave twice the product in a
-  tensor-core dot on an H200 (d_in 48, 16 rows; with the register-decode tails patch, session 43):
-  until that is understood the table gather, correct there, takes them."""
+  words, bf16 activations (its values are bf16), one codebook per K step, and steps of whole
+  dots (_MIN_DOT_INPUTS in each of a word's eight slices: block_k >= 128; one-row blocks, which
+  have no dot, keep the same rule)."""
   return (not interpret and bits == 4 and row_bytes % 4 == 0 and jnp.dtype(x_dtype) == jnp.bfloat16
-          and group_size % block_k == 0 and block_k >= 128)
+          and group_size % block_k == 0 and _dot_inputs(block_k, bits, 4) >= _MIN_DOT_INPUTS)
 
 
 def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x_dtype=jnp.bfloat16,
@@ -93,6 +104,8 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   experts, shorter ones lost to their set-up)."""
   block_m = 1 if m <= 1 else min(128, max(16, _pow2_at_least(m)))
   block_k = max(8 // bits, min(512 if block_m == 1 else 256, _pow2_at_least(d_in)))
+  if block_m >= 16:  # tensor-core dots of whole slices, even where d_in is shorter (x reads as zeros past it)
+    block_k = max(block_k, _pow2_at_least(_MIN_DOT_INPUTS * 8 // bits))
   if block_m == 1 and -(-d_in // 256) * 256 < -(-d_in // block_k) * block_k:
     block_k = 256  # less of the last step past d_in (d_in = 768: three steps of 256, not 1024 of work,
     # and whole steps, which the register decode needs)
@@ -193,11 +206,16 @@ def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool)
   registers = _decodes_in_registers(bits, nbytes, x.dtype, group_size, tuning.block_k, interpret)
   # Words wherever they were verified compiled: bf16 tensor-core dots fed by word-unit *gathers*
   # gave wrong sums on the H100 (jax 0.11.2, Triton 3.6; cause not found), so that case reads bytes.
-  words = nbytes % 4 == 0 and tuning.block_k >= 32 // bits and (registers or tuning.block_m < 16
-                                                                 or x.dtype == jnp.float32)
+  dots = tuning.block_m >= 16
+  words = (nbytes % 4 == 0 and tuning.block_k >= 32 // bits and (registers or not dots or x.dtype == jnp.float32)
+           and (not dots or _dot_inputs(tuning.block_k, bits, 4) >= _MIN_DOT_INPUTS))
   unit_bytes = 4 if words else 1
   if tuning.block_k < 8 * unit_bytes // bits:
     raise CqjaxError(f"LutTuning.block_k={tuning.block_k} is below one byte of {bits}-bit codes")
+  if dots and _dot_inputs(tuning.block_k, bits, unit_bytes) < _MIN_DOT_INPUTS:
+    raise CqjaxError(f"LutTuning.block_k={tuning.block_k} with block_m={tuning.block_m} gives tensor-core dots of "
+                     f"{_dot_inputs(tuning.block_k, bits, unit_bytes)} inputs; {bits}-bit codes need block_k >= "
+                     f"{_MIN_DOT_INPUTS * 8 // bits} (shorter dots counted every product twice on an H200)")
   return _Layout(bits, groups, group_size, nbytes // unit_bytes, unit_bytes, registers,
                  registers and groups == 1 and tuning.block_n <= 64, not interpret)
 

@@ -228,6 +228,35 @@ def test_one_row_steps_run_least_past_d_in():
   assert not pk._decodes_in_registers(4, 32, jnp.bfloat16, 64, 64, interpret=False)  # slices of 8 inputs
 
 
+def test_tensor_core_dots_take_16_inputs_or_more():
+  """Every dot of a default tuning has 16 inputs or more (8 counted each product twice on an H200:
+  pk._MIN_DOT_INPUTS); a tuning that would run shorter dots is refused, naming block_k."""
+  for bits in pk.SUPPORTED_BITS:
+    for d_in in (8, 12, 16, 24, 48, 64, 96, 136, 272):
+      d_in = -(-d_in * bits // 8) * 8 // bits  # whole bytes of codes
+      for dtype in (jnp.float32, jnp.bfloat16):
+        tuning = pk.default_tuning(16, d_in, 40, bits, x_dtype=dtype)
+        x = jax.ShapeDtypeStruct((16, d_in), dtype)
+        packed = jax.ShapeDtypeStruct((40, d_in * bits // 8), jnp.uint8)
+        lay = pk._layout(x, packed, jax.ShapeDtypeStruct((40, 1, 2 ** bits), jnp.float32), bits, tuning, interpret=False)
+        assert pk._dot_inputs(tuning.block_k, bits, lay.unit_bytes) >= 16, (bits, d_in, dtype, tuning, lay)
+  rng = np.random.default_rng(2)
+  w = random_codebook_weight(rng, (), 9, 32, 4, 32)
+  with pytest.raises(CqjaxError, match="LutTuning.block_k=16 with block_m=16 gives tensor-core dots of 8 inputs"):
+    pk.lut_matmul(jnp.ones((16, 32), jnp.bfloat16), w.packed, w.centroids, 4,
+                  tuning=LutTuning(block_m=16, block_n=16, block_k=16), interpret=True)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_short_rows_take_whole_dots(bits):
+  """d_in shorter than a whole dot's step (12 inputs): the step runs past d_in, where x reads as zeros."""
+  rng = np.random.default_rng(bits)
+  d_in = 16 if bits == 1 else 12
+  w = random_codebook_weight(rng, (), 21, d_in, bits, d_in)
+  x = jnp.asarray(rng.normal(size=(16, d_in)), jnp.bfloat16)
+  _close(pk.lut_matmul(x, w.packed, w.centroids, bits, interpret=INTERPRET), float64_product(x, w), jnp.bfloat16)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the dispatcher picks the Pallas kernels on GPUs only")
 def test_model_on_gpu_uses_the_kernels_and_matches_the_reference(monkeypatch):
   from conftest import TINY_DEFAULT
