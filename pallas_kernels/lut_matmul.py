@@ -70,9 +70,10 @@ def _pow2_at_least(v: int) -> int:
 
 
 # Pallas builds Triton's IR itself, past the front end's rule that a dot has K >= 16. On an H200
-# (jax 0.11.2, Triton 3.6) a bf16 tensor-core dot of 8 inputs counted every product twice, with
-# its weights loaded or decoded in registers alike; 16 and 32 inputs were exact
-# (experiments.probe_short_dot, BENCHMARKS.md session 44). Every dot here takes 16 or more.
+# and an H100 (jax 0.11.2, Triton 3.6) a bf16 tensor-core dot of 8 inputs counted every product
+# twice, with its weights loaded or decoded in registers alike; 16 and 32 inputs, and float32 at 8,
+# were exact (experiments.probe_short_dot, BENCHMARKS.md session 44). Every dot here takes 16 or more
+# (float32 too, as Triton's own rule has it: a few float32 weights of d_in < 256 so read bytes, not words).
 _MIN_DOT_INPUTS = 16
 
 
@@ -204,8 +205,9 @@ def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool)
   nbytes, groups = packed.shape[-1], centroids.shape[-2]
   group_size = x.shape[1] // groups
   registers = _decodes_in_registers(bits, nbytes, x.dtype, group_size, tuning.block_k, interpret)
-  # Words wherever they were verified compiled: bf16 tensor-core dots fed by word-unit *gathers*
-  # gave wrong sums on the H100 (jax 0.11.2, Triton 3.6; cause not found), so that case reads bytes.
+  # Words wherever they were timed. bf16 tensor-core dots fed by word-unit *gathers* read bytes: their
+  # wrong sums on the H100 (session 18) were dots of 8 inputs, and with whole dots they passed compiled
+  # (experiments/pallas_word_gathers.patch, session 44), but they were never timed.
   dots = tuning.block_m >= 16
   words = (nbytes % 4 == 0 and tuning.block_k >= 32 // bits and (registers or not dots or x.dtype == jnp.float32)
            and (not dots or _dot_inputs(tuning.block_k, bits, 4) >= _MIN_DOT_INPUTS))
