@@ -82,6 +82,11 @@ def _dot_inputs(block_k: int, bits: int, unit_bytes: int) -> int:
   return block_k * bits // (8 * unit_bytes)
 
 
+def _min_dot_block_k(bits: int) -> int:
+  """The shortest K step of whole dots when codes are read as bytes (the layout that allows most)."""
+  return _pow2_at_least(_MIN_DOT_INPUTS * 8 // bits)
+
+
 def _decodes_in_registers(bits: int, row_bytes: int, x_dtype, group_size: int, block_k: int, interpret: bool) -> bool:
   """The register decode (DECODE4_PTX) applies: compiled only (inline PTX), 4-bit codes in whole
   words, bf16 activations (its values are bf16), one codebook per K step, and steps of whole
@@ -106,7 +111,7 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   block_m = 1 if m <= 1 else min(128, max(16, _pow2_at_least(m)))
   block_k = max(8 // bits, min(512 if block_m == 1 else 256, _pow2_at_least(d_in)))
   if block_m >= 16:  # tensor-core dots of whole slices, even where d_in is shorter (x reads as zeros past it)
-    block_k = max(block_k, _pow2_at_least(_MIN_DOT_INPUTS * 8 // bits))
+    block_k = max(block_k, _min_dot_block_k(bits))
   if block_m == 1 and -(-d_in // 256) * 256 < -(-d_in // block_k) * block_k:
     block_k = 256  # less of the last step past d_in (d_in = 768: three steps of 256, not 1024 of work,
     # and whole steps, which the register decode needs)
@@ -217,7 +222,7 @@ def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool)
   if dots and _dot_inputs(tuning.block_k, bits, unit_bytes) < _MIN_DOT_INPUTS:
     raise CqjaxError(f"LutTuning.block_k={tuning.block_k} with block_m={tuning.block_m} gives tensor-core dots of "
                      f"{_dot_inputs(tuning.block_k, bits, unit_bytes)} inputs; {bits}-bit codes need block_k >= "
-                     f"{_MIN_DOT_INPUTS * 8 // bits} (shorter dots counted every product twice on an H200)")
+                     f"{_min_dot_block_k(bits)} (shorter dots counted every product twice on Hopper GPUs)")
   return _Layout(bits, groups, group_size, nbytes // unit_bytes, unit_bytes, registers,
                  registers and groups == 1 and tuning.block_n <= 64, not interpret)
 
