@@ -19,7 +19,7 @@ shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at ev
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every
 Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
 reference, which should be float32 rounding, and against the float product); --decode times greedy decoding of the small reference model's
-architecture, bf16 vs 4-bit codebooks. --plot draws each kernel's speedup against M and the
+architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes), bf16 vs 4-bit codebooks. --plot draws each kernel's speedup against M and the
 decode batch (experiments.plots.plot_kernel_speedups).
 """
 from __future__ import annotations
@@ -345,18 +345,35 @@ def decode_settings(arg: str = "all") -> tuple:
   return tuple(s for s in DECODE_SETTINGS if s[0] == "bf16" or s[0] in chosen)
 
 
-def small_decode_models(fused: bool = False):
-  """The small reference architecture with random weights (decode speed does not depend on the
-  values): (config, model, bf16 params, every MoE and attention kernel as 4-bit RTN codebooks);
-  fused: both with q/k/v and gate/up fused (cqjax.fuse_projections)."""
+# Qwen3-30B-A3B's layer (hidden 2048, 32 query and 4 KV heads of 128, 128 experts of 768, top-8)
+# in 4 layers with a small vocabulary: its products are the shapes the dispatcher decides between
+# (2^20.6-code experts, 2^23-code q/o), unlike the small reference architecture's.
+QWEN3_LAYERS = {"model_type": "qwen3_moe", "vocab_size": 8192, "hidden_size": 2048, "intermediate_size": 6144,
+                "moe_intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 32,
+                "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                "norm_topk_prob": True, "max_position_embeddings": 4096, "rope_theta": 1e6, "rms_norm_eps": 1e-6}
+DECODE_ARCHS = ("small", "qwen3-layers")
+
+
+def decode_arch_config(arch: str):
+  """The ModelConfig of a --decode_arch: the small reference architecture, or QWEN3_LAYERS."""
   from cqjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from experiments.train_reference import SIZES  # pylint: disable=g-import-not-at-top
+  if arch not in DECODE_ARCHS:
+    raise SystemExit(f"unknown decode architecture {arch!r}; choose from {', '.join(DECODE_ARCHS)}")
+  return ModelConfig.from_hf_dict(SIZES["small"].hf_config() if arch == "small" else QWEN3_LAYERS, source=arch)
+
+
+def decode_models(arch: str = "small", fused: bool = False):
+  """A decode architecture (decode_arch_config) with random weights (decode speed does not depend
+  on the values): (config, model, bf16 params, every MoE and attention kernel as 4-bit RTN
+  codebooks); fused: both with q/k/v and gate/up fused (cqjax.fuse_projections)."""
   from cqjax.fuse_projections import fuse_projections  # pylint: disable=g-import-not-at-top
   from cqjax.kmeans import rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
   from cqjax.quantize_weights import quantize_scope  # pylint: disable=g-import-not-at-top
-  from experiments.train_reference import SIZES  # pylint: disable=g-import-not-at-top
 
-  cfg = ModelConfig.from_hf_dict(SIZES["small"].hf_config())
+  cfg = decode_arch_config(arch)
   model = MoeCausalLM(cfg, jnp.bfloat16)
   params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
@@ -367,17 +384,17 @@ def small_decode_models(fused: bool = False):
   return cfg, model, params, quant
 
 
-def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS):
-  """Greedy decode of the small reference architecture, bf16 vs every MoE and attention kernel as
+def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS, arch="small"):
+  """Greedy decode of a decode architecture (decode_arch_config), bf16 vs every MoE and attention kernel as
   4-bit RTN codebooks under each of `settings` (default kernels, CQJAX_KERNELS=cuda and int8);
   fused: q/k/v and gate/up fused in both (cqjax.fuse_projections)."""
   from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
 
-  cfg, model, params, quant = small_decode_models(fused)
+  cfg, model, params, quant = decode_models(arch, fused)
   out = []
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
-    row = {"batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused}
+    row = {"arch": arch, "batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused}
     for name, four_bit, mode in settings:
       with kernels_mode(mode):
         run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
@@ -390,7 +407,7 @@ def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DE
         row[key] = row[f"{name}_tokens_per_s"] / row["bf16_tokens_per_s"]
         speeds.append(f"{'default kernels' if mode == 'auto' else 'CQJAX_KERNELS=' + mode} "
                       f"{row[f'{name}_tokens_per_s']:.0f} tok/s ({row[key]:.2f}x)")
-    print(f"decode small arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s; 4-bit: {'; '.join(speeds)}; {new_tokens} new "
+    print(f"decode {arch} arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s; 4-bit: {'; '.join(speeds)}; {new_tokens} new "
           f"tokens after a {prompt_len}-token prefill{'; q/k/v and gate/up fused' if fused else ''}", flush=True)
     out.append(row)
   return out
@@ -417,7 +434,9 @@ def main():
   ap.add_argument("--quick", action="store_true", help="fewer M values and batches")
   ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes at --sweep_ms")
   ap.add_argument("--sweep_ms", default="128", help="comma list of M for --sweep")
-  ap.add_argument("--decode", action="store_true", help="decode tokens/s of the small architecture")
+  ap.add_argument("--decode", action="store_true", help="decode tokens/s of --decode_arch")
+  ap.add_argument("--decode_arch", default="small", choices=DECODE_ARCHS,
+                  help="--decode: the small reference architecture, or 4 layers of Qwen3-30B-A3B's shapes")
   ap.add_argument("--fused", action="store_true", help="--decode with q/k/v and gate/up fused (cqjax.fuse_projections)")
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
@@ -478,7 +497,7 @@ def main():
         result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
         save()
   if args.decode:
-    result["decode"] = bench_decode((1, 16), fused=args.fused, settings=settings)
+    result["decode"] = bench_decode((1, 16), fused=args.fused, settings=settings, arch=args.decode_arch)
     save()
   if args.plot:
     plot_kernel_speedups(result, args.plot)

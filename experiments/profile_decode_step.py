@@ -41,7 +41,7 @@ from cqjax.generate import generate
 from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
 from experiments import compile_only_gpu
-from experiments.bench_kernels import DECODE_SETTINGS_HELP, _per_call_us, decode_settings, small_decode_models
+from experiments.bench_kernels import DECODE_SETTINGS_HELP, _per_call_us, decode_settings, decode_models
 from experiments.device_trace import print_kernels, traced_kernels
 
 PROMPT_LEN = 32
@@ -107,7 +107,7 @@ def main():
     (target,) = compile_only_gpu.compile_only_devices(args.compile_for)  # before the backends start
     if args.cuda_library:
       compile_only_gpu.use_cuda_library(args.cuda_library)
-  cfg, model, params, quant = small_decode_models(args.fused)
+  cfg, model, params, quant = decode_models("small", args.fused)
   device = target or jax.devices()[0]
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
         f"small architecture, {cfg.num_layers} layers")

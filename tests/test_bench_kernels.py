@@ -42,3 +42,14 @@ def test_decode_settings_keep_the_bf16_baseline_and_refuse_unknown_names(monkeyp
   monkeypatch.setattr(sys, "argv", ["bench_kernels", "--decode", "--decode_settings=codebook_w4,pallas"])
   with pytest.raises(SystemExit, match="unknown decode setting 'pallas'"):
     bench_kernels.main()
+
+
+def test_decode_architectures_have_the_shapes_they_name():
+  """--decode_arch=qwen3-layers: Qwen3-30B-A3B's expert and attention shapes (the dispatcher's
+  choices differ there from the small architecture's); an unknown name is refused."""
+  small, qwen3 = (bench_kernels.decode_arch_config(a) for a in bench_kernels.DECODE_ARCHS)
+  assert small.model_type == "mixtral" and qwen3.model_type == "qwen3_moe"
+  assert (qwen3.hidden_size, qwen3.moe_intermediate_size, qwen3.num_experts, qwen3.top_k) == (2048, 768, 128, 8)
+  assert (qwen3.num_heads * qwen3.head_dim, qwen3.num_kv_heads * qwen3.head_dim, qwen3.dense_layers) == (4096, 512, ())
+  with pytest.raises(SystemExit, match="unknown decode architecture 'qwen3'"):
+    bench_kernels.decode_arch_config("qwen3")
