@@ -19,8 +19,8 @@ shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at ev
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every
 Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
 reference, which should be float32 rounding, and against the float product); --decode times greedy decoding of the small reference model's
-architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes), bf16 vs 4-bit codebooks. --plot draws each kernel's speedup against M and the
-decode batch (experiments.plots.plot_kernel_speedups).
+architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes), bf16 vs 4-bit codebooks.
+--plot draws each kernel's speedup against M and the decode batch (experiments.plots.plot_kernel_speedups).
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ With the register-decode tails patch (experiments/pallas_register_decode_tails.p
 test gave exactly twice the product where the kernel's K steps split into slices of 8 inputs a dot
 (BENCHMARKS.md session 43). This probe times nothing: it runs one program's
 acc += dot(x [rows, k], w [n, k]^T) for k in 8, 16, 32 on random data, once with w loaded from
-memory (bf16 and float32) and once with w decoded in registers by the kernel's inline PTX (_decode4), and prints the
-ratio of the result to XLA's product (1.0 where exact, 2.0 where each input counts twice).
+memory (bf16 and float32) and once with w decoded in registers by the kernel's inline PTX
+(_decode4), and prints the ratio of the result to XLA's product (1.0 where exact, 2.0 where each
+input counts twice).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from pallas_kernels import lut_matmul as pk
 
 @functools.partial(jax.jit, static_argnames=("decode",))
 def short_dot(x, w_or_words, regs, decode: bool):
-  """x [rows, k] and w [n, k] (bf16, or float32 as the kernel multiplies it: HIGHEST), or (decode) words uint32 [n, k/8] with regs eight uint32 [n]
-  -> float32 [rows, n]: one program, one tensor-core dot per slice of k (decode: eight slices)."""
+  """x [rows, k] and w [n, k] (bf16, or float32 as the kernel multiplies it: HIGHEST), or (decode)
+  x [8, rows, k] and words uint32 [n, k] with regs eight uint32 [n] -> float32 [rows, n]: one
+  program, one tensor-core dot (decode: one per slice s, the codes s of the words)."""
   rows, n = x.shape[-2], w_or_words.shape[0]
 
   def kernel(x_ref, w_ref, regs_ref, out_ref):

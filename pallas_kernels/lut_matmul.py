@@ -64,6 +64,11 @@ class LutTuning:
     if self.k_splits < 1:
       raise CqjaxError(f"LutTuning.k_splits must be >= 1, got {self.k_splits}")
 
+  @property
+  def dots(self) -> bool:
+    """Whether a block multiplies on the tensor cores (16 rows or more), else on the FMA units."""
+    return self.block_m >= 16
+
 
 def _pow2_at_least(v: int) -> int:
   return 1 << max(0, (v - 1).bit_length())
@@ -213,16 +218,17 @@ def _layout(x, packed, centroids, bits: int, tuning: LutTuning, interpret: bool)
   # Words wherever they were timed. bf16 tensor-core dots fed by word-unit *gathers* read bytes: their
   # wrong sums on the H100 (session 18) were dots of 8 inputs, and with whole dots they passed compiled
   # (experiments/pallas_word_gathers.patch, session 44), but they were never timed.
-  dots = tuning.block_m >= 16
+  dots = tuning.dots
   words = (nbytes % 4 == 0 and tuning.block_k >= 32 // bits and (registers or not dots or x.dtype == jnp.float32)
            and (not dots or _dot_inputs(tuning.block_k, bits, 4) >= _MIN_DOT_INPUTS))
   unit_bytes = 4 if words else 1
   if tuning.block_k < 8 * unit_bytes // bits:
     raise CqjaxError(f"LutTuning.block_k={tuning.block_k} is below one byte of {bits}-bit codes")
-  if dots and _dot_inputs(tuning.block_k, bits, unit_bytes) < _MIN_DOT_INPUTS:
+  inputs = _dot_inputs(tuning.block_k, bits, unit_bytes)
+  if dots and inputs < _MIN_DOT_INPUTS:
     raise CqjaxError(f"LutTuning.block_k={tuning.block_k} with block_m={tuning.block_m} gives tensor-core dots of "
-                     f"{_dot_inputs(tuning.block_k, bits, unit_bytes)} inputs; {bits}-bit codes need block_k >= "
-                     f"{_min_dot_block_k(bits)} (shorter dots counted every product twice on Hopper GPUs)")
+                     f"{inputs} inputs; {bits}-bit codes need block_k >= {_min_dot_block_k(bits)} (shorter dots "
+                     "counted every product twice on Hopper GPUs)")
   return _Layout(bits, groups, group_size, nbytes // unit_bytes, unit_bytes, registers,
                  registers and groups == 1 and tuning.block_n <= 64, not interpret)
 
@@ -317,7 +323,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
   """
   per_unit, entries = lay.per_unit, 2 ** lay.bits
   bku = tuning.block_k // per_unit
-  use_dot = tuning.block_m >= 16
+  use_dot = tuning.dots
   f32 = xs_ref.dtype == jnp.float32
   lead = () if expert is None else (expert,)
 
