@@ -24,8 +24,11 @@ for round in $(seq "$rounds"); do
     [ "$name" = while ] && flags=$while_flags
     echo "== $name (round $round) ${flags}"
     # A run's first process compiles the Triton kernels (Triton's cache serves the rest); a failure shows its tail.
-    XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout 300 python3 -m experiments.bench_kernels --single= --grouped= --decode \
-      --decode_settings="${DECODE_SETTINGS:-all}" --out="$out/decode_${name}_$round.json" > "$out/decode_${name}_$round.log" 2>&1
+    # XLA reads a flags value not starting with "--" (even " ") as a file name: set only what is there.
+    xf=$(echo ${XLA_FLAGS:-} $flags)
+    (if [ -n "$xf" ]; then export XLA_FLAGS=$xf; else unset XLA_FLAGS; fi
+     timeout 300 python3 -m experiments.bench_kernels --single= --grouped= --decode \
+      --decode_settings="${DECODE_SETTINGS:-all}" --out="$out/decode_${name}_$round.json" > "$out/decode_${name}_$round.log" 2>&1)
     grep "decode small" "$out/decode_${name}_$round.log" || tail -n 5 "$out/decode_${name}_$round.log"
   done
 done
