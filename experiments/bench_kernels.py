@@ -114,6 +114,20 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
   return list(dict.fromkeys(out))
 
 
+def grouped_sweep_candidates(t: int, experts: int, k: int, n: int) -> list[pk.LutTuning]:
+  """The grouped default for t rows over `experts` weights, then one-row FMA blocks (one decode a
+  row of each slot) and 16-row tensor-core blocks, over column block and K splits."""
+  base = pk.default_grouped_tuning(t, experts, k, n, BITS)
+  one = pk.default_tuning(1, k, n, BITS, experts=min(t, experts))
+  dot = pk.default_tuning(16, k, n, BITS, experts=min(t, experts))
+  out = [base]
+  for bn in (16, 32):
+    out += [dataclasses.replace(one, block_n=bn, k_splits=splits) for splits in (1, 2, 4)]
+  for bn, warps in ((32, 4), (64, 4), (128, 8)):
+    out += [dataclasses.replace(dot, block_n=bn, num_warps=warps, k_splits=splits) for splits in (1, 2, 4)]
+  return list(dict.fromkeys(c for c in out if c is base or c.k_splits <= -(-k // c.block_k)))  # no split without steps
+
+
 def sets_beyond_l2(bytes_per_set: int, sets: int, l2_mb: float = 50.0) -> int:
   """At least `sets`, and enough that one pass reads twice the H100's 50 MB L2 (a smaller
   working set would time L2 hits, not memory)."""
@@ -268,7 +282,7 @@ def _int8_tunings(spec: str) -> tuple:
     raise SystemExit(f"bench_kernels: --int8_tunings: {e}") from None
 
 
-def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=()):
+def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("pallas",), int8_sweep=(), sweep=False):
   key = jax.random.key(experts * 31 + k)
   routing = {b: random_routing(jax.random.fold_in(key, b), b, experts, top_k) for b in batches}
   sets = grouped_sets(routing.values(), k, n, sets)
@@ -321,6 +335,13 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
     err = _rel_err(pk.grouped_lut_matmul(x, weights[0].packed, weights[0].centroids, BITS, gs), ref)
     row.update(kernel_us=t_kernel, rel_err=err, speedup_vs_ragged=t_ragged / t_kernel, gbs=read / t_kernel / 1e3,
                pct_copy=100 * read / t_kernel / 1e3 / bw)
+    if sweep:
+      res = _time_tunings(pk.grouped_lut_matmul, x, weights, grouped_sweep_candidates(x.shape[0], experts, k, n), sets, 5, gs)
+      best, best_t = min(res, key=lambda r: r[0])
+      row.update(sweep_default_us=res[0][0], best_us=best, best_tuning=dataclasses.asdict(best_t),
+                 candidates=[dict(us=us, **dataclasses.asdict(t)) for us, t in res])
+      print(f"  pallas tunings: default {res[0][0]:.1f} us, best {best:.1f} us {best_t}; " +
+            ", ".join(f"{t.block_m}/{t.block_n}/{t.k_splits}/{t.num_warps}w {us:.1f}" for us, t in res[1:]), flush=True)
     print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  xla-gather {t_gather:8.1f}  "
           f"kernel {t_kernel:6.1f} us ({row['speedup_vs_ragged']:5.2f}x, {row['gbs']:5.0f} GB/s of active "
           f"experts = {row['pct_copy']:3.0f}% of copy) err {err:.1e}", flush=True)
@@ -434,6 +455,7 @@ def main():
   ap.add_argument("--quick", action="store_true", help="fewer M values and batches")
   ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes at --sweep_ms")
   ap.add_argument("--sweep_ms", default="128", help="comma list of M for --sweep")
+  ap.add_argument("--grouped_sweep", action="store_true", help="try Pallas block shapes at each --grouped shape and batch")
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of --decode_arch")
   ap.add_argument("--decode_arch", default="small", choices=DECODE_ARCHS,
                   help="--decode: the small reference architecture, or 4 layers of Qwen3-30B-A3B's shapes")
@@ -488,7 +510,7 @@ def main():
                                       int8_sweep)
     save()
   for name in _names(args.grouped, GROUPED):
-    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels, int8_sweep)
+    result["grouped"] += bench_grouped(*GROUPED[name], batches, args.sets, bw, kernels, int8_sweep, args.grouped_sweep)
     save()
   if args.sweep:
     result["sweep"] = []

@@ -111,8 +111,10 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   that traffic (256 columns: 0.68-0.73x of the 64-column time on the Mixtral shapes); 256 only
   for the register decode, 128 for other bf16 and 64 for float32, whose tiles would overflow the
   227 KB of shared memory. K is split until about `per_sm` programs per SM are in flight,
-  counting every expert's programs; one-row programs keep at least four K steps (on 2048x768
-  experts, shorter ones lost to their set-up)."""
+  counting every expert's programs, rounded to the nearest for wide and one-row blocks (Mixtral's
+  4096x14336 at batch 1, 1792 one-row programs: unsplit 41.7 against 45.5 us split in two, H100);
+  one-row programs keep at least four K steps (on 2048x768 experts, shorter ones lost to their
+  set-up)."""
   block_m = 1 if m <= 1 else min(128, max(16, _pow2_at_least(m)))
   block_k = max(8 // bits, min(512 if block_m == 1 else 256, _pow2_at_least(d_in)))
   if block_m >= 16:  # tensor-core dots of whole slices, even where d_in is shorter (x reads as zeros past it)
@@ -128,10 +130,20 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   per_sm = 1 if wide else {1: 16, 16: 7, 32: 7}.get(block_m, 2)
   programs = experts * -(-d_out // block_n) * -(-m // block_m)
   steps = -(-d_in // block_k)
-  splits = round(per_sm * _SM_COUNT / programs) if wide else -(-per_sm * _SM_COUNT // programs)
+  splits = round(per_sm * _SM_COUNT / programs) if wide or block_m == 1 else -(-per_sm * _SM_COUNT // programs)
   if block_m == 1:
     splits = min(splits, steps // 4)
   return LutTuning(block_m, block_n, block_k, max(1, min(steps, splits)), num_warps=8 if wide else 4)
+
+
+def default_grouped_tuning(t: int, experts: int, d_in: int, d_out: int, bits: int, x_dtype=jnp.bfloat16,
+                           group_size: int | None = None) -> LutTuning:
+  """default_tuning for grouped_lut_matmul's t rows over `experts` stacked weights: the rows an
+  active expert gets if spread evenly (past one row per token, random routing gives some experts
+  two), K split over the programs of its min(t, experts) slots."""
+  per_row = max(1, -(-t // experts)) if t <= experts // 2 or t == 1 else max(2, -(-t // experts))
+  return default_tuning(per_row, d_in, d_out, bits, experts=max(min(t, experts), 1), x_dtype=x_dtype,
+                        group_size=group_size)
 
 
 # Decodes four 4-bit codes (half of a uint32 word: bits 0-15, or 16-31 with shift 16) against a
@@ -462,14 +474,12 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
     raise CqjaxError(f"Pallas grouped_lut_matmul: group_sizes must be integers [{e}], got "
                      f"{group_sizes.dtype}{group_sizes.shape}")
-  # Rows per expert if spread evenly; past one row per token, random routing gives some experts two.
-  per_row = max(1, -(-t // e)) if t <= e // 2 or t == 1 else max(2, -(-t // e))
   n_slots = min(t, e)
   if slots is not None and (slots.shape != (3, n_slots) or slots.dtype != jnp.int32):
     raise CqjaxError(f"Pallas grouped_lut_matmul: slots must be int32 [3, {n_slots}] (expert_slots of group_sizes), "
                      f"got {slots.dtype}{slots.shape}")
-  tuning = tuning or default_tuning(per_row, d_in, d_out, bits, experts=max(n_slots, 1), x_dtype=x.dtype,
-                                    group_size=d_in // centroids.shape[-2])
+  tuning = tuning or default_grouped_tuning(t, e, d_in, d_out, bits, x_dtype=x.dtype,
+                                            group_size=d_in // centroids.shape[-2])
   lay = _layout(x, packed, centroids, bits, tuning, interpret)
   if t == 0:
     return jnp.zeros((0, d_out), x.dtype)

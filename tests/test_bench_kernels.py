@@ -36,6 +36,15 @@ def test_grouped_calls_read_past_the_l2_at_batch_one(experts, top_k, k, n, want)
   assert bench_kernels.grouped_sets(routings, k, n, 8) == want == max(8, -(-100 * 2**20 // (top_k * n * (k // 2 + 32))))
 
 
+def test_grouped_sweep_starts_at_the_kernels_own_choice_and_tries_both_block_kinds():
+  from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
+  for t, experts, k, n in ((128, 128, 2048, 768), (128, 128, 768, 2048), (32, 8, 4096, 14336)):
+    cands = bench_kernels.grouped_sweep_candidates(t, experts, k, n)
+    assert cands[0] == pk.default_grouped_tuning(t, experts, k, n, bench_kernels.BITS)
+    assert len(set(cands)) == len(cands) and {c.block_m for c in cands} == {1, 16}
+    assert all(c.k_splits <= -(-k // c.block_k) for c in cands)  # every K split has steps to run
+
+
 def test_decode_settings_keep_the_bf16_baseline_and_refuse_unknown_names(monkeypatch):
   assert [s[0] for s in bench_kernels.decode_settings("codebook_w4")] == ["bf16", "codebook_w4"]
   assert bench_kernels.decode_settings("all") == bench_kernels.DECODE_SETTINGS

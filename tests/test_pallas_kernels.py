@@ -87,7 +87,7 @@ def test_grouped_decode_rows_take_the_fma_path(dtype):
   for sizes in ([0, 1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1]):
     gs = jnp.asarray(sizes, jnp.int32)
     x = jnp.asarray(rng.normal(size=(sum(sizes), 272)), dtype)
-    assert pk.default_tuning(1, 272, 37, 4, experts=sum(sizes)).block_m == 1
+    assert pk.default_grouped_tuning(sum(sizes), 8, 272, 37, 4).block_m == 1
     got = pk.grouped_lut_matmul(x, w.packed, w.centroids, 4, gs, interpret=INTERPRET)
     _close(got, float64_product(x, w, gs), dtype)
 
@@ -217,6 +217,13 @@ def test_default_tuning_picks_fma_for_decode_and_tensor_cores_for_batches():
   # partial pass); the same weight alone is split.
   assert pk.default_tuning(2, 2048, 768, 4).k_splits > 1
   assert pk.default_tuning(2, 2048, 768, 4, experts=128).k_splits == 1
+  # Qwen3 at batch 16 (128 rows over 128 experts): random routing gives some experts two rows, so
+  # 16-row tensor-core blocks; batch 1 (8 rows) and Mixtral's batch 1 (2 rows of 8 experts): one row
+  assert pk.default_grouped_tuning(128, 128, 2048, 768, 4) == pk.default_tuning(2, 2048, 768, 4, experts=128)
+  assert [pk.default_grouped_tuning(t, e, 2048, 768, 4).block_m for t, e in ((8, 128), (2, 8), (1, 8))] == [1, 1, 1]
+  # Mixtral at batch 1: two experts' 1792 one-row programs fill the GPU unsplit; one weight's 896 split in two
+  assert pk.default_grouped_tuning(2, 8, 4096, 14336, 4).k_splits == 1
+  assert pk.default_tuning(1, 4096, 14336, 4).k_splits == 2
 
 
 def test_one_row_steps_run_least_past_d_in():
