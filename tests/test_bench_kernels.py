@@ -41,8 +41,9 @@ def test_grouped_sweep_starts_at_the_kernels_own_choice_and_tries_both_block_kin
   for t, experts, k, n in ((128, 128, 2048, 768), (128, 128, 768, 2048), (32, 8, 4096, 14336)):
     cands = bench_kernels.grouped_sweep_candidates(t, experts, k, n)
     assert cands[0] == pk.default_grouped_tuning(t, experts, k, n, bench_kernels.BITS)
-    assert len(set(cands)) == len(cands) and {c.block_m for c in cands} == {1, 16}
+    assert len(set(cands)) == len(cands) and {c.block_m for c in cands} == {1, 2, 4, 16}
     assert all(c.k_splits <= -(-k // c.block_k) for c in cands)  # every K split has steps to run
+  assert {c.block_m for c in bench_kernels.sweep_candidates(3, 4096, 14336)} == {16, 4}  # tensor cores, FMA
 
 
 def test_decode_settings_keep_the_bf16_baseline_and_refuse_unknown_names(monkeypatch):
