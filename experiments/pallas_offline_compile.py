@@ -4,7 +4,7 @@ means spills).
 
   pip install triton==3.6.0   # the Triton of the GPU image's XLA; not a project dependency
   python -m experiments.pallas_offline_compile [--single=1x4096x14336,...] [--grouped=8x2x1x4096x14336,...]
-                                               [--arch=90] [--out=FILE.json]
+                                               [--tunings=2/16/512/1,...] [--arch=90] [--out=FILE.json]
 
 Each product is traced and lowered for CUDA (Pallas' Triton lowering runs in Python, so this works
 on any backend); the Triton IR of each of its pallas_calls, with the call's warps and stages, is then
@@ -22,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import pallas_call_registration
 from jax.experimental import pallas as pl
 
+from cqjax.errors import CqjaxError
 from pallas_kernels import lut_matmul as pk
 
 SINGLE = "1x4096x14336,16x4096x14336,128x4096x14336,1x14336x4096,16x14336x4096,1x2048x768,1x768x2048,1x4096x4096"
@@ -79,18 +81,18 @@ def captured_kernels():
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
 
 
-def product_call(m: int, k: int, n: int, experts: int = 0, top_k: int = 0) -> tuple:
-  """(function, abstract arguments) of one 4-bit bf16 product through the Pallas kernels with the
-  default tunings: a single weight [k, n] at m rows, or (experts > 0) the grouped product of m tokens
-  routed to top_k of `experts`."""
+def product_call(m: int, k: int, n: int, experts: int = 0, top_k: int = 0, tuning: pk.LutTuning | None = None) -> tuple:
+  """(function, abstract arguments) of one 4-bit bf16 product through the Pallas kernels with
+  `tuning` (None: the defaults): a single weight [k, n] at m rows, or (experts > 0) the grouped
+  product of m tokens routed to top_k of `experts`."""
   x = jax.ShapeDtypeStruct((m * max(top_k, 1), k), jnp.bfloat16)
   lead = (experts,) if experts else ()
   packed = jax.ShapeDtypeStruct((*lead, n, k // 2), jnp.uint8)
   cent = jax.ShapeDtypeStruct((*lead, n, 1, 16), jnp.bfloat16)
   if experts:
-    return (lambda x, p, c, gs: pk.grouped_lut_matmul(x, p, c, 4, gs)), (x, packed, cent,
-                                                                         jax.ShapeDtypeStruct((experts,), jnp.int32))
-  return (lambda x, p, c: pk.lut_matmul(x, p, c, 4)), (x, packed, cent)
+    return (lambda x, p, c, gs: pk.grouped_lut_matmul(x, p, c, 4, gs, tuning=tuning)), (
+        x, packed, cent, jax.ShapeDtypeStruct((experts,), jnp.int32))
+  return (lambda x, p, c: pk.lut_matmul(x, p, c, 4, tuning=tuning)), (x, packed, cent)
 
 
 def parse_products(single: str, grouped: str) -> list[dict]:
@@ -100,14 +102,23 @@ def parse_products(single: str, grouped: str) -> list[dict]:
                   for e, t, b, k, n in (map(int, s.split("x")) for s in grouped.split(",") if s)]
 
 
+def parse_tunings(spec: str) -> list:
+  """--tunings 'BM/BN/BK/SPLITS[/WARPS],...' -> LutTunings ([None]: the defaults, when empty)."""
+  try:
+    return [pk.LutTuning(*(int(v) for v in t.split("/"))) for t in spec.split(",") if t] or [None]
+  except (ValueError, TypeError, CqjaxError) as e:
+    raise SystemExit(f"pallas_offline_compile: --tunings={spec!r}: {e} (want BM/BN/BK/SPLITS[/WARPS], ...)") from None
+
+
 def product_label(case: dict) -> str:
   shape = f"{case['experts']} experts top-{case['top_k']} batch {case['m']}" if "experts" in case else f"M={case['m']}"
   return f"{case['k']}x{case['n']} {shape}"
 
 
-def product_kernels(m: int, k: int, n: int, experts: int = 0, top_k: int = 0) -> list[TritonKernel]:
+def product_kernels(m: int, k: int, n: int, experts: int = 0, top_k: int = 0,
+                    tuning: pk.LutTuning | None = None) -> list[TritonKernel]:
   """The Triton kernels of one product (product_call's)."""
-  f, args = product_call(m, k, n, experts, top_k)
+  f, args = product_call(m, k, n, experts, top_k, tuning)
   with captured_kernels() as kernels:
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
   return kernels
@@ -191,6 +202,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--single", default=SINGLE, help="comma list of MxKxN single weights (empty: none)")
   ap.add_argument("--grouped", default=GROUPED, help="comma list of EXPERTSxTOPKxBATCHxKxN grouped products (empty: none)")
+  ap.add_argument("--tunings", default="", help="compile each product with these LutTunings, BM/BN/BK/SPLITS[/WARPS] "
+                  "comma-separated (default: the kernels' own)")
   ap.add_argument("--arch", type=int, default=90, help="SM to compile for (90: H100 / H200)")
   ap.add_argument("--out", default="", help="write the rows as JSON here")
   args = ap.parse_args()
@@ -199,14 +212,18 @@ def main():
   except ImportError:
     raise SystemExit("pallas_offline_compile needs the triton package: pip install triton==3.6.0") from None
   cases = parse_products(args.single, args.grouped)
+  tunings = parse_tunings(args.tunings)
   print(f"triton {triton.__version__}, sm_{args.arch}; jax {jax.__version__}")
   rows = []
   with tempfile.TemporaryDirectory() as workdir:
-    for case in cases:
-      for kernel in product_kernels(**case):
+    for case, tuning in itertools.product(cases, tunings):
+      for kernel in product_kernels(**case, tuning=tuning):
         row = {**case, "kernel": kernel.name, **compile_kernel(kernel, args.arch, workdir)}
+        if tuning:
+          row["tuning"] = dataclasses.asdict(tuning)
         rows.append(row)
-        print(f"{product_label(case):<40} {kernel.name:<26} warps {row['num_warps']:2d} stages "
+        label = product_label(case) + (f" {tuning.block_m}/{tuning.block_n}/{tuning.block_k}/{tuning.k_splits}" if tuning else "")
+        print(f"{label:<40} {kernel.name:<26} warps {row['num_warps']:2d} stages "
               f"{row['num_stages']}  registers {row['registers']:3d}  stack {row['stack']:4d}  shared "
               f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}  {k_loop_label(row)}", flush=True)
   if args.out:
