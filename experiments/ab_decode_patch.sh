@@ -13,6 +13,9 @@
 #   kernels  both trees: the Pallas kernels alone, each against XLA in its own run: single weights
 #            AB_SINGLE (default 4096x14336,14336x4096) at M = AB_MS (default 1,16,128), grouped
 #            AB_GROUPED (default Mixtral's experts and both Qwen3 products) at batch 1 and 16
+#   sweeps   both trees: block shapes beside the defaults (for a patch to a path no default takes):
+#            the Mixtral single weights at M = AB_SWEEP_MS (default 2,4), and AB_GROUPED at batches
+#            AB_SWEEP_BATCHES (default 4,16) (bench_kernels --sweep, --grouped_sweep)
 # Results (JSON a part, tree and round; the patched tests' log) land in OUT_DIR/ab_decode.tar.gz,
 # written again after every step (the device tool returns only a few files, and a command stopped
 # at its time limit keeps what it measured); the summary on stdout.
@@ -52,6 +55,16 @@ if [[ ,$parts, == *,kernels,* ]]; then
       --single=${AB_SINGLE:-4096x14336,14336x4096} --ms=${AB_MS:-1,16,128} \
       --grouped=${AB_GROUPED:-mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048} --batches=1,16 \
       --out="$out/kernels_$name.json" 2>&1 | grep -E "pallas|ragged|copy" | cut -c1-170)
+    save
+  done
+fi
+if [[ ,$parts, == *,sweeps,* ]]; then
+  for name in base patched; do
+    echo "== $name"
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 270 python3 -m experiments.bench_kernels --kernels=pallas \
+      --single= --sweep --sweep_ms=${AB_SWEEP_MS:-2,4} --grouped_sweep --batches=${AB_SWEEP_BATCHES:-4,16} \
+      --grouped=${AB_GROUPED:-mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048} \
+      --out="$out/sweeps_$name.json" 2>&1 | grep -E "tunings|M=" | cut -c1-400)
     save
   done
 fi

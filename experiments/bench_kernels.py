@@ -1,6 +1,6 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
-  python -m experiments.bench_kernels [--quick] [--sweep] [--decode] [--single=...] [--grouped=...]
+  python -m experiments.bench_kernels [--quick] [--sweep] [--grouped_sweep] [--decode] [--single=...] [--grouped=...]
       [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
       [--out=FILE] [--plot=PNG]
   python -m experiments.bench_kernels --replot=FILE --plot=PNG   # the figure of a saved run
@@ -15,7 +15,7 @@ back to back and synchronised once (so host dispatch overlaps the GPU), median o
 batches, reported per weight; a grouped row also records the host's floor for a call over the same
 arguments (a call timed near it is bound by dispatch, not the GPU). GB/s counts the codes and codebooks
 read once; the device copy rate (read + write) is measured in the same run. --sweep tries block
-shapes on the Mixtral shapes; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
+shapes on the Mixtral shapes, --grouped_sweep at each grouped shape and batch; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every
 Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
 reference, which should be float32 rounding, and against the float product); --decode times greedy decoding of the small reference model's
