@@ -48,23 +48,22 @@ if [[ ,$parts, == *,decode,* ]]; then
     save
   done; done
 fi
-if [[ ,$parts, == *,kernels,* ]]; then
+pallas_both() {  # PART PATTERN ARGS...: bench_kernels --kernels=pallas ARGS in both trees, lines matching PATTERN shown
+  local part=$1 pattern=$2 name
+  shift 2
   for name in base patched; do
     echo "== $name"
-    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 270 python3 -m experiments.bench_kernels --kernels=pallas \
-      --single=${AB_SINGLE:-4096x14336,14336x4096} --ms=${AB_MS:-1,16,128} \
-      --grouped=${AB_GROUPED:-mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048} --batches=1,16 \
-      --out="$out/kernels_$name.json" 2>&1 | grep -E "pallas|ragged|copy" | cut -c1-170)
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 270 python3 -m experiments.bench_kernels --kernels=pallas "$@" \
+      --out="$out/${part}_$name.json" 2>&1 | grep -E "$pattern" | cut -c1-400)
     save
   done
+}
+grouped=${AB_GROUPED:-mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048}
+if [[ ,$parts, == *,kernels,* ]]; then
+  pallas_both kernels "pallas|ragged|copy" --single=${AB_SINGLE:-4096x14336,14336x4096} --ms=${AB_MS:-1,16,128} \
+    --grouped="$grouped" --batches=1,16
 fi
 if [[ ,$parts, == *,sweeps,* ]]; then
-  for name in base patched; do
-    echo "== $name"
-    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 270 python3 -m experiments.bench_kernels --kernels=pallas \
-      --single= --sweep --sweep_ms=${AB_SWEEP_MS:-2,4} --grouped_sweep --batches=${AB_SWEEP_BATCHES:-4,16} \
-      --grouped=${AB_GROUPED:-mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048} \
-      --out="$out/sweeps_$name.json" 2>&1 | grep -E "tunings|M=" | cut -c1-400)
-    save
-  done
+  pallas_both sweeps "tunings|M=" --single= --sweep --sweep_ms=${AB_SWEEP_MS:-2,4} --grouped_sweep \
+    --batches=${AB_SWEEP_BATCHES:-4,16} --grouped="$grouped"
 fi
