@@ -114,7 +114,7 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
     out.append(dataclasses.replace(base, k_splits=splits))
   if 1 < m < 16:  # FMA blocks of all m rows: one decode for every row
     one = pk.default_tuning(1, k, n, BITS)
-    out += [dataclasses.replace(one, block_m=1 << (m - 1).bit_length(), block_n=bn) for bn in (16, 32)]
+    out += [dataclasses.replace(one, block_m=pk.pow2_at_least(m), block_n=bn) for bn in (16, 32)]
   return list(dict.fromkeys(out))
 
 

@@ -110,6 +110,11 @@ def parse_tunings(spec: str) -> list:
     raise SystemExit(f"pallas_offline_compile: --tunings={spec!r}: {e} (want BM/BN/BK/SPLITS[/WARPS], ...)") from None
 
 
+def tuning_label(tuning: pk.LutTuning) -> str:
+  """A LutTuning as --tunings writes it (parse_tunings reads it back)."""
+  return f"{tuning.block_m}/{tuning.block_n}/{tuning.block_k}/{tuning.k_splits}/{tuning.num_warps}"
+
+
 def product_label(case: dict) -> str:
   shape = f"{case['experts']} experts top-{case['top_k']} batch {case['m']}" if "experts" in case else f"M={case['m']}"
   return f"{case['k']}x{case['n']} {shape}"
@@ -222,7 +227,7 @@ def main():
         if tuning:
           row["tuning"] = dataclasses.asdict(tuning)
         rows.append(row)
-        label = product_label(case) + (f" {tuning.block_m}/{tuning.block_n}/{tuning.block_k}/{tuning.k_splits}" if tuning else "")
+        label = product_label(case) + (f" {tuning_label(tuning)}" if tuning else "")
         print(f"{label:<40} {kernel.name:<26} warps {row['num_warps']:2d} stages "
               f"{row['num_stages']}  registers {row['registers']:3d}  stack {row['stack']:4d}  shared "
               f"{row['shared']:6d}  SASS {row['sass_instructions']:5d}  {k_loop_label(row)}", flush=True)

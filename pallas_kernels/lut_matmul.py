@@ -70,7 +70,8 @@ class LutTuning:
     return self.block_m >= 16
 
 
-def _pow2_at_least(v: int) -> int:
+def pow2_at_least(v: int) -> int:
+  """The smallest power of two >= v (1 for v <= 1): block sizes for v rows or inputs."""
   return 1 << max(0, (v - 1).bit_length())
 
 
@@ -89,7 +90,7 @@ def _dot_inputs(block_k: int, bits: int, unit_bytes: int) -> int:
 
 def _min_dot_block_k(bits: int) -> int:
   """The shortest K step of whole dots when codes are read as bytes (the layout that allows most)."""
-  return _pow2_at_least(_MIN_DOT_INPUTS * 8 // bits)
+  return pow2_at_least(_MIN_DOT_INPUTS * 8 // bits)
 
 
 def _decodes_in_registers(bits: int, row_bytes: int, x_dtype, group_size: int, block_k: int, interpret: bool) -> bool:
@@ -115,8 +116,8 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   4096x14336 at batch 1, 1792 one-row programs: unsplit 41.7 against 45.5 us split in two, H100);
   one-row programs keep at least four K steps (on 2048x768 experts, shorter ones lost to their
   set-up)."""
-  block_m = 1 if m <= 1 else min(128, max(16, _pow2_at_least(m)))
-  block_k = max(8 // bits, min(512 if block_m == 1 else 256, _pow2_at_least(d_in)))
+  block_m = 1 if m <= 1 else min(128, max(16, pow2_at_least(m)))
+  block_k = max(8 // bits, min(512 if block_m == 1 else 256, pow2_at_least(d_in)))
   if block_m >= 16:  # tensor-core dots of whole slices, even where d_in is shorter (x reads as zeros past it)
     block_k = max(block_k, _min_dot_block_k(bits))
   if block_m == 1 and -(-d_in // 256) * 256 < -(-d_in // block_k) * block_k:

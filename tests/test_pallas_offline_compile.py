@@ -51,3 +51,11 @@ def test_k_loop_is_the_longest_innermost_loop():
 
 def test_k_loop_of_straight_code_is_empty():
   assert poc.k_loop(_sass(["MOV R1, c[0x0][0x28]", "EXIT"])) == {"loop_instructions": 0, "loop_opcodes": {}}
+
+
+def test_tunings_read_back_as_written_and_bad_ones_are_refused():
+  tunings = [pk.LutTuning(2, 16, 512, 1), pk.LutTuning(16, 64, 256, 2, num_warps=8)]
+  assert poc.parse_tunings(",".join(poc.tuning_label(t) for t in tunings)) == tunings
+  assert poc.parse_tunings("") == [None]  # the kernels' own
+  with pytest.raises(SystemExit, match="--tunings='3/16/512/1'"):
+    poc.parse_tunings("3/16/512/1")  # not a power of two
