@@ -34,7 +34,7 @@ def short_dot(x, w_or_words, regs, decode: bool):
   def kernel(x_ref, w_ref, regs_ref, out_ref):
     acc = jnp.zeros((rows, n), jnp.float32)
     if decode:
-      values = pk._decode4(w_ref[...], [regs_ref[j] for j in range(8)])
+      values = pk._decode4(w_ref[...], [regs_ref[j] for j in range(8)], jnp.float32)
       for s, w in enumerate(values):  # slice s holds inputs u * 8 + s
         acc = acc + plgpu.dot(x_ref[s], w.astype(jnp.bfloat16), trans_b=True)
     else:

@@ -14,8 +14,9 @@ splits x into those slices first (xs[s, :, u], contiguous tiles); decode blocks 
 tile of x and split it into the slices in registers (one XLA pass fewer before the launch).
 
 Two decodes, no dense weight ever in device memory: 4-bit codes with bf16 activations (the
-GPU's serving case) decode in registers by byte permutes (`DECODE4_PTX`, inline PTX: 13 ALU
-instructions per four codes, plus two to widen each pair); everything else, and interpret mode,
+GPU's serving case) decode in registers by byte permutes (`DECODE4_SELECTORS`, `DECODE4_PTX`,
+inline PTX: 23 ALU instructions per eight codes, plus one a code to widen it for the FMA units;
+the tensor cores take the bf16 pairs as they are); everything else, and interpret mode,
 gathers through the flattened centroid table ref (`table[row*2^b + code]`: Pallas' Triton
 lowering has no value gather, but indexing a ref with an integer array lowers to a pointer load
 that hits L1; about 10 instructions a code in all, by ncu). Interpret mode cannot run PTX: on CPU
@@ -147,20 +148,31 @@ def default_grouped_tuning(t: int, experts: int, d_in: int, d_out: int, bits: in
                         group_size=group_size)
 
 
-# Decodes four 4-bit codes (half of a uint32 word: bits 0-15, or 16-31 with shift 16) against a
-# row's 16-entry bf16 codebook held in eight registers: L0-L3 hold the entries' low bytes (entry
-# i in byte i%4 of L[i//4]), H0-H3 the high bytes. `prmt` picks bytes out of a register pair by
-# 3-bit selectors (c & 7) from entries 0-7 and from 8-15, a second `prmt` chooses per byte by code
-# bit 3 (selector 0x3210 + 4 * bit3), a third interleaves low and high bytes into bf16 pairs.
-# Operands: $0 the four bf16 values as one 64-bit register (code j in bits 16j..16j+15), $1 the
-# word, $2-$5 L0-L3, $6-$9 H0-H3. (One result per asm: Pallas lowers only single-result asm.)
-_DECODE4_HALF = """{{
-  .reg .b32 %s, %t, %a, %b, %l, %h, %w;
+# Decodes a uint32 word of eight 4-bit codes against a row's 16-entry bf16 codebook held in eight
+# registers: L0-L3 hold the entries' low bytes (entry i in byte i%4 of L[i//4]), H0-H3 the high
+# bytes. A DECODE4_SELECTORS program turns the word (shifted right by 0 or 16) into two selector
+# words, a nibble a code: the code's low three bits (c & 7) and 0x3210 + 4 * bit3. A DECODE4_PTX
+# program then decodes four codes, those of selector bits 0-15 (or 16-31: the second program; prmt
+# reads a selector's low 16 bits): `prmt` picks bytes out of a register pair by the 3-bit selectors
+# from entries 0-7 and from 8-15, a second `prmt` chooses per byte by bit 3, a third interleaves
+# low and high bytes into bf16 pairs. Operands: $0 the four bf16 values as one 64-bit register
+# (code j in bits 16j..16j+15), $1 the selectors (64-bit), $2-$5 L0-L3, $6-$9 H0-H3. (One result
+# per asm: Pallas lowers only single-result asm.) Selectors for a whole word at once take 6
+# instructions a word, not 9 (offline compile, sm_90, 4096x14336: K loop 362 -> 338 at one row); prefill's
+# 128-row blocks select per half, as they held twice the spills otherwise (216 -> 416 bytes).
+_DECODE4_SELECTORS = """{{
+  .reg .b32 %s, %t, %w;
   shr.b32 %w, $1, {shift};
-  and.b32 %s, %w, 0x7777;
+  and.b32 %s, %w, 0x77777777;
   shr.b32 %t, %w, 1;
-  and.b32 %t, %t, 0x4444;
-  or.b32 %t, %t, 0x3210;
+  and.b32 %t, %t, 0x44444444;
+  or.b32 %t, %t, 0x32103210;
+  mov.b64 $0, {{%s, %t}};
+}}"""
+DECODE4_SELECTORS = tuple(_DECODE4_SELECTORS.format(shift=shift) for shift in (0, 16))
+_DECODE4_HALF = """{{
+  .reg .b32 %s, %t, %a, %b, %l, %h;
+  mov.b64 {{%s, %t}}, $1;{shifts}
   prmt.b32 %a, $2, $3, %s;
   prmt.b32 %b, $4, $5, %s;
   prmt.b32 %l, %a, %b, %t;
@@ -171,7 +183,8 @@ _DECODE4_HALF = """{{
   prmt.b32 %b, %l, %h, 0x7362;
   mov.b64 $0, {{%a, %b}};
 }}"""
-DECODE4_PTX = tuple(_DECODE4_HALF.format(shift=shift) for shift in (0, 16))
+DECODE4_PTX = (_DECODE4_HALF.format(shifts=""),
+               _DECODE4_HALF.format(shifts="\n  shr.b32 %s, %s, 16;\n  shr.b32 %t, %t, 16;"))
 
 
 def decode4_registers(books: list) -> list:
@@ -184,18 +197,35 @@ def decode4_registers(books: list) -> list:
           for r in range(8)]
 
 
-def _decode4(words, regs):
-  """words uint32 [bn, bku], regs: eight uint32 [bn] -> eight float32 [bn, bku] (code s of each word)."""
-  args = [words] + [jnp.broadcast_to(r[:, None], words.shape) for r in regs]
+def _decode4(words, regs, dtype, whole_words: bool = True):
+  """words uint32 [bn, bku], regs: eight uint32 [bn] -> eight `dtype` [bn, bku] (code s of each word),
+  the selectors built once a word (whole_words) or once a half (DECODE4_SELECTORS).
+
+  dtype: float32 for the FMA units and prefill's wgmma blocks; bfloat16 for decode's tensor-core
+  blocks, each half of a pair as it is, by a 16-bit register move (widening to float32 and
+  narrowing back cost a shift or mask a code and a convert a pair; Triton's own 16-bit split of
+  the 64-bit result shifted and repacked every value: offline compile, Triton 3.6, sm_90, 16 rows
+  of 4096x14336, K loop 757 -> 642 instructions with _pair_slices, against 710 with Triton's split)."""
   values = []
-  for program in DECODE4_PTX:
-    with jax.enable_x64(True):  # the 64-bit result (signless for Triton), split at once into two bf16 pairs
-      (four,) = plgpu.elementwise_inline_asm(program, args=args, constraints="=l," + ",".join(["r"] * 9), pack=1,
-                                             result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int64)])
+  regs = [jnp.broadcast_to(r[:, None], words.shape) for r in regs]
+  int64 = jax.ShapeDtypeStruct(words.shape, jnp.int64)
+  for half in range(2):
+    with jax.enable_x64(True):  # 64-bit results (signless for Triton), the decoded one split at once into two bf16 pairs
+      if half == 0 or not whole_words:
+        (selectors,) = plgpu.elementwise_inline_asm(DECODE4_SELECTORS[0 if whole_words else half], args=[words],
+                                                    constraints="=l,r", pack=1, result_shape_dtypes=[int64])
+      (four,) = plgpu.elementwise_inline_asm(DECODE4_PTX[half if whole_words else 0], args=[selectors, *regs],
+                                             constraints="=l,l," + ",".join(["r"] * 8), pack=1, result_shape_dtypes=[int64])
       pairs = (four.astype(jnp.uint32), (four >> 32).astype(jnp.uint32))
     for pair in pairs:
-      values += [jax.lax.bitcast_convert_type(pair << 16, jnp.float32),
-                 jax.lax.bitcast_convert_type(pair & jnp.uint32(0xFFFF0000), jnp.float32)]
+      if dtype == jnp.bfloat16:
+        values += [plgpu.elementwise_inline_asm(
+            "{ .reg .b16 %t; mov.b32 {" + operands + "}, $1; }", args=[pair], constraints="=h,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.bfloat16)])[0]
+                   for operands in ("$0, %t", "%t, $0")]
+      else:
+        values += [jax.lax.bitcast_convert_type(pair << 16, jnp.float32),
+                   jax.lax.bitcast_convert_type(pair & jnp.uint32(0xFFFF0000), jnp.float32)]
   return values
 
 
@@ -284,6 +314,13 @@ def _deinterleave(tile: jax.Array, ways: int) -> list:
   return [part for _, part in sorted(parts, key=lambda sp: sp[0])]
 
 
+def _pair_slices(parts: list) -> list:
+  """per_unit slices [rows, n] (slice s: inputs u * per_unit + s) -> per_unit / 2 arrays [rows, 2n],
+  array j holding slices 2j and 2j + 1 side by side, column 2u + b from slice 2j + b: a decoded
+  bf16 pair lands as one register of a tensor-core operand (Triton's join of a size-2 minor axis)."""
+  return [jnp.stack(parts[j:j + 2], axis=-1).reshape(parts[j].shape[0], -1) for j in range(0, len(parts), 2)]
+
+
 def _fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
   """a * b + c (float32, one shape) as one fma.rn: XLA's Triton emits a product and a sum apart
   (mul.rn + add.rn, which ptxas may not fuse), two instructions a code in the one-row K loop
@@ -338,6 +375,8 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
   bku = tuning.block_k // per_unit
   use_dot = tuning.dots
   f32 = xs_ref.dtype == jnp.float32
+  # Decode's tensor-core blocks with the register decode: bf16 values, dots over slice pairs.
+  paired = use_dot and lay.registers and not _splits_x(tuning)
   lead = () if expert is None else (expert,)
 
   def registers(group):
@@ -374,7 +413,8 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
       mask = (n_ok[:, None] if masked_n else True) & (k_ok[None, :] if masked_k else True)
     codes = _load(packed_ref.at[(*lead, pl.ds(n0, tuning.block_n), pl.ds(u0, bku))], mask)
     if lay.registers:
-      values = _decode4(codes, row_regs if row_regs is not None else registers(u0 * per_unit // lay.group_size))
+      values = _decode4(codes, row_regs if row_regs is not None else registers(u0 * per_unit // lay.group_size),
+                        jnp.bfloat16 if paired else jnp.float32, whole_words=not _splits_x(tuning))
     else:
       codes = codes.astype(jnp.uint32)
       values = []
@@ -386,7 +426,10 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
         if lay.groups > 1:
           book = book + jnp.minimum((unit * per_unit + s) // lay.group_size, lay.groups - 1)[None, :]
         values.append(table_ref[book * entries + code.astype(jnp.int32)])  # [block_n, bku], from L1
-    for x, w in zip(x_slices(u0, k_ok), values):
+    xs = x_slices(u0, k_ok)
+    if paired:
+      xs, values = _pair_slices(xs), _pair_slices(values)
+    for x, w in zip(xs, values):
       if use_dot:
         acc = acc + plgpu.dot(x, w.astype(x.dtype), trans_b=True,
                               precision=jax.lax.Precision.HIGHEST if f32 else None)

@@ -118,8 +118,8 @@ def test_grouped_many_rows_per_expert_walks_row_blocks():
 
 
 def _run_ptx(program: str, operands: dict) -> dict:
-  """A numpy interpreter of the PTX subset DECODE4_PTX uses (and, or, shr, prmt on b32; mov.b64
-  of a register pair)."""
+  """A numpy interpreter of the PTX subset DECODE4_SELECTORS and DECODE4_PTX use (and, or, shr, prmt
+  on b32; mov.b64 to and from a register pair)."""
   regs = dict(operands)
   val = lambda tok: regs[tok] if tok[0] in "%$" else np.uint32(int(tok, 0))
   for line in program.splitlines():
@@ -127,6 +127,12 @@ def _run_ptx(program: str, operands: dict) -> dict:
     if not line or line[0] in "{}." or line.startswith(".reg"):
       continue
     op, rest = line.split(None, 1)
+    if op == "mov.b64" and rest.startswith("{"):  # {lo, hi}, $s
+      pair, src = rest.rsplit(",", 1)
+      lo, hi = (t.strip() for t in pair.strip(" {}").split(","))
+      regs[lo], regs[hi] = (regs[src.strip()] & np.uint64(0xFFFFFFFF)).astype(np.uint32), (
+          regs[src.strip()] >> np.uint64(32)).astype(np.uint32)
+      continue
     if op == "mov.b64":  # $d, {lo, hi}
       dst, pair = rest.split(",", 1)
       lo, hi = (regs[t.strip()] for t in pair.strip(" {}").split(","))
@@ -163,18 +169,37 @@ def test_deinterleave_splits_a_tile_into_strided_slices(ways):
     np.testing.assert_array_equal(part, tile[:, s::ways])
 
 
-def test_register_decode_program_decodes_every_code():
-  """The inline PTX of the bf16 4-bit decode, run by an interpreter: four codes per program,
-  each its row's bf16 centroid (compiled, it runs in the GPU tests)."""
+@pytest.mark.parametrize("ways", [2, 8])
+def test_pair_slices_keep_the_product(ways):
+  """Dots over pairs of slices (the register decode's tensor-core blocks): array j holds slices 2j
+  and 2j + 1 side by side, and the dots of x's and w's pairs sum to x @ w.T."""
+  rng = np.random.default_rng(ways)
+  x = jnp.asarray(rng.normal(size=(3, 5 * ways)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(7, 5 * ways)), jnp.float32)
+  xs, ws = (pk._pair_slices(pk._deinterleave(a, ways)) for a in (x, w))  # pylint: disable=protected-access
+  assert len(xs) == ways // 2
+  for j, part in enumerate(xs):
+    np.testing.assert_array_equal(part[:, 0::2], x[:, 2 * j::ways])
+    np.testing.assert_array_equal(part[:, 1::2], x[:, 2 * j + 1::ways])
+  got = sum(a @ b.T for a, b in zip(xs, ws))
+  np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("whole_words", [True, False])
+def test_register_decode_program_decodes_every_code(whole_words):
+  """The inline PTX of the bf16 4-bit decode, run by an interpreter: selectors for a whole word
+  and both decode programs, or selectors for each half and the first program; four codes per
+  decode, each its row's bf16 centroid (compiled, it runs in the GPU tests)."""
   rng = np.random.default_rng(5)
   n = 4096
   books = jnp.asarray(rng.normal(size=(n, 16)), jnp.bfloat16)
   words = rng.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
   regs = np.stack([np.asarray(r) for r in pk.decode4_registers([books[:, i] for i in range(16)])], axis=-1)
-  operands = {"$1": words, **{f"${2 + j}": regs[:, j] for j in range(8)}}
   books16 = np.asarray(books).view(np.uint16)
-  for half, program in enumerate(pk.DECODE4_PTX):
-    out = _run_ptx(program, operands)["$0"]
+  for half in range(2):
+    selectors = _run_ptx(pk.DECODE4_SELECTORS[0 if whole_words else half], {"$1": words})["$0"]
+    operands = {"$1": selectors, **{f"${2 + j}": regs[:, j] for j in range(8)}}
+    out = _run_ptx(pk.DECODE4_PTX[half if whole_words else 0], operands)["$0"]
     for j in range(4):
       code = (words >> np.uint32(4 * (4 * half + j))) & 15
       got = (out >> np.uint64(16 * j)) & np.uint64(0xFFFF)
