@@ -90,9 +90,9 @@ def _rel_err(got, ref) -> float:
 
 
 def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
-  """The default and its neighbours: column block, K step, warps, then how far K is split; for
-  prefill rows, wider tiles, more warps and deeper pipelines for the tensor cores; for 2-15 rows,
-  FMA blocks of them all too."""
+  """The default and its neighbours: column block, K step, warps, how far K is split, pipeline
+  depth; for prefill rows, wider tiles, more warps and deeper pipelines for the tensor cores; for
+  2-15 rows, FMA blocks of them all too."""
   base = pk.default_tuning(m, k, n, BITS)
   out = [base]
   if base.block_m >= 64:
@@ -112,6 +112,9 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
         out.append(dataclasses.replace(base, block_n=bn, block_k=bk, num_warps=warps, k_splits=splits))
   for splits in (1, 2, 4, 8, 16):
     out.append(dataclasses.replace(base, k_splits=splits))
+  # Decode blocks hold 96-170 registers a thread, so few warps hide the code loads' latency:
+  # deeper pipelines keep more loads in flight at the same occupancy.
+  out += [dataclasses.replace(base, num_stages=stages) for stages in (3, 4)]
   if 1 < m < 16:  # FMA blocks of all m rows: one decode for every row
     one = pk.default_tuning(1, k, n, BITS)
     out += [dataclasses.replace(one, block_m=pk.pow2_at_least(m), block_n=bn) for bn in (16, 32)]
@@ -121,7 +124,7 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
 def grouped_sweep_candidates(t: int, experts: int, k: int, n: int) -> list[pk.LutTuning]:
   """The grouped default for t rows over `experts` weights, then FMA blocks of one row (a decode
   a row of each slot), of 2 and 4 rows (a decode for them all), and 16-row tensor-core blocks,
-  over column block and K splits."""
+  over column block and K splits; the default with deeper pipelines."""
   base = pk.default_grouped_tuning(t, experts, k, n, BITS)
   one = pk.default_tuning(1, k, n, BITS, experts=min(t, experts))
   dot = pk.default_tuning(16, k, n, BITS, experts=min(t, experts))
@@ -132,6 +135,7 @@ def grouped_sweep_candidates(t: int, experts: int, k: int, n: int) -> list[pk.Lu
     out += [dataclasses.replace(one, block_m=bm, k_splits=splits) for splits in (1, 2)]
   for bn, warps in ((32, 4), (64, 4), (128, 8)):
     out += [dataclasses.replace(dot, block_n=bn, num_warps=warps, k_splits=splits) for splits in (1, 2, 4)]
+  out += [dataclasses.replace(base, num_stages=stages) for stages in (3, 4)]  # as in sweep_candidates
   return list(dict.fromkeys(c for c in out if c is base or c.k_splits <= -(-k // c.block_k)))  # no split without steps
 
 
