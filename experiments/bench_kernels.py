@@ -92,7 +92,7 @@ def _rel_err(got, ref) -> float:
 def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
   """The default and its neighbours: column block, K step, warps, how far K is split, pipeline
   depth; for prefill rows, wider tiles, more warps and deeper pipelines for the tensor cores; for
-  2-15 rows, FMA blocks of them all too."""
+  2-15 rows, FMA blocks of them all too; for one row, 16-row tensor-core blocks too."""
   base = pk.default_tuning(m, k, n, BITS)
   out = [base]
   if base.block_m >= 64:
@@ -118,6 +118,9 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
   if 1 < m < 16:  # FMA blocks of all m rows: one decode for every row
     one = pk.default_tuning(1, k, n, BITS)
     out += [dataclasses.replace(one, block_m=pk.pow2_at_least(m), block_n=bn) for bn in (16, 32)]
+  if m == 1:  # the tensor-core blocks of 2-16 rows, which decode with fewer instructions a code
+    dot = pk.default_tuning(16, k, n, BITS)
+    out += [dataclasses.replace(dot, k_splits=splits) for splits in (dot.k_splits, 2 * dot.k_splits)]
   return list(dict.fromkeys(out))
 
 

@@ -44,6 +44,7 @@ def test_grouped_sweep_starts_at_the_kernels_own_choice_and_tries_both_block_kin
     assert len(set(cands)) == len(cands) and {c.block_m for c in cands} == {1, 2, 4, 16}
     assert all(c.k_splits <= -(-k // c.block_k) for c in cands)  # every K split has steps to run
   assert {c.block_m for c in bench_kernels.sweep_candidates(3, 4096, 14336)} == {16, 4}  # tensor cores, FMA
+  assert {c.block_m for c in bench_kernels.sweep_candidates(1, 4096, 14336)} == {1, 16}  # FMA, tensor cores
   for m in (1, 16):  # decode blocks are also tried with deeper pipelines
     base = pk.default_tuning(m, 4096, 14336, bench_kernels.BITS)
     assert {c.num_stages for c in bench_kernels.sweep_candidates(m, 4096, 14336) if c.block_m == base.block_m
