@@ -44,6 +44,7 @@ from cqjax.errors import CqjaxError
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 _SM_COUNT = 132  # H100 SXM; only steers how far K is split to fill the chip
+_ONE_ROW_PER_SM = 4  # one-row programs resident on an SM (117-128 registers a thread, 4 warps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +114,11 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   that traffic (256 columns: 0.68-0.73x of the 64-column time on the Mixtral shapes); 256 only
   for the register decode, 128 for other bf16 and 64 for float32, whose tiles would overflow the
   227 KB of shared memory. K is split until about `per_sm` programs per SM are in flight,
-  counting every expert's programs, rounded to the nearest for wide and one-row blocks (Mixtral's
-  4096x14336 at batch 1, 1792 one-row programs: unsplit 41.7 against 45.5 us split in two, H100);
-  one-row programs keep at least four K steps (on 2048x768 experts, shorter ones lost to their
-  set-up)."""
+  counting every expert's programs, rounded to the nearest for wide and one-row blocks; one-row
+  programs that already fill every SM at their occupancy (four a SM at 117-128 registers) stay unsplit
+  (4096x14336, 896 programs: 20.7-20.9 against 22.2-22.3 us split in two; 14336x4096's 256 split
+  in seven: 21.8-22.2 against 22.4-22.8 in four, H100, BENCHMARKS.md session 48), and keep at
+  least four K steps (on 2048x768 experts, shorter ones lost to their set-up)."""
   block_m = 1 if m <= 1 else min(128, max(16, pow2_at_least(m)))
   block_k = max(8 // bits, min(512 if block_m == 1 else 256, pow2_at_least(d_in)))
   if block_m >= 16:  # tensor-core dots of whole slices, even where d_in is shorter (x reads as zeros past it)
@@ -134,7 +136,7 @@ def default_tuning(m: int, d_in: int, d_out: int, bits: int, experts: int = 1, x
   steps = -(-d_in // block_k)
   splits = round(per_sm * _SM_COUNT / programs) if wide or block_m == 1 else -(-per_sm * _SM_COUNT // programs)
   if block_m == 1:
-    splits = min(splits, steps // 4)
+    splits = 1 if programs >= _ONE_ROW_PER_SM * _SM_COUNT else min(splits, steps // 4)
   return LutTuning(block_m, block_n, block_k, max(1, min(steps, splits)), num_warps=8 if wide else 4)
 
 
@@ -378,6 +380,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
   # Decode's tensor-core blocks with the register decode: bf16 values, dots over slice pairs.
   paired = use_dot and lay.registers and not _splits_x(tuning)
   lead = () if expert is None else (expert,)
+  one_row = tuning.block_m == 1
 
   def registers(group):
     """The decode4 registers of this program's columns for one codebook group."""
@@ -394,24 +397,42 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
 
   def x_slices(u0, k_ok):
     """per_unit arrays [block_m, bku]; slice s holds the rows' inputs u * per_unit + s (units u from u0)."""
-    if _splits_x(tuning):
-      return [_load(xs_ref.at[jnp.int32(s), pl.ds(r0, tuning.block_m), pl.ds(u0, bku)], k_ok[None, :] if masked_k else None)
-              for s in range(per_unit)]
-    # One contiguous tile of x (wide, coalesced loads), split into the slices in registers.
-    mask = (r0 + jnp.arange(tuning.block_m) < row_limit)[:, None]
+    return [_load(xs_ref.at[jnp.int32(s), pl.ds(r0, tuning.block_m), pl.ds(u0, bku)], k_ok[None, :] if masked_k else None)
+            for s in range(per_unit)]
+
+  def x_tile(u0, live=None):
+    """One contiguous tile of x [block_m, block_k] (wide, coalesced loads), split into the slices in registers."""
+    mask = (r0 + jnp.arange(tuning.block_m) < row_limit)[:, None] & (True if live is None else live)
     if masked_k or lay.units * per_unit != xs_ref.shape[1]:
       mask = mask & (u0 * per_unit + jnp.arange(tuning.block_k) < xs_ref.shape[1])[None, :]
-    tile = plgpu.load(xs_ref.at[pl.ds(r0, tuning.block_m), pl.ds(u0 * per_unit, tuning.block_k)], mask=mask, other=0)
-    return _deinterleave(tile, per_unit)
+    return plgpu.load(xs_ref.at[pl.ds(r0, tuning.block_m), pl.ds(u0 * per_unit, tuning.block_k)], mask=mask, other=0)
 
-  def step(i, acc):
+  def step_loads(i, live=None):
+    """Step i's codes [block_n, bku] and, for one-row blocks, its tile of x; zeros unless `live`."""
+    u0 = (step0 + i) * bku
+    k_ok = u0 + jnp.arange(bku) < lay.units
+    mask = None
+    if masked_n or masked_k or live is not None:
+      mask = ((n_ok[:, None] if masked_n else True) & (k_ok[None, :] if masked_k else True)
+              & (True if live is None else live))
+    codes = _load(packed_ref.at[(*lead, pl.ds(n0, tuning.block_n), pl.ds(u0, bku))], mask)
+    return (codes, x_tile(u0, live)) if ahead else (codes,)
+
+  # One-row blocks load step i + 1 while step i decodes: Triton pipelines only loads that feed a
+  # dot, so their codes and x came in the step that used them. (Carried so in the tensor-core
+  # blocks, the codes took Triton's decoded tiles through shared memory: K loop 593 -> 709.)
+  ahead = one_row
+
+  def step(i, carry):
+    acc, loaded = carry
     u0 = (step0 + i) * bku
     unit = u0 + jnp.arange(bku)
     k_ok = unit < lay.units
-    mask = None
-    if masked_n or masked_k:
-      mask = (n_ok[:, None] if masked_n else True) & (k_ok[None, :] if masked_k else True)
-    codes = _load(packed_ref.at[(*lead, pl.ds(n0, tuning.block_n), pl.ds(u0, bku))], mask)
+    if ahead:
+      loaded, (codes, tile) = step_loads(i + 1, live=i + 1 < n_steps), loaded  # none past the last step
+    else:
+      (codes,) = step_loads(i)
+      tile = None if _splits_x(tuning) else x_tile(u0)
     if lay.registers:
       values = _decode4(codes, row_regs if row_regs is not None else registers(u0 * per_unit // lay.group_size),
                         jnp.bfloat16 if paired else jnp.float32, whole_words=not _splits_x(tuning))
@@ -426,7 +447,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
         if lay.groups > 1:
           book = book + jnp.minimum((unit * per_unit + s) // lay.group_size, lay.groups - 1)[None, :]
         values.append(table_ref[book * entries + code.astype(jnp.int32)])  # [block_n, bku], from L1
-    xs = x_slices(u0, k_ok)
+    xs = x_slices(u0, k_ok) if tile is None else _deinterleave(tile, per_unit)
     if paired:
       xs, values = _pair_slices(xs), _pair_slices(values)
     for x, w in zip(xs, values):
@@ -439,15 +460,14 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
         acc = acc + x.astype(jnp.float32) * w.astype(jnp.float32)  # [1, bku] against [block_n, bku]
       else:
         acc = acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None, :, :]
-    return acc
+    return acc, loaded
 
   # One row (decode's FMA blocks): a [block_n, bku] accumulator in the decoded weights' own layout.
   # A [1, block_n, bku] one made Triton move every decoded tile through shared memory, a store, a
   # load and two barriers each (offline compile, Triton 3.6, sm_90).
-  one_row = tuning.block_m == 1
   shape = (tuning.block_m, tuning.block_n) if use_dot else (tuning.block_n, bku) if one_row else (
       tuning.block_m, tuning.block_n, bku)
-  acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros(shape, jnp.float32))
+  acc, _ = jax.lax.fori_loop(0, n_steps, step, (jnp.zeros(shape, jnp.float32), step_loads(0) if ahead else ()))
   return acc if use_dot else acc.sum(axis=-1)[None, :] if one_row else acc.sum(axis=-1)
 
 

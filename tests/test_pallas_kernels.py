@@ -246,9 +246,11 @@ def test_default_tuning_picks_fma_for_decode_and_tensor_cores_for_batches():
   # 16-row tensor-core blocks; batch 1 (8 rows) and Mixtral's batch 1 (2 rows of 8 experts): one row
   assert pk.default_grouped_tuning(128, 128, 2048, 768, 4) == pk.default_tuning(2, 2048, 768, 4, experts=128)
   assert [pk.default_grouped_tuning(t, e, 2048, 768, 4).block_m for t, e in ((8, 128), (2, 8), (1, 8))] == [1, 1, 1]
-  # Mixtral at batch 1: two experts' 1792 one-row programs fill the GPU unsplit; one weight's 896 split in two
+  # One-row programs that fill every SM at their occupancy (4 a SM) run unsplit: Mixtral at batch 1
+  # (two experts' 1792), one 4096x14336 weight's 896, four 14336x4096 weights' 1024; one's 256 split
   assert pk.default_grouped_tuning(2, 8, 4096, 14336, 4).k_splits == 1
-  assert pk.default_tuning(1, 4096, 14336, 4).k_splits == 2
+  assert pk.default_tuning(1, 4096, 14336, 4).k_splits == 1
+  assert pk.default_tuning(1, 14336, 4096, 4, experts=4).k_splits == 1
 
 
 def test_one_row_steps_run_least_past_d_in():
