@@ -89,9 +89,17 @@ def _rel_err(got, ref) -> float:
   return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def deeper_pipelines(base: pk.LutTuning) -> list[pk.LutTuning]:
+  """A tensor-core decode tuning at 3 and 4 pipeline stages: its blocks hold 130-210 registers a
+  thread, so few warps hide the load latency, and Triton stages the loads that feed its dots. None
+  for one-row blocks: their loads feed no dot, and every stage count compiles to the same K loop
+  (offline, Triton 3.6, sm_90; timed within 3 % of each other on an H100, BENCHMARKS.md session 48)."""
+  return [dataclasses.replace(base, num_stages=stages) for stages in (3, 4)] if base.dots else []
+
+
 def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
   """The default and its neighbours: column block, K step, warps, how far K is split, pipeline
-  depth; for prefill rows, wider tiles, more warps and deeper pipelines for the tensor cores; for
+  depth (deeper_pipelines); for prefill rows, wider tiles, more warps and deeper pipelines for the tensor cores; for
   2-15 rows, FMA blocks of them all too; for one row, 16-row tensor-core blocks too."""
   base = pk.default_tuning(m, k, n, BITS)
   out = [base]
@@ -112,9 +120,7 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
         out.append(dataclasses.replace(base, block_n=bn, block_k=bk, num_warps=warps, k_splits=splits))
   for splits in (1, 2, 4, 8, 16):
     out.append(dataclasses.replace(base, k_splits=splits))
-  # Decode blocks hold 96-170 registers a thread, so few warps hide the code loads' latency:
-  # deeper pipelines keep more loads in flight at the same occupancy.
-  out += [dataclasses.replace(base, num_stages=stages) for stages in (3, 4)]
+  out += deeper_pipelines(base)
   if 1 < m < 16:  # FMA blocks of all m rows: one decode for every row
     one = pk.default_tuning(1, k, n, BITS)
     out += [dataclasses.replace(one, block_m=pk.pow2_at_least(m), block_n=bn) for bn in (16, 32)]
@@ -127,7 +133,7 @@ def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
 def grouped_sweep_candidates(t: int, experts: int, k: int, n: int) -> list[pk.LutTuning]:
   """The grouped default for t rows over `experts` weights, then FMA blocks of one row (a decode
   a row of each slot), of 2 and 4 rows (a decode for them all), and 16-row tensor-core blocks,
-  over column block and K splits; the default with deeper pipelines."""
+  over column block and K splits; the default with deeper pipelines (deeper_pipelines)."""
   base = pk.default_grouped_tuning(t, experts, k, n, BITS)
   one = pk.default_tuning(1, k, n, BITS, experts=min(t, experts))
   dot = pk.default_tuning(16, k, n, BITS, experts=min(t, experts))
@@ -138,7 +144,7 @@ def grouped_sweep_candidates(t: int, experts: int, k: int, n: int) -> list[pk.Lu
     out += [dataclasses.replace(one, block_m=bm, k_splits=splits) for splits in (1, 2)]
   for bn, warps in ((32, 4), (64, 4), (128, 8)):
     out += [dataclasses.replace(dot, block_n=bn, num_warps=warps, k_splits=splits) for splits in (1, 2, 4)]
-  out += [dataclasses.replace(base, num_stages=stages) for stages in (3, 4)]  # as in sweep_candidates
+  out += deeper_pipelines(base)
   return list(dict.fromkeys(c for c in out if c is base or c.k_splits <= -(-k // c.block_k)))  # no split without steps
 
 

@@ -45,12 +45,13 @@ def test_grouped_sweep_starts_at_the_kernels_own_choice_and_tries_both_block_kin
     assert all(c.k_splits <= -(-k // c.block_k) for c in cands)  # every K split has steps to run
   assert {c.block_m for c in bench_kernels.sweep_candidates(3, 4096, 14336)} == {16, 4}  # tensor cores, FMA
   assert {c.block_m for c in bench_kernels.sweep_candidates(1, 4096, 14336)} == {1, 16}  # FMA, tensor cores
-  for m in (1, 16):  # decode blocks are also tried with deeper pipelines
-    base = pk.default_tuning(m, 4096, 14336, bench_kernels.BITS)
-    assert {c.num_stages for c in bench_kernels.sweep_candidates(m, 4096, 14336) if c.block_m == base.block_m
-            and c.block_n == base.block_n and c.block_k == base.block_k} >= {base.num_stages, 3, 4}
-  base = pk.default_grouped_tuning(2, 8, 4096, 14336, bench_kernels.BITS)
-  assert {c.num_stages for c in bench_kernels.grouped_sweep_candidates(2, 8, 4096, 14336)} >= {base.num_stages, 3, 4}
+  # Tensor-core decode blocks are also tried with deeper pipelines; one-row blocks (no staged loads) are not
+  base = pk.default_tuning(16, 4096, 14336, bench_kernels.BITS)
+  assert {c.num_stages for c in bench_kernels.sweep_candidates(16, 4096, 14336) if c.block_m == base.block_m
+          and c.block_n == base.block_n and c.block_k == base.block_k} >= {base.num_stages, 3, 4}
+  assert {c.num_stages for c in bench_kernels.grouped_sweep_candidates(32, 8, 4096, 14336)} >= {2, 3, 4}
+  assert {c.num_stages for c in bench_kernels.sweep_candidates(1, 4096, 14336)} == {2}
+  assert {c.num_stages for c in bench_kernels.grouped_sweep_candidates(2, 8, 4096, 14336)} == {2}
 
 
 def test_decode_settings_keep_the_bf16_baseline_and_refuse_unknown_names(monkeypatch):
