@@ -99,8 +99,9 @@ def deeper_pipelines(base: pk.LutTuning) -> list[pk.LutTuning]:
 
 def sweep_candidates(m: int, k: int, n: int) -> list[pk.LutTuning]:
   """The default and its neighbours: column block, K step, warps, how far K is split, pipeline
-  depth (deeper_pipelines); for prefill rows, wider tiles, more warps and deeper pipelines for the tensor cores; for
-  2-15 rows, FMA blocks of them all too; for one row, 16-row tensor-core blocks too."""
+  depth (deeper_pipelines); for prefill rows, wider tiles, more warps and deeper pipelines for
+  the tensor cores; for 2-15 rows, FMA blocks of them all too; for one row, 16-row tensor-core
+  blocks too."""
   base = pk.default_tuning(m, k, n, BITS)
   out = [base]
   if base.block_m >= 64:

@@ -401,7 +401,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
             for s in range(per_unit)]
 
   def x_tile(u0, live=None):
-    """One contiguous tile of x [block_m, block_k] (wide, coalesced loads), split into the slices in registers."""
+    """One contiguous tile of x [block_m, block_k] (wide, coalesced loads; _deinterleave splits it in registers)."""
     mask = (r0 + jnp.arange(tuning.block_m) < row_limit)[:, None] & (True if live is None else live)
     if masked_k or lay.units * per_unit != xs_ref.shape[1]:
       mask = mask & (u0 * per_unit + jnp.arange(tuning.block_k) < xs_ref.shape[1])[None, :]
