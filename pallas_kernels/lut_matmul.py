@@ -407,6 +407,9 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
       mask = mask & (u0 * per_unit + jnp.arange(tuning.block_k) < xs_ref.shape[1])[None, :]
     return plgpu.load(xs_ref.at[pl.ds(r0, tuning.block_m), pl.ds(u0 * per_unit, tuning.block_k)], mask=mask, other=0)
 
+  # One-row blocks load step i + 1 while step i decodes: Triton pipelines only loads that feed a
+  # dot, so their codes and x came in the step that used them. (Carried so in the tensor-core
+  # blocks, the codes took Triton's decoded tiles through shared memory: K loop 593 -> 709.)
   def step_loads(i, live=None):
     """Step i's codes [block_n, bku] and, for one-row blocks, its tile of x; zeros unless `live`."""
     u0 = (step0 + i) * bku
@@ -416,19 +419,14 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
       mask = ((n_ok[:, None] if masked_n else True) & (k_ok[None, :] if masked_k else True)
               & (True if live is None else live))
     codes = _load(packed_ref.at[(*lead, pl.ds(n0, tuning.block_n), pl.ds(u0, bku))], mask)
-    return (codes, x_tile(u0, live)) if ahead else (codes,)
-
-  # One-row blocks load step i + 1 while step i decodes: Triton pipelines only loads that feed a
-  # dot, so their codes and x came in the step that used them. (Carried so in the tensor-core
-  # blocks, the codes took Triton's decoded tiles through shared memory: K loop 593 -> 709.)
-  ahead = one_row
+    return (codes, x_tile(u0, live)) if one_row else (codes,)
 
   def step(i, carry):
     acc, loaded = carry
     u0 = (step0 + i) * bku
     unit = u0 + jnp.arange(bku)
     k_ok = unit < lay.units
-    if ahead:
+    if one_row:
       loaded, (codes, tile) = step_loads(i + 1, live=i + 1 < n_steps), loaded  # none past the last step
     else:
       (codes,) = step_loads(i)
@@ -467,7 +465,7 @@ def _accumulate(xs_ref, packed_ref, table_ref, *, lay: _Layout, expert, r0, row_
   # load and two barriers each (offline compile, Triton 3.6, sm_90).
   shape = (tuning.block_m, tuning.block_n) if use_dot else (tuning.block_n, bku) if one_row else (
       tuning.block_m, tuning.block_n, bku)
-  acc, _ = jax.lax.fori_loop(0, n_steps, step, (jnp.zeros(shape, jnp.float32), step_loads(0) if ahead else ()))
+  acc, _ = jax.lax.fori_loop(0, n_steps, step, (jnp.zeros(shape, jnp.float32), step_loads(0) if one_row else ()))
   return acc if use_dot else acc.sum(axis=-1)[None, :] if one_row else acc.sum(axis=-1)
 
 
