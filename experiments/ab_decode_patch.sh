@@ -16,6 +16,12 @@
 #   sweeps   both trees: block shapes beside the defaults (for a patch to a path no default takes):
 #            the Mixtral single weights at M = AB_SWEEP_MS (default 2,4), and AB_GROUPED at batches
 #            AB_SWEEP_BATCHES (default 4,16) (bench_kernels --sweep, --grouped_sweep)
+#   ncu      both trees under ncu: the Pallas kernel once at AB_NCU_SHAPE (default 4096x14336)
+#            for AB_NCU_M rows (default 1), default tuning (experiments.profile_cuda_lut --pallas;
+#            AB_NCU_FLAGS adds to it, e.g. --experts=8 --top_k=2): time, DRAM throughput, occupancy,
+#            stall reasons per issued instruction, each pipe's busy cycles and instructions, and the
+#            source page (stall samples per SASS instruction; experiments/ncu_source_summary); the
+#            first AB_NCU_LINES (default 80) nonzero metric lines of each tree printed
 # Results (JSON a part, tree and round; the patched tests' log) land in OUT_DIR/ab_decode.tar.gz,
 # written again after every step (the device tool returns only a few files, and a command stopped
 # at its time limit keeps what it measured); the summary on stdout.
@@ -66,4 +72,24 @@ fi
 if [[ ,$parts, == *,sweeps,* ]]; then
   pallas_both sweeps "tunings|M=" --single= --sweep --sweep_ms=${AB_SWEEP_MS:-2,4} --grouped_sweep \
     --batches=${AB_SWEEP_BATCHES:-4,16} --grouped="$grouped"
+fi
+if [[ ,$parts, == *,ncu,* ]]; then
+  stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard wait \
+    math_pipe_throttle barrier not_selected lg_throttle mio_throttle no_instruction dispatch_stall selected branch_resolving)
+  pipes='regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_[a-z_]*\.sum$'
+  for name in base patched; do
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout 200 ncu --clock-control none \
+      -k regex:cqjax_ --section SpeedOfLight --section Occupancy --section ComputeWorkloadAnalysis \
+      --section InstructionStats --section MemoryWorkloadAnalysis --section SourceCounters -f -o "$out/ncu_$name" \
+      --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,$pipes" \
+      python3 -m experiments.profile_cuda_lut --pallas --shape="${AB_NCU_SHAPE:-4096x14336}" --ms="${AB_NCU_M:-1}" \
+      ${AB_NCU_FLAGS:-} > "$out/ncu_run_$name.txt" 2>&1)
+    ncu -i "$out/ncu_$name.ncu-rep" --page details > "$out/ncu_$name.txt" 2>&1
+    ncu -i "$out/ncu_$name.ncu-rep" --page source --print-source sass --csv > "$out/ncu_source_$name.csv" 2>&1
+    grep -E "cqjax|smsp__|sm__|gpu__time|dram__|Duration|Throughput|Block Limit Registers|Achieved Occupancy|Active Cycles" \
+      "$out/ncu_$name.txt" | grep -vE " 0$| 0\.00$" | tr -s ' ' | sed "s/^/$name /" | head -${AB_NCU_LINES:-80}
+    PYTHONPATH=$PWD python3 -m experiments.ncu_source_summary "$out/ncu_source_$name.csv" --top 8 | sed "s/^/$name /"
+    save
+  done
 fi

@@ -1,4 +1,4 @@
-"""Runs the CUDA codebook matmul once per tuning, for a profiler to read (ncu on the GPU image):
+"""Runs a GPU codebook matmul once per tuning, for a profiler to read (ncu on the GPU image):
 
   ncu --clock-control none -k regex:lut_matmul_kernel --section SpeedOfLight --section Occupancy \
       --section WarpStateStats --section MemoryWorkloadAnalysis \
@@ -7,8 +7,9 @@
 A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmul.CudaTuning, whose defaults fill the rest); "default" is the
 default tuning at that shape and M. With --int8 the kernel is the int8 one (-k 'regex:(int8|wg8)_kernel') and a
 tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tuning.parse, as bench_kernels
-spells them: 8/2p, 4/16w2). --experts=E --top_k=K instead runs the grouped kernel over E stacked experts
-at decode batches --ms (random top-K routing), two weights in one jitted call as bench_kernels times
+spells them: 8/2p, 4/16w2). With --pallas it is the Pallas kernel (-k regex:cqjax_) and a tuning is
+block_m/block_n/block_k/k_splits/num_warps/num_stages (pallas_kernels.lut_matmul.LutTuning).
+--experts=E --top_k=K instead runs the grouped kernel over E stacked experts at decode batches --ms (random top-K routing), two weights in one jitted call as bench_kernels times
 them, so that a profiler without a kernel filter also sees what XLA runs around the kernel
 (quantizing x, the expert slots); --trace=N also prints each kernel's µs a call from jax.profiler's
 trace of N calls (experiments.device_trace). Launches come in the order printed.
@@ -24,6 +25,7 @@ from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
 from cuda_kernels import lut_matmul as ck
 from cuda_kernels import lut_matmul_int8 as ck8
+from pallas_kernels import lut_matmul as pk
 from experiments.bench_kernels import random_routing
 from experiments.device_trace import print_kernels, traced_kernels
 
@@ -38,6 +40,17 @@ def parse_int8_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck8.
     raise SystemExit(f"profile_cuda_lut: {e}") from None
 
 
+def parse_pallas_tuning(spec: str, m: int, k: int, n: int, experts: int = 0) -> pk.LutTuning:
+  """m: rows of x; experts: a grouped call's stacked experts (0: one weight)."""
+  if spec == "default":
+    return pk.default_grouped_tuning(m, experts, k, n, 4) if experts else pk.default_tuning(m, k, n, 4)
+  try:
+    return pk.LutTuning(*(int(v) for v in spec.split("/")))
+  except (ValueError, TypeError, CqjaxError) as e:
+    raise SystemExit(f"profile_cuda_lut: tuning {spec!r} is not block_m/block_n/block_k/k_splits/num_warps/num_stages: "
+                     f"{e}") from None
+
+
 def parse_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck.CudaTuning:
   if spec == "default":
     return ck.default_tuning(m, k, n, max(slots, 1))
@@ -50,7 +63,8 @@ def parse_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck.CudaTu
 
 
 def profile_grouped(args, k, n, kp, kc, kx):
-  e, run = args.experts, ck8.grouped_lut_matmul_int8 if args.int8 else ck.grouped_lut_matmul
+  e = args.experts
+  run = pk.grouped_lut_matmul if args.pallas else ck8.grouped_lut_matmul_int8 if args.int8 else ck.grouped_lut_matmul
   ws = [CodebookWeight(jax.random.randint(jax.random.fold_in(kp, i), (e, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8),
                        jax.random.normal(jax.random.fold_in(kc, i), (e, n, 1, 16), jnp.bfloat16), 4, k) for i in range(2)]
   for b in (int(v) for v in args.ms.split(",")):
@@ -58,7 +72,8 @@ def profile_grouped(args, k, n, kp, kc, kx):
     x = jax.random.normal(jax.random.fold_in(kx, 1000 + b), (b * args.top_k, k), jnp.bfloat16)
     rows, slots = ck.rows_per_slot(x.shape[0], e), min(x.shape[0], e)
     for spec in args.tunings.split(","):
-      t = (parse_int8_tuning if args.int8 else parse_tuning)(spec, rows, k, n, slots)
+      t = (parse_pallas_tuning(spec, x.shape[0], k, n, e) if args.pallas
+           else (parse_int8_tuning if args.int8 else parse_tuning)(spec, rows, k, n, slots))
       f = jax.jit(lambda x, ws, gs, t=t: [run(x, w.packed, w.centroids, 4, gs, tuning=t) for w in ws])
       jax.block_until_ready(f(x, ws, gs))  # compiled and run once before the launches printed
       print(f"launch: {e} experts {k}x{n} batch={b} top-{args.top_k} ({int(jnp.sum(gs > 0))} active) {t}", flush=True)
@@ -73,12 +88,16 @@ def main():
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
   ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
+  ap.add_argument("--pallas", action="store_true", help="the Pallas kernel; tunings are block_m/block_n/block_k/"
+                  "k_splits/num_warps/num_stages")
   ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")
   ap.add_argument("--top_k", type=int, default=2, help="grouped: experts a token")
   ap.add_argument("--trace", type=int, default=0, help="grouped: also trace this many calls under jax.profiler and "
                   "print their device kernels a call (no ncu needed)")
   args = ap.parse_args()
-  if not (ck8.available() if args.int8 else ck.available()):
+  if args.pallas and jax.default_backend() != "gpu":
+    raise SystemExit("profile_cuda_lut: --pallas profiles the compiled Pallas kernel; this host has no GPU")
+  if not args.pallas and not (ck8.available() if args.int8 else ck.available()):
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "
                      "for (python -m cuda_kernels.build)")
   if args.trace and not args.experts:
@@ -89,11 +108,12 @@ def main():
     return profile_grouped(args, k, n, kp, kc, kx)
   packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
   w = CodebookWeight(packed, jax.random.normal(kc, (n, 1, 16), jnp.bfloat16), 4, k)
-  run = ck8.lut_matmul_int8 if args.int8 else ck.lut_matmul
+  run = pk.lut_matmul if args.pallas else ck8.lut_matmul_int8 if args.int8 else ck.lut_matmul
   for m in (int(v) for v in args.ms.split(",")):
     x = jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.bfloat16)
     for spec in args.tunings.split(","):
-      t = parse_int8_tuning(spec, m, k, n) if args.int8 else parse_tuning(spec, m, k, n)
+      t = (parse_pallas_tuning(spec, m, k, n) if args.pallas else parse_int8_tuning(spec, m, k, n) if args.int8
+           else parse_tuning(spec, m, k, n))
       print(f"launch: {k}x{n} M={m} {t}", flush=True)
       jax.block_until_ready(run(x, w.packed, w.centroids, 4, tuning=t))
 

@@ -42,3 +42,36 @@ def test_profile_cuda_lut_traces_grouped_calls_only(monkeypatch, capsys):
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--shape=64x32", "--trace=2"])
   with pytest.raises(SystemExit, match="--trace profiles grouped calls"):
     profile_cuda_lut.main()
+
+
+def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, capsys):
+  """--pallas: each M and tuning ("default": pallas_kernels' own) launches the Pallas kernel once,
+  here interpreted as the GPU host is faked; a tuning that is not a LutTuning stops with its name,
+  and without a GPU --pallas stops before compiling."""
+  import jax
+  import pytest
+  from experiments import profile_cuda_lut
+  from pallas_kernels import lut_matmul as pk
+
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--pallas", "--shape=64x32", "--ms=1"])
+  with pytest.raises(SystemExit, match="--pallas profiles the compiled Pallas kernel; this host has no GPU"):
+    profile_cuda_lut.main()
+  calls, kernel = [], pk.lut_matmul
+
+  def interpreted(x, packed, centroids, bits, tuning=None):
+    calls.append((x.shape[0], tuning))
+    return kernel(x, packed, centroids, bits, tuning=tuning, interpret=True)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(pk, "lut_matmul", interpreted)
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--pallas", "--shape=64x32", "--ms=1,3",
+                                    "--tunings=default,1/16/32/2/4/2"])
+  profile_cuda_lut.main()
+  launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("launch:")]
+  assert len(launches) == 4 and "64x32 M=1 LutTuning(" in launches[0] and "M=3" in launches[2]
+  assert calls == [(1, pk.default_tuning(1, 64, 32, 4)), (1, pk.LutTuning(1, 16, 32, 2)),
+                   (3, pk.default_tuning(3, 64, 32, 4)), (3, pk.LutTuning(1, 16, 32, 2))]
+  assert profile_cuda_lut.parse_pallas_tuning("default", 8, 64, 32, experts=128) == pk.default_grouped_tuning(
+      8, 128, 64, 32, 4)
+  with pytest.raises(SystemExit, match="tuning '3/16/32' is not block_m/.*power of two"):
+    profile_cuda_lut.parse_pallas_tuning("3/16/32", 1, 64, 32)
