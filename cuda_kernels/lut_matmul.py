@@ -166,13 +166,15 @@ def default_tuning(rows: int, d_in: int, d_out: int, slots: int = 1, sms: int = 
 
 
 def serves(rows: int, d_in: int, d_out: int, hopper: bool | None = None) -> bool:
-  """Whether the dispatcher's automatic choice takes this kernel over the Pallas ones: where the
-  H200 runs measured it ahead (BENCHMARKS.md, sessions 21, 26 and 44): 16 rows of x or fewer per
-  weight (the decode regime) of weights with at least 2^24 codes, 2^25 for one row (Mixtral's
-  experts). Smaller ones are launch-bound, and there Pallas' one-row kernel ran 1.4-2x faster
-  (4096x4096, Qwen3's experts) and its tensor-core blocks mostly ahead. On Hopper (hopper None:
-  is_hopper()) also prefill_rows (layout 8). Elsewhere prefill tiles favour the Pallas kernels."""
-  if rows <= 16 and d_in * d_out >= (1 << 25 if rows == 1 else 1 << 24):
+  """Whether the dispatcher's automatic choice takes this kernel over the Pallas ones: where it
+  measured ahead. Decode: 2 to 8 rows of x per weight or expert slot, on weights with at least
+  2^24 codes (H100, BENCHMARKS.md session 49, Mixtral's experts: 3-18 % ahead at 2, 4 and 8 rows,
+  single and grouped). At one row Pallas' FMA blocks are ahead (5-23 %; on the H200 of session
+  44 they were behind for Mixtral's experts), and at 16 rows its tensor-core blocks (11-15 %).
+  Smaller weights are launch-bound, and there Pallas' one-row kernel ran 1.4-2x faster (4096x4096,
+  Qwen3's experts) and its tensor-core blocks mostly ahead. On Hopper (hopper None: is_hopper())
+  also prefill_rows (layout 8). Elsewhere prefill tiles favour the Pallas kernels."""
+  if 2 <= rows <= 8 and d_in * d_out >= 1 << 24:
     return True
   return (is_hopper() if hopper is None else hopper) and prefill_rows(rows, d_in, d_out)
 

@@ -1,6 +1,6 @@
 """Runs a GPU codebook matmul once per tuning, for a profiler to read (ncu on the GPU image):
 
-  ncu --clock-control none -k regex:lut_matmul_kernel --section SpeedOfLight --section Occupancy \
+  ncu --clock-control none -k 'regex:(lut_matmul|xs)_kernel' --section SpeedOfLight --section Occupancy \
       --section WarpStateStats --section MemoryWorkloadAnalysis \
       python3 -m experiments.profile_cuda_lut --shape=4096x14336 --ms=1,16 --tunings=3/4/1/2/1,4/4/1/2/1
 
@@ -9,10 +9,11 @@ default tuning at that shape and M. With --int8 the kernel is the int8 one (-k '
 tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tuning.parse, as bench_kernels
 spells them: 8/2p, 4/16w2). With --pallas it is the Pallas kernel (-k regex:cqjax_) and a tuning is
 block_m/block_n/block_k/k_splits/num_warps/num_stages (pallas_kernels.lut_matmul.LutTuning).
---experts=E --top_k=K instead runs the grouped kernel over E stacked experts at decode batches --ms (random top-K routing), two weights in one jitted call as bench_kernels times
-them, so that a profiler without a kernel filter also sees what XLA runs around the kernel
-(quantizing x, the expert slots); --trace=N also prints each kernel's µs a call from jax.profiler's
-trace of N calls (experiments.device_trace). Launches come in the order printed.
+--experts=E --top_k=K instead runs the grouped kernel over E stacked experts at decode batches --ms
+(random top-K routing), two weights in one jitted call as bench_kernels times them, so that a
+profiler without a kernel filter also sees what XLA runs around the kernel (quantizing x, the
+expert slots); --trace=N also prints each kernel's µs a call from jax.profiler's trace of N calls
+(experiments.device_trace). Launches come in the order printed.
 """
 from __future__ import annotations
 

@@ -251,10 +251,12 @@ def test_tuning_refuses_out_of_range_values():
 
 
 def test_serves_the_decode_regime_of_large_weights():
-  assert ck.serves(1, 4096, 14336) and ck.serves(16, 14336, 4096) and ck.serves(2, 4096, 4096)
+  assert ck.serves(2, 4096, 14336) and ck.serves(8, 14336, 4096) and ck.serves(2, 4096, 4096)
   assert not ck.serves(17, 4096, 14336)  # prefill rows: the Pallas tiles
-  assert not ck.serves(1, 4096, 4096) and not ck.serves(1, 2048, 768)  # one row: Pallas' FMA kernel
-  assert not ck.serves(2, 2048, 768) and not ck.serves(16, 768, 2048)  # launch-bound smaller weights
+  assert not ck.serves(9, 4096, 14336) and not ck.serves(16, 14336, 4096)  # Pallas' 16-row blocks
+  # one row: Pallas' FMA kernel
+  assert not ck.serves(1, 4096, 14336) and not ck.serves(1, 4096, 4096) and not ck.serves(1, 2048, 768)
+  assert not ck.serves(2, 2048, 768) and not ck.serves(8, 768, 2048)  # launch-bound smaller weights
 
 
 def test_serves_prefill_rows_of_large_weights_on_hopper():
@@ -282,10 +284,11 @@ def test_prefill_default_on_hopper(rows, k, n, slots, want):
 
 
 def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
-  """The dispatcher's GPU choice, without a GPU: the CUDA kernel for decode rows of a 2^24-code
-  weight (2^25 for one row; single and grouped), the Pallas kernels for prefill rows (but those of large weights on
-  Hopper), small weights, other bit widths, and everywhere when CQJAX_KERNELS=pallas; CUDA
-  wherever it applies with =cuda; the int8 kernel for decode rows it takes with =int8."""
+  """The dispatcher's GPU choice, without a GPU: the CUDA kernel for 2 to 8 decode rows of a
+  2^24-code weight (single and grouped), the Pallas kernels for one row and 16, prefill rows (but
+  those of large weights on Hopper), small weights, other bit widths, and everywhere when
+  CQJAX_KERNELS=pallas; CUDA wherever it applies with =cuda; the int8 kernel for decode rows it
+  takes with =int8."""
   from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
   from cuda_kernels import lut_matmul_int8 as ck8  # pylint: disable=g-import-not-at-top
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
@@ -310,13 +313,15 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
       kernels.lut_matmul(x, packed, cent, bits)
     return called.pop()
 
-  assert choice("auto", 1, 4096, 14336) == "cuda"
-  assert choice("auto", 16, 4096, 4096) == "cuda" and choice("auto", 1, 4096, 4096) == "pallas"
+  assert choice("auto", 1, 4096, 14336) == "pallas" and choice("auto", 2, 4096, 14336) == "cuda"
+  assert choice("auto", 8, 4096, 4096) == "cuda" and choice("auto", 16, 4096, 4096) == "pallas"
+  assert choice("auto", 1, 4096, 4096) == "pallas"
   assert choice("auto", 16, 1024, 1024) == "pallas"
   assert choice("auto", 64, 1024, 1024) == "pallas"
   assert choice("auto", 4, 512, 1024) == "pallas"
   assert choice("auto", 4, 1024, 1024, bits=2) == "pallas"
   assert choice("auto", 32, 4096, 14336, experts=8) == "cuda"  # batch 16 top-2: 4 rows an expert
+  assert choice("auto", 2, 4096, 14336, experts=8) == "pallas"  # batch 1: one row an expert
   assert choice("auto", 1024, 4096, 14336, experts=8) == "pallas"  # prefill: 128 rows an expert
   assert choice("cuda", 64, 512, 1024) == "cuda"
   assert choice("pallas", 1, 4096, 14336) == "pallas"
@@ -361,8 +366,8 @@ def test_bf16_model_takes_the_cuda_kernel(monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("m,n,cuda", [(4, 16384, True), (64, 1024, False), (4, 256, False)])
 def test_automatic_dispatch_takes_cuda_where_it_serves(monkeypatch, m, n, cuda):
-  """Unset CQJAX_KERNELS on a GPU: the CUDA kernel at decode rows of a 2^24-code weight, the
-  Pallas kernels for prefill rows and small weights; both give the product."""
+  """Unset CQJAX_KERNELS on a GPU: the CUDA kernel at 2 to 8 decode rows of a 2^24-code weight,
+  the Pallas kernels for prefill rows and small weights; both give the product."""
   from cqjax.lut_matmul import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("CQJAX_KERNELS", raising=False)
   rng = np.random.default_rng(m + n)
