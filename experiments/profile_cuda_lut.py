@@ -63,18 +63,35 @@ def parse_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck.CudaTu
   return ck.CudaTuning(mt=mt, nt=nt, splits=splits, layout=layout, kgroups=kgroups, **staging)
 
 
+def kernel(args, grouped: bool = False):
+  """The kernel the flags pick (--pallas, --int8, else the bf16 CUDA one); grouped: its grouped form."""
+  if args.pallas:
+    return pk.grouped_lut_matmul if grouped else pk.lut_matmul
+  if args.int8:
+    return ck8.grouped_lut_matmul_int8 if grouped else ck8.lut_matmul_int8
+  return ck.grouped_lut_matmul if grouped else ck.lut_matmul
+
+
+def tuning(args, spec: str, rows: int, k: int, n: int, experts: int = 0):
+  """spec as the flags' kernel spells it, for `rows` rows of x over `experts` stacked weights (0: one
+  weight); the CUDA kernels' defaults follow the rows and count of a grouped call's launch slots."""
+  if args.pallas:
+    return parse_pallas_tuning(spec, rows, k, n, experts)
+  parse = parse_int8_tuning if args.int8 else parse_tuning
+  if not experts:
+    return parse(spec, rows, k, n)
+  return parse(spec, ck.rows_per_slot(rows, experts), k, n, min(rows, experts))
+
+
 def profile_grouped(args, k, n, kp, kc, kx):
-  e = args.experts
-  run = pk.grouped_lut_matmul if args.pallas else ck8.grouped_lut_matmul_int8 if args.int8 else ck.grouped_lut_matmul
+  e, run = args.experts, kernel(args, grouped=True)
   ws = [CodebookWeight(jax.random.randint(jax.random.fold_in(kp, i), (e, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8),
                        jax.random.normal(jax.random.fold_in(kc, i), (e, n, 1, 16), jnp.bfloat16), 4, k) for i in range(2)]
   for b in (int(v) for v in args.ms.split(",")):
     gs = random_routing(jax.random.fold_in(kx, b), b, e, args.top_k)
     x = jax.random.normal(jax.random.fold_in(kx, 1000 + b), (b * args.top_k, k), jnp.bfloat16)
-    rows, slots = ck.rows_per_slot(x.shape[0], e), min(x.shape[0], e)
     for spec in args.tunings.split(","):
-      t = (parse_pallas_tuning(spec, x.shape[0], k, n, e) if args.pallas
-           else (parse_int8_tuning if args.int8 else parse_tuning)(spec, rows, k, n, slots))
+      t = tuning(args, spec, x.shape[0], k, n, e)
       f = jax.jit(lambda x, ws, gs, t=t: [run(x, w.packed, w.centroids, 4, gs, tuning=t) for w in ws])
       jax.block_until_ready(f(x, ws, gs))  # compiled and run once before the launches printed
       print(f"launch: {e} experts {k}x{n} batch={b} top-{args.top_k} ({int(jnp.sum(gs > 0))} active) {t}", flush=True)
@@ -109,12 +126,11 @@ def main():
     return profile_grouped(args, k, n, kp, kc, kx)
   packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
   w = CodebookWeight(packed, jax.random.normal(kc, (n, 1, 16), jnp.bfloat16), 4, k)
-  run = pk.lut_matmul if args.pallas else ck8.lut_matmul_int8 if args.int8 else ck.lut_matmul
+  run = kernel(args)
   for m in (int(v) for v in args.ms.split(",")):
     x = jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.bfloat16)
     for spec in args.tunings.split(","):
-      t = (parse_pallas_tuning(spec, m, k, n) if args.pallas else parse_int8_tuning(spec, m, k, n) if args.int8
-           else parse_tuning(spec, m, k, n))
+      t = tuning(args, spec, m, k, n)
       print(f"launch: {k}x{n} M={m} {t}", flush=True)
       jax.block_until_ready(run(x, w.packed, w.centroids, 4, tuning=t))
 
