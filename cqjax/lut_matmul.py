@@ -3,7 +3,7 @@
 Dense arrays take XLA's dot / ragged_dot. A `CodebookWeight` takes, on the CPU backend, the C++
 FFI kernel of cpu_kernels/ (when the package build compiled it); on GPUs the CUDA kernel of
 cuda_kernels/ where its library is built and it was measured faster (4-bit codes, one codebook
-per row, bf16 activations, 2 to 8 rows per weight or expert slot, weights of 2^24 codes or more:
+per row, bf16 activations, 2 to 8 rows per weight or 2 to 16 per expert slot, weights of 2^24 codes or more:
 `cuda_kernels.lut_matmul.serves`, BENCHMARKS.md), else the Pallas kernels of pallas_kernels/
 (1-, 2-, 4- and 8-bit codes); otherwise the jnp reference (unpack + gather + dot) that every
 kernel is tested against. Kernels compute the forward pass
@@ -140,7 +140,7 @@ class _CudaFirst:
         return cuda8.Int8Kernels
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
       return pallas
-    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2]) else pallas
+    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2], grouped=grouped) else pallas
 
   def lut_matmul(self, x, packed, centroids, bits):
     return self._pick(x, packed, centroids, bits, False).lut_matmul(x, packed, centroids, bits)

@@ -254,6 +254,10 @@ def test_serves_the_decode_regime_of_large_weights():
   assert ck.serves(2, 4096, 14336) and ck.serves(8, 14336, 4096) and ck.serves(2, 4096, 4096)
   assert not ck.serves(17, 4096, 14336)  # prefill rows: the Pallas tiles
   assert not ck.serves(9, 4096, 14336) and not ck.serves(16, 14336, 4096)  # Pallas' 16-row blocks
+  # expert slots of a grouped product: CUDA to 16 rows, still not at one row or for small weights
+  assert ck.serves(9, 4096, 14336, grouped=True) and ck.serves(16, 14336, 4096, grouped=True)
+  assert not ck.serves(17, 14336, 4096, grouped=True) and not ck.serves(1, 14336, 4096, grouped=True)
+  assert not ck.serves(16, 2048, 768, grouped=True)
   # one row: Pallas' FMA kernel
   assert not ck.serves(1, 4096, 14336) and not ck.serves(1, 4096, 4096) and not ck.serves(1, 2048, 768)
   assert not ck.serves(2, 2048, 768) and not ck.serves(8, 768, 2048)  # launch-bound smaller weights
@@ -285,10 +289,10 @@ def test_prefill_default_on_hopper(rows, k, n, slots, want):
 
 def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   """The dispatcher's GPU choice, without a GPU: the CUDA kernel for 2 to 8 decode rows of a
-  2^24-code weight (single and grouped), the Pallas kernels for one row and 16, prefill rows (but
-  those of large weights on Hopper), small weights, other bit widths, and everywhere when
-  CQJAX_KERNELS=pallas; CUDA wherever it applies with =cuda; the int8 kernel for decode rows it
-  takes with =int8."""
+  2^24-code weight (2 to 16 an expert slot), the Pallas kernels for one row, 16 rows of a single
+  weight, prefill rows (but those of large weights on Hopper), small weights, other bit widths,
+  and everywhere when CQJAX_KERNELS=pallas; CUDA wherever it applies with =cuda; the int8 kernel
+  for decode rows it takes with =int8."""
   from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
   from cuda_kernels import lut_matmul_int8 as ck8  # pylint: disable=g-import-not-at-top
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
@@ -322,6 +326,8 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   assert choice("auto", 4, 1024, 1024, bits=2) == "pallas"
   assert choice("auto", 32, 4096, 14336, experts=8) == "cuda"  # batch 16 top-2: 4 rows an expert
   assert choice("auto", 2, 4096, 14336, experts=8) == "pallas"  # batch 1: one row an expert
+  assert choice("auto", 128, 14336, 4096, experts=8) == "cuda"  # batch 64 top-2: 16 rows an expert
+  assert choice("auto", 136, 14336, 4096, experts=8) == "pallas"  # 17 rows an expert
   assert choice("auto", 1024, 4096, 14336, experts=8) == "pallas"  # prefill: 128 rows an expert
   assert choice("cuda", 64, 512, 1024) == "cuda"
   assert choice("pallas", 1, 4096, 14336) == "pallas"
