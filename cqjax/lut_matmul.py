@@ -3,7 +3,7 @@
 Dense arrays take XLA's dot / ragged_dot. A `CodebookWeight` takes, on the CPU backend, the C++
 FFI kernel of cpu_kernels/ (when the package build compiled it); on GPUs the CUDA kernel of
 cuda_kernels/ where its library is built and it was measured faster (4-bit codes, one codebook
-per row, bf16 activations, 2 to 8 rows per weight or 2 to 16 per expert slot, weights of 2^24 codes or more:
+per row, bf16 activations, 2 to 8 rows per weight or 2 to 16 per expert slot, weights of more than 2^24 codes:
 `cuda_kernels.lut_matmul.serves`, BENCHMARKS.md), else the Pallas kernels of pallas_kernels/
 (1-, 2-, 4- and 8-bit codes); otherwise the jnp reference (unpack + gather + dot) that every
 kernel is tested against. Kernels compute the forward pass

@@ -251,7 +251,8 @@ def test_tuning_refuses_out_of_range_values():
 
 
 def test_serves_the_decode_regime_of_large_weights():
-  assert ck.serves(2, 4096, 14336) and ck.serves(8, 14336, 4096) and ck.serves(2, 4096, 4096)
+  assert ck.serves(2, 4096, 14336) and ck.serves(8, 14336, 4096) and ck.serves(2, 4096, 4097)
+  assert not ck.serves(2, 4096, 4096) and not ck.serves(8, 4096, 4096)  # 2^24 codes: Pallas' blocks
   assert not ck.serves(17, 4096, 14336)  # prefill rows: the Pallas tiles
   assert not ck.serves(9, 4096, 14336) and not ck.serves(16, 14336, 4096)  # Pallas' 16-row blocks
   # expert slots of a grouped product: CUDA to 16 rows, still not at one row or for small weights
@@ -289,10 +290,10 @@ def test_prefill_default_on_hopper(rows, k, n, slots, want):
 
 def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
   """The dispatcher's GPU choice, without a GPU: the CUDA kernel for 2 to 8 decode rows of a
-  2^24-code weight (2 to 16 an expert slot), the Pallas kernels for one row, 16 rows of a single
-  weight, prefill rows (but those of large weights on Hopper), small weights, other bit widths,
-  and everywhere when CQJAX_KERNELS=pallas; CUDA wherever it applies with =cuda; the int8 kernel
-  for decode rows it takes with =int8."""
+  weight of more than 2^24 codes (2 to 16 an expert slot), the Pallas kernels for one row, 16
+  rows of a single weight, prefill rows (but those of large weights on Hopper), small weights,
+  other bit widths, and everywhere when CQJAX_KERNELS=pallas; CUDA wherever it applies with
+  =cuda; the int8 kernel for decode rows it takes with =int8."""
   from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
   from cuda_kernels import lut_matmul_int8 as ck8  # pylint: disable=g-import-not-at-top
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
@@ -318,7 +319,8 @@ def test_gpu_dispatch_takes_cuda_where_it_serves(monkeypatch):
     return called.pop()
 
   assert choice("auto", 1, 4096, 14336) == "pallas" and choice("auto", 2, 4096, 14336) == "cuda"
-  assert choice("auto", 8, 4096, 4096) == "cuda" and choice("auto", 16, 4096, 4096) == "pallas"
+  assert choice("auto", 8, 4096, 6144) == "cuda" and choice("auto", 16, 4096, 6144) == "pallas"
+  assert choice("auto", 8, 4096, 4096) == "pallas"  # 2^24 codes
   assert choice("auto", 1, 4096, 4096) == "pallas"
   assert choice("auto", 16, 1024, 1024) == "pallas"
   assert choice("auto", 64, 1024, 1024) == "pallas"
@@ -370,10 +372,11 @@ def test_bf16_model_takes_the_cuda_kernel(monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("m,n,cuda", [(4, 16384, True), (64, 1024, False), (4, 256, False)])
+@pytest.mark.parametrize("m,n,cuda", [(4, 16448, True), (4, 16384, False), (64, 1024, False), (4, 256, False)])
 def test_automatic_dispatch_takes_cuda_where_it_serves(monkeypatch, m, n, cuda):
-  """Unset CQJAX_KERNELS on a GPU: the CUDA kernel at 2 to 8 decode rows of a 2^24-code weight,
-  the Pallas kernels for prefill rows and small weights; both give the product."""
+  """Unset CQJAX_KERNELS on a GPU: the CUDA kernel at 2 to 8 decode rows of a weight of more than
+  2^24 codes, the Pallas kernels for prefill rows and weights of 2^24 codes or fewer; both give
+  the product."""
   from cqjax.lut_matmul import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("CQJAX_KERNELS", raising=False)
   rng = np.random.default_rng(m + n)
