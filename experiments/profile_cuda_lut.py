@@ -105,9 +105,10 @@ def main():
   ap.add_argument("--shape", default="4096x14336", help="d_in x d_out")
   ap.add_argument("--ms", default="1,16", help="comma list of rows of x")
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
-  ap.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
-  ap.add_argument("--pallas", action="store_true", help="the Pallas kernel; tunings are block_m/block_n/block_k/"
-                  "k_splits/num_warps/num_stages")
+  which = ap.add_mutually_exclusive_group()  # one kernel a run
+  which.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
+  which.add_argument("--pallas", action="store_true", help="the Pallas kernel; tunings are block_m/block_n/block_k/"
+                     "k_splits/num_warps/num_stages")
   ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")
   ap.add_argument("--top_k", type=int, default=2, help="grouped: experts a token")
   ap.add_argument("--trace", type=int, default=0, help="grouped: also trace this many calls under jax.profiler and "

@@ -47,7 +47,7 @@ def test_profile_cuda_lut_traces_grouped_calls_only(monkeypatch, capsys):
 def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, capsys):
   """--pallas: each M and tuning ("default": pallas_kernels' own) launches the Pallas kernel once,
   here interpreted as the GPU host is faked; a tuning that is not a LutTuning stops with its name,
-  and without a GPU --pallas stops before compiling."""
+  without a GPU --pallas stops before compiling, and --pallas with --int8 stops at the flags."""
   import jax
   import pytest
   from experiments import profile_cuda_lut
@@ -56,6 +56,10 @@ def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, c
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--pallas", "--shape=64x32", "--ms=1"])
   with pytest.raises(SystemExit, match="--pallas profiles the compiled Pallas kernel; this host has no GPU"):
     profile_cuda_lut.main()
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--pallas", "--int8", "--shape=64x32"])
+  with pytest.raises(SystemExit):
+    profile_cuda_lut.main()
+  assert "argument --int8: not allowed with argument --pallas" in capsys.readouterr().err
   calls, kernel = [], pk.lut_matmul
 
   def interpreted(x, packed, centroids, bits, tuning=None):
