@@ -1,6 +1,9 @@
-"""experiments/profile_cuda_lut.py without a GPU: its grouped run, the jnp reference standing in
-for the kernel."""
+"""experiments/profile_cuda_lut.py with the jnp reference or the interpreted Pallas kernel standing
+in for the kernel (runs on any host; the GPU's own launches are what ncu profiles)."""
 import sys
+
+import jax
+import pytest
 
 
 def test_profile_cuda_lut_runs_the_grouped_call_per_batch_and_tuning(monkeypatch, capsys):
@@ -26,9 +29,8 @@ def test_profile_cuda_lut_runs_the_grouped_call_per_batch_and_tuning(monkeypatch
 
 
 def test_profile_cuda_lut_traces_grouped_calls_only(monkeypatch, capsys):
-  """--trace=N reads the grouped call's device kernels from jax.profiler (none on the CPU), and
-  asks for --experts on a single weight."""
-  import pytest
+  """--trace=N reads the grouped call's device kernels from jax.profiler (none on the CPU, XLA's
+  fusions of the reference on a GPU), and asks for --experts on a single weight."""
   from cqjax.lut_matmul import grouped_lut_matmul_int8_reference
   from cuda_kernels import lut_matmul_int8 as ck8
   from experiments import profile_cuda_lut
@@ -38,24 +40,33 @@ def test_profile_cuda_lut_traces_grouped_calls_only(monkeypatch, capsys):
                       grouped_lut_matmul_int8_reference(x, p, c, b, gs))
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--experts=8", "--shape=64x32", "--ms=1", "--trace=2"])
   profile_cuda_lut.main()
-  assert "a call of 2 weights: the trace holds no device kernels" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  if jax.default_backend() == "gpu":
+    assert "fusion" in out and "holds no device kernels" not in out
+  else:
+    assert "a call of 2 weights: the trace holds no device kernels" in out
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--shape=64x32", "--trace=2"])
   with pytest.raises(SystemExit, match="--trace profiles grouped calls"):
     profile_cuda_lut.main()
 
 
-def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, capsys):
-  """--pallas: each M and tuning ("default": pallas_kernels' own) launches the Pallas kernel once,
-  here interpreted as the GPU host is faked; a tuning that is not a LutTuning stops with its name,
-  without a GPU --pallas stops before compiling, and --pallas with --int8 stops at the flags."""
-  import jax
-  import pytest
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="a host without a GPU")
+def test_profile_cuda_lut_pallas_needs_a_gpu(monkeypatch):
+  """Without a GPU --pallas stops before compiling."""
   from experiments import profile_cuda_lut
-  from pallas_kernels import lut_matmul as pk
 
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--pallas", "--shape=64x32", "--ms=1"])
   with pytest.raises(SystemExit, match="--pallas profiles the compiled Pallas kernel; this host has no GPU"):
     profile_cuda_lut.main()
+
+
+def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, capsys):
+  """--pallas: each M and tuning ("default": pallas_kernels' own) launches the Pallas kernel once,
+  here interpreted (and the GPU host faked where there is none); a tuning that is not a LutTuning
+  stops with its name, and --pallas with --int8 stops at the flags."""
+  from experiments import profile_cuda_lut
+  from pallas_kernels import lut_matmul as pk
+
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--pallas", "--int8", "--shape=64x32"])
   with pytest.raises(SystemExit):
     profile_cuda_lut.main()
