@@ -173,11 +173,11 @@ def serves(rows: int, d_in: int, d_out: int, hopper: bool | None = None, grouped
   10-16 rows ahead over the pair of expert products on two machines (14336x4096 14-22 %,
   4096x14336 even to 3 %). At one row Pallas' FMA blocks are ahead (5-23 %; on the H200 of session
   44 they were behind for Mixtral's experts), and on single weights of 9-16 rows its tensor-core
-  blocks (within 5 % either way at 9-15 rows, 7-10 % ahead at 16). Smaller weights are launch-
-  bound: at 4096x4096 (2^24 codes; attention) Pallas was faster at 15 of 17 points of 1-16 rows on
-  two machines, 13 % less time summed over those of 2-8 rows, and its one-row kernel 2x at Qwen3's
-  experts. On Hopper (hopper None: is_hopper()) also prefill_rows (layout 8). Elsewhere prefill
-  tiles favour the Pallas kernels."""
+  blocks (within 5 % either way at 9-15 rows, 7-10 % ahead at 16). Smaller weights are
+  launch-bound: at 4096x4096 (2^24 codes; attention) Pallas was faster at 15 of 17 points of 1-16
+  rows on two machines, 13 % less time summed over those of 2-8 rows, and its one-row kernel 2x at
+  Qwen3's experts. On Hopper (hopper None: is_hopper()) also prefill_rows (layout 8). Elsewhere
+  prefill tiles favour the Pallas kernels."""
   if 2 <= rows <= (16 if grouped else 8) and d_in * d_out > 1 << 24:
     return True
   return (is_hopper() if hopper is None else hopper) and prefill_rows(rows, d_in, d_out)
