@@ -1,6 +1,6 @@
 """Builds the CUDA kernel library in place: python -m cuda_kernels.build [--verbose].
 
-nvcc compiles lut_matmul.cu, lut_matmul_int8.cu and expert_slots.cu for Hopper (sm_90a: wgmma) and Ampere (sm_80; mma.sync bf16 needs sm_80+)
+nvcc compiles lut_matmul.cu, lut_matmul_int8.cu, lut_matmul_bitplane.cu and expert_slots.cu for Hopper (sm_90a: wgmma) and Ampere (sm_80; mma.sync bf16 needs sm_80+)
 against the XLA FFI headers that jaxlib ships, into cuda_kernels/_lut_matmul_cuda.so, which
 cuda_kernels/lut_matmul.py loads. `pip install` builds the same library when asked to
 (`-Ccmake.define.CQJAX_CUDA=ON`, CMakeLists.txt); this command serves editable checkouts and GPU
@@ -17,7 +17,8 @@ import sys
 import jax.ffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, name) for name in ("lut_matmul.cu", "lut_matmul_int8.cu", "expert_slots.cu")]
+SOURCES = [os.path.join(HERE, name)
+           for name in ("lut_matmul.cu", "lut_matmul_int8.cu", "lut_matmul_bitplane.cu", "expert_slots.cu")]
 LIBRARY = os.path.join(HERE, "_lut_matmul_cuda.so")
 ARCHS = ("80", "90a")  # 90a: the wgmma of layout 8 (runs on every sm_90 GPU)
 

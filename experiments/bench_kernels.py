@@ -1,7 +1,7 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--grouped_sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda,int8] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
+      [--kernels=pallas,cuda,int8,bitplane] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
       [--out=FILE] [--plot=PNG]
   python -m experiments.bench_kernels --replot=FILE --plot=PNG   # the figure of a saved run
 
@@ -18,7 +18,8 @@ read once; the device copy rate (read + write) is measured in the same run. --sw
 shapes on the Mixtral shapes, --grouped_sweep at each grouped shape and batch; --cuda_sweep tries the CUDA kernel's tunings at every single-weight
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every
 Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
-reference, which should be float32 rounding, and against the float product); --decode times greedy decoding of the small reference model's
+reference, which should be float32 rounding, and against the float product), kernel bitplane the same
+numerics on binary tensor cores (cuda_kernels/lut_matmul_bitplane.py); --decode times greedy decoding of the small reference model's
 architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes), bf16 vs 4-bit codebooks.
 --plot draws each kernel's speedup against M and the decode batch (experiments.plots.plot_kernel_speedups).
 """
@@ -42,6 +43,7 @@ from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_mat
                               lut_matmul_int8_reference, lut_matmul_reference)
 from cuda_kernels import lut_matmul as ck
 from experiments.plots import plot_kernel_speedups
+from cuda_kernels import lut_matmul_bitplane as kb
 from cuda_kernels import lut_matmul_int8 as ck8
 from pallas_kernels import lut_matmul as pk
 
@@ -262,6 +264,15 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
             flush=True)
+    if "bitplane" in kernels:
+      w0 = weights[0]
+      got = kb.lut_matmul_bitplane(x, w0.packed, w0.centroids, BITS)
+      bitplane = jax.jit(lambda x, ws: [kb.lut_matmul_bitplane(x, w.packed, w.centroids, BITS) for w in ws])
+      t_p = _per_call_us(bitplane, (x, weights)) / sets
+      row.update(bitplane_us=t_p, bitplane_speedup_vs_bf16=t_bf16 / t_p, bitplane_pct_copy=100 * bytes_codes / t_p / 1e3 / bw,
+                 bitplane_err_own=_rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS)))
+      print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  bitplane {t_p:6.1f} us ({t_bf16 / t_p:4.2f}x bf16, "
+            f"{row['bitplane_pct_copy']:3.0f}% of copy) err own {row['bitplane_err_own']:.1e}", flush=True)
     if "pallas" not in kernels:
       rows.append(row)
       continue
@@ -350,6 +361,16 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
       print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  int8 {t_i:6.1f} us "
             f"({t_ragged / t_i:5.2f}x; a call {t_i * sets:.0f} us, its host floor {row['host_floor_us']:.0f}) "
             f"err own {row['int8_err_own']} float {row['int8_err_float']:.1e}", flush=True)
+    if "bitplane" in kernels:
+      w0 = weights[0]
+      got = kb.grouped_lut_matmul_bitplane(x, w0.packed, w0.centroids, BITS, gs)
+      own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None
+      bitplane = jax.jit(lambda x, ws, gs: [kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, BITS, gs) for w in ws])
+      t_p = _per_call_us(bitplane, (x, weights, gs)) / sets
+      row.update(bitplane_us=t_p, bitplane_speedup_vs_ragged=t_ragged / t_p, bitplane_err_float=_rel_err(got, ref),
+                 bitplane_err_own=None if own is None else _rel_err(got, own))
+      print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  bitplane {t_p:6.1f} us "
+            f"({t_ragged / t_p:5.2f}x) err own {row['bitplane_err_own']} float {row['bitplane_err_float']:.1e}", flush=True)
     if "pallas" not in kernels:
       continue
     t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
@@ -484,7 +505,8 @@ def main():
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
-  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8 (cuda and int8 where built)")
+  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8, bitplane (the last three "
+                  "where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
   ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (Int8Tuning.spec: warps/mt, "
@@ -512,7 +534,8 @@ def main():
   batches = (1, 16) if args.quick else (1, 4, 16, 64)
   ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
   batches = tuple(int(v) for v in args.batches.split(",")) if args.batches else batches
-  kernels = tuple(k for k in args.kernels.split(",") if k and (k not in ("cuda", "int8") or ck.available()))
+  kernels = tuple(k for k in args.kernels.split(",")
+                  if k and (k not in ("cuda", "int8") or ck.available()) and (k != "bitplane" or kb.available()))
   int8_sweep = ck8.TUNINGS if args.int8_sweep else _int8_tunings(args.int8_tunings)
   print(f"kernels: {', '.join(kernels)}", flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw, "single": [],

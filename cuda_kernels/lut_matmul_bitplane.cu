@@ -1,0 +1,219 @@
+// CUDA codebook (LUT) matmul with int8 numerics on binary tensor cores, as an XLA FFI custom call
+// (wrapper: cuda_kernels/lut_matmul_bitplane.py). It computes the integer dot products of
+// cqjax.lut_matmul's lut_matmul_int8_reference (x rounded to int8 per row, each row's 16 centroids
+// rounded to int8), which the wrapper scales:
+//
+//   dots [t, n] (int32) = xq [t, k] . cq[e, n, code(e, n, kk)]   (exact)
+//
+// Operands:
+//   xpl        uint32 [t, k/256, 8, 8]  x's two's-complement bit-planes: per 256-input chunk, plane
+//              j's 8 words; word w's bit 4i + j' holds input 32 w + 8 j' + i (the order of k the
+//              codes' planes come out in, below)
+//   packed     uint8 [experts, n, k/2]  two codes a byte, low nibble first (cqjax/codebook.py)
+//   centroids  float32 or bf16 [experts, n, 16]; rounded here as int8_round (round half to even)
+//   slots      int32 [3, s]             expert, first row, rows of each slot (rows 0: no work)
+//   zeros      int32 [t, n]             aliased to the result, which the warps add into
+//
+// Why: the byte-permute decodes of lut_matmul.cu and the Pallas kernels spend about 5
+// instructions a code a lane and are bound by instruction issue at decode (BENCHMARKS.md
+// session 49). Here a row's int8 centroids over 4-bit codes are written as a sum over the subsets
+// S of the code's bits, cq[c] = sum over S within c of alpha[S] (alpha: the Moebius transform, 16
+// integers a row), and x by its bit-planes (weights 2^j, -128 for the sign plane), so that
+//   dot = sum_S sum_j alpha[S] w_j popc(mask_S & plane_j),
+// mask_S being the AND of the code bit-planes in S. One mma.sync m16n8k256 b1 (AND, then
+// popcount; native on sm_80 and sm_90, BENCHMARKS.md session 50) gives all 16 x 8 counts of 256
+// codes: A = the 16 subset masks, B = x's 8 planes. The masks cost 8 LOP3 a lane per 256 codes.
+//
+// Mapping: a warp walks per_warp output columns (rows of the weight; a block's warps interleave) of
+// its slot's expert over a K range of kChunks chunks (blockIdx.y), holding x's planes of that range
+// for one row of x in registers.
+// Each column's codes (and codebook) are copied by cp.async into a two-stage ring in shared
+// memory, one column ahead; the warp turns each stage's nibbles into bit-planes in place (a 4 x 4
+// bit transpose within each nibble of a 16-byte group: plane p's bit 4i + j is code bit p of
+// nibble i of word j), rounds and transforms the codebook across lanes, and issues one mma a chunk
+// per row of x. Lane (g, t): mma rows g and g + 8 are the subsets S = g and g + 8, B column g is
+// plane g, and D holds the counts of (S, plane) = (g or g + 8, 2t or 2t + 1). The warp's sum of a
+// (row of x, column) is added into the result with atomicAdd: integer sums are exact in any order
+// (all arithmetic wraps mod 2^32, and the true dot fits in int32).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "launch_limits.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kChunk = 256;    // inputs a chunk: one mma
+constexpr int kChunks = 16;    // chunks a warp's K range (x's planes in 32 registers)
+constexpr int kWarps = 4;      // warps a block, each walking per_warp output columns
+constexpr int kStages = 2;     // the ring: the column multiplied, and the next one in flight
+constexpr int kStageU4 = kChunks * 8 + 4;  // 16-byte pieces a stage: codes, then up to 64 codebook bytes
+constexpr int64_t kMaxK = 133143;          // |dot| <= k * 127 * 127 must fit in int32
+
+struct Problem {
+  const uint32_t* xpl;
+  const uint8_t* packed;
+  const void* centroids;  // float32 or bf16 (cent_bf16)
+  const int32_t* slots;   // [3, num_slots]
+  int32_t* dots;          // [t, n]
+  int t, k, n, num_slots;
+  int per_warp;  // output columns a warp walks: few enough that the blocks fill the GPU
+  bool cent_bf16;
+};
+
+__device__ __forceinline__ void bmma(uint32_t (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                     uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
+               "l"(gmem));
+}
+
+__global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
+  __shared__ uint4 ring[kWarps][kStages][kStageU4];
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  const int expert = p.slots[blockIdx.z], start = p.slots[p.num_slots + blockIdx.z];
+  const int count = p.slots[2 * p.num_slots + blockIdx.z];
+  const int chunks = p.k / kChunk, c0 = blockIdx.y * kChunks, here = min(kChunks, chunks - c0);
+  const int col0 = blockIdx.x * kWarps * p.per_warp + warp, col_end = min(p.n, (blockIdx.x + 1) * kWarps * p.per_warp);
+  if (count == 0 || col0 >= col_end) return;  // an expert without rows costs a block exit
+  const int cent_u4 = p.cent_bf16 ? 2 : 4;
+  uint4(*stages)[kStageU4] = ring[warp];
+  const auto issue = [&](int col, int stage) {
+    if (col >= col_end) return;
+    const size_t row = static_cast<size_t>(expert) * p.n + col;
+    const uint8_t* codes = p.packed + row * (p.k / 2) + static_cast<size_t>(c0) * (kChunk / 2);
+    for (int i = lane; i < here * 8; i += 32) cp_async16(&stages[stage][i], codes + 16 * i);
+    if (lane < cent_u4)
+      cp_async16(&stages[stage][kChunks * 8 + lane],
+                 static_cast<const uint8_t*>(p.centroids) + row * (p.cent_bf16 ? 32 : 64) + 16 * lane);
+  };
+  const uint32_t n0 = (g & 1) ? 0u : ~0u, n1 = (g & 2) ? 0u : ~0u, n2 = (g & 4) ? 0u : ~0u;
+  const uint32_t w0 = 1u << (2 * t), w1 = t == 3 ? static_cast<uint32_t>(-128) : 1u << (2 * t + 1);
+  uint32_t xb[kChunks][2];
+  const auto load_x = [&](int r) {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const uint32_t* planes = p.xpl + ((static_cast<size_t>(r) * chunks + c0 + c) * 8 + g) * 8;
+      xb[c][0] = c < here ? planes[t] : 0u;
+      xb[c][1] = c < here ? planes[t + 4] : 0u;
+    }
+  };
+  if (count == 1) load_x(start);  // decode's one row a slot: x's planes stay in registers
+  issue(col0, 0);
+  asm volatile("cp.async.commit_group;");
+  int i = 0;
+  for (int col = col0; col < col_end; col += kWarps, ++i) {
+    issue(col + kWarps, (i + 1) % kStages);  // into the stage read last step
+    asm volatile("cp.async.commit_group;");
+    asm volatile("cp.async.wait_group 1;");  // this column's copies have landed
+    __syncwarp();
+    uint4* b = stages[i % kStages];
+    for (int q = lane; q < here * 8; q += 32) {  // nibbles -> bit-planes, in place
+      uint4 u = b[q];
+      uint32_t d;
+      d = ((u.x >> 1) ^ u.y) & 0x55555555u, u.x ^= d << 1, u.y ^= d;
+      d = ((u.z >> 1) ^ u.w) & 0x55555555u, u.z ^= d << 1, u.w ^= d;
+      d = ((u.x >> 2) ^ u.z) & 0x33333333u, u.x ^= d << 2, u.z ^= d;
+      d = ((u.y >> 2) ^ u.w) & 0x33333333u, u.y ^= d << 2, u.w ^= d;
+      b[q] = u;
+    }
+    // The column's codebook, entry lane & 15 in each half-warp: rounded to int8 as int8_round,
+    // then alpha by the Moebius transform over the entry's bits.
+    const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
+                                : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
+    float amax = fabsf(c);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
+    int alpha = __float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s)));
+#pragma unroll
+    for (int bit = 1; bit < 16; bit <<= 1) {
+      const int v = __shfl_xor_sync(0xffffffffu, alpha, bit);
+      if (lane & bit) alpha -= v;
+    }
+    const uint32_t alpha_g = __shfl_sync(0xffffffffu, alpha, g), alpha_g8 = __shfl_sync(0xffffffffu, alpha, g + 8);
+    __syncwarp();
+    for (int r = start; r < start + count; ++r) {
+      if (count > 1) load_x(r);
+      uint32_t d[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int cc = 0; cc < kChunks; ++cc) {
+        if (cc < here) {  // warp-uniform
+          const uint4 lo = b[cc * 8 + t], hi = b[cc * 8 + t + 4];
+          const uint32_t m0 = (lo.x | n0) & (lo.y | n1) & (lo.z | n2);
+          const uint32_t m2 = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
+          bmma(d, m0, m0 & lo.w, m2, m2 & hi.w, xb[cc][0], xb[cc][1]);
+        }
+      }
+      uint32_t part = alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
+#pragma unroll
+      for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (lane == 0) atomicAdd(p.dots + static_cast<size_t>(r) * p.n + col, static_cast<int>(part));
+    }
+    __syncwarp();  // every lane is done with this stage before it is copied into again
+  }
+}
+
+ffi::Error invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("cqjax CUDA lut_matmul_bitplane: " + what);
+}
+
+ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::U8> packed,
+                                 ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> zeros,
+                                 ffi::Result<ffi::Buffer<ffi::S32>> dots) {
+  const auto xd = xpl.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
+  if (xd.size() != 4 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
+    return invalid("expected x planes [t, k/256, 8, 8], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
+  const int64_t t = xd[0], k = 2 * pd[2], e = pd[0], n = pd[1];
+  if (k % kChunk != 0 || k > kMaxK || xd[1] != k / kChunk || xd[2] != 8 || xd[3] != 8 || cd[0] != e || cd[1] != n ||
+      cd[2] != 16)
+    return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row)");
+  const ffi::DataType ct = centroids.element_type();
+  if (ct != ffi::DataType::F32 && ct != ffi::DataType::BF16) return invalid("centroids must be float32 or bf16");
+  const auto od = dots->dimensions(), zd = zeros.dimensions();
+  if (od.size() != 2 || od[0] != t || od[1] != n || zd.size() != 2 || zd[0] != t || zd[1] != n)
+    return invalid("the zeros and the result must be int32 [t, n]");
+  if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
+  cqjax_cuda::LaunchLimits lim;
+  cudaError_t err = cqjax_cuda::launch_limits<bitplane_kernel>(kWarps * 32, lim);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
+  const int splits = static_cast<int>((k / kChunk + kChunks - 1) / kChunks);
+  // As many columns a warp as leave about one block a resident slot (the ring overlaps a warp's
+  // columns; fewer would reload x's planes for less work), at most 16.
+  const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
+  const int per_warp = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, n * splits * sd[1] / warps_in_flight)));
+  const Problem p{xpl.typed_data(), packed.typed_data(), centroids.untyped_data(), slots.typed_data(),
+                  dots->typed_data(), static_cast<int>(t), static_cast<int>(k), static_cast<int>(n),
+                  static_cast<int>(sd[1]), per_warp, ct == ffi::DataType::BF16};
+  const dim3 grid((p.n + kWarps * per_warp - 1) / (kWarps * per_warp), splits, p.num_slots);
+  bitplane_kernel<<<grid, kWarps * 32, 0, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulBitplaneCuda, LutMatmulBitplaneImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>(),
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,107 @@
+"""Thin JAX wrapper of the CUDA codebook matmul on binary tensor cores (lut_matmul_bitplane.cu).
+
+  lut_matmul_bitplane:          x [m, d_in] @ (packed uint8 [d_out, d_in/2], centroids [d_out, 1, 16])
+                                -> [m, d_out]
+  grouped_lut_matmul_bitplane:  x [t, d_in] rows sorted by expert, packed [e, d_out, d_in/2],
+                                centroids [e, d_out, 1, 16], group_sizes int32 [e] -> [t, d_out]
+                                (the `jax.lax.ragged_dot` contract; rows past the last group are zero)
+
+The numerics are `cqjax.lut_matmul.lut_matmul_int8_reference`'s, as lut_matmul_int8's: x rows
+rounded to int8 here (`int8_round`, then split into bit-planes, `x_planes`), each row's codebook
+in the kernel, exact int32 dot products, y = (sc * dot) * sx in float32, written in x's dtype.
+4-bit codes, one codebook per row, d_in a multiple of 256 (`supports`).
+
+The kernel decodes by bit-planes (one binary mma a 256 codes of a row and row of x): for decode
+rows, where the byte-permute decodes are bound by instruction issue. Each row of x costs one
+more mma a chunk, and a slot of more than one row reloads x's planes for every column.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from cqjax.lut_matmul import int8_round
+from cuda_kernels import lut_matmul as cuda
+from cuda_kernels.expert_slots import expert_slots
+from cuda_kernels.lut_matmul_int8 import MAX_D_IN
+
+_TARGET = "cqjax_cuda_lut_matmul_bitplane"
+CHUNK = 256  # inputs an mma (kChunk)
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the CUDA library is built with this kernel and a CUDA GPU is the default backend
+  (registers the target)."""
+  lib = cuda.library()
+  if lib is None or not hasattr(lib, "CqjaxLutMatmulBitplaneCuda"):  # none, or built before this kernel: rebuild
+    return False
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulBitplaneCuda), platform="CUDA")
+  return True
+
+
+def supports(bits: int, d_in: int, groups: int) -> bool:
+  """Whether the kernel takes this product: 4-bit codes, one codebook per row, d_in a multiple of
+  256 up to MAX_D_IN (x of any float dtype: it is rounded to int8 first)."""
+  return bits == 4 and groups == 1 and d_in % CHUNK == 0 and d_in <= MAX_D_IN
+
+
+def x_planes(xq: jax.Array) -> jax.Array:
+  """int8 values xq [t, k] (k a multiple of 256) -> uint32 [t, k/256, 8, 8]: per chunk of 256
+  inputs, two's-complement bit-plane j's eight words, word w's bit 4 i + j' holding input
+  32 w + 8 j' + i (the order the kernel's code planes come out in: a 4 x 4 bit transpose of each
+  16-byte group of nibbles)."""
+  t, k = xq.shape
+  u = xq.astype(jnp.uint8).astype(jnp.uint32).reshape(t, k // CHUNK, 8, 4, 8)   # [t, chunk, w, j', i]
+  planes = (u[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1                  # [..., plane]
+  shift = 4 * jnp.arange(8, dtype=jnp.uint32)[None, :] + jnp.arange(4, dtype=jnp.uint32)[:, None]  # [j', i]
+  words = (planes << shift[..., None]).sum(axis=(3, 4), dtype=jnp.uint32)       # [t, chunk, w, plane]
+  return jnp.swapaxes(words, -1, -2)
+
+
+def _call(x, packed, centroids, slots, row_expert):
+  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s], row_expert int32 [t]
+  (each row's expert, for its codebook scales) -> [t, n] in x's dtype."""
+  e, n = packed.shape[:2]
+  xq, sx = int8_round(x.astype(jnp.float32), -1)
+  centroids = centroids.reshape(e, n, 16)
+  if centroids.dtype not in (jnp.float32, jnp.bfloat16):
+    centroids = centroids.astype(jnp.float32)
+  dots = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.int32), input_output_aliases={4: 0},
+                          vmap_method="sequential")(
+      x_planes(xq.astype(jnp.int8)), packed, centroids, slots, jnp.zeros((x.shape[0], n), jnp.int32))
+  sc = int8_round(centroids.astype(jnp.float32), -1)[1][..., 0]  # [e, n]: the kernel's codebook scales
+  return ((sc[row_expert] * dots.astype(jnp.float32)) * sx).astype(x.dtype)
+
+
+def _check(op, x, packed, centroids, bits, lead, group_sizes=None):
+  return cuda.check_call(op, x, packed, centroids, bits, lead, available(), lambda _, *rest: supports(*rest),
+                         f"4-bit codes, one codebook per row and d_in a multiple of {CHUNK} up to {MAX_D_IN}",
+                         group_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=("bits",))
+def lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
+  """x [m, d_in] times one codebook weight with int8 numerics -> [m, d_out] (x's dtype)."""
+  m = x.shape[0]
+  n = _check("CUDA lut_matmul_bitplane", x, packed, centroids, bits, ())
+  if m == 0:
+    return jnp.zeros((0, n), x.dtype)
+  slots = jnp.asarray([[0], [0], [m]], jnp.int32)
+  return _call(x, packed[None], centroids[None], slots, jnp.zeros((m,), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("bits",))
+def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
+                                group_sizes: jax.Array) -> jax.Array:
+  """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics -> [t, d_out]."""
+  t = x.shape[0]
+  e = packed.shape[0] if packed.ndim == 3 else -1
+  n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes)
+  if t == 0:
+    return jnp.zeros((0, n), x.dtype)
+  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+  row_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(t, dtype=jnp.int32), side="right"), e - 1)
+  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), row_expert)

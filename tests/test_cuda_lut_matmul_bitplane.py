@@ -1,0 +1,162 @@
+"""The CUDA codebook matmul on binary tensor cores (cuda_kernels/lut_matmul_bitplane.*): its
+arithmetic (bit-planes, the Moebius transform of the codebooks, the kernel's order of k) simulated
+in numpy against the int8 reference everywhere, and the kernel itself against
+cqjax.lut_matmul.lut_matmul_int8_reference on a GPU where the library is built."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_codebook_weight
+from cqjax.errors import CqjaxError
+from cqjax.lut_matmul import grouped_lut_matmul_int8_reference, int8_round, lut_matmul_int8_reference
+from cuda_kernels import lut_matmul_bitplane as kb
+
+needs_gpu = pytest.mark.skipif(not kb.available(),
+                               reason="needs a CUDA GPU and the built library (python -m cuda_kernels.build)")
+
+
+def test_x_planes_hold_each_input_bit_where_the_kernel_reads_it():
+  rng = np.random.default_rng(0)
+  xq = rng.integers(-128, 128, (3, 512)).astype(np.int8)
+  planes = np.asarray(kb.x_planes(jnp.asarray(xq)))
+  assert planes.shape == (3, 2, 8, 8) and planes.dtype == np.uint32
+  u = xq.astype(np.uint8)
+  for r in range(3):
+    for k in range(512):
+      chunk, w, j, i = k // 256, k % 256 // 32, k % 32 // 8, k % 8
+      for p in range(8):
+        assert (planes[r, chunk, p, w] >> (4 * i + j)) & 1 == (u[r, k] >> p) & 1
+
+
+def _transpose_nibbles(u):
+  """The kernel's in-place transpose of a 16-byte group (four uint32 words of 8 nibbles) into
+  four bit-planes, in numpy: four delta swaps."""
+  x, y, z, w = (u[..., i].astype(np.uint64) for i in range(4))
+  m = np.uint64(0xFFFFFFFF)
+  d = ((x >> 1) ^ y) & 0x55555555; x = (x ^ (d << 1)) & m; y ^= d
+  d = ((z >> 1) ^ w) & 0x55555555; z = (z ^ (d << 1)) & m; w ^= d
+  d = ((x >> 2) ^ z) & 0x33333333; x = (x ^ (d << 2)) & m; z ^= d
+  d = ((y >> 2) ^ w) & 0x33333333; y = (y ^ (d << 2)) & m; w ^= d
+  return np.stack([x, y, z, w], -1).astype(np.uint32)
+
+
+def _popcount(v):
+  return np.vectorize(lambda a: bin(int(a)).count("1"))(v)
+
+
+def test_bit_plane_arithmetic_gives_the_int8_dot_products():
+  """What the kernel computes, step for step in numpy: code planes by its transpose, x's planes
+  by x_planes, the 16 subset masks, counts of mask AND plane (the binary mma), the Moebius
+  transform of each int8-rounded codebook and the weighted sum, equal to the exact int8 dots."""
+  rng = np.random.default_rng(1)
+  n, k = 5, 512
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(2, k)), jnp.float32)
+  xq = np.asarray(int8_round(x, -1)[0], np.int8)
+  cq = np.asarray(int8_round(jnp.asarray(w.centroids, jnp.float32), -1)[0])[:, 0]           # [n, 16]
+  want = np.asarray(xq, np.int64) @ np.stack([cq[c][np.asarray(codes)] for c, codes in
+                                              enumerate(_codes(w, n, k))]).T              # [2, n]
+  groups = np.asarray(w.packed).view("<u4").reshape(n, k // 32, 4)                          # 16-byte groups
+  code_planes = _transpose_nibbles(groups)                                                  # [n, k/32, plane]
+  xp = np.asarray(kb.x_planes(jnp.asarray(xq))).reshape(2, k // 256, 8, 8)                  # [r, chunk, plane, w]
+  alpha = cq.astype(np.int64).copy()
+  for bit in (1, 2, 4, 8):  # Moebius transform over the subsets of each entry's bits
+    alpha[:, [s for s in range(16) if s & bit]] -= alpha[:, [s ^ bit for s in range(16) if s & bit]]
+  weights = np.array([1, 2, 4, 8, 16, 32, 64, -128])
+  got = np.zeros((2, n), np.int64)
+  for s in range(16):
+    mask = np.full(code_planes.shape[:2], 0xFFFFFFFF, np.uint32)
+    for b in range(4):
+      if s >> b & 1:
+        mask &= code_planes[..., b]
+    mask = mask.reshape(n, k // 256, 8)                                                     # [n, chunk, w]
+    for j in range(8):
+      counts = _popcount(mask[None] & xp[:, None, :, j, :]).sum(axis=(2, 3))                # [r, n]
+      got += alpha[None, :, s] * weights[j] * counts
+  np.testing.assert_array_equal(got, want)
+
+
+def _codes(w, n, k):
+  """The codes of a CodebookWeight's rows, low nibble first."""
+  b = np.asarray(w.packed).reshape(n, k // 2)
+  return [np.stack([b[c] & 15, b[c] >> 4], -1).reshape(k) for c in range(n)]
+
+
+def test_supports_whole_chunks_of_four_bit_codes():
+  assert kb.supports(4, 4096, 1) and kb.supports(4, 256, 1)
+  assert not kb.supports(4, 352, 1) and not kb.supports(2, 4096, 1) and not kb.supports(4, 4096, 2)
+
+
+def test_refuses_without_the_library():
+  if kb.available():
+    pytest.skip("the library is built here")
+  w = random_codebook_weight(np.random.default_rng(2), (), 16, 256, 4, 256)
+  with pytest.raises(CqjaxError, match="CUDA kernel library is not available"):
+    kb.lut_matmul_bitplane(jnp.ones((1, 256), jnp.bfloat16), w.packed, w.centroids, 4)
+
+
+def _on_cpu(reference, *args):
+  """The reference computed by XLA:CPU. On the H100 (jax 0.11.2), XLA:GPU's int8 einsum in
+  lut_matmul_int8_reference gave dots off by hundreds in a few columns (e.g. 105958 for an exact
+  105485, which this kernel and XLA:CPU both gave; BENCHMARKS.md session 50)."""
+  cpu = jax.devices("cpu")[0]
+  return reference(*(jax.device_put(a, cpu) if isinstance(a, jax.Array) else a for a in args))
+
+
+def _same(got, ref, dtype):
+  """The wrapper and the reference make the same float32 operations on the same exact int32 dots:
+  equal, but for a float32 ulp (bf16 outputs: one rounding of it)."""
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all()
+  ref = np.asarray(jnp.asarray(ref).astype(dtype), np.float32)
+  tol = 1e-6 if dtype == jnp.float32 else 2.0 ** -7
+  np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
+
+
+# (k, n): one chunk; three (one K range, short); 17 (a second K range of one chunk); n off the
+# block's columns and below them.
+SHAPES = [(256, 64), (768, 37), (4352, 130), (4096, 5)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 17])
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_matches_reference(m, k, n, dtype):
+  rng = np.random.default_rng(m * 1000 + k + n)
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+  got = kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4)
+  assert got.dtype == dtype and got.shape == (m, n)
+  _same(got, _on_cpu(lut_matmul_int8_reference, x, w.packed, w.centroids, 4), dtype)
+
+
+@needs_gpu
+def test_bf16_codebooks_rounded_in_the_kernel():
+  """bf16 codebooks reach the kernel as they are; an all-zero codebook takes scale 1 (zero
+  outputs); halves between int8 steps round to even as in jnp."""
+  rng = np.random.default_rng(7)
+  w = random_codebook_weight(rng, (), 40, 512, 4, 512)
+  cent = np.array(w.centroids, np.float32)
+  cent[3] = 0.0
+  cent[5, 0] = [127.0, 0.5, 1.5, -2.5, -0.5] + [0.25] * 11  # scale 1: exact halves
+  w = dataclasses.replace(w, centroids=jnp.asarray(cent, jnp.bfloat16))
+  x = jnp.asarray(rng.normal(size=(1, 512)), jnp.float32)
+  got = kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4)
+  _same(got, _on_cpu(lut_matmul_int8_reference, x, w.packed, w.centroids, 4), jnp.float32)
+  assert not np.asarray(got[:, 3]).any()
+
+
+@needs_gpu
+@pytest.mark.parametrize("sizes", [[0, 3, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [20, 0, 5, 9, 1]])
+def test_grouped_matches_reference(sizes):
+  rng = np.random.default_rng(sum(sizes) + len(sizes))
+  w = random_codebook_weight(rng, (5,), 50, 768, 4, 768)
+  x = jnp.asarray(rng.normal(size=(sum(sizes) + 2, 768)), jnp.bfloat16)  # 2 rows past the last group
+  gs = jnp.asarray(sizes, jnp.int32)
+  got = kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, 4, gs)
+  _same(got, _on_cpu(grouped_lut_matmul_int8_reference, x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
+  assert not np.asarray(got[sum(sizes):], np.float32).any()
