@@ -42,12 +42,15 @@
 #include <cstdint>
 #include <string>
 
+#include "bitplane_decode.cuh"
 #include "launch_limits.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using namespace cqjax_cuda;
 
 constexpr int kChunk = 256;    // inputs a chunk: one mma
 constexpr int kChunks = 16;    // chunks a warp's K range (x's planes in 32 registers)
@@ -66,20 +69,6 @@ struct Problem {
   int per_warp;  // output columns a warp walks: few enough that the blocks fill the GPU
   bool cent_bf16;
 };
-
-__device__ __forceinline__ void bmma(uint32_t (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                     uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
-               "l"(gmem));
-}
 
 __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
   __shared__ uint4 ring[kWarps][kStages][kStageU4];
@@ -100,8 +89,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
       cp_async16(&stages[stage][kChunks * 8 + lane],
                  static_cast<const uint8_t*>(p.centroids) + row * (p.cent_bf16 ? 32 : 64) + 16 * lane);
   };
-  const uint32_t n0 = (g & 1) ? 0u : ~0u, n1 = (g & 2) ? 0u : ~0u, n2 = (g & 4) ? 0u : ~0u;
-  const uint32_t w0 = 1u << (2 * t), w1 = t == 3 ? static_cast<uint32_t>(-128) : 1u << (2 * t + 1);
+  const SubsetLane sub(lane);
   uint32_t xb[kChunks][2];
   const auto load_x = [&](int r) {
 #pragma unroll
@@ -121,46 +109,19 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
     asm volatile("cp.async.wait_group 1;");  // this column's copies have landed
     __syncwarp();
     uint4* b = stages[i % kStages];
-    for (int q = lane; q < here * 8; q += 32) {  // nibbles -> bit-planes, in place
-      uint4 u = b[q];
-      uint32_t d;
-      d = ((u.x >> 1) ^ u.y) & 0x55555555u, u.x ^= d << 1, u.y ^= d;
-      d = ((u.z >> 1) ^ u.w) & 0x55555555u, u.z ^= d << 1, u.w ^= d;
-      d = ((u.x >> 2) ^ u.z) & 0x33333333u, u.x ^= d << 2, u.z ^= d;
-      d = ((u.y >> 2) ^ u.w) & 0x33333333u, u.y ^= d << 2, u.w ^= d;
-      b[q] = u;
-    }
-    // The column's codebook, entry lane & 15 in each half-warp: rounded to int8 as int8_round,
-    // then alpha by the Moebius transform over the entry's bits.
+    for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
     const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
                                 : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
-    float amax = fabsf(c);
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
-    int alpha = __float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s)));
-#pragma unroll
-    for (int bit = 1; bit < 16; bit <<= 1) {
-      const int v = __shfl_xor_sync(0xffffffffu, alpha, bit);
-      if (lane & bit) alpha -= v;
-    }
-    const uint32_t alpha_g = __shfl_sync(0xffffffffu, alpha, g), alpha_g8 = __shfl_sync(0xffffffffu, alpha, g + 8);
+    uint32_t alpha_g, alpha_g8;
+    codebook_alpha(c, lane, alpha_g, alpha_g8);
     __syncwarp();
     for (int r = start; r < start + count; ++r) {
       if (count > 1) load_x(r);
       uint32_t d[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-      for (int cc = 0; cc < kChunks; ++cc) {
-        if (cc < here) {  // warp-uniform
-          const uint4 lo = b[cc * 8 + t], hi = b[cc * 8 + t + 4];
-          const uint32_t m0 = (lo.x | n0) & (lo.y | n1) & (lo.z | n2);
-          const uint32_t m2 = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
-          bmma(d, m0, m0 & lo.w, m2, m2 & hi.w, xb[cc][0], xb[cc][1]);
-        }
-      }
-      uint32_t part = alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
-#pragma unroll
-      for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      for (int cc = 0; cc < kChunks; ++cc)
+        if (cc < here) sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);  // warp-uniform test
+      const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
       if (lane == 0) atomicAdd(p.dots + static_cast<size_t>(r) * p.n + col, static_cast<int>(part));
     }
     __syncwarp();  // every lane is done with this stage before it is copied into again
@@ -169,6 +130,10 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
 
 ffi::Error invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("cqjax CUDA lut_matmul_bitplane: " + what);
+}
+
+ffi::Error failed(cudaError_t err) {
+  return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
 ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::U8> packed,
@@ -187,22 +152,22 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
   if (od.size() != 2 || od[0] != t || od[1] != n || zd.size() != 2 || zd[0] != t || zd[1] != n)
     return invalid("the zeros and the result must be int32 [t, n]");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
-  cqjax_cuda::LaunchLimits lim;
-  cudaError_t err = cqjax_cuda::launch_limits<bitplane_kernel>(kWarps * 32, lim);
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
+  LaunchLimits lim;
+  cudaError_t err = launch_limits<bitplane_kernel>(kWarps * 32, lim);
+  if (err != cudaSuccess) return failed(err);
   const int splits = static_cast<int>((k / kChunk + kChunks - 1) / kChunks);
   // As many columns a warp as leave about one block a resident slot (the ring overlaps a warp's
   // columns; fewer would reload x's planes for less work), at most 16.
   const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
-  const int per_warp = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, n * splits * sd[1] / warps_in_flight)));
+  const int per_warp =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, n * splits * sd[1] / warps_in_flight)));
   const Problem p{xpl.typed_data(), packed.typed_data(), centroids.untyped_data(), slots.typed_data(),
                   dots->typed_data(), static_cast<int>(t), static_cast<int>(k), static_cast<int>(n),
                   static_cast<int>(sd[1]), per_warp, ct == ffi::DataType::BF16};
   const dim3 grid((p.n + kWarps * per_warp - 1) / (kWarps * per_warp), splits, p.num_slots);
   bitplane_kernel<<<grid, kWarps * 32, 0, stream>>>(p);
   err = cudaGetLastError();
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return err == cudaSuccess ? ffi::Error::Success() : failed(err);
 }
 
 }  // namespace

@@ -38,20 +38,14 @@
 #include <random>
 #include <vector>
 
+#include "../cuda_kernels/bitplane_decode.cuh"
 #include "copy_bandwidth.cuh"
 
 namespace {
 
-constexpr int kChunk = 256, kWarps = 4, kSets = 8;
+using namespace cqjax_cuda;
 
-__device__ __forceinline__ void bmma(uint32_t (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                     uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+constexpr int kChunk = 256, kWarps = 4, kSets = 8;
 
 struct Args {
   const uint4* planes;    // [sets][n][chunks][8 words] of uint4 (planes 0-3)
@@ -78,8 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Args a) {
     xb[c][0] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t] : 0u;
     xb[c][1] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t + 4] : 0u;
   }
-  const uint32_t n0 = (g & 1) ? 0u : ~0u, n1 = (g & 2) ? 0u : ~0u, n2 = (g & 4) ? 0u : ~0u;
-  const uint32_t w0 = 1u << (2 * t), w1 = t == 3 ? static_cast<uint32_t>(-128) : 1u << (2 * t + 1);
+  const SubsetLane sub(lane);
   const int warps = gridDim.x * kWarps;
   auto load = [&](int row, uint4 (&b)[kKc][2]) {
     const uint4* p = a.planes + ((static_cast<size_t>(set) * a.n + row) * a.chunks + c0) * 8;
@@ -92,25 +85,13 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Args a) {
     uint32_t d[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int c = 0; c < kKc; ++c) {
-      if (c0 + c < a.chunks) {
-        const uint4 lo = b[c][0], hi = b[c][1];
-        const uint32_t m0 = (lo.x | n0) & (lo.y | n1) & (lo.z | n2);
-        const uint32_t m2 = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
-        bmma(d, m0, m0 & lo.w, m2, m2 & hi.w, xb[c][0], xb[c][1]);
-      }
+      if (c0 + c < a.chunks) sub.multiply(d, b[c][0], b[c][1], xb[c][0], xb[c][1]);
     }
-    uint32_t part = a.alpha[r * 16 + g] * (w0 * d[0] + w1 * d[1]) + a.alpha[r * 16 + g + 8] * (w0 * d[2] + w1 * d[3]);
-#pragma unroll
-    for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    const uint32_t part = warp_sum(sub.dot(d, a.alpha[r * 16 + g], a.alpha[r * 16 + g + 8]));
     if (lane == 0) atomicAdd(a.out + r, static_cast<int>(part));
   };
   uint4 buf[kKc][2];
   for (int row = blockIdx.x * kWarps + (threadIdx.x >> 5); row < a.n; row += warps) load(row, buf), multiply(row, buf);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
-               "l"(gmem));
 }
 
 // The same product with each warp's rows (their planes and alpha) copied into a shared-memory ring
@@ -131,8 +112,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_ring(Args a) {
     xb[c][0] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t] : 0u;
     xb[c][1] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t + 4] : 0u;
   }
-  const uint32_t n0 = (g & 1) ? 0u : ~0u, n1 = (g & 2) ? 0u : ~0u, n2 = (g & 4) ? 0u : ~0u;
-  const uint32_t w0 = 1u << (2 * t), w1 = t == 3 ? static_cast<uint32_t>(-128) : 1u << (2 * t + 1);
+  const SubsetLane sub(lane);
   const int first = blockIdx.x * kWarps + warp, warps = gridDim.x * kWarps;
   auto issue = [&](int row, int stage) {
     if (row >= a.n) return;
@@ -157,16 +137,9 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_ring(Args a) {
     uint32_t d[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int c = 0; c < kKc; ++c) {
-      if (c < here) {  // warp-uniform
-        const uint4 lo = b[c * 8 + t], hi = b[c * 8 + t + 4];
-        const uint32_t m0 = (lo.x | n0) & (lo.y | n1) & (lo.z | n2);
-        const uint32_t m2 = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
-        bmma(d, m0, m0 & lo.w, m2, m2 & hi.w, xb[c][0], xb[c][1]);
-      }
+      if (c < here) sub.multiply(d, b[c * 8 + t], b[c * 8 + t + 4], xb[c][0], xb[c][1]);  // warp-uniform test
     }
-    uint32_t part = alpha[g] * (w0 * d[0] + w1 * d[1]) + alpha[g + 8] * (w0 * d[2] + w1 * d[3]);
-#pragma unroll
-    for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    const uint32_t part = warp_sum(sub.dot(d, alpha[g], alpha[g + 8]));
     if (lane == 0) atomicAdd(a.out + r, static_cast<int>(part));
     __syncwarp();  // every lane is done with this stage before it is copied into again
   }
@@ -199,8 +172,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_nibble(NibbleArgs a) {
     xb[c][0] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t] : 0u;
     xb[c][1] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t + 4] : 0u;
   }
-  const uint32_t n0 = (g & 1) ? 0u : ~0u, n1 = (g & 2) ? 0u : ~0u, n2 = (g & 4) ? 0u : ~0u;
-  const uint32_t w0 = 1u << (2 * t), w1 = t == 3 ? static_cast<uint32_t>(-128) : 1u << (2 * t + 1);
+  const SubsetLane sub(lane);
   const int first = blockIdx.x * kWarps + warp, warps = gridDim.x * kWarps;
   auto issue = [&](int row, int stage) {
     if (row >= a.n) return;
@@ -221,44 +193,19 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_nibble(NibbleArgs a) {
     asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1));
     __syncwarp();
     uint4* b = ring + (i % kStages) * kStage;
-    for (int q = lane; q < here * 8; q += 32) {  // nibbles -> bit-planes, in place
-      uint4 u = b[q];
-      uint32_t d;
-      d = ((u.x >> 1) ^ u.y) & 0x55555555u, u.x ^= d << 1, u.y ^= d;
-      d = ((u.z >> 1) ^ u.w) & 0x55555555u, u.z ^= d << 1, u.w ^= d;
-      d = ((u.x >> 2) ^ u.z) & 0x33333333u, u.x ^= d << 2, u.z ^= d;
-      d = ((u.y >> 2) ^ u.w) & 0x33333333u, u.y ^= d << 2, u.w ^= d;
-      b[q] = u;
-    }
-    // The row's codebook: entry (lane & 15) rounded to int8, then alpha by the Moebius transform.
+    for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
+    // The row's codebook, entry lane & 15: rounded to int8, then alpha by the Moebius transform.
     const uint16_t bits = reinterpret_cast<const uint16_t*>(b + kKc * 8)[lane & 15];
-    const float cf = __uint_as_float(static_cast<uint32_t>(bits) << 16);
-    float amax = fabsf(cf);
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float sc = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
-    int al = __float2int_rn(__fmul_rn(cf, __fdiv_rn(1.f, sc)));
-#pragma unroll
-    for (int bit = 1; bit < 16; bit <<= 1) {
-      const int v = __shfl_xor_sync(0xffffffffu, al, bit);
-      if (lane & bit) al -= v;
-    }
-    const uint32_t alpha_g = __shfl_sync(0xffffffffu, al, g), alpha_g8 = __shfl_sync(0xffffffffu, al, g + 8);
+    uint32_t alpha_g, alpha_g8;
+    codebook_alpha(__uint_as_float(static_cast<uint32_t>(bits) << 16), lane, alpha_g, alpha_g8);
     __syncwarp();
     const size_t r = static_cast<size_t>(set) * a.n + row;
     uint32_t d[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int c = 0; c < kKc; ++c) {
-      if (c < here) {  // warp-uniform
-        const uint4 lo = b[c * 8 + t], hi = b[c * 8 + t + 4];
-        const uint32_t m0 = (lo.x | n0) & (lo.y | n1) & (lo.z | n2);
-        const uint32_t m2 = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
-        bmma(d, m0, m0 & lo.w, m2, m2 & hi.w, xb[c][0], xb[c][1]);
-      }
+      if (c < here) sub.multiply(d, b[c * 8 + t], b[c * 8 + t + 4], xb[c][0], xb[c][1]);  // warp-uniform test
     }
-    uint32_t part = alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
-#pragma unroll
-    for (int o = 16; o; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
     if (lane == 0) atomicAdd(a.out + r, static_cast<int>(part));
     __syncwarp();
   }

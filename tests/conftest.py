@@ -29,6 +29,19 @@ def float64_product(x, w, group_sizes=None):
   return out
 
 
+def assert_int8_numerics(got, ref, dtype):
+  """An int8-numerics kernel against lut_matmul_int8_reference: both make the same float32
+  operations on the same exact int32 dots; a float32 ulp of slack, and bf16 outputs one rounding
+  of that."""
+  import jax.numpy as jnp
+  import numpy as np
+  got = np.asarray(got, np.float32)
+  assert np.isfinite(got).all()
+  ref = np.asarray(jnp.asarray(ref).astype(dtype), np.float32)
+  tol = 1e-6 if dtype == jnp.float32 else 2.0 ** -7
+  np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
+
+
 def random_codebook_weight(rng, lead, n, k, bits, group):
   """A CodebookWeight of random codes and normal centroids: W [*lead, k, n], codebooks of `group` inputs."""
   import jax.numpy as jnp

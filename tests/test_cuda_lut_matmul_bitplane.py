@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_codebook_weight
+from conftest import assert_int8_numerics, random_codebook_weight
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import grouped_lut_matmul_int8_reference, int8_round, lut_matmul_int8_reference
 from cuda_kernels import lut_matmul_bitplane as kb
@@ -106,16 +106,6 @@ def _on_cpu(reference, *args):
   return reference(*(jax.device_put(a, cpu) if isinstance(a, jax.Array) else a for a in args))
 
 
-def _same(got, ref, dtype):
-  """The wrapper and the reference make the same float32 operations on the same exact int32 dots:
-  equal, but for a float32 ulp (bf16 outputs: one rounding of it)."""
-  got = np.asarray(got, np.float32)
-  assert np.isfinite(got).all()
-  ref = np.asarray(jnp.asarray(ref).astype(dtype), np.float32)
-  tol = 1e-6 if dtype == jnp.float32 else 2.0 ** -7
-  np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
-
-
 # (k, n): one chunk; three (one K range, short); 17 (a second K range of one chunk); n off the
 # block's columns and below them.
 SHAPES = [(256, 64), (768, 37), (4352, 130), (4096, 5)]
@@ -131,7 +121,7 @@ def test_matches_reference(m, k, n, dtype):
   x = jnp.asarray(rng.normal(size=(m, k)), dtype)
   got = kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4)
   assert got.dtype == dtype and got.shape == (m, n)
-  _same(got, _on_cpu(lut_matmul_int8_reference, x, w.packed, w.centroids, 4), dtype)
+  assert_int8_numerics(got, _on_cpu(lut_matmul_int8_reference, x, w.packed, w.centroids, 4), dtype)
 
 
 @needs_gpu
@@ -146,7 +136,7 @@ def test_bf16_codebooks_rounded_in_the_kernel():
   w = dataclasses.replace(w, centroids=jnp.asarray(cent, jnp.bfloat16))
   x = jnp.asarray(rng.normal(size=(1, 512)), jnp.float32)
   got = kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4)
-  _same(got, _on_cpu(lut_matmul_int8_reference, x, w.packed, w.centroids, 4), jnp.float32)
+  assert_int8_numerics(got, _on_cpu(lut_matmul_int8_reference, x, w.packed, w.centroids, 4), jnp.float32)
   assert not np.asarray(got[:, 3]).any()
 
 
@@ -158,5 +148,5 @@ def test_grouped_matches_reference(sizes):
   x = jnp.asarray(rng.normal(size=(sum(sizes) + 2, 768)), jnp.bfloat16)  # 2 rows past the last group
   gs = jnp.asarray(sizes, jnp.int32)
   got = kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, 4, gs)
-  _same(got, _on_cpu(grouped_lut_matmul_int8_reference, x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
+  assert_int8_numerics(got, _on_cpu(grouped_lut_matmul_int8_reference, x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
   assert not np.asarray(got[sum(sizes):], np.float32).any()

@@ -9,23 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_codebook_weight
+from conftest import assert_int8_numerics, random_codebook_weight
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import grouped_lut_matmul_int8_reference, lut_matmul_int8_reference
 from cuda_kernels import lut_matmul_int8 as ck8
 
 needs_gpu = pytest.mark.skipif(not ck8.available(),
                                reason="needs a CUDA GPU and the built library (python -m cuda_kernels.build)")
-
-
-def _same(got, ref, dtype):
-  """The kernel and the reference make the same float32 operations on the same exact int32 dots;
-  a float32 ulp of slack, and bf16 outputs one rounding of that."""
-  got = np.asarray(got, np.float32)
-  assert np.isfinite(got).all()
-  ref = np.asarray(jnp.asarray(ref).astype(dtype), np.float32)
-  tol = 1e-6 if dtype == jnp.float32 else 2.0 ** -7
-  np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
 
 
 # (k, n): whole 128-input chunks, chunks and a 32/64/96-input tail, a tail alone; n off the
@@ -43,7 +33,7 @@ def test_matches_reference(m, k, n, dtype):
   x = jnp.asarray(rng.normal(size=(m, k)), dtype)
   got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4)
   assert got.dtype == dtype and got.shape == (m, n)
-  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), dtype)
+  assert_int8_numerics(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), dtype)
 
 
 @needs_gpu
@@ -54,8 +44,8 @@ def test_long_rows_take_sixteen_warps(m):
   w = random_codebook_weight(rng, (), 37, 8224, 4, 8224)  # 64 chunks and a 32-input tail
   x = jnp.asarray(rng.normal(size=(m, 8224)), jnp.bfloat16)
   assert ck8.default_tuning(m, 8224, 37).warps == (16 if m <= 8 else 8)
-  _same(ck8.lut_matmul_int8(x, w.packed, w.centroids, 4), lut_matmul_int8_reference(x, w.packed, w.centroids, 4),
-        jnp.bfloat16)
+  assert_int8_numerics(ck8.lut_matmul_int8(x, w.packed, w.centroids, 4),
+                       lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
 
 
 @needs_gpu
@@ -71,7 +61,7 @@ def test_codebooks_rounded_in_the_kernel(cdtype):
   w = dataclasses.replace(w, centroids=jnp.asarray(cent, cdtype))
   x = jnp.asarray(rng.normal(size=(5, 480)), jnp.float32)
   got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4)
-  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
+  assert_int8_numerics(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
   assert not np.asarray(got[:, 3]).any()
 
 
@@ -84,7 +74,7 @@ def test_tunings_compute_the_same_function(tuning):
   w = random_codebook_weight(rng, (), 45, 2336, 4, 2336)  # 18 chunks + a 32-input tail: warps with 1-5 chunks
   x = jnp.asarray(rng.normal(size=(21, 2336)) * np.linspace(0.1, 10, 21)[:, None], jnp.float32)  # 3 passes at mt 1
   got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=tuning)
-  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
+  assert_int8_numerics(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
 
 
 needs_hopper = pytest.mark.skipif(not (ck8.available() and ck8.cuda.is_hopper()),
@@ -102,7 +92,7 @@ def test_wgmma_kernel_matches_reference(m, k, n, warps, mt):
   w = random_codebook_weight(rng, (), n, k, 4, k)
   x = jnp.asarray(rng.normal(size=(m, k)) * np.linspace(0.1, 10, m)[:, None], jnp.bfloat16)
   got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=ck8.Int8Tuning(warps=warps, mt=mt, wgmma=True))
-  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
+  assert_int8_numerics(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
 
 
 @needs_hopper
@@ -116,7 +106,7 @@ def test_wgmma_kernel_split_k_matches_reference(m, k, n, splits):
   w = random_codebook_weight(rng, (), n, k, 4, k)
   x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
   got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4, tuning=ck8.Int8Tuning(warps=4, mt=8, wgmma=True, splits=splits))
-  _same(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
+  assert_int8_numerics(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.bfloat16)
 
 
 @needs_hopper
@@ -139,7 +129,7 @@ def test_wgmma_kernel_grouped(sizes, mt):
   x = jnp.asarray(rng.normal(size=(sum(sizes) + 3, 352)), jnp.float32)
   gs = jnp.asarray(sizes, jnp.int32)
   got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs, tuning=ck8.Int8Tuning(warps=4, mt=mt, wgmma=True))
-  _same(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.float32)
+  assert_int8_numerics(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.float32)
   assert not np.asarray(got[sum(sizes):]).any()
 
 
@@ -168,7 +158,7 @@ def test_grouped_matches_reference(sizes):
   x = jnp.asarray(rng.normal(size=(sum(sizes) + 2, 352)), jnp.bfloat16)  # 2 rows past the last group
   gs = jnp.asarray(sizes, jnp.int32)
   got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs)
-  _same(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
+  assert_int8_numerics(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
   assert not np.asarray(got[sum(sizes):], np.float32).any()
 
 
@@ -184,16 +174,16 @@ def test_dispatcher_takes_it_for_decode_batches(monkeypatch):
   w = random_codebook_weight(rng, (), 48, 256, 4, 256)
   for m in (1, ck8.MAX_ROWS):
     x = jnp.asarray(rng.normal(size=(m, 256)), jnp.float32)
-    _same(dispatch.lut_matmul(x, w), lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
+    assert_int8_numerics(dispatch.lut_matmul(x, w), lut_matmul_int8_reference(x, w.packed, w.centroids, 4), jnp.float32)
   g = random_codebook_weight(rng, (3,), 48, 256, 4, 256)
   gs = jnp.asarray([2, 0, 3], jnp.int32)
   x = jnp.asarray(rng.normal(size=(5, 256)), jnp.bfloat16)
-  _same(dispatch.grouped_lut_matmul(x, g, gs), grouped_lut_matmul_int8_reference(x, g.packed, g.centroids, 4, gs),
-        jnp.bfloat16)
+  assert_int8_numerics(dispatch.grouped_lut_matmul(x, g, gs),
+                       grouped_lut_matmul_int8_reference(x, g.packed, g.centroids, 4, gs), jnp.bfloat16)
   big = jnp.asarray(rng.normal(size=(ck8.MAX_ROWS + 1, 256)), jnp.bfloat16)
   int8_mode = dispatch.lut_matmul(big, w)
   if ck8.serves(big.shape[0]):  # Hopper: the wgmma kernel
-    _same(int8_mode, lut_matmul_int8_reference(big, w.packed, w.centroids, 4), jnp.bfloat16)
+    assert_int8_numerics(int8_mode, lut_matmul_int8_reference(big, w.packed, w.centroids, 4), jnp.bfloat16)
   monkeypatch.setenv("CQJAX_KERNELS", "auto")
   jax.clear_caches()
   if not ck8.serves(big.shape[0]):
@@ -214,11 +204,11 @@ def test_persistent_blocks_loop_over_tiles(mt):
   gs = jnp.asarray(sizes, jnp.int32)
   tuning = ck8.Int8Tuning(warps=4, mt=mt, persistent=True)
   got = ck8.grouped_lut_matmul_int8(x, w.packed, w.centroids, 4, gs, tuning=tuning)
-  _same(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
+  assert_int8_numerics(got, grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
   v = random_codebook_weight(rng, (), 16 * 1500 + 5, 64, 4, 64)
   xs = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
-  _same(ck8.lut_matmul_int8(xs, v.packed, v.centroids, 4, tuning=tuning),
-        lut_matmul_int8_reference(xs, v.packed, v.centroids, 4), jnp.float32)
+  assert_int8_numerics(ck8.lut_matmul_int8(xs, v.packed, v.centroids, 4, tuning=tuning),
+                       lut_matmul_int8_reference(xs, v.packed, v.centroids, 4), jnp.float32)
 
 
 def test_supports_and_tunings():

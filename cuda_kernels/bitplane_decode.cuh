@@ -1,0 +1,91 @@
+// Device helpers of the bit-plane decode (lut_matmul_bitplane.cu), shared with the stand-alone
+// probe experiments/probe_bitplane_lut.cu. A row's int8 codebook over 4-bit codes is a sum over
+// the subsets S of the code's bits (alpha: its Moebius transform), x is split into its
+// two's-complement bit-planes, and one binary mma counts the 16 subset masks of 256 codes
+// against the 8 planes (lut_matmul_bitplane.cu says more). Lane (g, t) of a warp: mma rows g and
+// g + 8 are the subsets S = g and g + 8, k = 32 t + i of each 128-code half, B column g is plane
+// g, and D holds the counts of (S, plane) = (g or g + 8, 2t or 2t + 1).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace cqjax_cuda {
+
+// D += popc(A AND B) over 256 bits: mma.sync m16n8k256, b1 operands, s32 accumulators.
+__device__ __forceinline__ void bmma(uint32_t (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                     uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
+               "l"(gmem));
+}
+
+// A 16-byte group of 32 nibble codes (word j, nibble i: code 8j + i) -> its four bit-planes, in
+// place: a 4 x 4 bit transpose within each nibble (four delta swaps). Plane p's bit 4i + j is code
+// bit p of nibble i of word j, the order of k that x's planes follow.
+__device__ __forceinline__ void nibbles_to_planes(uint4& u) {
+  uint32_t d;
+  d = ((u.x >> 1) ^ u.y) & 0x55555555u, u.x ^= d << 1, u.y ^= d;
+  d = ((u.z >> 1) ^ u.w) & 0x55555555u, u.z ^= d << 1, u.w ^= d;
+  d = ((u.x >> 2) ^ u.z) & 0x33333333u, u.x ^= d << 2, u.z ^= d;
+  d = ((u.y >> 2) ^ u.w) & 0x33333333u, u.y ^= d << 2, u.w ^= d;
+}
+
+// A codebook's entry lane & 15 (c, in each half-warp) -> alpha[g] and alpha[g + 8] of this lane:
+// the entries rounded to int8 as cqjax.lut_matmul.int8_round (absmax * f32(1/127), then
+// rint(c * (1 / scale)), the division IEEE-rounded), then Moebius-transformed over their bits.
+__device__ __forceinline__ void codebook_alpha(float c, int lane, uint32_t& alpha_g, uint32_t& alpha_g8) {
+  float amax = fabsf(c);
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
+  int alpha = __float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s)));
+#pragma unroll
+  for (int bit = 1; bit < 16; bit <<= 1) {
+    const int v = __shfl_xor_sync(0xffffffffu, alpha, bit);
+    if (lane & bit) alpha -= v;
+  }
+  const int g = lane >> 2;
+  alpha_g = __shfl_sync(0xffffffffu, alpha, g), alpha_g8 = __shfl_sync(0xffffffffu, alpha, g + 8);
+}
+
+// The per-lane constants of the subset masks and plane weights: n_b all ones where bit b is not
+// in S = g (so that plane b drops out of the AND), w0 / w1 the weights of planes 2t and 2t + 1
+// (2^j, -128 for the sign plane).
+struct SubsetLane {
+  uint32_t n0, n1, n2, w0, w1;
+  __device__ __forceinline__ explicit SubsetLane(int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    n0 = (g & 1) ? 0u : ~0u, n1 = (g & 2) ? 0u : ~0u, n2 = (g & 4) ? 0u : ~0u;
+    w0 = 1u << (2 * t), w1 = t == 3 ? static_cast<uint32_t>(-128) : 1u << (2 * t + 1);
+  }
+  // One chunk: lo / hi the planes of codes 32t.. and 128 + 32t.. (words t and t + 4), b0 / b1
+  // x's plane g there.
+  __device__ __forceinline__ void multiply(uint32_t (&d)[4], const uint4& lo, const uint4& hi, uint32_t b0,
+                                           uint32_t b1) const {
+    const uint32_t m0 = (lo.x | n0) & (lo.y | n1) & (lo.z | n2);
+    const uint32_t m2 = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
+    bmma(d, m0, m0 & lo.w, m2, m2 & hi.w, b0, b1);
+  }
+  // The lane's share of the row's dot product (all sums wrap mod 2^32; the warp's total is exact).
+  __device__ __forceinline__ uint32_t dot(const uint32_t (&d)[4], uint32_t alpha_g, uint32_t alpha_g8) const {
+    return alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
+  }
+};
+
+// The sum over the warp's lanes.
+__device__ __forceinline__ uint32_t warp_sum(uint32_t v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+}  // namespace cqjax_cuda
