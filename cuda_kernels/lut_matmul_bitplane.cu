@@ -21,14 +21,14 @@
 // integers a row), and x by its bit-planes (weights 2^j, -128 for the sign plane), so that
 //   dot = sum_S sum_j alpha[S] w_j popc(mask_S & plane_j),
 // mask_S being the AND of the code bit-planes in S. One mma.sync m16n8k256 b1 (AND, then
-// popcount; native on sm_80 and sm_90, BENCHMARKS.md session 50) gives all 16 x 8 counts of 256
-// codes: A = the 16 subset masks, B = x's 8 planes. The masks cost 8 LOP3 a lane per 256 codes.
+// popcount: an sm_80+ instruction, which ran at the bf16 mma's rate on the H100, BENCHMARKS.md
+// session 50) gives all 16 x 8 counts of 256 codes: A = the 16 subset masks, B = x's 8 planes.
+// The masks cost 8 LOP3 a lane per 256 codes.
 //
 // Mapping: a warp walks per_warp output columns (rows of the weight; a block's warps interleave) of
 // its slot's expert over a K range of kChunks chunks (blockIdx.y), holding x's planes of that range
-// for one row of x in registers.
-// Each column's codes (and codebook) are copied by cp.async into a two-stage ring in shared
-// memory, one column ahead; the warp turns each stage's nibbles into bit-planes in place (a 4 x 4
+// for one row of x in registers. Each column's codes (and codebook) are copied by cp.async into a
+// two-stage ring in shared memory, one column ahead; the warp turns each stage's nibbles into bit-planes in place (a 4 x 4
 // bit transpose within each nibble of a 16-byte group: plane p's bit 4i + j is code bit p of
 // nibble i of word j), rounds and transforms the codebook across lanes, and issues one mma a chunk
 // per row of x. Lane (g, t): mma rows g and g + 8 are the subsets S = g and g + 8, B column g is
