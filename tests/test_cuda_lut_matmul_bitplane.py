@@ -99,9 +99,10 @@ def test_refuses_without_the_library():
 
 
 def _on_cpu(reference, *args):
-  """The reference computed by XLA:CPU. On the H100 (jax 0.11.2), XLA:GPU's int8 einsum in
-  lut_matmul_int8_reference gave dots off by hundreds in a few columns (e.g. 105958 for an exact
-  105485, which this kernel and XLA:CPU both gave; BENCHMARKS.md session 50)."""
+  """The reference computed by XLA:CPU. On the H100 (jax 0.11.2), lut_matmul_int8_reference run
+  by XLA:GPU put a few columns 0.4-2 % off the exact int8 products (y 43.9497 where the exact dot
+  gives 43.7535, as this kernel and XLA:CPU did; BENCHMARKS.md session 50); which of its steps
+  differs was not found."""
   cpu = jax.devices("cpu")[0]
   return reference(*(jax.device_put(a, cpu) if isinstance(a, jax.Array) else a for a in args))
 
