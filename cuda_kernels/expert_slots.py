@@ -21,11 +21,7 @@ _TARGET = "cqjax_cuda_expert_slots"
 def available() -> bool:
   """Whether the built library has this kernel and a CUDA GPU is the default backend."""
   from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top (it imports this module)
-  lib = cuda.library()
-  if lib is None or not hasattr(lib, "CqjaxExpertSlotsCuda"):
-    return False
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxExpertSlotsCuda), platform="CUDA")
-  return True
+  return cuda.register_target(_TARGET, "CqjaxExpertSlotsCuda")
 
 
 def expert_slots(group_sizes: jax.Array, slots: int) -> jax.Array:

@@ -46,14 +46,20 @@ def library() -> ctypes.CDLL | None:
   return ctypes.cdll.LoadLibrary(LIBRARY)
 
 
+def register_target(target: str, symbol: str) -> bool:
+  """Registers the library's handler `symbol` as the FFI target `target`: False where the library
+  is not loaded (library()) or was built before that handler (rebuild it)."""
+  lib = library()
+  if lib is None or not hasattr(lib, symbol):
+    return False
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
+  return True
+
+
 @functools.cache
 def available() -> bool:
   """Whether the library is built and a CUDA GPU is the default backend (registers the target)."""
-  lib = library()
-  if lib is None:
-    return False
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulCuda), platform="CUDA")
-  return True
+  return register_target(_TARGET, "CqjaxLutMatmulCuda")
 
 
 def supports(x_dtype, bits: int, d_in: int, groups: int) -> bool:

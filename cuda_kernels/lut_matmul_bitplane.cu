@@ -72,7 +72,7 @@ struct Problem {
 
 __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
   __shared__ uint4 ring[kWarps][kStages][kStageU4];
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, t = lane & 3, warp = threadIdx.x >> 5;
   const int expert = p.slots[blockIdx.z], start = p.slots[p.num_slots + blockIdx.z];
   const int count = p.slots[2 * p.num_slots + blockIdx.z];
   const int chunks = p.k / kChunk, c0 = blockIdx.y * kChunks, here = min(kChunks, chunks - c0);
@@ -91,14 +91,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
   };
   const SubsetLane sub(lane);
   uint32_t xb[kChunks][2];
-  const auto load_x = [&](int r) {
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const uint32_t* planes = p.xpl + ((static_cast<size_t>(r) * chunks + c0 + c) * 8 + g) * 8;
-      xb[c][0] = c < here ? planes[t] : 0u;
-      xb[c][1] = c < here ? planes[t + 4] : 0u;
-    }
-  };
+  const auto load_x = [&](int r) { load_x_planes(xb, p.xpl + static_cast<size_t>(r) * chunks * 64, c0, here, lane); };
   if (count == 1) load_x(start);  // decode's one row a slot: x's planes stay in registers
   issue(col0, 0);
   asm volatile("cp.async.commit_group;");

@@ -35,11 +35,7 @@ CHUNK = 256  # inputs an mma (kChunk)
 def available() -> bool:
   """Whether the CUDA library is built with this kernel and a CUDA GPU is the default backend
   (registers the target)."""
-  lib = cuda.library()
-  if lib is None or not hasattr(lib, "CqjaxLutMatmulBitplaneCuda"):  # none, or built before this kernel: rebuild
-    return False
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulBitplaneCuda), platform="CUDA")
-  return True
+  return cuda.register_target(_TARGET, "CqjaxLutMatmulBitplaneCuda")
 
 
 def supports(bits: int, d_in: int, groups: int) -> bool:

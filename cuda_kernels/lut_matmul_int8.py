@@ -159,11 +159,7 @@ def default_tuning(rows: int, d_in: int, d_out: int, grouped: bool = False, hopp
 @functools.cache
 def available() -> bool:
   """Whether the CUDA library is built and a CUDA GPU is the default backend (registers the target)."""
-  lib = cuda.library()
-  if lib is None or not hasattr(lib, "CqjaxLutMatmulInt8Cuda"):  # none, or built before this kernel: rebuild
-    return False
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CqjaxLutMatmulInt8Cuda), platform="CUDA")
-  return True
+  return cuda.register_target(_TARGET, "CqjaxLutMatmulInt8Cuda")
 
 
 def supports(bits: int, d_in: int, groups: int) -> bool:

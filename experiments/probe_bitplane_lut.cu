@@ -66,12 +66,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Args a) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int c0 = blockIdx.y * kKc, set = blockIdx.z;
   uint32_t xb[kKc][2];
-#pragma unroll
-  for (int c = 0; c < kKc; ++c) {
-    const bool in = c0 + c < a.chunks;
-    xb[c][0] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t] : 0u;
-    xb[c][1] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t + 4] : 0u;
-  }
+  load_x_planes(xb, a.xpl, c0, a.chunks - c0, lane);
   const SubsetLane sub(lane);
   const int warps = gridDim.x * kWarps;
   auto load = [&](int row, uint4 (&b)[kKc][2]) {
@@ -106,12 +101,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_ring(Args a) {
   const int c0 = blockIdx.y * kKc, set = blockIdx.z, here = min(kKc, a.chunks - c0);
   uint4* ring = smem + warp * kStages * kStage;
   uint32_t xb[kKc][2];
-#pragma unroll
-  for (int c = 0; c < kKc; ++c) {
-    const bool in = c < here;
-    xb[c][0] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t] : 0u;
-    xb[c][1] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t + 4] : 0u;
-  }
+  load_x_planes(xb, a.xpl, c0, here, lane);
   const SubsetLane sub(lane);
   const int first = blockIdx.x * kWarps + warp, warps = gridDim.x * kWarps;
   auto issue = [&](int row, int stage) {
@@ -162,16 +152,11 @@ template <int kKc, int kStages>
 __global__ void __launch_bounds__(kWarps * 32) bitplane_nibble(NibbleArgs a) {
   constexpr int kStage = kKc * 8 + 2;  // uint4s a stage: the row's codes, then its 16 bf16 centroids
   extern __shared__ uint4 smem[];
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, t = lane & 3, warp = threadIdx.x >> 5;
   const int c0 = blockIdx.y * kKc, set = blockIdx.z, here = min(kKc, a.chunks - c0);
   uint4* ring = smem + warp * kStages * kStage;
   uint32_t xb[kKc][2];
-#pragma unroll
-  for (int c = 0; c < kKc; ++c) {
-    const bool in = c < here;
-    xb[c][0] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t] : 0u;
-    xb[c][1] = in ? a.xpl[((c0 + c) * 8 + g) * 8 + t + 4] : 0u;
-  }
+  load_x_planes(xb, a.xpl, c0, here, lane);
   const SubsetLane sub(lane);
   const int first = blockIdx.x * kWarps + warp, warps = gridDim.x * kWarps;
   auto issue = [&](int row, int stage) {
