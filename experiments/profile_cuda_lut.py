@@ -8,7 +8,8 @@ A tuning is layout/kgroups/mt/nt/splits[/stage_x 0 or 1] (cuda_kernels.lut_matmu
 default tuning at that shape and M. With --int8 the kernel is the int8 one (-k 'regex:(int8|wg8)_kernel') and a
 tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tuning.parse, as bench_kernels
 spells them: 8/2p, 4/16w2). With --pallas it is the Pallas kernel (-k regex:cqjax_) and a tuning is
-block_m/block_n/block_k/k_splits/num_warps/num_stages (pallas_kernels.lut_matmul.LutTuning).
+block_m/block_n/block_k/k_splits/num_warps/num_stages (pallas_kernels.lut_matmul.LutTuning). With
+--bitplane it is the bit-plane kernel (-k regex:bitplane_kernel), which has no tunings (default only).
 --experts=E --top_k=K instead runs the grouped kernel over E stacked experts at decode batches --ms
 (random top-K routing), two weights in one jitted call as bench_kernels times them, so that a
 profiler without a kernel filter also sees what XLA runs around the kernel (quantizing x, the
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
 from cuda_kernels import lut_matmul as ck
+from cuda_kernels import lut_matmul_bitplane as ckb
 from cuda_kernels import lut_matmul_int8 as ck8
 from pallas_kernels import lut_matmul as pk
 from experiments.bench_kernels import random_routing
@@ -64,7 +66,11 @@ def parse_tuning(spec: str, m: int, k: int, n: int, slots: int = 0) -> ck.CudaTu
 
 
 def kernel(args, grouped: bool = False):
-  """The kernel the flags pick (--pallas, --int8, else the bf16 CUDA one); grouped: its grouped form."""
+  """The kernel the flags pick (--pallas, --int8, --bitplane, else the bf16 CUDA one); grouped: its
+  grouped form. Called as run(x, packed, centroids, 4, [group_sizes,] tuning=...)."""
+  if args.bitplane:
+    run = ckb.grouped_lut_matmul_bitplane if grouped else ckb.lut_matmul_bitplane
+    return lambda *operands, tuning: run(*operands)  # tuning: always None (`tuning`)
   if args.pallas:
     return pk.grouped_lut_matmul if grouped else pk.lut_matmul
   if args.int8:
@@ -74,7 +80,12 @@ def kernel(args, grouped: bool = False):
 
 def tuning(args, spec: str, rows: int, k: int, n: int, experts: int = 0):
   """spec as the flags' kernel spells it, for `rows` rows of x over `experts` stacked weights (0: one
-  weight); the CUDA kernels' defaults follow the rows and count of a grouped call's launch slots."""
+  weight); the CUDA kernels' defaults follow the rows and count of a grouped call's launch slots.
+  The bit-plane kernel has none (None)."""
+  if args.bitplane:
+    if spec != "default":
+      raise SystemExit(f"profile_cuda_lut: the bit-plane kernel has no tunings; got {spec!r}")
+    return None
   if args.pallas:
     return parse_pallas_tuning(spec, rows, k, n, experts)
   parse = parse_int8_tuning if args.int8 else parse_tuning
@@ -107,6 +118,7 @@ def main():
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
   which = ap.add_mutually_exclusive_group()  # one kernel a run
   which.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
+  which.add_argument("--bitplane", action="store_true", help="the bit-plane kernel (int8 numerics, no tunings)")
   which.add_argument("--pallas", action="store_true", help="the Pallas kernel; tunings are block_m/block_n/block_k/"
                      "k_splits/num_warps/num_stages")
   ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")
@@ -116,7 +128,8 @@ def main():
   args = ap.parse_args()
   if args.pallas and jax.default_backend() != "gpu":
     raise SystemExit("profile_cuda_lut: --pallas profiles the compiled Pallas kernel; this host has no GPU")
-  if not args.pallas and not (ck8.available() if args.int8 else ck.available()):
+  built = ckb.available() if args.bitplane else ck8.available() if args.int8 else ck.available()
+  if not args.pallas and not built:
     raise SystemExit("profile_cuda_lut: the CUDA kernel library is not available, or built before the kernel asked "
                      "for (python -m cuda_kernels.build)")
   if args.trace and not args.experts:
