@@ -42,7 +42,8 @@ __device__ __forceinline__ void nibbles_to_planes(uint4& u) {
 // A codebook's entry lane & 15 (c, in each half-warp) -> alpha[g] and alpha[g + 8] of this lane:
 // the entries rounded to int8 as cqjax.lut_matmul.int8_round (absmax * f32(1/127), then
 // rint(c * (1 / scale)), the division IEEE-rounded), then Moebius-transformed over their bits.
-__device__ __forceinline__ void codebook_alpha(float c, int lane, uint32_t& alpha_g, uint32_t& alpha_g8) {
+// Returns the codebook's scale.
+__device__ __forceinline__ float codebook_alpha(float c, int lane, uint32_t& alpha_g, uint32_t& alpha_g8) {
   float amax = fabsf(c);
 #pragma unroll
   for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -55,6 +56,7 @@ __device__ __forceinline__ void codebook_alpha(float c, int lane, uint32_t& alph
   }
   const int g = lane >> 2;
   alpha_g = __shfl_sync(0xffffffffu, alpha, g), alpha_g8 = __shfl_sync(0xffffffffu, alpha, g + 8);
+  return s;
 }
 
 // The per-lane constants of the subset masks and plane weights: n_b all ones where bit b is not

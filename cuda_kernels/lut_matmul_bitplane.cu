@@ -6,13 +6,20 @@
 //   dots [t, n] (int32) = xq [t, k] . cq[e, n, code(e, n, kk)]   (exact)
 //
 // Operands:
-//   xpl        uint32 [t, k/256, 8, 8]  x's two's-complement bit-planes: per 256-input chunk, plane
-//              j's 8 words; word w's bit 4i + j' holds input 32 w + 8 j' + i (the order of k the
-//              codes' planes come out in, below)
+//   x          float32 or bf16 [t, k]; rounded to int8 per row here (int8_round: absmax * f32(1/127),
+//              rint(x * (1 / scale))) by a first launch, which writes
+//   xpl        uint32 [t, k/256, 8, 8]  (a result XLA allocates as scratch) x's two's-complement
+//              bit-planes: per 256-input chunk, plane j's 8 words; word w's bit 4i + j' holds
+//              input 32 w + 8 j' + i (the order of k the codes' planes come out in, below)
+//   sx         float32 [t]              (a result) x's scales
 //   packed     uint8 [experts, n, k/2]  two codes a byte, low nibble first (cqjax/codebook.py)
 //   centroids  float32 or bf16 [experts, n, 16]; rounded here as int8_round (round half to even)
 //   slots      int32 [3, s]             expert, first row, rows of each slot (rows 0: no work)
-//   zeros      int32 [t, n]             aliased to the result, which the warps add into
+// Results, by the number of K ranges (splits = ceil(k / 4096)):
+//   splits 1:  out float32 or bf16 [t, n] = (sc * float(dot)) * sx (x's dtype); rows no slot covers
+//              are zero; scales float32 [0] (unused)
+//   splits 2+: out int32 [splits, t, n], each K range's dot, and scales float32 [t, n] (sc of each
+//              row and column), which the wrapper adds and scales (rows no slot covers: not written)
 //
 // Why: the byte-permute decodes of lut_matmul.cu and the Pallas kernels spend about 5
 // instructions a code a lane and are bound by instruction issue at decode (BENCHMARKS.md
@@ -28,13 +35,13 @@
 // Mapping: a warp walks per_warp output columns (rows of the weight; a block's warps interleave) of
 // its slot's expert over a K range of kChunks chunks (blockIdx.y), holding x's planes of that range
 // for one row of x in registers. Each column's codes (and codebook) are copied by cp.async into a
-// two-stage ring in shared memory, one column ahead; the warp turns each stage's nibbles into bit-planes in place (a 4 x 4
-// bit transpose within each nibble of a 16-byte group: plane p's bit 4i + j is code bit p of
-// nibble i of word j), rounds and transforms the codebook across lanes, and issues one mma a chunk
-// per row of x. Lane (g, t): mma rows g and g + 8 are the subsets S = g and g + 8, B column g is
-// plane g, and D holds the counts of (S, plane) = (g or g + 8, 2t or 2t + 1). The warp's sum of a
-// (row of x, column) is added into the result with atomicAdd: integer sums are exact in any order
-// (all arithmetic wraps mod 2^32, and the true dot fits in int32).
+// two-stage ring in shared memory, one column ahead; the warp turns each stage's nibbles into
+// bit-planes in place (a 4 x 4 bit transpose within each nibble of a 16-byte group: plane p's bit
+// 4i + j is code bit p of nibble i of word j), rounds and transforms the codebook across lanes, and
+// issues one mma a chunk per row of x. Lane (g, t): mma rows g and g + 8 are the subsets S = g and
+// g + 8, B column g is plane g, and D holds the counts of (S, plane) = (g or g + 8, 2t or 2t + 1).
+// The warp's sum of a (row of x, column) is exact (all arithmetic wraps mod 2^32, and the true dot
+// fits in int32), and one lane writes it: no atomics, so nothing needs zeroing first.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -43,6 +50,7 @@
 #include <string>
 
 #include "bitplane_decode.cuh"
+#include "int8_output.cuh"
 #include "launch_limits.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -57,26 +65,78 @@ constexpr int kChunks = 16;    // chunks a warp's K range (x's planes in 32 regi
 constexpr int kWarps = 4;      // warps a block, each walking per_warp output columns
 constexpr int kStages = 2;     // the ring: the column multiplied, and the next one in flight
 constexpr int kStageU4 = kChunks * 8 + 4;  // 16-byte pieces a stage: codes, then up to 64 codebook bytes
+constexpr int kPrepThreads = 256;          // x_planes_kernel's block (one row of x)
 constexpr int64_t kMaxK = 133143;          // |dot| <= k * 127 * 127 must fit in int32
 
 struct Problem {
   const uint32_t* xpl;
+  const float* sx;
   const uint8_t* packed;
   const void* centroids;  // float32 or bf16 (cent_bf16)
   const int32_t* slots;   // [3, num_slots]
-  int32_t* dots;          // [t, n]
-  int t, k, n, num_slots;
+  void* out;              // splits 1: [t, n] float32 or bf16 (out_bf16); else int32 [splits, t, n]
+  float* scales;          // splits 2+: [t, n]
+  int t, k, n, num_slots, splits;
   int per_warp;  // output columns a warp walks: few enough that the blocks fill the GPU
-  bool cent_bf16;
+  bool cent_bf16, out_bf16;
 };
+
+// One row of x a block: its absmax scale, then each 32-input word of its int8 values' bit-planes
+// by eight warp ballots (lane 4i + j holds input 32 w + 8 j + i, so that ballot bit 4i + j is that
+// input's bit).
+__global__ void __launch_bounds__(kPrepThreads) x_planes_kernel(const void* x, bool x_bf16, int k, uint32_t* xpl,
+                                                                float* sx) {
+  __shared__ float warp_max[kPrepThreads / 32];
+  const size_t row = blockIdx.x;
+  const auto load = [&](int i) {
+    const size_t at = row * k + i;
+    return x_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(x)[at]) : static_cast<const float*>(x)[at];
+  };
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < k; i += kPrepThreads) amax = fmaxf(amax, fabsf(load(i)));
+#pragma unroll
+  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (lane == 0) warp_max[warp] = amax;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kPrepThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+  const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f, inv = __fdiv_rn(1.f, s);
+  if (threadIdx.x == 0) sx[row] = s;
+  for (int w = warp; w < k / 32; w += kPrepThreads / 32) {
+    const int q = __float2int_rn(__fmul_rn(load(32 * w + 8 * (lane & 3) + (lane >> 2)), inv));
+    uint32_t plane = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t bits = __ballot_sync(0xffffffffu, (q >> j) & 1);  // bit 7: the sign (q in [-127, 127])
+      if (lane == j) plane = bits;
+    }
+    if (lane < 8) xpl[(row * (k / kChunk) + w / 8) * 64 + lane * 8 + w % 8] = plane;
+  }
+}
+
+// The warp's (row, column) result: y = (s * dot) * sx in the output's dtype, or with K split this
+// K range's dot (and, from the first range, the codebook scale s).
+__device__ __forceinline__ void write(const Problem& p, int row, int col, int dot, float s) {
+  const size_t at = static_cast<size_t>(row) * p.n + col;
+  if (p.splits > 1) {
+    static_cast<int32_t*>(p.out)[static_cast<size_t>(blockIdx.y) * p.t * p.n + at] = dot;
+    if (blockIdx.y == 0) p.scales[at] = s;
+    return;
+  }
+  store_float(p.out, p.out_bf16, at, scaled_dot(s, dot, p.sx[row]));
+}
 
 __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
   __shared__ uint4 ring[kWarps][kStages][kStageU4];
   const int lane = threadIdx.x & 31, t = lane & 3, warp = threadIdx.x >> 5;
+  const int block_col0 = blockIdx.x * kWarps * p.per_warp, col_end = min(p.n, block_col0 + kWarps * p.per_warp);
+  if (blockIdx.z == 0 && p.splits == 1)  // with K split the wrapper zeroes them
+    zero_rows_past_slots(p.out, p.out_bf16, p.slots, p.num_slots, p.t, p.n, block_col0, col_end - block_col0);
   const int expert = p.slots[blockIdx.z], start = p.slots[p.num_slots + blockIdx.z];
   const int count = p.slots[2 * p.num_slots + blockIdx.z];
   const int chunks = p.k / kChunk, c0 = blockIdx.y * kChunks, here = min(kChunks, chunks - c0);
-  const int col0 = blockIdx.x * kWarps * p.per_warp + warp, col_end = min(p.n, (blockIdx.x + 1) * kWarps * p.per_warp);
+  const int col0 = block_col0 + warp;
   if (count == 0 || col0 >= col_end) return;  // an expert without rows costs a block exit
   const int cent_u4 = p.cent_bf16 ? 2 : 4;
   uint4(*stages)[kStageU4] = ring[warp];
@@ -106,7 +166,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
     const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
                                 : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
     uint32_t alpha_g, alpha_g8;
-    codebook_alpha(c, lane, alpha_g, alpha_g8);
+    const float s = codebook_alpha(c, lane, alpha_g, alpha_g8);
     __syncwarp();
     for (int r = start; r < start + count; ++r) {
       if (count > 1) load_x(r);
@@ -115,7 +175,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
       for (int cc = 0; cc < kChunks; ++cc)
         if (cc < here) sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);  // warp-uniform test
       const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
-      if (lane == 0) atomicAdd(p.dots + static_cast<size_t>(r) * p.n + col, static_cast<int>(part));
+      if (lane == 0) write(p, r, col, static_cast<int>(part), s);
     }
     __syncwarp();  // every lane is done with this stage before it is copied into again
   }
@@ -129,35 +189,51 @@ ffi::Error failed(cudaError_t err) {
   return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
-ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::U8> packed,
-                                 ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> zeros,
-                                 ffi::Result<ffi::Buffer<ffi::S32>> dots) {
-  const auto xd = xpl.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
-  if (xd.size() != 4 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
-    return invalid("expected x planes [t, k/256, 8, 8], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
-  const int64_t t = xd[0], k = 2 * pd[2], e = pd[0], n = pd[1];
-  if (k % kChunk != 0 || k > kMaxK || xd[1] != k / kChunk || xd[2] != 8 || xd[3] != 8 || cd[0] != e || cd[1] != n ||
-      cd[2] != 16)
+bool float_or_bf16(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed,
+                                 ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
+                                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> scales,
+                                 ffi::Result<ffi::Buffer<ffi::U32>> xpl, ffi::Result<ffi::Buffer<ffi::F32>> sx) {
+  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
+    return invalid("expected x [t, k], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
+  const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
+  if (k % kChunk != 0 || k > kMaxK || pd[2] * 2 != k || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row)");
-  const ffi::DataType ct = centroids.element_type();
-  if (ct != ffi::DataType::F32 && ct != ffi::DataType::BF16) return invalid("centroids must be float32 or bf16");
-  const auto od = dots->dimensions(), zd = zeros.dimensions();
-  if (od.size() != 2 || od[0] != t || od[1] != n || zd.size() != 2 || zd[0] != t || zd[1] != n)
-    return invalid("the zeros and the result must be int32 [t, n]");
+  if (!float_or_bf16(x.element_type()) || !float_or_bf16(centroids.element_type()))
+    return invalid("x and the centroids must be float32 or bf16");
+  const int64_t splits = (k / kChunk + kChunks - 1) / kChunks;
+  const auto od = out->dimensions(), scd = scales->dimensions(), xpd = xpl->dimensions(), sxd = sx->dimensions();
+  const bool out_ok = splits == 1 ? od.size() == 2 && od[0] == t && od[1] == n && float_or_bf16(out->element_type())
+                                  : od.size() == 3 && od[0] == splits && od[1] == t && od[2] == n &&
+                                        out->element_type() == ffi::DataType::S32 && scd.size() == 2 &&
+                                        scd[0] == t && scd[1] == n;
+  if (!out_ok)
+    return invalid("the result must be float32 or bf16 [t, n] (k up to 4096), else int32 [ceil(k / 4096), t, n] with "
+                   "float32 scales [t, n]");
+  if (xpd.size() != 4 || xpd[0] != t || xpd[1] != k / kChunk || xpd[2] != 8 || xpd[3] != 8 || sxd.size() != 1 ||
+      sxd[0] != t)
+    return invalid("x's planes must be uint32 [t, k/256, 8, 8] and its scales float32 [t]");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
+  x_planes_kernel<<<static_cast<unsigned>(t), kPrepThreads, 0, stream>>>(
+      x.untyped_data(), x.element_type() == ffi::DataType::BF16, static_cast<int>(k), xpl->typed_data(),
+      sx->typed_data());
   LaunchLimits lim;
   cudaError_t err = launch_limits<bitplane_kernel>(kWarps * 32, lim);
   if (err != cudaSuccess) return failed(err);
-  const int splits = static_cast<int>((k / kChunk + kChunks - 1) / kChunks);
-  // As many columns a warp as leave about one block a resident slot (the ring overlaps a warp's
-  // columns; fewer would reload x's planes for less work), at most 16.
+  // The fewest columns a warp (up to 16) that let every block be resident at once: one wave, no
+  // tail of blocks behind it (the ring overlaps a warp's columns; fewer would reload x's planes
+  // for less work).
   const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
-  const int per_warp =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(16, n * splits * sd[1] / warps_in_flight)));
-  const Problem p{xpl.typed_data(), packed.typed_data(), centroids.untyped_data(), slots.typed_data(),
-                  dots->typed_data(), static_cast<int>(t), static_cast<int>(k), static_cast<int>(n),
-                  static_cast<int>(sd[1]), per_warp, ct == ffi::DataType::BF16};
-  const dim3 grid((p.n + kWarps * per_warp - 1) / (kWarps * per_warp), splits, p.num_slots);
+  const int per_warp = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(16, (n * splits * sd[1] + warps_in_flight - 1) / warps_in_flight)));
+  const Problem p{xpl->typed_data(), sx->typed_data(), packed.typed_data(), centroids.untyped_data(),
+                  slots.typed_data(), out->untyped_data(), scales->typed_data(), static_cast<int>(t),
+                  static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]), static_cast<int>(splits),
+                  per_warp, centroids.element_type() == ffi::DataType::BF16,
+                  out->element_type() == ffi::DataType::BF16};
+  const dim3 grid((p.n + kWarps * per_warp - 1) / (kWarps * per_warp), p.splits, p.num_slots);
   bitplane_kernel<<<grid, kWarps * 32, 0, stream>>>(p);
   err = cudaGetLastError();
   return err == cudaSuccess ? ffi::Error::Success() : failed(err);
@@ -168,10 +244,12 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulBitplaneCuda, LutMatmulBitplaneImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>(),
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>(),
                               {ffi::Traits::kCmdBufferCompatible});

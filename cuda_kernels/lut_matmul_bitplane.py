@@ -7,9 +7,11 @@
                                 (the `jax.lax.ragged_dot` contract; rows past the last group are zero)
 
 The numerics are `cqjax.lut_matmul.lut_matmul_int8_reference`'s, as lut_matmul_int8's: x rows
-rounded to int8 here (`int8_round`, then split into bit-planes, `x_planes`), each row's codebook
-in the kernel, exact int32 dot products, y = (sc * dot) * sx in float32, written in x's dtype.
-4-bit codes, one codebook per row, d_in a multiple of 256 (`supports`).
+rounded to int8 (`int8_round`) and split into bit-planes (`x_planes`) by a first launch of the same
+call, each row's codebook rounded in the kernel, exact int32 dot products, y = (sc * dot) * sx in
+float32, written in x's dtype by the kernel (d_in up to 4096), or with d_in split into 4096-input
+ranges summed and scaled here. 4-bit codes, one codebook per row, d_in a multiple of 256
+(`supports`).
 
 The kernel decodes by bit-planes (one binary mma a 256 codes of a row and row of x): for decode
 rows, where the byte-permute decodes are bound by instruction issue. Each row of x costs one
@@ -22,13 +24,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cqjax.lut_matmul import int8_round
 from cuda_kernels import lut_matmul as cuda
 from cuda_kernels.expert_slots import expert_slots
-from cuda_kernels.lut_matmul_int8 import MAX_D_IN
+from cuda_kernels.lut_matmul_int8 import KERNEL_DTYPES, MAX_D_IN
 
 _TARGET = "cqjax_cuda_lut_matmul_bitplane"
-CHUNK = 256  # inputs an mma (kChunk)
+CHUNK = 256   # inputs an mma (kChunk)
+K_RANGE = 16  # chunks a warp's K range (kChunks): d_in past CHUNK * K_RANGE is split
 
 
 @functools.cache
@@ -57,19 +59,37 @@ def x_planes(xq: jax.Array) -> jax.Array:
   return jnp.swapaxes(words, -1, -2)
 
 
-def _call(x, packed, centroids, slots, row_expert):
-  """packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32 [3, s], row_expert int32 [t]
-  (each row's expert, for its codebook scales) -> [t, n] in x's dtype."""
-  e, n = packed.shape[:2]
-  xq, sx = int8_round(x.astype(jnp.float32), -1)
+def splits(d_in: int) -> int:
+  """The kernel's K ranges: d_in in 4096-input ranges, each a block of the grid."""
+  return -(-d_in // (CHUNK * K_RANGE))
+
+
+def _ffi(x, packed, centroids, slots):
+  """x [t, d_in] (float32 or bf16), packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32
+  [3, s] -> (out, scales, x planes, sx): out [t, n] in x's dtype with one K range, else the K
+  ranges' int32 dots [splits, t, n] and the codebook scales [t, n]; x_planes(int8_round(x)) and
+  its scales [t] as the first launch wrote them."""
+  (t, k), (e, n) = x.shape, packed.shape[:2]
   centroids = centroids.reshape(e, n, 16)
-  if centroids.dtype not in (jnp.float32, jnp.bfloat16):
+  if centroids.dtype not in KERNEL_DTYPES:
     centroids = centroids.astype(jnp.float32)
-  dots = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.int32), input_output_aliases={4: 0},
-                          vmap_method="sequential")(
-      x_planes(xq.astype(jnp.int8)), packed, centroids, slots, jnp.zeros((x.shape[0], n), jnp.int32))
-  sc = int8_round(centroids.astype(jnp.float32), -1)[1][..., 0]  # [e, n]: the kernel's codebook scales
-  return ((sc[row_expert] * dots.astype(jnp.float32)) * sx).astype(x.dtype)
+  s = splits(k)
+  results = (jax.ShapeDtypeStruct((t, n), x.dtype) if s == 1 else jax.ShapeDtypeStruct((s, t, n), jnp.int32),
+             jax.ShapeDtypeStruct((t, n) if s > 1 else (0,), jnp.float32),
+             jax.ShapeDtypeStruct((t, k // CHUNK, 8, 8), jnp.uint32), jax.ShapeDtypeStruct((t,), jnp.float32))
+  return jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(x, packed, centroids, slots)
+
+
+def _call(x, packed, centroids, slots, covered=None):
+  """x [t, d_in] -> [t, n] in x's dtype; covered: the rows the slots cover (None: all), past which
+  rows are zero (the kernel zeroes them itself with one K range)."""
+  xk = x if x.dtype in KERNEL_DTYPES else x.astype(jnp.float32)
+  y, scales, _, sx = _ffi(xk, packed, centroids, slots)
+  if y.ndim == 3:
+    y = (scales * y.sum(0).astype(jnp.float32)) * sx[:, None]
+    if covered is not None:
+      y = jnp.where(jnp.arange(x.shape[0])[:, None] < covered, y, 0)
+  return y.astype(x.dtype)
 
 
 def _check(op, x, packed, centroids, bits, lead, group_sizes=None):
@@ -85,8 +105,7 @@ def lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, b
   n = _check("CUDA lut_matmul_bitplane", x, packed, centroids, bits, ())
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
-  slots = jnp.asarray([[0], [0], [m]], jnp.int32)
-  return _call(x, packed[None], centroids[None], slots, jnp.zeros((m,), jnp.int32))
+  return _call(x, packed[None], centroids[None], jnp.asarray([[0], [0], [m]], jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("bits",))
@@ -98,6 +117,4 @@ def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.
   n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
-  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-  row_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(t, dtype=jnp.int32), side="right"), e - 1)
-  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), row_expert)
+  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), jnp.sum(group_sizes))

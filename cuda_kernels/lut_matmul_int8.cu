@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <string>
 
+#include "int8_output.cuh"
 #include "launch_limits.cuh"
 #include "lut_decode.cuh"
 #include "wgmma.cuh"
@@ -124,21 +125,8 @@ __device__ __forceinline__ void round_tables(const Int8Problem& p, int expert, i
   }
 }
 
-// out[row, col] = v in out's dtype (float32 -> bf16 rounds to nearest even, as XLA's convert).
 __device__ __forceinline__ void store(const Int8Problem& p, int row, int col, float v) {
-  const size_t at = static_cast<size_t>(row) * p.n + col;
-  if (p.out_bf16)
-    static_cast<__nv_bfloat16*>(p.out)[at] = __float2bfloat16_rn(v);
-  else
-    static_cast<float*>(p.out)[at] = v;
-}
-
-// Rows past the last slot's are zero (ragged_dot's contract): those of columns n0 .. n0 + cols - 1.
-__device__ void zero_rows_past_slots(const Int8Problem& p, int n0, int cols) {
-  int covered = 0;
-  for (int i = 0; i < p.num_slots; ++i) covered += p.slots[2 * p.num_slots + i];
-  for (int i = threadIdx.x; i < (p.t - covered) * cols; i += blockDim.x)
-    if (n0 + i % cols < p.n) store(p, covered + i / cols, n0 + i % cols, 0.f);
+  store_float(p.out, p.out_bf16, static_cast<size_t>(row) * p.n + col, v);
 }
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
@@ -182,7 +170,8 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
   const int my_tiles = (col_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;
   const auto tile_n0 = [&](int q) { return (blockIdx.x + q * gridDim.x) * 16; };
   if (slot == 0)
-    for (int q = 0; q < my_tiles; ++q) zero_rows_past_slots(p, tile_n0(q), 16);
+    for (int q = 0; q < my_tiles; ++q)
+      zero_rows_past_slots(p.out, p.out_bf16, p.slots, p.num_slots, p.t, p.n, tile_n0(q), 16);
   const int rows = p.slots[2 * p.num_slots + slot];
   if (rows == 0) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
@@ -261,7 +250,7 @@ __global__ void __launch_bounds__(W * 32, kMinBlocks8<W, MT>) int8_kernel(Int8Pr
         for (int w = 0; w < W; ++w) dot += sums[w][reg][l];
         const int c = (l >> 2) + 8 * (e >> 1), r = r0 + 8 * (reg / 4) + 2 * (l & 3) + (e & 1);
         if (r < rows && n0 + c < p.n)
-          store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(dot)), p.sx[row0 + r]));
+          store(p, row0 + r, n0 + c, scaled_dot(scale[c], dot, p.sx[row0 + r]));
       }
       __syncthreads();  // sums and scales are read before the next pass or tile writes them
     }
@@ -314,7 +303,8 @@ __global__ void __launch_bounds__(128 * WG, wg8_min_blocks<N, WG>()) wg8_kernel(
   __shared__ __align__(16) int8_t tab[kCols][16];
   __shared__ float scale[kCols];
   const int slot = blockIdx.z, n0 = blockIdx.x * kCols, split = blockIdx.y % p.splits, row_block = blockIdx.y / p.splits;
-  if (slot == 0 && blockIdx.y == 0 && p.splits == 1) zero_rows_past_slots(p, n0, kCols);
+  if (slot == 0 && blockIdx.y == 0 && p.splits == 1)
+    zero_rows_past_slots(p.out, p.out_bf16, p.slots, p.num_slots, p.t, p.n, n0, kCols);
   const int rows = p.slots[2 * p.num_slots + slot];
   if (row_block * N >= rows) return;
   const int expert = p.slots[slot], row0 = p.slots[p.num_slots + slot];
@@ -386,7 +376,7 @@ __global__ void __launch_bounds__(128 * WG, wg8_min_blocks<N, WG>()) wg8_kernel(
       if (p.splits > 1)
         static_cast<int*>(p.out)[(static_cast<size_t>(split) * p.t + row0 + r) * p.n + n0 + c] = acc[i];
       else
-        store(p, row0 + r, n0 + c, __fmul_rn(__fmul_rn(scale[c], __int2float_rn(acc[i])), p.sx[row0 + r]));
+        store(p, row0 + r, n0 + c, scaled_dot(scale[c], acc[i], p.sx[row0 + r]));
     });
   }
 #endif

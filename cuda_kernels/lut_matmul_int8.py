@@ -34,7 +34,7 @@ _TARGET = "cqjax_cuda_lut_matmul_int8"
 MAX_D_IN = 133143  # |dot| <= d_in * 127 * 127 stays within int32
 
 # Codebook and output dtypes the kernel reads and writes itself (others go through float32).
-_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 # The (warps, mt) instantiated in lut_matmul_int8.cu (its switch in LutMatmulInt8Impl): the
 # mma.sync kernel's, and the Hopper wgmma kernel's (warps / 4 warpgroups, 8 mt rows of x a block).
@@ -189,12 +189,12 @@ def _call(x, packed, centroids, slots, tuning: Int8Tuning):
   if tuning.wgmma:
     xq = wg_order(xq)
   centroids = centroids.reshape(e, n, 16)
-  if centroids.dtype not in _KERNEL_DTYPES:
+  if centroids.dtype not in KERNEL_DTYPES:
     centroids = centroids.astype(jnp.float32)
   if tuning.splits > 1:
     out = jax.ShapeDtypeStruct((tuning.splits, x.shape[0], n), jnp.int32)
   else:
-    out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype if x.dtype in _KERNEL_DTYPES else jnp.float32)
+    out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype if x.dtype in KERNEL_DTYPES else jnp.float32)
   y = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
       xq, sx[:, 0], packed, centroids, slots, warps=np.int64(tuning.warps), mt=np.int64(tuning.mt),
       persistent=bool(tuning.persistent), wgmma=bool(tuning.wgmma))

@@ -88,6 +88,7 @@ def _codes(w, n, k):
 def test_supports_whole_chunks_of_four_bit_codes():
   assert kb.supports(4, 4096, 1) and kb.supports(4, 256, 1)
   assert not kb.supports(4, 352, 1) and not kb.supports(2, 4096, 1) and not kb.supports(4, 4096, 2)
+  assert [kb.splits(k) for k in (256, 4096, 4352, 14336)] == [1, 1, 2, 4]
 
 
 def test_refuses_without_the_library():
@@ -126,6 +127,23 @@ def test_matches_reference(m, k, n, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_first_launch_writes_x_planes_and_scales(dtype):
+  """The call's first launch rounds x to int8 as int8_round does and writes x_planes' layout, bit
+  for bit; an all-zero row takes scale 1."""
+  rng = np.random.default_rng(11)
+  w = random_codebook_weight(rng, (), 8, 768, 4, 768)
+  x = np.asarray(rng.normal(size=(3, 768)) * 3, np.float32)
+  x[1] = 0.0
+  x[2, :5] = [0.5, 1.5, -2.5, -127.0, 127.0]  # scale 1 (absmax 127): exact halves round to even
+  x = jnp.asarray(x, dtype)
+  _, _, planes, sx = kb._ffi(x, w.packed[None], w.centroids[None], jnp.asarray([[0], [0], [3]], jnp.int32))
+  xq, want_sx = _on_cpu(lambda v: int8_round(v.astype(jnp.float32), -1), x)
+  np.testing.assert_array_equal(np.asarray(planes), np.asarray(kb.x_planes(jnp.asarray(np.asarray(xq), jnp.int8))))
+  np.testing.assert_array_equal(np.asarray(sx), np.asarray(want_sx)[:, 0])
+
+
+@needs_gpu
 def test_bf16_codebooks_rounded_in_the_kernel():
   """bf16 codebooks reach the kernel as they are; an all-zero codebook takes scale 1 (zero
   outputs); halves between int8 steps round to even as in jnp."""
@@ -151,3 +169,20 @@ def test_grouped_matches_reference(sizes):
   got = kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, 4, gs)
   assert_int8_numerics(got, _on_cpu(grouped_lut_matmul_int8_reference, x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
   assert not np.asarray(got[sum(sizes):], np.float32).any()
+
+
+@needs_gpu
+@pytest.mark.parametrize("sizes", [[2, 0, 1], [0, 0, 0]])
+def test_grouped_with_split_k_matches_reference(sizes):
+  """d_in past 4096: the K ranges' dots summed and scaled by the wrapper, rows past the last group
+  zero (the kernel leaves them unwritten), here with x's padding rows all inf."""
+  rng = np.random.default_rng(5 + sum(sizes))
+  w = random_codebook_weight(rng, (3,), 24, 4352, 4, 4352)
+  x = np.asarray(rng.normal(size=(sum(sizes) + 2, 4352)), np.float32)
+  x[sum(sizes):] = np.inf
+  x, gs = jnp.asarray(x), jnp.asarray(sizes, jnp.int32)
+  got = kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, 4, gs)
+  if sum(sizes):
+    want = _on_cpu(grouped_lut_matmul_int8_reference, x[:sum(sizes)], w.packed, w.centroids, 4, gs)
+    assert_int8_numerics(got[:sum(sizes)], want, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got[sum(sizes):]), 0.0)
