@@ -19,13 +19,14 @@ def tiny():
 
 
 @pytest.mark.parametrize("scope,pog", [("full", True), ("official", False)])
-def test_eight_bit_codebooks_stay_close_to_full_precision(tiny, scope, pog):
+def test_near_lossless_codebooks_stay_close_to_full_precision(tiny, scope, pog):
   cfg, params, windows = tiny
-  qcfg = cqjax.QuantizeConfig(bits=8, act_bits=16, scope=scope, rotation="hadamard", group_size=32, pog=pog, accf=None)
+  qcfg = cqjax.QuantizeConfig(bits=6, act_bits=16, scope=scope, rotation="hadamard", group_size=32, pog=pog, accf=None)
   qm = cqjax.quantize(params, cfg, [windows[:2], windows[2:]], qcfg, progress=False)
   ref = cqjax.MoeCausalLM(cfg).apply({"params": params}, jnp.asarray(windows))[0]
   got = qm.module().apply({"params": qm.params}, jnp.asarray(windows))[0]
-  # 256 centroids per 32 inputs after an exact rotation: a few 1e-3 of the logits' range.
+  # 64 centroids per 32 inputs (more than the group holds) after an exact rotation: a few 1e-3 of
+  # the logits' range.
   assert float(jnp.abs(got - ref).max() / jnp.abs(ref).max()) < 2e-2
   down = qm.params["layers_0"]["moe"]["down_proj"]
   assert isinstance(down, CodebookWeight) == (scope == "full") and qm.online_down_hadamard == (scope == "full")
