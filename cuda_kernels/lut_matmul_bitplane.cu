@@ -1,20 +1,20 @@
 // CUDA codebook (LUT) matmul with int8 numerics on binary tensor cores, as an XLA FFI custom call
 // (wrapper: cuda_kernels/lut_matmul_bitplane.py). It computes the integer dot products of
 // cqjax.lut_matmul's lut_matmul_int8_reference (x rounded to int8 per row, each row's 16 centroids
-// rounded to int8), which the wrapper scales:
+// rounded to int8) and scales them as it does:
 //
-//   dots [t, n] (int32) = xq [t, k] . cq[e, n, code(e, n, kk)]   (exact)
+//   dots [t, n] (int32) = xq [t, k] . cq[e, n, code(e, n, kk)]   (exact);  y = (sc * dots) * sx
 //
 // Operands:
-//   x          float32 or bf16 [t, k]; rounded to int8 per row here (int8_round: absmax * f32(1/127),
-//              rint(x * (1 / scale))) by a first launch, which writes
-//   xpl        uint32 [t, k/256, 8, 8]  (a result XLA allocates as scratch) x's two's-complement
-//              bit-planes: per 256-input chunk, plane j's 8 words; word w's bit 4i + j' holds
-//              input 32 w + 8 j' + i (the order of k the codes' planes come out in, below)
-//   sx         float32 [t]              (a result) x's scales
+//   xpl        uint32 [t, k/256, 8, 8]  x's two's-complement bit-planes (x rounded to int8 per row in
+//              XLA, int8_round, which can share them between the products of one x): per 256-input
+//              chunk, plane j's 8 words; word w's bit 4i + j' holds input 32 w + 8 j' + i (the
+//              order of k the codes' planes come out in, below)
+//   sx         float32 [t]              x's scales
 //   packed     uint8 [experts, n, k/2]  two codes a byte, low nibble first (cqjax/codebook.py)
 //   centroids  float32 or bf16 [experts, n, 16]; rounded here as int8_round (round half to even)
 //   slots      int32 [3, s]             expert, first row, rows of each slot (rows 0: no work)
+//   per_warp   (attribute) output columns a warp walks; 0: chosen here
 // Results, by the number of K ranges (splits = ceil(k / 4096)):
 //   splits 1:  out float32 or bf16 [t, n] = (sc * float(dot)) * sx (x's dtype); rows no slot covers
 //              are zero; scales float32 [0] (unused)
@@ -65,7 +65,6 @@ constexpr int kChunks = 16;    // chunks a warp's K range (x's planes in 32 regi
 constexpr int kWarps = 4;      // warps a block, each walking per_warp output columns
 constexpr int kStages = 2;     // the ring: the column multiplied, and the next one in flight
 constexpr int kStageU4 = kChunks * 8 + 4;  // 16-byte pieces a stage: codes, then up to 64 codebook bytes
-constexpr int kPrepThreads = 256;          // x_planes_kernel's block (one row of x)
 constexpr int64_t kMaxK = 133143;          // |dot| <= k * 127 * 127 must fit in int32
 
 struct Problem {
@@ -80,40 +79,6 @@ struct Problem {
   int per_warp;  // output columns a warp walks: few enough that the blocks fill the GPU
   bool cent_bf16, out_bf16;
 };
-
-// One row of x a block: its absmax scale, then each 32-input word of its int8 values' bit-planes
-// by eight warp ballots (lane 4i + j holds input 32 w + 8 j + i, so that ballot bit 4i + j is that
-// input's bit).
-__global__ void __launch_bounds__(kPrepThreads) x_planes_kernel(const void* x, bool x_bf16, int k, uint32_t* xpl,
-                                                                float* sx) {
-  __shared__ float warp_max[kPrepThreads / 32];
-  const size_t row = blockIdx.x;
-  const auto load = [&](int i) {
-    const size_t at = row * k + i;
-    return x_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(x)[at]) : static_cast<const float*>(x)[at];
-  };
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float amax = 0.f;
-  for (int i = threadIdx.x; i < k; i += kPrepThreads) amax = fmaxf(amax, fabsf(load(i)));
-#pragma unroll
-  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (lane == 0) warp_max[warp] = amax;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kPrepThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
-  const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f, inv = __fdiv_rn(1.f, s);
-  if (threadIdx.x == 0) sx[row] = s;
-  for (int w = warp; w < k / 32; w += kPrepThreads / 32) {
-    const int q = __float2int_rn(__fmul_rn(load(32 * w + 8 * (lane & 3) + (lane >> 2)), inv));
-    uint32_t plane = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t bits = __ballot_sync(0xffffffffu, (q >> j) & 1);  // bit 7: the sign (q in [-127, 127])
-      if (lane == j) plane = bits;
-    }
-    if (lane < 8) xpl[(row * (k / kChunk) + w / 8) * 64 + lane * 8 + w % 8] = plane;
-  }
-}
 
 // The warp's (row, column) result: y = (s * dot) * sx in the output's dtype, or with K split this
 // K range's dot (and, from the first range, the codebook scale s).
@@ -191,20 +156,20 @@ ffi::Error failed(cudaError_t err) {
 
 bool float_or_bf16(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
 
-ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed,
-                                 ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
+ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::F32> sx,
+                                 ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> scales,
-                                 ffi::Result<ffi::Buffer<ffi::U32>> xpl, ffi::Result<ffi::Buffer<ffi::F32>> sx) {
-  const auto xd = x.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
-    return invalid("expected x [t, k], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
-  const int64_t t = xd[0], k = xd[1], e = pd[0], n = pd[1];
-  if (k % kChunk != 0 || k > kMaxK || pd[2] * 2 != k || cd[0] != e || cd[1] != n || cd[2] != 16)
-    return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row)");
-  if (!float_or_bf16(x.element_type()) || !float_or_bf16(centroids.element_type()))
-    return invalid("x and the centroids must be float32 or bf16");
+                                 int64_t per_warp_asked) {
+  const auto xd = xpl.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
+  if (xd.size() != 4 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
+    return invalid("expected x planes [t, k/256, 8, 8], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
+  const int64_t t = xd[0], k = 2 * pd[2], e = pd[0], n = pd[1];
+  if (k % kChunk != 0 || k > kMaxK || xd[1] != k / kChunk || xd[2] != 8 || xd[3] != 8 || cd[0] != e || cd[1] != n ||
+      cd[2] != 16 || sx.dimensions().size() != 1 || sx.dimensions()[0] != t)
+    return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row, sx [t])");
+  if (!float_or_bf16(centroids.element_type())) return invalid("centroids must be float32 or bf16");
   const int64_t splits = (k / kChunk + kChunks - 1) / kChunks;
-  const auto od = out->dimensions(), scd = scales->dimensions(), xpd = xpl->dimensions(), sxd = sx->dimensions();
+  const auto od = out->dimensions(), scd = scales->dimensions();
   const bool out_ok = splits == 1 ? od.size() == 2 && od[0] == t && od[1] == n && float_or_bf16(out->element_type())
                                   : od.size() == 3 && od[0] == splits && od[1] == t && od[2] == n &&
                                         out->element_type() == ffi::DataType::S32 && scd.size() == 2 &&
@@ -212,23 +177,19 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buf
   if (!out_ok)
     return invalid("the result must be float32 or bf16 [t, n] (k up to 4096), else int32 [ceil(k / 4096), t, n] with "
                    "float32 scales [t, n]");
-  if (xpd.size() != 4 || xpd[0] != t || xpd[1] != k / kChunk || xpd[2] != 8 || xpd[3] != 8 || sxd.size() != 1 ||
-      sxd[0] != t)
-    return invalid("x's planes must be uint32 [t, k/256, 8, 8] and its scales float32 [t]");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
-  x_planes_kernel<<<static_cast<unsigned>(t), kPrepThreads, 0, stream>>>(
-      x.untyped_data(), x.element_type() == ffi::DataType::BF16, static_cast<int>(k), xpl->typed_data(),
-      sx->typed_data());
   LaunchLimits lim;
   cudaError_t err = launch_limits<bitplane_kernel>(kWarps * 32, lim);
   if (err != cudaSuccess) return failed(err);
-  // The fewest columns a warp (up to 16) that let every block be resident at once: one wave, no
-  // tail of blocks behind it (the ring overlaps a warp's columns; fewer would reload x's planes
-  // for less work).
+  if (per_warp_asked < 0 || per_warp_asked > 64) return invalid("per_warp must be 0 (chosen here) to 64");
+  // Chosen: the fewest columns a warp (up to 16) that let every block be resident at once by
+  // registers (the ring overlaps a warp's columns; fewer would reload x's planes for less work).
   const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
   const int per_warp = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(16, (n * splits * sd[1] + warps_in_flight - 1) / warps_in_flight)));
-  const Problem p{xpl->typed_data(), sx->typed_data(), packed.typed_data(), centroids.untyped_data(),
+      per_warp_asked ? per_warp_asked
+                     : std::max<int64_t>(1, std::min<int64_t>(16, (n * splits * sd[1] + warps_in_flight - 1) /
+                                                                      warps_in_flight)));
+  const Problem p{xpl.typed_data(), sx.typed_data(), packed.typed_data(), centroids.untyped_data(),
                   slots.typed_data(), out->untyped_data(), scales->typed_data(), static_cast<int>(t),
                   static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]), static_cast<int>(splits),
                   per_warp, centroids.element_type() == ffi::DataType::BF16,
@@ -244,12 +205,12 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buf
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulBitplaneCuda, LutMatmulBitplaneImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>(),
+                                  .Attr<int64_t>("per_warp"),
                               {ffi::Traits::kCmdBufferCompatible});

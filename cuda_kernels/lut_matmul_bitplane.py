@@ -7,11 +7,11 @@
                                 (the `jax.lax.ragged_dot` contract; rows past the last group are zero)
 
 The numerics are `cqjax.lut_matmul.lut_matmul_int8_reference`'s, as lut_matmul_int8's: x rows
-rounded to int8 (`int8_round`) and split into bit-planes (`x_planes`) by a first launch of the same
-call, each row's codebook rounded in the kernel, exact int32 dot products, y = (sc * dot) * sx in
-float32, written in x's dtype by the kernel (d_in up to 4096), or with d_in split into 4096-input
-ranges summed and scaled here. 4-bit codes, one codebook per row, d_in a multiple of 256
-(`supports`).
+rounded to int8 here (`int8_round`, in XLA, so that the products of one x share it) and split into
+bit-planes (`x_planes`), each row's codebook rounded in the kernel, exact int32 dot products,
+y = (sc * dot) * sx in float32, written in x's dtype by the kernel (d_in up to 4096), or with d_in
+split into 4096-input ranges summed and scaled here. 4-bit codes, one codebook per row, d_in a
+multiple of 256 (`supports`).
 
 The kernel decodes by bit-planes (one binary mma a 256 codes of a row and row of x): for decode
 rows, where the byte-permute decodes are bound by instruction issue. Each row of x costs one
@@ -23,7 +23,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from cqjax.lut_matmul import int8_round
 from cuda_kernels import lut_matmul as cuda
 from cuda_kernels.expert_slots import expert_slots
 from cuda_kernels.lut_matmul_int8 import KERNEL_DTYPES, MAX_D_IN
@@ -64,29 +66,32 @@ def splits(d_in: int) -> int:
   return -(-d_in // (CHUNK * K_RANGE))
 
 
-def _ffi(x, packed, centroids, slots):
-  """x [t, d_in] (float32 or bf16), packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32
-  [3, s] -> (out, scales, x planes, sx): out [t, n] in x's dtype with one K range, else the K
-  ranges' int32 dots [splits, t, n] and the codebook scales [t, n]; x_planes(int8_round(x)) and
-  its scales [t] as the first launch wrote them."""
-  (t, k), (e, n) = x.shape, packed.shape[:2]
+def _ffi(xpl, sx, packed, centroids, slots, out_dtype, per_warp=0):
+  """xpl uint32 [t, d_in/256, 8, 8] (`x_planes`), sx float32 [t], packed [e, n, d_in/2],
+  centroids [e, n, 1, 16], slots int32 [3, s], per_warp: output columns a warp walks (0: the
+  kernel's choice, which fills the GPU's register-resident blocks once) -> (out, scales): out
+  [t, n] in out_dtype (float32 or bf16) with one K range, else the K ranges' int32 dots [splits,
+  t, n] and the codebook scales [t, n]."""
+  t, chunks = xpl.shape[:2]
+  e, n = packed.shape[:2]
   centroids = centroids.reshape(e, n, 16)
   if centroids.dtype not in KERNEL_DTYPES:
     centroids = centroids.astype(jnp.float32)
-  s = splits(k)
-  results = (jax.ShapeDtypeStruct((t, n), x.dtype) if s == 1 else jax.ShapeDtypeStruct((s, t, n), jnp.int32),
-             jax.ShapeDtypeStruct((t, n) if s > 1 else (0,), jnp.float32),
-             jax.ShapeDtypeStruct((t, k // CHUNK, 8, 8), jnp.uint32), jax.ShapeDtypeStruct((t,), jnp.float32))
-  return jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(x, packed, centroids, slots)
+  s = splits(chunks * CHUNK)
+  results = (jax.ShapeDtypeStruct((t, n), out_dtype) if s == 1 else jax.ShapeDtypeStruct((s, t, n), jnp.int32),
+             jax.ShapeDtypeStruct((t, n) if s > 1 else (0,), jnp.float32))
+  return jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(xpl, sx, packed, centroids, slots,
+                                                                     per_warp=np.int64(per_warp))
 
 
-def _call(x, packed, centroids, slots, covered=None):
+def _call(x, packed, centroids, slots, per_warp, covered=None):
   """x [t, d_in] -> [t, n] in x's dtype; covered: the rows the slots cover (None: all), past which
   rows are zero (the kernel zeroes them itself with one K range)."""
-  xk = x if x.dtype in KERNEL_DTYPES else x.astype(jnp.float32)
-  y, scales, _, sx = _ffi(xk, packed, centroids, slots)
+  xq, sx = int8_round(x.astype(jnp.float32), -1)
+  out_dtype = x.dtype if x.dtype in KERNEL_DTYPES else jnp.float32
+  y, scales = _ffi(x_planes(xq.astype(jnp.int8)), sx[:, 0], packed, centroids, slots, out_dtype, per_warp)
   if y.ndim == 3:
-    y = (scales * y.sum(0).astype(jnp.float32)) * sx[:, None]
+    y = (scales * y.sum(0).astype(jnp.float32)) * sx
     if covered is not None:
       y = jnp.where(jnp.arange(x.shape[0])[:, None] < covered, y, 0)
   return y.astype(x.dtype)
@@ -98,23 +103,25 @@ def _check(op, x, packed, centroids, bits, lead, group_sizes=None):
                          group_sizes)
 
 
-@functools.partial(jax.jit, static_argnames=("bits",))
-def lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int) -> jax.Array:
-  """x [m, d_in] times one codebook weight with int8 numerics -> [m, d_out] (x's dtype)."""
+@functools.partial(jax.jit, static_argnames=("bits", "per_warp"))
+def lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int, *,
+                        per_warp: int = 0) -> jax.Array:
+  """x [m, d_in] times one codebook weight with int8 numerics -> [m, d_out] (x's dtype); per_warp:
+  output columns a warp walks (0: the kernel's choice)."""
   m = x.shape[0]
   n = _check("CUDA lut_matmul_bitplane", x, packed, centroids, bits, ())
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
-  return _call(x, packed[None], centroids[None], jnp.asarray([[0], [0], [m]], jnp.int32))
+  return _call(x, packed[None], centroids[None], jnp.asarray([[0], [0], [m]], jnp.int32), per_warp)
 
 
-@functools.partial(jax.jit, static_argnames=("bits",))
+@functools.partial(jax.jit, static_argnames=("bits", "per_warp"))
 def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
-                                group_sizes: jax.Array) -> jax.Array:
+                                group_sizes: jax.Array, *, per_warp: int = 0) -> jax.Array:
   """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics -> [t, d_out]."""
   t = x.shape[0]
   e = packed.shape[0] if packed.ndim == 3 else -1
   n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
-  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), jnp.sum(group_sizes))
+  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes))

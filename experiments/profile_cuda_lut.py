@@ -9,7 +9,8 @@ default tuning at that shape and M. With --int8 the kernel is the int8 one (-k '
 tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tuning.parse, as bench_kernels
 spells them: 8/2p, 4/16w2). With --pallas it is the Pallas kernel (-k regex:cqjax_) and a tuning is
 block_m/block_n/block_k/k_splits/num_warps/num_stages (pallas_kernels.lut_matmul.LutTuning). With
---bitplane it is the bit-plane kernel (-k regex:bitplane_kernel), which has no tunings (default only).
+--bitplane it is the bit-plane kernel (-k regex:bitplane_kernel) and a tuning is its output columns a warp
+(cuda_kernels.lut_matmul_bitplane's per_warp; "default" lets the kernel choose).
 --experts=E --top_k=K instead runs the grouped kernel over E stacked experts at decode batches --ms
 (random top-K routing), two weights in one jitted call as bench_kernels times them, so that a
 profiler without a kernel filter also sees what XLA runs around the kernel (quantizing x, the
@@ -70,7 +71,7 @@ def kernel(args, grouped: bool = False):
   grouped form. Called as run(x, packed, centroids, 4, [group_sizes,] tuning=...)."""
   if args.bitplane:
     run = ckb.grouped_lut_matmul_bitplane if grouped else ckb.lut_matmul_bitplane
-    return lambda *operands, tuning: run(*operands)  # tuning: always None (`tuning`)
+    return lambda *operands, tuning: run(*operands, per_warp=tuning)  # tuning: columns a warp (`tuning`)
   if args.pallas:
     return pk.grouped_lut_matmul if grouped else pk.lut_matmul
   if args.int8:
@@ -81,11 +82,13 @@ def kernel(args, grouped: bool = False):
 def tuning(args, spec: str, rows: int, k: int, n: int, experts: int = 0):
   """spec as the flags' kernel spells it, for `rows` rows of x over `experts` stacked weights (0: one
   weight); the CUDA kernels' defaults follow the rows and count of a grouped call's launch slots.
-  The bit-plane kernel has none (None)."""
+  The bit-plane kernel's is its output columns a warp (default: 0, the kernel's choice)."""
   if args.bitplane:
-    if spec != "default":
-      raise SystemExit(f"profile_cuda_lut: the bit-plane kernel has no tunings; got {spec!r}")
-    return None
+    if spec == "default":
+      return 0
+    if not spec.isdigit() or not 1 <= int(spec) <= 64:
+      raise SystemExit(f"profile_cuda_lut: a bit-plane tuning is its output columns a warp, 1 to 64; got {spec!r}")
+    return int(spec)
   if args.pallas:
     return parse_pallas_tuning(spec, rows, k, n, experts)
   parse = parse_int8_tuning if args.int8 else parse_tuning
@@ -118,7 +121,8 @@ def main():
   ap.add_argument("--tunings", default="default", help="comma list of layout/kgroups/mt/nt/splits[/stage_x] or default")
   which = ap.add_mutually_exclusive_group()  # one kernel a run
   which.add_argument("--int8", action="store_true", help="the int8 kernel; tunings are warps/mt[p], or warps/mtw[splits] for its wgmma kernel")
-  which.add_argument("--bitplane", action="store_true", help="the bit-plane kernel (int8 numerics, no tunings)")
+  which.add_argument("--bitplane", action="store_true", help="the bit-plane kernel (int8 numerics); tunings are "
+                     "its output columns a warp")
   which.add_argument("--pallas", action="store_true", help="the Pallas kernel; tunings are block_m/block_n/block_k/"
                      "k_splits/num_warps/num_stages")
   ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")

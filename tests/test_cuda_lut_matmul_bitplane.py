@@ -127,23 +127,6 @@ def test_matches_reference(m, k, n, dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_first_launch_writes_x_planes_and_scales(dtype):
-  """The call's first launch rounds x to int8 as int8_round does and writes x_planes' layout, bit
-  for bit; an all-zero row takes scale 1."""
-  rng = np.random.default_rng(11)
-  w = random_codebook_weight(rng, (), 8, 768, 4, 768)
-  x = np.asarray(rng.normal(size=(3, 768)) * 3, np.float32)
-  x[1] = 0.0
-  x[2, :5] = [0.5, 1.5, -2.5, -127.0, 127.0]  # scale 1 (absmax 127): exact halves round to even
-  x = jnp.asarray(x, dtype)
-  _, _, planes, sx = kb._ffi(x, w.packed[None], w.centroids[None], jnp.asarray([[0], [0], [3]], jnp.int32))
-  xq, want_sx = _on_cpu(lambda v: int8_round(v.astype(jnp.float32), -1), x)
-  np.testing.assert_array_equal(np.asarray(planes), np.asarray(kb.x_planes(jnp.asarray(np.asarray(xq), jnp.int8))))
-  np.testing.assert_array_equal(np.asarray(sx), np.asarray(want_sx)[:, 0])
-
-
-@needs_gpu
 def test_bf16_codebooks_rounded_in_the_kernel():
   """bf16 codebooks reach the kernel as they are; an all-zero codebook takes scale 1 (zero
   outputs); halves between int8 steps round to even as in jnp."""

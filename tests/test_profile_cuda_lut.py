@@ -92,24 +92,26 @@ def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, c
     profile_cuda_lut.parse_pallas_tuning("3/16/32", 1, 64, 32)
 
 
-def test_profile_cuda_lut_runs_the_bitplane_kernel_without_tunings(monkeypatch, capsys):
-  """--bitplane: the grouped call runs per batch with no tuning passed to the kernel; a tuning other
-  than "default" stops with its name."""
+def test_profile_cuda_lut_runs_the_bitplane_kernel_per_columns_a_warp(monkeypatch, capsys):
+  """--bitplane: the grouped call runs per batch and tuning, a tuning being the kernel's output
+  columns a warp (default: 0, the kernel's choice); anything else stops with its name."""
   from cqjax.lut_matmul import grouped_lut_matmul_int8_reference
   from cuda_kernels import lut_matmul_bitplane as ckb
   from experiments import profile_cuda_lut
   calls = []
 
-  def reference(x, packed, centroids, bits, gs):
-    calls.append(x.shape[0])
+  def reference(x, packed, centroids, bits, gs, per_warp):
+    calls.append((x.shape[0], per_warp))
     return grouped_lut_matmul_int8_reference(x, packed, centroids, bits, gs)
 
   monkeypatch.setattr(ckb, "available", lambda: True)
   monkeypatch.setattr(ckb, "grouped_lut_matmul_bitplane", reference)
-  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--experts=8", "--shape=256x32", "--ms=1,3"])
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--experts=8", "--shape=256x32", "--ms=1,3",
+                                    "--tunings=default,2"])
   profile_cuda_lut.main()
   launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("launch:")]
-  assert len(launches) == 2 and launches[0].endswith("None") and calls == [2, 2, 6, 6]
+  assert len(launches) == 4 and launches[0].endswith(" 0") and launches[1].endswith(" 2")
+  assert calls == [(2, 0), (2, 0), (2, 2), (2, 2), (6, 0), (6, 0), (6, 2), (6, 2)]
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--experts=8", "--shape=256x32", "--tunings=8/2"])
-  with pytest.raises(SystemExit, match="the bit-plane kernel has no tunings; got '8/2'"):
+  with pytest.raises(SystemExit, match="a bit-plane tuning is its output columns a warp, 1 to 64; got '8/2'"):
     profile_cuda_lut.main()
