@@ -66,6 +66,7 @@ constexpr int kWarps = 4;      // warps a block, each walking per_warp output co
 constexpr int kStages = 2;     // the ring: the column multiplied, and the next one in flight
 constexpr int kStageU4 = kChunks * 8 + 4;  // 16-byte pieces a stage: codes, then up to 64 codebook bytes
 constexpr int64_t kMaxK = 133143;          // |dot| <= k * 127 * 127 must fit in int32
+constexpr int64_t kMaxPerWarp = 64;        // output columns a warp may be asked to walk (MAX_PER_WARP)
 
 struct Problem {
   const uint32_t* xpl;
@@ -181,7 +182,7 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
   LaunchLimits lim;
   cudaError_t err = launch_limits<bitplane_kernel>(kWarps * 32, lim);
   if (err != cudaSuccess) return failed(err);
-  if (per_warp_asked < 0 || per_warp_asked > 64) return invalid("per_warp must be 0 (chosen here) to 64");
+  if (per_warp_asked < 0 || per_warp_asked > kMaxPerWarp) return invalid("per_warp must be 0 (chosen here) to 64");
   // Chosen: the fewest columns a warp (up to 16) that let every block be resident at once by
   // registers (the ring overlaps a warp's columns; fewer would reload x's planes for less work).
   const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;

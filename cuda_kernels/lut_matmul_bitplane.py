@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import int8_round
 from cuda_kernels import lut_matmul as cuda
 from cuda_kernels.expert_slots import expert_slots
@@ -33,6 +34,7 @@ from cuda_kernels.lut_matmul_int8 import KERNEL_DTYPES, MAX_D_IN
 _TARGET = "cqjax_cuda_lut_matmul_bitplane"
 CHUNK = 256   # inputs an mma (kChunk)
 K_RANGE = 16  # chunks a warp's K range (kChunks): d_in past CHUNK * K_RANGE is split
+MAX_PER_WARP = 64  # output columns a warp may be asked to walk (the kernel refuses more)
 
 
 @functools.cache
@@ -97,7 +99,10 @@ def _call(x, packed, centroids, slots, per_warp, covered=None):
   return y.astype(x.dtype)
 
 
-def _check(op, x, packed, centroids, bits, lead, group_sizes=None):
+def _check(op, x, packed, centroids, bits, lead, group_sizes=None, per_warp=0):
+  if not 0 <= per_warp <= MAX_PER_WARP:
+    raise CqjaxError(f"{op}: per_warp is the output columns a warp walks, 1 to {MAX_PER_WARP} (0: the kernel's "
+                     f"choice); got {per_warp}")
   return cuda.check_call(op, x, packed, centroids, bits, lead, available(), lambda _, *rest: supports(*rest),
                          f"4-bit codes, one codebook per row and d_in a multiple of {CHUNK} up to {MAX_D_IN}",
                          group_sizes)
@@ -109,7 +114,7 @@ def lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, b
   """x [m, d_in] times one codebook weight with int8 numerics -> [m, d_out] (x's dtype); per_warp:
   output columns a warp walks (0: the kernel's choice)."""
   m = x.shape[0]
-  n = _check("CUDA lut_matmul_bitplane", x, packed, centroids, bits, ())
+  n = _check("CUDA lut_matmul_bitplane", x, packed, centroids, bits, (), per_warp=per_warp)
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
   return _call(x, packed[None], centroids[None], jnp.asarray([[0], [0], [m]], jnp.int32), per_warp)
@@ -118,10 +123,11 @@ def lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, b
 @functools.partial(jax.jit, static_argnames=("bits", "per_warp"))
 def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
                                 group_sizes: jax.Array, *, per_warp: int = 0) -> jax.Array:
-  """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics -> [t, d_out]."""
+  """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics -> [t, d_out];
+  per_warp as lut_matmul_bitplane's."""
   t = x.shape[0]
   e = packed.shape[0] if packed.ndim == 3 else -1
-  n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes)
+  n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes, per_warp)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes))

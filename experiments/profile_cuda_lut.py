@@ -86,8 +86,9 @@ def tuning(args, spec: str, rows: int, k: int, n: int, experts: int = 0):
   if args.bitplane:
     if spec == "default":
       return 0
-    if not spec.isdigit() or not 1 <= int(spec) <= 64:
-      raise SystemExit(f"profile_cuda_lut: a bit-plane tuning is its output columns a warp, 1 to 64; got {spec!r}")
+    if not spec.isdigit() or not 1 <= int(spec) <= ckb.MAX_PER_WARP:
+      raise SystemExit(f"profile_cuda_lut: a bit-plane tuning is its output columns a warp, 1 to {ckb.MAX_PER_WARP}; "
+                       f"got {spec!r}")
     return int(spec)
   if args.pallas:
     return parse_pallas_tuning(spec, rows, k, n, experts)

@@ -99,6 +99,16 @@ def test_refuses_without_the_library():
     kb.lut_matmul_bitplane(jnp.ones((1, 256), jnp.bfloat16), w.packed, w.centroids, 4)
 
 
+def test_refuses_columns_a_warp_out_of_range():
+  """per_warp past what the kernel walks stops with its name before anything runs (any host)."""
+  w = random_codebook_weight(np.random.default_rng(3), (2,), 16, 256, 4, 256)
+  x = jnp.ones((1, 256), jnp.bfloat16)
+  with pytest.raises(CqjaxError, match="lut_matmul_bitplane: per_warp is the output columns a warp walks, 1 to 64"):
+    kb.lut_matmul_bitplane(x, w.packed[0], w.centroids[0], 4, per_warp=65)
+  with pytest.raises(CqjaxError, match="grouped_lut_matmul_bitplane: per_warp .* got -1"):
+    kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, 4, jnp.asarray([1, 0], jnp.int32), per_warp=-1)
+
+
 def _on_cpu(reference, *args):
   """The reference computed by XLA:CPU. On the H100 (jax 0.11.2), lut_matmul_int8_reference run
   by XLA:GPU put a few columns 0.4-2 % off the exact int8 products (y 43.9497 where the exact dot
