@@ -1,6 +1,6 @@
 // The output of the int8-numerics kernels (lut_matmul_int8.cu, lut_matmul_bitplane.cu):
 // y = (sc * dot) * sx written in float32 or bf16, and rows no expert slot covers zeroed
-// (`jax.lax.ragged_dot`'s contract).
+// (`jax.lax.ragged_dot`'s contract); and the FFI check of those float operands.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,7 +9,14 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "xla/ffi/api/ffi.h"
+
 namespace cqjax_cuda {
+
+// Whether an FFI operand or result is of the float dtypes these kernels read and write.
+inline bool float_or_bf16(xla::ffi::DataType t) {
+  return t == xla::ffi::DataType::F32 || t == xla::ffi::DataType::BF16;
+}
 
 // y = (sc * float(dot)) * sx in float32, the order of cqjax.lut_matmul.lut_matmul_int8_reference.
 __device__ __forceinline__ float scaled_dot(float sc, int dot, float sx) {

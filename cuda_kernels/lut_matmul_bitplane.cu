@@ -155,8 +155,6 @@ ffi::Error failed(cudaError_t err) {
   return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
-bool float_or_bf16(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
-
 ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::F32> sx,
                                  ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> scales,

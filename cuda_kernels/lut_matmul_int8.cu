@@ -427,10 +427,9 @@ ffi::Error LutMatmulInt8Impl(cudaStream_t stream, ffi::Buffer<ffi::S8> x, ffi::B
   const int64_t x_stride = wgmma ? (k + kWg8Inputs - 1) / kWg8Inputs * kWg8Inputs : k;
   if (k % 32 != 0 || k > kMaxK8 || xd[1] != x_stride || cd[0] != e || cd[1] != n || cd[2] != 16)
     return invalid("operand shapes disagree (k a multiple of 32 up to 133143, one 16-entry codebook a row)");
-  const auto is_float = [](ffi::DataType d) { return d == ffi::DataType::F32 || d == ffi::DataType::BF16; };
   // An int32 output [splits, t, n]: the wgmma kernel's split-K sums of one weight (no scaling).
   const bool partial = out->element_type() == ffi::DataType::S32;
-  if (!is_float(centroids.element_type()) || !(is_float(out->element_type()) || partial))
+  if (!float_or_bf16(centroids.element_type()) || !(float_or_bf16(out->element_type()) || partial))
     return invalid("centroids and the output must be float32 or bf16 (int32 [splits, t, n]: split-K sums)");
   if (sx.element_count() != t) return invalid("the scales of x must be float32 [t]");
   const auto od = out->dimensions();

@@ -42,6 +42,19 @@ def assert_int8_numerics(got, ref, dtype):
   np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
 
 
+def assert_single_int8_product(run, reference, m, k, n, dtype):
+  """One weight's int8-numerics kernel run(x, packed, centroids, 4) -> [m, n] in x's dtype, against
+  reference (the same signature), on operands seeded by the shape."""
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(m * 1000 + k + n)
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+  got = run(x, w.packed, w.centroids, 4)
+  assert got.dtype == dtype and got.shape == (m, n)
+  assert_int8_numerics(got, reference(x, w.packed, w.centroids, 4), dtype)
+
+
 def random_codebook_weight(rng, lead, n, k, bits, group):
   """A CodebookWeight of random codes and normal centroids: W [*lead, k, n], codebooks of `group` inputs."""
   import jax.numpy as jnp

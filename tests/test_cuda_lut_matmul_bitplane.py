@@ -3,13 +3,14 @@ arithmetic (bit-planes, the Moebius transform of the codebooks, the kernel's ord
 in numpy against the int8 reference everywhere, and the kernel itself against
 cqjax.lut_matmul.lut_matmul_int8_reference on a GPU where the library is built."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_int8_numerics, random_codebook_weight
+from conftest import assert_int8_numerics, assert_single_int8_product, random_codebook_weight
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import grouped_lut_matmul_int8_reference, int8_round, lut_matmul_int8_reference
 from cuda_kernels import lut_matmul_bitplane as kb
@@ -128,12 +129,8 @@ SHAPES = [(256, 64), (768, 37), (4352, 130), (4096, 5)]
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_matches_reference(m, k, n, dtype):
-  rng = np.random.default_rng(m * 1000 + k + n)
-  w = random_codebook_weight(rng, (), n, k, 4, k)
-  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-  got = kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4)
-  assert got.dtype == dtype and got.shape == (m, n)
-  assert_int8_numerics(got, _on_cpu(lut_matmul_int8_reference, x, w.packed, w.centroids, 4), dtype)
+  assert_single_int8_product(kb.lut_matmul_bitplane, functools.partial(_on_cpu, lut_matmul_int8_reference), m, k, n,
+                             dtype)
 
 
 @needs_gpu

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_int8_numerics, random_codebook_weight
+from conftest import assert_int8_numerics, assert_single_int8_product, random_codebook_weight
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import grouped_lut_matmul_int8_reference, lut_matmul_int8_reference
 from cuda_kernels import lut_matmul_int8 as ck8
@@ -28,12 +28,7 @@ SHAPES = [(256, 64), (352, 37), (96, 130), (1440, 200), (4096, 5)]
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_matches_reference(m, k, n, dtype):
-  rng = np.random.default_rng(m * 1000 + k + n)
-  w = random_codebook_weight(rng, (), n, k, 4, k)
-  x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-  got = ck8.lut_matmul_int8(x, w.packed, w.centroids, 4)
-  assert got.dtype == dtype and got.shape == (m, n)
-  assert_int8_numerics(got, lut_matmul_int8_reference(x, w.packed, w.centroids, 4), dtype)
+  assert_single_int8_product(ck8.lut_matmul_int8, lut_matmul_int8_reference, m, k, n, dtype)
 
 
 @needs_gpu
