@@ -13,6 +13,9 @@
 //   sx         float32 [t]              x's scales
 //   packed     uint8 [experts, n, k/2]  two codes a byte, low nibble first (cqjax/codebook.py)
 //   centroids  float32 or bf16 [experts, n, 16]; rounded here as int8_round (round half to even)
+//              -- or, laid out ahead (bitplane_layout in the wrapper), int32 [experts, n, 16]: each
+//              row's alpha as int16 (words 0-7), its scale's float32 bits (word 8), zeros, with
+//              packed already in bit-planes (each 16-byte group transposed as below)
 //   slots      int32 [3, s]             expert, first row, rows of each slot (rows 0: no work)
 //   per_warp   (attribute) output columns a warp walks; 0: chosen here
 // Results, by the number of K ranges (splits = ceil(k / 4096)):
@@ -35,10 +38,10 @@
 // Mapping: a warp walks per_warp output columns (rows of the weight; a block's warps interleave) of
 // its slot's expert over a K range of kChunks chunks (blockIdx.y), holding x's planes of that range
 // for one row of x in registers. Each column's codes (and codebook) are copied by cp.async into a
-// two-stage ring in shared memory, one column ahead; the warp turns each stage's nibbles into
-// bit-planes in place (a 4 x 4 bit transpose within each nibble of a 16-byte group: plane p's bit
-// 4i + j is code bit p of nibble i of word j), rounds and transforms the codebook across lanes, and
-// issues one mma a chunk per row of x. Lane (g, t): mma rows g and g + 8 are the subsets S = g and
+// two-stage ring in shared memory, one column ahead. Unless laid out ahead (kLaidOut), the warp
+// turns each stage's nibbles into bit-planes in place (a 4 x 4 bit transpose within each nibble of
+// a 16-byte group: plane p's bit 4i + j is code bit p of nibble i of word j) and rounds and
+// transforms the codebook across lanes. It issues one mma a chunk per row of x. Lane (g, t): mma rows g and g + 8 are the subsets S = g and
 // g + 8, B column g is plane g, and D holds the counts of (S, plane) = (g or g + 8, 2t or 2t + 1).
 // The warp's sum of a (row of x, column) is exact (all arithmetic wraps mod 2^32, and the true dot
 // fits in int32), and one lane writes it: no atomics, so nothing needs zeroing first.
@@ -72,7 +75,7 @@ struct Problem {
   const uint32_t* xpl;
   const float* sx;
   const uint8_t* packed;
-  const void* centroids;  // float32 or bf16 (cent_bf16)
+  const void* centroids;  // float32 or bf16 (cent_bf16), or int32 codebooks laid out ahead
   const int32_t* slots;   // [3, num_slots]
   void* out;              // splits 1: [t, n] float32 or bf16 (out_bf16); else int32 [splits, t, n]
   float* scales;          // splits 2+: [t, n]
@@ -93,6 +96,9 @@ __device__ __forceinline__ void write(const Problem& p, int row, int col, int do
   store_float(p.out, p.out_bf16, at, scaled_dot(s, dot, p.sx[row]));
 }
 
+// kLaidOut: packed is in bit-planes and the codebooks hold alpha and the scale (bitplane_layout),
+// so a column costs neither the transpose nor the rounding.
+template <bool kLaidOut>
 __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
   __shared__ uint4 ring[kWarps][kStages][kStageU4];
   const int lane = threadIdx.x & 31, t = lane & 3, warp = threadIdx.x >> 5;
@@ -104,7 +110,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
   const int chunks = p.k / kChunk, c0 = blockIdx.y * kChunks, here = min(kChunks, chunks - c0);
   const int col0 = block_col0 + warp;
   if (count == 0 || col0 >= col_end) return;  // an expert without rows costs a block exit
-  const int cent_u4 = p.cent_bf16 ? 2 : 4;
+  const int cent_u4 = kLaidOut ? 3 : p.cent_bf16 ? 2 : 4;
   uint4(*stages)[kStageU4] = ring[warp];
   const auto issue = [&](int col, int stage) {
     if (col >= col_end) return;
@@ -128,12 +134,19 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
     asm volatile("cp.async.wait_group 1;");  // this column's copies have landed
     __syncwarp();
     uint4* b = stages[i % kStages];
-    for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
-    const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
-                                : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
     uint32_t alpha_g, alpha_g8;
-    const float s = codebook_alpha(c, lane, alpha_g, alpha_g8);
-    __syncwarp();
+    float s;
+    if constexpr (kLaidOut) {
+      const int16_t* alpha = reinterpret_cast<const int16_t*>(b + kChunks * 8);
+      alpha_g = static_cast<uint32_t>(alpha[lane >> 2]), alpha_g8 = static_cast<uint32_t>(alpha[(lane >> 2) + 8]);
+      s = reinterpret_cast<const float*>(b + kChunks * 8)[8];
+    } else {
+      for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
+      const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
+                                  : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
+      s = codebook_alpha(c, lane, alpha_g, alpha_g8);
+      __syncwarp();
+    }
     for (int r = start; r < start + count; ++r) {
       if (count > 1) load_x(r);
       uint32_t d[4] = {0u, 0u, 0u, 0u};
@@ -162,11 +175,13 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
   const auto xd = xpl.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (xd.size() != 4 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
     return invalid("expected x planes [t, k/256, 8, 8], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
+  const bool laid_out = centroids.element_type() == ffi::DataType::S32;
   const int64_t t = xd[0], k = 2 * pd[2], e = pd[0], n = pd[1];
   if (k % kChunk != 0 || k > kMaxK || xd[1] != k / kChunk || xd[2] != 8 || xd[3] != 8 || cd[0] != e || cd[1] != n ||
       cd[2] != 16 || sx.dimensions().size() != 1 || sx.dimensions()[0] != t)
     return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row, sx [t])");
-  if (!float_or_bf16(centroids.element_type())) return invalid("centroids must be float32 or bf16");
+  if (!laid_out && !float_or_bf16(centroids.element_type()))
+    return invalid("centroids must be float32 or bf16 (or int32 laid out by bitplane_layout)");
   const int64_t splits = (k / kChunk + kChunks - 1) / kChunks;
   const auto od = out->dimensions(), scd = scales->dimensions();
   const bool out_ok = splits == 1 ? od.size() == 2 && od[0] == t && od[1] == n && float_or_bf16(out->element_type())
@@ -177,8 +192,10 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
     return invalid("the result must be float32 or bf16 [t, n] (k up to 4096), else int32 [ceil(k / 4096), t, n] with "
                    "float32 scales [t, n]");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
+  const auto kernel = laid_out ? bitplane_kernel<true> : bitplane_kernel<false>;
   LaunchLimits lim;
-  cudaError_t err = launch_limits<bitplane_kernel>(kWarps * 32, lim);
+  cudaError_t err = laid_out ? launch_limits<bitplane_kernel<true>>(kWarps * 32, lim)
+                             : launch_limits<bitplane_kernel<false>>(kWarps * 32, lim);
   if (err != cudaSuccess) return failed(err);
   if (per_warp_asked < 0 || per_warp_asked > kMaxPerWarp) return invalid("per_warp must be 0 (chosen here) to 64");
   // Chosen: the fewest columns a warp (up to 16) that let every block be resident at once by
@@ -194,7 +211,7 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
                   per_warp, centroids.element_type() == ffi::DataType::BF16,
                   out->element_type() == ffi::DataType::BF16};
   const dim3 grid((p.n + kWarps * per_warp - 1) / (kWarps * per_warp), p.splits, p.num_slots);
-  bitplane_kernel<<<grid, kWarps * 32, 0, stream>>>(p);
+  kernel<<<grid, kWarps * 32, 0, stream>>>(p);
   err = cudaGetLastError();
   return err == cudaSuccess ? ffi::Error::Success() : failed(err);
 }

@@ -16,6 +16,11 @@ multiple of 256 (`supports`).
 The kernel decodes by bit-planes (one binary mma a 256 codes of a row and row of x): for decode
 rows, where the byte-permute decodes are bound by instruction issue. Each row of x costs one
 more mma a chunk, and a slot of more than one row reloads x's planes for every column.
+
+Both functions also take a weight laid out once by `bitplane_layout` (codes already in
+bit-planes, codebooks already rounded and transformed) in the (packed, centroids) places; the
+kernel then skips that work for every column (H100: 17 µs a 4096x14336 product at one row
+against 20.5 as stored, BENCHMARKS.md session 52).
 """
 from __future__ import annotations
 
@@ -63,6 +68,40 @@ def x_planes(xq: jax.Array) -> jax.Array:
   return jnp.swapaxes(words, -1, -2)
 
 
+def _nibbles_to_planes(words: jax.Array) -> jax.Array:
+  """uint32 [..., 4] 16-byte groups of 32 nibble codes -> their four bit-planes (the kernel's
+  nibbles_to_planes: a 4 x 4 bit transpose within each nibble, four delta swaps)."""
+  x, y, z, w = (words[..., i] for i in range(4))
+  d = ((x >> 1) ^ y) & 0x55555555; x, y = x ^ (d << 1), y ^ d
+  d = ((z >> 1) ^ w) & 0x55555555; z, w = z ^ (d << 1), w ^ d
+  d = ((x >> 2) ^ z) & 0x33333333; x, z = x ^ (d << 2), z ^ d
+  d = ((y >> 2) ^ w) & 0x33333333; y, w = y ^ (d << 2), w ^ d
+  return jnp.stack([x, y, z, w], -1)
+
+
+@jax.jit
+def bitplane_layout(packed: jax.Array, centroids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A 4-bit codebook weight laid out once for the kernel, which then neither transposes codes nor
+  rounds codebooks a call: packed uint8 [..., n, d_in/2] (d_in a multiple of 32), centroids
+  [..., n, 1, 16] -> (planes uint8 [..., n, d_in/2]: each 16-byte group of codes as its four
+  bit-planes; codebooks int32 [..., n, 1, 16]: each row's int8-rounded codebook (`int8_round`)
+  Moebius-transformed over its code bits, alpha[S] as int16 in words 0-7 (|alpha| <= 8 * 254),
+  the scale's float32 bits in word 8, zeros). Both take the kernel's (packed, centroids) places."""
+  *lead, n, half = packed.shape
+  words = jax.lax.bitcast_convert_type(packed.reshape(*lead, n, half // 16, 4, 4), jnp.uint32)
+  planes = jax.lax.bitcast_convert_type(_nibbles_to_planes(words), jnp.uint8).reshape(packed.shape)
+  cq, scale = int8_round(centroids.reshape(*lead, n, 16).astype(jnp.float32), -1)
+  alpha = cq.reshape(*lead, n, 2, 2, 2, 2)  # entry 8 b3 + 4 b2 + 2 b1 + b0 -> axes (b3, b2, b1, b0)
+  for axis in range(-4, 0):  # subsets with the bit minus those without it
+    lo, hi = jnp.split(alpha, 2, axis)
+    alpha = jnp.concatenate([lo, hi - lo], axis)
+  a16 = alpha.reshape(*lead, n, 8, 2).astype(jnp.uint32) & 0xFFFF
+  pairs = a16[..., 0] | (a16[..., 1] << 16)
+  codebooks = jnp.concatenate([pairs, jax.lax.bitcast_convert_type(scale, jnp.uint32),
+                               jnp.zeros((*lead, n, 7), jnp.uint32)], -1)
+  return planes, jax.lax.bitcast_convert_type(codebooks, jnp.int32).reshape(*lead, n, 1, 16)
+
+
 def splits(d_in: int) -> int:
   """The kernel's K ranges: d_in in 4096-input ranges, each a block of the grid."""
   return -(-d_in // (CHUNK * K_RANGE))
@@ -77,7 +116,7 @@ def _ffi(xpl, sx, packed, centroids, slots, out_dtype, per_warp=0):
   t, chunks = xpl.shape[:2]
   e, n = packed.shape[:2]
   centroids = centroids.reshape(e, n, 16)
-  if centroids.dtype not in KERNEL_DTYPES:
+  if centroids.dtype not in (*KERNEL_DTYPES, jnp.int32):  # int32: bitplane_layout's codebooks
     centroids = centroids.astype(jnp.float32)
   s = splits(chunks * CHUNK)
   results = (jax.ShapeDtypeStruct((t, n), out_dtype) if s == 1 else jax.ShapeDtypeStruct((s, t, n), jnp.int32),

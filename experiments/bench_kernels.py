@@ -1,7 +1,7 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--grouped_sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda,int8,bitplane] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
+      [--kernels=pallas,cuda,int8,bitplane,bitplane_laid_out] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
       [--out=FILE] [--plot=PNG]
   python -m experiments.bench_kernels --replot=FILE --plot=PNG   # the figure of a saved run
 
@@ -19,7 +19,8 @@ shapes on the Mixtral shapes, --grouped_sweep at each grouped shape and batch; -
 shape and M (its candidates recorded beside the default; --int8_sweep the same for every
 Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
 reference, which should be float32 rounding, and against the float product), kernel bitplane the same
-numerics on binary tensor cores (cuda_kernels/lut_matmul_bitplane.py); --decode times greedy decoding of the small reference model's
+numerics on binary tensor cores (cuda_kernels/lut_matmul_bitplane.py), bitplane_laid_out that kernel on weights laid
+out ahead (bitplane_layout: codes in bit-planes, codebooks as alpha); --decode times greedy decoding of the small reference model's
 architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes), bf16 vs 4-bit codebooks.
 --plot draws each kernel's speedup against M and the decode batch (experiments.plots.plot_kernel_speedups).
 """
@@ -219,6 +220,17 @@ def _time_tunings(matmul, x, weights, tunings, sets, repeats, *extra):
   return res
 
 
+BITPLANE_KINDS = frozenset({"bitplane", "bitplane_laid_out"})
+
+
+def _bitplane_operands(weights, kind: str) -> list:
+  """Each weight's (packed, centroids) for the bit-plane kernel: as stored, or laid out ahead by
+  bitplane_layout (kind bitplane_laid_out; not timed)."""
+  if kind == "bitplane":
+    return [(w.packed, w.centroids) for w in weights]
+  return [jax.block_until_ready(kb.bitplane_layout(w.packed, w.centroids)) for w in weights]
+
+
 def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False, cuda_layouts=None,
                  int8_sweep=()):
   key = jax.random.key(k * 7 + n)
@@ -264,15 +276,17 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
             flush=True)
-    if "bitplane" in kernels:
+    for kind in sorted(BITPLANE_KINDS & set(kernels)):
+      operands = _bitplane_operands(weights, kind)
+      got = kb.lut_matmul_bitplane(x, *operands[0], BITS)
+      bitplane = jax.jit(lambda x, ws: [kb.lut_matmul_bitplane(x, p, c, BITS) for p, c in ws])
+      t_p = _per_call_us(bitplane, (x, operands)) / sets
       w0 = weights[0]
-      got = kb.lut_matmul_bitplane(x, w0.packed, w0.centroids, BITS)
-      bitplane = jax.jit(lambda x, ws: [kb.lut_matmul_bitplane(x, w.packed, w.centroids, BITS) for w in ws])
-      t_p = _per_call_us(bitplane, (x, weights)) / sets
-      row.update(bitplane_us=t_p, bitplane_speedup_vs_bf16=t_bf16 / t_p, bitplane_pct_copy=100 * bytes_codes / t_p / 1e3 / bw,
-                 bitplane_err_own=_rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS)))
-      print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  bitplane {t_p:6.1f} us ({t_bf16 / t_p:4.2f}x bf16, "
-            f"{row['bitplane_pct_copy']:3.0f}% of copy) err own {row['bitplane_err_own']:.1e}", flush=True)
+      row.update({f"{kind}_us": t_p, f"{kind}_speedup_vs_bf16": t_bf16 / t_p,
+                  f"{kind}_pct_copy": 100 * bytes_codes / t_p / 1e3 / bw,
+                  f"{kind}_err_own": _rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS))})
+      print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  {kind} {t_p:6.1f} us ({t_bf16 / t_p:4.2f}x bf16, "
+            f"{row[f'{kind}_pct_copy']:3.0f}% of copy) err own {row[f'{kind}_err_own']:.1e}", flush=True)
     if "pallas" not in kernels:
       rows.append(row)
       continue
@@ -361,16 +375,17 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
       print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  int8 {t_i:6.1f} us "
             f"({t_ragged / t_i:5.2f}x; a call {t_i * sets:.0f} us, its host floor {row['host_floor_us']:.0f}) "
             f"err own {row['int8_err_own']} float {row['int8_err_float']:.1e}", flush=True)
-    if "bitplane" in kernels:
+    for kind in sorted(BITPLANE_KINDS & set(kernels)):
+      operands = _bitplane_operands(weights, kind)
+      got = kb.grouped_lut_matmul_bitplane(x, *operands[0], BITS, gs)
       w0 = weights[0]
-      got = kb.grouped_lut_matmul_bitplane(x, w0.packed, w0.centroids, BITS, gs)
       own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None
-      bitplane = jax.jit(lambda x, ws, gs: [kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, BITS, gs) for w in ws])
-      t_p = _per_call_us(bitplane, (x, weights, gs)) / sets
-      row.update(bitplane_us=t_p, bitplane_speedup_vs_ragged=t_ragged / t_p, bitplane_err_float=_rel_err(got, ref),
-                 bitplane_err_own=None if own is None else _rel_err(got, own))
-      print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  bitplane {t_p:6.1f} us "
-            f"({t_ragged / t_p:5.2f}x) err own {row['bitplane_err_own']} float {row['bitplane_err_float']:.1e}", flush=True)
+      bitplane = jax.jit(lambda x, ws, gs: [kb.grouped_lut_matmul_bitplane(x, p, c, BITS, gs) for p, c in ws])
+      t_p = _per_call_us(bitplane, (x, operands, gs)) / sets
+      row.update({f"{kind}_us": t_p, f"{kind}_speedup_vs_ragged": t_ragged / t_p, f"{kind}_err_float": _rel_err(got, ref),
+                  f"{kind}_err_own": None if own is None else _rel_err(got, own)})
+      print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  {kind} {t_p:6.1f} us "
+            f"({t_ragged / t_p:5.2f}x) err own {row[f'{kind}_err_own']} float {row[f'{kind}_err_float']:.1e}", flush=True)
     if "pallas" not in kernels:
       continue
     t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
@@ -505,7 +520,7 @@ def main():
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
-  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8, bitplane (the last three "
+  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8, bitplane, bitplane_laid_out (the last four "
                   "where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
@@ -535,7 +550,7 @@ def main():
   ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
   batches = tuple(int(v) for v in args.batches.split(",")) if args.batches else batches
   kernels = tuple(k for k in args.kernels.split(",")
-                  if k and (k not in ("cuda", "int8") or ck.available()) and (k != "bitplane" or kb.available()))
+                  if k and (k not in ("cuda", "int8") or ck.available()) and (k not in BITPLANE_KINDS or kb.available()))
   int8_sweep = ck8.TUNINGS if args.int8_sweep else _int8_tunings(args.int8_tunings)
   print(f"kernels: {', '.join(kernels)}", flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw, "single": [],

@@ -10,7 +10,8 @@ tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tun
 spells them: 8/2p, 4/16w2). With --pallas it is the Pallas kernel (-k regex:cqjax_) and a tuning is
 block_m/block_n/block_k/k_splits/num_warps/num_stages (pallas_kernels.lut_matmul.LutTuning). With
 --bitplane it is the bit-plane kernel (-k regex:bitplane_kernel) and a tuning is its output columns a warp
-(cuda_kernels.lut_matmul_bitplane's per_warp; "default" lets the kernel choose).
+(cuda_kernels.lut_matmul_bitplane's per_warp; "default" lets the kernel choose), and --laid_out gives it
+the weights laid out ahead (bitplane_layout).
 --experts=E --top_k=K instead runs the grouped kernel over E stacked experts at decode batches --ms
 (random top-K routing), two weights in one jitted call as bench_kernels times them, so that a
 profiler without a kernel filter also sees what XLA runs around the kernel (quantizing x, the
@@ -98,16 +99,22 @@ def tuning(args, spec: str, rows: int, k: int, n: int, experts: int = 0):
   return parse(spec, ck.rows_per_slot(rows, experts), k, n, min(rows, experts))
 
 
+def operands(args, w: CodebookWeight) -> tuple:
+  """The kernel's (packed, centroids) of w: as stored, or laid out ahead (--laid_out)."""
+  return jax.block_until_ready(ckb.bitplane_layout(w.packed, w.centroids)) if args.laid_out else (w.packed, w.centroids)
+
+
 def profile_grouped(args, k, n, kp, kc, kx):
   e, run = args.experts, kernel(args, grouped=True)
   ws = [CodebookWeight(jax.random.randint(jax.random.fold_in(kp, i), (e, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8),
                        jax.random.normal(jax.random.fold_in(kc, i), (e, n, 1, 16), jnp.bfloat16), 4, k) for i in range(2)]
+  ws = [operands(args, w) for w in ws]
   for b in (int(v) for v in args.ms.split(",")):
     gs = random_routing(jax.random.fold_in(kx, b), b, e, args.top_k)
     x = jax.random.normal(jax.random.fold_in(kx, 1000 + b), (b * args.top_k, k), jnp.bfloat16)
     for spec in args.tunings.split(","):
       t = tuning(args, spec, x.shape[0], k, n, e)
-      f = jax.jit(lambda x, ws, gs, t=t: [run(x, w.packed, w.centroids, 4, gs, tuning=t) for w in ws])
+      f = jax.jit(lambda x, ws, gs, t=t: [run(x, *w, 4, gs, tuning=t) for w in ws])
       jax.block_until_ready(f(x, ws, gs))  # compiled and run once before the launches printed
       print(f"launch: {e} experts {k}x{n} batch={b} top-{args.top_k} ({int(jnp.sum(gs > 0))} active) {t}", flush=True)
       jax.block_until_ready(f(x, ws, gs))
@@ -126,11 +133,14 @@ def main():
                      "its output columns a warp")
   which.add_argument("--pallas", action="store_true", help="the Pallas kernel; tunings are block_m/block_n/block_k/"
                      "k_splits/num_warps/num_stages")
+  ap.add_argument("--laid_out", action="store_true", help="--bitplane on weights laid out ahead (bitplane_layout)")
   ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")
   ap.add_argument("--top_k", type=int, default=2, help="grouped: experts a token")
   ap.add_argument("--trace", type=int, default=0, help="grouped: also trace this many calls under jax.profiler and "
                   "print their device kernels a call (no ncu needed)")
   args = ap.parse_args()
+  if args.laid_out and not args.bitplane:
+    raise SystemExit("profile_cuda_lut: --laid_out lays weights out for the bit-plane kernel; give --bitplane")
   if args.pallas and jax.default_backend() != "gpu":
     raise SystemExit("profile_cuda_lut: --pallas profiles the compiled Pallas kernel; this host has no GPU")
   built = ckb.available() if args.bitplane else ck8.available() if args.int8 else ck.available()
@@ -145,13 +155,13 @@ def main():
     return profile_grouped(args, k, n, kp, kc, kx)
   packed = jax.random.randint(kp, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
   w = CodebookWeight(packed, jax.random.normal(kc, (n, 1, 16), jnp.bfloat16), 4, k)
-  run = kernel(args)
+  run, ops = kernel(args), operands(args, w)
   for m in (int(v) for v in args.ms.split(",")):
     x = jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.bfloat16)
     for spec in args.tunings.split(","):
       t = tuning(args, spec, m, k, n)
       print(f"launch: {k}x{n} M={m} {t}", flush=True)
-      jax.block_until_ready(run(x, w.packed, w.centroids, 4, tuning=t))
+      jax.block_until_ready(run(x, *ops, 4, tuning=t))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,29 @@ def test_bit_plane_arithmetic_gives_the_int8_dot_products():
   np.testing.assert_array_equal(got, want)
 
 
+def test_bitplane_layout_is_the_kernels_transpose_and_moebius_transform():
+  """bitplane_layout does once what the kernel otherwise does a call: the codes' transpose into
+  planes, and codebooks whose int16 alpha give back each int8-rounded entry as the sum over the
+  subsets of its bits (here with the largest |alpha|, 16 * 127, in one row) and whose word 8 is
+  the codebook's scale."""
+  rng = np.random.default_rng(4)
+  w = random_codebook_weight(rng, (2,), 5, 512, 4, 512)
+  cent = np.array(w.centroids, np.float32)
+  cent[1, 2, 0] = [(-1.0) ** bin(c).count("1") for c in range(16)]
+  planes, codebooks = kb.bitplane_layout(w.packed, jnp.asarray(cent))
+  assert planes.shape == w.packed.shape and planes.dtype == np.uint8 and codebooks.shape == (2, 5, 1, 16)
+  want = _transpose_nibbles(np.asarray(w.packed).view("<u4").reshape(2, 5, 16, 4))
+  np.testing.assert_array_equal(np.asarray(planes).view("<u4").reshape(2, 5, 16, 4), want)
+  words = np.asarray(codebooks)[:, :, 0]
+  alpha = words[..., :8].view("<i2").astype(np.int64)                                       # [2, 5, 16]
+  cq, scale = (np.asarray(v) for v in int8_round(jnp.asarray(cent[:, :, 0]), -1))
+  rebuilt = np.stack([alpha[..., [s for s in range(16) if s & c == s]].sum(-1) for c in range(16)], -1)
+  np.testing.assert_array_equal(rebuilt, cq)
+  assert np.abs(alpha).max() == 16 * 127
+  np.testing.assert_array_equal(words[..., 8].view(np.float32), scale[..., 0])
+  assert not words[..., 9:].any()
+
+
 def _codes(w, n, k):
   """The codes of a CodebookWeight's rows, low nibble first."""
   b = np.asarray(w.packed).reshape(n, k // 2)
@@ -124,13 +147,19 @@ def _on_cpu(reference, *args):
 SHAPES = [(256, 64), (768, 37), (4352, 130), (4096, 5)]
 
 
+def _laid_out(run):
+  """run(x, packed, centroids, bits, ...) given the weight as bitplane_layout lays it out."""
+  return lambda x, packed, centroids, bits, *rest: run(x, *kb.bitplane_layout(packed, centroids), bits, *rest)
+
+
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 17])
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_matches_reference(m, k, n, dtype):
-  assert_single_int8_product(kb.lut_matmul_bitplane, functools.partial(_on_cpu, lut_matmul_int8_reference), m, k, n,
-                             dtype)
+@pytest.mark.parametrize("laid_out", [False, True])
+def test_matches_reference(m, k, n, dtype, laid_out):
+  run = _laid_out(kb.lut_matmul_bitplane) if laid_out else kb.lut_matmul_bitplane
+  assert_single_int8_product(run, functools.partial(_on_cpu, lut_matmul_int8_reference), m, k, n, dtype)
 
 
 @needs_gpu
@@ -151,19 +180,22 @@ def test_bf16_codebooks_rounded_in_the_kernel():
 
 @needs_gpu
 @pytest.mark.parametrize("sizes", [[0, 3, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [20, 0, 5, 9, 1]])
-def test_grouped_matches_reference(sizes):
+@pytest.mark.parametrize("laid_out", [False, True])
+def test_grouped_matches_reference(sizes, laid_out):
   rng = np.random.default_rng(sum(sizes) + len(sizes))
   w = random_codebook_weight(rng, (5,), 50, 768, 4, 768)
   x = jnp.asarray(rng.normal(size=(sum(sizes) + 2, 768)), jnp.bfloat16)  # 2 rows past the last group
   gs = jnp.asarray(sizes, jnp.int32)
-  got = kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, 4, gs)
+  run = _laid_out(kb.grouped_lut_matmul_bitplane) if laid_out else kb.grouped_lut_matmul_bitplane
+  got = run(x, w.packed, w.centroids, 4, gs)
   assert_int8_numerics(got, _on_cpu(grouped_lut_matmul_int8_reference, x, w.packed, w.centroids, 4, gs), jnp.bfloat16)
   assert not np.asarray(got[sum(sizes):], np.float32).any()
 
 
 @needs_gpu
 @pytest.mark.parametrize("sizes", [[2, 0, 1], [0, 0, 0]])
-def test_grouped_with_split_k_matches_reference(sizes):
+@pytest.mark.parametrize("laid_out", [False, True])
+def test_grouped_with_split_k_matches_reference(sizes, laid_out):
   """d_in past 4096: the K ranges' dots summed and scaled by the wrapper, rows past the last group
   zero (the kernel leaves them unwritten), here with x's padding rows all inf."""
   rng = np.random.default_rng(5 + sum(sizes))
@@ -171,7 +203,8 @@ def test_grouped_with_split_k_matches_reference(sizes):
   x = np.asarray(rng.normal(size=(sum(sizes) + 2, 4352)), np.float32)
   x[sum(sizes):] = np.inf
   x, gs = jnp.asarray(x), jnp.asarray(sizes, jnp.int32)
-  got = kb.grouped_lut_matmul_bitplane(x, w.packed, w.centroids, 4, gs)
+  run = _laid_out(kb.grouped_lut_matmul_bitplane) if laid_out else kb.grouped_lut_matmul_bitplane
+  got = run(x, w.packed, w.centroids, 4, gs)
   if sum(sizes):
     want = _on_cpu(grouped_lut_matmul_int8_reference, x[:sum(sizes)], w.packed, w.centroids, 4, gs)
     assert_int8_numerics(got[:sum(sizes)], want, jnp.float32)

@@ -94,14 +94,16 @@ def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, c
 
 def test_profile_cuda_lut_runs_the_bitplane_kernel_per_columns_a_warp(monkeypatch, capsys):
   """--bitplane: the grouped call runs per batch and tuning, a tuning being the kernel's output
-  columns a warp (default: 0, the kernel's choice); anything else stops with its name."""
+  columns a warp (default: 0, the kernel's choice), on the weights as stored or (--laid_out) as
+  bitplane_layout lays them out; anything else stops with its name."""
   from cqjax.lut_matmul import grouped_lut_matmul_int8_reference
   from cuda_kernels import lut_matmul_bitplane as ckb
   from experiments import profile_cuda_lut
-  calls = []
+  calls, codebook_dtypes = [], set()
 
   def reference(x, packed, centroids, bits, gs, per_warp):
     calls.append((x.shape[0], per_warp))
+    codebook_dtypes.add(str(centroids.dtype))
     return grouped_lut_matmul_int8_reference(x, packed, centroids, bits, gs)
 
   monkeypatch.setattr(ckb, "available", lambda: True)
@@ -112,6 +114,14 @@ def test_profile_cuda_lut_runs_the_bitplane_kernel_per_columns_a_warp(monkeypatc
   launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("launch:")]
   assert len(launches) == 4 and launches[0].endswith(" 0") and launches[1].endswith(" 2")
   assert calls == [(2, 0), (2, 0), (2, 2), (2, 2), (6, 0), (6, 0), (6, 2), (6, 2)]
+  assert codebook_dtypes == {"bfloat16"}
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--laid_out", "--experts=8", "--shape=256x32",
+                                    "--ms=1"])
+  profile_cuda_lut.main()
+  assert codebook_dtypes == {"bfloat16", "int32"}
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--laid_out", "--experts=8", "--shape=256x32"])
+  with pytest.raises(SystemExit, match="--laid_out lays weights out for the bit-plane kernel; give --bitplane"):
+    profile_cuda_lut.main()
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--experts=8", "--shape=256x32", "--tunings=8/2"])
   with pytest.raises(SystemExit, match="a bit-plane tuning is its output columns a warp, 1 to 64; got '8/2'"):
     profile_cuda_lut.main()
