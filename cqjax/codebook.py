@@ -101,6 +101,8 @@ def check_codebook_operands(op: str, x, packed, centroids, bits: int, d_in: int,
     raise CqjaxError(f"{op}: x must be floating point, got {x.dtype}")
   if packed.dtype != jnp.uint8:
     raise CqjaxError(f"{op}: packed codes must be uint8, got {packed.dtype}")
+  if not jnp.issubdtype(centroids.dtype, jnp.floating):  # e.g. a bit-plane kernel's laid-out int32 codebooks
+    raise CqjaxError(f"{op}: centroids must be floating point, got {centroids.dtype}")
   if not 1 <= bits <= 8:
     raise CqjaxError(f"{op}: bits must be in [1, 8], got {bits}")
   n = packed.shape[len(lead)] if packed.ndim == len(lead) + 2 else -1

@@ -142,6 +142,8 @@ def _check(op, x, packed, centroids, bits, lead, group_sizes=None, per_warp=0):
   if not 0 <= per_warp <= MAX_PER_WARP:
     raise CqjaxError(f"{op}: per_warp is the output columns a warp walks, 1 to {MAX_PER_WARP} (0: the kernel's "
                      f"choice); got {per_warp}")
+  if centroids.dtype == jnp.int32:  # bitplane_layout's codebooks: checked by shape as float32 ones are
+    centroids = jax.ShapeDtypeStruct(centroids.shape, jnp.float32)
   return cuda.check_call(op, x, packed, centroids, bits, lead, available(), lambda _, *rest: supports(*rest),
                          f"4-bit codes, one codebook per row and d_in a multiple of {CHUNK} up to {MAX_D_IN}",
                          group_sizes)

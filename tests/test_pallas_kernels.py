@@ -226,6 +226,8 @@ def test_bad_inputs_raise_clear_errors():
     pk.lut_matmul(x, w.packed.astype(jnp.int32), w.centroids, 4, interpret=True)
   with pytest.raises(CqjaxError, match="centroids"):
     pk.lut_matmul(x, w.packed, w.centroids[..., :8], 4, interpret=True)
+  with pytest.raises(CqjaxError, match="Pallas lut_matmul: centroids must be floating point, got int32"):
+    pk.lut_matmul(x, w.packed, w.centroids.astype(jnp.int32), 4, interpret=True)  # e.g. laid out for bit-planes
   with pytest.raises(CqjaxError, match="group_sizes must be integers"):
     pk.grouped_lut_matmul(x, w.packed[None], w.centroids[None], 4, jnp.ones((2,), jnp.float32), interpret=True)
   with pytest.raises(CqjaxError, match="block_n must be a power of two"):
