@@ -41,8 +41,9 @@
 // two-stage ring in shared memory, one column ahead. Unless laid out ahead (kLaidOut), the warp
 // turns each stage's nibbles into bit-planes in place (a 4 x 4 bit transpose within each nibble of
 // a 16-byte group: plane p's bit 4i + j is code bit p of nibble i of word j) and rounds and
-// transforms the codebook across lanes. It issues one mma a chunk per row of x. Lane (g, t): mma rows g and g + 8 are the subsets S = g and
-// g + 8, B column g is plane g, and D holds the counts of (S, plane) = (g or g + 8, 2t or 2t + 1).
+// transforms the codebook across lanes. It issues one mma a chunk per row of x. Lane (g, t): mma
+// rows g and g + 8 are the subsets S = g and g + 8, B column g is plane g, and D holds the counts
+// of (S, plane) = (g or g + 8, 2t or 2t + 1).
 // The warp's sum of a (row of x, column) is exact (all arithmetic wraps mod 2^32, and the true dot
 // fits in int32), and one lane writes it: no atomics, so nothing needs zeroing first.
 #include <cuda_bf16.h>

@@ -85,7 +85,7 @@ def bitplane_layout(packed: jax.Array, centroids: jax.Array) -> tuple[jax.Array,
   rounds codebooks a call: packed uint8 [..., n, d_in/2] (d_in a multiple of 32), centroids
   [..., n, 1, 16] -> (planes uint8 [..., n, d_in/2]: each 16-byte group of codes as its four
   bit-planes; codebooks int32 [..., n, 1, 16]: each row's int8-rounded codebook (`int8_round`)
-  Moebius-transformed over its code bits, alpha[S] as int16 in words 0-7 (|alpha| <= 8 * 254),
+  Moebius-transformed over its code bits, alpha[S] as int16 in words 0-7 (|alpha| <= 16 * 127),
   the scale's float32 bits in word 8, zeros). Both take the kernel's (packed, centroids) places."""
   *lead, n, half = packed.shape
   words = jax.lax.bitcast_convert_type(packed.reshape(*lead, n, half // 16, 4, 4), jnp.uint32)
