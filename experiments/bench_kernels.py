@@ -240,6 +240,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
   bytes_codes = _code_bytes(weights[0])
   bf16 = jax.jit(lambda x, ws: [x @ w for w in ws])
   gather = jax.jit(lambda x, ws: [lut_matmul_reference(x, w) for w in ws])
+  bitplane_ops = {kind: _bitplane_operands(weights, kind) for kind in sorted(BITPLANE_KINDS & set(kernels))}
   rows = []
   for m in ms:
     x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, k), jnp.bfloat16)
@@ -276,8 +277,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  int8 {t_i:6.1f} us ({t_bf16 / t_i:4.2f}x bf16, {res[0][1]}; "
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
             flush=True)
-    for kind in sorted(BITPLANE_KINDS & set(kernels)):
-      operands = _bitplane_operands(weights, kind)
+    for kind, operands in bitplane_ops.items():
       got = kb.lut_matmul_bitplane(x, *operands[0], BITS)
       bitplane = jax.jit(lambda x, ws: [kb.lut_matmul_bitplane(x, p, c, BITS) for p, c in ws])
       t_p = _per_call_us(bitplane, (x, operands)) / sets
@@ -339,6 +339,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   gather = jax.jit(lambda x, ws, gs: [grouped_lut_matmul_reference(x, w, gs) for w in ws])
   kern = jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
   cuda = jax.jit(lambda x, ws, gs: [ck.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
+  bitplane_ops = {kind: _bitplane_operands(weights, kind) for kind in sorted(BITPLANE_KINDS & set(kernels))}
   rows = []
   for b in batches:
     gs = routing[b]
@@ -375,8 +376,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
       print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  int8 {t_i:6.1f} us "
             f"({t_ragged / t_i:5.2f}x; a call {t_i * sets:.0f} us, its host floor {row['host_floor_us']:.0f}) "
             f"err own {row['int8_err_own']} float {row['int8_err_float']:.1e}", flush=True)
-    for kind in sorted(BITPLANE_KINDS & set(kernels)):
-      operands = _bitplane_operands(weights, kind)
+    for kind, operands in bitplane_ops.items():
       got = kb.grouped_lut_matmul_bitplane(x, *operands[0], BITS, gs)
       w0 = weights[0]
       own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None
