@@ -151,9 +151,14 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
     for (int r = start; r < start + count; ++r) {
       if (count > 1) load_x(r);
       uint32_t d[4] = {0u, 0u, 0u, 0u};
+      if (here == kChunks) {  // a whole K range (all but a last, shorter one): no test a chunk
 #pragma unroll
-      for (int cc = 0; cc < kChunks; ++cc)
-        if (cc < here) sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);  // warp-uniform test
+        for (int cc = 0; cc < kChunks; ++cc) sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);
+      } else {
+#pragma unroll
+        for (int cc = 0; cc < kChunks; ++cc)
+          if (cc < here) sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);  // warp-uniform test
+      }
       const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
       if (lane == 0) write(p, r, col, static_cast<int>(part), s);
     }
