@@ -4,8 +4,9 @@
 # profile_cuda_lut files and benchmarks the kernel on weights as stored and laid out ahead beside
 # the int8 kernel; `trace` (after `test`, on the same machine) traces per_warp at the decode shapes
 # (one row of each Mixtral expert shape, Mixtral grouped at batch 1), both weight forms; `ncu` (the
-# library built first if absent) profiles the laid-out kernel's stalls, occupancy and hottest SASS:
-#   bash experiments/bitplane_check.sh OUT_DIR test|trace|ncu
+# library built first if absent) profiles the laid-out kernel's stalls, occupancy and hottest SASS,
+# `ncu_full` one launch with every ncu section (memory and L2 traffic, scheduler, warp states):
+#   bash experiments/bitplane_check.sh OUT_DIR test|trace|ncu|ncu_full
 set -u
 out=$1 step=$2
 mkdir -p "$out"
@@ -25,6 +26,16 @@ if [ "$step" = ncu ]; then  # the laid-out kernel under ncu at one row of 4096x1
     grep -E "smsp__|sm__|gpu__time|dram__|launch__" "$out/$name.txt" | tr -s ' ' | sed "s/^/$name /"
     python3 -m experiments.ncu_source_summary "$out/${name}_source.csv" --top 8 | sed "s/^/$name /"
   done
+  exit 0
+fi
+if [ "$step" = ncu_full ]; then  # every ncu section of one laid-out launch at one row of 4096x14336
+  [ -f cuda_kernels/_lut_matmul_cuda.so ] || python3 -m cuda_kernels.build > "$out/build.txt" 2>&1 || exit 1
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 ncu --clock-control none -k regex:bitplane_kernel -s 2 -c 1 \
+    --set full -f -o "$out/ncu_full" python3 -m experiments.profile_cuda_lut --bitplane --laid_out --experts=1 \
+    --top_k=1 --shape=4096x14336 --ms=1 > "$out/ncu_full_run.txt" 2>&1
+  ncu -i "$out/ncu_full.ncu-rep" --page details > "$out/ncu_full.txt" 2>&1
+  grep -E "^  Section:|Throughput|Busy|Hit Rate|Bandwidth|Eligible|Active Warps|Issued Warp|Occupancy|Duration" \
+    "$out/ncu_full.txt" | tr -s ' ' | head -60
   exit 0
 fi
 if [ "$step" = trace ]; then

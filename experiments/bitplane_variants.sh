@@ -2,10 +2,10 @@
 # Bit-plane kernel patches measured side by side on one GPU (device machine, from the repository
 # root): each variant is a copy of this tree with a '+'-joined stack of experiments/*.patch applied
 # ('-' for none: traced at the default tuning only), built and traced at the decode shapes with
-# weights laid out ahead; `test` also runs
-# the compiled bit-plane tests in the last variant.
+# weights laid out ahead; `test` also runs the compiled bit-plane tests in the last variant.
 #   bash experiments/bitplane_variants.sh OUT_DIR TUNINGS VARIANT... [test]
-#   e.g. bash experiments/bitplane_variants.sh out default,0/3 - bitplane_ring_depths test
+# VARIANT_MS sets the rows (grouped: the batches) traced, default 1.
+#   e.g. VARIANT_MS=1,4,16 bash experiments/bitplane_variants.sh out default - bitplane_rows_in_a test
 set -u
 out=$(realpath -m "$1") tunings=$2; shift 2
 mkdir -p "$out"
@@ -22,7 +22,7 @@ for v in "$@"; do
   for args in "--experts=1 --top_k=1 --shape=4096x14336" "--experts=1 --top_k=1 --shape=14336x4096" \
               "--experts=8 --top_k=2 --shape=4096x14336" "--experts=128 --top_k=8 --shape=2048x768"; do
     (cd "$dir" && PYTHONPATH=$dir timeout 80 python3 -m experiments.profile_cuda_lut --bitplane --laid_out $args \
-      --ms=1 --tunings="$([ "$v" = - ] && echo default || echo "$tunings")" --trace=10 >> "$out/traces_$name.txt" 2>&1)
+      --ms="${VARIANT_MS:-1}" --tunings="$([ "$v" = - ] && echo default || echo "$tunings")" --trace=10 >> "$out/traces_$name.txt" 2>&1)
   done
   echo "== $v"; grep -E "launch:|bitplane_kernel|Error" "$out/traces_$name.txt" | cut -c1-120
 done
