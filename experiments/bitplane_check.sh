@@ -15,8 +15,8 @@ if [ "$step" = ncu ]; then  # the laid-out kernel under ncu at one row of 4096x1
   [ -f cuda_kernels/_lut_matmul_cuda.so ] || python3 -m cuda_kernels.build > "$out/build.txt" 2>&1 || exit 1
   stalls=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' long_scoreboard short_scoreboard wait \
     math_pipe_throttle barrier not_selected lg_throttle mio_throttle no_instruction dispatch_stall selected branch_resolving)
-  for args in "--experts=1 --top_k=1 --shape=4096x14336" "--experts=8 --top_k=2 --shape=4096x14336"; do
-    name=ncu_e${args:10:1}
+  for spec in "one_row --experts=1 --top_k=1 --shape=4096x14336" "mixtral_b1 --experts=8 --top_k=2 --shape=4096x14336"; do
+    name=ncu_${spec%% *} args=${spec#* }
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 ncu --clock-control none -k regex:bitplane_kernel -c 2 \
       --metrics "${stalls}smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,launch__registers_per_thread,launch__grid_size" \
       --section SourceCounters -f -o "$out/$name" python3 -m experiments.profile_cuda_lut --bitplane --laid_out $args \

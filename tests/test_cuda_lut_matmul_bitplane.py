@@ -166,9 +166,8 @@ def test_matches_reference(m, k, n, dtype, laid_out):
 @pytest.mark.parametrize("per_warp", [1, 2, 3, 5])
 @pytest.mark.parametrize("laid_out", [False, True])
 def test_columns_a_warp_match_reference(per_warp, laid_out):
-  """Any output columns a warp: the last block's warps run out of columns at different steps
-  (n = 130 is no multiple of 4 warps x per_warp), and the kernel's steps of columns end inside
-  the odd counts."""
+  """Any output columns a warp, odd counts included: n = 130 is no multiple of 4 warps x
+  per_warp, so the last block's warps run out of columns at different steps."""
   run = functools.partial(kb.lut_matmul_bitplane, per_warp=per_warp)
   assert_single_int8_product(_laid_out(run) if laid_out else run, functools.partial(_on_cpu, lut_matmul_int8_reference),
                              2, 768, 130, jnp.bfloat16)
