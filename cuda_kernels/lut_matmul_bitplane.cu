@@ -52,6 +52,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "bitplane_decode.cuh"
 #include "int8_output.cuh"
@@ -151,14 +152,14 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
     for (int r = start; r < start + count; ++r) {
       if (count > 1) load_x(r);
       uint32_t d[4] = {0u, 0u, 0u, 0u};
-      if (here == kChunks) {  // a whole K range (all but a last, shorter one): no test a chunk
-#pragma unroll
-        for (int cc = 0; cc < kChunks; ++cc) sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);
-      } else {
+      const auto multiply_chunks = [&](auto whole) {  // whole: all kChunks chunks, no test a chunk
 #pragma unroll
         for (int cc = 0; cc < kChunks; ++cc)
-          if (cc < here) sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);  // warp-uniform test
-      }
+          if (decltype(whole)::value || cc < here)  // warp-uniform test
+            sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);
+      };
+      if (here == kChunks) multiply_chunks(std::true_type());  // every K range but a last, shorter one
+      else multiply_chunks(std::false_type());
       const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
       if (lane == 0) write(p, r, col, static_cast<int>(part), s);
     }
