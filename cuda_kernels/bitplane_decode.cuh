@@ -39,21 +39,29 @@ __device__ __forceinline__ void nibbles_to_planes(uint4& u) {
   d = ((u.y >> 2) ^ u.w) & 0x33333333u, u.y ^= d << 2, u.w ^= d;
 }
 
-// A codebook's entry lane & 15 (c, in each half-warp) -> alpha[g] and alpha[g + 8] of this lane:
-// the entries rounded to int8 as cqjax.lut_matmul.int8_round (absmax * f32(1/127), then
-// rint(c * (1 / scale)), the division IEEE-rounded), then Moebius-transformed over their bits.
-// Returns the codebook's scale.
-__device__ __forceinline__ float codebook_alpha(float c, int lane, uint32_t& alpha_g, uint32_t& alpha_g8) {
+// A codebook's entry lane & 15 (c, in each half-warp) -> alpha[lane & 15] (returned) and the
+// codebook's scale (s): the entries rounded to int8 as cqjax.lut_matmul.int8_round (absmax *
+// f32(1/127), then rint(c * (1 / scale)), the division IEEE-rounded), then Moebius-transformed
+// over their bits.
+__device__ __forceinline__ int codebook_moebius(float c, int lane, float& s) {
   float amax = fabsf(c);
 #pragma unroll
   for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
+  s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
   int alpha = __float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s)));
 #pragma unroll
   for (int bit = 1; bit < 16; bit <<= 1) {
     const int v = __shfl_xor_sync(0xffffffffu, alpha, bit);
     if (lane & bit) alpha -= v;
   }
+  return alpha;
+}
+
+// codebook_moebius's alpha[g] and alpha[g + 8] of this lane (one row of x: subsets in A). Returns
+// the codebook's scale.
+__device__ __forceinline__ float codebook_alpha(float c, int lane, uint32_t& alpha_g, uint32_t& alpha_g8) {
+  float s;
+  const int alpha = codebook_moebius(c, lane, s);
   const int g = lane >> 2;
   alpha_g = __shfl_sync(0xffffffffu, alpha, g), alpha_g8 = __shfl_sync(0xffffffffu, alpha, g + 8);
   return s;
@@ -81,7 +89,31 @@ struct SubsetLane {
   __device__ __forceinline__ uint32_t dot(const uint32_t (&d)[4], uint32_t alpha_g, uint32_t alpha_g8) const {
     return alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
   }
+  // Several rows of x a column, rows in A: the chunk's subset masks once, m[0] / m[1] subset g over
+  // codes 32t.. / 128 + 32t.., m[2] / m[3] subset g + 8, for every pair of rows it is multiplied by.
+  __device__ __forceinline__ void masks(uint32_t (&m)[4], const uint4& lo, const uint4& hi) const {
+    m[0] = (lo.x | n0) & (lo.y | n1) & (lo.z | n2), m[1] = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
+    m[2] = m[0] & lo.w, m[3] = m[1] & hi.w;
+  }
 };
+
+// Rows in A: A rows g and g + 8 are plane g of rows r0 and r1 of x (x0 / x1: words t and t + 4 of
+// that plane), B column g is subset g (e) or g + 8 (f) of the codes, so that e[0..1] / e[2..3] count
+// (plane g of r0 / r1, subsets 2t and 2t + 1), f the same for subsets 2t + 8 and 2t + 9.
+__device__ __forceinline__ void multiply_rows(uint32_t (&e)[4], uint32_t (&f)[4], const uint32_t (&m)[4],
+                                              uint32_t x0t, uint32_t x1t, uint32_t x0t4, uint32_t x1t4) {
+  bmma(e, x0t, x1t, x0t4, x1t4, m[0], m[1]);
+  bmma(f, x0t, x1t, x0t4, x1t4, m[2], m[3]);
+}
+
+// Rows in A: the lane's share of row r0's (h = 0) or r1's (h = 1) dot: plane g's weight times its
+// counts weighted by alpha of subsets 2t, 2t + 1, 2t + 8, 2t + 9 (a[0..3]).
+__device__ __forceinline__ uint32_t dot_rows(const uint32_t (&e)[4], const uint32_t (&f)[4], const uint32_t (&a)[4],
+                                             int h, int lane) {
+  const int g = lane >> 2;
+  const uint32_t wg = g == 7 ? static_cast<uint32_t>(-128) : 1u << g;
+  return wg * (a[0] * e[2 * h] + a[1] * e[2 * h + 1] + a[2] * f[2 * h] + a[3] * f[2 * h + 1]);
+}
 
 // x's planes of this lane for chunks c0 .. c0 + K - 1 of one row (xpl_row: that row's [chunks, 8
 // planes, 8 words]): plane g's words t and t + 4 (the mma's B fragment); zeros from chunk `here` on.

@@ -41,9 +41,11 @@
 // two-stage ring in shared memory, one column ahead. Unless laid out ahead (kLaidOut), the warp
 // turns each stage's nibbles into bit-planes in place (a 4 x 4 bit transpose within each nibble of
 // a 16-byte group: plane p's bit 4i + j is code bit p of nibble i of word j) and rounds and
-// transforms the codebook across lanes. It issues one mma a chunk per row of x. Lane (g, t): mma
+// transforms the codebook across lanes. A slot of one row issues one mma a chunk. Lane (g, t): mma
 // rows g and g + 8 are the subsets S = g and g + 8, B column g is plane g, and D holds the counts
-// of (S, plane) = (g or g + 8, 2t or 2t + 1).
+// of (S, plane) = (g or g + 8, 2t or 2t + 1). A slot of several rows swaps the operands: A's rows
+// g and g + 8 are plane g of two rows of x (read from global memory a chunk at a time), B column g
+// is subset g, then g + 8 (two mma), so each chunk's masks are built once for up to kRowsA rows.
 // The warp's sum of a (row of x, column) is exact (all arithmetic wraps mod 2^32, and the true dot
 // fits in int32), and one lane writes it: no atomics, so nothing needs zeroing first.
 #include <cuda_bf16.h>
@@ -69,6 +71,7 @@ constexpr int kChunk = 256;    // inputs a chunk: one mma
 constexpr int kChunks = 16;    // chunks a warp's K range (x's planes in 32 registers)
 constexpr int kWarps = 4;      // warps a block, each walking per_warp output columns
 constexpr int kStages = 2;     // the ring: the column multiplied, and the next one in flight
+constexpr int kRowsA = 4;      // rows of x a column multiplied at once (two mma of two rows) in multi-row slots
 constexpr int kStageU4 = kChunks * 8 + 4;  // 16-byte pieces a stage: codes, then up to 64 codebook bytes
 constexpr int64_t kMaxK = 133143;          // |dot| <= k * 127 * 127 must fit in int32
 constexpr int64_t kMaxPerWarp = 64;        // output columns a warp may be asked to walk (MAX_PER_WARP)
@@ -98,10 +101,20 @@ __device__ __forceinline__ void write(const Problem& p, int row, int col, int do
   store_float(p.out, p.out_bf16, at, scaled_dot(s, dot, p.sx[row]));
 }
 
+// Alpha of subset q of a column's codebook (a warp-uniform call): laid out, from the stage's int16
+// words; as stored, from the lane holding it (codebook_moebius's alpha_lane).
+template <bool kLaidOut>
+__device__ __forceinline__ uint32_t subset_alpha(const uint4* stage, int alpha_lane, int q) {
+  if constexpr (kLaidOut) return static_cast<uint32_t>(reinterpret_cast<const int16_t*>(stage + kChunks * 8)[q]);
+  else return static_cast<uint32_t>(__shfl_sync(0xffffffffu, alpha_lane, q));
+}
+
 // kLaidOut: packed is in bit-planes and the codebooks hold alpha and the scale (bitplane_layout),
 // so a column costs neither the transpose nor the rounding.
 template <bool kLaidOut>
-__global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
+// 7 blocks an SM, as the one-row path alone allows (72 registers): the multi-row path would take
+// 96, and capped it spills a few bytes instead.
+__global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
   __shared__ uint4 ring[kWarps][kStages][kStageU4];
   const int lane = threadIdx.x & 31, t = lane & 3, warp = threadIdx.x >> 5;
   const int block_col0 = blockIdx.x * kWarps * p.per_warp, col_end = min(p.n, block_col0 + kWarps * p.per_warp);
@@ -124,33 +137,39 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
                  static_cast<const uint8_t*>(p.centroids) + row * (p.cent_bf16 ? 32 : 64) + 16 * lane);
   };
   const SubsetLane sub(lane);
-  uint32_t xb[kChunks][2];
-  const auto load_x = [&](int r) { load_x_planes(xb, p.xpl + static_cast<size_t>(r) * chunks * 64, c0, here, lane); };
-  if (count == 1) load_x(start);  // decode's one row a slot: x's planes stay in registers
-  issue(col0, 0);
-  asm volatile("cp.async.commit_group;");
-  int i = 0;
-  for (int col = col0; col < col_end; col += kWarps, ++i) {
-    issue(col + kWarps, (i + 1) % kStages);  // into the stage read last step
+  // The warp's columns through the ring: column(col, stage, s, alpha_lane) multiplies one, given its
+  // codebook's scale s (and as stored, alpha of subset lane & 15).
+  const auto walk = [&](const auto& column) {
+    issue(col0, 0);
     asm volatile("cp.async.commit_group;");
-    asm volatile("cp.async.wait_group 1;");  // this column's copies have landed
-    __syncwarp();
-    uint4* b = stages[i % kStages];
-    uint32_t alpha_g, alpha_g8;
-    float s;
-    if constexpr (kLaidOut) {
-      const int16_t* alpha = reinterpret_cast<const int16_t*>(b + kChunks * 8);
-      alpha_g = static_cast<uint32_t>(alpha[lane >> 2]), alpha_g8 = static_cast<uint32_t>(alpha[(lane >> 2) + 8]);
-      s = reinterpret_cast<const float*>(b + kChunks * 8)[8];
-    } else {
-      for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
-      const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
-                                  : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
-      s = codebook_alpha(c, lane, alpha_g, alpha_g8);
+    int i = 0;
+    for (int col = col0; col < col_end; col += kWarps, ++i) {
+      issue(col + kWarps, (i + 1) % kStages);  // into the stage read last step
+      asm volatile("cp.async.commit_group;");
+      asm volatile("cp.async.wait_group 1;");  // this column's copies have landed
       __syncwarp();
+      uint4* b = stages[i % kStages];
+      float s;
+      int alpha_lane = 0;  // as stored: alpha of subset lane & 15
+      if constexpr (kLaidOut) {
+        s = reinterpret_cast<const float*>(b + kChunks * 8)[8];
+      } else {
+        for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
+        const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
+                                    : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
+        alpha_lane = codebook_moebius(c, lane, s);
+        __syncwarp();
+      }
+      column(col, b, s, alpha_lane);
+      __syncwarp();  // every lane is done with this stage before it is copied into again
     }
-    for (int r = start; r < start + count; ++r) {
-      if (count > 1) load_x(r);
+  };
+  if (count == 1) {  // decode's one row a slot: x's planes stay in registers, subsets in A
+    uint32_t xb[kChunks][2];
+    load_x_planes(xb, p.xpl + static_cast<size_t>(start) * chunks * 64, c0, here, lane);
+    walk([&](int col, const uint4* b, float s, int alpha_lane) {
+      const uint32_t alpha_g = subset_alpha<kLaidOut>(b, alpha_lane, lane >> 2);
+      const uint32_t alpha_g8 = subset_alpha<kLaidOut>(b, alpha_lane, (lane >> 2) + 8);
       uint32_t d[4] = {0u, 0u, 0u, 0u};
       const auto multiply_chunks = [&](auto whole) {  // whole: all kChunks chunks, no test a chunk
 #pragma unroll
@@ -161,10 +180,52 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Problem p) {
       if (here == kChunks) multiply_chunks(std::true_type());  // every K range but a last, shorter one
       else multiply_chunks(std::false_type());
       const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
-      if (lane == 0) write(p, r, col, static_cast<int>(part), s);
-    }
-    __syncwarp();  // every lane is done with this stage before it is copied into again
+      if (lane == 0) write(p, start, col, static_cast<int>(part), s);
+    });
+    return;
   }
+  // Several rows a slot: rows of x in A, two a mma, so that each chunk's subset masks are built
+  // once for up to kRowsA rows (x's words read from global memory, where L1 keeps them for the
+  // warp's next columns). A row past the slot's stands in as its last row, unwritten.
+  const int end = start + count;
+  walk([&](int col, const uint4* b, float s, int alpha_lane) {
+    const uint32_t a[4] = {subset_alpha<kLaidOut>(b, alpha_lane, 2 * t), subset_alpha<kLaidOut>(b, alpha_lane, 2 * t + 1),
+                           subset_alpha<kLaidOut>(b, alpha_lane, 2 * t + 8), subset_alpha<kLaidOut>(b, alpha_lane, 2 * t + 9)};
+    const auto rows = [&](int r, auto pairs_c, auto whole_c) {
+      constexpr int kPairs = decltype(pairs_c)::value;
+      constexpr bool kWhole = decltype(whole_c)::value;
+      // x's words of plane g of each row: base + off[q] + 64 cc (+ 4)
+      const uint32_t* base = p.xpl + (static_cast<size_t>(r) * chunks + c0) * 64 + (lane >> 2) * 8 + t;
+      int off[2 * kPairs];
+#pragma unroll
+      for (int q = 0; q < 2 * kPairs; ++q) off[q] = (min(r + q, end - 1) - r) * chunks * 64;
+      uint32_t e[kPairs][4] = {}, f[kPairs][4] = {};
+#pragma unroll 1  // not all 16: x's words loaded ahead would take the single-row path's registers
+      for (int cc = 0; cc < kChunks; ++cc) {
+        if (!kWhole && cc >= here) break;
+        uint32_t m[4];
+        sub.masks(m, b[cc * 8 + t], b[cc * 8 + t + 4]);
+#pragma unroll
+        for (int q = 0; q < kPairs; ++q)
+          multiply_rows(e[q], f[q], m, __ldg(base + off[2 * q] + cc * 64), __ldg(base + off[2 * q + 1] + cc * 64),
+                        __ldg(base + off[2 * q] + cc * 64 + 4), __ldg(base + off[2 * q + 1] + cc * 64 + 4));
+      }
+#pragma unroll
+      for (int q = 0; q < 2 * kPairs; ++q) {
+        const uint32_t part = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, lane));
+        if (lane == 0 && r + q < end) write(p, r + q, col, static_cast<int>(part), s);
+      }
+    };
+    using Two = std::integral_constant<int, 2>;
+    using One = std::integral_constant<int, 1>;
+    for (int r = start; r < end; r += kRowsA) {
+      if (here == kChunks) {
+        if (end - r > 2) rows(r, Two(), std::true_type()); else rows(r, One(), std::true_type());
+      } else {
+        if (end - r > 2) rows(r, Two(), std::false_type()); else rows(r, One(), std::false_type());
+      }
+    }
+  });
 }
 
 ffi::Error invalid(const std::string& what) {

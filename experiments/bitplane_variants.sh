@@ -5,7 +5,7 @@
 # weights laid out ahead; `test` also runs the compiled bit-plane tests in the last variant.
 #   bash experiments/bitplane_variants.sh OUT_DIR TUNINGS VARIANT... [test]
 # VARIANT_MS sets the rows (grouped: the batches) traced, default 1.
-#   e.g. VARIANT_MS=1,4,16 bash experiments/bitplane_variants.sh out default - bitplane_rows_in_a test
+#   e.g. VARIANT_MS=1,4,16 bash experiments/bitplane_variants.sh out default - PATCH test
 set -u
 out=$(realpath -m "$1") tunings=$2; shift 2
 mkdir -p "$out"

@@ -80,6 +80,77 @@ def test_bit_plane_arithmetic_gives_the_int8_dot_products():
   np.testing.assert_array_equal(got, want)
 
 
+def _mma_b1(a, b):
+  """mma.sync m16n8k256 .b1 AND+POPC as PTX lays out its fragments, for a warp: a[lane] = (a0..a3),
+  b[lane] = (b0, b1) uint32 -> d[lane] = (d0..d3). Lane (g, t): a0 / a1 row g / g + 8 and a2 / a3
+  the same rows 128 inputs on (word t or t + 4 of a 256-bit row), b0 / b1 column g at words t and
+  t + 4; d0 / d1 row g, columns 2t / 2t + 1, d2 / d3 row g + 8."""
+  rows, cols = np.zeros((16, 8), np.uint32), np.zeros((8, 8), np.uint32)
+  for lane in range(32):
+    g, t = lane >> 2, lane & 3
+    rows[g, t], rows[g + 8, t], rows[g, t + 4], rows[g + 8, t + 4] = a[lane]
+    cols[g, t], cols[g, t + 4] = b[lane]
+  d = _popcount(rows[:, None, :] & cols[None, :, :]).sum(-1)                                 # [16, 8]
+  return [(d[l >> 2, 2 * (l & 3)], d[l >> 2, 2 * (l & 3) + 1], d[(l >> 2) + 8, 2 * (l & 3)],
+           d[(l >> 2) + 8, 2 * (l & 3) + 1]) for l in range(32)]
+
+
+def test_both_lane_mappings_give_the_int8_dot_products():
+  """The kernel's two mappings of a warp onto the binary mma, lane by lane in numpy (_mma_b1):
+  one row of x (subsets in A, x's planes in B: SubsetLane.multiply / dot) and rows of x in A two
+  at a time with the subset masks in B (masks, multiply_rows, dot_rows). The first is the
+  mapping the compiled tests check on a GPU, so it checks this model of the fragments too."""
+  rng = np.random.default_rng(3)
+  n, k = 3, 512
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(2, k)), jnp.float32)
+  xq = np.asarray(int8_round(x, -1)[0], np.int8)
+  cq = np.asarray(int8_round(jnp.asarray(w.centroids, jnp.float32), -1)[0])[:, 0]
+  want = np.asarray(xq, np.int64) @ np.stack([cq[c][np.asarray(codes)] for c, codes in
+                                              enumerate(_codes(w, n, k))]).T              # [2, n]
+  planes = _transpose_nibbles(np.asarray(w.packed).view("<u4").reshape(n, k // 32, 4)).astype(np.int64)
+  xp = np.asarray(kb.x_planes(jnp.asarray(xq))).reshape(2, k // 256, 8, 8)
+  alpha = cq.astype(np.int64).copy()
+  for bit in (1, 2, 4, 8):
+    alpha[:, [s for s in range(16) if s & bit]] -= alpha[:, [s ^ bit for s in range(16) if s & bit]]
+  weight = [1, 2, 4, 8, 16, 32, 64, -128]
+  ones = 0xFFFFFFFF
+
+  def masks(lane, lo, hi):  # subset g over codes 32t.. / 128 + 32t.., then subset g + 8
+    g = lane >> 2
+    m = [ones, ones]
+    for bit in range(3):
+      if g >> bit & 1:
+        m = [m[0] & lo[bit], m[1] & hi[bit]]
+    return m[0], m[1], m[0] & lo[3], m[1] & hi[3]
+
+  one_row, rows_in_a = np.zeros((2, n), np.int64), np.zeros((2, n), np.int64)
+  for col in range(n):
+    acc1 = [np.zeros(4, np.int64) for _ in range(32)]                                        # row 0 only
+    acc_e = [np.zeros(4, np.int64) for _ in range(32)]
+    acc_f = [np.zeros(4, np.int64) for _ in range(32)]
+    for cc in range(k // 256):
+      m = [masks(l, planes[col, cc * 8 + (l & 3)], planes[col, cc * 8 + (l & 3) + 4]) for l in range(32)]
+      x0 = [(xp[0, cc, l >> 2, l & 3], xp[0, cc, l >> 2, (l & 3) + 4]) for l in range(32)]
+      x1 = [(xp[1, cc, l >> 2, l & 3], xp[1, cc, l >> 2, (l & 3) + 4]) for l in range(32)]
+      d = _mma_b1([(ml[0], ml[2], ml[1], ml[3]) for ml in m], x0)
+      e = _mma_b1([(a[0], b[0], a[1], b[1]) for a, b in zip(x0, x1)], [(ml[0], ml[1]) for ml in m])
+      f = _mma_b1([(a[0], b[0], a[1], b[1]) for a, b in zip(x0, x1)], [(ml[2], ml[3]) for ml in m])
+      for l in range(32):
+        acc1[l] += d[l]; acc_e[l] += e[l]; acc_f[l] += f[l]
+    for l in range(32):
+      g, t = l >> 2, l & 3
+      w0, w1 = weight[2 * t], weight[2 * t + 1]
+      one_row[0, col] += alpha[col, g] * (w0 * acc1[l][0] + w1 * acc1[l][1]) + \
+          alpha[col, g + 8] * (w0 * acc1[l][2] + w1 * acc1[l][3])
+      a4 = alpha[col, [2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9]]
+      for h in (0, 1):
+        rows_in_a[h, col] += weight[g] * (a4[0] * acc_e[l][2 * h] + a4[1] * acc_e[l][2 * h + 1] +
+                                          a4[2] * acc_f[l][2 * h] + a4[3] * acc_f[l][2 * h + 1])
+  np.testing.assert_array_equal(one_row[0], want[0])
+  np.testing.assert_array_equal(rows_in_a, want)
+
+
 def test_bitplane_layout_is_the_kernels_transpose_and_moebius_transform():
   """bitplane_layout does once what the kernel otherwise does a call: the codes' transpose into
   planes, and codebooks whose int16 alpha give back each int8-rounded entry as the sum over the
