@@ -85,7 +85,7 @@ struct Problem {
   void* out;              // splits 1: [t, n] float32 or bf16 (out_bf16); else int32 [splits, t, n]
   float* scales;          // splits 2+: [t, n]
   int t, k, n, num_slots, splits;
-  int per_warp;  // output columns a warp walks: few enough that the blocks fill the GPU
+  int per_warp;  // output columns a warp walks: few enough that the blocks fill the GPU (0: launch chooses)
   bool cent_bf16, out_bf16;
 };
 
@@ -189,8 +189,8 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
   // warp's next columns). A row past the slot's stands in as its last row, unwritten.
   const int end = start + count;
   walk([&](int col, const uint4* b, float s, int alpha_lane) {
-    const uint32_t a[4] = {subset_alpha<kLaidOut>(b, alpha_lane, 2 * t), subset_alpha<kLaidOut>(b, alpha_lane, 2 * t + 1),
-                           subset_alpha<kLaidOut>(b, alpha_lane, 2 * t + 8), subset_alpha<kLaidOut>(b, alpha_lane, 2 * t + 9)};
+    const auto alpha = [&](int q) { return subset_alpha<kLaidOut>(b, alpha_lane, q); };
+    const uint32_t a[4] = {alpha(2 * t), alpha(2 * t + 1), alpha(2 * t + 8), alpha(2 * t + 9)};
     const auto rows = [&](int r, auto pairs_c, auto whole_c) {
       constexpr int kPairs = decltype(pairs_c)::value;
       constexpr bool kWhole = decltype(whole_c)::value;
@@ -236,6 +236,24 @@ ffi::Error failed(cudaError_t err) {
   return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
+// Launches bitplane_kernel<kLaidOut> on p, choosing p.per_warp where it is 0: the fewest columns
+// a warp (up to 16) that let every block be resident at once by registers (the ring overlaps a
+// warp's columns; fewer would reload x's planes for less work).
+template <bool kLaidOut>
+ffi::Error launch(cudaStream_t stream, Problem p) {
+  LaunchLimits lim;
+  cudaError_t err = launch_limits<bitplane_kernel<kLaidOut>>(kWarps * 32, lim);
+  if (err != cudaSuccess) return failed(err);
+  const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
+  const int64_t work = static_cast<int64_t>(p.n) * p.splits * p.num_slots;
+  if (p.per_warp == 0)
+    p.per_warp = static_cast<int>(std::clamp<int64_t>((work + warps_in_flight - 1) / warps_in_flight, 1, 16));
+  const dim3 grid((p.n + kWarps * p.per_warp - 1) / (kWarps * p.per_warp), p.splits, p.num_slots);
+  bitplane_kernel<kLaidOut><<<grid, kWarps * 32, 0, stream>>>(p);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? ffi::Error::Success() : failed(err);
+}
+
 ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::F32> sx,
                                  ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> scales,
@@ -260,28 +278,13 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
     return invalid("the result must be float32 or bf16 [t, n] (k up to 4096), else int32 [ceil(k / 4096), t, n] with "
                    "float32 scales [t, n]");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
-  const auto kernel = laid_out ? bitplane_kernel<true> : bitplane_kernel<false>;
-  LaunchLimits lim;
-  cudaError_t err = laid_out ? launch_limits<bitplane_kernel<true>>(kWarps * 32, lim)
-                             : launch_limits<bitplane_kernel<false>>(kWarps * 32, lim);
-  if (err != cudaSuccess) return failed(err);
   if (per_warp_asked < 0 || per_warp_asked > kMaxPerWarp) return invalid("per_warp must be 0 (chosen here) to 64");
-  // Chosen: the fewest columns a warp (up to 16) that let every block be resident at once by
-  // registers (the ring overlaps a warp's columns; fewer would reload x's planes for less work).
-  const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
-  const int per_warp = static_cast<int>(
-      per_warp_asked ? per_warp_asked
-                     : std::max<int64_t>(1, std::min<int64_t>(16, (n * splits * sd[1] + warps_in_flight - 1) /
-                                                                      warps_in_flight)));
   const Problem p{xpl.typed_data(), sx.typed_data(), packed.typed_data(), centroids.untyped_data(),
                   slots.typed_data(), out->untyped_data(), scales->typed_data(), static_cast<int>(t),
                   static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]), static_cast<int>(splits),
-                  per_warp, centroids.element_type() == ffi::DataType::BF16,
+                  static_cast<int>(per_warp_asked), centroids.element_type() == ffi::DataType::BF16,
                   out->element_type() == ffi::DataType::BF16};
-  const dim3 grid((p.n + kWarps * per_warp - 1) / (kWarps * per_warp), p.splits, p.num_slots);
-  kernel<<<grid, kWarps * 32, 0, stream>>>(p);
-  err = cudaGetLastError();
-  return err == cudaSuccess ? ffi::Error::Success() : failed(err);
+  return laid_out ? launch<true>(stream, p) : launch<false>(stream, p);
 }
 
 }  // namespace
