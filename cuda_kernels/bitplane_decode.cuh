@@ -77,23 +77,23 @@ struct SubsetLane {
     n0 = (g & 1) ? 0u : ~0u, n1 = (g & 2) ? 0u : ~0u, n2 = (g & 4) ? 0u : ~0u;
     w0 = 1u << (2 * t), w1 = t == 3 ? static_cast<uint32_t>(-128) : 1u << (2 * t + 1);
   }
-  // One chunk: lo / hi the planes of codes 32t.. and 128 + 32t.. (words t and t + 4), b0 / b1
-  // x's plane g there.
+  // A chunk's subset masks of this lane, from lo / hi the planes of codes 32t.. and 128 + 32t..
+  // (words t and t + 4): m[0] / m[1] subset g over codes 32t.. / 128 + 32t.., m[2] / m[3] subset
+  // g + 8.
+  __device__ __forceinline__ void masks(uint32_t (&m)[4], const uint4& lo, const uint4& hi) const {
+    m[0] = (lo.x | n0) & (lo.y | n1) & (lo.z | n2), m[1] = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
+    m[2] = m[0] & lo.w, m[3] = m[1] & hi.w;
+  }
+  // One chunk of one row of x (subsets in A): b0 / b1 x's plane g at words t and t + 4.
   __device__ __forceinline__ void multiply(uint32_t (&d)[4], const uint4& lo, const uint4& hi, uint32_t b0,
                                            uint32_t b1) const {
-    const uint32_t m0 = (lo.x | n0) & (lo.y | n1) & (lo.z | n2);
-    const uint32_t m2 = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
-    bmma(d, m0, m0 & lo.w, m2, m2 & hi.w, b0, b1);
+    uint32_t m[4];
+    masks(m, lo, hi);
+    bmma(d, m[0], m[2], m[1], m[3], b0, b1);
   }
   // The lane's share of the row's dot product (all sums wrap mod 2^32; the warp's total is exact).
   __device__ __forceinline__ uint32_t dot(const uint32_t (&d)[4], uint32_t alpha_g, uint32_t alpha_g8) const {
     return alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
-  }
-  // Several rows of x a column, rows in A: the chunk's subset masks once, m[0] / m[1] subset g over
-  // codes 32t.. / 128 + 32t.., m[2] / m[3] subset g + 8, for every pair of rows it is multiplied by.
-  __device__ __forceinline__ void masks(uint32_t (&m)[4], const uint4& lo, const uint4& hi) const {
-    m[0] = (lo.x | n0) & (lo.y | n1) & (lo.z | n2), m[1] = (hi.x | n0) & (hi.y | n1) & (hi.z | n2);
-    m[2] = m[0] & lo.w, m[3] = m[1] & hi.w;
   }
 };
 

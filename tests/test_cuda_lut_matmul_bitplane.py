@@ -98,8 +98,8 @@ def _mma_b1(a, b):
 def test_both_lane_mappings_give_the_int8_dot_products():
   """The kernel's two mappings of a warp onto the binary mma, lane by lane in numpy (_mma_b1):
   one row of x (subsets in A, x's planes in B: SubsetLane.multiply / dot) and rows of x in A two
-  at a time with the subset masks in B (masks, multiply_rows, dot_rows). The first is the
-  mapping the compiled tests check on a GPU, so it checks this model of the fragments too."""
+  at a time with the subset masks in B (masks, multiply_rows, dot_rows). The compiled tests run
+  both on a GPU (slots of one row and of several), so they check this model of the fragments too."""
   rng = np.random.default_rng(3)
   n, k = 3, 512
   w = random_codebook_weight(rng, (), n, k, 4, k)
