@@ -137,6 +137,12 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
                  static_cast<const uint8_t*>(p.centroids) + row * (p.cent_bf16 ? 32 : 64) + 16 * lane);
   };
   const SubsetLane sub(lane);
+  // f(whole) with whole a std::bool_constant: true for a K range of all kChunks chunks (every range
+  // but a last, shorter one), whose chunk loops then run with no test a chunk.
+  const auto by_range = [&](const auto& f) {
+    if (here == kChunks) f(std::true_type());
+    else f(std::false_type());
+  };
   // The warp's columns through the ring: column(col, stage, s, alpha_lane) multiplies one, given its
   // codebook's scale s (and as stored, alpha of subset lane & 15).
   const auto walk = [&](const auto& column) {
@@ -171,14 +177,12 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
       const uint32_t alpha_g = subset_alpha<kLaidOut>(b, alpha_lane, lane >> 2);
       const uint32_t alpha_g8 = subset_alpha<kLaidOut>(b, alpha_lane, (lane >> 2) + 8);
       uint32_t d[4] = {0u, 0u, 0u, 0u};
-      const auto multiply_chunks = [&](auto whole) {  // whole: all kChunks chunks, no test a chunk
+      by_range([&](auto whole) {
 #pragma unroll
         for (int cc = 0; cc < kChunks; ++cc)
           if (decltype(whole)::value || cc < here)  // warp-uniform test
             sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);
-      };
-      if (here == kChunks) multiply_chunks(std::true_type());  // every K range but a last, shorter one
-      else multiply_chunks(std::false_type());
+      });
       const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
       if (lane == 0) write(p, start, col, static_cast<int>(part), s);
     });
@@ -218,13 +222,11 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
     };
     using Two = std::integral_constant<int, 2>;
     using One = std::integral_constant<int, 1>;
-    for (int r = start; r < end; r += kRowsA) {
-      if (here == kChunks) {
-        if (end - r > 2) rows(r, Two(), std::true_type()); else rows(r, One(), std::true_type());
-      } else {
-        if (end - r > 2) rows(r, Two(), std::false_type()); else rows(r, One(), std::false_type());
-      }
-    }
+    for (int r = start; r < end; r += kRowsA)
+      by_range([&](auto whole) {
+        if (end - r > 2) rows(r, Two(), whole);
+        else rows(r, One(), whole);
+      });
   });
 }
 

@@ -48,12 +48,14 @@ def _popcount(v):
   return np.vectorize(lambda a: bin(int(a)).count("1"))(v)
 
 
-def test_bit_plane_arithmetic_gives_the_int8_dot_products():
-  """What the kernel computes, step for step in numpy: code planes by its transpose, x's planes
-  by x_planes, the 16 subset masks, counts of mask AND plane (the binary mma), the Moebius
-  transform of each int8-rounded codebook and the weighted sum, equal to the exact int8 dots."""
-  rng = np.random.default_rng(1)
-  n, k = 5, 512
+_PLANE_WEIGHTS = np.array([1, 2, 4, 8, 16, 32, 64, -128])  # x's two's-complement bit-planes
+
+
+def _bit_plane_problem(seed, n, k):
+  """Two rows of int8 x against an n x k codebook weight, in the kernel's pieces: the exact int8
+  dots `want` [2, n], the code planes by its transpose [n, k/32, plane], x's planes by x_planes
+  [row, chunk, plane, word] and the Moebius transform alpha [n, 16] of each int8-rounded codebook."""
+  rng = np.random.default_rng(seed)
   w = random_codebook_weight(rng, (), n, k, 4, k)
   x = jnp.asarray(rng.normal(size=(2, k)), jnp.float32)
   xq = np.asarray(int8_round(x, -1)[0], np.int8)
@@ -61,12 +63,20 @@ def test_bit_plane_arithmetic_gives_the_int8_dot_products():
   want = np.asarray(xq, np.int64) @ np.stack([cq[c][np.asarray(codes)] for c, codes in
                                               enumerate(_codes(w, n, k))]).T              # [2, n]
   groups = np.asarray(w.packed).view("<u4").reshape(n, k // 32, 4)                          # 16-byte groups
-  code_planes = _transpose_nibbles(groups)                                                  # [n, k/32, plane]
-  xp = np.asarray(kb.x_planes(jnp.asarray(xq))).reshape(2, k // 256, 8, 8)                  # [r, chunk, plane, w]
+  code_planes = _transpose_nibbles(groups)
+  xp = np.asarray(kb.x_planes(jnp.asarray(xq))).reshape(2, k // 256, 8, 8)
   alpha = cq.astype(np.int64).copy()
   for bit in (1, 2, 4, 8):  # Moebius transform over the subsets of each entry's bits
     alpha[:, [s for s in range(16) if s & bit]] -= alpha[:, [s ^ bit for s in range(16) if s & bit]]
-  weights = np.array([1, 2, 4, 8, 16, 32, 64, -128])
+  return want, code_planes, xp, alpha
+
+
+def test_bit_plane_arithmetic_gives_the_int8_dot_products():
+  """What the kernel computes, step for step in numpy: code planes by its transpose, x's planes
+  by x_planes, the 16 subset masks, counts of mask AND plane (the binary mma), the Moebius
+  transform of each int8-rounded codebook and the weighted sum, equal to the exact int8 dots."""
+  n, k = 5, 512
+  want, code_planes, xp, alpha = _bit_plane_problem(1, n, k)
   got = np.zeros((2, n), np.int64)
   for s in range(16):
     mask = np.full(code_planes.shape[:2], 0xFFFFFFFF, np.uint32)
@@ -76,7 +86,7 @@ def test_bit_plane_arithmetic_gives_the_int8_dot_products():
     mask = mask.reshape(n, k // 256, 8)                                                     # [n, chunk, w]
     for j in range(8):
       counts = _popcount(mask[None] & xp[:, None, :, j, :]).sum(axis=(2, 3))                # [r, n]
-      got += alpha[None, :, s] * weights[j] * counts
+      got += alpha[None, :, s] * _PLANE_WEIGHTS[j] * counts
   np.testing.assert_array_equal(got, want)
 
 
@@ -100,20 +110,9 @@ def test_both_lane_mappings_give_the_int8_dot_products():
   one row of x (subsets in A, x's planes in B: SubsetLane.multiply / dot) and rows of x in A two
   at a time with the subset masks in B (masks, multiply_rows, dot_rows). The compiled tests run
   both on a GPU (slots of one row and of several), so they check this model of the fragments too."""
-  rng = np.random.default_rng(3)
   n, k = 3, 512
-  w = random_codebook_weight(rng, (), n, k, 4, k)
-  x = jnp.asarray(rng.normal(size=(2, k)), jnp.float32)
-  xq = np.asarray(int8_round(x, -1)[0], np.int8)
-  cq = np.asarray(int8_round(jnp.asarray(w.centroids, jnp.float32), -1)[0])[:, 0]
-  want = np.asarray(xq, np.int64) @ np.stack([cq[c][np.asarray(codes)] for c, codes in
-                                              enumerate(_codes(w, n, k))]).T              # [2, n]
-  planes = _transpose_nibbles(np.asarray(w.packed).view("<u4").reshape(n, k // 32, 4)).astype(np.int64)
-  xp = np.asarray(kb.x_planes(jnp.asarray(xq))).reshape(2, k // 256, 8, 8)
-  alpha = cq.astype(np.int64).copy()
-  for bit in (1, 2, 4, 8):
-    alpha[:, [s for s in range(16) if s & bit]] -= alpha[:, [s ^ bit for s in range(16) if s & bit]]
-  weight = [1, 2, 4, 8, 16, 32, 64, -128]
+  want, planes, xp, alpha = _bit_plane_problem(3, n, k)
+  planes = planes.astype(np.int64)
   ones = 0xFFFFFFFF
 
   def masks(lane, lo, hi):  # subset g over codes 32t.. / 128 + 32t.., then subset g + 8
@@ -140,12 +139,12 @@ def test_both_lane_mappings_give_the_int8_dot_products():
         acc1[l] += d[l]; acc_e[l] += e[l]; acc_f[l] += f[l]
     for l in range(32):
       g, t = l >> 2, l & 3
-      w0, w1 = weight[2 * t], weight[2 * t + 1]
+      w0, w1 = _PLANE_WEIGHTS[2 * t], _PLANE_WEIGHTS[2 * t + 1]
       one_row[0, col] += alpha[col, g] * (w0 * acc1[l][0] + w1 * acc1[l][1]) + \
           alpha[col, g + 8] * (w0 * acc1[l][2] + w1 * acc1[l][3])
       a4 = alpha[col, [2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9]]
       for h in (0, 1):
-        rows_in_a[h, col] += weight[g] * (a4[0] * acc_e[l][2 * h] + a4[1] * acc_e[l][2 * h + 1] +
+        rows_in_a[h, col] += _PLANE_WEIGHTS[g] * (a4[0] * acc_e[l][2 * h] + a4[1] * acc_e[l][2 * h + 1] +
                                           a4[2] * acc_f[l][2 * h] + a4[3] * acc_f[l][2 * h + 1])
   np.testing.assert_array_equal(one_row[0], want[0])
   np.testing.assert_array_equal(rows_in_a, want)
