@@ -10,15 +10,22 @@ set -u
 out=$(realpath -m "$1") tunings=$2; shift 2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-last=""
-for v in "$@"; do
-  [ "$v" = test ] && break
-  name=${v//+/_} dir=/tmp/variant_${v//+/_} last=$dir
+variants=()
+for v in "$@"; do [ "$v" = test ] && break; variants+=("$v"); done
+# Every variant copied, patched and built at once (a build takes about a minute on one core).
+for v in "${variants[@]}"; do
+  name=${v//+/_} dir=/tmp/variant_${v//+/_}
   rm -rf "$dir" && mkdir -p "$dir" && tar -c --exclude=./.git --exclude=./.venv --exclude=./cuda_kernels/_lut_matmul_cuda.so . | tar -x -C "$dir"
   if [ "$v" != - ]; then
     for p in ${v//+/ }; do (cd "$dir" && patch -s -p1 < "experiments/$p.patch") || exit 1; done
   fi
-  (cd "$dir" && PYTHONPATH=$dir python3 -m cuda_kernels.build > "$out/build_$name.txt" 2>&1) || { tail -20 "$out/build_$name.txt"; exit 1; }
+  (cd "$dir" && PYTHONPATH=$dir python3 -m cuda_kernels.build > "$out/build_$name.txt" 2>&1) &
+done
+wait
+last=""
+for v in "${variants[@]}"; do
+  name=${v//+/_} dir=/tmp/variant_${v//+/_} last=$dir
+  [ -f "$dir/cuda_kernels/_lut_matmul_cuda.so" ] || { tail -20 "$out/build_$name.txt"; exit 1; }
   for args in "--experts=1 --top_k=1 --shape=4096x14336" "--experts=1 --top_k=1 --shape=14336x4096" \
               "--experts=8 --top_k=2 --shape=4096x14336" "--experts=128 --top_k=8 --shape=2048x768"; do
     (cd "$dir" && PYTHONPATH=$dir timeout 80 python3 -m experiments.profile_cuda_lut --bitplane --laid_out $args \
