@@ -37,8 +37,10 @@ class ActQuantConfig:
       raise CqjaxError(f"activation quantization scope must be 'official' or 'full', got {self.scope!r}")
 
 
-def fake_quant(x: jax.Array, cfg: ActQuantConfig) -> jax.Array:
-  """Quantize-dequantize x [..., d] per group of the last axis; same shape and dtype."""
+def quant_codes(x: jax.Array, cfg: ActQuantConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x [..., d] -> Q_a's integer codes q float32 [..., d/g, g] (0 .. 2^b - 1, or signed when
+  symmetric), scale and offset float32 [..., d/g, 1] (offset 0 when symmetric): the fake-quantized
+  x is q * scale + offset, in float32. g: cfg.group_size (-1: d)."""
   d = x.shape[-1]
   g = d if cfg.group_size in (-1, 0) else cfg.group_size
   if d % g:
@@ -47,14 +49,18 @@ def fake_quant(x: jax.Array, cfg: ActQuantConfig) -> jax.Array:
   if cfg.symmetric:
     qmax = 2 ** (cfg.bits - 1) - 1
     scale = jnp.maximum(jnp.max(jnp.abs(xg), -1, keepdims=True) * cfg.clip_ratio / qmax, 1e-5)
-    xq = jnp.clip(jnp.round(xg / scale), -qmax - 1, qmax) * scale
-  else:
-    qmax = 2 ** cfg.bits - 1
-    lo = jnp.min(xg, -1, keepdims=True) * cfg.clip_ratio
-    hi = jnp.max(xg, -1, keepdims=True) * cfg.clip_ratio
-    scale = jnp.maximum((hi - lo) / qmax, 1e-5)
-    xq = jnp.clip(jnp.round((xg - lo) / scale), 0, qmax) * scale + lo
-  xq = xq.reshape(x.shape)
+    return jnp.clip(jnp.round(xg / scale), -qmax - 1, qmax), scale, jnp.zeros_like(scale)
+  qmax = 2 ** cfg.bits - 1
+  lo = jnp.min(xg, -1, keepdims=True) * cfg.clip_ratio
+  hi = jnp.max(xg, -1, keepdims=True) * cfg.clip_ratio
+  scale = jnp.maximum((hi - lo) / qmax, 1e-5)
+  return jnp.clip(jnp.round((xg - lo) / scale), 0, qmax), scale, lo
+
+
+def fake_quant(x: jax.Array, cfg: ActQuantConfig) -> jax.Array:
+  """Quantize-dequantize x [..., d] per group of the last axis; same shape and dtype."""
+  q, scale, offset = quant_codes(x, cfg)
+  xq = (q * scale if cfg.symmetric else q * scale + offset).reshape(x.shape)
   if cfg.ste:
     xf = x.astype(jnp.float32)
     xq = xf + jax.lax.stop_gradient(xq - xf)

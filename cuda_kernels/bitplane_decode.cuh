@@ -57,6 +57,19 @@ __device__ __forceinline__ int codebook_moebius(float c, int lane, float& s) {
   return alpha;
 }
 
+// A float codebook's entry lane & 15 (c, in each half-warp) -> its Moebius transform over the
+// entry's bits, alpha[lane & 15], in float32 (the affine numerics, which take the centroids as
+// they are): a subset with bit b minus the one without it, bits 1, 2, 4, 8 in turn, as
+// bitplane_layout computes it.
+__device__ __forceinline__ float codebook_moebius_f32(float c, int lane) {
+#pragma unroll
+  for (int bit = 1; bit < 16; bit <<= 1) {
+    const float v = __shfl_xor_sync(0xffffffffu, c, bit);
+    if (lane & bit) c = __fsub_rn(c, v);
+  }
+  return c;
+}
+
 // codebook_moebius's alpha[g] and alpha[g + 8] of this lane (one row of x: subsets in A). Returns
 // the codebook's scale.
 __device__ __forceinline__ float codebook_alpha(float c, int lane, uint32_t& alpha_g, uint32_t& alpha_g8) {
@@ -95,6 +108,13 @@ struct SubsetLane {
   __device__ __forceinline__ uint32_t dot(const uint32_t (&d)[4], uint32_t alpha_g, uint32_t alpha_g8) const {
     return alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
   }
+  // The same with float alpha and the row's coefficients c0 / c1 of planes 2t and 2t + 1 (the
+  // affine numerics; the counts are exact in float32).
+  __device__ __forceinline__ float dot(const uint32_t (&d)[4], float alpha_g, float alpha_g8, float c0,
+                                       float c1) const {
+    return alpha_g * (c0 * static_cast<float>(d[0]) + c1 * static_cast<float>(d[1])) +
+           alpha_g8 * (c0 * static_cast<float>(d[2]) + c1 * static_cast<float>(d[3]));
+  }
 };
 
 // Rows in A: A rows g and g + 8 are plane g of rows r0 and r1 of x (x0 / x1: words t and t + 4 of
@@ -115,6 +135,13 @@ __device__ __forceinline__ uint32_t dot_rows(const uint32_t (&e)[4], const uint3
   return wg * (a[0] * e[2 * h] + a[1] * e[2 * h + 1] + a[2] * f[2 * h] + a[3] * f[2 * h + 1]);
 }
 
+// The same with float alpha and cg the row's coefficient of plane g (the affine numerics).
+__device__ __forceinline__ float dot_rows(const uint32_t (&e)[4], const uint32_t (&f)[4], const float (&a)[4], int h,
+                                          float cg) {
+  const auto c = [](uint32_t v) { return static_cast<float>(v); };
+  return cg * (a[0] * c(e[2 * h]) + a[1] * c(e[2 * h + 1]) + a[2] * c(f[2 * h]) + a[3] * c(f[2 * h + 1]));
+}
+
 // x's planes of this lane for chunks c0 .. c0 + K - 1 of one row (xpl_row: that row's [chunks, 8
 // planes, 8 words]): plane g's words t and t + 4 (the mma's B fragment); zeros from chunk `here` on.
 template <int K>
@@ -130,7 +157,8 @@ __device__ __forceinline__ void load_x_planes(uint32_t (&xb)[K][2], const uint32
 }
 
 // The sum over the warp's lanes.
-__device__ __forceinline__ uint32_t warp_sum(uint32_t v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

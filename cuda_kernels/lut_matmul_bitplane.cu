@@ -1,5 +1,6 @@
-// CUDA codebook (LUT) matmul with int8 numerics on binary tensor cores, as an XLA FFI custom call
-// (wrapper: cuda_kernels/lut_matmul_bitplane.py). It computes the integer dot products of
+// CUDA codebook (LUT) matmul with int8 numerics, or the affine numerics of fake-quantized x (xs
+// below), on binary tensor cores, as an XLA FFI custom call (wrapper:
+// cuda_kernels/lut_matmul_bitplane.py). With int8 numerics it computes the integer dot products of
 // cqjax.lut_matmul's lut_matmul_int8_reference (x rounded to int8 per row, each row's 16 centroids
 // rounded to int8) and scales them as it does:
 //
@@ -10,19 +11,25 @@
 //              XLA, int8_round, which can share them between the products of one x): per 256-input
 //              chunk, plane j's 8 words; word w's bit 4i + j' holds input 32 w + 8 j' + i (the
 //              order of k the codes' planes come out in, below)
-//   sx         float32 [t]              x's scales
+//   xs         float32 [t]              x's scales; or [t, 8], each row's plane coefficients: the affine
+//              numerics, where x's planes are integer codes q (fake quantization's, cqjax.act_quant),
+//              x = sum_j xs[j] plane_j (a plane of ones carries the offset), and the centroids count
+//              as they are (float32 alpha, below, and float32 sums: y = x . c up to float32 rounding)
 //   packed     uint8 [experts, n, k/2]  two codes a byte, low nibble first (cqjax/codebook.py)
-//   centroids  float32 or bf16 [experts, n, 16]; rounded here as int8_round (round half to even)
+//   centroids  float32 or bf16 [experts, n, 16]; rounded here as int8_round (round half to even;
+//              affine: not rounded)
 //              -- or, laid out ahead (bitplane_layout in the wrapper), int32 [experts, n, 16]: each
 //              row's alpha as int16 (words 0-7), its scale's float32 bits (word 8), zeros, with
-//              packed already in bit-planes (each 16-byte group transposed as below)
+//              packed already in bit-planes (each 16-byte group transposed as below); affine:
+//              uint32 [experts, n, 16], the float32 bits of alpha
 //   slots      int32 [3, s]             expert, first row, rows of each slot (rows 0: no work)
 //   per_warp   (attribute) output columns a warp walks; 0: chosen here
 // Results, by the number of K ranges (splits = ceil(k / 4096)):
 //   splits 1:  out float32 or bf16 [t, n] = (sc * float(dot)) * sx (x's dtype); rows no slot covers
 //              are zero; scales float32 [0] (unused)
 //   splits 2+: out int32 [splits, t, n], each K range's dot, and scales float32 [t, n] (sc of each
-//              row and column), which the wrapper adds and scales (rows no slot covers: not written)
+//              row and column), which the wrapper adds and scales (rows no slot covers: not written);
+//              affine: out float32 [splits, t, n], each K range's part of y, scales [0]
 //
 // Why: the byte-permute decodes of lut_matmul.cu and the Pallas kernels spend about 5
 // instructions a code a lane and are bound by instruction issue at decode (BENCHMARKS.md
@@ -78,7 +85,7 @@ constexpr int64_t kMaxPerWarp = 64;        // output columns a warp may be asked
 
 struct Problem {
   const uint32_t* xpl;
-  const float* sx;
+  const float* xs;        // int8: x's scales sx [t]; affine: each row's plane coefficients [t, 8]
   const uint8_t* packed;
   const void* centroids;  // float32 or bf16 (cent_bf16), or int32 codebooks laid out ahead
   const int32_t* slots;   // [3, num_slots]
@@ -98,20 +105,35 @@ __device__ __forceinline__ void write(const Problem& p, int row, int col, int do
     if (blockIdx.y == 0) p.scales[at] = s;
     return;
   }
-  store_float(p.out, p.out_bf16, at, scaled_dot(s, dot, p.sx[row]));
+  store_float(p.out, p.out_bf16, at, scaled_dot(s, dot, p.xs[row]));
 }
 
+// The affine numerics' (row, column) result y, or with K split this K range's part of it.
+__device__ __forceinline__ void write(const Problem& p, int row, int col, float y) {
+  const size_t at = static_cast<size_t>(row) * p.n + col;
+  if (p.splits > 1) static_cast<float*>(p.out)[static_cast<size_t>(blockIdx.y) * p.t * p.n + at] = y;
+  else store_float(p.out, p.out_bf16, at, y);
+}
+
+// A subset's alpha: the integer Moebius transform of the int8-rounded codebook, or with the
+// affine numerics the float32 one of the codebook itself.
+template <bool kAffine>
+using Alpha = std::conditional_t<kAffine, float, uint32_t>;
+
 // Alpha of subset q of a column's codebook (a warp-uniform call): laid out, from the stage's int16
-// words; as stored, from the lane holding it (codebook_moebius's alpha_lane).
-template <bool kLaidOut>
-__device__ __forceinline__ uint32_t subset_alpha(const uint4* stage, int alpha_lane, int q) {
-  if constexpr (kLaidOut) return static_cast<uint32_t>(reinterpret_cast<const int16_t*>(stage + kChunks * 8)[q]);
-  else return static_cast<uint32_t>(__shfl_sync(0xffffffffu, alpha_lane, q));
+// (affine: float32) words; as stored, from the lane holding it (codebook_moebius's alpha_lane).
+template <bool kLaidOut, bool kAffine>
+__device__ __forceinline__ Alpha<kAffine> subset_alpha(const uint4* stage, Alpha<kAffine> alpha_lane, int q) {
+  const void* codebook = stage + kChunks * 8;
+  if constexpr (kLaidOut && kAffine) return static_cast<const float*>(codebook)[q];
+  else if constexpr (kLaidOut) return static_cast<uint32_t>(static_cast<const int16_t*>(codebook)[q]);
+  else return __shfl_sync(0xffffffffu, alpha_lane, q);
 }
 
 // kLaidOut: packed is in bit-planes and the codebooks hold alpha and the scale (bitplane_layout),
-// so a column costs neither the transpose nor the rounding.
-template <bool kLaidOut>
+// so a column costs neither the transpose nor the rounding. kAffine: the affine numerics (x's
+// planes weighted by each row's coefficients, float alpha).
+template <bool kLaidOut, bool kAffine>
 // 7 blocks an SM, as the one-row path alone allows (72 registers): the multi-row path would take
 // 96, and capped it spills a few bytes instead.
 __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
@@ -125,7 +147,7 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
   const int chunks = p.k / kChunk, c0 = blockIdx.y * kChunks, here = min(kChunks, chunks - c0);
   const int col0 = block_col0 + warp;
   if (count == 0 || col0 >= col_end) return;  // an expert without rows costs a block exit
-  const int cent_u4 = kLaidOut ? 3 : p.cent_bf16 ? 2 : 4;
+  const int cent_u4 = kLaidOut ? (kAffine ? 4 : 3) : p.cent_bf16 ? 2 : 4;
   uint4(*stages)[kStageU4] = ring[warp];
   const auto issue = [&](int col, int stage) {
     if (col >= col_end) return;
@@ -155,15 +177,16 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
       asm volatile("cp.async.wait_group 1;");  // this column's copies have landed
       __syncwarp();
       uint4* b = stages[i % kStages];
-      float s;
-      int alpha_lane = 0;  // as stored: alpha of subset lane & 15
+      float s = 1.f;  // int8: the codebook's scale
+      Alpha<kAffine> alpha_lane{};  // as stored: alpha of subset lane & 15
       if constexpr (kLaidOut) {
-        s = reinterpret_cast<const float*>(b + kChunks * 8)[8];
+        if constexpr (!kAffine) s = reinterpret_cast<const float*>(b + kChunks * 8)[8];
       } else {
         for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
         const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
                                     : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
-        alpha_lane = codebook_moebius(c, lane, s);
+        if constexpr (kAffine) alpha_lane = codebook_moebius_f32(c, lane);
+        else alpha_lane = static_cast<uint32_t>(codebook_moebius(c, lane, s));
         __syncwarp();
       }
       column(col, b, s, alpha_lane);
@@ -173,9 +196,11 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
   if (count == 1) {  // decode's one row a slot: x's planes stay in registers, subsets in A
     uint32_t xb[kChunks][2];
     load_x_planes(xb, p.xpl + static_cast<size_t>(start) * chunks * 64, c0, here, lane);
-    walk([&](int col, const uint4* b, float s, int alpha_lane) {
-      const uint32_t alpha_g = subset_alpha<kLaidOut>(b, alpha_lane, lane >> 2);
-      const uint32_t alpha_g8 = subset_alpha<kLaidOut>(b, alpha_lane, (lane >> 2) + 8);
+    float coef0 = 0.f, coef1 = 0.f;  // affine: the row's coefficients of planes 2t and 2t + 1
+    if constexpr (kAffine) coef0 = p.xs[start * 8 + 2 * t], coef1 = p.xs[start * 8 + 2 * t + 1];
+    walk([&](int col, const uint4* b, float s, Alpha<kAffine> alpha_lane) {
+      const auto alpha_g = subset_alpha<kLaidOut, kAffine>(b, alpha_lane, lane >> 2);
+      const auto alpha_g8 = subset_alpha<kLaidOut, kAffine>(b, alpha_lane, (lane >> 2) + 8);
       uint32_t d[4] = {0u, 0u, 0u, 0u};
       by_range([&](auto whole) {
 #pragma unroll
@@ -183,8 +208,13 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
           if (decltype(whole)::value || cc < here)  // warp-uniform test
             sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);
       });
-      const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
-      if (lane == 0) write(p, start, col, static_cast<int>(part), s);
+      if constexpr (kAffine) {
+        const float y = warp_sum(sub.dot(d, alpha_g, alpha_g8, coef0, coef1));
+        if (lane == 0) write(p, start, col, y);
+      } else {
+        const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
+        if (lane == 0) write(p, start, col, static_cast<int>(part), s);
+      }
     });
     return;
   }
@@ -192,9 +222,9 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
   // once for up to kRowsA rows (x's words read from global memory, where L1 keeps them for the
   // warp's next columns). A row past the slot's stands in as its last row, unwritten.
   const int end = start + count;
-  walk([&](int col, const uint4* b, float s, int alpha_lane) {
-    const auto alpha = [&](int q) { return subset_alpha<kLaidOut>(b, alpha_lane, q); };
-    const uint32_t a[4] = {alpha(2 * t), alpha(2 * t + 1), alpha(2 * t + 8), alpha(2 * t + 9)};
+  walk([&](int col, const uint4* b, float s, Alpha<kAffine> alpha_lane) {
+    const auto alpha = [&](int q) { return subset_alpha<kLaidOut, kAffine>(b, alpha_lane, q); };
+    const Alpha<kAffine> a[4] = {alpha(2 * t), alpha(2 * t + 1), alpha(2 * t + 8), alpha(2 * t + 9)};
     const auto rows = [&](int r, auto pairs_c, auto whole_c) {
       constexpr int kPairs = decltype(pairs_c)::value;
       constexpr bool kWhole = decltype(whole_c)::value;
@@ -216,8 +246,13 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
       }
 #pragma unroll
       for (int q = 0; q < 2 * kPairs; ++q) {
-        const uint32_t part = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, lane));
-        if (lane == 0 && r + q < end) write(p, r + q, col, static_cast<int>(part), s);
+        if constexpr (kAffine) {
+          const float y = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, p.xs[min(r + q, end - 1) * 8 + (lane >> 2)]));
+          if (lane == 0 && r + q < end) write(p, r + q, col, y);
+        } else {
+          const uint32_t part = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, lane));
+          if (lane == 0 && r + q < end) write(p, r + q, col, static_cast<int>(part), s);
+        }
       }
     };
     using Two = std::integral_constant<int, 2>;
@@ -238,55 +273,62 @@ ffi::Error failed(cudaError_t err) {
   return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
-// Launches bitplane_kernel<kLaidOut> on p, choosing p.per_warp where it is 0: the fewest columns
+// Launches bitplane_kernel<kLaidOut, kAffine> on p, choosing p.per_warp where it is 0: the fewest columns
 // a warp (up to 16) that let every block be resident at once by registers (the ring overlaps a
 // warp's columns; fewer would reload x's planes for less work).
-template <bool kLaidOut>
+template <bool kLaidOut, bool kAffine>
 ffi::Error launch(cudaStream_t stream, Problem p) {
   LaunchLimits lim;
-  cudaError_t err = launch_limits<bitplane_kernel<kLaidOut>>(kWarps * 32, lim);
+  cudaError_t err = launch_limits<bitplane_kernel<kLaidOut, kAffine>>(kWarps * 32, lim);
   if (err != cudaSuccess) return failed(err);
   const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
   const int64_t work = static_cast<int64_t>(p.n) * p.splits * p.num_slots;
   if (p.per_warp == 0)
     p.per_warp = static_cast<int>(std::clamp<int64_t>((work + warps_in_flight - 1) / warps_in_flight, 1, 16));
   const dim3 grid((p.n + kWarps * p.per_warp - 1) / (kWarps * p.per_warp), p.splits, p.num_slots);
-  bitplane_kernel<kLaidOut><<<grid, kWarps * 32, 0, stream>>>(p);
+  bitplane_kernel<kLaidOut, kAffine><<<grid, kWarps * 32, 0, stream>>>(p);
   err = cudaGetLastError();
   return err == cudaSuccess ? ffi::Error::Success() : failed(err);
 }
 
-ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::F32> sx,
+ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::F32> xs,
                                  ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> scales,
                                  int64_t per_warp_asked) {
   const auto xd = xpl.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (xd.size() != 4 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
     return invalid("expected x planes [t, k/256, 8, 8], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
-  const bool laid_out = centroids.element_type() == ffi::DataType::S32;
+  const auto sd_x = xs.dimensions();
+  const bool affine = sd_x.size() == 2;
+  const bool laid_out = centroids.element_type() == (affine ? ffi::DataType::U32 : ffi::DataType::S32);
   const int64_t t = xd[0], k = 2 * pd[2], e = pd[0], n = pd[1];
   if (k % kChunk != 0 || k > kMaxK || xd[1] != k / kChunk || xd[2] != 8 || xd[3] != 8 || cd[0] != e || cd[1] != n ||
-      cd[2] != 16 || sx.dimensions().size() != 1 || sx.dimensions()[0] != t)
-    return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row, sx [t])");
+      cd[2] != 16 || sd_x.size() < 1 || sd_x.size() > 2 || sd_x[0] != t || (affine && sd_x[1] != 8))
+    return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row, x's "
+                   "scales [t] or plane coefficients [t, 8])");
   if (!laid_out && !float_or_bf16(centroids.element_type()))
-    return invalid("centroids must be float32 or bf16 (or int32 laid out by bitplane_layout)");
+    return invalid("centroids must be float32 or bf16, or laid out by bitplane_layout for these numerics (int32; "
+                   "affine: uint32)");
   const int64_t splits = (k / kChunk + kChunks - 1) / kChunks;
   const auto od = out->dimensions(), scd = scales->dimensions();
-  const bool out_ok = splits == 1 ? od.size() == 2 && od[0] == t && od[1] == n && float_or_bf16(out->element_type())
-                                  : od.size() == 3 && od[0] == splits && od[1] == t && od[2] == n &&
-                                        out->element_type() == ffi::DataType::S32 && scd.size() == 2 &&
-                                        scd[0] == t && scd[1] == n;
+  const bool out_ok =
+      splits == 1 ? od.size() == 2 && od[0] == t && od[1] == n && float_or_bf16(out->element_type())
+      : affine    ? od.size() == 3 && od[0] == splits && od[1] == t && od[2] == n &&
+                     out->element_type() == ffi::DataType::F32
+                  : od.size() == 3 && od[0] == splits && od[1] == t && od[2] == n &&
+                     out->element_type() == ffi::DataType::S32 && scd.size() == 2 && scd[0] == t && scd[1] == n;
   if (!out_ok)
-    return invalid("the result must be float32 or bf16 [t, n] (k up to 4096), else int32 [ceil(k / 4096), t, n] with "
-                   "float32 scales [t, n]");
+    return invalid("the result must be float32 or bf16 [t, n] (k up to 4096), else [ceil(k / 4096), t, n]: int32 "
+                   "with float32 scales [t, n], or float32 with plane coefficients");
   if (t == 0 || n == 0 || sd[1] == 0) return ffi::Error::Success();
   if (per_warp_asked < 0 || per_warp_asked > kMaxPerWarp) return invalid("per_warp must be 0 (chosen here) to 64");
-  const Problem p{xpl.typed_data(), sx.typed_data(), packed.typed_data(), centroids.untyped_data(),
+  const Problem p{xpl.typed_data(), xs.typed_data(), packed.typed_data(), centroids.untyped_data(),
                   slots.typed_data(), out->untyped_data(), scales->typed_data(), static_cast<int>(t),
                   static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]), static_cast<int>(splits),
                   static_cast<int>(per_warp_asked), centroids.element_type() == ffi::DataType::BF16,
                   out->element_type() == ffi::DataType::BF16};
-  return laid_out ? launch<true>(stream, p) : launch<false>(stream, p);
+  if (affine) return laid_out ? launch<true, true>(stream, p) : launch<false, true>(stream, p);
+  return laid_out ? launch<true, false>(stream, p) : launch<false, false>(stream, p);
 }
 
 }  // namespace

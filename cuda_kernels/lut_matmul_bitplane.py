@@ -17,6 +17,13 @@ The kernel decodes by bit-planes (one binary mma a 256 codes of a row and row of
 rows, where the byte-permute decodes are bound by instruction issue. Each row of x costs one
 more mma a chunk, and a slot of more than one row reloads x's planes for every column.
 
+With `act` (an `ActQuantConfig` of whole-token groups) both take the affine numerics instead:
+x is fake-quantized by `act` here, x_hat = q * scale + offset per row, and its integer codes q go
+to the kernel as planes, each with its float32 coefficient (scale 2^j, the offset on a plane of
+ones), against the centroids as they are (float32 Moebius transform, no rounding): y equals
+fake_quant(x) (in float32, before its cast to x's dtype) times the dequantized weight, up to
+float32 rounding. This is the W4A4 model's own product (the activation fake quantization fused).
+
 Both functions also take a weight laid out once by `bitplane_layout` (codes already in
 bit-planes, codebooks already rounded and transformed) in the (packed, centroids) places; the
 kernel then skips that work for every column (H100: 17 µs a 4096x14336 product at one row
@@ -30,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cqjax.act_quant import ActQuantConfig, quant_codes
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import int8_round
 from cuda_kernels import lut_matmul as cuda
@@ -68,6 +76,24 @@ def x_planes(xq: jax.Array) -> jax.Array:
   return jnp.swapaxes(words, -1, -2)
 
 
+def affine_planes(x: jax.Array, act: ActQuantConfig) -> tuple[jax.Array, jax.Array]:
+  """x [t, k] -> its codes under act as planes (`x_planes`' layout: uint32 [t, k/256, 8, 8]) and
+  each row's plane coefficients float32 [t, 8], so that sum_j coef[j] * plane_j = q * scale +
+  offset, the fake-quantized x in float32: asymmetric b bits: planes 0 .. b-1 of q (weights scale
+  2^j) and plane b all ones (weight offset); symmetric: q's two's complement in b bits (the top
+  plane weighs -scale 2^(b-1))."""
+  q, scale, offset = (v[:, 0] for v in quant_codes(x, act))        # [t, k], [t, 1], [t, 1]
+  b, j = act.bits, jnp.arange(8)
+  weight = jnp.where(j < b, jnp.exp2(j.astype(jnp.float32)), 0.0)
+  if act.symmetric:
+    codes = q.astype(jnp.int32) & (2 ** b - 1)
+    coef = scale * jnp.where(j == b - 1, -weight, weight)
+  else:
+    codes = q.astype(jnp.int32) | 2 ** b
+    coef = jnp.where(j == b, offset, scale * weight)
+  return x_planes(codes.astype(jnp.uint8)), coef
+
+
 def _nibbles_to_planes(words: jax.Array) -> jax.Array:
   """uint32 [..., 4] 16-byte groups of 32 nibble codes -> their four bit-planes (the kernel's
   nibbles_to_planes: a 4 x 4 bit transpose within each nibble, four delta swaps)."""
@@ -79,22 +105,34 @@ def _nibbles_to_planes(words: jax.Array) -> jax.Array:
   return jnp.stack([x, y, z, w], -1)
 
 
-@jax.jit
-def bitplane_layout(packed: jax.Array, centroids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _moebius(entries: jax.Array) -> jax.Array:
+  """[..., 16] codebooks -> their Moebius transform over the entries' bits (alpha[S]: entry S
+  minus the subsets' alpha), bits 1, 2, 4, 8 in turn as the kernel's codebook_moebius."""
+  alpha = entries.reshape(*entries.shape[:-1], 2, 2, 2, 2)  # entry 8 b3 + 4 b2 + 2 b1 + b0 -> (b3, b2, b1, b0)
+  for axis in (-1, -2, -3, -4):  # subsets with the bit minus those without it
+    lo, hi = jnp.split(alpha, 2, axis)
+    alpha = jnp.concatenate([lo, hi - lo], axis)
+  return alpha.reshape(entries.shape)
+
+
+@functools.partial(jax.jit, static_argnames="affine")
+def bitplane_layout(packed: jax.Array, centroids: jax.Array, affine: bool = False) -> tuple[jax.Array, jax.Array]:
   """A 4-bit codebook weight laid out once for the kernel, which then neither transposes codes nor
   rounds codebooks a call: packed uint8 [..., n, d_in/2] (d_in a multiple of 32), centroids
   [..., n, 1, 16] -> (planes uint8 [..., n, d_in/2]: each 16-byte group of codes as its four
   bit-planes; codebooks int32 [..., n, 1, 16]: each row's int8-rounded codebook (`int8_round`)
   Moebius-transformed over its code bits, alpha[S] as int16 in words 0-7 (|alpha| <= 16 * 127),
-  the scale's float32 bits in word 8, zeros). Both take the kernel's (packed, centroids) places."""
+  the scale's float32 bits in word 8, zeros). Both take the kernel's (packed, centroids) places.
+  affine: for the affine numerics (`act`), codebooks uint32 [..., n, 1, 16]: the float32 bits of
+  the Moebius transform of the centroids as they are."""
   *lead, n, half = packed.shape
   words = jax.lax.bitcast_convert_type(packed.reshape(*lead, n, half // 16, 4, 4), jnp.uint32)
   planes = jax.lax.bitcast_convert_type(_nibbles_to_planes(words), jnp.uint8).reshape(packed.shape)
+  if affine:
+    alpha = _moebius(centroids.reshape(*lead, n, 16).astype(jnp.float32))
+    return planes, jax.lax.bitcast_convert_type(alpha, jnp.uint32).reshape(*lead, n, 1, 16)
   cq, scale = int8_round(centroids.reshape(*lead, n, 16).astype(jnp.float32), -1)
-  alpha = cq.reshape(*lead, n, 2, 2, 2, 2)  # entry 8 b3 + 4 b2 + 2 b1 + b0 -> axes (b3, b2, b1, b0)
-  for axis in range(-4, 0):  # subsets with the bit minus those without it
-    lo, hi = jnp.split(alpha, 2, axis)
-    alpha = jnp.concatenate([lo, hi - lo], axis)
+  alpha = _moebius(cq)
   a16 = alpha.reshape(*lead, n, 8, 2).astype(jnp.uint32) & 0xFFFF
   pairs = a16[..., 0] | (a16[..., 1] << 16)
   codebooks = jnp.concatenate([pairs, jax.lax.bitcast_convert_type(scale, jnp.uint32),
@@ -107,68 +145,84 @@ def splits(d_in: int) -> int:
   return -(-d_in // (CHUNK * K_RANGE))
 
 
-def _ffi(xpl, sx, packed, centroids, slots, out_dtype, per_warp=0):
-  """xpl uint32 [t, d_in/256, 8, 8] (`x_planes`), sx float32 [t], packed [e, n, d_in/2],
-  centroids [e, n, 1, 16], slots int32 [3, s], per_warp: output columns a warp walks (0: the
-  kernel's choice, which fills the GPU's register-resident blocks once) -> (out, scales): out
-  [t, n] in out_dtype (float32 or bf16) with one K range, else the K ranges' int32 dots [splits,
-  t, n] and the codebook scales [t, n]."""
+def _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp=0):
+  """xpl uint32 [t, d_in/256, 8, 8] (`x_planes`), xs float32: x's scales [t] (int8 numerics) or
+  plane coefficients [t, 8] (affine), packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32
+  [3, s], per_warp: output columns a warp walks (0: the kernel's choice, which fills the GPU's
+  register-resident blocks once) -> (out, scales): out [t, n] in out_dtype (float32 or bf16) with
+  one K range, else the K ranges' int32 dots [splits, t, n] and the codebook scales [t, n] (affine:
+  float32 parts of y [splits, t, n], no scales)."""
   t, chunks = xpl.shape[:2]
   e, n = packed.shape[:2]
   centroids = centroids.reshape(e, n, 16)
-  if centroids.dtype not in (*KERNEL_DTYPES, jnp.int32):  # int32: bitplane_layout's codebooks
+  if centroids.dtype not in (*KERNEL_DTYPES, *_LAID_OUT):
     centroids = centroids.astype(jnp.float32)
-  s = splits(chunks * CHUNK)
-  results = (jax.ShapeDtypeStruct((t, n), out_dtype) if s == 1 else jax.ShapeDtypeStruct((s, t, n), jnp.int32),
-             jax.ShapeDtypeStruct((t, n) if s > 1 else (0,), jnp.float32))
-  return jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(xpl, sx, packed, centroids, slots,
+  s, affine = splits(chunks * CHUNK), xs.ndim == 2
+  results = (jax.ShapeDtypeStruct((t, n), out_dtype) if s == 1 else
+             jax.ShapeDtypeStruct((s, t, n), jnp.float32 if affine else jnp.int32),
+             jax.ShapeDtypeStruct((t, n) if s > 1 and not affine else (0,), jnp.float32))
+  return jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(xpl, xs, packed, centroids, slots,
                                                                      per_warp=np.int64(per_warp))
 
 
-def _call(x, packed, centroids, slots, per_warp, covered=None):
+def _call(x, packed, centroids, slots, per_warp, covered=None, act=None):
   """x [t, d_in] -> [t, n] in x's dtype; covered: the rows the slots cover (None: all), past which
-  rows are zero (the kernel zeroes them itself with one K range)."""
-  xq, sx = int8_round(x.astype(jnp.float32), -1)
+  rows are zero (the kernel zeroes them itself with one K range); act: the affine numerics."""
   out_dtype = x.dtype if x.dtype in KERNEL_DTYPES else jnp.float32
-  y, scales = _ffi(x_planes(xq.astype(jnp.int8)), sx[:, 0], packed, centroids, slots, out_dtype, per_warp)
+  if act is None:
+    xq, sx = int8_round(x.astype(jnp.float32), -1)
+    y, scales = _ffi(x_planes(xq.astype(jnp.int8)), sx[:, 0], packed, centroids, slots, out_dtype, per_warp)
+  else:
+    y, scales = _ffi(*affine_planes(x, act), packed, centroids, slots, out_dtype, per_warp)
   if y.ndim == 3:
-    y = (scales * y.sum(0).astype(jnp.float32)) * sx
+    y = y.sum(0) if act is not None else (scales * y.sum(0).astype(jnp.float32)) * sx
     if covered is not None:
       y = jnp.where(jnp.arange(x.shape[0])[:, None] < covered, y, 0)
   return y.astype(x.dtype)
 
 
-def _check(op, x, packed, centroids, bits, lead, group_sizes=None, per_warp=0):
+# bitplane_layout's codebooks, by numerics: int8 (int32) and affine (uint32)
+_LAID_OUT = (jnp.int32, jnp.uint32)
+
+
+def _check(op, x, packed, centroids, bits, lead, group_sizes=None, per_warp=0, act=None):
   if not 0 <= per_warp <= MAX_PER_WARP:
     raise CqjaxError(f"{op}: per_warp is the output columns a warp walks, 1 to {MAX_PER_WARP} (0: the kernel's "
                      f"choice); got {per_warp}")
-  if centroids.dtype == jnp.int32:  # bitplane_layout's codebooks: checked by shape as float32 ones are
-    centroids = jax.ShapeDtypeStruct(centroids.shape, jnp.float32)
+  if act is not None and (act.group_size not in (-1, 0) or act.bits > (8 if act.symmetric else 7)):
+    raise CqjaxError(f"{op}: act must quantize whole tokens (group_size -1) to at most 7 bits (8 symmetric): its "
+                     f"codes and a plane of ones fill x's 8 planes; got group_size {act.group_size}, bits {act.bits}")
+  if centroids.dtype in _LAID_OUT:
+    if (centroids.dtype == jnp.uint32) != (act is not None):
+      raise CqjaxError(f"{op}: centroids laid out by bitplane_layout for the {'affine' if act is None else 'int8'} "
+                       f"numerics; lay them out with affine={act is not None}")
+    centroids = jax.ShapeDtypeStruct(centroids.shape, jnp.float32)  # checked by shape as float32 ones are
   return cuda.check_call(op, x, packed, centroids, bits, lead, available(), lambda _, *rest: supports(*rest),
                          f"4-bit codes, one codebook per row and d_in a multiple of {CHUNK} up to {MAX_D_IN}",
                          group_sizes)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "per_warp"))
+@functools.partial(jax.jit, static_argnames=("bits", "per_warp", "act"))
 def lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int, *,
-                        per_warp: int = 0) -> jax.Array:
-  """x [m, d_in] times one codebook weight with int8 numerics -> [m, d_out] (x's dtype); per_warp:
-  output columns a warp walks (0: the kernel's choice)."""
+                        per_warp: int = 0, act: ActQuantConfig | None = None) -> jax.Array:
+  """x [m, d_in] times one codebook weight with int8 numerics (with act: the affine numerics) ->
+  [m, d_out] (x's dtype); per_warp: output columns a warp walks (0: the kernel's choice)."""
   m = x.shape[0]
-  n = _check("CUDA lut_matmul_bitplane", x, packed, centroids, bits, (), per_warp=per_warp)
+  n = _check("CUDA lut_matmul_bitplane", x, packed, centroids, bits, (), per_warp=per_warp, act=act)
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
-  return _call(x, packed[None], centroids[None], jnp.asarray([[0], [0], [m]], jnp.int32), per_warp)
+  return _call(x, packed[None], centroids[None], jnp.asarray([[0], [0], [m]], jnp.int32), per_warp, act=act)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "per_warp"))
+@functools.partial(jax.jit, static_argnames=("bits", "per_warp", "act"))
 def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
-                                group_sizes: jax.Array, *, per_warp: int = 0) -> jax.Array:
-  """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics -> [t, d_out];
-  per_warp as lut_matmul_bitplane's."""
+                                group_sizes: jax.Array, *, per_warp: int = 0,
+                                act: ActQuantConfig | None = None) -> jax.Array:
+  """x [t, d_in] rows sorted by expert times stacked codebook weights, int8 numerics (with act: the
+  affine numerics) -> [t, d_out]; per_warp as lut_matmul_bitplane's."""
   t = x.shape[0]
   e = packed.shape[0] if packed.ndim == 3 else -1
-  n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes, per_warp)
+  n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes, per_warp, act)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
-  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes))
+  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act)

@@ -1,7 +1,7 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--grouped_sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda,int8,bitplane,bitplane_laid_out] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
+      [--kernels=pallas,cuda,int8,bitplane,bitplane_laid_out,affine,affine_laid_out] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
       [--out=FILE] [--plot=PNG]
   python -m experiments.bench_kernels --replot=FILE --plot=PNG   # the figure of a saved run
 
@@ -20,7 +20,9 @@ shape and M (its candidates recorded beside the default; --int8_sweep the same f
 Int8Tuning); kernel int8 is the CUDA kernel with int8 numerics (cuda_kernels/lut_matmul_int8.py: error against its own
 reference, which should be float32 rounding, and against the float product), kernel bitplane the same
 numerics on binary tensor cores (cuda_kernels/lut_matmul_bitplane.py), bitplane_laid_out that kernel on weights laid
-out ahead (bitplane_layout: codes in bit-planes, codebooks as alpha); --decode times greedy decoding of the small reference model's
+out ahead (bitplane_layout: codes in bit-planes, codebooks as alpha), affine and affine_laid_out the
+same kernel with the W4A4 model's affine numerics (x fake-quantized to 4 bits per token inside the
+timed call; error against fake_quant's float32 x times the float weight); --decode times greedy decoding of the small reference model's
 architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes), bf16 vs 4-bit codebooks.
 --plot draws each kernel's speedup against M and the decode batch (experiments.plots.plot_kernel_speedups).
 """
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference, kernels_mode,
@@ -220,15 +223,30 @@ def _time_tunings(matmul, x, weights, tunings, sets, repeats, *extra):
   return res
 
 
-BITPLANE_KINDS = frozenset({"bitplane", "bitplane_laid_out"})
+# The bit-plane kernel's kinds: (weights laid out ahead, its act: None for int8 numerics, else the
+# W4A4 model's default activation quantizer, the affine numerics).
+BITPLANE_KINDS = {"bitplane": (False, None), "bitplane_laid_out": (True, None),
+                  "affine": (False, ActQuantConfig()), "affine_laid_out": (True, ActQuantConfig())}
 
 
 def _bitplane_operands(weights, kind: str) -> list:
   """Each weight's (packed, centroids) for the bit-plane kernel: as stored, or laid out ahead by
-  bitplane_layout (kind bitplane_laid_out; not timed)."""
-  if kind == "bitplane":
+  bitplane_layout (kinds *_laid_out; not timed)."""
+  laid_out, act = BITPLANE_KINDS[kind]
+  if not laid_out:
     return [(w.packed, w.centroids) for w in weights]
-  return [jax.block_until_ready(kb.bitplane_layout(w.packed, w.centroids)) for w in weights]
+  return [jax.block_until_ready(kb.bitplane_layout(w.packed, w.centroids, act is not None)) for w in weights]
+
+
+def _bitplane_own_reference(x, w, act, group_sizes=None):
+  """The numerics the bit-plane kind computes: int8 (act None), or fake_quant's float32 x times the
+  float weight."""
+  if act is None:
+    if group_sizes is None:
+      return lut_matmul_int8_reference(x, w.packed, w.centroids, BITS)
+    return grouped_lut_matmul_int8_reference(x, w.packed, w.centroids, BITS, group_sizes)
+  xq = fake_quant(x.astype(jnp.float32), act)
+  return lut_matmul_reference(xq, w) if group_sizes is None else grouped_lut_matmul_reference(xq, w, group_sizes)
 
 
 def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=False, cuda_layouts=None,
@@ -240,7 +258,7 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
   bytes_codes = _code_bytes(weights[0])
   bf16 = jax.jit(lambda x, ws: [x @ w for w in ws])
   gather = jax.jit(lambda x, ws: [lut_matmul_reference(x, w) for w in ws])
-  bitplane_ops = {kind: _bitplane_operands(weights, kind) for kind in sorted(BITPLANE_KINDS & set(kernels))}
+  bitplane_ops = {kind: _bitplane_operands(weights, kind) for kind in BITPLANE_KINDS if kind in kernels}
   rows = []
   for m in ms:
     x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, k), jnp.bfloat16)
@@ -278,13 +296,13 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
             f"best {ibest:6.1f} {ibest_t}) err own {row['int8_err_own']:.1e} float {row['int8_err_float']:.1e}",
             flush=True)
     for kind, operands in bitplane_ops.items():
-      got = kb.lut_matmul_bitplane(x, *operands[0], BITS)
-      bitplane = jax.jit(lambda x, ws: [kb.lut_matmul_bitplane(x, p, c, BITS) for p, c in ws])
+      act = BITPLANE_KINDS[kind][1]
+      got = kb.lut_matmul_bitplane(x, *operands[0], BITS, act=act)
+      bitplane = jax.jit(lambda x, ws, act=act: [kb.lut_matmul_bitplane(x, p, c, BITS, act=act) for p, c in ws])
       t_p = _per_call_us(bitplane, (x, operands)) / sets
-      w0 = weights[0]
       row.update({f"{kind}_us": t_p, f"{kind}_speedup_vs_bf16": t_bf16 / t_p,
                   f"{kind}_pct_copy": 100 * bytes_codes / t_p / 1e3 / bw,
-                  f"{kind}_err_own": _rel_err(got, lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS))})
+                  f"{kind}_err_own": _rel_err(got, _bitplane_own_reference(x, weights[0], act))})
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  {kind} {t_p:6.1f} us ({t_bf16 / t_p:4.2f}x bf16, "
             f"{row[f'{kind}_pct_copy']:3.0f}% of copy) err own {row[f'{kind}_err_own']:.1e}", flush=True)
     if "pallas" not in kernels:
@@ -339,7 +357,7 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   gather = jax.jit(lambda x, ws, gs: [grouped_lut_matmul_reference(x, w, gs) for w in ws])
   kern = jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
   cuda = jax.jit(lambda x, ws, gs: [ck.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs) for w in ws])
-  bitplane_ops = {kind: _bitplane_operands(weights, kind) for kind in sorted(BITPLANE_KINDS & set(kernels))}
+  bitplane_ops = {kind: _bitplane_operands(weights, kind) for kind in BITPLANE_KINDS if kind in kernels}
   rows = []
   for b in batches:
     gs = routing[b]
@@ -377,10 +395,11 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
             f"({t_ragged / t_i:5.2f}x; a call {t_i * sets:.0f} us, its host floor {row['host_floor_us']:.0f}) "
             f"err own {row['int8_err_own']} float {row['int8_err_float']:.1e}", flush=True)
     for kind, operands in bitplane_ops.items():
-      got = kb.grouped_lut_matmul_bitplane(x, *operands[0], BITS, gs)
-      w0 = weights[0]
-      own = grouped_lut_matmul_int8_reference(x, w0.packed, w0.centroids, BITS, gs) if experts <= 8 else None
-      bitplane = jax.jit(lambda x, ws, gs: [kb.grouped_lut_matmul_bitplane(x, p, c, BITS, gs) for p, c in ws])
+      act = BITPLANE_KINDS[kind][1]
+      got = kb.grouped_lut_matmul_bitplane(x, *operands[0], BITS, gs, act=act)
+      own = _bitplane_own_reference(x, weights[0], act, gs) if experts <= 8 else None
+      bitplane = jax.jit(lambda x, ws, gs, act=act: [kb.grouped_lut_matmul_bitplane(x, p, c, BITS, gs, act=act)
+                                                     for p, c in ws])
       t_p = _per_call_us(bitplane, (x, operands, gs)) / sets
       row.update({f"{kind}_us": t_p, f"{kind}_speedup_vs_ragged": t_ragged / t_p, f"{kind}_err_float": _rel_err(got, ref),
                   f"{kind}_err_own": None if own is None else _rel_err(got, own)})

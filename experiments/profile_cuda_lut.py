@@ -10,8 +10,9 @@ tuning is warps/mt[p] or warps/mtw[splits] (cuda_kernels.lut_matmul_int8.Int8Tun
 spells them: 8/2p, 4/16w2). With --pallas it is the Pallas kernel (-k regex:cqjax_) and a tuning is
 block_m/block_n/block_k/k_splits/num_warps/num_stages (pallas_kernels.lut_matmul.LutTuning). With
 --bitplane it is the bit-plane kernel (-k regex:bitplane_kernel) and a tuning is its output columns a warp
-(cuda_kernels.lut_matmul_bitplane's per_warp; "default" lets the kernel choose), and --laid_out gives it
-the weights laid out ahead (bitplane_layout).
+(cuda_kernels.lut_matmul_bitplane's per_warp; "default" lets the kernel choose), --laid_out gives it
+the weights laid out ahead (bitplane_layout), and --affine takes its affine numerics (x fake-quantized
+by the default ActQuantConfig, 4 bits a token).
 --experts=E --top_k=K instead runs the grouped kernel over E stacked experts at decode batches --ms
 (random top-K routing), two weights in one jitted call as bench_kernels times them, so that a
 profiler without a kernel filter also sees what XLA runs around the kernel (quantizing x, the
@@ -25,6 +26,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from cqjax.act_quant import ActQuantConfig
 from cqjax.codebook import CodebookWeight
 from cqjax.errors import CqjaxError
 from cuda_kernels import lut_matmul as ck
@@ -72,7 +74,8 @@ def kernel(args, grouped: bool = False):
   grouped form. Called as run(x, packed, centroids, 4, [group_sizes,] tuning=...)."""
   if args.bitplane:
     run = ckb.grouped_lut_matmul_bitplane if grouped else ckb.lut_matmul_bitplane
-    return lambda *operands, tuning: run(*operands, per_warp=tuning)  # tuning: columns a warp (`tuning`)
+    act = ActQuantConfig() if args.affine else None
+    return lambda *operands, tuning: run(*operands, per_warp=tuning, act=act)  # tuning: columns a warp (`tuning`)
   if args.pallas:
     return pk.grouped_lut_matmul if grouped else pk.lut_matmul
   if args.int8:
@@ -101,7 +104,9 @@ def tuning(args, spec: str, rows: int, k: int, n: int, experts: int = 0):
 
 def operands(args, w: CodebookWeight) -> tuple:
   """The kernel's (packed, centroids) of w: as stored, or laid out ahead (--laid_out)."""
-  return jax.block_until_ready(ckb.bitplane_layout(w.packed, w.centroids)) if args.laid_out else (w.packed, w.centroids)
+  if not args.laid_out:
+    return w.packed, w.centroids
+  return jax.block_until_ready(ckb.bitplane_layout(w.packed, w.centroids, args.affine))
 
 
 def profile_grouped(args, k, n, kp, kc, kx):
@@ -134,13 +139,15 @@ def main():
   which.add_argument("--pallas", action="store_true", help="the Pallas kernel; tunings are block_m/block_n/block_k/"
                      "k_splits/num_warps/num_stages")
   ap.add_argument("--laid_out", action="store_true", help="--bitplane on weights laid out ahead (bitplane_layout)")
+  ap.add_argument("--affine", action="store_true", help="--bitplane with the affine numerics (x fake-quantized to "
+                  "4 bits a token)")
   ap.add_argument("--experts", type=int, default=0, help="grouped: this many stacked experts (0: one weight)")
   ap.add_argument("--top_k", type=int, default=2, help="grouped: experts a token")
   ap.add_argument("--trace", type=int, default=0, help="grouped: also trace this many calls under jax.profiler and "
                   "print their device kernels a call (no ncu needed)")
   args = ap.parse_args()
-  if args.laid_out and not args.bitplane:
-    raise SystemExit("profile_cuda_lut: --laid_out lays weights out for the bit-plane kernel; give --bitplane")
+  if (args.laid_out or args.affine) and not args.bitplane:
+    raise SystemExit("profile_cuda_lut: --laid_out and --affine are the bit-plane kernel's; give --bitplane")
   if args.pallas and jax.default_backend() != "gpu":
     raise SystemExit("profile_cuda_lut: --pallas profiles the compiled Pallas kernel; this host has no GPU")
   built = ckb.available() if args.bitplane else ck8.available() if args.int8 else ck.available()

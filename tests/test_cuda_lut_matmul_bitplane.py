@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_int8_numerics, assert_single_int8_product, random_codebook_weight
+from cqjax.act_quant import ActQuantConfig, fake_quant, quant_codes
+from cqjax.codebook import dequantize
 from cqjax.errors import CqjaxError
 from cqjax.lut_matmul import grouped_lut_matmul_int8_reference, int8_round, lut_matmul_int8_reference
 from cuda_kernels import lut_matmul_bitplane as kb
@@ -32,6 +34,42 @@ def test_x_planes_hold_each_input_bit_where_the_kernel_reads_it():
         assert (planes[r, chunk, p, w] >> (4 * i + j)) & 1 == (u[r, k] >> p) & 1
 
 
+def _unplane(planes):
+  """x_planes' layout back to the bytes it holds: uint32 [t, chunks, 8, 8] -> uint8 [t, 256 chunks]."""
+  t, chunks = planes.shape[:2]
+  k = np.arange(256)
+  bits = planes[:, :, :, k // 32] >> (4 * (k % 8) + k % 32 // 8) & 1                      # [t, chunk, plane, k]
+  return (bits << np.arange(8)[:, None]).sum(2).reshape(t, chunks * 256).astype(np.uint8)
+
+
+def test_unplane_inverts_x_planes():
+  xq = np.random.default_rng(8).integers(-128, 128, (2, 512)).astype(np.int8)
+  np.testing.assert_array_equal(_unplane(np.asarray(kb.x_planes(jnp.asarray(xq)))), xq.view(np.uint8))
+
+
+# The affine numerics' activation quantizers: the default (4 bits, asymmetric min-max), the widest
+# asymmetric, and symmetric ones (two's complement codes, no plane of ones).
+ACTS = [ActQuantConfig(), ActQuantConfig(bits=7, clip_ratio=0.9), ActQuantConfig(symmetric=True),
+        ActQuantConfig(bits=8, symmetric=True)]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: f"{'sym' if a.symmetric else 'asym'}{a.bits}")
+def test_affine_planes_hold_the_codes_and_give_back_the_fake_quantized_x(act):
+  """affine_planes: the bytes are the codes (asymmetric: q with a plane of ones above it;
+  symmetric: q's two's complement), and sum_j coef[j] plane_j is fake_quant's x in float32."""
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(3, 512)) * [[1.0], [30.0], [1e-3]], jnp.float32)
+  planes, coef = kb.affine_planes(x, act)
+  assert planes.shape == (3, 2, 8, 8) and coef.shape == (3, 8) and coef.dtype == jnp.float32
+  codes = _unplane(np.asarray(planes))
+  q = np.asarray(quant_codes(x, act)[0][:, 0]).astype(np.int64)
+  b = act.bits
+  want = q & (2 ** b - 1) if act.symmetric else q | 2 ** b
+  np.testing.assert_array_equal(codes, want)
+  values = (codes[..., None] >> np.arange(8) & 1) @ np.asarray(coef, np.float64)[:, :, None]
+  fq = np.asarray(fake_quant(x, act), np.float64)
+  assert (np.abs(values[..., 0] - fq) <= 1e-6 * np.abs(fq).max(-1, keepdims=True)).all()  # float32 rounding of fq
+
+
 def _transpose_nibbles(u):
   """The kernel's in-place transpose of a 16-byte group (four uint32 words of 8 nibbles) into
   four bit-planes, in numpy: four delta swaps."""
@@ -51,33 +89,54 @@ def _popcount(v):
 _PLANE_WEIGHTS = np.array([1, 2, 4, 8, 16, 32, 64, -128])  # x's two's-complement bit-planes
 
 
-def _bit_plane_problem(seed, n, k):
-  """Two rows of int8 x against an n x k codebook weight, in the kernel's pieces: the exact int8
-  dots `want` [2, n], the code planes by its transpose [n, k/32, plane], x's planes by x_planes
-  [row, chunk, plane, word] and the Moebius transform alpha [n, 16] of each int8-rounded codebook."""
+def _bit_plane_problem(seed, n, k, act=None):
+  """Two rows of x against an n x k codebook weight, in the kernel's pieces: the product `want`
+  [2, n], the code planes by its transpose [n, k/32, plane], x's planes [row, chunk, plane, word],
+  their weights [2, 8] and the Moebius transform alpha [n, 16] of each codebook. int8 numerics
+  (act None): x rounded to int8 (x_planes), integer alpha of the int8-rounded codebooks, exact
+  int64 dots; affine: x's codes under act (affine_planes) weighted by their coefficients, float64
+  alpha of the codebooks as they are, and want = fake_quant's x times the weight in float64."""
   rng = np.random.default_rng(seed)
   w = random_codebook_weight(rng, (), n, k, 4, k)
   x = jnp.asarray(rng.normal(size=(2, k)), jnp.float32)
-  xq = np.asarray(int8_round(x, -1)[0], np.int8)
-  cq = np.asarray(int8_round(jnp.asarray(w.centroids, jnp.float32), -1)[0])[:, 0]           # [n, 16]
-  want = np.asarray(xq, np.int64) @ np.stack([cq[c][np.asarray(codes)] for c, codes in
-                                              enumerate(_codes(w, n, k))]).T              # [2, n]
+  if act is None:
+    xq = np.asarray(int8_round(x, -1)[0], np.int8)
+    cb = np.asarray(int8_round(jnp.asarray(w.centroids, jnp.float32), -1)[0])[:, 0].astype(np.int64)  # [n, 16]
+    xv, xp, weights = xq.astype(np.int64), kb.x_planes(jnp.asarray(xq)), np.stack([_PLANE_WEIGHTS] * 2)
+  else:
+    cb = np.asarray(w.centroids, np.float64)[:, 0]
+    xp, coef = kb.affine_planes(x, act)
+    xv, weights = np.asarray(fake_quant(x, act), np.float64), np.asarray(coef, np.float64)
+  want = xv @ np.stack([cb[c][np.asarray(codes)] for c, codes in enumerate(_codes(w, n, k))]).T   # [2, n]
   groups = np.asarray(w.packed).view("<u4").reshape(n, k // 32, 4)                          # 16-byte groups
   code_planes = _transpose_nibbles(groups)
-  xp = np.asarray(kb.x_planes(jnp.asarray(xq))).reshape(2, k // 256, 8, 8)
-  alpha = cq.astype(np.int64).copy()
+  xp = np.asarray(xp).reshape(2, k // 256, 8, 8)
+  alpha = cb.copy()
   for bit in (1, 2, 4, 8):  # Moebius transform over the subsets of each entry's bits
     alpha[:, [s for s in range(16) if s & bit]] -= alpha[:, [s ^ bit for s in range(16) if s & bit]]
-  return want, code_planes, xp, alpha
+  return want, code_planes, xp, weights, alpha
 
 
-def test_bit_plane_arithmetic_gives_the_int8_dot_products():
-  """What the kernel computes, step for step in numpy: code planes by its transpose, x's planes
-  by x_planes, the 16 subset masks, counts of mask AND plane (the binary mma), the Moebius
-  transform of each int8-rounded codebook and the weighted sum, equal to the exact int8 dots."""
+def _assert_products(got, want, affine):
+  """int8: exact; affine: want up to float64 rounding and fake_quant's float32 rounding of x."""
+  if affine:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  else:
+    np.testing.assert_array_equal(got, want)
+
+
+_NUMERICS = pytest.mark.parametrize("act", [None, ActQuantConfig(), ActQuantConfig(bits=3, symmetric=True)],
+                                    ids=["int8", "affine", "affine_sym3"])
+
+
+@_NUMERICS
+def test_bit_plane_arithmetic_gives_the_products(act):
+  """What the kernel computes, step for step in numpy: code planes by its transpose, x's planes,
+  the 16 subset masks, counts of mask AND plane (the binary mma), the Moebius transform of each
+  codebook and the weighted sum, equal to the exact int8 dots (or the affine product)."""
   n, k = 5, 512
-  want, code_planes, xp, alpha = _bit_plane_problem(1, n, k)
-  got = np.zeros((2, n), np.int64)
+  want, code_planes, xp, weights, alpha = _bit_plane_problem(1, n, k, act)
+  got = np.zeros((2, n), want.dtype)
   for s in range(16):
     mask = np.full(code_planes.shape[:2], 0xFFFFFFFF, np.uint32)
     for b in range(4):
@@ -86,8 +145,8 @@ def test_bit_plane_arithmetic_gives_the_int8_dot_products():
     mask = mask.reshape(n, k // 256, 8)                                                     # [n, chunk, w]
     for j in range(8):
       counts = _popcount(mask[None] & xp[:, None, :, j, :]).sum(axis=(2, 3))                # [r, n]
-      got += alpha[None, :, s] * _PLANE_WEIGHTS[j] * counts
-  np.testing.assert_array_equal(got, want)
+      got += alpha[None, :, s] * weights[:, j, None] * counts
+  _assert_products(got, want, act is not None)
 
 
 def _mma_b1(a, b):
@@ -105,13 +164,14 @@ def _mma_b1(a, b):
            d[(l >> 2) + 8, 2 * (l & 3) + 1]) for l in range(32)]
 
 
-def test_both_lane_mappings_give_the_int8_dot_products():
+@_NUMERICS
+def test_both_lane_mappings_give_the_products(act):
   """The kernel's two mappings of a warp onto the binary mma, lane by lane in numpy (_mma_b1):
   one row of x (subsets in A, x's planes in B: SubsetLane.multiply / dot) and rows of x in A two
   at a time with the subset masks in B (masks, multiply_rows, dot_rows). The compiled tests run
   both on a GPU (slots of one row and of several), so they check this model of the fragments too."""
   n, k = 3, 512
-  want, planes, xp, alpha = _bit_plane_problem(3, n, k)
+  want, planes, xp, weights, alpha = _bit_plane_problem(3, n, k, act)
   planes = planes.astype(np.int64)
   ones = 0xFFFFFFFF
 
@@ -123,7 +183,7 @@ def test_both_lane_mappings_give_the_int8_dot_products():
         m = [m[0] & lo[bit], m[1] & hi[bit]]
     return m[0], m[1], m[0] & lo[3], m[1] & hi[3]
 
-  one_row, rows_in_a = np.zeros((2, n), np.int64), np.zeros((2, n), np.int64)
+  one_row, rows_in_a = np.zeros((2, n), want.dtype), np.zeros((2, n), want.dtype)
   for col in range(n):
     acc1 = [np.zeros(4, np.int64) for _ in range(32)]                                        # row 0 only
     acc_e = [np.zeros(4, np.int64) for _ in range(32)]
@@ -139,15 +199,15 @@ def test_both_lane_mappings_give_the_int8_dot_products():
         acc1[l] += d[l]; acc_e[l] += e[l]; acc_f[l] += f[l]
     for l in range(32):
       g, t = l >> 2, l & 3
-      w0, w1 = _PLANE_WEIGHTS[2 * t], _PLANE_WEIGHTS[2 * t + 1]
+      w0, w1 = weights[0, 2 * t], weights[0, 2 * t + 1]
       one_row[0, col] += alpha[col, g] * (w0 * acc1[l][0] + w1 * acc1[l][1]) + \
           alpha[col, g + 8] * (w0 * acc1[l][2] + w1 * acc1[l][3])
       a4 = alpha[col, [2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9]]
       for h in (0, 1):
-        rows_in_a[h, col] += _PLANE_WEIGHTS[g] * (a4[0] * acc_e[l][2 * h] + a4[1] * acc_e[l][2 * h + 1] +
-                                          a4[2] * acc_f[l][2 * h] + a4[3] * acc_f[l][2 * h + 1])
-  np.testing.assert_array_equal(one_row[0], want[0])
-  np.testing.assert_array_equal(rows_in_a, want)
+        rows_in_a[h, col] += weights[h, g] * (a4[0] * acc_e[l][2 * h] + a4[1] * acc_e[l][2 * h + 1] +
+                                              a4[2] * acc_f[l][2 * h] + a4[3] * acc_f[l][2 * h + 1])
+  _assert_products(one_row[0], want[0], act is not None)
+  _assert_products(rows_in_a, want, act is not None)
 
 
 def test_bitplane_layout_is_the_kernels_transpose_and_moebius_transform():
@@ -171,6 +231,34 @@ def test_bitplane_layout_is_the_kernels_transpose_and_moebius_transform():
   assert np.abs(alpha).max() == 16 * 127
   np.testing.assert_array_equal(words[..., 8].view(np.float32), scale[..., 0])
   assert not words[..., 9:].any()
+
+
+def test_affine_bitplane_layout_is_the_float_moebius_transform():
+  """affine=True: the same code planes, and uint32 codebooks holding the float32 alpha whose sums
+  over the subsets of each entry's bits give back the centroids as they are (float32 rounding)."""
+  w = random_codebook_weight(np.random.default_rng(10), (2,), 5, 512, 4, 512)
+  planes, codebooks = kb.bitplane_layout(w.packed, w.centroids, affine=True)
+  assert codebooks.shape == (2, 5, 1, 16) and codebooks.dtype == jnp.uint32
+  np.testing.assert_array_equal(planes, kb.bitplane_layout(w.packed, w.centroids)[0])
+  alpha = np.asarray(codebooks).view(np.float32)[:, :, 0].astype(np.float64)
+  rebuilt = np.stack([alpha[..., [s for s in range(16) if s & c == s]].sum(-1) for c in range(16)], -1)
+  cent = np.asarray(w.centroids, np.float64)[:, :, 0]
+  np.testing.assert_allclose(rebuilt, cent, rtol=0, atol=1e-5 * np.abs(cent).max())
+
+
+def test_refuses_what_the_affine_numerics_cannot_take():
+  """Before anything runs (any host): act of token groups or too many bits, and codebooks laid out
+  for the other numerics, stop with the option named."""
+  w = random_codebook_weight(np.random.default_rng(11), (), 16, 256, 4, 256)
+  x = jnp.ones((1, 256), jnp.bfloat16)
+  with pytest.raises(CqjaxError, match="act must quantize whole tokens .* got group_size 128, bits 4"):
+    kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4, act=ActQuantConfig(group_size=128))
+  with pytest.raises(CqjaxError, match="at most 7 bits .* bits 8"):
+    kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4, act=ActQuantConfig(bits=8))
+  with pytest.raises(CqjaxError, match="laid out by bitplane_layout for the int8 numerics; lay them out with affine=True"):
+    kb.lut_matmul_bitplane(x, *kb.bitplane_layout(w.packed, w.centroids), 4, act=ActQuantConfig())
+  with pytest.raises(CqjaxError, match="for the affine numerics; lay them out with affine=False"):
+    kb.lut_matmul_bitplane(x, *kb.bitplane_layout(w.packed, w.centroids, affine=True), 4)
 
 
 def _codes(w, n, k):
@@ -217,9 +305,9 @@ def _on_cpu(reference, *args):
 SHAPES = [(256, 64), (768, 37), (4352, 130), (4096, 5)]
 
 
-def _laid_out(run):
+def _laid_out(run, affine=False):
   """run(x, packed, centroids, bits, ...) given the weight as bitplane_layout lays it out."""
-  return lambda x, packed, centroids, bits, *rest: run(x, *kb.bitplane_layout(packed, centroids), bits, *rest)
+  return lambda x, packed, centroids, bits, *rest: run(x, *kb.bitplane_layout(packed, centroids, affine), bits, *rest)
 
 
 @needs_gpu
@@ -290,3 +378,67 @@ def test_grouped_with_split_k_matches_reference(sizes, laid_out):
     want = _on_cpu(grouped_lut_matmul_int8_reference, x[:sum(sizes)], w.packed, w.centroids, 4, gs)
     assert_int8_numerics(got[:sum(sizes)], want, jnp.float32)
   np.testing.assert_array_equal(np.asarray(got[sum(sizes):]), 0.0)
+
+
+def _assert_affine(got, x, w, act, group_sizes=None):
+  """got against the affine product in float64 of what the wrapper sends the kernel (affine_planes'
+  codes and coefficients decoded back to x, computed where the kernel's are) and the dequantized
+  weight: within float32 rounding of |x| . |w| (and bf16's of the result). Grouped: row i takes
+  its group's expert; rows past the last group are zero."""
+  planes, coef = kb.affine_planes(x, act)
+  xd = (_unplane(np.asarray(planes))[..., None] >> np.arange(8) & 1) @ np.asarray(coef, np.float64)[:, :, None]
+  xd = xd[..., 0]                                                                            # [t, k]
+  dense = np.asarray(dequantize(w), np.float64)                                             # [(e,) k, n]
+  if group_sizes is None:
+    want, mag = xd @ dense, np.abs(xd) @ np.abs(dense)
+  else:
+    expert = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    want, mag = np.zeros((x.shape[0], dense.shape[-1])), np.zeros((x.shape[0], dense.shape[-1]))
+    for i, e in enumerate(expert):
+      want[i], mag[i] = xd[i] @ dense[e], np.abs(xd[i]) @ np.abs(dense[e])
+  got = np.asarray(got, np.float64)
+  tol = 1e-5 * mag + (2.0 ** -8 * np.abs(want) if x.dtype == jnp.bfloat16 else 0.0)
+  bad = np.abs(got - want) > tol
+  assert not bad.any(), f"{bad.sum()} of {bad.size} off; worst {np.abs(got - want).max()} (tolerance {tol.max()})"
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 2, 17])
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("laid_out", [False, True])
+def test_affine_matches_reference(m, k, n, laid_out):
+  rng = np.random.default_rng(m + k + n)
+  w = random_codebook_weight(rng, (), n, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+  act = ActQuantConfig()
+  run = functools.partial(kb.lut_matmul_bitplane, act=act)
+  got = (_laid_out(run, affine=True) if laid_out else run)(x, w.packed, w.centroids, 4)
+  assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+  _assert_affine(got, x, w, act)
+
+
+@needs_gpu
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: f"{'sym' if a.symmetric else 'asym'}{a.bits}")
+def test_affine_quantizers_and_bf16_codebooks_match_reference(act):
+  """Every quantizer the planes can hold, float32 x and bf16 codebooks (taken as they are)."""
+  rng = np.random.default_rng(act.bits)
+  w = random_codebook_weight(rng, (), 37, 768, 4, 768)
+  w = dataclasses.replace(w, centroids=w.centroids.astype(jnp.bfloat16))
+  x = jnp.asarray(rng.normal(size=(3, 768)), jnp.float32)
+  _assert_affine(kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4, act=act), x, w, act)
+
+
+@needs_gpu
+@pytest.mark.parametrize("sizes", [[0, 3, 0, 1, 0], [1, 1, 1, 1, 1], [20, 0, 5, 9, 1], [0, 0, 0, 0, 0]])
+@pytest.mark.parametrize("k", [768, 4352])
+@pytest.mark.parametrize("laid_out", [False, True])
+def test_affine_grouped_matches_reference(sizes, k, laid_out):
+  """Empty experts, one row a slot and several, one K range and two (parts added by the wrapper);
+  two rows past the last group, zero."""
+  rng = np.random.default_rng(sum(sizes) + k)
+  w = random_codebook_weight(rng, (5,), 24, k, 4, k)
+  x = jnp.asarray(rng.normal(size=(sum(sizes) + 2, k)), jnp.bfloat16)
+  act, gs = ActQuantConfig(), jnp.asarray(sizes, jnp.int32)
+  run = functools.partial(kb.grouped_lut_matmul_bitplane, act=act)
+  got = (_laid_out(run, affine=True) if laid_out else run)(x, w.packed, w.centroids, 4, gs)
+  _assert_affine(got, x, w, act, np.asarray(sizes))

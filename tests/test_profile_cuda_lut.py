@@ -5,6 +5,8 @@ import sys
 import jax
 import pytest
 
+from cqjax.act_quant import ActQuantConfig
+
 
 def test_profile_cuda_lut_runs_the_grouped_call_per_batch_and_tuning(monkeypatch, capsys):
   """profile_cuda_lut --experts: each batch's routing, each tuning (default: the grouped one) run
@@ -95,15 +97,17 @@ def test_profile_cuda_lut_runs_the_pallas_kernel_per_m_and_tuning(monkeypatch, c
 def test_profile_cuda_lut_runs_the_bitplane_kernel_per_columns_a_warp(monkeypatch, capsys):
   """--bitplane: the grouped call runs per batch and tuning, a tuning being the kernel's output
   columns a warp (default: 0, the kernel's choice), on the weights as stored or (--laid_out) as
-  bitplane_layout lays them out; anything else stops with its name."""
+  bitplane_layout lays them out, with (--affine) the default activation quantizer; anything else
+  stops with its name."""
   from cqjax.lut_matmul import grouped_lut_matmul_int8_reference
   from cuda_kernels import lut_matmul_bitplane as ckb
   from experiments import profile_cuda_lut
-  calls, codebook_dtypes = [], set()
+  calls, codebook_dtypes, acts = [], set(), set()
 
-  def reference(x, packed, centroids, bits, gs, per_warp):
+  def reference(x, packed, centroids, bits, gs, per_warp, act):
     calls.append((x.shape[0], per_warp))
     codebook_dtypes.add(str(centroids.dtype))
+    acts.add(act)
     return grouped_lut_matmul_int8_reference(x, packed, centroids, bits, gs)
 
   monkeypatch.setattr(ckb, "available", lambda: True)
@@ -118,10 +122,15 @@ def test_profile_cuda_lut_runs_the_bitplane_kernel_per_columns_a_warp(monkeypatc
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--laid_out", "--experts=8", "--shape=256x32",
                                     "--ms=1"])
   profile_cuda_lut.main()
-  assert codebook_dtypes == {"bfloat16", "int32"}
-  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", "--laid_out", "--experts=8", "--shape=256x32"])
-  with pytest.raises(SystemExit, match="--laid_out lays weights out for the bit-plane kernel; give --bitplane"):
-    profile_cuda_lut.main()
+  assert codebook_dtypes == {"bfloat16", "int32"} and acts == {None}
+  monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--laid_out", "--affine", "--experts=8",
+                                    "--shape=256x32", "--ms=1"])
+  profile_cuda_lut.main()
+  assert codebook_dtypes == {"bfloat16", "int32", "uint32"} and acts == {None, ActQuantConfig()}
+  for flag in ("--laid_out", "--affine"):
+    monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--int8", flag, "--experts=8", "--shape=256x32"])
+    with pytest.raises(SystemExit, match="--laid_out and --affine are the bit-plane kernel's; give --bitplane"):
+      profile_cuda_lut.main()
   monkeypatch.setattr(sys, "argv", ["profile_cuda_lut", "--bitplane", "--experts=8", "--shape=256x32", "--tunings=8/2"])
   with pytest.raises(SystemExit, match="a bit-plane tuning is its output columns a warp, 1 to 64; got '8/2'"):
     profile_cuda_lut.main()
