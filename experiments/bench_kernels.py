@@ -539,8 +539,8 @@ def main():
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
-  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8, bitplane, bitplane_laid_out (the last four "
-                  "where built)")
+  ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8, bitplane, bitplane_laid_out, "
+                  "affine, affine_laid_out (all but pallas where built)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
   ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (Int8Tuning.spec: warps/mt, "
