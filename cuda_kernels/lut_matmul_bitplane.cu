@@ -87,7 +87,7 @@ struct Problem {
   const uint32_t* xpl;
   const float* xs;        // int8: x's scales sx [t]; affine: each row's plane coefficients [t, 8]
   const uint8_t* packed;
-  const void* centroids;  // float32 or bf16 (cent_bf16), or int32 codebooks laid out ahead
+  const void* centroids;  // float32 or bf16 (cent_bf16), or codebooks laid out ahead (int32; affine: uint32)
   const int32_t* slots;   // [3, num_slots]
   void* out;              // splits 1: [t, n] float32 or bf16 (out_bf16); else int32 [splits, t, n]
   float* scales;          // splits 2+: [t, n]
@@ -273,9 +273,9 @@ ffi::Error failed(cudaError_t err) {
   return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
-// Launches bitplane_kernel<kLaidOut, kAffine> on p, choosing p.per_warp where it is 0: the fewest columns
-// a warp (up to 16) that let every block be resident at once by registers (the ring overlaps a
-// warp's columns; fewer would reload x's planes for less work).
+// Launches bitplane_kernel<kLaidOut, kAffine> on p, choosing p.per_warp where it is 0: the fewest
+// columns a warp (up to 16) that let every block be resident at once by registers (the ring
+// overlaps a warp's columns; fewer would reload x's planes for less work).
 template <bool kLaidOut, bool kAffine>
 ffi::Error launch(cudaStream_t stream, Problem p) {
   LaunchLimits lim;
@@ -298,12 +298,12 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
   const auto xd = xpl.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (xd.size() != 4 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
     return invalid("expected x planes [t, k/256, 8, 8], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
-  const auto sd_x = xs.dimensions();
-  const bool affine = sd_x.size() == 2;
+  const auto xsd = xs.dimensions();
+  const bool affine = xsd.size() == 2;
   const bool laid_out = centroids.element_type() == (affine ? ffi::DataType::U32 : ffi::DataType::S32);
   const int64_t t = xd[0], k = 2 * pd[2], e = pd[0], n = pd[1];
   if (k % kChunk != 0 || k > kMaxK || xd[1] != k / kChunk || xd[2] != 8 || xd[3] != 8 || cd[0] != e || cd[1] != n ||
-      cd[2] != 16 || sd_x.size() < 1 || sd_x.size() > 2 || sd_x[0] != t || (affine && sd_x[1] != 8))
+      cd[2] != 16 || xsd.size() < 1 || xsd.size() > 2 || xsd[0] != t || (affine && xsd[1] != 8))
     return invalid("operand shapes disagree (k a multiple of 256 up to 133143, one 16-entry codebook a row, x's "
                    "scales [t] or plane coefficients [t, 8])");
   if (!laid_out && !float_or_bf16(centroids.element_type()))

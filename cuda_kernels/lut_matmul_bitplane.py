@@ -48,6 +48,7 @@ _TARGET = "cqjax_cuda_lut_matmul_bitplane"
 CHUNK = 256   # inputs an mma (kChunk)
 K_RANGE = 16  # chunks a warp's K range (kChunks): d_in past CHUNK * K_RANGE is split
 MAX_PER_WARP = 64  # output columns a warp may be asked to walk (the kernel refuses more)
+_LAID_OUT = (jnp.int32, jnp.uint32)  # bitplane_layout's codebooks, by numerics: int8 and affine
 
 
 @functools.cache
@@ -64,7 +65,7 @@ def supports(bits: int, d_in: int, groups: int) -> bool:
 
 
 def x_planes(xq: jax.Array) -> jax.Array:
-  """int8 values xq [t, k] (k a multiple of 256) -> uint32 [t, k/256, 8, 8]: per chunk of 256
+  """int8 (or uint8) values xq [t, k] (k a multiple of 256) -> uint32 [t, k/256, 8, 8]: per chunk of 256
   inputs, two's-complement bit-plane j's eight words, word w's bit 4 i + j' holding input
   32 w + 8 j' + i (the order the kernel's code planes come out in: a 4 x 4 bit transpose of each
   16-byte group of nibbles)."""
@@ -179,10 +180,6 @@ def _call(x, packed, centroids, slots, per_warp, covered=None, act=None):
     if covered is not None:
       y = jnp.where(jnp.arange(x.shape[0])[:, None] < covered, y, 0)
   return y.astype(x.dtype)
-
-
-# bitplane_layout's codebooks, by numerics: int8 (int32) and affine (uint32)
-_LAID_OUT = (jnp.int32, jnp.uint32)
 
 
 def _check(op, x, packed, centroids, bits, lead, group_sizes=None, per_warp=0, act=None):
