@@ -104,18 +104,24 @@ struct SubsetLane {
     masks(m, lo, hi);
     bmma(d, m[0], m[2], m[1], m[3], b0, b1);
   }
-  // The lane's share of the row's dot product (all sums wrap mod 2^32; the warp's total is exact).
-  __device__ __forceinline__ uint32_t dot(const uint32_t (&d)[4], uint32_t alpha_g, uint32_t alpha_g8) const {
-    return alpha_g * (w0 * d[0] + w1 * d[1]) + alpha_g8 * (w0 * d[2] + w1 * d[3]);
+  // The lane's share of the row's dot product, c0 / c1 weighing planes 2t and 2t + 1: uint32 (all
+  // sums wrap mod 2^32; the warp's total is exact), or float (the affine numerics: alpha and each
+  // row's coefficients in float32, the counts exact in it).
+  template <typename T>
+  __device__ __forceinline__ T dot(const uint32_t (&d)[4], T alpha_g, T alpha_g8, T c0, T c1) const {
+    const auto n = [](uint32_t v) { return static_cast<T>(v); };
+    return alpha_g * (c0 * n(d[0]) + c1 * n(d[1])) + alpha_g8 * (c0 * n(d[2]) + c1 * n(d[3]));
   }
-  // The same with float alpha and the row's coefficients c0 / c1 of planes 2t and 2t + 1 (the
-  // affine numerics; the counts are exact in float32).
-  __device__ __forceinline__ float dot(const uint32_t (&d)[4], float alpha_g, float alpha_g8, float c0,
-                                       float c1) const {
-    return alpha_g * (c0 * static_cast<float>(d[0]) + c1 * static_cast<float>(d[1])) +
-           alpha_g8 * (c0 * static_cast<float>(d[2]) + c1 * static_cast<float>(d[3]));
+  // With the int8 planes' weights.
+  __device__ __forceinline__ uint32_t dot(const uint32_t (&d)[4], uint32_t alpha_g, uint32_t alpha_g8) const {
+    return dot(d, alpha_g, alpha_g8, w0, w1);
   }
 };
+
+// The weight of x's two's-complement plane g: 2^g, -128 for the sign plane.
+__device__ __forceinline__ uint32_t plane_weight(int g) {
+  return g == 7 ? static_cast<uint32_t>(-128) : 1u << g;
+}
 
 // Rows in A: A rows g and g + 8 are plane g of rows r0 and r1 of x (x0 / x1: words t and t + 4 of
 // that plane), B column g is subset g (e) or g + 8 (f) of the codes, so that e[0..1] / e[2..3] count
@@ -126,20 +132,13 @@ __device__ __forceinline__ void multiply_rows(uint32_t (&e)[4], uint32_t (&f)[4]
   bmma(f, x0t, x1t, x0t4, x1t4, m[2], m[3]);
 }
 
-// Rows in A: the lane's share of row r0's (h = 0) or r1's (h = 1) dot: plane g's weight times its
-// counts weighted by alpha of subsets 2t, 2t + 1, 2t + 8, 2t + 9 (a[0..3]).
-__device__ __forceinline__ uint32_t dot_rows(const uint32_t (&e)[4], const uint32_t (&f)[4], const uint32_t (&a)[4],
-                                             int h, int lane) {
-  const int g = lane >> 2;
-  const uint32_t wg = g == 7 ? static_cast<uint32_t>(-128) : 1u << g;
-  return wg * (a[0] * e[2 * h] + a[1] * e[2 * h + 1] + a[2] * f[2 * h] + a[3] * f[2 * h + 1]);
-}
-
-// The same with float alpha and cg the row's coefficient of plane g (the affine numerics).
-__device__ __forceinline__ float dot_rows(const uint32_t (&e)[4], const uint32_t (&f)[4], const float (&a)[4], int h,
-                                          float cg) {
-  const auto c = [](uint32_t v) { return static_cast<float>(v); };
-  return cg * (a[0] * c(e[2 * h]) + a[1] * c(e[2 * h + 1]) + a[2] * c(f[2 * h]) + a[3] * c(f[2 * h + 1]));
+// Rows in A: the lane's share of row r0's (h = 0) or r1's (h = 1) dot: cg, the weight of plane g
+// (plane_weight; affine: the row's coefficient), times its counts weighted by alpha of subsets 2t,
+// 2t + 1, 2t + 8, 2t + 9 (a[0..3]); uint32 or float as SubsetLane::dot.
+template <typename T>
+__device__ __forceinline__ T dot_rows(const uint32_t (&e)[4], const uint32_t (&f)[4], const T (&a)[4], int h, T cg) {
+  const auto n = [](uint32_t v) { return static_cast<T>(v); };
+  return cg * (a[0] * n(e[2 * h]) + a[1] * n(e[2 * h + 1]) + a[2] * n(f[2 * h]) + a[3] * n(f[2 * h + 1]));
 }
 
 // x's planes of this lane for chunks c0 .. c0 + K - 1 of one row (xpl_row: that row's [chunks, 8

@@ -98,7 +98,8 @@ struct Problem {
 
 // The warp's (row, column) result: y = (s * dot) * sx in the output's dtype, or with K split this
 // K range's dot (and, from the first range, the codebook scale s).
-__device__ __forceinline__ void write(const Problem& p, int row, int col, int dot, float s) {
+__device__ __forceinline__ void write(const Problem& p, int row, int col, uint32_t dot_bits, float s) {
+  const int dot = static_cast<int>(dot_bits);
   const size_t at = static_cast<size_t>(row) * p.n + col;
   if (p.splits > 1) {
     static_cast<int32_t*>(p.out)[static_cast<size_t>(blockIdx.y) * p.t * p.n + at] = dot;
@@ -108,8 +109,9 @@ __device__ __forceinline__ void write(const Problem& p, int row, int col, int do
   store_float(p.out, p.out_bf16, at, scaled_dot(s, dot, p.xs[row]));
 }
 
-// The affine numerics' (row, column) result y, or with K split this K range's part of it.
-__device__ __forceinline__ void write(const Problem& p, int row, int col, float y) {
+// The affine numerics' (row, column) result y, or with K split this K range's part of it (no
+// codebook scale).
+__device__ __forceinline__ void write(const Problem& p, int row, int col, float y, float) {
   const size_t at = static_cast<size_t>(row) * p.n + col;
   if (p.splits > 1) static_cast<float*>(p.out)[static_cast<size_t>(blockIdx.y) * p.t * p.n + at] = y;
   else store_float(p.out, p.out_bf16, at, y);
@@ -196,8 +198,9 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
   if (count == 1) {  // decode's one row a slot: x's planes stay in registers, subsets in A
     uint32_t xb[kChunks][2];
     load_x_planes(xb, p.xpl + static_cast<size_t>(start) * chunks * 64, c0, here, lane);
-    float coef0 = 0.f, coef1 = 0.f;  // affine: the row's coefficients of planes 2t and 2t + 1
+    Alpha<kAffine> coef0, coef1;  // the weights of planes 2t and 2t + 1 (affine: the row's coefficients)
     if constexpr (kAffine) coef0 = p.xs[start * 8 + 2 * t], coef1 = p.xs[start * 8 + 2 * t + 1];
+    else coef0 = sub.w0, coef1 = sub.w1;
     walk([&](int col, const uint4* b, float s, Alpha<kAffine> alpha_lane) {
       const auto alpha_g = subset_alpha<kLaidOut, kAffine>(b, alpha_lane, lane >> 2);
       const auto alpha_g8 = subset_alpha<kLaidOut, kAffine>(b, alpha_lane, (lane >> 2) + 8);
@@ -208,13 +211,8 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
           if (decltype(whole)::value || cc < here)  // warp-uniform test
             sub.multiply(d, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);
       });
-      if constexpr (kAffine) {
-        const float y = warp_sum(sub.dot(d, alpha_g, alpha_g8, coef0, coef1));
-        if (lane == 0) write(p, start, col, y);
-      } else {
-        const uint32_t part = warp_sum(sub.dot(d, alpha_g, alpha_g8));
-        if (lane == 0) write(p, start, col, static_cast<int>(part), s);
-      }
+      const auto part = warp_sum(sub.dot(d, alpha_g, alpha_g8, coef0, coef1));
+      if (lane == 0) write(p, start, col, part, s);
     });
     return;
   }
@@ -225,6 +223,11 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
   walk([&](int col, const uint4* b, float s, Alpha<kAffine> alpha_lane) {
     const auto alpha = [&](int q) { return subset_alpha<kLaidOut, kAffine>(b, alpha_lane, q); };
     const Alpha<kAffine> a[4] = {alpha(2 * t), alpha(2 * t + 1), alpha(2 * t + 8), alpha(2 * t + 9)};
+    // The weight of plane g of a row of x (affine: that row's coefficient).
+    const auto plane_g = [&](int row) -> Alpha<kAffine> {
+      if constexpr (kAffine) return p.xs[row * 8 + (lane >> 2)];
+      else return plane_weight(lane >> 2);
+    };
     const auto rows = [&](int r, auto pairs_c, auto whole_c) {
       constexpr int kPairs = decltype(pairs_c)::value;
       constexpr bool kWhole = decltype(whole_c)::value;
@@ -246,13 +249,8 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
       }
 #pragma unroll
       for (int q = 0; q < 2 * kPairs; ++q) {
-        if constexpr (kAffine) {
-          const float y = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, p.xs[min(r + q, end - 1) * 8 + (lane >> 2)]));
-          if (lane == 0 && r + q < end) write(p, r + q, col, y);
-        } else {
-          const uint32_t part = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, lane));
-          if (lane == 0 && r + q < end) write(p, r + q, col, static_cast<int>(part), s);
-        }
+        const auto part = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, plane_g(min(r + q, end - 1))));
+        if (lane == 0 && r + q < end) write(p, r + q, col, part, s);
       }
     };
     using Two = std::integral_constant<int, 2>;

@@ -172,11 +172,12 @@ def _call(x, packed, centroids, slots, per_warp, covered=None, act=None):
   out_dtype = x.dtype if x.dtype in KERNEL_DTYPES else jnp.float32
   if act is None:
     xq, sx = int8_round(x.astype(jnp.float32), -1)
-    y, scales = _ffi(x_planes(xq.astype(jnp.int8)), sx[:, 0], packed, centroids, slots, out_dtype, per_warp)
+    xpl, xs = x_planes(xq.astype(jnp.int8)), sx[:, 0]
   else:
-    y, scales = _ffi(*affine_planes(x, act), packed, centroids, slots, out_dtype, per_warp)
-  if y.ndim == 3:
-    y = y.sum(0) if act is not None else (scales * y.sum(0).astype(jnp.float32)) * sx
+    xpl, xs = affine_planes(x, act)
+  y, scales = _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp)
+  if y.ndim == 3:  # the K ranges' parts: affine y, else int32 dots to scale
+    y = y.sum(0) if act is not None else (scales * y.sum(0).astype(jnp.float32)) * xs[:, None]
     if covered is not None:
       y = jnp.where(jnp.arange(x.shape[0])[:, None] < covered, y, 0)
   return y.astype(x.dtype)
