@@ -39,6 +39,19 @@ __device__ __forceinline__ void nibbles_to_planes(uint4& u) {
   d = ((u.y >> 2) ^ u.w) & 0x33333333u, u.y ^= d << 2, u.w ^= d;
 }
 
+// The Moebius transform over the bits of lane & 15 of a codebook's entries held one a lane (v, in
+// each half-warp): alpha[lane & 15], a subset with bit b minus the one without it, bits 1, 2, 4, 8
+// in turn, as bitplane_layout computes it (int: exact; float: the affine numerics' float32).
+template <typename T>
+__device__ __forceinline__ T moebius_over_lanes(T v, int lane) {
+#pragma unroll
+  for (int bit = 1; bit < 16; bit <<= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, bit);
+    if (lane & bit) v -= o;
+  }
+  return v;
+}
+
 // A codebook's entry lane & 15 (c, in each half-warp) -> alpha[lane & 15] (returned) and the
 // codebook's scale (s): the entries rounded to int8 as cqjax.lut_matmul.int8_round (absmax *
 // f32(1/127), then rint(c * (1 / scale)), the division IEEE-rounded), then Moebius-transformed
@@ -48,26 +61,7 @@ __device__ __forceinline__ int codebook_moebius(float c, int lane, float& s) {
 #pragma unroll
   for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   s = amax > 0.f ? __fmul_rn(amax, 1.f / 127.f) : 1.f;
-  int alpha = __float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s)));
-#pragma unroll
-  for (int bit = 1; bit < 16; bit <<= 1) {
-    const int v = __shfl_xor_sync(0xffffffffu, alpha, bit);
-    if (lane & bit) alpha -= v;
-  }
-  return alpha;
-}
-
-// A float codebook's entry lane & 15 (c, in each half-warp) -> its Moebius transform over the
-// entry's bits, alpha[lane & 15], in float32 (the affine numerics, which take the centroids as
-// they are): a subset with bit b minus the one without it, bits 1, 2, 4, 8 in turn, as
-// bitplane_layout computes it.
-__device__ __forceinline__ float codebook_moebius_f32(float c, int lane) {
-#pragma unroll
-  for (int bit = 1; bit < 16; bit <<= 1) {
-    const float v = __shfl_xor_sync(0xffffffffu, c, bit);
-    if (lane & bit) c = __fsub_rn(c, v);
-  }
-  return c;
+  return moebius_over_lanes(__float2int_rn(__fmul_rn(c, __fdiv_rn(1.f, s))), lane);
 }
 
 // codebook_moebius's alpha[g] and alpha[g + 8] of this lane (one row of x: subsets in A). Returns

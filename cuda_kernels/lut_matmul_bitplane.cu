@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
         for (int q = lane; q < here * 8; q += 32) nibbles_to_planes(b[q]);
         const float c = p.cent_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(b + kChunks * 8)[lane & 15])
                                     : reinterpret_cast<const float*>(b + kChunks * 8)[lane & 15];
-        if constexpr (kAffine) alpha_lane = codebook_moebius_f32(c, lane);
+        if constexpr (kAffine) alpha_lane = moebius_over_lanes(c, lane);
         else alpha_lane = static_cast<uint32_t>(codebook_moebius(c, lane, s));
         __syncwarp();
       }
