@@ -65,3 +65,14 @@ def fake_quant(x: jax.Array, cfg: ActQuantConfig) -> jax.Array:
     xf = x.astype(jnp.float32)
     xq = xf + jax.lax.stop_gradient(xq - xf)
   return xq.astype(x.dtype)
+
+
+def quantize_input(x: jax.Array, act: ActQuantConfig | None) -> jax.Array:
+  """fake_quant(x, act), or x itself without a quantizer: what a product taking `act` multiplies."""
+  return x if act is None else fake_quant(x, act)
+
+
+def full_scope(act: ActQuantConfig | None) -> ActQuantConfig | None:
+  """The quantizer of the inner linears' inputs (o_proj, down projections): act in scope 'full',
+  else None."""
+  return act if act is not None and act.scope == "full" else None

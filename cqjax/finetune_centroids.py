@@ -147,7 +147,7 @@ def moe_ratios(cfg: ModelConfig, in_ratio: jax.Array) -> Callable[[tuple], jax.A
 
 
 def moe_block_loss(q_mod: MoeBlock, kl_weight: float):
-  """The MoE block's ACCF loss: loss(params, (x_q, y_fp, router_logits_fp)) = MSE of the block
+  """The MoE block's ACCF loss: loss(params, (x, y_fp, router_logits_fp)) = MSE of the block
   output + kl_weight · KL(p_fp ‖ p_q) of the router softmax, per token."""
   def loss(tree, b):
     y, state = q_mod.apply({"params": tree}, b[0], mutable=["intermediates"])
@@ -236,7 +236,8 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
     fp_l, q_l = to_device(fp_params[f"layers_{i}"], host), dict(to_device(q_params[f"layers_{i}"], host))
     norm = functools.partial(_apply, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype))
     h_fp = norm(fp_l["input_norm"], x_fp)
-    h_q = quant(norm(q_l["input_norm"], x_q))
+    h_n = norm(q_l["input_norm"], x_q)  # the quantized model's attention input: its products take Q_a
+    h_q = quant(h_n)
     attention = LatentAttention if cfg.mla else Attention
     attn_mod = attention(cfg, dtype, act)
     attn_q = {k: v for k, v in q_l["attn"].items()}
@@ -258,7 +259,7 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
     (attn_fp, _), inputs_fp = _apply(attention(cfg, dtype), fp_l["attn"], h_fp, positions, None, 0,
                                      collect=tuple(source for _, source in inner))
     for (name, source), a_fp in zip(inner, inputs_fp):
-      a_q = _apply(attn_mod, attn_q, h_q, positions, None, 0, collect=source)[1]
+      a_q = _apply(attn_mod, attn_q, h_n, positions, None, 0, collect=source)[1]
       a_q = quant(a_q) if name == "o_proj" else a_q  # o_proj's input is fake-quantized in scope full
       target = matmul(a_fp, fp_l["attn"][name]["kernel"])
       ones = jnp.ones((a_fp.shape[-1],))
@@ -268,11 +269,11 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
           (a_q, target), n, accf, desc(name))
     q_l["attn"] = attn_q
     x_fp = add(x_fp, attn_fp)
-    x_q = add(x_q, _apply(attn_mod, attn_q, h_q, positions, None, 0)[0])
+    x_q = add(x_q, _apply(attn_mod, attn_q, h_n, positions, None, 0)[0])
 
     m_fp = norm(fp_l["post_attention_norm"], x_fp)
-    m_q = quant(norm(q_l["post_attention_norm"], x_q))
-    m_ratio = _channel_ratio(m_fp, m_q)
+    m_n = norm(q_l["post_attention_norm"], x_q)  # the block's input, as h_n
+    m_ratio = _channel_ratio(m_fp, quant(m_n))
     if cfg.is_moe_layer(i):
       fp_mod = MoeBlock(cfg, dtype, False, None, online_down_hadamard)
       q_mod = MoeBlock(cfg, dtype, False, act, online_down_hadamard)
@@ -280,8 +281,8 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
       logits_fp = logits_fp.reshape(n, t, -1)
 
       q_l["moe"], history[f"layers_{i}/moe"] = _train(
-          q_l["moe"], fp_l["moe"], moe_ratios(cfg, m_ratio), moe_block_loss(q_mod, accf.kl_weight), (m_q, y_fp, logits_fp), n, accf, desc("MoE"))
-      ff_fp, ff_q = y_fp, _apply(q_mod, q_l["moe"], m_q)
+          q_l["moe"], fp_l["moe"], moe_ratios(cfg, m_ratio), moe_block_loss(q_mod, accf.kl_weight), (m_n, y_fp, logits_fp), n, accf, desc("MoE"))
+      ff_fp, ff_q = y_fp, _apply(q_mod, q_l["moe"], m_n)
     else:
       fp_mod, q_mod = (SwigluMlp(cfg.intermediate_size, dtype, None, online_down_hadamard),
                       SwigluMlp(cfg.intermediate_size, dtype, act, online_down_hadamard))
@@ -290,8 +291,8 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
       q_l["mlp"], history[f"layers_{i}/mlp"] = _train(
           q_l["mlp"], fp_l["mlp"], lambda p: ones if p[0].key == "down_proj" else m_ratio,
           lambda tree, b: jnp.mean((q_mod.apply({"params": tree}, b[0]) - b[1]) ** 2),
-          (m_q, y_fp), n, accf, desc("MLP"))
-      ff_fp, ff_q = y_fp, _apply(q_mod, q_l["mlp"], m_q)
+          (m_n, y_fp), n, accf, desc("MLP"))
+      ff_fp, ff_q = y_fp, _apply(q_mod, q_l["mlp"], m_n)
     x_fp, x_q = add(x_fp, ff_fp), add(x_q, ff_q)
     out[f"layers_{i}"] = to_host(q_l, host)
     if checkpoint_dir is not None:  # the layer first: a crash between the two redoes layer i

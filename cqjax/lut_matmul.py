@@ -14,6 +14,11 @@ kernel's int8 path, and on GPUs the int8 CUDA kernel (cuda_kernels/lut_matmul_in
 to its `MAX_ROWS` (16) rows a weight or expert slot (the decode batches it was measured at) and,
 on Hopper, for any rows (its wgmma kernel), the default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it
 applies and `pallas` never.
+A product may take the activation quantizer of its input (`act`: the W4A4 model's Q_a). The
+others multiply fake_quant(x); on GPUs the bit-plane CUDA kernel (cuda_kernels/lut_matmul_bitplane.py)
+takes x's codes themselves (its affine numerics: y = fake_quant(x) in float32 times the weight)
+where it was measured ahead (`cuda_kernels.lut_matmul_bitplane.serves`: one-row products of
+large weights; with `CQJAX_KERNELS=cuda` wherever it applies; `unfused` never, else as auto).
 The variable is read when a function is traced: set it before the first call, call
 `jax.clear_caches()` after changing it, or trace inside `with kernels_mode(mode):`.
 The backend is `jax.default_backend()`, except inside `kernels_mode(mode, backend="gpu")`: code
@@ -33,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cqjax.act_quant import ActQuantConfig, quantize_input
 from cqjax.codebook import CodebookWeight, dequantize, unpack_codes
 from cqjax.errors import CqjaxError
 
@@ -52,16 +58,18 @@ def has_params(module: nn.Module, name: str) -> bool:
 
 
 class Linear(nn.Module):
-  """x @ kernel [d_in, d_out], the kernel an array or a CodebookWeight (params: {'kernel': ...})."""
+  """x @ kernel [d_in, d_out], the kernel an array or a CodebookWeight (params: {'kernel': ...});
+  with act_quant, Q_a(x) @ kernel (`lut_matmul`'s act)."""
 
   d_in: int
   d_out: int
   dtype: jnp.dtype = jnp.float32
+  act_quant: ActQuantConfig | None = None
 
   @nn.compact
   def __call__(self, x):
     kernel = kernel_param(self, "kernel", nn.initializers.normal(0.02), (self.d_in, self.d_out), self.dtype)
-    return lut_matmul(x, kernel)
+    return lut_matmul(x, kernel, self.act_quant)
 
 
 def lut_matmul_reference(x: jax.Array, w: CodebookWeight) -> jax.Array:
@@ -128,6 +136,7 @@ class _CudaFirst:
 
   everywhere: bool = False
   int8: bool = False
+  fuse: bool = True  # take the bit-plane kernel's affine numerics for products of Q_a(x) (`fusing`)
   SUPPORTED_BITS = (1, 2, 4, 8)  # the Pallas kernels' (read lazily: no Pallas import on CPU); CUDA's 4 is among them
 
   def _pick(self, x, packed, centroids, bits, grouped):
@@ -141,6 +150,19 @@ class _CudaFirst:
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
       return pallas
     return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2], grouped=grouped) else pallas
+
+  def fusing(self, act, x, packed, centroids, bits, grouped):
+    """The bit-plane kernel's affine numerics for a product of Q_a(x) (act), where they serve
+    (everywhere: wherever they apply), else None (the caller fake-quantizes x for the others)."""
+    from cuda_kernels import lut_matmul_bitplane as bitplane  # pylint: disable=g-import-not-at-top
+    if not self.fuse:
+      return None
+    experts = packed.shape[0] if grouped else None
+    applies = bitplane.supports(bits, x.shape[-1], centroids.shape[-2]) and bitplane.takes_act(act)
+    if applies and bitplane.available() and (
+        self.everywhere or bitplane.serves(act, x.shape[0], x.shape[-1], packed.shape[-2], experts)):
+      return bitplane.Affine(act)
+    return None
 
   def lut_matmul(self, x, packed, centroids, bits):
     return self._pick(x, packed, centroids, bits, False).lut_matmul(x, packed, centroids, bits)
@@ -157,6 +179,7 @@ class _CudaFirst:
 
 
 _BACKENDS = ("cpu", "gpu")
+_MODES = ("auto", "reference", "int8", "cuda", "pallas", "unfused")
 _backend_override: str | None = None  # kernels_mode(backend=...), else jax.default_backend()
 
 
@@ -188,10 +211,11 @@ def _kernels():
   """The kernels for this backend (same signatures in all), or None for the reference:
   cpu_kernels on the CPU backend when built (its int8 numerics with CQJAX_KERNELS=int8), on GPUs
   the CUDA kernel where built and measured faster, else Pallas (CQJAX_KERNELS=cuda: CUDA wherever
-  it applies; pallas: Pallas only; int8: the int8 CUDA kernel for decode batches first)."""
+  it applies; pallas: Pallas only; int8: the int8 CUDA kernel for decode batches first;
+  unfused: auto's, activation quantization never fused)."""
   mode = os.environ.get("CQJAX_KERNELS", "auto")
-  if mode not in ("auto", "reference", "int8", "cuda", "pallas"):
-    raise CqjaxError(f"CQJAX_KERNELS must be auto, reference, int8, cuda or pallas, got {mode!r}")
+  if mode not in _MODES:
+    raise CqjaxError(f"CQJAX_KERNELS must be one of {', '.join(_MODES)}, got {mode!r}")
   if mode == "reference":
     return None
   backend = _backend_override or jax.default_backend()
@@ -202,7 +226,7 @@ def _kernels():
     return cpu.Int8 if mode == "int8" else cpu
   if backend == "gpu":
     if mode != "pallas":
-      return _CudaFirst(everywhere=mode == "cuda", int8=mode == "int8")
+      return _CudaFirst(everywhere=mode == "cuda", int8=mode == "int8", fuse=mode != "unfused")
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
     return pallas
   return None
@@ -212,23 +236,33 @@ def _supports(kernels, w: CodebookWeight) -> bool:
   return kernels is not None and w.bits in getattr(kernels, "SUPPORTED_BITS", range(1, 9))
 
 
+def _fusing(kernels, act, x, w: CodebookWeight, grouped: bool):
+  """Kernels that take x with its quantizer `act` themselves (`_CudaFirst.fusing`), or None."""
+  fusing = getattr(kernels, "fusing", None)
+  if act is None or fusing is None:
+    return None
+  return fusing(act, x, w.packed, w.centroids, w.bits, grouped)
+
+
 def _no_cotangent(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _kernel_matmul(kernels, bits, x, packed, centroids):
+# The kernels' products of Q_a(x) (act: the quantizer the kernels fuse; None: x as given). Their
+# gradients are the reference's, through fake_quant where act is given.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kernel_matmul(kernels, bits, act, x, packed, centroids):
   return kernels.lut_matmul(x, packed, centroids, bits)
 
 
-def _kernel_matmul_fwd(kernels, bits, x, packed, centroids):
-  return _kernel_matmul(kernels, bits, x, packed, centroids), (x, packed, centroids)
+def _kernel_matmul_fwd(kernels, bits, act, x, packed, centroids):
+  return _kernel_matmul(kernels, bits, act, x, packed, centroids), (x, packed, centroids)
 
 
-def _kernel_matmul_bwd(kernels, bits, res, g):
+def _kernel_matmul_bwd(kernels, bits, act, res, g):
   del kernels
   x, packed, centroids = res
-  ref = lambda x, c: lut_matmul_reference(x, CodebookWeight(packed, c, bits, x.shape[-1]))
+  ref = lambda x, c: lut_matmul_reference(quantize_input(x, act), CodebookWeight(packed, c, bits, x.shape[-1]))
   dx, dc = jax.vjp(ref, x, centroids)[1](g)
   return dx, _no_cotangent(packed), dc
 
@@ -236,19 +270,20 @@ def _kernel_matmul_bwd(kernels, bits, res, g):
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _kernel_grouped(kernels, bits, x, packed, centroids, group_sizes):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kernel_grouped(kernels, bits, act, x, packed, centroids, group_sizes):
   return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
-def _kernel_grouped_fwd(kernels, bits, x, packed, centroids, group_sizes):
-  return _kernel_grouped(kernels, bits, x, packed, centroids, group_sizes), (x, packed, centroids, group_sizes)
+def _kernel_grouped_fwd(kernels, bits, act, x, packed, centroids, group_sizes):
+  return _kernel_grouped(kernels, bits, act, x, packed, centroids, group_sizes), (x, packed, centroids, group_sizes)
 
 
-def _kernel_grouped_bwd(kernels, bits, res, g):
+def _kernel_grouped_bwd(kernels, bits, act, res, g):
   del kernels
   x, packed, centroids, group_sizes = res
-  ref = lambda x, c: grouped_lut_matmul_reference(x, CodebookWeight(packed, c, bits, x.shape[-1]), group_sizes)
+  ref = lambda x, c: grouped_lut_matmul_reference(quantize_input(x, act), CodebookWeight(packed, c, bits, x.shape[-1]),
+                                                  group_sizes)
   dx, dc = jax.vjp(ref, x, centroids)[1](g)
   return dx, _no_cotangent(packed), dc, _no_cotangent(group_sizes)
 
@@ -256,22 +291,32 @@ def _kernel_grouped_bwd(kernels, bits, res, g):
 _kernel_grouped.defvjp(_kernel_grouped_fwd, _kernel_grouped_bwd)
 
 
-def lut_matmul(x: jax.Array, w) -> jax.Array:
-  """x [..., d_in] @ w [d_in, d_out] -> [..., d_out]."""
+def lut_matmul(x: jax.Array, w, act: ActQuantConfig | None = None) -> jax.Array:
+  """Q_a(x) [..., d_in] @ w [d_in, d_out] -> [..., d_out]; act: the activation quantizer Q_a
+  (`cqjax.act_quant.fake_quant`; None: x as given), fused into the kernel where one takes it."""
   if not isinstance(w, CodebookWeight):
-    return x @ w
+    return quantize_input(x, act) @ w
   kernels = _kernels()
   if w.packed.ndim == 2 and _supports(kernels, w):
-    y = _kernel_matmul(kernels, w.bits, x.reshape(-1, w.d_in), w.packed, w.centroids)
+    x2 = x.reshape(-1, w.d_in)
+    fused = _fusing(kernels, act, x2, w, grouped=False)
+    if fused is not None:
+      y = _kernel_matmul(fused, w.bits, act, x2, w.packed, w.centroids)
+    else:
+      y = _kernel_matmul(kernels, w.bits, None, quantize_input(x2, act), w.packed, w.centroids)
     return y.reshape(*x.shape[:-1], y.shape[-1])
-  return lut_matmul_reference(x, w)
+  return lut_matmul_reference(quantize_input(x, act), w)
 
 
-def grouped_lut_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
-  """x [m, d_in] rows sorted by expert; w [experts, d_in, d_out]; the ragged_dot contract."""
+def grouped_lut_matmul(x: jax.Array, w, group_sizes: jax.Array, act: ActQuantConfig | None = None) -> jax.Array:
+  """Q_a(x) [m, d_in], rows sorted by expert; w [experts, d_in, d_out]; the ragged_dot contract;
+  act as lut_matmul's (Q_a is per row, so quantizing after the sort is quantizing before it)."""
   if not isinstance(w, CodebookWeight):
-    return jax.lax.ragged_dot(x, w, group_sizes)
+    return jax.lax.ragged_dot(quantize_input(x, act), w, group_sizes)
   kernels = _kernels()
   if _supports(kernels, w):
-    return _kernel_grouped(kernels, w.bits, x, w.packed, w.centroids, group_sizes)
-  return grouped_lut_matmul_reference(x, w, group_sizes)
+    fused = _fusing(kernels, act, x, w, grouped=True)
+    if fused is not None:
+      return _kernel_grouped(fused, w.bits, act, x, w.packed, w.centroids, group_sizes)
+    return _kernel_grouped(kernels, w.bits, None, quantize_input(x, act), w.packed, w.centroids, group_sizes)
+  return grouped_lut_matmul_reference(quantize_input(x, act), w, group_sizes)

@@ -16,7 +16,8 @@ Parameter tree (kernels are [d_in, d_out]; experts stacked, see `cqjax.moe`):
 RMSNorm output that feeds a linear (`attn_input`, `mlp_input`), the input of each `o_proj`,
 router logits and the expert down-projection inputs (all before activation quantization).
 
-`act_quant` fake-quantizes the inputs of the quantized linears (its scope says which);
+`act_quant` fake-quantizes the inputs of the quantized linears (its scope says which): each
+product takes the quantizer (`cqjax.lut_matmul`'s act), so a kernel may fuse it;
 `online_down_hadamard` multiplies every down projection's input by a Hadamard matrix (R4; the
 down kernels must have absorbed its transpose, see `cqjax.rotate`).
 """
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cqjax.act_quant import ActQuantConfig, fake_quant
+from cqjax.act_quant import ActQuantConfig, full_scope
 from cqjax.config import ModelConfig
 from cqjax.lut_matmul import Linear, has_params
 from cqjax.moe import MoeBlock, SwigluMlp
@@ -134,7 +135,8 @@ def _cache_update(cache, new: dict[str, jax.Array], cache_index, positions):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention with RoPE, optional per-head q/k RMSNorm and a KV cache."""
+  """Grouped-query attention with RoPE, optional per-head q/k RMSNorm and a KV cache. act_quant:
+  Q_a of x in the q/k/v products (and of o_proj's input in scope 'full')."""
 
   config: ModelConfig
   dtype: Any = jnp.float32
@@ -146,11 +148,12 @@ class Attention(nn.Module):
     cfg = self.config
     b, t, d = x.shape
     hd, kvh = cfg.head_dim, cfg.num_kv_heads
+    linear = lambda n, name: Linear(d, n, self.dtype, self.act_quant, name=name)
     if has_params(self, "qkv_proj"):  # cqjax.fuse_projections: one product, split
-      q, k, v = jnp.split(Linear(d, cfg.q_size + 2 * cfg.kv_size, self.dtype, name="qkv_proj")(x),
+      q, k, v = jnp.split(linear(cfg.q_size + 2 * cfg.kv_size, "qkv_proj")(x),
                           (cfg.q_size, cfg.q_size + cfg.kv_size), axis=-1)
     else:
-      q, k, v = (Linear(d, n, self.dtype, name=name)(x) for n, name in
+      q, k, v = (linear(n, name)(x) for n, name in
                  ((cfg.q_size, "q_proj"), (cfg.kv_size, "k_proj"), (cfg.kv_size, "v_proj")))
     q, k, v = q.reshape(b, t, cfg.num_heads, hd), k.reshape(b, t, kvh, hd), v.reshape(b, t, kvh, hd)
     if cfg.qk_norm:
@@ -168,9 +171,7 @@ def _o_proj(module: nn.Module, out, d_in: int, d: int):
   """The attention output projection; its input is sown for calibration and fake-quantized in
   scope `full`."""
   module.sow("intermediates", "o_proj_input", out)
-  if module.act_quant is not None and module.act_quant.scope == "full":
-    out = fake_quant(out, module.act_quant)
-  return Linear(d_in, d, module.dtype, name="o_proj")(out)
+  return Linear(d_in, d, module.dtype, full_scope(module.act_quant), name="o_proj")(out)
 
 
 class LatentAttention(nn.Module):
@@ -190,15 +191,15 @@ class LatentAttention(nn.Module):
     h, nope, rope_dim, vd, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     freqs = yarn_rope(cfg)  # once for queries and keys
     if cfg.q_lora_rank:
-      q = Linear(d, cfg.q_lora_rank, self.dtype, name="q_a_proj")(x)
+      q = Linear(d, cfg.q_lora_rank, self.dtype, self.act_quant, name="q_a_proj")(x)
       q = RMSNorm(cfg.q_lora_rank, 1e-6, self.dtype, name="q_a_norm")(q)  # transformers' default eps
       self.sow("intermediates", "q_b_proj_input", q)  # ACCF fits the up-projections on these
       q = Linear(cfg.q_lora_rank, cfg.q_size, self.dtype, name="q_b_proj")(q)
     else:
-      q = Linear(d, cfg.q_size, self.dtype, name="q_proj")(x)
+      q = Linear(d, cfg.q_size, self.dtype, self.act_quant, name="q_proj")(x)
     q = q.reshape(b, t, h, nope + rope_dim)
     q = jnp.concatenate([q[..., :nope], rope_interleaved(q[..., nope:], positions, *freqs)], -1)
-    ckv = Linear(d, r + rope_dim, self.dtype, name="kv_a_proj")(x)
+    ckv = Linear(d, r + rope_dim, self.dtype, self.act_quant, name="kv_a_proj")(x)
     latent = RMSNorm(r, 1e-6, self.dtype, name="kv_a_norm")(ckv[..., :r])
     k_pe = rope_interleaved(ckv[..., None, r:], positions, *freqs)[:, :, 0]
     new_cache, kv, key_pos = _cache_update(cache, {"latent": latent, "k_pe": k_pe}, cache_index, positions)
@@ -220,9 +221,6 @@ class DecoderLayer(nn.Module):
   act_quant: ActQuantConfig | None = None
   online_down_hadamard: bool = False
 
-  def _quant(self, h):
-    return h if self.act_quant is None else fake_quant(h, self.act_quant)
-
   @nn.compact
   def __call__(self, x, positions, cache=None, cache_index=0):
     cfg = self.config
@@ -230,16 +228,16 @@ class DecoderLayer(nn.Module):
     self.sow("intermediates", "attn_input", h)
     attention = LatentAttention if cfg.mla else Attention
     attn, new_cache = attention(cfg, self.dtype, self.act_quant, name="attn")(
-        self._quant(h), positions, cache, cache_index)
+        h, positions, cache, cache_index)
     x = x + attn
     h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, name="post_attention_norm")(x)
     self.sow("intermediates", "mlp_input", h)
     if cfg.is_moe_layer(self.layer):
       ff = MoeBlock(cfg, self.dtype, self.dense_moe_reference, self.act_quant,
-                    self.online_down_hadamard, name="moe")(self._quant(h))
+                    self.online_down_hadamard, name="moe")(h)
     else:
       ff = SwigluMlp(cfg.intermediate_size, self.dtype, self.act_quant, self.online_down_hadamard,
-                     name="mlp")(self._quant(h))
+                     name="mlp")(h)
     return x + ff, new_cache
 
 

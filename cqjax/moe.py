@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from cqjax.act_quant import ActQuantConfig, fake_quant
+from cqjax.act_quant import ActQuantConfig, full_scope, quantize_input
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.codebook import CodebookWeight, dequantize
@@ -66,14 +66,10 @@ def _expert_collect(sorted_y, order, weights):
 
 
 def down_proj_input(module: nn.Module, gate, up):
-  """SwiGLU, then what the module's options do to a down projection's input: the online
-  Hadamard (R4) and, in the full scope, activation fake quantization."""
+  """SwiGLU, then the online Hadamard (R4) where the module asks for it: a down projection's input
+  (before activation quantization, which the product takes: `full_scope(module.act_quant)`)."""
   h = jax.nn.silu(gate) * up
-  if module.online_down_hadamard:
-    h = hadamard_transform(h)
-  if module.act_quant is not None and module.act_quant.scope == "full":
-    h = fake_quant(h, module.act_quant)
-  return h
+  return hadamard_transform(h) if module.online_down_hadamard else h
 
 
 def _gate_up(x, w_in: tuple, product):
@@ -85,10 +81,12 @@ def _gate_up(x, w_in: tuple, product):
 
 
 def _expert_ffn(module: nn.Module, xs, group_sizes, w_in: tuple, w_down):
-  """Token copies [m, d] sorted by expert through their experts' SwiGLU -> (down input, [m, d]).
+  """Token copies [m, d] sorted by expert through their experts' SwiGLU, each product of its
+  input's Q_a (module.act_quant; the down projections' in scope 'full') -> (down input, [m, d]).
   w_in: the stacked (gate, up) kernels or (gate_up,), see `_gate_up`."""
-  h = down_proj_input(module, *_gate_up(xs, w_in, lambda x, w: grouped_lut_matmul(x, w, group_sizes)))
-  return h, grouped_lut_matmul(h, w_down, group_sizes)
+  act = module.act_quant
+  h = down_proj_input(module, *_gate_up(xs, w_in, lambda x, w: grouped_lut_matmul(x, w, group_sizes, act)))
+  return h, grouped_lut_matmul(h, w_down, group_sizes, full_scope(act))
 
 
 def _expert_parallel(module: nn.Module, x, weights, ids, w_in: tuple, w_down, num_experts: int):
@@ -143,21 +141,23 @@ class SwigluMlp(nn.Module):
 
   d_ff: int
   dtype: jnp.dtype = jnp.float32
-  act_quant: ActQuantConfig | None = None
+  act_quant: ActQuantConfig | None = None  # Q_a of x in gate/up (and of down's input in scope 'full')
   online_down_hadamard: bool = False
 
   @nn.compact
   def __call__(self, x):
     d, f = x.shape[-1], self.d_ff
-    linear = lambda n, name: Linear(d, n, self.dtype, name=name)
+    linear = lambda n, name: Linear(d, n, self.dtype, self.act_quant, name=name)
     w_in = ((linear(2 * f, "gate_up_proj"),) if has_params(self, "gate_up_proj")
             else (linear(f, "gate_proj"), linear(f, "up_proj")))
     h = down_proj_input(self, *_gate_up(x, w_in, lambda x, module: module(x)))
-    return Linear(f, d, self.dtype, name="down_proj")(h)
+    return Linear(f, d, self.dtype, full_scope(self.act_quant), name="down_proj")(h)
 
 
 class MoeBlock(nn.Module):
-  """Router + stacked SwiGLU experts. `dense_reference=True` selects the test-only dense path."""
+  """Router + stacked SwiGLU experts. `dense_reference=True` selects the test-only dense path.
+  act_quant: Q_a of x in the router's and the experts' gate/up products (and of the down
+  projections' inputs in scope 'full')."""
 
   config: ModelConfig
   dtype: jnp.dtype = jnp.float32
@@ -181,7 +181,7 @@ class MoeBlock(nn.Module):
 
     shape = x.shape
     x = x.reshape(-1, d)
-    logits = lut_matmul(x, router)
+    logits = lut_matmul(x, router, self.act_quant)
     self.sow("intermediates", "router_logits", logits)
     weights, ids = route(logits, cfg)
     if cfg.model_type == "qwen3_moe":
@@ -191,7 +191,9 @@ class MoeBlock(nn.Module):
     if self.dense_reference:
       dense = lambda w: dequantize(w, x.dtype) if isinstance(w, CodebookWeight) else w
       w_in, w_down = tuple(dense(w) for w in w_in), dense(w_down)
-      h = down_proj_input(self, *_gate_up(x, w_in, lambda x, w: jnp.einsum("nd,edf->enf", x, w)))
+      xq = quantize_input(x, self.act_quant)
+      h = down_proj_input(self, *_gate_up(xq, w_in, lambda x, w: jnp.einsum("nd,edf->enf", x, w)))
+      h = quantize_input(h, full_scope(self.act_quant))
       y = jnp.einsum("enf,efd->end", h, w_down).astype(jnp.float32)
       dense_w = jnp.zeros((x.shape[0], e), jnp.float32).at[
           jnp.arange(x.shape[0])[:, None], ids].set(weights)

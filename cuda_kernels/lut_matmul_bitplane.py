@@ -31,6 +31,7 @@ against 20.5 as stored, BENCHMARKS.md session 52).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -62,6 +63,24 @@ def supports(bits: int, d_in: int, groups: int) -> bool:
   """Whether the kernel takes this product: 4-bit codes, one codebook per row, d_in a multiple of
   256 up to MAX_D_IN (x of any float dtype: it is rounded to int8 first)."""
   return bits == 4 and groups == 1 and d_in % CHUNK == 0 and d_in <= MAX_D_IN
+
+
+def takes_act(act: ActQuantConfig) -> bool:
+  """Whether the affine numerics take this quantizer: whole-token groups, at most 7 bits (8
+  symmetric), so that its codes and a plane of ones fill x's 8 planes."""
+  return act.group_size in (-1, 0) and act.bits <= (8 if act.symmetric else 7)
+
+
+def serves(act: ActQuantConfig, t: int, d_in: int, d_out: int, experts: int | None = None) -> bool:
+  """Whether the dispatcher fuses a product of fake_quant(x, act) into this kernel (`Affine`)
+  instead of fake-quantizing x for the default kernels: where it measured ahead. H100,
+  BENCHMARKS.md session 55: one row of x on weights of more than 2^24 codes (Mixtral's experts:
+  22.1-23.7 µs against 24.4-24.9, and 35.3 against 41.9 over the expert pair of batch 1, fake_quant
+  not counted), a single weight's t = 1 or a grouped product whose t rows fill at most a quarter of
+  its experts (slots of one row). Slower from 4 rows a slot (1.2-2.1x) and at Qwen3's 2^20.6-code
+  experts (18.9 against 16.2 µs)."""
+  one_row = t == 1 if experts is None else 4 * t <= experts
+  return takes_act(act) and one_row and d_in * d_out > 1 << 24
 
 
 def x_planes(xq: jax.Array) -> jax.Array:
@@ -187,7 +206,7 @@ def _check(op, x, packed, centroids, bits, lead, group_sizes=None, per_warp=0, a
   if not 0 <= per_warp <= MAX_PER_WARP:
     raise CqjaxError(f"{op}: per_warp is the output columns a warp walks, 1 to {MAX_PER_WARP} (0: the kernel's "
                      f"choice); got {per_warp}")
-  if act is not None and (act.group_size not in (-1, 0) or act.bits > (8 if act.symmetric else 7)):
+  if act is not None and not takes_act(act):
     raise CqjaxError(f"{op}: act must quantize whole tokens (group_size -1) to at most 7 bits (8 symmetric): its "
                      f"codes and a plane of ones fill x's 8 planes; got group_size {act.group_size}, bits {act.bits}")
   if centroids.dtype in _LAID_OUT:
@@ -224,3 +243,17 @@ def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
   return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act)
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+  """The affine numerics under one quantizer, with the dispatcher's kernel signatures
+  (cqjax.lut_matmul): x is given as it is and fake-quantized by `act` here."""
+
+  act: ActQuantConfig
+
+  def lut_matmul(self, x, packed, centroids, bits):
+    return lut_matmul_bitplane(x, packed, centroids, bits, act=self.act)
+
+  def grouped_lut_matmul(self, x, packed, centroids, bits, group_sizes):
+    return grouped_lut_matmul_bitplane(x, packed, centroids, bits, group_sizes, act=self.act)

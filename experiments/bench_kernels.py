@@ -23,7 +23,8 @@ numerics on binary tensor cores (cuda_kernels/lut_matmul_bitplane.py), bitplane_
 out ahead (bitplane_layout: codes in bit-planes, codebooks as alpha), affine and affine_laid_out the
 same kernel with the W4A4 model's affine numerics (x fake-quantized to 4 bits per token inside the
 timed call; error against fake_quant's float32 x times the float weight); --decode times greedy decoding of the small reference model's
-architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes), bf16 vs 4-bit codebooks.
+architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes; mixtral-layers: 2 of
+Mixtral-8x7B's), bf16 vs 4-bit codebooks (--decode_act_bits=4: W4A4, activations quantized too).
 --plot draws each kernel's speedup against M and the decode batch (experiments.plots.plot_kernel_speedups).
 """
 from __future__ import annotations
@@ -425,7 +426,8 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
 
 
 DECODE_SETTINGS = (("bf16", False, "auto"), ("codebook_w4", True, "auto"), ("codebook_w4_cuda", True, "cuda"),
-                   ("codebook_w4_int8", True, "int8"))  # name, 4-bit weights, CQJAX_KERNELS
+                   ("codebook_w4_int8", True, "int8"),
+                   ("codebook_w4_unfused", True, "unfused"))  # name, 4-bit weights, CQJAX_KERNELS
 
 
 DECODE_SETTINGS_HELP = (f"comma list of the 4-bit settings ({', '.join(n for n, four_bit, _ in DECODE_SETTINGS if four_bit)})"
@@ -449,22 +451,31 @@ QWEN3_LAYERS = {"model_type": "qwen3_moe", "vocab_size": 8192, "hidden_size": 20
                 "moe_intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 32,
                 "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
                 "norm_topk_prob": True, "max_position_embeddings": 4096, "rope_theta": 1e6, "rms_norm_eps": 1e-6}
-DECODE_ARCHS = ("small", "qwen3-layers")
+# Two layers of Mixtral-8x7B's shapes (hidden 4096, 32 query and 8 KV heads of 128, 8 experts of
+# 14336, top-2): the 2^25.8-code experts the fused activation quantization serves at batch 1.
+MIXTRAL_LAYERS = {"model_type": "mixtral", "vocab_size": 8192, "hidden_size": 4096, "intermediate_size": 14336,
+                  "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 4096,
+                  "rope_theta": 1e6, "rms_norm_eps": 1e-5}
+DECODE_ARCHS = ("small", "qwen3-layers", "mixtral-layers")
 
 
 def decode_arch_config(arch: str):
-  """The ModelConfig of a --decode_arch: the small reference architecture, or QWEN3_LAYERS."""
+  """The ModelConfig of a --decode_arch: the small reference architecture, QWEN3_LAYERS or
+  MIXTRAL_LAYERS."""
   from cqjax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from experiments.train_reference import SIZES  # pylint: disable=g-import-not-at-top
   if arch not in DECODE_ARCHS:
     raise SystemExit(f"unknown decode architecture {arch!r}; choose from {', '.join(DECODE_ARCHS)}")
-  return ModelConfig.from_hf_dict(SIZES["small"].hf_config() if arch == "small" else QWEN3_LAYERS, source=arch)
+  hf = SIZES["small"].hf_config() if arch == "small" else {"qwen3-layers": QWEN3_LAYERS, "mixtral-layers": MIXTRAL_LAYERS}[arch]
+  return ModelConfig.from_hf_dict(hf, source=arch)
 
 
-def decode_models(arch: str = "small", fused: bool = False):
+def decode_models(arch: str = "small", fused: bool = False, act=None):
   """A decode architecture (decode_arch_config) with random weights (decode speed does not depend
-  on the values): (config, model, bf16 params, every MoE and attention kernel as 4-bit RTN
-  codebooks); fused: both with q/k/v and gate/up fused (cqjax.fuse_projections)."""
+  on the values): (config, bf16 model, 4-bit model (with act: its activations quantized, W4A4),
+  bf16 params, every MoE and attention kernel as 4-bit RTN codebooks); fused: both with q/k/v and
+  gate/up fused (cqjax.fuse_projections)."""
   from cqjax.fuse_projections import fuse_projections  # pylint: disable=g-import-not-at-top
   from cqjax.kmeans import rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
@@ -474,27 +485,32 @@ def decode_models(arch: str = "small", fused: bool = False):
   model = MoeCausalLM(cfg, jnp.bfloat16)
   params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  q_model = MoeCausalLM(cfg, jnp.bfloat16, act_quant=act)
   quant = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, BITS))
   quant = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, quant)
   if fused:
     params, quant = fuse_projections(params), fuse_projections(quant)
-  return cfg, model, params, quant
+  return cfg, model, q_model, params, quant
 
 
-def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS, arch="small"):
+def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS, arch="small",
+                 act=None):
   """Greedy decode of a decode architecture (decode_arch_config), bf16 vs every MoE and attention kernel as
-  4-bit RTN codebooks under each of `settings` (default kernels, CQJAX_KERNELS=cuda and int8);
-  fused: q/k/v and gate/up fused in both (cqjax.fuse_projections)."""
+  4-bit RTN codebooks under each of `settings` (default kernels, CQJAX_KERNELS=cuda, int8, unfused);
+  fused: q/k/v and gate/up fused in both (cqjax.fuse_projections); act: the 4-bit model's
+  activations quantized too (W4A4; bf16 stays unquantized)."""
   from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
 
-  cfg, model, params, quant = decode_models(arch, fused)
+  cfg, model, q_model, params, quant = decode_models(arch, fused, act)
   out = []
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
-    row = {"arch": arch, "batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused}
+    row = {"arch": arch, "batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused,
+           "act_bits": None if act is None else act.bits}
     for name, four_bit, mode in settings:
       with kernels_mode(mode):
-        run = jax.jit(lambda p, prompt: generate(model, p, prompt, new_tokens))
+        m = q_model if four_bit else model
+        run = jax.jit(lambda p, prompt, m=m: generate(m, p, prompt, new_tokens))
         us = _per_call_us(run, (quant if four_bit else params, prompt), repeats=5, calls=3)
       row[f"{name}_tokens_per_s"] = b * new_tokens / (us * 1e-6)
     speeds = []
@@ -504,7 +520,8 @@ def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DE
         row[key] = row[f"{name}_tokens_per_s"] / row["bf16_tokens_per_s"]
         speeds.append(f"{'default kernels' if mode == 'auto' else 'CQJAX_KERNELS=' + mode} "
                       f"{row[f'{name}_tokens_per_s']:.0f} tok/s ({row[key]:.2f}x)")
-    print(f"decode {arch} arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s; 4-bit: {'; '.join(speeds)}; {new_tokens} new "
+    four = "4-bit" if act is None else f"W4A{act.bits}"
+    print(f"decode {arch} arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s; {four}: {'; '.join(speeds)}; {new_tokens} new "
           f"tokens after a {prompt_len}-token prefill{'; q/k/v and gate/up fused' if fused else ''}", flush=True)
     out.append(row)
   return out
@@ -534,7 +551,10 @@ def main():
   ap.add_argument("--grouped_sweep", action="store_true", help="try Pallas block shapes at each --grouped shape and batch")
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of --decode_arch")
   ap.add_argument("--decode_arch", default="small", choices=DECODE_ARCHS,
-                  help="--decode: the small reference architecture, or 4 layers of Qwen3-30B-A3B's shapes")
+                  help="--decode: the small reference architecture, 4 layers of Qwen3-30B-A3B's shapes, or 2 of "
+                  "Mixtral-8x7B's")
+  ap.add_argument("--decode_act_bits", type=int, default=0,
+                  help="--decode: the 4-bit model's activations quantized to these bits (W4A4 at 4; 0: weights only)")
   ap.add_argument("--fused", action="store_true", help="--decode with q/k/v and gate/up fused (cqjax.fuse_projections)")
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
@@ -597,7 +617,8 @@ def main():
         result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
         save()
   if args.decode:
-    result["decode"] = bench_decode((1, 16), fused=args.fused, settings=settings, arch=args.decode_arch)
+    act = ActQuantConfig(bits=args.decode_act_bits) if args.decode_act_bits else None
+    result["decode"] = bench_decode((1, 16), fused=args.fused, settings=settings, arch=args.decode_arch, act=act)
     save()
   if args.plot:
     plot_kernel_speedups(result, args.plot)

@@ -107,7 +107,7 @@ def main():
     (target,) = compile_only_gpu.compile_only_devices(args.compile_for)  # before the backends start
     if args.cuda_library:
       compile_only_gpu.use_cuda_library(args.cuda_library)
-  cfg, model, params, quant = decode_models("small", args.fused)
+  cfg, model, _, params, quant = decode_models("small", args.fused)
   device = target or jax.devices()[0]
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
         f"small architecture, {cfg.num_layers} layers")

@@ -64,9 +64,12 @@ def test_decode_settings_keep_the_bf16_baseline_and_refuse_unknown_names(monkeyp
 
 def test_decode_architectures_have_the_shapes_they_name():
   """--decode_arch=qwen3-layers: Qwen3-30B-A3B's expert and attention shapes (the dispatcher's
-  choices differ there from the small architecture's); an unknown name is refused."""
-  small, qwen3 = (bench_kernels.decode_arch_config(a) for a in bench_kernels.DECODE_ARCHS)
-  assert small.model_type == "mixtral" and qwen3.model_type == "qwen3_moe"
+  choices differ there from the small architecture's), mixtral-layers Mixtral-8x7B's; an unknown
+  name is refused."""
+  small, qwen3, mixtral = (bench_kernels.decode_arch_config(a) for a in bench_kernels.DECODE_ARCHS)
+  assert small.model_type == "mixtral" and qwen3.model_type == "qwen3_moe" and mixtral.model_type == "mixtral"
+  assert (mixtral.hidden_size, mixtral.moe_intermediate_size, mixtral.num_experts, mixtral.top_k) == (4096, 14336, 8, 2)
+  assert (mixtral.num_heads * mixtral.head_dim, mixtral.num_kv_heads * mixtral.head_dim) == (4096, 1024)
   assert (qwen3.hidden_size, qwen3.moe_intermediate_size, qwen3.num_experts, qwen3.top_k) == (2048, 768, 128, 8)
   assert (qwen3.num_heads * qwen3.head_dim, qwen3.num_kv_heads * qwen3.head_dim, qwen3.dense_layers) == (4096, 512, ())
   with pytest.raises(SystemExit, match="unknown decode architecture 'qwen3'"):

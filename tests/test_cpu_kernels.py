@@ -200,7 +200,7 @@ def test_dispatcher_int8_mode(monkeypatch):
   np.testing.assert_allclose(lut_matmul(x, w), ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(grouped_lut_matmul(x, stacked, gs)[:2], ref_grouped, rtol=1e-5, atol=1e-5)
   monkeypatch.setenv("CQJAX_KERNELS", "fast")
-  with pytest.raises(CqjaxError, match="CQJAX_KERNELS must be auto, reference, int8, cuda or pallas"):
+  with pytest.raises(CqjaxError, match="CQJAX_KERNELS must be one of auto, reference, int8, cuda, pallas, unfused"):
     lut_matmul(x, w)
 
 

@@ -12,9 +12,10 @@ import pytest
 
 from conftest import assert_int8_numerics, assert_single_int8_product, random_codebook_weight
 from cqjax.act_quant import ActQuantConfig, fake_quant, quant_codes
-from cqjax.codebook import dequantize
+from cqjax.codebook import CodebookWeight, dequantize
 from cqjax.errors import CqjaxError
-from cqjax.lut_matmul import grouped_lut_matmul_int8_reference, int8_round, lut_matmul_int8_reference
+from cqjax.lut_matmul import (grouped_lut_matmul_int8_reference, grouped_lut_matmul_reference, int8_round,
+                              lut_matmul_int8_reference, lut_matmul_reference)
 from cuda_kernels import lut_matmul_bitplane as kb
 
 needs_gpu = pytest.mark.skipif(not kb.available(),
@@ -442,3 +443,48 @@ def test_affine_grouped_matches_reference(sizes, k, laid_out):
   run = functools.partial(kb.grouped_lut_matmul_bitplane, act=act)
   got = (_laid_out(run, affine=True) if laid_out else run)(x, w.packed, w.centroids, 4, gs)
   _assert_affine(got, x, w, act, np.asarray(sizes))
+
+
+def test_serves_one_row_products_of_large_weights():
+  """The dispatcher's rule for fusing Q_a into the affine numerics: where they measured ahead."""
+  act = ActQuantConfig()
+  assert kb.serves(act, 1, 4096, 14336) and kb.serves(act, 1, 14336, 4096)   # Mixtral's experts, one row
+  assert kb.serves(act, 2, 4096, 14336, experts=8)                           # its batch 1 (top-2)
+  assert not kb.serves(act, 2, 4096, 14336)                                  # a single weight's 2 rows
+  assert not kb.serves(act, 8, 4096, 14336, experts=8)                       # batch 4
+  assert not kb.serves(act, 8, 2048, 768, experts=128)                       # Qwen3's experts
+  assert not kb.serves(act, 1, 4096, 4096)                                   # 2^24 codes: not measured
+  assert kb.serves(ActQuantConfig(bits=8, symmetric=True), 1, 4096, 14336)
+  for other in (ActQuantConfig(group_size=128), ActQuantConfig(bits=8)):    # not in x's 8 planes
+    assert not kb.takes_act(other) and not kb.serves(other, 1, 4096, 14336)
+
+
+def _random_weight(rng, lead, n, k):
+  """A 4-bit CodebookWeight of random bytes (cheaper than random_codebook_weight's codes at these sizes)."""
+  packed = jnp.asarray(rng.integers(0, 256, (*lead, n, k // 2), dtype=np.uint8))
+  return CodebookWeight(packed, jnp.asarray(rng.normal(size=(*lead, n, 1, 16)), jnp.float32), 4, k)
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["auto", "unfused"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dispatcher_fuses_one_row_products_of_quantized_inputs(mode, grouped):
+  """cqjax.lut_matmul's products of Q_a(x) take the affine numerics at one row of a weight of more
+  than 2^24 codes (auto), and fake_quant then the default kernels with CQJAX_KERNELS=unfused."""
+  from cqjax.lut_matmul import grouped_lut_matmul, kernels_mode, lut_matmul  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(56)
+  act, k, n = ActQuantConfig(), 4096, 4104
+  w = _random_weight(rng, (4,) if grouped else (), n, k)
+  gs = jnp.asarray([0, 1, 0, 0], jnp.int32)
+  x = jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)
+  product = jax.jit((lambda x: grouped_lut_matmul(x, w, gs, act)) if grouped else (lambda x: lut_matmul(x, w, act)))
+  with kernels_mode(mode):
+    fused = "cqjax_cuda_lut_matmul_bitplane" in product.lower(x).as_text()
+    got = product(x)
+  assert fused == (mode == "auto")
+  if fused:
+    _assert_affine(got, x, w, act, np.asarray(gs) if grouped else None)
+  else:
+    want = (grouped_lut_matmul_reference if grouped else lut_matmul_reference)(
+        fake_quant(x, act).astype(jnp.float32), w, *((gs,) if grouped else ()))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.02 * float(jnp.abs(want).max()))
