@@ -154,9 +154,9 @@ class _CudaFirst:
   def fusing(self, act, x, packed, centroids, bits, grouped):
     """The bit-plane kernel's affine numerics for a product of Q_a(x) (act), where they serve
     (everywhere: wherever they apply), else None (the caller fake-quantizes x for the others)."""
-    from cuda_kernels import lut_matmul_bitplane as bitplane  # pylint: disable=g-import-not-at-top
     if not self.fuse:
       return None
+    from cuda_kernels import lut_matmul_bitplane as bitplane  # pylint: disable=g-import-not-at-top
     experts = packed.shape[0] if grouped else None
     applies = bitplane.supports(bits, x.shape[-1], centroids.shape[-2]) and bitplane.takes_act(act)
     if applies and bitplane.available() and (
