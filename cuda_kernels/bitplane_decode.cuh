@@ -136,16 +136,17 @@ __device__ __forceinline__ T dot_rows(const uint32_t (&e)[4], const uint32_t (&f
 }
 
 // x's planes of this lane for chunks c0 .. c0 + K - 1 of one row (xpl_row: that row's [chunks, 8
-// planes, 8 words]): plane g's words t and t + 4 (the mma's B fragment); zeros from chunk `here` on.
+// planes, 8 words], words t and t + 4 of a plane side by side at 2t): plane g's words t and t + 4
+// (the mma's B fragment) in one 8-byte load; zeros from chunk `here` on.
 template <int K>
 __device__ __forceinline__ void load_x_planes(uint32_t (&xb)[K][2], const uint32_t* xpl_row, int c0, int here,
                                               int lane) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int c = 0; c < K; ++c) {
-    const uint32_t* planes = xpl_row + ((c0 + c) * 8 + g) * 8;
-    xb[c][0] = c < here ? planes[t] : 0u;
-    xb[c][1] = c < here ? planes[t + 4] : 0u;
+    const uint2 v = c < here ? *reinterpret_cast<const uint2*>(xpl_row + ((c0 + c) * 8 + g) * 8 + 2 * t)
+                             : make_uint2(0u, 0u);
+    xb[c][0] = v.x, xb[c][1] = v.y;
   }
 }
 

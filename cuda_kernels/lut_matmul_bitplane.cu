@@ -10,7 +10,8 @@
 //   xpl        uint32 [t, k/256, 8, 8]  x's two's-complement bit-planes (x rounded to int8 per row in
 //              XLA, int8_round, which can share them between the products of one x): per 256-input
 //              chunk, plane j's 8 words; word w's bit 4i + j' holds input 32 w + 8 j' + i (the
-//              order of k the codes' planes come out in, below)
+//              order of k the codes' planes come out in, below), and words t and t + 4 lie side
+//              by side at 2t (t < 4: what one lane reads, in one 8-byte load)
 //   xs         float32 [t]              x's scales; or [t, 8], each row's plane coefficients: the affine
 //              numerics, where x's planes are integer codes q (fake quantization's, cqjax.act_quant),
 //              x = sum_j xs[j] plane_j (a plane of ones carries the offset), and the centroids count
@@ -231,8 +232,8 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
     const auto rows = [&](int r, auto pairs_c, auto whole_c) {
       constexpr int kPairs = decltype(pairs_c)::value;
       constexpr bool kWhole = decltype(whole_c)::value;
-      // x's words of plane g of each row: base + off[q] + 64 cc (+ 4)
-      const uint32_t* base = p.xpl + (static_cast<size_t>(r) * chunks + c0) * 64 + (lane >> 2) * 8 + t;
+      // x's words t and t + 4 of plane g of each row: base + off[q] + 64 cc, side by side
+      const uint32_t* base = p.xpl + (static_cast<size_t>(r) * chunks + c0) * 64 + (lane >> 2) * 8 + 2 * t;
       int off[2 * kPairs];
 #pragma unroll
       for (int q = 0; q < 2 * kPairs; ++q) off[q] = (min(r + q, end - 1) - r) * chunks * 64;
@@ -243,9 +244,11 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
         uint32_t m[4];
         sub.masks(m, b[cc * 8 + t], b[cc * 8 + t + 4]);
 #pragma unroll
-        for (int q = 0; q < kPairs; ++q)
-          multiply_rows(e[q], f[q], m, __ldg(base + off[2 * q] + cc * 64), __ldg(base + off[2 * q + 1] + cc * 64),
-                        __ldg(base + off[2 * q] + cc * 64 + 4), __ldg(base + off[2 * q + 1] + cc * 64 + 4));
+        for (int q = 0; q < kPairs; ++q) {
+          const uint2 x0 = __ldg(reinterpret_cast<const uint2*>(base + off[2 * q] + cc * 64));
+          const uint2 x1 = __ldg(reinterpret_cast<const uint2*>(base + off[2 * q + 1] + cc * 64));
+          multiply_rows(e[q], f[q], m, x0.x, x1.x, x0.y, x1.y);
+        }
       }
 #pragma unroll
       for (int q = 0; q < 2 * kPairs; ++q) {

@@ -50,6 +50,7 @@ CHUNK = 256   # inputs an mma (kChunk)
 K_RANGE = 16  # chunks a warp's K range (kChunks): d_in past CHUNK * K_RANGE is split
 MAX_PER_WARP = 64  # output columns a warp may be asked to walk (the kernel refuses more)
 _LAID_OUT = (jnp.int32, jnp.uint32)  # bitplane_layout's codebooks, by numerics: int8 and affine
+WORD_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # x_planes' words of a plane, as stored: t and t + 4 side by side
 
 
 @functools.cache
@@ -87,13 +88,14 @@ def x_planes(xq: jax.Array) -> jax.Array:
   """int8 (or uint8) values xq [t, k] (k a multiple of 256) -> uint32 [t, k/256, 8, 8]: per chunk of 256
   inputs, two's-complement bit-plane j's eight words, word w's bit 4 i + j' holding input
   32 w + 8 j' + i (the order the kernel's code planes come out in: a 4 x 4 bit transpose of each
-  16-byte group of nibbles)."""
+  16-byte group of nibbles), stored in the order of WORD_ORDER: words t and t + 4 side by side,
+  which one lane reads in one 8-byte load."""
   t, k = xq.shape
   u = xq.astype(jnp.uint8).astype(jnp.uint32).reshape(t, k // CHUNK, 8, 4, 8)   # [t, chunk, w, j', i]
   planes = (u[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1                  # [..., plane]
   shift = 4 * jnp.arange(8, dtype=jnp.uint32)[None, :] + jnp.arange(4, dtype=jnp.uint32)[:, None]  # [j', i]
   words = (planes << shift[..., None]).sum(axis=(3, 4), dtype=jnp.uint32)       # [t, chunk, w, plane]
-  return jnp.swapaxes(words, -1, -2)
+  return jnp.swapaxes(words, -1, -2)[..., WORD_ORDER]
 
 
 def affine_planes(x: jax.Array, act: ActQuantConfig) -> tuple[jax.Array, jax.Array]:

@@ -49,7 +49,7 @@ constexpr int kChunk = 256, kWarps = 4, kSets = 8;
 
 struct Args {
   const uint4* planes;    // [sets][n][chunks][8 words] of uint4 (planes 0-3)
-  const uint32_t* xpl;    // [chunks][8 planes][8 words]
+  const uint32_t* xpl;    // [chunks][8 planes][8 words], words t and t + 4 side by side at 2t
   const uint32_t* alpha;  // [sets][n][16]
   int* out;               // [sets][n], zeroed
   int n, chunks;
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_ring(Args a) {
 struct NibbleArgs {
   const uint4* packed;     // [sets][n][chunks][8]: the nibble format (code 2i in byte i's low bits)
   const uint4* centroids;  // [sets][n][2]: 16 bf16 a row
-  const uint32_t* xpl;     // [chunks][8 planes][8 words], word w bit 4i + j: x[32w + 8j + i]
+  const uint32_t* xpl;     // [chunks][8 planes][8 words at 2 (w % 4) + w / 4], word w bit 4i + j: x[32w + 8j + i]
   int* out;                // [sets][n], zeroed
   int n, chunks;
 };
@@ -221,7 +221,7 @@ int main(int argc, char** argv) {
   std::vector<uint32_t> xpl(static_cast<size_t>(chunks) * 64, 0u);
   for (int i = 0; i < k; ++i)
     for (int j = 0; j < 8; ++j)
-      if ((static_cast<uint8_t>(x[i]) >> j) & 1) xpl[(i / kChunk * 8 + j) * 8 + i % kChunk / 32] |= 1u << (i % 32);
+      if ((static_cast<uint8_t>(x[i]) >> j) & 1) xpl[(i / kChunk * 8 + j) * 8 + i % kChunk / 32 % 4 * 2 + i % kChunk / 128] |= 1u << (i % 32);
   std::vector<int> cq(static_cast<size_t>(kSets) * n * 16);
   for (auto& v : cq) v = static_cast<int>(rng() % 255) - 127;
   std::vector<uint32_t> alpha(cq.size());

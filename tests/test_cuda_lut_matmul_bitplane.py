@@ -32,14 +32,16 @@ def test_x_planes_hold_each_input_bit_where_the_kernel_reads_it():
     for k in range(512):
       chunk, w, j, i = k // 256, k % 256 // 32, k % 32 // 8, k % 8
       for p in range(8):
-        assert (planes[r, chunk, p, w] >> (4 * i + j)) & 1 == (u[r, k] >> p) & 1
+        at = 2 * (w % 4) + w // 4  # words t and t + 4 side by side
+        assert (planes[r, chunk, p, at] >> (4 * i + j)) & 1 == (u[r, k] >> p) & 1
 
 
 def _unplane(planes):
   """x_planes' layout back to the bytes it holds: uint32 [t, chunks, 8, 8] -> uint8 [t, 256 chunks]."""
   t, chunks = planes.shape[:2]
   k = np.arange(256)
-  bits = planes[:, :, :, k // 32] >> (4 * (k % 8) + k % 32 // 8) & 1                      # [t, chunk, plane, k]
+  at = np.argsort(kb.WORD_ORDER)[k // 32]  # where word k // 32 is stored
+  bits = planes[:, :, :, at] >> (4 * (k % 8) + k % 32 // 8) & 1                         # [t, chunk, plane, k]
   return (bits << np.arange(8)[:, None]).sum(2).reshape(t, chunks * 256).astype(np.uint8)
 
 
@@ -111,7 +113,7 @@ def _bit_plane_problem(seed, n, k, act=None):
   want = xv @ np.stack([cb[c][np.asarray(codes)] for c, codes in enumerate(_codes(w, n, k))]).T   # [2, n]
   groups = np.asarray(w.packed).view("<u4").reshape(n, k // 32, 4)                          # 16-byte groups
   code_planes = _transpose_nibbles(groups)
-  xp = np.asarray(xp).reshape(2, k // 256, 8, 8)
+  xp = np.asarray(xp).reshape(2, k // 256, 8, 8)[..., np.argsort(kb.WORD_ORDER)]  # words back in their order of k
   alpha = cb.copy()
   for bit in (1, 2, 4, 8):  # Moebius transform over the subsets of each entry's bits
     alpha[:, [s for s in range(16) if s & bit]] -= alpha[:, [s ^ bit for s in range(16) if s & bit]]
