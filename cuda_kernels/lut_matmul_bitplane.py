@@ -74,12 +74,13 @@ def takes_act(act: ActQuantConfig) -> bool:
 
 def serves(act: ActQuantConfig, t: int, d_in: int, d_out: int, experts: int | None = None) -> bool:
   """Whether the dispatcher fuses a product of fake_quant(x, act) into this kernel (`Affine`)
-  instead of fake-quantizing x for the default kernels: where it measured ahead. H100,
-  BENCHMARKS.md session 55: one row of x on weights of more than 2^24 codes (Mixtral's experts:
-  22.1-23.7 µs against 24.4-24.9, and 35.3 against 41.9 over the expert pair of batch 1, fake_quant
-  not counted), a single weight's t = 1 or a grouped product whose t rows fill at most a quarter of
-  its experts (slots of one row). Slower from 4 rows a slot (1.2-2.1x) and at Qwen3's 2^20.6-code
-  experts (18.9 against 16.2 µs)."""
+  instead of fake-quantizing x for the default kernels: where it measured ahead on the H100, one
+  row of x on weights of more than 2^24 codes: a single weight's t = 1, or a grouped product whose
+  t rows fill at most a quarter of its experts (slots of one row). BENCHMARKS.md session 55, at
+  Mixtral's experts: 22.1-23.7 µs a product against the bf16 CUDA kernel's 24.4-24.9, and 35.3
+  against 41.9 over batch 1's expert pair (fake_quant not counted); session 56: two layers of
+  Mixtral's shapes decode 4 % faster at batch 1 fused than not. Slower from 4 rows a slot
+  (1.2-2.1x) and at Qwen3's 2^20.6-code experts (18.9 against 16.2 µs)."""
   one_row = t == 1 if experts is None else 4 * t <= experts
   return takes_act(act) and one_row and d_in * d_out > 1 << 24
 
