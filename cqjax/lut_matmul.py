@@ -158,9 +158,9 @@ class _CudaFirst:
       return None
     from cuda_kernels import lut_matmul_bitplane as bitplane  # pylint: disable=g-import-not-at-top
     experts = packed.shape[0] if grouped else None
-    applies = bitplane.supports(bits, x.shape[-1], centroids.shape[-2]) and bitplane.takes_act(act)
-    if applies and bitplane.available() and (
-        self.everywhere or bitplane.serves(act, x.shape[0], x.shape[-1], packed.shape[-2], experts)):
+    wanted = (bitplane.takes_act(act) if self.everywhere
+              else bitplane.serves(act, x.shape[0], x.shape[-1], packed.shape[-2], experts))
+    if wanted and bitplane.supports(bits, x.shape[-1], centroids.shape[-2]) and bitplane.available():
       return bitplane.Affine(act)
     return None
 
@@ -236,12 +236,12 @@ def _supports(kernels, w: CodebookWeight) -> bool:
   return kernels is not None and w.bits in getattr(kernels, "SUPPORTED_BITS", range(1, 9))
 
 
-def _fusing(kernels, act, x, w: CodebookWeight, grouped: bool):
-  """Kernels that take x with its quantizer `act` themselves (`_CudaFirst.fusing`), or None."""
+def _route(kernels, act, x, w: CodebookWeight, grouped: bool):
+  """(kernels, act, x) for a kernel product of Q_a(x): kernels that take x with its quantizer
+  themselves (`_CudaFirst.fusing`), x as given; else `kernels` with fake_quant(x) and no quantizer."""
   fusing = getattr(kernels, "fusing", None)
-  if act is None or fusing is None:
-    return None
-  return fusing(act, x, w.packed, w.centroids, w.bits, grouped)
+  fused = None if act is None or fusing is None else fusing(act, x, w.packed, w.centroids, w.bits, grouped)
+  return (fused, act, x) if fused is not None else (kernels, None, quantize_input(x, act))
 
 
 def _no_cotangent(a):
@@ -298,12 +298,8 @@ def lut_matmul(x: jax.Array, w, act: ActQuantConfig | None = None) -> jax.Array:
     return quantize_input(x, act) @ w
   kernels = _kernels()
   if w.packed.ndim == 2 and _supports(kernels, w):
-    x2 = x.reshape(-1, w.d_in)
-    fused = _fusing(kernels, act, x2, w, grouped=False)
-    if fused is not None:
-      y = _kernel_matmul(fused, w.bits, act, x2, w.packed, w.centroids)
-    else:
-      y = _kernel_matmul(kernels, w.bits, None, quantize_input(x2, act), w.packed, w.centroids)
+    kernels, act, x2 = _route(kernels, act, x.reshape(-1, w.d_in), w, grouped=False)
+    y = _kernel_matmul(kernels, w.bits, act, x2, w.packed, w.centroids)
     return y.reshape(*x.shape[:-1], y.shape[-1])
   return lut_matmul_reference(quantize_input(x, act), w)
 
@@ -315,8 +311,6 @@ def grouped_lut_matmul(x: jax.Array, w, group_sizes: jax.Array, act: ActQuantCon
     return jax.lax.ragged_dot(quantize_input(x, act), w, group_sizes)
   kernels = _kernels()
   if _supports(kernels, w):
-    fused = _fusing(kernels, act, x, w, grouped=True)
-    if fused is not None:
-      return _kernel_grouped(fused, w.bits, act, x, w.packed, w.centroids, group_sizes)
-    return _kernel_grouped(kernels, w.bits, None, quantize_input(x, act), w.packed, w.centroids, group_sizes)
+    kernels, act, x = _route(kernels, act, x, w, grouped=True)
+    return _kernel_grouped(kernels, w.bits, act, x, w.packed, w.centroids, group_sizes)
   return grouped_lut_matmul_reference(quantize_input(x, act), w, group_sizes)
