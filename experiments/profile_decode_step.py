@@ -1,7 +1,8 @@
-"""What a decode step of the small reference architecture launches and where its time goes, bf16
-against 4-bit codebooks under each kernel setting (those of `bench_kernels --decode`):
+"""What a decode step of a decode architecture launches and where its time goes, bf16 against 4-bit
+codebooks under each kernel setting (those of `bench_kernels --decode`, whose --decode_arch and
+--decode_act_bits are --arch and --act_bits here):
 
-  python -m experiments.profile_decode_step [--batches=1,16] [--trace_tokens=16] [--fused] [--out=FILE.json]
+  python -m experiments.profile_decode_step [--arch=small] [--act_bits=0] [--batches=1,16] [--trace_tokens=16] [--fused] [--out=FILE.json]
   PYTHONPATH=/tmp/cuda_plugin python -m experiments.profile_decode_step --compile_for=h200 --settings=codebook_w4
 
 1. Launches: the entry computation of one compiled step (one token a row against a KV cache):
@@ -41,7 +42,8 @@ from cqjax.generate import generate
 from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
 from experiments import compile_only_gpu
-from experiments.bench_kernels import DECODE_SETTINGS_HELP, _per_call_us, decode_settings, decode_models
+from cqjax.act_quant import ActQuantConfig
+from experiments.bench_kernels import DECODE_ARCHS, DECODE_SETTINGS_HELP, _per_call_us, decode_settings, decode_models
 from experiments.device_trace import print_kernels, traced_kernels
 
 PROMPT_LEN = 32
@@ -83,6 +85,9 @@ def longest_chain(hlo_text: str) -> int:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--arch", default="small", choices=DECODE_ARCHS, help="the decode architecture (bench_kernels --decode_arch)")
+  ap.add_argument("--act_bits", type=int, default=0, help="the 4-bit model's activations quantized to these bits "
+                  "(W4A4 at 4; 0: not quantized); bf16 stays unquantized")
   ap.add_argument("--batches", default="1,16", help="comma list of decode batches")
   ap.add_argument("--cache_len", type=int, default=96, help="KV cache length of the counted step")
   ap.add_argument("--trace_tokens", type=int, default=0, help="trace a generate of this many new tokens (0: no trace)")
@@ -107,30 +112,31 @@ def main():
     (target,) = compile_only_gpu.compile_only_devices(args.compile_for)  # before the backends start
     if args.cuda_library:
       compile_only_gpu.use_cuda_library(args.cuda_library)
-  cfg, model, _, params, quant = decode_models("small", args.fused)
+  act = ActQuantConfig(bits=args.act_bits) if args.act_bits else None
+  cfg, model, q_model, params, quant = decode_models(args.arch, args.fused, act)
   device = target or jax.devices()[0]
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
-        f"small architecture, {cfg.num_layers} layers")
+        f"{args.arch} architecture, {cfg.num_layers} layers{'' if act is None else f', W4A{act.bits}'}")
   rows = []
   for b in (int(v) for v in args.batches.split(",")):
     token = jnp.zeros((b, 1), jnp.int32)
     cache = init_cache(cfg, b, args.cache_len, jnp.bfloat16)
     prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
     for name, four_bit, mode in settings:
-      p = quant if four_bit else params
+      p, m = (quant, q_model) if four_bit else (params, model)
       with kernels_mode(mode, backend="gpu" if target else None):
-        step = lambda p, token, cache: model.apply({"params": p}, token, cache=cache, cache_index=args.cache_len - 1)
+        step = lambda p, token, cache, m=m: m.apply({"params": p}, token, cache=cache, cache_index=args.cache_len - 1)
         compiled = (compile_only_gpu.compile_for(step, (p, token, cache), target) if target
                     else jax.jit(step).lower(p, token, cache).compile())
         text = compiled.as_text()
         counts = entry_work(text)
-        row = dict(batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), chain=longest_chain(text),
+        row = dict(arch=args.arch, act_bits=args.act_bits or None, batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), chain=longest_chain(text),
                    counts=dict(counts), compiled_for=args.compile_for or None)
         top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
         print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step, {row['chain']:4d} in the longest chain "
               f"({top})", flush=True)
         if args.trace_tokens:
-          run = jax.jit(lambda p, prompt: generate(model, p, prompt, args.trace_tokens))
+          run = jax.jit(lambda p, prompt, m=m: generate(m, p, prompt, args.trace_tokens))
           kernels = traced_kernels(run, (p, prompt))
           row["wall_us_per_token"] = _per_call_us(run, (p, prompt), repeats=5, calls=3) / args.trace_tokens
           row["kernels_per_token"] = {k: [n / args.trace_tokens, us / args.trace_tokens] for k, (n, us) in kernels.items()}
