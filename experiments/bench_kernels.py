@@ -434,10 +434,13 @@ DECODE_SETTINGS_HELP = (f"comma list of the 4-bit settings ({', '.join(n for n, 
                         " or all; bf16 always")
 
 
-def decode_settings(arg: str = "all") -> tuple:
-  """The DECODE_SETTINGS named in arg (a comma list, or all), bf16 always: every speedup's baseline."""
+def decode_settings(arg: str = "all", act_bits: int = 0) -> tuple:
+  """The DECODE_SETTINGS named in arg (a comma list, or all), bf16 always: every speedup's baseline.
+  Without quantized activations (act_bits 0) `all` leaves codebook_w4_unfused out: with nothing to
+  fuse it is the same program as codebook_w4."""
   names = [name for name, _, _ in DECODE_SETTINGS]
-  chosen = names if arg == "all" else [a for a in arg.split(",") if a]
+  chosen = ([n for n, _, mode in DECODE_SETTINGS if act_bits or mode != "unfused"] if arg == "all"
+            else [a for a in arg.split(",") if a])
   unknown = [a for a in chosen if a not in names]
   if unknown:
     raise SystemExit(f"unknown decode setting {unknown[0]!r}; choose from {', '.join(names)} or all")
@@ -580,7 +583,7 @@ def main():
     with open(args.replot) as f:
       plot_kernel_speedups(json.load(f), args.plot)
     return
-  settings = decode_settings(args.decode_settings)  # refused before anything is timed
+  settings = decode_settings(args.decode_settings, args.decode_act_bits)  # refused before anything is timed
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   bw = copy_bandwidth_gbs()
   print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)

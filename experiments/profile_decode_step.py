@@ -100,7 +100,7 @@ def main():
                   "the cuda and int8 settings with (python -m cuda_kernels.build)")
   ap.add_argument("--out", default="", help="write the rows as JSON here")
   args = ap.parse_args()
-  settings = decode_settings(args.settings)
+  settings = decode_settings(args.settings, args.act_bits)
   target = None
   if args.compile_for:
     if args.trace_tokens:
