@@ -79,8 +79,12 @@ def serves(act: ActQuantConfig, t: int, d_in: int, d_out: int, experts: int | No
   t rows fill at most a quarter of its experts (slots of one row). BENCHMARKS.md session 55, at
   Mixtral's experts: 22.1-23.7 µs a product against the bf16 CUDA kernel's 24.4-24.9, and 35.3
   against 41.9 over batch 1's expert pair (fake_quant not counted); session 56: two layers of
-  Mixtral's shapes decode 4 % faster at batch 1 fused than not. Slower from 4 rows a slot
-  (1.2-2.1x) and at Qwen3's 2^20.6-code experts (18.9 against 16.2 µs)."""
+  Mixtral's shapes decode 4 % faster at batch 1 fused than not (session 57: 2.8 %). Slower from 4
+  rows a slot (1.2-2.1x). Session 57 measured the two next candidates end to end and kept them out:
+  attention's one-row products (2^22 codes and up) fused made Mixtral's layers decode 3 % slower,
+  although at 4096x4096 the product alone (x's planes shared by the bench's loop) was 16 % faster
+  and Qwen3's 2048-wide ones 37-50 % slower; Qwen3's 2^20.6-code experts fused made its layers
+  decode 5.6 % slower."""
   one_row = t == 1 if experts is None else 4 * t <= experts
   return takes_act(act) and one_row and d_in * d_out > 1 << 24
 

@@ -559,6 +559,7 @@ def main():
   ap.add_argument("--decode_act_bits", type=int, default=0,
                   help="--decode: the 4-bit model's activations quantized to these bits (W4A4 at 4; 0: weights only)")
   ap.add_argument("--fused", action="store_true", help="--decode with q/k/v and gate/up fused (cqjax.fuse_projections)")
+  ap.add_argument("--decode_batches", default="1,16", help="--decode: comma list of decode batches")
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
@@ -621,7 +622,8 @@ def main():
         save()
   if args.decode:
     act = ActQuantConfig(bits=args.decode_act_bits) if args.decode_act_bits else None
-    result["decode"] = bench_decode((1, 16), fused=args.fused, settings=settings, arch=args.decode_arch, act=act)
+    decode_batches = tuple(int(b) for b in args.decode_batches.split(",") if b)
+    result["decode"] = bench_decode(decode_batches, fused=args.fused, settings=settings, arch=args.decode_arch, act=act)
     save()
   if args.plot:
     plot_kernel_speedups(result, args.plot)
