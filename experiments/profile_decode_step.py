@@ -38,11 +38,11 @@ import re
 import jax
 import jax.numpy as jnp
 
+from cqjax.act_quant import ActQuantConfig
 from cqjax.generate import generate
 from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
 from experiments import compile_only_gpu
-from cqjax.act_quant import ActQuantConfig
 from experiments.bench_kernels import DECODE_ARCHS, DECODE_SETTINGS_HELP, _per_call_us, decode_settings, decode_models
 from experiments.device_trace import print_kernels, traced_kernels
 
@@ -130,8 +130,9 @@ def main():
                     else jax.jit(step).lower(p, token, cache).compile())
         text = compiled.as_text()
         counts = entry_work(text)
-        row = dict(arch=args.arch, act_bits=args.act_bits or None, batch=b, setting=name, fused=args.fused, launches=sum(counts.values()), chain=longest_chain(text),
-                   counts=dict(counts), compiled_for=args.compile_for or None)
+        row = dict(arch=args.arch, act_bits=args.act_bits or None, batch=b, setting=name, fused=args.fused,
+                   launches=sum(counts.values()), chain=longest_chain(text), counts=dict(counts),
+                   compiled_for=args.compile_for or None)
         top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
         print(f"batch={b:<3} {name:<17} {row['launches']:5d} launches a step, {row['chain']:4d} in the longest chain "
               f"({top})", flush=True)
