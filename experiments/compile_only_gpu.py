@@ -41,6 +41,7 @@ from jax.sharding import SingleDeviceSharding
 
 from cuda_kernels import expert_slots as ces
 from cuda_kernels import lut_matmul as cuda
+from cuda_kernels import lut_matmul_bitplane as cudab
 from cuda_kernels import lut_matmul_int8 as cuda8
 from experiments import pallas_offline_compile as poc
 
@@ -81,7 +82,7 @@ def use_cuda_library(path: str) -> None:
     raise SystemExit(f"no CUDA library at {path}: build one with python -m cuda_kernels.build (nvcc on PATH, no GPU needed)")
   lib = ctypes.cdll.LoadLibrary(path)
   cuda.library = lambda: lib
-  for module in (cuda, cuda8, ces):
+  for module in (cuda, cuda8, cudab, ces):
     module.available.cache_clear()
 
 

@@ -128,3 +128,17 @@ def test_reads_each_kernels_k_loop_from_its_cubin(tmp_path, monkeypatch):
   (row,) = cog.dumped_kernels(str(tmp_path / "dump"))
   assert row["kernel"] == "cqjax_lut_matmul__1" and row["registers"] == 255
   assert row["loop_instructions"] == 3 and row["loop_opcodes"] == {"PRMT": 1, "FFMA": 1, "BRA": 1}
+
+
+def test_a_loaded_library_drops_every_wrapper_s_cached_availability(tmp_path, monkeypatch):
+  """use_cuda_library makes each CUDA wrapper ask the library again, the bit-plane kernel's too (the
+  dispatcher's W4A4 fusion), so a compile-only step takes the kernels it would on the GPU."""
+  from cuda_kernels import expert_slots, lut_matmul, lut_matmul_bitplane, lut_matmul_int8  # pylint: disable=g-import-not-at-top
+  modules = (lut_matmul, lut_matmul_int8, lut_matmul_bitplane, expert_slots)
+  for module in modules:
+    module.available()  # cached: False without a GPU
+  (tmp_path / "lib.so").write_bytes(b"")
+  monkeypatch.setattr(lut_matmul, "library", lut_matmul.library)  # restored after the test
+  monkeypatch.setattr(cog.ctypes.cdll, "LoadLibrary", lambda path: object())
+  cog.use_cuda_library(str(tmp_path / "lib.so"))
+  assert [m.available.cache_info().currsize for m in modules] == [0] * len(modules)

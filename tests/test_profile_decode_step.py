@@ -45,3 +45,16 @@ def test_longest_chain_follows_data_through_layout_only_instructions():
   longer = _HLO.replace("  ROOT %t", "  %n1 = s32[8]{0} negate(%b)\n  %n2 = s32[8]{0} negate(%n1)\n"
                         "  %n3 = s32[8]{0} negate(%n2)\n  %n4 = s32[8]{0} negate(%n3)\n  ROOT %t")
   assert longest_chain(longer) == 4 and sum(entry_work(longer).values()) == 8
+
+
+def test_a_compile_only_step_takes_abstract_weights_and_the_w4a4_model():
+  """--compile_for needs the weights' shapes alone (Mixtral's layers need not fit the host); the
+  4-bit model is the one with the activation quantizer (--act_bits)."""
+  from cqjax.act_quant import ActQuantConfig  # pylint: disable=g-import-not-at-top
+  from experiments.profile_decode_step import _models  # pylint: disable=g-import-not-at-top
+  act = ActQuantConfig()
+  cfg, model, q_model, params, quant = _models("mixtral-layers", False, act, abstract=True)
+  assert cfg.hidden_size == 4096 and model.act_quant is None and q_model.act_quant == act
+  leaves = jax.tree.leaves(params) + jax.tree.leaves(quant)
+  assert leaves and all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves)
+  assert any(a.dtype == jnp.uint8 for a in jax.tree.leaves(quant))  # packed codes
