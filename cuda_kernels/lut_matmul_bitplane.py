@@ -96,11 +96,13 @@ def x_planes(xq: jax.Array) -> jax.Array:
   16-byte group of nibbles), stored in the order of WORD_ORDER: words t and t + 4 side by side,
   which one lane reads in one 8-byte load."""
   t, k = xq.shape
-  u = xq.astype(jnp.uint8).astype(jnp.uint32).reshape(t, k // CHUNK, 8, 4, 8)   # [t, chunk, w, j', i]
-  planes = (u[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1                  # [..., plane]
-  shift = 4 * jnp.arange(8, dtype=jnp.uint32)[None, :] + jnp.arange(4, dtype=jnp.uint32)[:, None]  # [j', i]
-  words = (planes << shift[..., None]).sum(axis=(3, 4), dtype=jnp.uint32)       # [t, chunk, w, plane]
-  return jnp.swapaxes(words, -1, -2)[..., WORD_ORDER]
+  u = xq.astype(jnp.uint8).astype(jnp.uint32).reshape(t, k // CHUNK, 2, 4, 4, 8)  # [t, chunk, a, b, j', i]: word 4 a + b
+  u = jnp.swapaxes(u, 2, 3)[:, :, None]                                            # [t, chunk, 1, b, a, j', i]
+  plane = jnp.arange(8, dtype=jnp.uint32)[:, None, None, None, None]
+  shift = 4 * jnp.arange(8, dtype=jnp.uint32) + jnp.arange(4, dtype=jnp.uint32)[:, None]  # [j', i]
+  # Each word a reduction over its own 32 contiguous inputs, already in the stored order (word
+  # 4 a + b at 2 b + a: WORD_ORDER): XLA then fuses x's quantization into it.
+  return (((u >> plane) & 1) << shift).sum(axis=(-2, -1), dtype=jnp.uint32).reshape(t, k // CHUNK, 8, 8)
 
 
 def affine_planes(x: jax.Array, act: ActQuantConfig) -> tuple[jax.Array, jax.Array]:
