@@ -76,15 +76,11 @@ def serves(act: ActQuantConfig, t: int, d_in: int, d_out: int, experts: int | No
   """Whether the dispatcher fuses a product of fake_quant(x, act) into this kernel (`Affine`)
   instead of fake-quantizing x for the default kernels: where it measured ahead on the H100, one
   row of x on weights of more than 2^24 codes: a single weight's t = 1, or a grouped product whose
-  t rows fill at most a quarter of its experts (slots of one row). BENCHMARKS.md session 55, at
-  Mixtral's experts: 22.1-23.7 µs a product against the bf16 CUDA kernel's 24.4-24.9, and 35.3
-  against 41.9 over batch 1's expert pair (fake_quant not counted); session 56: two layers of
-  Mixtral's shapes decode 4 % faster at batch 1 fused than not (session 57: 2.8 %). Slower from 4
-  rows a slot (1.2-2.1x). Session 57 measured the two next candidates end to end and kept them out:
-  attention's one-row products (2^22 codes and up) fused made Mixtral's layers decode 3 % slower,
-  although at 4096x4096 the product alone (x's planes shared by the bench's loop) was 16 % faster
-  and Qwen3's 2048-wide ones 37-50 % slower; Qwen3's 2^20.6-code experts fused made its layers
-  decode 5.6 % slower."""
+  t rows fill at most a quarter of its experts (slots of one row). Mixtral's experts: 35.3 against
+  41.9 µs over batch 1's expert pair (BENCHMARKS.md session 55); its layers decode 2.8-4.0 % faster
+  fused (sessions 56-57). Measured slower and left out: 4 rows a slot and more (1.2-2.1x, session
+  55); fused attention products (decode 3 % slower) and Qwen3's 2^20.6-code experts (5.6 % slower),
+  session 57."""
   one_row = t == 1 if experts is None else 4 * t <= experts
   return takes_act(act) and one_row and d_in * d_out > 1 << 24
 

@@ -474,11 +474,12 @@ def decode_arch_config(arch: str):
   return ModelConfig.from_hf_dict(hf, source=arch)
 
 
-def decode_models(arch: str = "small", fused: bool = False, act=None):
+def decode_models(arch: str = "small", fused: bool = False, act=None, abstract: bool = False):
   """A decode architecture (decode_arch_config) with random weights (decode speed does not depend
   on the values): (config, bf16 model, 4-bit model (with act: its activations quantized, W4A4),
   bf16 params, every MoE and attention kernel as 4-bit RTN codebooks); fused: both with q/k/v and
-  gate/up fused (cqjax.fuse_projections)."""
+  gate/up fused (cqjax.fuse_projections); abstract: the weights as ShapeDtypeStructs (a
+  compile-only device needs no values, and Mixtral's layers need not fit the host)."""
   from cqjax.fuse_projections import fuse_projections  # pylint: disable=g-import-not-at-top
   from cqjax.kmeans import rtn_quantize  # pylint: disable=g-import-not-at-top
   from cqjax.model import MoeCausalLM  # pylint: disable=g-import-not-at-top
@@ -486,14 +487,22 @@ def decode_models(arch: str = "small", fused: bool = False, act=None):
 
   cfg = decode_arch_config(arch)
   model = MoeCausalLM(cfg, jnp.bfloat16)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
   q_model = MoeCausalLM(cfg, jnp.bfloat16, act_quant=act)
-  quant = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, BITS))
-  quant = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, quant)
-  if fused:
-    params, quant = fuse_projections(params), fuse_projections(quant)
+
+  def weights():
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    quant = quantize_scope(cfg, params, "full", lambda w, path: rtn_quantize(w, BITS))
+    quant = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, quant)
+    return (fuse_projections(params), fuse_projections(quant)) if fused else (params, quant)
+
+  params, quant = jax.eval_shape(weights) if abstract else weights()
   return cfg, model, q_model, params, quant
+
+
+def decode_act(bits: int):
+  """The W4A<bits> activation quantizer of --decode_act_bits / --act_bits (0: None, weights only)."""
+  return ActQuantConfig(bits=bits) if bits else None
 
 
 def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS, arch="small",
@@ -621,7 +630,7 @@ def main():
         result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
         save()
   if args.decode:
-    act = ActQuantConfig(bits=args.decode_act_bits) if args.decode_act_bits else None
+    act = decode_act(args.decode_act_bits)
     decode_batches = tuple(int(b) for b in args.decode_batches.split(",") if b)
     result["decode"] = bench_decode(decode_batches, fused=args.fused, settings=settings, arch=args.decode_arch, act=act)
     save()

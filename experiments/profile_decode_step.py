@@ -38,12 +38,12 @@ import re
 import jax
 import jax.numpy as jnp
 
-from cqjax.act_quant import ActQuantConfig
 from cqjax.generate import generate
 from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
 from experiments import compile_only_gpu
-from experiments.bench_kernels import DECODE_ARCHS, DECODE_SETTINGS_HELP, _per_call_us, decode_settings, decode_models
+from experiments.bench_kernels import (DECODE_ARCHS, DECODE_SETTINGS_HELP, _per_call_us, decode_act, decode_models,
+                                      decode_settings)
 from experiments.device_trace import print_kernels, traced_kernels
 
 PROMPT_LEN = 32
@@ -83,22 +83,6 @@ def longest_chain(hlo_text: str) -> int:
   return max(depth.values(), default=0)
 
 
-def _models(arch: str, fused: bool, act, abstract: bool):
-  """decode_models' (cfg, model, q_model, params, quant); abstract: the weights as ShapeDtypeStructs
-  (a compile-only device needs none of their values, and Mixtral's layers would not fit a small host)."""
-  if not abstract:
-    return decode_models(arch, fused, act)
-  held = {}
-
-  def weights():
-    cfg, model, q_model, params, quant = decode_models(arch, fused, act)
-    held.update(cfg=cfg, model=model, q_model=q_model)
-    return params, quant
-
-  params, quant = jax.eval_shape(weights)
-  return held["cfg"], held["model"], held["q_model"], params, quant
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--arch", default="small", choices=DECODE_ARCHS, help="the decode architecture (bench_kernels --decode_arch)")
@@ -128,8 +112,8 @@ def main():
     (target,) = compile_only_gpu.compile_only_devices(args.compile_for)  # before the backends start
     if args.cuda_library:
       compile_only_gpu.use_cuda_library(args.cuda_library)
-  act = ActQuantConfig(bits=args.act_bits) if args.act_bits else None
-  cfg, model, q_model, params, quant = _models(args.arch, args.fused, act, abstract=target is not None)
+  act = decode_act(args.act_bits)
+  cfg, model, q_model, params, quant = decode_models(args.arch, args.fused, act, abstract=target is not None)
   device = target or jax.devices()[0]
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
         f"{args.arch} architecture, {cfg.num_layers} layers{'' if act is None else f', W4A{act.bits}'}")

@@ -50,10 +50,9 @@ def test_longest_chain_follows_data_through_layout_only_instructions():
 def test_a_compile_only_step_takes_abstract_weights_and_the_w4a4_model():
   """--compile_for needs the weights' shapes alone (Mixtral's layers need not fit the host); the
   4-bit model is the one with the activation quantizer (--act_bits)."""
-  from cqjax.act_quant import ActQuantConfig  # pylint: disable=g-import-not-at-top
-  from experiments.profile_decode_step import _models  # pylint: disable=g-import-not-at-top
-  act = ActQuantConfig()
-  cfg, model, q_model, params, quant = _models("mixtral-layers", False, act, abstract=True)
+  from experiments.bench_kernels import decode_act, decode_models  # pylint: disable=g-import-not-at-top
+  act = decode_act(4)
+  cfg, model, q_model, params, quant = decode_models("mixtral-layers", False, act, abstract=True)
   assert cfg.hidden_size == 4096 and model.act_quant is None and q_model.act_quant == act
   leaves = jax.tree.leaves(params) + jax.tree.leaves(quant)
   assert leaves and all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves)
