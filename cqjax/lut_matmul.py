@@ -142,14 +142,15 @@ class _CudaFirst:
   def _pick(self, x, packed, centroids, bits, grouped):
     from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
     from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    rows = cuda.rows_per_slot(x.shape[0], packed.shape[0]) if grouped else x.shape[0]
+    experts = packed.shape[0] if grouped else None
     if self.int8:
       from cuda_kernels import lut_matmul_int8 as cuda8  # pylint: disable=g-import-not-at-top
+      rows = cuda.rows_per_slot(x.shape[0], experts) if grouped else x.shape[0]
       if cuda8.available() and cuda8.serves(rows) and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
         return cuda8.Int8Kernels
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
       return pallas
-    return cuda if self.everywhere or cuda.serves(rows, x.shape[-1], packed.shape[-2], grouped=grouped) else pallas
+    return cuda if self.everywhere or cuda.serves(x.shape[0], x.shape[-1], packed.shape[-2], experts=experts) else pallas
 
   def fusing(self, act, x, packed, centroids, bits, grouped):
     """The bit-plane kernel's affine numerics for a product of Q_a(x) (act), where they serve

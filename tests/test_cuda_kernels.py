@@ -255,10 +255,13 @@ def test_serves_the_decode_regime_of_large_weights():
   assert not ck.serves(2, 4096, 4096) and not ck.serves(8, 4096, 4096)  # 2^24 codes: Pallas' blocks
   assert not ck.serves(17, 4096, 14336)  # prefill rows: the Pallas tiles
   assert not ck.serves(9, 4096, 14336) and not ck.serves(16, 14336, 4096)  # Pallas' 16-row blocks
-  # expert slots of a grouped product: CUDA to 16 rows, still not at one row or for small weights
-  assert ck.serves(9, 4096, 14336, grouped=True) and ck.serves(16, 14336, 4096, grouped=True)
-  assert not ck.serves(17, 14336, 4096, grouped=True) and not ck.serves(1, 14336, 4096, grouped=True)
-  assert not ck.serves(16, 2048, 768, grouped=True)
+  # grouped products (t rows over 8 experts): CUDA from t rows that more than half fill the experts
+  # (Mixtral's batch 3: 6 rows) to 16 rows a slot, still not for small weights
+  assert ck.serves(6, 4096, 14336, experts=8) and ck.serves(8, 14336, 4096, experts=8)
+  assert ck.serves(9 * 8, 4096, 14336, experts=8) and ck.serves(16 * 8, 14336, 4096, experts=8)
+  assert not ck.serves(4, 4096, 14336, experts=8) and not ck.serves(2, 14336, 4096, experts=8)
+  assert not ck.serves(16 * 8 + 1, 14336, 4096, experts=8) and not ck.serves(0, 14336, 4096, experts=8)
+  assert not ck.serves(128, 2048, 768, experts=128)
   # one row: Pallas' FMA kernel
   assert not ck.serves(1, 4096, 14336) and not ck.serves(1, 4096, 4096) and not ck.serves(1, 2048, 768)
   assert not ck.serves(2, 2048, 768) and not ck.serves(8, 768, 2048)  # launch-bound smaller weights
@@ -274,6 +277,7 @@ def test_serves_prefill_rows_of_large_weights_on_hopper():
     assert ck.serves(rows, 4096, 14336, hopper=True) and not ck.serves(rows, 14336, 4096, hopper=True)
   assert not ck.serves(48, 4096, 14336, hopper=True) and not ck.serves(513, 4096, 14336, hopper=True)
   assert not ck.serves(128, 4096, 4096, hopper=True)  # 2^24 codes: lost at 256 and 512 rows
+  assert ck.serves(64 * 8, 14336, 4096, hopper=True, experts=8)  # grouped: rows per slot
 
 
 @pytest.mark.parametrize("rows,k,n,slots,want", [(64, 4096, 14336, 1, (1, 4, 1)), (128, 4096, 14336, 1, (2, 4, 1)),
