@@ -453,6 +453,8 @@ def test_serves_one_row_products_of_large_weights():
   assert kb.serves(act, 1, 4096, 14336) and kb.serves(act, 1, 14336, 4096)   # Mixtral's experts, one row
   assert kb.serves(act, 2, 4096, 14336, experts=8)                           # its batch 1 (top-2)
   assert not kb.serves(act, 2, 4096, 14336)                                  # a single weight's 2 rows
+  assert kb.serves(act, 4, 14336, 4096, experts=8)                           # batch 2: half the experts
+  assert not kb.serves(act, 6, 4096, 14336, experts=8)                       # batch 3: to the default kernels
   assert not kb.serves(act, 8, 4096, 14336, experts=8)                       # batch 4
   assert not kb.serves(act, 8, 2048, 768, experts=128)                       # Qwen3's experts
   assert not kb.serves(act, 1, 4096, 4096) and not kb.serves(act, 1, 4096, 1024)  # attention: slower fused
