@@ -6,10 +6,12 @@
 # PARTS, a comma list (default tests,decode):
 #   tests    the patched tree's compiled tests (AB_TESTS, default tests/test_pallas_kernels.py)
 #   decode   both trees, alternately AB_ROUNDS times (default 1): one decode step's launches and its
-#            kernels per token from jax.profiler (experiments.profile_decode_step), then decode
-#            tokens/s against bf16 (bench_kernels --decode), for AB_SETTINGS (default codebook_w4:
-#            the default kernels; at the small architecture's shapes those are Pallas' whether or
-#            not the CUDA library is built, cqjax.lut_matmul)
+#            kernels per token from jax.profiler (experiments.profile_decode_step; AB_PROFILE=0
+#            leaves it out), then decode tokens/s against bf16 (bench_kernels --decode), for
+#            AB_SETTINGS (default codebook_w4: the default kernels; at the small architecture's
+#            shapes those are Pallas' whether or not the CUDA library is built, cqjax.lut_matmul),
+#            AB_ARCH (default small; qwen3-layers, mixtral-layers), AB_BATCHES (default 1,16) and
+#            AB_ACT_BITS (default 0; 4: W4A4)
 #   kernels  both trees: the Pallas kernels alone, each against XLA in its own run: single weights
 #            AB_SINGLE (default 4096x14336,14336x4096) at M = AB_MS (default 1,16,128), grouped
 #            AB_GROUPED (default Mixtral's experts and both Qwen3 products) at batch 1 and 16
@@ -29,6 +31,7 @@ set -u
 patches=() && for p in ${1//,/ }; do patches+=("$(realpath "$p")"); done
 dest=$(realpath "$2") parts=${3:-tests,decode}
 settings=${AB_SETTINGS:-codebook_w4}
+arch=${AB_ARCH:-small} batches=${AB_BATCHES:-1,16} act_bits=${AB_ACT_BITS:-0}
 out=/tmp/ab_decode
 rm -rf /tmp/ab_decode_patched "$out" && mkdir -p "$dest" "$out" /tmp/ab_decode_patched
 save() { tar -czf "$dest/ab_decode.tar.gz.tmp" -C /tmp ab_decode && mv "$dest/ab_decode.tar.gz.tmp" "$dest/ab_decode.tar.gz"; }
@@ -47,10 +50,12 @@ fi
 if [[ ,$parts, == *,decode,* ]]; then
   for round in $(seq "${AB_ROUNDS:-1}"); do for name in base patched; do
     echo "== $name (round $round)"
-    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 150 python3 -m experiments.profile_decode_step --batches=1,16 \
-      --trace_tokens=16 --top=6 --settings="$settings" --out="$out/decode_step_${name}_$round.json" 2>&1 | quiet)
-    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 120 python3 -m experiments.bench_kernels --single= --grouped= \
-      --decode --decode_settings="$settings" --out="$out/decode_${name}_$round.json" 2>&1 | grep "decode small")
+    [ "${AB_PROFILE:-1}" = 0 ] || (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 150 python3 -m \
+      experiments.profile_decode_step --arch="$arch" --batches="$batches" --act_bits="$act_bits" --trace_tokens=16 \
+      --top=6 --settings="$settings" --out="$out/decode_step_${name}_$round.json" 2>&1 | quiet)
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 240 python3 -m experiments.bench_kernels --single= --grouped= \
+      --decode --decode_arch="$arch" --decode_batches="$batches" --decode_act_bits="$act_bits" \
+      --decode_settings="$settings" --out="$out/decode_${name}_$round.json" 2>&1 | grep "^decode")
     save
   done; done
 fi
