@@ -175,10 +175,10 @@ def serves(rows: int, d_in: int, d_out: int, hopper: bool | None = None, experts
   """Whether the dispatcher's automatic choice takes this kernel over the Pallas ones: where it
   measured ahead. Decode, on weights of more than 2^24 codes: 2 to 8 rows of x per weight; for a
   grouped product (experts: its expert count; rows: all its t rows), t rows that more than half
-  fill the experts, up to 16 rows per expert slot (rows_per_slot). H100, BENCHMARKS.md sessions 49
-  and 50, Mixtral's experts: 3-18 % ahead at 2, 4 and 8 rows, single and grouped; grouped slots of
-  10-16 rows ahead over the pair of expert products on two machines (14336x4096 14-22 %,
-  4096x14336 even to 3 %). Session 58, two layers of Mixtral's shapes end to end: slots of one or
+  fill 8 or more experts (fewer experts: 2 rows a slot), up to 16 rows per expert slot
+  (rows_per_slot). H100, BENCHMARKS.md sessions 49 and 50, Mixtral's experts: 3-18 % ahead at 2,
+  4 and 8 rows, single and grouped; grouped slots of 10-16 rows ahead over the pair of expert
+  products on two machines (14336x4096 14-22 %, 4096x14336 even to 3 %). Session 58, two layers of Mixtral's shapes end to end: slots of one or
   two rows decode 9 % faster on this kernel at batches 3 and 4 (6 and 8 rows over 8 experts), 0.8 %
   slower at batch 2 (4 rows). At one row Pallas' FMA blocks are ahead (5-23 %; on the H200 of
   session 44 they were behind for Mixtral's experts), and on single weights of 9-16 rows its
@@ -188,7 +188,10 @@ def serves(rows: int, d_in: int, d_out: int, hopper: bool | None = None, experts
   Qwen3's experts. On Hopper (hopper None: is_hopper()) also prefill_rows (layout 8; a grouped
   product's rows per slot). Elsewhere prefill tiles favour the Pallas kernels."""
   per_slot = rows if experts is None else rows_per_slot(rows, experts)
-  decode = 2 <= rows <= 8 if experts is None else 2 * rows > experts and per_slot <= 16
+  if experts is None:
+    decode = 2 <= rows <= 8
+  else:  # more than half of 8 or more experts (measured at 8); fewer: 2 rows a slot, as before
+    decode = (2 * rows > experts if experts >= 8 else per_slot >= 2) and per_slot <= 16
   if decode and d_in * d_out > 1 << 24:
     return True
   return (is_hopper() if hopper is None else hopper) and prefill_rows(per_slot, d_in, d_out)

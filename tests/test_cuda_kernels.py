@@ -262,6 +262,9 @@ def test_serves_the_decode_regime_of_large_weights():
   assert not ck.serves(4, 4096, 14336, experts=8) and not ck.serves(2, 14336, 4096, experts=8)
   assert not ck.serves(16 * 8 + 1, 14336, 4096, experts=8) and not ck.serves(0, 14336, 4096, experts=8)
   assert not ck.serves(128, 2048, 768, experts=128)
+  # fewer than 8 experts: 2 rows a slot, as measured for single weights (one row: Pallas)
+  assert ck.serves(2, 4096, 14336, experts=1) and not ck.serves(1, 4096, 14336, experts=1)
+  assert not ck.serves(2, 4096, 14336, experts=2) and ck.serves(3, 4096, 14336, experts=2)
   # one row: Pallas' FMA kernel
   assert not ck.serves(1, 4096, 14336) and not ck.serves(1, 4096, 4096) and not ck.serves(1, 2048, 768)
   assert not ck.serves(2, 2048, 768) and not ck.serves(8, 768, 2048)  # launch-bound smaller weights
