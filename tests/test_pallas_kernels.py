@@ -324,6 +324,23 @@ def test_cuda_first_dispatch_offers_the_pallas_bit_widths():
   assert set(cuda.SUPPORTED_BITS) <= set(pk.SUPPORTED_BITS)
 
 
+def test_cuda_first_dispatch_counts_a_grouped_products_rows_over_its_experts(monkeypatch):
+  """With the CUDA library loaded, the automatic choice for Mixtral's expert products: its batches 3
+  and 4 (6 and 8 rows over 8 experts) to the CUDA kernel, batch 2 (4 rows) and one row of a single
+  weight to Pallas, 2 rows of a single weight to CUDA (shapes only: nothing is allocated)."""
+  from cqjax.lut_matmul import _CudaFirst  # pylint: disable=g-import-not-at-top
+  from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cuda, "available", lambda: True)
+  monkeypatch.setattr(cuda, "is_hopper", lambda: False)
+  shape = lambda *s, dtype=jnp.uint8: jax.ShapeDtypeStruct(s, dtype)
+  grouped = (shape(8, 14336, 2048), shape(8, 14336, 1, 16, dtype=jnp.bfloat16))
+  single = (shape(14336, 2048), shape(14336, 1, 16, dtype=jnp.bfloat16))
+  pick = lambda t, weight, is_grouped: _CudaFirst()._pick(shape(t, 4096, dtype=jnp.bfloat16), *weight, 4, is_grouped)
+  assert pick(6, grouped, True) is cuda and pick(8, grouped, True) is cuda
+  assert pick(4, grouped, True) is pk and pick(2, grouped, True) is pk
+  assert pick(1, single, False) is pk and pick(2, single, False) is cuda
+
+
 def _lowers_to_triton(f, *args) -> bool:
   """Whether f, traced on these shapes, lowers for CUDA GPUs with its Pallas calls in Triton: Pallas'
   Triton lowering runs in Python, so CI's CPU checks what the compiled tests check on a GPU first
