@@ -545,6 +545,11 @@ GROUPED = {"mixtral-4096x14336": ("mixtral", 8, 2, 4096, 14336), "mixtral-14336x
            "qwen3-2048x768": ("qwen3", 128, 8, 2048, 768), "qwen3-768x2048": ("qwen3", 128, 8, 768, 2048)}
 
 
+def int_list(arg: str) -> tuple[int, ...]:
+  """An argparse type: a comma list of integers ("" gives none, so the caller's default)."""
+  return tuple(int(v) for v in arg.split(",") if v)
+
+
 def _names(arg: str, table: dict, any_kxn: bool = False) -> list[str]:
   """The shapes named in arg; with any_kxn, also any d_in x d_out spelt KxN (e.g. a fused gate and up)."""
   names = list(table) if arg == "all" else [a for a in arg.split(",") if a]
@@ -559,7 +564,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="fewer M values and batches")
   ap.add_argument("--sweep", action="store_true", help="try block shapes on the Mixtral shapes at --sweep_ms")
-  ap.add_argument("--sweep_ms", default="128", help="comma list of M for --sweep")
+  ap.add_argument("--sweep_ms", type=int_list, default="128", help="comma list of M for --sweep")
   ap.add_argument("--grouped_sweep", action="store_true", help="try Pallas block shapes at each --grouped shape and batch")
   ap.add_argument("--decode", action="store_true", help="decode tokens/s of --decode_arch")
   ap.add_argument("--decode_arch", default="small", choices=DECODE_ARCHS,
@@ -568,7 +573,7 @@ def main():
   ap.add_argument("--decode_act_bits", type=int, default=0,
                   help="--decode: the 4-bit model's activations quantized to these bits (W4A4 at 4; 0: weights only)")
   ap.add_argument("--fused", action="store_true", help="--decode with q/k/v and gate/up fused (cqjax.fuse_projections)")
-  ap.add_argument("--decode_batches", default="1,16", help="--decode: comma list of decode batches")
+  ap.add_argument("--decode_batches", type=int_list, default="1,16", help="--decode: comma list of decode batches")
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
@@ -578,9 +583,9 @@ def main():
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
   ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (Int8Tuning.spec: warps/mt, "
                   "p: persistent, w: wgmma, then its K splits: 8/2p, 4/16w2)")
-  ap.add_argument("--cuda_layouts", default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
-  ap.add_argument("--ms", default="", help="comma list of M for single weights (default: 1..128)")
-  ap.add_argument("--batches", default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
+  ap.add_argument("--cuda_layouts", type=int_list, default="", help="with --cuda_sweep: comma list of the layouts to try (default all)")
+  ap.add_argument("--ms", type=int_list, default="", help="comma list of M for single weights (default: 1..128)")
+  ap.add_argument("--batches", type=int_list, default="", help="comma list of decode batches for grouped (default: 1, 4, 16, 64)")
   ap.add_argument("--sets", type=int, default=8, help="weights per jitted call (raised past twice the L2)")
   ap.add_argument("--out", default="experiments/results/bench-kernels/results.json",
                   help="written after every shape, so a run stopped early keeps what it measured")
@@ -599,8 +604,7 @@ def main():
   print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)
   ms = (1, 16, 128) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128)
   batches = (1, 16) if args.quick else (1, 4, 16, 64)
-  ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
-  batches = tuple(int(v) for v in args.batches.split(",")) if args.batches else batches
+  ms, batches = args.ms or ms, args.batches or batches
   kernels = tuple(k for k in args.kernels.split(",")
                   if k and (k not in ("cuda", "int8") or ck.available()) and (k not in BITPLANE_KINDS or kb.available()))
   int8_sweep = ck8.TUNINGS if args.int8_sweep else _int8_tunings(args.int8_tunings)
@@ -617,7 +621,7 @@ def main():
   for name in _names(args.single, SINGLE, any_kxn=True):
     k, n = SINGLE.get(name) or map(int, name.split("x"))
     result["single"] += bench_single(k, n, ms, args.sets, False, bw, kernels, args.cuda_sweep,
-                                      [int(v) for v in args.cuda_layouts.split(",")] if args.cuda_layouts else None,
+                                      list(args.cuda_layouts) or None,
                                       int8_sweep)
     save()
   for name in _names(args.grouped, GROUPED):
@@ -625,14 +629,13 @@ def main():
     save()
   if args.sweep:
     result["sweep"] = []
-    for m in [int(m) for m in args.sweep_ms.split(",")]:
+    for m in args.sweep_ms:
       for k, n in ((4096, 14336), (14336, 4096)):
         result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
         save()
   if args.decode:
     act = decode_act(args.decode_act_bits)
-    decode_batches = tuple(int(b) for b in args.decode_batches.split(",") if b)
-    result["decode"] = bench_decode(decode_batches, fused=args.fused, settings=settings, arch=args.decode_arch, act=act)
+    result["decode"] = bench_decode(args.decode_batches, fused=args.fused, settings=settings, arch=args.decode_arch, act=act)
     save()
   if args.plot:
     plot_kernel_speedups(result, args.plot)

@@ -43,7 +43,7 @@ from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
 from experiments import compile_only_gpu
 from experiments.bench_kernels import (DECODE_ARCHS, DECODE_SETTINGS_HELP, _per_call_us, decode_act, decode_models,
-                                      decode_settings)
+                                      decode_settings, int_list)
 from experiments.device_trace import print_kernels, traced_kernels
 
 PROMPT_LEN = 32
@@ -88,7 +88,7 @@ def main():
   ap.add_argument("--arch", default="small", choices=DECODE_ARCHS, help="the decode architecture (bench_kernels --decode_arch)")
   ap.add_argument("--act_bits", type=int, default=0, help="the 4-bit model's activations quantized to these bits "
                   "(W4A4 at 4; 0: not quantized); bf16 stays unquantized")
-  ap.add_argument("--batches", default="1,16", help="comma list of decode batches")
+  ap.add_argument("--batches", type=int_list, default="1,16", help="comma list of decode batches")
   ap.add_argument("--cache_len", type=int, default=96, help="KV cache length of the counted step")
   ap.add_argument("--trace_tokens", type=int, default=0, help="trace a generate of this many new tokens (0: no trace)")
   ap.add_argument("--fused", action="store_true", help="q/k/v and gate/up fused in both models (cqjax.fuse_projections)")
@@ -118,7 +118,7 @@ def main():
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
         f"{args.arch} architecture, {cfg.num_layers} layers{'' if act is None else f', W4A{act.bits}'}")
   rows = []
-  for b in (int(v) for v in args.batches.split(",")):
+  for b in args.batches:
     token = jnp.zeros((b, 1), jnp.int32)
     cache = init_cache(cfg, b, args.cache_len, jnp.bfloat16)
     prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
