@@ -11,7 +11,7 @@
 #            AB_SETTINGS (default codebook_w4: the default kernels; at the small architecture's
 #            shapes those are Pallas' whether or not the CUDA library is built, cqjax.lut_matmul),
 #            AB_ARCH (default small; qwen3-layers, mixtral-layers), AB_BATCHES (default 1,16) and
-#            AB_ACT_BITS (default 0; 4: W4A4)
+#            AB_ACT_BITS (default 0; 4: W4A4) in AB_ACT_SCOPE (default official; full)
 #   kernels  both trees: the Pallas kernels alone, each against XLA in its own run: single weights
 #            AB_SINGLE (default 4096x14336,14336x4096) at M = AB_MS (default 1,16,128), grouped
 #            AB_GROUPED (default Mixtral's experts and both Qwen3 products) at batch 1 and 16
@@ -31,7 +31,7 @@ set -u
 patches=() && for p in ${1//,/ }; do patches+=("$(realpath "$p")"); done
 dest=$(realpath "$2") parts=${3:-tests,decode}
 settings=${AB_SETTINGS:-codebook_w4}
-arch=${AB_ARCH:-small} batches=${AB_BATCHES:-1,16} act_bits=${AB_ACT_BITS:-0}
+arch=${AB_ARCH:-small} batches=${AB_BATCHES:-1,16} act_bits=${AB_ACT_BITS:-0} act_scope=${AB_ACT_SCOPE:-official}
 out=/tmp/ab_decode
 rm -rf /tmp/ab_decode_patched "$out" && mkdir -p "$dest" "$out" /tmp/ab_decode_patched
 save() { tar -czf "$dest/ab_decode.tar.gz.tmp" -C /tmp ab_decode && mv "$dest/ab_decode.tar.gz.tmp" "$dest/ab_decode.tar.gz"; }
@@ -51,11 +51,11 @@ if [[ ,$parts, == *,decode,* ]]; then
   for round in $(seq "${AB_ROUNDS:-1}"); do for name in base patched; do
     echo "== $name (round $round)"
     [ "${AB_PROFILE:-1}" = 0 ] || (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 150 python3 -m \
-      experiments.profile_decode_step --arch="$arch" --batches="$batches" --act_bits="$act_bits" --trace_tokens=16 \
+      experiments.profile_decode_step --arch="$arch" --batches="$batches" --act_bits="$act_bits" --act_scope="$act_scope" --trace_tokens=16 \
       --top=6 --settings="$settings" --out="$out/decode_step_${name}_$round.json" 2>&1 | quiet)
     (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 240 python3 -m experiments.bench_kernels --single= --grouped= \
       --decode --decode_arch="$arch" --decode_batches="$batches" --decode_act_bits="$act_bits" \
-      --decode_settings="$settings" --out="$out/decode_${name}_$round.json" 2>&1 | grep "^decode")
+      --decode_act_scope="$act_scope" --decode_settings="$settings" --out="$out/decode_${name}_$round.json" 2>&1 | grep "^decode")
     save
   done; done
 fi

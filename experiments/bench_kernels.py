@@ -500,9 +500,10 @@ def decode_models(arch: str = "small", fused: bool = False, act=None, abstract: 
   return cfg, model, q_model, params, quant
 
 
-def decode_act(bits: int):
-  """The W4A<bits> activation quantizer of --decode_act_bits / --act_bits (0: None, weights only)."""
-  return ActQuantConfig(bits=bits) if bits else None
+def decode_act(bits: int, scope: str = "official"):
+  """The W4A<bits> activation quantizer of --decode_act_bits / --act_bits (0: None, weights only) in
+  --decode_act_scope / --act_scope (full: o_proj's and the down projections' inputs too)."""
+  return ActQuantConfig(bits=bits, scope=scope) if bits else None
 
 
 def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS, arch="small",
@@ -518,7 +519,8 @@ def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DE
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
     row = {"arch": arch, "batch": b, "new_tokens": new_tokens, "prompt": prompt_len, "fused": fused,
-           "act_bits": None if act is None else act.bits}
+           "act_bits": None if act is None else act.bits,
+           "act_scope": None if act is None else act.scope}
     for name, four_bit, mode in settings:
       with kernels_mode(mode):
         m = q_model if four_bit else model
@@ -572,6 +574,9 @@ def main():
                   "Mixtral-8x7B's")
   ap.add_argument("--decode_act_bits", type=int, default=0,
                   help="--decode: the 4-bit model's activations quantized to these bits (W4A4 at 4; 0: weights only)")
+  ap.add_argument("--decode_act_scope", default="official", choices=("official", "full"),
+                  help="--decode with --decode_act_bits: the quantized inputs (full: o_proj's and the down "
+                  "projections' too; ../shared/PROTOCOL.md)")
   ap.add_argument("--fused", action="store_true", help="--decode with q/k/v and gate/up fused (cqjax.fuse_projections)")
   ap.add_argument("--decode_batches", type=int_list, default="1,16", help="--decode: comma list of decode batches")
   ap.add_argument("--decode_settings", default="all", help="--decode: " + DECODE_SETTINGS_HELP)
@@ -634,7 +639,7 @@ def main():
         result["sweep"] += bench_single(k, n, (m,), args.sets, True, bw)
         save()
   if args.decode:
-    act = decode_act(args.decode_act_bits)
+    act = decode_act(args.decode_act_bits, args.decode_act_scope)
     result["decode"] = bench_decode(args.decode_batches, fused=args.fused, settings=settings, arch=args.decode_arch, act=act)
     save()
   if args.plot:

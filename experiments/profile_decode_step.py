@@ -1,8 +1,8 @@
 """What a decode step of a decode architecture launches and where its time goes, bf16 against 4-bit
 codebooks under each kernel setting (those of `bench_kernels --decode`, whose --decode_arch and
---decode_act_bits are --arch and --act_bits here):
+--decode_act_bits and --decode_act_scope are --arch, --act_bits and --act_scope here):
 
-  python -m experiments.profile_decode_step [--arch=small] [--act_bits=0] [--batches=1,16] [--trace_tokens=16] [--fused] [--out=FILE.json]
+  python -m experiments.profile_decode_step [--arch=small] [--act_bits=0] [--act_scope=official] [--batches=1,16] [--trace_tokens=16] [--fused] [--out=FILE.json]
   PYTHONPATH=/tmp/cuda_plugin python -m experiments.profile_decode_step --compile_for=h200 --settings=codebook_w4
 
 1. Launches: the entry computation of one compiled step (one token a row against a KV cache):
@@ -88,6 +88,8 @@ def main():
   ap.add_argument("--arch", default="small", choices=DECODE_ARCHS, help="the decode architecture (bench_kernels --decode_arch)")
   ap.add_argument("--act_bits", type=int, default=0, help="the 4-bit model's activations quantized to these bits "
                   "(W4A4 at 4; 0: not quantized); bf16 stays unquantized")
+  ap.add_argument("--act_scope", default="official", choices=("official", "full"),
+                  help="with --act_bits: the quantized inputs (full: o_proj's and the down projections' too)")
   ap.add_argument("--batches", type=int_list, default="1,16", help="comma list of decode batches")
   ap.add_argument("--cache_len", type=int, default=96, help="KV cache length of the counted step")
   ap.add_argument("--trace_tokens", type=int, default=0, help="trace a generate of this many new tokens (0: no trace)")
@@ -112,7 +114,7 @@ def main():
     (target,) = compile_only_gpu.compile_only_devices(args.compile_for)  # before the backends start
     if args.cuda_library:
       compile_only_gpu.use_cuda_library(args.cuda_library)
-  act = decode_act(args.act_bits)
+  act = decode_act(args.act_bits, args.act_scope)
   cfg, model, q_model, params, quant = decode_models(args.arch, args.fused, act, abstract=target is not None)
   device = target or jax.devices()[0]
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
@@ -130,7 +132,7 @@ def main():
                     else jax.jit(step).lower(p, token, cache).compile())
         text = compiled.as_text()
         counts = entry_work(text)
-        row = dict(arch=args.arch, act_bits=args.act_bits or None, batch=b, setting=name, fused=args.fused,
+        row = dict(arch=args.arch, act_bits=args.act_bits or None, act_scope=act and act.scope, batch=b, setting=name, fused=args.fused,
                    launches=sum(counts.values()), chain=longest_chain(text), counts=dict(counts),
                    compiled_for=args.compile_for or None)
         top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6))
