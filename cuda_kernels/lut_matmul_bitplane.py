@@ -76,13 +76,17 @@ def serves(act: ActQuantConfig, t: int, d_in: int, d_out: int, experts: int | No
   """Whether the dispatcher fuses a product of fake_quant(x, act) into this kernel (`Affine`)
   instead of fake-quantizing x for the default kernels: where it measured ahead on the H100, one
   row of x on weights of more than 2^24 codes: a single weight's t = 1, or a grouped product whose
-  t rows fill at most half of its experts (slots of one row, mostly). Mixtral's experts: 35.3
-  against 41.9 µs over batch 1's expert pair (BENCHMARKS.md session 55); its layers decode 2.8-4.0 %
-  faster fused at batch 1 (sessions 56-57) and 3.9 % at batch 2 (session 58: 4 rows over 8
-  experts). Measured slower and left out: 4 rows a slot and more (1.2-2.1x, session 55); fused
-  attention products (decode 3 % slower) and Qwen3's 2^20.6-code experts (5.6 % slower), session
-  57."""
-  one_row = t == 1 if experts is None else 2 * t <= experts
+  t rows fill at most three quarters of its experts where d_in is one K range (`splits`), half
+  where it is split (slots of one row, mostly). Mixtral's experts: 35.3 against 41.9 µs over batch
+  1's expert pair (BENCHMARKS.md session 55); its layers decode 2.8-4.0 % faster fused at batch 1
+  (sessions 56-57), 3.9 % at batch 2 (session 58: 4 rows over 8 experts) and 1.2-1.5 % at batch 3
+  (session 59: gate/up's 6 rows); in scope full, the down projections (14336 inputs: 4 K ranges)
+  1.3-2.2 % fused at batches 1-2, yet 3 % slower at batch 3 (session 59). Measured slower and left
+  out: 8 rows over 8 experts (Mixtral's batch 4, 2.5 %, session 59); 4 rows a slot and more
+  (1.2-2.1x, session 55); fused attention products (decode 3 % slower) and Qwen3's 2^20.6-code
+  experts (5.6 % slower), session 57."""
+  filled = 3 if splits(d_in) == 1 else 2  # quarters of the experts the t rows may fill
+  one_row = t == 1 if experts is None else 4 * t <= filled * experts
   return takes_act(act) and one_row and d_in * d_out > 1 << 24
 
 

@@ -454,8 +454,10 @@ def test_serves_one_row_products_of_large_weights():
   assert kb.serves(act, 2, 4096, 14336, experts=8)                           # its batch 1 (top-2)
   assert not kb.serves(act, 2, 4096, 14336)                                  # a single weight's 2 rows
   assert kb.serves(act, 4, 14336, 4096, experts=8)                           # batch 2: half the experts
-  assert not kb.serves(act, 6, 4096, 14336, experts=8)                       # batch 3: to the default kernels
+  assert kb.serves(act, 6, 4096, 14336, experts=8)                           # batch 3: gate/up (one K range) ...
+  assert not kb.serves(act, 6, 14336, 4096, experts=8)                       # ... not down (split K: slower)
   assert not kb.serves(act, 8, 4096, 14336, experts=8)                       # batch 4
+  assert kb.serves(act, 3, 4096, 14336, experts=4) and not kb.serves(act, 4, 4096, 14336, experts=4)  # 3/4 exactly
   assert not kb.serves(act, 8, 2048, 768, experts=128)                       # Qwen3's experts
   assert not kb.serves(act, 1, 4096, 4096) and not kb.serves(act, 1, 4096, 1024)  # attention: slower fused
   assert kb.serves(ActQuantConfig(bits=8, symmetric=True), 1, 4096, 14336)
