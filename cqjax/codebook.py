@@ -46,6 +46,28 @@ class CodebookWeight:
     return self.centroids.dtype
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LaidOutCodebookWeight(CodebookWeight):
+  """A CodebookWeight with, beside it, its layout for the bit-plane kernel's affine numerics
+  (`cqjax.lay_out_bitplanes`): planes uint8 [..., d_out, d_in/2] and alpha uint32 [..., d_out, 1,
+  16], `cuda_kernels.lut_matmul_bitplane.bitplane_layout(packed, centroids, affine=True)`. Derived
+  from packed and centroids, for inference only: fine-tuning and export refuse it
+  (`refuse_laid_out`), so that no layout outlives the centroids it was made from."""
+
+  planes: jax.Array
+  alpha: jax.Array
+
+
+def refuse_laid_out(tree, op: str) -> None:
+  """Raises CqjaxError naming the first LaidOutCodebookWeight in `tree`, which `op` must not take."""
+  laid_out = lambda x: isinstance(x, LaidOutCodebookWeight)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=laid_out)[0]:
+    if laid_out(leaf):
+      raise CqjaxError(f"{op}: {jax.tree_util.keystr(path)} holds a bit-plane layout (cqjax.lay_out_bitplanes), "
+                       "for inference only; give the params as quantized or loaded, before laying them out")
+
+
 def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
   """codes [..., k] integers in [0, 2^bits) -> uint8 [..., ceil(k * bits / 8)]."""
   if not 1 <= bits <= 8:

@@ -26,6 +26,7 @@ import numpy as np
 
 from cqjax.act_quant import ActQuantConfig
 from cqjax.checkpoint import atomic_dir, load_tree, read_json, write_tree
+from cqjax.codebook import refuse_laid_out
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.quantize import QuantizedModel
@@ -44,6 +45,7 @@ def export_quantized(path: str, model: QuantizedModel, tokenizer_dir: str | None
   settings: free-form JSON (e.g. the QuantizeConfig or run config) recorded in the metadata.
   """
   path = os.path.abspath(path)
+  refuse_laid_out(model.params, "export_quantized")
   if os.path.exists(path) and not overwrite:
     raise CqjaxError(f"{path}: already exists (pass overwrite=True to replace it)")
   r1 = np.zeros((0, 0), np.float32) if model.r1 is None else np.asarray(model.r1)

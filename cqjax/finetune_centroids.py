@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cqjax.act_quant import ActQuantConfig, fake_quant
 from cqjax.checkpoint import load_tree, save_tree
-from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes
+from cqjax.codebook import CodebookWeight, codes_of, dequantize, from_codes, refuse_laid_out
 from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.layer_streaming import on_host, to_device, to_host
@@ -211,6 +211,7 @@ def finetune_centroids(cfg: ModelConfig, fp_params: Params, q_params: Params, wi
   checkpoint_dir: after each layer, its fine-tuned params and the activations carried to the next
   layer are saved there (atomically); a later call with the same inputs resumes after the last
   finished layer and returns the same result as an uninterrupted call."""
+  refuse_laid_out(q_params, "finetune_centroids")
   n, t = windows.shape
   host = on_host(q_params)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cqjax.act_quant import ActQuantConfig, quantize_input
-from cqjax.codebook import CodebookWeight, dequantize, unpack_codes
+from cqjax.codebook import CodebookWeight, LaidOutCodebookWeight, dequantize, unpack_codes
 from cqjax.errors import CqjaxError
 
 
@@ -245,48 +245,58 @@ def _route(kernels, act, x, w: CodebookWeight, grouped: bool):
   return (fused, act, x) if fused is not None else (kernels, None, quantize_input(x, act))
 
 
+def _layout(kernels, w: CodebookWeight):
+  """w's bit-plane layout (planes, alpha) where `kernels` read it (the fused bit-plane kernel) and
+  w holds one (cqjax.lay_out_bitplanes), else None: the kernels take (packed, centroids)."""
+  if isinstance(w, LaidOutCodebookWeight) and getattr(kernels, "READS_LAYOUT", False):
+    return w.planes, w.alpha
+  return None
+
+
 def _no_cotangent(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
-# The kernels' products of Q_a(x) (act: the quantizer the kernels fuse; None: x as given). Their
-# gradients are the reference's, through fake_quant where act is given.
+# The kernels' products of Q_a(x) (act: the quantizer the kernels fuse; None: x as given), from
+# (packed, centroids) or, where given, their layout for the kernel (`_layout`). Their gradients are
+# the reference's, through fake_quant where act is given.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kernel_matmul(kernels, bits, act, x, packed, centroids):
-  return kernels.lut_matmul(x, packed, centroids, bits)
+def _kernel_matmul(kernels, bits, act, x, packed, centroids, layout):
+  return kernels.lut_matmul(x, *(layout or (packed, centroids)), bits)
 
 
-def _kernel_matmul_fwd(kernels, bits, act, x, packed, centroids):
-  return _kernel_matmul(kernels, bits, act, x, packed, centroids), (x, packed, centroids)
+def _kernel_matmul_fwd(kernels, bits, act, x, packed, centroids, layout):
+  return _kernel_matmul(kernels, bits, act, x, packed, centroids, layout), (x, packed, centroids, layout)
 
 
 def _kernel_matmul_bwd(kernels, bits, act, res, g):
   del kernels
-  x, packed, centroids = res
+  x, packed, centroids, layout = res
   ref = lambda x, c: lut_matmul_reference(quantize_input(x, act), CodebookWeight(packed, c, bits, x.shape[-1]))
   dx, dc = jax.vjp(ref, x, centroids)[1](g)
-  return dx, _no_cotangent(packed), dc
+  return dx, _no_cotangent(packed), dc, jax.tree.map(_no_cotangent, layout)
 
 
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kernel_grouped(kernels, bits, act, x, packed, centroids, group_sizes):
-  return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
+def _kernel_grouped(kernels, bits, act, x, packed, centroids, layout, group_sizes):
+  return kernels.grouped_lut_matmul(x, *(layout or (packed, centroids)), bits, group_sizes)
 
 
-def _kernel_grouped_fwd(kernels, bits, act, x, packed, centroids, group_sizes):
-  return _kernel_grouped(kernels, bits, act, x, packed, centroids, group_sizes), (x, packed, centroids, group_sizes)
+def _kernel_grouped_fwd(kernels, bits, act, x, packed, centroids, layout, group_sizes):
+  return (_kernel_grouped(kernels, bits, act, x, packed, centroids, layout, group_sizes),
+          (x, packed, centroids, layout, group_sizes))
 
 
 def _kernel_grouped_bwd(kernels, bits, act, res, g):
   del kernels
-  x, packed, centroids, group_sizes = res
+  x, packed, centroids, layout, group_sizes = res
   ref = lambda x, c: grouped_lut_matmul_reference(quantize_input(x, act), CodebookWeight(packed, c, bits, x.shape[-1]),
                                                   group_sizes)
   dx, dc = jax.vjp(ref, x, centroids)[1](g)
-  return dx, _no_cotangent(packed), dc, _no_cotangent(group_sizes)
+  return dx, _no_cotangent(packed), dc, jax.tree.map(_no_cotangent, layout), _no_cotangent(group_sizes)
 
 
 _kernel_grouped.defvjp(_kernel_grouped_fwd, _kernel_grouped_bwd)
@@ -300,7 +310,7 @@ def lut_matmul(x: jax.Array, w, act: ActQuantConfig | None = None) -> jax.Array:
   kernels = _kernels()
   if w.packed.ndim == 2 and _supports(kernels, w):
     kernels, act, x2 = _route(kernels, act, x.reshape(-1, w.d_in), w, grouped=False)
-    y = _kernel_matmul(kernels, w.bits, act, x2, w.packed, w.centroids)
+    y = _kernel_matmul(kernels, w.bits, act, x2, w.packed, w.centroids, _layout(kernels, w))
     return y.reshape(*x.shape[:-1], y.shape[-1])
   return lut_matmul_reference(quantize_input(x, act), w)
 
@@ -313,5 +323,5 @@ def grouped_lut_matmul(x: jax.Array, w, group_sizes: jax.Array, act: ActQuantCon
   kernels = _kernels()
   if _supports(kernels, w):
     kernels, act, x = _route(kernels, act, x, w, grouped=True)
-    return _kernel_grouped(kernels, w.bits, act, x, w.packed, w.centroids, group_sizes)
+    return _kernel_grouped(kernels, w.bits, act, x, w.packed, w.centroids, _layout(kernels, w), group_sizes)
   return grouped_lut_matmul_reference(quantize_input(x, act), w, group_sizes)

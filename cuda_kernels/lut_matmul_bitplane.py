@@ -50,6 +50,7 @@ CHUNK = 256   # inputs an mma (kChunk)
 K_RANGE = 16  # chunks a warp's K range (kChunks): d_in past CHUNK * K_RANGE is split
 MAX_PER_WARP = 64  # output columns a warp may be asked to walk (the kernel refuses more)
 _LAID_OUT = (jnp.int32, jnp.uint32)  # bitplane_layout's codebooks, by numerics: int8 and affine
+MIN_CODES = 1 << 24  # weights of at most this many codes are never fused (`serves`)
 WORD_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # x_planes' words of a plane, as stored: t and t + 4 side by side
 
 
@@ -87,7 +88,7 @@ def serves(act: ActQuantConfig, t: int, d_in: int, d_out: int, experts: int | No
   experts (5.6 % slower), session 57."""
   filled = 3 if splits(d_in) == 1 else 2  # quarters of the experts the t rows may fill
   one_row = t == 1 if experts is None else 4 * t <= filled * experts
-  return takes_act(act) and one_row and d_in * d_out > 1 << 24
+  return takes_act(act) and one_row and d_in * d_out > MIN_CODES
 
 
 def x_planes(xq: jax.Array) -> jax.Array:
@@ -261,6 +262,7 @@ class Affine:
   (cqjax.lut_matmul): x is given as it is and fake-quantized by `act` here."""
 
   act: ActQuantConfig
+  READS_LAYOUT = True  # takes bitplane_layout(affine=True)'s (planes, alpha) in the (packed, centroids) places
 
   def lut_matmul(self, x, packed, centroids, bits):
     return lut_matmul_bitplane(x, packed, centroids, bits, act=self.act)

@@ -427,7 +427,9 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
 
 DECODE_SETTINGS = (("bf16", False, "auto"), ("codebook_w4", True, "auto"), ("codebook_w4_cuda", True, "cuda"),
                    ("codebook_w4_int8", True, "int8"),
-                   ("codebook_w4_unfused", True, "unfused"))  # name, 4-bit weights, CQJAX_KERNELS
+                   ("codebook_w4_unfused", True, "unfused"),
+                   ("codebook_w4_laid_out", True, "auto"))  # name, 4-bit weights, CQJAX_KERNELS
+LAID_OUT = "codebook_w4_laid_out"  # W4A4 only: the 4-bit params laid out for the bit-plane kernel (`decode_params`)
 
 
 DECODE_SETTINGS_HELP = (f"comma list of the 4-bit settings ({', '.join(n for n, four_bit, _ in DECODE_SETTINGS if four_bit)})"
@@ -436,14 +438,18 @@ DECODE_SETTINGS_HELP = (f"comma list of the 4-bit settings ({', '.join(n for n, 
 
 def decode_settings(arg: str = "all", act_bits: int = 0) -> tuple:
   """The DECODE_SETTINGS named in arg (a comma list, or all), bf16 always: every speedup's baseline.
-  Without quantized activations (act_bits 0) `all` leaves codebook_w4_unfused out: with nothing to
-  fuse it is the same program as codebook_w4."""
+  Without quantized activations (act_bits 0) `all` leaves codebook_w4_unfused and
+  codebook_w4_laid_out out: with nothing to fuse the first is the same program as codebook_w4, and
+  nothing reads the second's layout."""
   names = [name for name, _, _ in DECODE_SETTINGS]
-  chosen = ([n for n, _, mode in DECODE_SETTINGS if act_bits or mode != "unfused"] if arg == "all"
-            else [a for a in arg.split(",") if a])
+  chosen = ([n for n, _, mode in DECODE_SETTINGS if act_bits or (mode != "unfused" and n != LAID_OUT)]
+            if arg == "all" else [a for a in arg.split(",") if a])
   unknown = [a for a in chosen if a not in names]
   if unknown:
     raise SystemExit(f"unknown decode setting {unknown[0]!r}; choose from {', '.join(names)} or all")
+  if LAID_OUT in chosen and not act_bits:
+    raise SystemExit(f"decode setting {LAID_OUT} lays weights out for products of quantized inputs: give the "
+                     "activation bits (--decode_act_bits / --act_bits)")
   return tuple(s for s in DECODE_SETTINGS if s[0] == "bf16" or s[0] in chosen)
 
 
@@ -500,6 +506,18 @@ def decode_models(arch: str = "small", fused: bool = False, act=None, abstract: 
   return cfg, model, q_model, params, quant
 
 
+def decode_params(settings, params, quant, act) -> dict:
+  """{setting name: the params it decodes with}: bf16's, the 4-bit ones, or for LAID_OUT those laid
+  out for the bit-plane kernel (cqjax.lay_out_bitplanes under act; abstract weights stay abstract)."""
+  from cqjax.lay_out_bitplanes import lay_out_bitplanes  # pylint: disable=g-import-not-at-top
+  laid = None
+  if any(name == LAID_OUT for name, _, _ in settings):
+    lay = lambda q: lay_out_bitplanes(q, act)
+    abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(quant))
+    laid = jax.eval_shape(lay, quant) if abstract else lay(quant)
+  return {name: (laid if name == LAID_OUT else quant) if four_bit else params for name, four_bit, _ in settings}
+
+
 def decode_act(bits: int, scope: str = "official"):
   """The W4A<bits> activation quantizer of --decode_act_bits / --act_bits (0: None, weights only) in
   --decode_act_scope / --act_scope (full: o_proj's and the down projections' inputs too)."""
@@ -515,6 +533,7 @@ def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DE
   from cqjax.generate import generate  # pylint: disable=g-import-not-at-top
 
   cfg, model, q_model, params, quant = decode_models(arch, fused, act)
+  given = decode_params(settings, params, quant, act)
   out = []
   for b in batches:
     prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
@@ -525,14 +544,15 @@ def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DE
       with kernels_mode(mode):
         m = q_model if four_bit else model
         run = jax.jit(lambda p, prompt, m=m: generate(m, p, prompt, new_tokens))
-        us = _per_call_us(run, (quant if four_bit else params, prompt), repeats=5, calls=3)
+        us = _per_call_us(run, (given[name], prompt), repeats=5, calls=3)
       row[f"{name}_tokens_per_s"] = b * new_tokens / (us * 1e-6)
     speeds = []
     for name, four_bit, mode in settings:
       if four_bit:
         key = "speedup" + name.removeprefix("codebook_w4")  # speedup, speedup_cuda, speedup_int8: earlier runs' keys
         row[key] = row[f"{name}_tokens_per_s"] / row["bf16_tokens_per_s"]
-        speeds.append(f"{'default kernels' if mode == 'auto' else 'CQJAX_KERNELS=' + mode} "
+        kind = "default kernels" if mode == "auto" else "CQJAX_KERNELS=" + mode
+        speeds.append(f"{kind + ', laid out' if name == LAID_OUT else kind} "
                       f"{row[f'{name}_tokens_per_s']:.0f} tok/s ({row[key]:.2f}x)")
     four = "4-bit" if act is None else f"W4A{act.bits}"
     print(f"decode {arch} arch batch={b}: bf16 {row['bf16_tokens_per_s']:.0f} tok/s; {four}: {'; '.join(speeds)}; {new_tokens} new "

@@ -43,7 +43,7 @@ from cqjax.lut_matmul import kernels_mode
 from cqjax.model import init_cache
 from experiments import compile_only_gpu
 from experiments.bench_kernels import (DECODE_ARCHS, DECODE_SETTINGS_HELP, _per_call_us, decode_act, decode_models,
-                                      decode_settings, int_list)
+                                      decode_params, decode_settings, int_list)
 from experiments.device_trace import print_kernels, traced_kernels
 
 PROMPT_LEN = 32
@@ -116,6 +116,7 @@ def main():
       compile_only_gpu.use_cuda_library(args.cuda_library)
   act = decode_act(args.act_bits, args.act_scope)
   cfg, model, q_model, params, quant = decode_models(args.arch, args.fused, act, abstract=target is not None)
+  given = decode_params(settings, params, quant, act)
   device = target or jax.devices()[0]
   print(f"device: {device.device_kind}{' (compile only)' if target else ''}, jax {jax.__version__}; "
         f"{args.arch} architecture, {cfg.num_layers} layers{'' if act is None else f', W4A{act.bits}'}")
@@ -125,7 +126,7 @@ def main():
     cache = init_cache(cfg, b, args.cache_len, jnp.bfloat16)
     prompt = jax.random.randint(jax.random.key(b), (b, PROMPT_LEN), 0, cfg.vocab_size)
     for name, four_bit, mode in settings:
-      p, m = (quant, q_model) if four_bit else (params, model)
+      p, m = given[name], (q_model if four_bit else model)
       with kernels_mode(mode, backend="gpu" if target else None):
         step = lambda p, token, cache, m=m: m.apply({"params": p}, token, cache=cache, cache_index=args.cache_len - 1)
         compiled = (compile_only_gpu.compile_for(step, (p, token, cache), target) if target

@@ -57,10 +57,13 @@ def test_grouped_sweep_starts_at_the_kernels_own_choice_and_tries_both_block_kin
 def test_decode_settings_keep_the_bf16_baseline_and_refuse_unknown_names(monkeypatch):
   assert [s[0] for s in bench_kernels.decode_settings("codebook_w4")] == ["bf16", "codebook_w4"]
   assert bench_kernels.decode_settings("all", act_bits=4) == bench_kernels.DECODE_SETTINGS
-  # Without quantized activations the unfused setting is the default one's program: not timed twice.
+  # Without quantized activations the unfused setting is the default one's program (not timed
+  # twice), and nothing reads the laid-out setting's layout (refused when named).
   assert [s[0] for s in bench_kernels.decode_settings("all")] == [
-      s[0] for s in bench_kernels.DECODE_SETTINGS if s[0] != "codebook_w4_unfused"]
+      s[0] for s in bench_kernels.DECODE_SETTINGS if s[0] not in ("codebook_w4_unfused", "codebook_w4_laid_out")]
   assert [s[0] for s in bench_kernels.decode_settings("codebook_w4_unfused")] == ["bf16", "codebook_w4_unfused"]
+  with pytest.raises(SystemExit, match=r"codebook_w4_laid_out lays weights out .* \(--decode_act_bits"):
+    bench_kernels.decode_settings("codebook_w4_laid_out")
   monkeypatch.setattr(sys, "argv", ["bench_kernels", "--decode", "--decode_settings=codebook_w4,pallas"])
   with pytest.raises(SystemExit, match="unknown decode setting 'pallas'"):
     bench_kernels.main()

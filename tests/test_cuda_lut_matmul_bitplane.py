@@ -474,13 +474,17 @@ def _random_weight(rng, lead, n, k):
 @needs_gpu
 @pytest.mark.parametrize("mode", ["auto", "unfused"])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_dispatcher_fuses_one_row_products_of_quantized_inputs(mode, grouped):
+@pytest.mark.parametrize("laid_out", [False, True])
+def test_dispatcher_fuses_one_row_products_of_quantized_inputs(mode, grouped, laid_out):
   """cqjax.lut_matmul's products of Q_a(x) take the affine numerics at one row of a weight of more
-  than 2^24 codes (auto), and fake_quant then the default kernels with CQJAX_KERNELS=unfused."""
+  than 2^24 codes (auto; from its layout where cqjax.lay_out_bitplanes made one), and fake_quant
+  then the default kernels with CQJAX_KERNELS=unfused."""
+  from cqjax.lay_out_bitplanes import lay_out  # pylint: disable=g-import-not-at-top
   from cqjax.lut_matmul import grouped_lut_matmul, kernels_mode, lut_matmul  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(56)
   act, k, n = ActQuantConfig(), 4096, 4104
   w = _random_weight(rng, (4,) if grouped else (), n, k)
+  w = lay_out(w) if laid_out else w
   gs = jnp.asarray([0, 1, 0, 0], jnp.int32)
   x = jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)
   product = jax.jit((lambda x: grouped_lut_matmul(x, w, gs, act)) if grouped else (lambda x: lut_matmul(x, w, act)))
