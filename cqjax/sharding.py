@@ -5,7 +5,8 @@ One table (`KERNEL_RULES`) names the mesh axis of each dimension of every kernel
 tensor-parallel along `model` (Megatron style: q/k/v, gate/up split their outputs, o_proj and
 down split their inputs), embeddings and norms replicated. A `CodebookWeight` is sharded like the
 kernel it replaces: its packed codes [..., d_out, bytes] and centroids [..., d_out, groups, C]
-take the kernel's expert, d_out and d_in axes. A dimension the mesh axis does not divide stays
+take the kernel's expert, d_out and d_in axes (a laid-out one's planes and alpha, of the same
+shapes, as they do: `cqjax.lay_out_bitplanes`). A dimension the mesh axis does not divide stays
 replicated, so any model runs on any mesh (tiny test models included).
 
 The MoE forward (`cqjax.moe`) and K-means (`cqjax.kmeans`) read the mesh from the context
@@ -80,12 +81,13 @@ def _kernel_axes(kernel_path: str, ndim: int) -> tuple[str | None, ...]:
 
 
 def _leaf_spec(mesh, path: str, shape) -> P:
-  """The spec of one array leaf: a dense kernel, or a CodebookWeight's packed / centroids."""
+  """The spec of one array leaf: a dense kernel, or a CodebookWeight's packed / centroids (a laid-out
+  one's planes / alpha)."""
   field = path.rsplit("/", 1)[-1]
-  if field == "packed":  # [..., d_out, bytes] of a kernel [..., d_in, d_out]
+  if field in ("packed", "planes"):  # [..., d_out, bytes] of a kernel [..., d_in, d_out]
     *lead, d_in, d_out = _kernel_axes(path.rsplit("/", 1)[0], len(shape))
     axes = (*lead, d_out, d_in)
-  elif field == "centroids":  # [..., d_out, groups, C]
+  elif field in ("centroids", "alpha"):  # [..., d_out, groups, C]
     *lead, d_in, d_out = _kernel_axes(path.rsplit("/", 1)[0], len(shape) - 1)
     axes = (*lead, d_out, d_in, None)
   else:

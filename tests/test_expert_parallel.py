@@ -14,6 +14,7 @@ from cqjax.config import ModelConfig
 from cqjax.errors import CqjaxError
 from cqjax.finetune_centroids import AccfConfig
 from cqjax.kmeans import kmeans_quantize, rtn_quantize
+from cqjax.lay_out_bitplanes import lay_out
 from cqjax.model import MoeCausalLM
 from cqjax.moe import MoeBlock
 from cqjax.quantize_weights import quantize_scope
@@ -60,6 +61,13 @@ def test_sharding_rules_place_experts_codes_and_centroids():
   assert attn["q_proj"]["kernel"].packed.spec == P("model", None)  # output rows split
   assert attn["o_proj"]["kernel"].packed.spec == P(None, "model")  # input bytes split
   assert sh["embed"]["embedding"].spec == P(None, None)
+  # Laid out for the bit-plane kernel (cqjax.lay_out_bitplanes): planes as the codes, alpha as the codebooks.
+  laid = {**q, "layers_0": {"moe": {"gate_proj": lay_out(q["layers_0"]["moe"]["gate_proj"])},
+                            "attn": {n: {"kernel": lay_out(q["layers_0"]["attn"][n]["kernel"])} for n in ("q_proj", "o_proj")}}}
+  sh_laid = param_shardings(laid, mesh)["layers_0"]
+  for w, want in ((sh_laid["moe"]["gate_proj"], moe["gate_proj"]), (sh_laid["attn"]["q_proj"]["kernel"], attn["q_proj"]["kernel"]),
+                  (sh_laid["attn"]["o_proj"]["kernel"], attn["o_proj"]["kernel"])):
+    assert (w.planes.spec, w.alpha.spec) == (want.packed.spec, want.centroids.spec) == (w.packed.spec, w.centroids.spec)
   dense = param_shardings(params, mesh)["layers_0"]
   assert dense["moe"]["up_proj"].spec == P("expert", None, None)
   assert dense["attn"]["k_proj"]["kernel"].spec == P(None, "model")
