@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cqjax.codebook import CodebookWeight
+from cqjax.codebook import CodebookWeight, LaidOutCodebookWeight
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
@@ -30,14 +30,18 @@ GATE_UP = ("gate_proj", "up_proj")
 
 def concat_outputs(kernels):
   """Kernels [..., d_in, d_out_i] (all arrays, or all CodebookWeights of one code width, group
-  count and codebook dtype) -> one kernel [..., d_in, sum d_out_i]; None where they differ."""
+  count and codebook dtype) -> one kernel [..., d_in, sum d_out_i]; None where they differ. Laid
+  out for the bit-plane kernel (cqjax.lay_out_bitplanes) all of them, the layout too: it is per row."""
   first = kernels[0]
   if all(isinstance(k, CodebookWeight) for k in kernels):
     same = {(k.bits, k.d_in, k.packed.shape[:-2], k.centroids.shape[-2:], k.centroids.dtype) for k in kernels}
     if len(same) > 1:
       return None
-    return CodebookWeight(jnp.concatenate([k.packed for k in kernels], axis=-2),
-                          jnp.concatenate([k.centroids for k in kernels], axis=-3), first.bits, first.d_in)
+    rows = lambda field, axis: jnp.concatenate([getattr(k, field) for k in kernels], axis=axis)
+    if all(isinstance(k, LaidOutCodebookWeight) for k in kernels):
+      return LaidOutCodebookWeight(rows("packed", -2), rows("centroids", -3), first.bits, first.d_in,
+                                   rows("planes", -2), rows("alpha", -3))
+    return CodebookWeight(rows("packed", -2), rows("centroids", -3), first.bits, first.d_in)
   if all(isinstance(k, (jax.Array, np.ndarray)) for k in kernels):
     if len({(k.shape[:-1], k.dtype) for k in kernels}) > 1:
       return None

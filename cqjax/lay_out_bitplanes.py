@@ -8,7 +8,7 @@ H100, BENCHMARKS.md session 57). The other kernels, which serve every other batc
 still read the packed codes, so a laid-out weight keeps both: the weights laid out take twice
 their memory (Mixtral-8x7B's gate/up at 4 bits: about 15 GB more).
 
-    params = lay_out_bitplanes(params, act)   # after quantize / load_quantized (and fuse_projections)
+    params = lay_out_bitplanes(params, act)   # after quantize / load_quantized, before or after fuse_projections
 
 Only the weights whose inputs `act` quantizes (its scope: q/k/v, router and gate/up; in scope
 'full' also o_proj and the down projections) and that the kernel could be dispatched for (4-bit
@@ -37,7 +37,11 @@ def _bitplane():
 
 
 def lay_out(w: CodebookWeight) -> LaidOutCodebookWeight:
-  """w with its bit-plane layout for the affine numerics beside it."""
+  """w (4-bit codes, one codebook per row, d_in a multiple of 32) with its bit-plane layout for the
+  affine numerics beside it."""
+  if w.bits != 4 or w.centroids.shape[-2] != 1 or w.d_in % 32:
+    raise CqjaxError(f"lay_out: the bit-plane layout takes 4-bit codes with one codebook per row over a multiple "
+                     f"of 32 inputs; got {w.bits}-bit codes, {w.centroids.shape[-2]} codebooks a row, {w.d_in} inputs")
   planes, alpha = _bitplane().bitplane_layout(w.packed, w.centroids, affine=True)
   return LaidOutCodebookWeight(w.packed, w.centroids, w.bits, w.d_in, planes, alpha)
 

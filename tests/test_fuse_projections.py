@@ -72,6 +72,13 @@ def test_concatenates_codes_and_codebooks_row_after_row():
   assert isinstance(fused, CodebookWeight) and fused.shape == (3, 32, 12)
   from cqjax.codebook import dequantize
   np.testing.assert_array_equal(dequantize(fused), jnp.concatenate([dequantize(a), dequantize(b)], axis=-1))
+  # Laid out for the bit-plane kernel: the layout is per row, so the fused one is the layout of the fused weight.
+  from cqjax.lay_out_bitplanes import lay_out
+  a, b = random_codebook_weight(rng, (3,), 5, 64, 4, 64), random_codebook_weight(rng, (3,), 7, 64, 4, 64)
+  laid, want = concat_outputs([lay_out(a), lay_out(b)]), lay_out(concat_outputs([a, b]))
+  for field in ("packed", "centroids", "planes", "alpha"):
+    np.testing.assert_array_equal(getattr(laid, field), getattr(want, field))
+  assert type(concat_outputs([lay_out(a), b])) is CodebookWeight  # one part plain: the layout is dropped
 
 
 def test_parts_that_differ_stay_separate():

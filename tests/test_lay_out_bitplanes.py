@@ -92,6 +92,8 @@ def test_lays_out_the_weights_whose_inputs_the_scope_quantizes(scope):
 
 def test_refuses_quantizers_the_kernel_does_not_take_and_laid_out_params_where_they_would_go_stale(tmp_path):
   tree = _tree(np.random.default_rng(42))
+  with pytest.raises(CqjaxError, match="lay_out: .* got 4-bit codes, 2 codebooks a row, 256 inputs"):
+    lay_out(random_codebook_weight(np.random.default_rng(45), (), 8, 256, 4, 128))
   for act in (None, ActQuantConfig(group_size=128), ActQuantConfig(bits=8)):
     with pytest.raises(CqjaxError, match="lay_out_bitplanes"):
       lay_out_bitplanes(tree, act, min_codes=0)
