@@ -18,7 +18,8 @@ A product may take the activation quantizer of its input (`act`: the W4A4 model'
 others multiply fake_quant(x); on GPUs the bit-plane CUDA kernel (cuda_kernels/lut_matmul_bitplane.py)
 takes x's codes themselves (its affine numerics: y = fake_quant(x) in float32 times the weight)
 where it was measured ahead (`cuda_kernels.lut_matmul_bitplane.serves`: one-row products of
-large weights; with `CQJAX_KERNELS=cuda` wherever it applies; `unfused` never, else as auto).
+large weights; with `CQJAX_KERNELS=cuda` wherever it applies; `unfused` never, else as auto), from
+the weight's bit-plane layout where `cqjax.lay_out_bitplanes` keeps one (`_layout`).
 The variable is read when a function is traced: set it before the first call, call
 `jax.clear_caches()` after changing it, or trace inside `with kernels_mode(mode):`.
 The backend is `jax.default_backend()`, except inside `kernels_mode(mode, backend="gpu")`: code
