@@ -527,7 +527,8 @@ def decode_act(bits: int, scope: str = "official"):
 def bench_decode(batches, new_tokens=64, prompt_len=32, fused=False, settings=DECODE_SETTINGS, arch="small",
                  act=None):
   """Greedy decode of a decode architecture (decode_arch_config), bf16 vs every MoE and attention kernel as
-  4-bit RTN codebooks under each of `settings` (default kernels, CQJAX_KERNELS=cuda, int8, unfused);
+  4-bit RTN codebooks under each of `settings` (default kernels, CQJAX_KERNELS=cuda, int8, unfused,
+  default kernels on params laid out for the bit-plane kernel);
   fused: q/k/v and gate/up fused in both (cqjax.fuse_projections); act: the 4-bit model's
   activations quantized too (W4A4; bf16 stays unquantized)."""
   from cqjax.generate import generate  # pylint: disable=g-import-not-at-top

@@ -57,3 +57,12 @@ def test_a_compile_only_step_takes_abstract_weights_and_the_w4a4_model():
   leaves = jax.tree.leaves(params) + jax.tree.leaves(quant)
   assert leaves and all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves)
   assert any(a.dtype == jnp.uint8 for a in jax.tree.leaves(quant))  # packed codes
+  # The laid-out setting's params: Mixtral's gate/up (not its 2^24-code q_proj) laid out, still abstract.
+  from cqjax.codebook import LaidOutCodebookWeight  # pylint: disable=g-import-not-at-top
+  from experiments.bench_kernels import decode_params, decode_settings  # pylint: disable=g-import-not-at-top
+  given = decode_params(decode_settings("codebook_w4,codebook_w4_laid_out", 4), params, quant, act)
+  assert given["bf16"] is params and given["codebook_w4"] is quant
+  laid = given["codebook_w4_laid_out"]["layers_0"]
+  assert isinstance(laid["moe"]["gate_proj"], LaidOutCodebookWeight)
+  assert not isinstance(laid["attn"]["q_proj"]["kernel"], LaidOutCodebookWeight)
+  assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(given["codebook_w4_laid_out"]))
