@@ -25,7 +25,8 @@ same kernel with the W4A4 model's affine numerics (x fake-quantized to 4 bits pe
 timed call; error against fake_quant's float32 x times the float weight); --decode times greedy decoding of the small reference model's
 architecture (--decode_arch=qwen3-layers: 4 layers of Qwen3-30B-A3B's shapes; mixtral-layers: 2 of
 Mixtral-8x7B's), bf16 vs 4-bit codebooks (--decode_act_bits=4: W4A4, activations quantized too).
---plot draws each kernel's speedup against M and the decode batch (experiments.plots.plot_kernel_speedups).
+--plot draws each kernel's speedup against M and the decode batch, and a --decode run's tokens/s against
+the batch (experiments.plots.plot_kernel_speedups).
 """
 from __future__ import annotations
 

@@ -73,16 +73,46 @@ def plot_centroid_histograms(centroids: dict, path: str) -> None:
 _KERNEL_LINES = (("", "Pallas"), ("cuda_", "CUDA, bf16 numerics"), ("int8_", "CUDA, int8 numerics"))
 
 
+def _log2_batches(plt, ax, ticks) -> None:
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ticks, [str(t) for t in ticks])
+  ax.xaxis.set_minor_locator(plt.NullLocator())
+  ax.grid(alpha=0.3)
+
+
+def _decode_panel(plt, ax, rows: list[dict]) -> None:
+  """bench_kernels --decode's rows: each setting's tokens/s against the decode batch, one line per
+  architecture, activation bits and scope, fusion and setting."""
+  runs = dict.fromkeys((r["arch"], r.get("act_bits"), r.get("act_scope"), r.get("fused", False)) for r in rows)
+  for arch, bits, scope, fused in runs:
+    mine = [r for r in rows if (r["arch"], r.get("act_bits"), r.get("act_scope"), r.get("fused", False))
+            == (arch, bits, scope, fused)]
+    fusion = ", fused" if fused else ""
+    for key in dict.fromkeys(k for r in mine for k in r if k.endswith("_tokens_per_s")):
+      setting = key.removesuffix("_tokens_per_s")
+      quantized = f", W4A{bits} {scope}" if bits and setting != "bf16" else ""  # bf16 stays unquantized
+      pts = sorted((r["batch"], r[key]) for r in mine if key in r)
+      ax.plot(*zip(*pts), marker="o", label=f"{arch}{quantized}{fusion}: {setting}")
+  _log2_batches(plt, ax, sorted({r["batch"] for r in rows}))
+  ax.set_xlabel("decode batch")
+  ax.set_ylabel("tokens/s")
+  ax.legend(fontsize=7)
+
+
 def plot_kernel_speedups(result: dict, path: str) -> None:
   """bench_kernels' result: each kernel's speedup over XLA bf16 of the same run, single weights
-  against the rows of x (left) and grouped experts against the decode batch (right), one line per
-  shape and kernel measured; 1x dashed."""
+  against the rows of x and grouped experts against the decode batch, one line per shape and
+  kernel measured (1x dashed); where the run decoded (--decode), each setting's tokens/s against the
+  decode batch. Panels without rows are left out (both kernel panels where the run has none)."""
   plt = _pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  panels = ((axes[0], result.get("single", []), "m", "speedup_vs_bf16", "rows of x (M)", "over XLA bf16 dot"),
-            (axes[1], result.get("grouped", []), "batch", "speedup_vs_ragged", "decode batch",
-             "over XLA bf16 ragged_dot"))
-  for ax, rows, x_key, suffix, xlabel, versus in panels:
+  kernel_panels = [(result.get("single", []), "m", "speedup_vs_bf16", "rows of x (M)", "over XLA bf16 dot"),
+                   (result.get("grouped", []), "batch", "speedup_vs_ragged", "decode batch", "over XLA bf16 ragged_dot")]
+  decode = result.get("decode", [])
+  if any(p[0] for p in kernel_panels) or decode:
+    kernel_panels = [p for p in kernel_panels if p[0]]
+  fig, axes = plt.subplots(1, len(kernel_panels) + bool(decode), figsize=(5.5 * (len(kernel_panels) + bool(decode)), 4.2),
+                           squeeze=False)
+  for ax, (rows, x_key, suffix, xlabel, versus) in zip(axes[0], kernel_panels):
     shapes, ys = dict.fromkeys((r.get("name", ""), r["k"], r["n"]) for r in rows), []
     for name, k, n in shapes:
       mine = [r for r in rows if (r.get("name", ""), r["k"], r["n"]) == (name, k, n)]
@@ -92,17 +122,16 @@ def plot_kernel_speedups(result: dict, path: str) -> None:
           ax.plot(*zip(*pts), marker="o", label=f"{name + ' ' if name else ''}{k}x{n}, {kernel}")
           ys += [y for _, y in pts]
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xscale("log", base=2)
+    _log2_batches(plt, ax, sorted({r[x_key] for r in rows}))
     if ys and max(ys) > 4 * min(ys):  # wide ranges (grouped experts: 2-50x) on a log scale
       ax.set_yscale("log", base=2)
-    ticks = sorted({r[x_key] for r in rows})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}x")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"speedup {versus}")
-    ax.grid(alpha=0.3)
     if rows:
       ax.legend(fontsize=7)
-  fig.suptitle(f"codebook matmul on {result.get('device', '?')} (jax {result.get('jax', '?')})", fontsize=10)
+  if decode:
+    _decode_panel(plt, axes[0][-1], decode)
+  what = "codebook matmul" if kernel_panels else "decode"
+  fig.suptitle(f"{what} on {result.get('device', '?')} (jax {result.get('jax', '?')})", fontsize=10)
   _save(plt, fig, path)

@@ -22,6 +22,31 @@ def test_replot_draws_a_saved_run(tmp_path, monkeypatch):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _decode_rows():
+  return [dict(arch="mixtral-layers", batch=b, fused=False, act_bits=4, act_scope="full", bf16_tokens_per_s=500.0 * b,
+               codebook_w4_tokens_per_s=2600.0 * b, codebook_w4_laid_out_tokens_per_s=2900.0 * b) for b in (1, 2)]
+
+
+@pytest.mark.parametrize("parts", [("single", "grouped"), ("decode",), ("single", "grouped", "decode"), ()])
+def test_the_figure_has_a_panel_for_each_part_of_the_run(monkeypatch, parts):
+  """Kernel speedups against M and the decode batch, and a decode run's tokens/s (bf16 labelled
+  unquantized); a run with neither draws the two kernel panels empty."""
+  from experiments import plots  # pylint: disable=g-import-not-at-top
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda plt, fig, path: figures.append(fig))
+  result = {**_result(), "decode": _decode_rows()}
+  plots.plot_kernel_speedups({k: v for k, v in result.items() if k not in ("single", "grouped", "decode") or k in parts},
+                             "unused.png")
+  (fig,) = figures
+  axes = fig.axes
+  kernels = "single" in parts or not parts
+  assert [ax.get_xlabel() for ax in axes] == ["rows of x (M)", "decode batch"] * kernels + ["decode batch"] * ("decode" in parts)
+  if "decode" in parts:
+    assert [line.get_label() for line in axes[-1].get_lines()] == [
+        "mixtral-layers: bf16", "mixtral-layers, W4A4 full: codebook_w4", "mixtral-layers, W4A4 full: codebook_w4_laid_out"]
+    assert fig._suptitle.get_text().startswith("codebook matmul" if "single" in parts else "decode")
+
+
 def test_replot_needs_a_plot_path(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "argv", ["bench_kernels", f"--replot={tmp_path / 'bench.json'}"])
   with pytest.raises(SystemExit, match="--replot needs --plot"):
