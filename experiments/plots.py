@@ -83,10 +83,10 @@ def _log2_batches(plt, ax, ticks) -> None:
 def _decode_panel(plt, ax, rows: list[dict]) -> None:
   """bench_kernels --decode's rows: each setting's tokens/s against the decode batch, one line per
   architecture, activation bits and scope, fusion and setting."""
-  runs = dict.fromkeys((r["arch"], r.get("act_bits"), r.get("act_scope"), r.get("fused", False)) for r in rows)
-  for arch, bits, scope, fused in runs:
-    mine = [r for r in rows if (r["arch"], r.get("act_bits"), r.get("act_scope"), r.get("fused", False))
-            == (arch, bits, scope, fused)]
+  run_of = lambda r: (r["arch"], r.get("act_bits"), r.get("act_scope"), r.get("fused", False))
+  for run in dict.fromkeys(map(run_of, rows)):
+    arch, bits, scope, fused = run
+    mine = [r for r in rows if run_of(r) == run]
     fusion = ", fused" if fused else ""
     for key in dict.fromkeys(k for r in mine for k in r if k.endswith("_tokens_per_s")):
       setting = key.removesuffix("_tokens_per_s")
@@ -110,8 +110,8 @@ def plot_kernel_speedups(result: dict, path: str) -> None:
   decode = result.get("decode", [])
   if any(p[0] for p in kernel_panels) or decode:
     kernel_panels = [p for p in kernel_panels if p[0]]
-  fig, axes = plt.subplots(1, len(kernel_panels) + bool(decode), figsize=(5.5 * (len(kernel_panels) + bool(decode)), 4.2),
-                           squeeze=False)
+  panels = len(kernel_panels) + bool(decode)
+  fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
   for ax, (rows, x_key, suffix, xlabel, versus) in zip(axes[0], kernel_panels):
     shapes, ys = dict.fromkeys((r.get("name", ""), r["k"], r["n"]) for r in rows), []
     for name, k, n in shapes:
