@@ -2,7 +2,8 @@
 # Same-machine comparison of decoding with this checkout against the same tree with a patch applied
 # (GPU image, from the repository root; each part well under the device's 10 minutes a command):
 #   bash experiments/ab_decode_patch.sh PATCH[,PATCH...] OUT_DIR [PARTS]
-# (several patches are applied in order). Both trees get the CUDA library, built here first if absent.
+# (several patches are applied in order). Both trees get the CUDA library, built here first if absent,
+# and built again in the patched tree where a patch changes cuda_kernels' CUDA sources.
 # PARTS, a comma list (default tests,decode):
 #   tests    the patched tree's compiled tests (AB_TESTS, default tests/test_pallas_kernels.py)
 #   decode   both trees, alternately AB_ROUNDS times (default 1): one decode step's launches and its
@@ -39,6 +40,9 @@ export PYTHONUNBUFFERED=1
 [ -f cuda_kernels/_lut_matmul_cuda.so ] || python3 -m cuda_kernels.build > "$out/build.txt" 2>&1 || { tail "$out/build.txt"; exit 1; }
 tar --exclude=.git --exclude=.venv -c . | tar -x -C /tmp/ab_decode_patched || exit 1
 for p in "${patches[@]}"; do (cd /tmp/ab_decode_patched && patch -p1 -s < "$p") || { echo "$p does not apply"; exit 1; }; done
+if grep -qE '^\+\+\+ b/cuda_kernels/.*\.(cu|cuh)' "${patches[@]}"; then
+  (cd /tmp/ab_decode_patched && python3 -m cuda_kernels.build > "$out/build_patched.txt" 2>&1) || { tail "$out/build_patched.txt"; exit 1; }
+fi
 declare -A tree=([base]=$PWD [patched]=/tmp/ab_decode_patched)
 quiet() { grep -vE "^[WIE][0-9]{4}|^\s*$" | cut -c1-170; }
 if [[ ,$parts, == *,tests,* ]]; then
