@@ -13,9 +13,11 @@
 #            shapes those are Pallas' whether or not the CUDA library is built, cqjax.lut_matmul),
 #            AB_ARCH (default small; qwen3-layers, mixtral-layers), AB_BATCHES (default 1,16) and
 #            AB_ACT_BITS (default 0; 4: W4A4) in AB_ACT_SCOPE (default official; full)
-#   kernels  both trees: the Pallas kernels alone, each against XLA in its own run: single weights
-#            AB_SINGLE (default 4096x14336,14336x4096) at M = AB_MS (default 1,16,128), grouped
-#            AB_GROUPED (default Mixtral's experts and both Qwen3 products) at batch 1 and 16
+#   kernels  both trees: the kernels AB_KERNELS (bench_kernels --kernels, default pallas) alone,
+#            each against XLA in its own run: single weights AB_SINGLE (default
+#            4096x14336,14336x4096; empty: none) at M = AB_MS (default 1,16,128), grouped AB_GROUPED
+#            (default Mixtral's experts and both Qwen3 products) at batches AB_KERNEL_BATCHES
+#            (default 1,16)
 #   sweeps   both trees: block shapes beside the defaults (for a patch to a path no default takes):
 #            the Mixtral single weights at M = AB_SWEEP_MS (default 2,4), and AB_GROUPED at batches
 #            AB_SWEEP_BATCHES (default 4,16) (bench_kernels --sweep, --grouped_sweep)
@@ -63,23 +65,24 @@ if [[ ,$parts, == *,decode,* ]]; then
     save
   done; done
 fi
-pallas_both() {  # PART PATTERN ARGS...: bench_kernels --kernels=pallas ARGS in both trees, lines matching PATTERN shown
+bench_both() {  # PART PATTERN ARGS...: bench_kernels ARGS in both trees, lines matching PATTERN shown
   local part=$1 pattern=$2 name
   shift 2
   for name in base patched; do
     echo "== $name"
-    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 270 python3 -m experiments.bench_kernels --kernels=pallas "$@" \
+    (cd "${tree[$name]}" && PYTHONPATH=$PWD timeout 270 python3 -m experiments.bench_kernels "$@" \
       --out="$out/${part}_$name.json" 2>&1 | grep -E "$pattern" | cut -c1-400)
     save
   done
 }
 grouped=${AB_GROUPED:-mixtral-4096x14336,qwen3-2048x768,qwen3-768x2048}
 if [[ ,$parts, == *,kernels,* ]]; then
-  pallas_both kernels "pallas|ragged|copy" --single=${AB_SINGLE:-4096x14336,14336x4096} --ms=${AB_MS:-1,16,128} \
-    --grouped="$grouped" --batches=1,16
+  kernels=${AB_KERNELS:-pallas}
+  bench_both kernels "${kernels//,/|}|ragged|copy" --kernels="$kernels" --single=${AB_SINGLE-4096x14336,14336x4096} \
+    --ms=${AB_MS:-1,16,128} --grouped="$grouped" --batches=${AB_KERNEL_BATCHES:-1,16}
 fi
 if [[ ,$parts, == *,sweeps,* ]]; then
-  pallas_both sweeps "tunings|M=" --single= --sweep --sweep_ms=${AB_SWEEP_MS:-2,4} --grouped_sweep \
+  bench_both sweeps "tunings|M=" --kernels=pallas --single= --sweep --sweep_ms=${AB_SWEEP_MS:-2,4} --grouped_sweep \
     --batches=${AB_SWEEP_BATCHES:-4,16} --grouped="$grouped"
 fi
 if [[ ,$parts, == *,ncu,* ]]; then
