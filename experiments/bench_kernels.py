@@ -426,11 +426,11 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
   return rows
 
 
+LAID_OUT = "codebook_w4_laid_out"  # W4A4 only: the 4-bit params laid out for the bit-plane kernel (`decode_params`)
 DECODE_SETTINGS = (("bf16", False, "auto"), ("codebook_w4", True, "auto"), ("codebook_w4_cuda", True, "cuda"),
                    ("codebook_w4_int8", True, "int8"),
                    ("codebook_w4_unfused", True, "unfused"),
-                   ("codebook_w4_laid_out", True, "auto"))  # name, 4-bit weights, CQJAX_KERNELS
-LAID_OUT = "codebook_w4_laid_out"  # W4A4 only: the 4-bit params laid out for the bit-plane kernel (`decode_params`)
+                   (LAID_OUT, True, "auto"))  # name, 4-bit weights, CQJAX_KERNELS
 
 
 DECODE_SETTINGS_HELP = (f"comma list of the 4-bit settings ({', '.join(n for n, four_bit, _ in DECODE_SETTINGS if four_bit)})"

@@ -73,7 +73,7 @@ def plot_centroid_histograms(centroids: dict, path: str) -> None:
 _KERNEL_LINES = (("", "Pallas"), ("cuda_", "CUDA, bf16 numerics"), ("int8_", "CUDA, int8 numerics"))
 
 
-def _log2_batches(plt, ax, ticks) -> None:
+def _log2_ticks(plt, ax, ticks) -> None:
   ax.set_xscale("log", base=2)
   ax.set_xticks(ticks, [str(t) for t in ticks])
   ax.xaxis.set_minor_locator(plt.NullLocator())
@@ -93,7 +93,7 @@ def _decode_panel(plt, ax, rows: list[dict]) -> None:
       quantized = f", W4A{bits} {scope}" if bits and setting != "bf16" else ""  # bf16 stays unquantized
       pts = sorted((r["batch"], r[key]) for r in mine if key in r)
       ax.plot(*zip(*pts), marker="o", label=f"{arch}{quantized}{fusion}: {setting}")
-  _log2_batches(plt, ax, sorted({r["batch"] for r in rows}))
+  _log2_ticks(plt, ax, sorted({r["batch"] for r in rows}))
   ax.set_xlabel("decode batch")
   ax.set_ylabel("tokens/s")
   ax.legend(fontsize=7)
@@ -122,7 +122,7 @@ def plot_kernel_speedups(result: dict, path: str) -> None:
           ax.plot(*zip(*pts), marker="o", label=f"{name + ' ' if name else ''}{k}x{n}, {kernel}")
           ys += [y for _, y in pts]
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    _log2_batches(plt, ax, sorted({r[x_key] for r in rows}))
+    _log2_ticks(plt, ax, sorted({r[x_key] for r in rows}))
     if ys and max(ys) > 4 * min(ys):  # wide ranges (grouped experts: 2-50x) on a log scale
       ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}x")
