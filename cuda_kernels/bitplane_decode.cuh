@@ -98,6 +98,15 @@ struct SubsetLane {
     masks(m, lo, hi);
     bmma(d, m[0], m[2], m[1], m[3], b0, b1);
   }
+  // The same, and the lane's share of the chunk's count of each of its subsets (ones_g / ones_g8:
+  // subset g / g + 8), the counts against a plane of ones that B has no column left for.
+  __device__ __forceinline__ void multiply_counting(uint32_t (&d)[4], uint32_t& ones_g, uint32_t& ones_g8,
+                                                    const uint4& lo, const uint4& hi, uint32_t b0, uint32_t b1) const {
+    uint32_t m[4];
+    masks(m, lo, hi);
+    bmma(d, m[0], m[2], m[1], m[3], b0, b1);
+    ones_g += __popc(m[0]) + __popc(m[1]), ones_g8 += __popc(m[2]) + __popc(m[3]);
+  }
   // The lane's share of the row's dot product, c0 / c1 weighing planes 2t and 2t + 1: uint32 (all
   // sums wrap mod 2^32; the warp's total is exact), or float (the affine numerics: alpha and each
   // row's coefficients in float32, the counts exact in it).
@@ -136,15 +145,16 @@ __device__ __forceinline__ T dot_rows(const uint32_t (&e)[4], const uint32_t (&f
 }
 
 // x's planes of this lane for chunks c0 .. c0 + K - 1 of one row (xpl_row: that row's [chunks, 8
-// planes, 8 words], words t and t + 4 of a plane side by side at 2t): plane g's words t and t + 4
-// (the mma's B fragment) in one 8-byte load; zeros from chunk `here` on.
+// planes, 8 words], words t and t + 4 of a plane side by side at 2t): plane `plane`'s (B column
+// g's: plane g, or in a pair of rows plane g & 3) words t and t + 4 (the mma's B fragment) in one
+// 8-byte load; zeros from chunk `here` on.
 template <int K>
 __device__ __forceinline__ void load_x_planes(uint32_t (&xb)[K][2], const uint32_t* xpl_row, int c0, int here,
-                                              int lane) {
-  const int g = lane >> 2, t = lane & 3;
+                                              int lane, int plane) {
+  const int t = lane & 3;
 #pragma unroll
   for (int c = 0; c < K; ++c) {
-    const uint2 v = c < here ? *reinterpret_cast<const uint2*>(xpl_row + ((c0 + c) * 8 + g) * 8 + 2 * t)
+    const uint2 v = c < here ? *reinterpret_cast<const uint2*>(xpl_row + ((c0 + c) * 8 + plane) * 8 + 2 * t)
                              : make_uint2(0u, 0u);
     xb[c][0] = v.x, xb[c][1] = v.y;
   }

@@ -135,8 +135,11 @@ __device__ __forceinline__ Alpha<kAffine> subset_alpha(const uint4* stage, Alpha
 
 // kLaidOut: packed is in bit-planes and the codebooks hold alpha and the scale (bitplane_layout),
 // so a column costs neither the transpose nor the rounding. kAffine: the affine numerics (x's
-// planes weighted by each row's coefficients, float alpha).
-template <bool kLaidOut, bool kAffine>
+// planes weighted by each row's coefficients, float alpha). kPairs (affine only): x's planes past 4
+// are zero, and plane 4 ones or weighed 0 (pairs_rows), so that a slot of two rows costs one row's
+// mma. Its own instantiation: compiled into the others, the pair path made their one-row slots
+// 3-9 % slower on the H100, inlined or not (BENCHMARKS.md sessions 60-61).
+template <bool kLaidOut, bool kAffine, bool kPairs>
 // 7 blocks an SM, as the one-row path alone allows (72 registers): the multi-row path would take
 // 96, and capped it spills a few bytes instead.
 __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
@@ -196,9 +199,38 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
       __syncwarp();  // every lane is done with this stage before it is copied into again
     }
   };
+  static_assert(kAffine || !kPairs, "slots pair up under the affine numerics only");
+  if constexpr (kPairs) {
+    if (count == 2) {  // two rows of at most 4 planes: B's 8 columns hold both, as one row's 8
+      uint32_t xb[kChunks][2];
+      const int h = t >> 1;  // the row of this lane's D columns 2t and 2t + 1 (planes 2 (t & 1), + 1)
+      load_x_planes(xb, p.xpl + static_cast<size_t>(start + (lane >> 4)) * chunks * 64, c0, here, lane, (lane >> 2) & 3);
+      const float* coef = p.xs + (start + h) * 8;
+      const float coef0 = coef[2 * (t & 1)], coef1 = coef[2 * (t & 1) + 1], ones = coef[4];
+      walk([&](int col, const uint4* b, float, float alpha_lane) {
+        const float alpha_g = subset_alpha<kLaidOut, true>(b, alpha_lane, lane >> 2);
+        const float alpha_g8 = subset_alpha<kLaidOut, true>(b, alpha_lane, (lane >> 2) + 8);
+        uint32_t d[4] = {0u, 0u, 0u, 0u}, ones_g = 0u, ones_g8 = 0u;
+        by_range([&](auto whole) {
+#pragma unroll
+          for (int cc = 0; cc < kChunks; ++cc)
+            if (decltype(whole)::value || cc < here)  // warp-uniform test
+              sub.multiply_counting(d, ones_g, ones_g8, b[cc * 8 + t], b[cc * 8 + t + 4], xb[cc][0], xb[cc][1]);
+        });
+        // Each row's sum over its lanes (t's low bit and g), and the codebook summed over the
+        // codes (sum_S alpha[S] count(S), the weight of plane 4: the offset of W4A4's codes)
+        float part = sub.dot(d, alpha_g, alpha_g8, coef0, coef1);
+        for (int o = 16; o > 2; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        part += __shfl_xor_sync(0xffffffffu, part, 1);
+        const float total = warp_sum(alpha_g * static_cast<float>(ones_g) + alpha_g8 * static_cast<float>(ones_g8));
+        if ((lane & ~2) == 0) write(p, start + h, col, part + ones * total, 0.f);
+      });
+      return;
+    }
+  }
   if (count == 1) {  // decode's one row a slot: x's planes stay in registers, subsets in A
     uint32_t xb[kChunks][2];
-    load_x_planes(xb, p.xpl + static_cast<size_t>(start) * chunks * 64, c0, here, lane);
+    load_x_planes(xb, p.xpl + static_cast<size_t>(start) * chunks * 64, c0, here, lane, lane >> 2);
     Alpha<kAffine> coef0, coef1;  // the weights of planes 2t and 2t + 1 (affine: the row's coefficients)
     if constexpr (kAffine) coef0 = p.xs[start * 8 + 2 * t], coef1 = p.xs[start * 8 + 2 * t + 1];
     else coef0 = sub.w0, coef1 = sub.w1;
@@ -229,29 +261,29 @@ __global__ void __launch_bounds__(kWarps * 32, 7) bitplane_kernel(Problem p) {
       if constexpr (kAffine) return p.xs[row * 8 + (lane >> 2)];
       else return plane_weight(lane >> 2);
     };
-    const auto rows = [&](int r, auto pairs_c, auto whole_c) {
-      constexpr int kPairs = decltype(pairs_c)::value;
+    const auto rows = [&](int r, auto row_pairs_c, auto whole_c) {
+      constexpr int kRowPairs = decltype(row_pairs_c)::value;
       constexpr bool kWhole = decltype(whole_c)::value;
       // x's words t and t + 4 of plane g of each row: base + off[q] + 64 cc, side by side
       const uint32_t* base = p.xpl + (static_cast<size_t>(r) * chunks + c0) * 64 + (lane >> 2) * 8 + 2 * t;
-      int off[2 * kPairs];
+      int off[2 * kRowPairs];
 #pragma unroll
-      for (int q = 0; q < 2 * kPairs; ++q) off[q] = (min(r + q, end - 1) - r) * chunks * 64;
-      uint32_t e[kPairs][4] = {}, f[kPairs][4] = {};
+      for (int q = 0; q < 2 * kRowPairs; ++q) off[q] = (min(r + q, end - 1) - r) * chunks * 64;
+      uint32_t e[kRowPairs][4] = {}, f[kRowPairs][4] = {};
 #pragma unroll 1  // not all 16: x's words loaded ahead would take the single-row path's registers
       for (int cc = 0; cc < kChunks; ++cc) {
         if (!kWhole && cc >= here) break;
         uint32_t m[4];
         sub.masks(m, b[cc * 8 + t], b[cc * 8 + t + 4]);
 #pragma unroll
-        for (int q = 0; q < kPairs; ++q) {
+        for (int q = 0; q < kRowPairs; ++q) {
           const uint2 x0 = __ldg(reinterpret_cast<const uint2*>(base + off[2 * q] + cc * 64));
           const uint2 x1 = __ldg(reinterpret_cast<const uint2*>(base + off[2 * q + 1] + cc * 64));
           multiply_rows(e[q], f[q], m, x0.x, x1.x, x0.y, x1.y);
         }
       }
 #pragma unroll
-      for (int q = 0; q < 2 * kPairs; ++q) {
+      for (int q = 0; q < 2 * kRowPairs; ++q) {
         const auto part = warp_sum(dot_rows(e[q / 2], f[q / 2], a, q % 2, plane_g(min(r + q, end - 1))));
         if (lane == 0 && r + q < end) write(p, r + q, col, part, s);
       }
@@ -274,20 +306,20 @@ ffi::Error failed(cudaError_t err) {
   return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
-// Launches bitplane_kernel<kLaidOut, kAffine> on p, choosing p.per_warp where it is 0: the fewest
+// Launches bitplane_kernel<kLaidOut, kAffine, kPairs> on p, choosing p.per_warp where it is 0: the fewest
 // columns a warp (up to 16) that let every block be resident at once by registers (the ring
 // overlaps a warp's columns; fewer would reload x's planes for less work).
-template <bool kLaidOut, bool kAffine>
+template <bool kLaidOut, bool kAffine, bool kPairs = false>
 ffi::Error launch(cudaStream_t stream, Problem p) {
   LaunchLimits lim;
-  cudaError_t err = launch_limits<bitplane_kernel<kLaidOut, kAffine>>(kWarps * 32, lim);
+  cudaError_t err = launch_limits<bitplane_kernel<kLaidOut, kAffine, kPairs>>(kWarps * 32, lim);
   if (err != cudaSuccess) return failed(err);
   const int64_t warps_in_flight = static_cast<int64_t>(lim.sms) * lim.fit * kWarps;
   const int64_t work = static_cast<int64_t>(p.n) * p.splits * p.num_slots;
   if (p.per_warp == 0)
     p.per_warp = static_cast<int>(std::clamp<int64_t>((work + warps_in_flight - 1) / warps_in_flight, 1, 16));
   const dim3 grid((p.n + kWarps * p.per_warp - 1) / (kWarps * p.per_warp), p.splits, p.num_slots);
-  bitplane_kernel<kLaidOut, kAffine><<<grid, kWarps * 32, 0, stream>>>(p);
+  bitplane_kernel<kLaidOut, kAffine, kPairs><<<grid, kWarps * 32, 0, stream>>>(p);
   err = cudaGetLastError();
   return err == cudaSuccess ? ffi::Error::Success() : failed(err);
 }
@@ -295,7 +327,7 @@ ffi::Error launch(cudaStream_t stream, Problem p) {
 ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl, ffi::Buffer<ffi::F32> xs,
                                  ffi::Buffer<ffi::U8> packed, ffi::AnyBuffer centroids, ffi::Buffer<ffi::S32> slots,
                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> scales,
-                                 int64_t per_warp_asked) {
+                                 int64_t per_warp_asked, bool pairs) {
   const auto xd = xpl.dimensions(), pd = packed.dimensions(), cd = centroids.dimensions(), sd = slots.dimensions();
   if (xd.size() != 4 || pd.size() != 3 || cd.size() != 3 || sd.size() != 2 || sd[0] != 3)
     return invalid("expected x planes [t, k/256, 8, 8], packed [e, n, k/2], centroids [e, n, 16], slots [3, s]");
@@ -328,6 +360,7 @@ ffi::Error LutMatmulBitplaneImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> xpl,
                   static_cast<int>(k), static_cast<int>(n), static_cast<int>(sd[1]), static_cast<int>(splits),
                   static_cast<int>(per_warp_asked), centroids.element_type() == ffi::DataType::BF16,
                   out->element_type() == ffi::DataType::BF16};
+  if (affine && pairs) return laid_out ? launch<true, true, true>(stream, p) : launch<false, true, true>(stream, p);
   if (affine) return laid_out ? launch<true, true>(stream, p) : launch<false, true>(stream, p);
   return laid_out ? launch<true, false>(stream, p) : launch<false, false>(stream, p);
 }
@@ -344,5 +377,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CqjaxLutMatmulBitplaneCuda, LutMatmulBitplaneImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("per_warp"),
+                                  .Attr<int64_t>("per_warp")
+                                  .Attr<bool>("pairs"),
                               {ffi::Traits::kCmdBufferCompatible});

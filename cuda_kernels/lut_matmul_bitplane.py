@@ -75,18 +75,20 @@ def takes_act(act: ActQuantConfig) -> bool:
 
 def serves(act: ActQuantConfig, t: int, d_in: int, d_out: int, experts: int | None = None) -> bool:
   """Whether the dispatcher fuses a product of fake_quant(x, act) into this kernel (`Affine`)
-  instead of fake-quantizing x for the default kernels: where it measured ahead on the H100, one
-  row of x on weights of more than 2^24 codes: a single weight's t = 1, or a grouped product whose
-  t rows fill at most three quarters of its experts where d_in is one K range (`splits`), half
-  where it is split (slots of one row, mostly). Mixtral's experts: 35.3 against 41.9 µs over batch
-  1's expert pair (BENCHMARKS.md session 55); its layers decode 2.8-4.0 % faster fused at batch 1
-  (sessions 56-57), 3.9 % at batch 2 (session 58: 4 rows over 8 experts) and 1.2-1.5 % at batch 3
-  (session 59: gate/up's 6 rows); in scope full, the down projections (14336 inputs: 4 K ranges)
-  1.3-2.2 % fused at batches 1-2, yet 3 % slower at batch 3 (session 59). Measured slower and left
-  out: 8 rows over 8 experts (Mixtral's batch 4, 2.5 %, session 59); 4 rows a slot and more
-  (1.2-2.1x, session 55); fused attention products (decode 3 % slower) and Qwen3's 2^20.6-code
-  experts (5.6 % slower), session 57."""
-  filled = 3 if splits(d_in) == 1 else 2  # quarters of the experts the t rows may fill
+  instead of fake-quantizing x for the default kernels: where it measured ahead on the H100, on
+  weights of more than 2^24 codes: a single weight's t = 1, or a grouped product whose t rows fill
+  at most all of its experts where d_in is one K range (`splits`) and act's rows pair up
+  (`pairs_rows`: slots of two rows cost one row's mma), three quarters where they do not, half
+  where d_in is split (slots of one row, mostly). Mixtral's experts: 35.3 against 41.9 µs over
+  batch 1's expert pair (BENCHMARKS.md session 55); its layers decode 2.8-4.0 % faster fused at
+  batch 1 (sessions 56-57), 3.9 % at batch 2 (session 58: 4 rows over 8 experts) and 1.2-1.5 % at
+  batch 3 (session 59: gate/up's 6 rows), and with rows paired 3.5 % faster at batch 4 (session 61:
+  8 rows, slots of one and two; 2.5 % slower unpaired, session 59); in scope full, the down
+  projections (14336 inputs: 4 K ranges) 1.3-2.2 % fused at batches 1-2, yet 3 % slower at batch 3
+  (session 59). Measured slower and left out: 4 rows a slot and more (1.2-2.1x, session 55); fused
+  attention products (decode 3 % slower) and Qwen3's 2^20.6-code experts (5.6 % slower), session
+  57."""
+  filled = 2 if splits(d_in) > 1 else 4 if pairs_rows(act) else 3  # quarters of the experts the t rows may fill
   one_row = t == 1 if experts is None else 4 * t <= filled * experts
   return takes_act(act) and one_row and d_in * d_out > MIN_CODES
 
@@ -176,13 +178,14 @@ def splits(d_in: int) -> int:
   return -(-d_in // (CHUNK * K_RANGE))
 
 
-def _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp=0):
+def _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp=0, pairs=False):
   """xpl uint32 [t, d_in/256, 8, 8] (`x_planes`), xs float32: x's scales [t] (int8 numerics) or
   plane coefficients [t, 8] (affine), packed [e, n, d_in/2], centroids [e, n, 1, 16], slots int32
   [3, s], per_warp: output columns a warp walks (0: the kernel's choice, which fills the GPU's
-  register-resident blocks once) -> (out, scales): out [t, n] in out_dtype (float32 or bf16) with
-  one K range, else the K ranges' int32 dots [splits, t, n] and the codebook scales [t, n] (affine:
-  float32 parts of y [splits, t, n], no scales)."""
+  register-resident blocks once), pairs: the kernel whose slots of two rows run as one row's
+  (`_pairs`) -> (out, scales): out [t, n] in out_dtype (float32 or bf16) with one K range, else the
+  K ranges' int32 dots [splits, t, n] and the codebook scales [t, n] (affine: float32 parts of y
+  [splits, t, n], no scales)."""
   t, chunks = xpl.shape[:2]
   e, n = packed.shape[:2]
   centroids = centroids.reshape(e, n, 16)
@@ -193,19 +196,36 @@ def _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp=0):
              jax.ShapeDtypeStruct((s, t, n), jnp.float32 if affine else jnp.int32),
              jax.ShapeDtypeStruct((t, n) if s > 1 and not affine else (0,), jnp.float32))
   return jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(xpl, xs, packed, centroids, slots,
-                                                                     per_warp=np.int64(per_warp))
+                                                                     per_warp=np.int64(per_warp), pairs=pairs)
 
 
-def _call(x, packed, centroids, slots, per_warp, covered=None, act=None):
+def pairs_rows(act: ActQuantConfig) -> bool:
+  """Whether act's planes (`affine_planes`) let the kernel multiply a slot of two rows as it does
+  one: codes of at most 4 bits, whose planes 0-3 of both rows fill the mma's 8 columns, the plane
+  of ones (4-bit codes: plane 4) counted apart. Slots of more rows go through A two rows at a time,
+  as they do for 5 bits and more."""
+  return act.bits <= 4
+
+
+def _pairs(act: ActQuantConfig | None, t: int, grouped: bool) -> bool:
+  """Whether to launch the kernel that pairs slots of two rows (`pairs_rows`): its one-row slots run
+  3-13 % slower than the other kernel's on the H100 (BENCHMARKS.md sessions 60-61), so only where a
+  slot may hold two rows: a single weight's 2 rows, or a grouped product of more than 2 rows (batch
+  1 of top-2 routing, Mixtral's, gives its 2 experts one row each)."""
+  return act is not None and pairs_rows(act) and (t > 2 if grouped else t == 2)
+
+
+def _call(x, packed, centroids, slots, per_warp, covered=None, act=None, grouped=False):
   """x [t, d_in] -> [t, n] in x's dtype; covered: the rows the slots cover (None: all), past which
-  rows are zero (the kernel zeroes them itself with one K range); act: the affine numerics."""
+  rows are zero (the kernel zeroes them itself with one K range); act: the affine numerics;
+  grouped: slots over several experts (`_pairs`)."""
   out_dtype = x.dtype if x.dtype in KERNEL_DTYPES else jnp.float32
   if act is None:
     xq, sx = int8_round(x.astype(jnp.float32), -1)
     xpl, xs = x_planes(xq.astype(jnp.int8)), sx[:, 0]
   else:
     xpl, xs = affine_planes(x, act)
-  y, scales = _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp)
+  y, scales = _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp, _pairs(act, x.shape[0], grouped))
   if y.ndim == 3:  # the K ranges' parts: affine y, else int32 dots to scale
     y = y.sum(0) if act is not None else (scales * y.sum(0).astype(jnp.float32)) * xs[:, None]
     if covered is not None:
@@ -253,7 +273,7 @@ def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.
   n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes, per_warp, act)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
-  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act)
+  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act, True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_kernel(Args a) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int c0 = blockIdx.y * kKc, set = blockIdx.z;
   uint32_t xb[kKc][2];
-  load_x_planes(xb, a.xpl, c0, a.chunks - c0, lane);
+  load_x_planes(xb, a.xpl, c0, a.chunks - c0, lane, lane >> 2);
   const SubsetLane sub(lane);
   const int warps = gridDim.x * kWarps;
   auto load = [&](int row, uint4 (&b)[kKc][2]) {
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_ring(Args a) {
   const int c0 = blockIdx.y * kKc, set = blockIdx.z, here = min(kKc, a.chunks - c0);
   uint4* ring = smem + warp * kStages * kStage;
   uint32_t xb[kKc][2];
-  load_x_planes(xb, a.xpl, c0, here, lane);
+  load_x_planes(xb, a.xpl, c0, here, lane, lane >> 2);
   const SubsetLane sub(lane);
   const int first = blockIdx.x * kWarps + warp, warps = gridDim.x * kWarps;
   auto issue = [&](int row, int stage) {
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitplane_nibble(NibbleArgs a) {
   const int c0 = blockIdx.y * kKc, set = blockIdx.z, here = min(kKc, a.chunks - c0);
   uint4* ring = smem + warp * kStages * kStage;
   uint32_t xb[kKc][2];
-  load_x_planes(xb, a.xpl, c0, here, lane);
+  load_x_planes(xb, a.xpl, c0, here, lane, lane >> 2);
   const SubsetLane sub(lane);
   const int first = blockIdx.x * kWarps + warp, warps = gridDim.x * kWarps;
   auto issue = [&](int row, int stage) {

@@ -52,7 +52,7 @@ def test_unplane_inverts_x_planes():
 
 # The affine numerics' activation quantizers: the default (4 bits, asymmetric min-max), the widest
 # asymmetric, and symmetric ones (two's complement codes, no plane of ones).
-ACTS = [ActQuantConfig(), ActQuantConfig(bits=7, clip_ratio=0.9), ActQuantConfig(symmetric=True),
+ACTS = [ActQuantConfig(), ActQuantConfig(bits=3), ActQuantConfig(bits=7, clip_ratio=0.9), ActQuantConfig(symmetric=True),
         ActQuantConfig(bits=8, symmetric=True)]
 
 
@@ -211,6 +211,45 @@ def test_both_lane_mappings_give_the_products(act):
                                               a4[2] * acc_f[l][2 * h] + a4[3] * acc_f[l][2 * h + 1])
   _assert_products(one_row[0], want[0], act is not None)
   _assert_products(rows_in_a, want, act is not None)
+
+
+@pytest.mark.parametrize("act", [ActQuantConfig(), ActQuantConfig(bits=3), ActQuantConfig(bits=4, symmetric=True)],
+                         ids=["asym4", "asym3", "sym4"])
+def test_two_rows_of_four_planes_in_b_give_the_products(act):
+  """The kernel's slots of two rows under the affine numerics of at most 4 bits (`pairs_rows`),
+  lane by lane in numpy: subsets in A as for one row, B's columns g planes g & 3 of row g >> 2, a
+  lane's D columns 2t and 2t + 1 in row t >> 1, summed over the lanes of that row; the plane of ones
+  (4-bit codes' offset, plane 4) counted by popcount of each lane's masks, weighed by plane 4's
+  coefficient (zero below 4 bits, whose plane of ones is among planes 0-3, and for symmetric codes)."""
+  assert kb.pairs_rows(act) and not kb.pairs_rows(ActQuantConfig(bits=5))
+  n, k = 3, 512
+  want, planes, xp, weights, alpha = _bit_plane_problem(4, n, k, act)
+  planes, ones = planes.astype(np.int64), 0xFFFFFFFF
+  assert not xp[..., 5:, :].any() and not weights[:, 5:].any()  # what lets the pair drop planes 5-7
+  got = np.zeros((2, n), want.dtype)
+  for col in range(n):
+    acc = [np.zeros(4, np.int64) for _ in range(32)]
+    count = np.zeros((32, 2), np.int64)  # each lane's count of subsets g and g + 8
+    for cc in range(k // 256):
+      m = []
+      for l in range(32):
+        lo, hi, pair = planes[col, cc * 8 + (l & 3)], planes[col, cc * 8 + (l & 3) + 4], [ones, ones]
+        for bit in range(3):
+          if (l >> 2) >> bit & 1:
+            pair = [pair[0] & lo[bit], pair[1] & hi[bit]]
+        m.append((pair[0], pair[1], pair[0] & lo[3], pair[1] & hi[3]))
+      b = [(xp[l >> 4, cc, (l >> 2) & 3, l & 3], xp[l >> 4, cc, (l >> 2) & 3, (l & 3) + 4]) for l in range(32)]
+      d = _mma_b1([(ml[0], ml[2], ml[1], ml[3]) for ml in m], b)
+      for l in range(32):
+        acc[l] += d[l]
+        count[l] += _popcount(np.asarray(m[l][:2], np.uint32)).sum(), _popcount(np.asarray(m[l][2:], np.uint32)).sum()
+    total = sum(alpha[col, l >> 2] * count[l, 0] + alpha[col, (l >> 2) + 8] * count[l, 1] for l in range(32))
+    for l in range(32):
+      g, t = l >> 2, l & 3
+      c0, c1 = weights[t >> 1, 2 * (t & 1)], weights[t >> 1, 2 * (t & 1) + 1]
+      got[t >> 1, col] += alpha[col, g] * (c0 * acc[l][0] + c1 * acc[l][1]) + alpha[col, g + 8] * (c0 * acc[l][2] + c1 * acc[l][3])
+    got[:, col] += weights[:, 4] * total
+  _assert_products(got, want, True)
 
 
 def test_bitplane_layout_is_the_kernels_transpose_and_moebius_transform():
@@ -421,23 +460,25 @@ def test_affine_matches_reference(m, k, n, laid_out):
 
 
 @needs_gpu
+@pytest.mark.parametrize("m", [2, 3])
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: f"{'sym' if a.symmetric else 'asym'}{a.bits}")
-def test_affine_quantizers_and_bf16_codebooks_match_reference(act):
-  """Every quantizer the planes can hold, float32 x and bf16 codebooks (taken as they are)."""
-  rng = np.random.default_rng(act.bits)
+def test_affine_quantizers_and_bf16_codebooks_match_reference(act, m):
+  """Every quantizer the planes can hold, float32 x and bf16 codebooks (taken as they are); two
+  rows (paired in B up to 4 bits, `pairs_rows`) and three (in A)."""
+  rng = np.random.default_rng(act.bits + m)
   w = random_codebook_weight(rng, (), 37, 768, 4, 768)
   w = dataclasses.replace(w, centroids=w.centroids.astype(jnp.bfloat16))
-  x = jnp.asarray(rng.normal(size=(3, 768)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(m, 768)), jnp.float32)
   _assert_affine(kb.lut_matmul_bitplane(x, w.packed, w.centroids, 4, act=act), x, w, act)
 
 
 @needs_gpu
-@pytest.mark.parametrize("sizes", [[0, 3, 0, 1, 0], [1, 1, 1, 1, 1], [20, 0, 5, 9, 1], [0, 0, 0, 0, 0]])
+@pytest.mark.parametrize("sizes", [[0, 3, 0, 1, 0], [1, 1, 1, 1, 1], [2, 0, 2, 1, 2], [20, 0, 5, 9, 1], [0, 0, 0, 0, 0]])
 @pytest.mark.parametrize("k", [768, 4352])
 @pytest.mark.parametrize("laid_out", [False, True])
 def test_affine_grouped_matches_reference(sizes, k, laid_out):
-  """Empty experts, one row a slot and several, one K range and two (parts added by the wrapper);
-  two rows past the last group, zero."""
+  """Empty experts, one row a slot, two (paired in B) and more, one K range and two (parts added by
+  the wrapper); two rows past the last group, zero."""
   rng = np.random.default_rng(sum(sizes) + k)
   w = random_codebook_weight(rng, (5,), 24, k, 4, k)
   x = jnp.asarray(rng.normal(size=(sum(sizes) + 2, k)), jnp.bfloat16)
@@ -456,8 +497,10 @@ def test_serves_one_row_products_of_large_weights():
   assert kb.serves(act, 4, 14336, 4096, experts=8)                           # batch 2: half the experts
   assert kb.serves(act, 6, 4096, 14336, experts=8)                           # batch 3: gate/up (one K range) ...
   assert not kb.serves(act, 6, 14336, 4096, experts=8)                       # ... not down (split K: slower)
-  assert not kb.serves(act, 8, 4096, 14336, experts=8)                       # batch 4
-  assert kb.serves(act, 3, 4096, 14336, experts=4) and not kb.serves(act, 4, 4096, 14336, experts=4)  # 3/4 exactly
+  assert kb.serves(act, 8, 4096, 14336, experts=8)                           # batch 4: gate/up, rows paired ...
+  assert not kb.serves(act, 9, 4096, 14336, experts=8)                       # ... up to all the experts
+  wide = ActQuantConfig(bits=8, symmetric=True)                               # rows not paired: 3/4 exactly
+  assert kb.serves(wide, 6, 4096, 14336, experts=8) and not kb.serves(wide, 7, 4096, 14336, experts=8)
   assert not kb.serves(act, 8, 2048, 768, experts=128)                       # Qwen3's experts
   assert not kb.serves(act, 1, 4096, 4096) and not kb.serves(act, 1, 4096, 1024)  # attention: slower fused
   assert kb.serves(ActQuantConfig(bits=8, symmetric=True), 1, 4096, 14336)
