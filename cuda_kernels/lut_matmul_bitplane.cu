@@ -138,7 +138,7 @@ __device__ __forceinline__ Alpha<kAffine> subset_alpha(const uint4* stage, Alpha
 // planes weighted by each row's coefficients, float alpha). kPairs (affine only): x's planes past 4
 // are zero, and plane 4 ones or weighed 0 (pairs_rows), so that a slot of two rows costs one row's
 // mma. Its own instantiation: compiled into the others, the pair path made their one-row slots
-// 3-9 % slower on the H100, inlined or not (BENCHMARKS.md sessions 60-61).
+// 3-13 % slower on the H100, inlined or not (BENCHMARKS.md sessions 60-61).
 template <bool kLaidOut, bool kAffine, bool kPairs>
 // 7 blocks an SM, as the one-row path alone allows (72 registers): the multi-row path would take
 // 96, and capped it spills a few bytes instead.
@@ -306,9 +306,9 @@ ffi::Error failed(cudaError_t err) {
   return ffi::Error::Internal(std::string("cqjax CUDA lut_matmul_bitplane: ") + cudaGetErrorString(err));
 }
 
-// Launches bitplane_kernel<kLaidOut, kAffine, kPairs> on p, choosing p.per_warp where it is 0: the fewest
-// columns a warp (up to 16) that let every block be resident at once by registers (the ring
-// overlaps a warp's columns; fewer would reload x's planes for less work).
+// Launches bitplane_kernel<kLaidOut, kAffine, kPairs> on p, choosing p.per_warp where it is 0:
+// the fewest columns a warp (up to 16) that let every block be resident at once by registers (the
+// ring overlaps a warp's columns; fewer would reload x's planes for less work).
 template <bool kLaidOut, bool kAffine, bool kPairs = false>
 ffi::Error launch(cudaStream_t stream, Problem p) {
   LaunchLimits lim;

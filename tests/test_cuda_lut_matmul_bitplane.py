@@ -52,8 +52,8 @@ def test_unplane_inverts_x_planes():
 
 # The affine numerics' activation quantizers: the default (4 bits, asymmetric min-max), the widest
 # asymmetric, and symmetric ones (two's complement codes, no plane of ones).
-ACTS = [ActQuantConfig(), ActQuantConfig(bits=3), ActQuantConfig(bits=7, clip_ratio=0.9), ActQuantConfig(symmetric=True),
-        ActQuantConfig(bits=8, symmetric=True)]
+ACTS = [ActQuantConfig(), ActQuantConfig(bits=3), ActQuantConfig(bits=7, clip_ratio=0.9),
+        ActQuantConfig(symmetric=True), ActQuantConfig(bits=8, symmetric=True)]
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: f"{'sym' if a.symmetric else 'asym'}{a.bits}")
@@ -247,7 +247,8 @@ def test_two_rows_of_four_planes_in_b_give_the_products(act):
     for l in range(32):
       g, t = l >> 2, l & 3
       c0, c1 = weights[t >> 1, 2 * (t & 1)], weights[t >> 1, 2 * (t & 1) + 1]
-      got[t >> 1, col] += alpha[col, g] * (c0 * acc[l][0] + c1 * acc[l][1]) + alpha[col, g + 8] * (c0 * acc[l][2] + c1 * acc[l][3])
+      got[t >> 1, col] += (alpha[col, g] * (c0 * acc[l][0] + c1 * acc[l][1])
+                           + alpha[col, g + 8] * (c0 * acc[l][2] + c1 * acc[l][3]))
     got[:, col] += weights[:, 4] * total
   _assert_products(got, want, True)
 
