@@ -509,6 +509,18 @@ def test_serves_one_row_products_of_large_weights():
     assert not kb.takes_act(other) and not kb.serves(other, 1, 4096, 14336)
 
 
+def test_pairing_kernel_only_where_a_slot_may_hold_two_rows():
+  """The kernel that pairs two-row slots runs its one-row slots slower, so the wrapper launches it
+  only where rows may pair: a single weight's 2 rows, grouped products past 2 rows (Mixtral's
+  batch 1, top-2, has one row an expert), and only for codes of at most 4 bits."""
+  act = ActQuantConfig()
+  assert [kb._pairs(act, t, grouped=False) for t in (1, 2, 3)] == [False, True, False]
+  assert [kb._pairs(act, t, grouped=True) for t in (1, 2, 3, 8)] == [False, False, True, True]
+  assert not kb._pairs(None, 8, grouped=True)                                   # int8 numerics
+  assert not kb._pairs(ActQuantConfig(bits=5), 8, grouped=True)                 # planes 0-4 of x's codes
+  assert kb._pairs(ActQuantConfig(bits=3), 8, grouped=True)
+
+
 def _random_weight(rng, lead, n, k):
   """A 4-bit CodebookWeight of random bytes (cheaper than random_codebook_weight's codes at these sizes)."""
   packed = jnp.asarray(rng.integers(0, 256, (*lead, n, k // 2), dtype=np.uint8))
