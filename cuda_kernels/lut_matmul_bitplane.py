@@ -273,7 +273,8 @@ def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.
   n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes, per_warp, act)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
-  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act, True)
+  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act,
+               grouped=True)
 
 
 @dataclasses.dataclass(frozen=True)
