@@ -6,7 +6,8 @@ cuda_kernels/ where its library is built and it was measured faster (4-bit codes
 per row, bf16 activations, 2 to 8 rows per weight or 2 to 16 per expert slot, weights of more than 2^24 codes:
 `cuda_kernels.lut_matmul.serves`, BENCHMARKS.md), else the Pallas kernels of pallas_kernels/
 (1-, 2-, 4- and 8-bit codes); otherwise the jnp reference (unpack + gather + dot) that every
-kernel is tested against. Kernels compute the forward pass
+kernel is tested against. Where this jax lacks Pallas' Triton backend (deprecated in jax 0.11), GPU
+products take the CUDA kernel wherever it applies and the reference elsewhere, with a warning. Kernels compute the forward pass
 only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
 VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
 `CQJAX_KERNELS=int8` takes the opt-in int8 numerics (`lut_matmul_int8_reference`): the CPU
@@ -33,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 
 import flax.linen as nn
 import jax
@@ -129,6 +131,36 @@ def grouped_lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids
   return jnp.where((expert < e)[:, None], y, 0.0)
 
 
+@functools.cache
+def _pallas_kernels():
+  """pallas_kernels.lut_matmul, or None (warning once) where this jax lacks the Pallas Triton
+  backend it lowers through: deprecated in jax 0.11 and due to be removed, while cqjax accepts any
+  jax from 0.6. GPU products then take the CUDA library's kernels where they apply, else the
+  reference (`_ReferenceKernels`)."""
+  try:
+    import jax.experimental.pallas.triton  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    warnings.warn(f"cqjax: this jax has no Pallas Triton backend ({type(e).__name__}: {e}), so GPU codebook "
+                  "products take the CUDA library's kernels where they apply (python -m cuda_kernels.build) and "
+                  "the jnp reference (unpack + gather + dot, slower than bf16) elsewhere", RuntimeWarning,
+                  stacklevel=2)
+    return None
+  from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
+  return pallas
+
+
+class _ReferenceKernels:
+  """The kernels' signatures over the jnp references: GPU products that no available kernel takes."""
+
+  @staticmethod
+  def lut_matmul(x, packed, centroids, bits):
+    return lut_matmul_reference(x, CodebookWeight(packed, centroids, bits, x.shape[-1]))
+
+  @staticmethod
+  def grouped_lut_matmul(x, packed, centroids, bits, group_sizes):
+    return grouped_lut_matmul_reference(x, CodebookWeight(packed, centroids, bits, x.shape[-1]), group_sizes)
+
+
 @dataclasses.dataclass(frozen=True)
 class _CudaFirst:
   """The CUDA kernel where it applies (everywhere=False: only where `serves` says it is faster),
@@ -142,7 +174,7 @@ class _CudaFirst:
 
   def _pick(self, x, packed, centroids, bits, grouped):
     from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
-    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
+    pallas = _pallas_kernels()
     experts = packed.shape[0] if grouped else None
     if self.int8:
       from cuda_kernels import lut_matmul_int8 as cuda8  # pylint: disable=g-import-not-at-top
@@ -150,8 +182,12 @@ class _CudaFirst:
       if cuda8.available() and cuda8.serves(rows) and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
         return cuda8.Int8Kernels
     if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
-      return pallas
-    return cuda if self.everywhere or cuda.serves(x.shape[0], x.shape[-1], packed.shape[-2], experts=experts) else pallas
+      return pallas or _ReferenceKernels
+    # Without Pallas the CUDA kernel serves wherever it applies: slower than Pallas at some shapes,
+    # it is still several times faster than the reference.
+    if self.everywhere or pallas is None or cuda.serves(x.shape[0], x.shape[-1], packed.shape[-2], experts=experts):
+      return cuda
+    return pallas
 
   def fusing(self, act, x, packed, centroids, bits, grouped):
     """The bit-plane kernel's affine numerics for a product of Q_a(x) (act), where they serve
@@ -171,12 +207,11 @@ class _CudaFirst:
 
   def grouped_lut_matmul(self, x, packed, centroids, bits, group_sizes):
     kernels = self._pick(x, packed, centroids, bits, True)
-    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
-    if kernels is pallas and x.shape[0]:
+    if kernels is _pallas_kernels() and x.shape[0]:
       # The one-warp slots where the library has them (else XLA's, as the Pallas kernel would compute).
       from cuda_kernels import expert_slots as ces  # pylint: disable=g-import-not-at-top
       slots = ces.expert_slots(group_sizes, min(x.shape[0], packed.shape[0]))
-      return pallas.grouped_lut_matmul(x, packed, centroids, bits, group_sizes, slots=slots)
+      return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes, slots=slots)
     return kernels.grouped_lut_matmul(x, packed, centroids, bits, group_sizes)
 
 
@@ -229,7 +264,11 @@ def _kernels():
   if backend == "gpu":
     if mode != "pallas":
       return _CudaFirst(everywhere=mode == "cuda", int8=mode == "int8", fuse=mode != "unfused")
-    from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
+    pallas = _pallas_kernels()
+    if pallas is None:
+      raise CqjaxError("CQJAX_KERNELS=pallas: this jax has no Pallas Triton backend (jax.experimental.pallas.triton), "
+                       "which pallas_kernels/ lowers through; use CQJAX_KERNELS=auto (the CUDA library's kernels, "
+                       "python -m cuda_kernels.build, else the jnp reference)")
     return pallas
   return None
 

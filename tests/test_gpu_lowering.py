@@ -4,6 +4,7 @@ CUDA wrappers' custom calls, whose operand preparation, tunings and checks run w
 Whether the kernels compute the right numbers is for the compiled tests on a GPU; this catches the
 wiring around them, which otherwise runs first on a GPU."""
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +144,44 @@ def test_expert_parallel_model_lowers_for_cuda(quantized, as_gpu, mode):
   want, absent = WANT[mode]
   assert want <= _targets(text) and absent not in text
   assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text  # shard_map (Shardy or GSPMD)
+
+
+@pytest.fixture
+def without_pallas_triton(monkeypatch):
+  """A jax without Pallas' Triton backend (deprecated in jax 0.11): its module cannot be imported."""
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  dispatch._pallas_kernels.cache_clear()
+  yield
+  dispatch._pallas_kernels.cache_clear()
+
+
+def test_without_pallas_triton_gpu_products_take_the_cuda_kernels(quantized, as_gpu, without_pallas_triton):
+  """Every product of a decode step goes to the CUDA library (auto takes it even where it measured
+  slower than Pallas), with one warning naming the missing backend; CQJAX_KERNELS=pallas is refused
+  in one line."""
+  model, params = quantized
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (1, 1)))  # one row: Pallas' under auto
+  with pytest.warns(RuntimeWarning, match=r"this jax has no Pallas Triton backend .*python -m cuda_kernels.build"):
+    with dispatch.kernels_mode("auto"):
+      text = _lowered(model, params, tokens, True)
+  assert "cqjax_cuda_lut_matmul" in _targets(text) and "xla.gpu.triton" not in text
+  with pytest.raises(dispatch.CqjaxError, match=r"CQJAX_KERNELS=pallas: this jax has no Pallas Triton backend"):
+    with dispatch.kernels_mode("pallas"):
+      _lowered(model, params, tokens, True)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="a host without a GPU: on a GPU the CUDA library serves")
+def test_without_pallas_triton_or_the_cuda_library_gpu_products_take_the_reference(quantized, without_pallas_triton):
+  """No kernel at all for a GPU: the step lowers with the reference's products (no custom call of
+  cqjax's) and gives the reference's logits."""
+  model, params = quantized
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 1)))
+  with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
+    with dispatch.kernels_mode("auto", backend="gpu"):
+      text = _lowered(model, params, tokens, True)
+      cache = init_cache(CFG, 2, 16, jnp.bfloat16)
+      got = model.apply({"params": params}, tokens, cache=cache, cache_index=7)[0]
+  assert not any(t.startswith("cqjax") or "triton" in t for t in _targets(text))
+  with dispatch.kernels_mode("reference"):
+    want = model.apply({"params": params}, tokens, cache=init_cache(CFG, 2, 16, jnp.bfloat16), cache_index=7)[0]
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
