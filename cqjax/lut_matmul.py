@@ -7,9 +7,9 @@ per row, bf16 activations, 2 to 8 rows per weight or 2 to 16 per expert slot, we
 `cuda_kernels.lut_matmul.serves`, BENCHMARKS.md), else the Pallas kernels of pallas_kernels/
 (1-, 2-, 4- and 8-bit codes); otherwise the jnp reference (unpack + gather + dot) that every
 kernel is tested against. Where this jax lacks Pallas' Triton backend (deprecated in jax 0.11), GPU
-products take the CUDA kernel wherever it applies and the reference elsewhere, with a warning. Kernels compute the forward pass
-only; gradients (ACCF fine-tunes centroids through these products) come from the reference's
-VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
+products take the CUDA kernel wherever it applies and the reference elsewhere, with a warning.
+Kernels compute the forward pass only; gradients (ACCF fine-tunes centroids through these
+products) come from the reference's VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
 `CQJAX_KERNELS=int8` takes the opt-in int8 numerics (`lut_matmul_int8_reference`): the CPU
 kernel's int8 path, and on GPUs the int8 CUDA kernel (cuda_kernels/lut_matmul_int8.py) for up
 to its `MAX_ROWS` (16) rows a weight or expert slot (the decode batches it was measured at) and,
