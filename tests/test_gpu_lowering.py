@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cqjax.codebook import CodebookWeight
 from cqjax.config import ModelConfig
 from cqjax import lut_matmul as dispatch
 from cqjax.fuse_projections import fuse_projections
@@ -171,17 +172,21 @@ def test_without_pallas_triton_gpu_products_take_the_cuda_kernels(quantized, as_
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="a host without a GPU: on a GPU the CUDA library serves")
-def test_without_pallas_triton_or_the_cuda_library_gpu_products_take_the_reference(quantized, without_pallas_triton):
-  """No kernel at all for a GPU: the step lowers with the reference's products (no custom call of
-  cqjax's) and gives the reference's logits."""
-  model, params = quantized
-  tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 1)))
+def test_without_pallas_triton_or_the_cuda_library_gpu_products_take_the_reference(without_pallas_triton):
+  """No kernel at all for a GPU: a product and a grouped one (an expert without rows) lower with no
+  custom call of cqjax's or Triton's and give the reference's numbers."""
+  keys = jax.random.split(jax.random.key(5), 5)
+  codebook = lambda kp, kc, *lead: CodebookWeight(
+      jax.random.randint(kp, (*lead, 48, 32), 0, 256, jnp.int32).astype(jnp.uint8),
+      jax.random.normal(kc, (*lead, 48, 1, 16), jnp.bfloat16), 4, 64)
+  w, experts = codebook(keys[0], keys[1]), codebook(keys[2], keys[3], 3)
+  x, sizes = jax.random.normal(keys[4], (3, 64), jnp.bfloat16), jnp.array([1, 0, 2], jnp.int32)
+  products = lambda x: (dispatch.lut_matmul(x, w), dispatch.grouped_lut_matmul(x, experts, sizes))
   with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
     with dispatch.kernels_mode("auto", backend="gpu"):
-      text = _lowered(model, params, tokens, True)
-      cache = init_cache(CFG, 2, 16, jnp.bfloat16)
-      got = model.apply({"params": params}, tokens, cache=cache, cache_index=7)[0]
+      text = jax.jit(products).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+      got = products(x)
   assert not any(t.startswith("cqjax") or "triton" in t for t in _targets(text))
-  with dispatch.kernels_mode("reference"):
-    want = model.apply({"params": params}, tokens, cache=init_cache(CFG, 2, 16, jnp.bfloat16), cache_index=7)[0]
-  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  want = (dispatch.lut_matmul_reference(x, w), dispatch.grouped_lut_matmul_reference(x, experts, sizes))
+  for g, r in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
