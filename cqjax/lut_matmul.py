@@ -9,12 +9,13 @@ per row, bf16 activations, 2 to 8 rows per weight or 2 to 16 per expert slot, we
 kernel is tested against. Where this jax lacks Pallas' Triton backend (deprecated in jax 0.11), GPU
 products take the CUDA kernel wherever it applies and the reference elsewhere, with a warning.
 Kernels compute the forward pass only; gradients (ACCF fine-tunes centroids through these
-products) come from the reference's VJP, so a kernel never changes what is learned. `CQJAX_KERNELS=reference` forces the reference;
-`CQJAX_KERNELS=int8` takes the opt-in int8 numerics (`lut_matmul_int8_reference`): the CPU
-kernel's int8 path, and on GPUs the int8 CUDA kernel (cuda_kernels/lut_matmul_int8.py) for up
-to its `MAX_ROWS` (16) rows a weight or expert slot (the decode batches it was measured at) and,
-on Hopper, for any rows (its wgmma kernel), the default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it
-applies and `pallas` never.
+products) come from the reference's VJP, so a kernel never changes what is learned.
+`CQJAX_KERNELS=reference` forces the reference; `CQJAX_KERNELS=int8` takes the opt-in int8
+numerics (`lut_matmul_int8_reference`): the CPU kernel's int8 path, and on GPUs the int8 CUDA
+kernel (cuda_kernels/lut_matmul_int8.py) for up to its `MAX_ROWS` (16) rows a weight or expert
+slot (the decode batches it was measured at) and, on Hopper, for any rows (its wgmma kernel), the
+default kernels elsewhere; on GPUs `CQJAX_KERNELS=cuda` takes the CUDA kernel wherever it applies
+and `pallas` never.
 A product may take the activation quantizer of its input (`act`: the W4A4 model's Q_a). The
 others multiply fake_quant(x); on GPUs the bit-plane CUDA kernel (cuda_kernels/lut_matmul_bitplane.py)
 takes x's codes themselves (its affine numerics: y = fake_quant(x) in float32 times the weight)

@@ -215,17 +215,18 @@ def _pairs(act: ActQuantConfig | None, t: int, grouped: bool) -> bool:
   return act is not None and pairs_rows(act) and (t > 2 if grouped else t == 2)
 
 
-def _call(x, packed, centroids, slots, per_warp, covered=None, act=None, grouped=False):
-  """x [t, d_in] -> [t, n] in x's dtype; covered: the rows the slots cover (None: all), past which
-  rows are zero (the kernel zeroes them itself with one K range); act: the affine numerics;
-  grouped: slots over several experts (`_pairs`)."""
+def _call(x, packed, centroids, slots, per_warp, covered=None, act=None):
+  """x [t, d_in] -> [t, n] in x's dtype; covered: for grouped products, the rows the slots cover
+  (None: a single weight's, all), past which rows are zero (the kernel zeroes them itself with one
+  K range); act: the affine numerics."""
   out_dtype = x.dtype if x.dtype in KERNEL_DTYPES else jnp.float32
   if act is None:
     xq, sx = int8_round(x.astype(jnp.float32), -1)
     xpl, xs = x_planes(xq.astype(jnp.int8)), sx[:, 0]
   else:
     xpl, xs = affine_planes(x, act)
-  y, scales = _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp, _pairs(act, x.shape[0], grouped))
+  pairs = _pairs(act, x.shape[0], grouped=covered is not None)
+  y, scales = _ffi(xpl, xs, packed, centroids, slots, out_dtype, per_warp, pairs)
   if y.ndim == 3:  # the K ranges' parts: affine y, else int32 dots to scale
     y = y.sum(0) if act is not None else (scales * y.sum(0).astype(jnp.float32)) * xs[:, None]
     if covered is not None:
@@ -273,8 +274,7 @@ def grouped_lut_matmul_bitplane(x: jax.Array, packed: jax.Array, centroids: jax.
   n = _check("CUDA grouped_lut_matmul_bitplane", x, packed, centroids, bits, (e,), group_sizes, per_warp, act)
   if t == 0:
     return jnp.zeros((0, n), x.dtype)
-  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act,
-               grouped=True)
+  return _call(x, packed, centroids, expert_slots(group_sizes, min(t, e)), per_warp, jnp.sum(group_sizes), act)
 
 
 @dataclasses.dataclass(frozen=True)
