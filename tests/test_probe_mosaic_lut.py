@@ -1,0 +1,75 @@
+"""The Mosaic GPU codebook-matmul probe (experiments/probe_mosaic_lut.py) on the CPU: the select
+decode through Mosaic GPU's interpreter against the reference, both decodes lowered for CUDA, and
+the byte-permute decode's register placement checked against Mosaic GPU's own layouts."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+mgpu_layouts = pytest.importorskip("jax.experimental.mosaic.gpu.fragmented_array")
+probe = pytest.importorskip("experiments.probe_mosaic_lut")
+
+
+@pytest.mark.parametrize("m,k,n,kw", [(1, 256, 64, {}), (3, 512, 128, dict(k_splits=2)),
+                                      (17, 256, 128, dict(block_k=256)), (40, 256, 64, dict(steps=4))])
+def test_select_decode_interpreted_equals_the_reference(m, k, n, kw):
+  x, packed, cents = probe.operands(m * 1000 + k + n, m, k, n)
+  got = probe.lut_matmul_mgpu(x, packed, cents, interpret=True, **kw)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(probe.reference(x, packed, cents), np.float32))
+
+
+@pytest.mark.parametrize("fn", ["lut_matmul_mgpu", "lut_matmul_mgpu_prmt"])
+def test_both_decodes_lower_for_cuda(fn):
+  f = getattr(probe, fn)
+  args = (jax.ShapeDtypeStruct((3, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((14336, 2048), jnp.uint8),
+          jax.ShapeDtypeStruct((14336, 16), jnp.bfloat16))
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def _tile(a, tiles):
+  """a's elements in Mosaic GPU's tiled shape: each tile splits the trailing dims into (outer, tile)."""
+  for tile in tiles:
+    lead, trail = a.shape[:-len(tile)], a.shape[-len(tile):]
+    split = [d for t, s in zip(tile, trail) for d in (s // t, t)]
+    a = a.reshape(*lead, *split)
+    r = len(lead)
+    a = a.transpose(*range(r), *(r + 2 * i for i in range(len(tile))), *(r + 2 * i + 1 for i in range(len(tile))))
+  return a
+
+
+def _coordinates(layout, shape):
+  """{(thread, register index, vector element): (row, column)} of a TiledLayout without replicated
+  dims (its lanes numbered with the first lane dim major)."""
+  flat = _tile(np.arange(np.prod(shape)).reshape(shape), layout.tiling.tiles)
+  nd = flat.ndim
+  warp, = [d % nd for d in layout.warp_dims]
+  lanes = [d % nd for d in layout.lane_dims]
+  vec = layout.vector_dim % nd
+  regs = [d for d in range(nd) if d not in (warp, *lanes, vec)]
+  out = {}
+  for ix in np.ndindex(flat.shape):
+    lane = ix[lanes[0]] * flat.shape[lanes[1]] + ix[lanes[1]]
+    reg = tuple(ix[d] if d in regs else 0 for d in range(nd))
+    out[(32 * ix[warp] + lane, reg, ix[vec])] = divmod(int(flat[ix]), shape[1])
+  return out
+
+
+def test_layout_model_reproduces_the_wgmma_fragment():
+  # PTX's wgmma A fragment: a warp's 16 rows, lane l holds rows l/4 and l/4 + 8, columns 2(l%4) + {0, 1} (+8 a tile).
+  c = _coordinates(mgpu_layouts.WGMMA_LAYOUT, (64, 16))
+  for (t, reg, v), (r, col) in c.items():
+    w, l = divmod(t, 32)
+    assert r == 16 * w + l // 4 + 8 * reg[4] and col == 8 * reg[1] + 2 * (l % 4) + v
+
+
+def test_prmt_decoder_places_each_code_against_its_input():
+  kt = 128
+  up4 = _coordinates(mgpu_layouts.WGMMA_LAYOUT_UPCAST_4X, (64, kt))
+  wg = _coordinates(mgpu_layouts.WGMMA_LAYOUT, (64, kt))
+  perm = probe.prmt_permutation(kt)
+  assert sorted(perm) == list(range(kt))
+  for (t, reg, e), (row, code_col) in up4.items():
+    # Codes 2p, 2p + 1 of a word are bf16 pair p (DECODE4_PTX: code j of a half in bits 16j).
+    out_row, out_col = wg[(t, probe.pair_register(reg, e // 2), e % 2)]
+    assert out_row == row and perm[out_col] == code_col
