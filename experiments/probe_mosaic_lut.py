@@ -1,6 +1,13 @@
-"""Probe: a Mosaic GPU codebook matmul (weights decoded in registers as wgmma's A operand, x^T in
-shared memory as B), timed against XLA's bf16 dot and the Pallas (Triton) kernel on the same
-weights. python -m experiments.probe_mosaic_lut [--interpret] [--compile_only]"""
+"""Probe: Mosaic GPU codebook matmuls, single and grouped over experts (weights decoded in
+registers as wgmma's A operand, x^T in shared memory as B), timed on a GPU against XLA's bf16
+`dot` / `ragged_dot` and the Pallas (Triton) kernels on the same weights, 8 weights (or past L2)
+a jitted call, median of repeats:
+
+  python -m experiments.probe_mosaic_lut [--shapes=4096x14336] [--ms=1,16] [--grouped=8x2x4096x14336]
+  python -m experiments.probe_mosaic_lut --interpret   # no GPU: the select decode, interpreted
+
+A probe towards Pallas' Mosaic GPU backend (its Triton backend is deprecated in jax 0.11): not
+dispatched by cqjax until timed."""
 from __future__ import annotations
 
 import argparse
@@ -16,77 +23,146 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
-def lut_matmul_mgpu(x, packed, cents, *, block_n=64, block_k=128, steps=2, k_splits=1, interpret=False):
-  """x [m, k] @ (packed uint8 [n, k/2] of 4-bit codes, cents [n, 16]) -> [m, n]."""
-  m, k = x.shape
-  n = packed.shape[0]
-  mp = max(16, -(-m // 16) * 16)
-  kh, bkh = k // 2, block_k // 2
-  k_steps = kh // bkh // k_splits
-  assert n % block_n == 0 and kh % (bkh * k_splits) == 0, (n, k, block_n, block_k, k_splits)
-  xe = jnp.pad(x[:, 0::2], ((0, mp - m), (0, 0))).T  # [kh, mp]: inputs of the low nibbles
-  xo = jnp.pad(x[:, 1::2], ((0, mp - m), (0, 0))).T
-  cents = cents.reshape(n, 16).T  # [16, n]
+def _transforms(minor: int, bits: int) -> tuple:
+  """Shared-memory tiling (and swizzle, where a row spans 32 bytes or more) for tiles of `minor`
+  elements of `bits` bits a row, as TMA and wgmma read them."""
+  sw = plgpu.find_swizzle(minor * bits)
+  t = (plgpu.TilingTransform((8, sw * 8 // bits)),)
+  return t if sw == 16 else t + (plgpu.SwizzleTransform(sw),)
+
+
+def x_columns(k: int, decode: str) -> np.ndarray:
+  """x's column at each row of wgmma's B: the select decode multiplies the low nibbles (even
+  inputs) and then the high ones (odd), the byte-permute decode as prmt_permutation places them."""
+  if decode == "select":
+    return np.concatenate([np.arange(0, k, 2), np.arange(1, k, 2)])
+  return prmt_permutation(k)
+
+
+def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", block_n=64, block_k=128, steps=2,
+                            k_splits=1, interpret=False):
+  """x [t, k] rows sorted by expert @ (packed uint8 [e, n, k/2] of 4-bit codes, cents [e, n, 16]) by
+  group_sizes int32 [e] -> [t, n] (the ragged_dot contract: rows past the last group are zero).
+
+  Each expert with rows is a slot (cqjax.codebook.expert_slots; min(e, t) slots, so experts
+  without rows launch nothing); a program owns block_n outputs of one slot and a 1/k_splits share
+  of k, and its slot's rows (up to mp, a multiple of 16) are wgmma's N: the swapped product
+  y^T = W x^T, the weights decoded in registers as A. decode: "select" (a tree of selects over the
+  16 centroids, plain jnp: also runs in Mosaic GPU's interpreter) or "prmt" (DECODE4_PTX's byte
+  permutes, inline PTX: compiled only)."""
+  from cqjax.codebook import expert_slots  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.lut_matmul import decode4_registers  # pylint: disable=g-import-not-at-top
+  t, k = x.shape
+  e, n = packed.shape[:2]
+  if decode not in ("select", "prmt") or (decode == "prmt" and interpret):
+    raise ValueError(f"decode={decode!r}: 'select', or 'prmt' compiled (inline PTX)")
+  mp = max(16, -(-t // 16) * 16)
+  step_k = block_k // 2 if decode == "select" else block_k  # B rows a wgmma of a step
+  k_steps = k // block_k // k_splits
+  if mp > 256 or n % block_n or k % (block_k * k_splits) or block_k % 32:
+    raise ValueError(f"t={t} (at most 256), n={n} (a multiple of block_n={block_n}) and k={k} (of block_k="
+                     f"{block_k} x k_splits={k_splits}, block_k a multiple of 32) do not fit")
+  slots = min(e, t)
+  table = expert_slots(group_sizes, slots)  # [3, slots]: expert, first row, rows
+  j = jnp.arange(mp)
+  rows = table[1][:, None] + j
+  xs = jnp.where((j < table[2][:, None])[..., None], x[jnp.minimum(rows, t - 1)], 0)  # [slots, mp, k]
+  xs = xs[:, :, x_columns(k, decode)].transpose(0, 2, 1)  # [slots, k, mp]
+  c16 = cents.reshape(e, n, 16)
+  if decode == "select":
+    codes, tab = packed, c16.transpose(0, 2, 1)  # [e, 16, n]
+  else:
+    codes = jax.lax.bitcast_convert_type(packed, jnp.uint4).reshape(e, n, k)
+    tab = jnp.stack(decode4_registers([c16[..., i] for i in range(16)]), axis=1)  # [e, 8, n] uint32
   out_dtype = x.dtype if k_splits == 1 else jnp.float32
-
-  def tf(minor, bits):
-    sw = plgpu.find_swizzle(minor * bits)
-    t = (plgpu.TilingTransform((8, sw * 8 // bits)),)
-    return t if sw == 16 else t + (plgpu.SwizzleTransform(sw),)
-
-  lc = (lambda a, l: a) if interpret else plgpu.layout_cast
   wg = plgpu.Layout.WGMMA
   row = wg.reduce(1)
+  lc = (lambda a, _: a) if interpret else plgpu.layout_cast  # the interpreter has no layouts
 
-  def kernel(codes_gmem, cent_gmem, xe_gmem, xo_gmem, o_gmem, cent_smem, bar, *a_smem):
-    ni, si = lax.axis_index("n"), lax.axis_index("s")
-    plgpu.copy_gmem_to_smem(cent_gmem.at[:, pl.ds(ni * block_n, block_n)], cent_smem, bar)
-    plgpu.barrier_wait(bar)
+  def select_body(acc_ref, tab_smem, a_smem):
+    table = [lc(tab_smem[i], row) for i in range(16)]
 
-    def acc_scope(acc_ref):
-      table = [lc(cent_smem[j], row) for j in range(16)]
+    def decode_half(v):
+      lvl = [lax.broadcast_in_dim(c, v.shape, (0,)) for c in table]
+      for b in range(4):
+        bit = ((v >> b) & 1) == 1
+        lvl = [jnp.where(bit, lvl[2 * i + 1], lvl[2 * i]) for i in range(len(lvl) // 2)]
+      return lvl[0]
 
-      def decode(v):
-        lvl = [lax.broadcast_in_dim(t, v.shape, (0,)) for t in table]
-        for i in range(4):
-          bit = ((v >> i) & 1) == 1
-          lvl = [jnp.where(bit, lvl[2 * j + 1], lvl[2 * j]) for j in range(len(lvl) // 2)]
-        return lvl[0]
+    def operand(w, i):
+      if not a_smem:
+        return w
+      a_smem[0][i] = w  # the interpreter's wgmma reads A from shared memory only
+      return a_smem[0].at[i]
 
-      def operand(w, i):
-        if not a_smem:  # the interpreter's wgmma reads A from shared memory only
-          return w
-        a_smem[0][i] = w
-        return a_smem[0].at[i]
+    def body(_, c_smem, xe_smem, xo_smem):
+      c = lc(c_smem[...], wg).astype(jnp.int32)
+      plgpu.wgmma(acc_ref, operand(decode_half(c & 15), 0), xe_smem)
+      plgpu.wgmma(acc_ref, operand(decode_half(c >> 4), 1), xo_smem)
+      plgpu.wgmma_wait(0)
+    return body
 
-      def body(_, c_smem, xe_smem, xo_smem):
-        c = lc(c_smem[...], wg).astype(jnp.int32)
-        plgpu.wgmma(acc_ref, operand(decode(c & 15), 0), xe_smem)
-        plgpu.wgmma(acc_ref, operand(decode(c >> 4), 1), xo_smem)
-        plgpu.wgmma_wait(0)
+  def prmt_body(acc_ref, tab_smem):
+    regs = [plgpu.load(tab_smem, (i, slice(None)), layout=row) for i in range(8)]
+    dec = _prmt_decoder(block_n, block_k)
 
-      plgpu.emit_pipeline(
-          body, grid=(k_steps,),
-          in_specs=[plgpu.BlockSpec((block_n, bkh), lambda kk: (ni, si * k_steps + kk), transforms=tf(bkh, 8)),
-                    plgpu.BlockSpec((bkh, mp), lambda kk: (si * k_steps + kk, 0), transforms=tf(mp, 16)),
-                    plgpu.BlockSpec((bkh, mp), lambda kk: (si * k_steps + kk, 0), transforms=tf(mp, 16))],
-          max_concurrent_steps=steps,
-      )(codes_gmem, xe_gmem, xo_gmem)
-      return acc_ref[...]
+    def body(_, c_smem, x_smem):
+      plgpu.wgmma(acc_ref, dec(plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X), *regs), x_smem)
+      plgpu.wgmma_wait(0)
+    return body
 
-    acc = pl.run_scoped(acc_scope, plgpu.ACC((block_n, mp)))
-    o_gmem[si, pl.ds(ni * block_n, block_n), :] = acc.astype(o_gmem.dtype)
+  def kernel(slot_gmem, codes_gmem, tab_gmem, x_gmem, o_gmem, tab_smem, bar, *a_smem):
+    s, ni, si = lax.axis_index("slot"), lax.axis_index("n"), lax.axis_index("s")
+    expert = slot_gmem[0, s]
+    first = si * k_steps
+
+    @pl.when(slot_gmem[2, s] > 0)
+    def _():
+      plgpu.copy_gmem_to_smem(tab_gmem.at[expert, :, pl.ds(ni * block_n, block_n)], tab_smem, bar)
+      plgpu.barrier_wait(bar)
+      x_spec = plgpu.BlockSpec((step_k, mp), lambda kk: (first + kk, 0), transforms=_transforms(mp, 16))
+
+      def acc_scope(acc_ref):
+        if decode == "select":
+          body = select_body(acc_ref, tab_smem, a_smem)
+          specs = [plgpu.BlockSpec((block_n, step_k), lambda kk: (ni, first + kk), transforms=_transforms(step_k, 8)),
+                   x_spec, plgpu.BlockSpec((step_k, mp), lambda kk: (k // 2 // step_k + first + kk, 0),
+                                           transforms=_transforms(mp, 16))]
+          operands = (codes_gmem.at[expert], x_gmem.at[s], x_gmem.at[s])
+        else:
+          body = prmt_body(acc_ref, tab_smem)
+          specs = [plgpu.BlockSpec((block_n, block_k), lambda kk: (ni, first + kk), transforms=_transforms(block_k, 4)),
+                   x_spec]
+          operands = (codes_gmem.at[expert], x_gmem.at[s])
+        plgpu.emit_pipeline(body, grid=(k_steps,), in_specs=specs, max_concurrent_steps=steps)(*operands)
+        return acc_ref[...]
+
+      acc = pl.run_scoped(acc_scope, plgpu.ACC((block_n, mp)))
+      o_gmem[si, s, pl.ds(ni * block_n, block_n), :] = acc.astype(o_gmem.dtype)
 
   kwargs = {}
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
     kwargs["interpret"] = InterpretGPUParams()
-  f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((k_splits, n, mp), out_dtype),
-                   grid=(n // block_n, k_splits), grid_names=("n", "s"),
-                   scratch_types=[plgpu.SMEM((16, block_n), cents.dtype), plgpu.Barrier()]
-                   + ([plgpu.SMEM((2, block_n, bkh), x.dtype)] if interpret else []), **kwargs)
-  out = f(packed, cents, xe, xo)
-  return out.sum(0).astype(x.dtype)[:, :m].T if k_splits > 1 else out[0, :, :m].T
+  f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((k_splits, slots, n, mp), out_dtype),
+                   grid=(slots, n // block_n, k_splits), grid_names=("slot", "n", "s"),
+                   scratch_types=[plgpu.SMEM(tab.shape[1:2] + (block_n,), tab.dtype), plgpu.Barrier()]
+                   + ([plgpu.SMEM((2, block_n, step_k), x.dtype)] if interpret else []), **kwargs)
+  out = f(table, codes, tab, xs)  # [k_splits, slots, n, mp]
+  # Row r: its expert's slot (the experts with rows up to it, less one) and its place in the slot.
+  gs = group_sizes.astype(jnp.int32)
+  ends = jnp.cumsum(gs)
+  r = jnp.arange(t)
+  expert_r = jnp.minimum(jnp.sum(r[:, None] >= ends[None, :], axis=1), e - 1)
+  slot_r = jnp.cumsum(gs > 0)[expert_r] - 1
+  y = out[:, slot_r, :, r - (ends - gs)[expert_r]]  # [t, k_splits, n]
+  y = jnp.where((r < ends[-1])[:, None, None], y.astype(jnp.float32), 0).sum(1)
+  return y.astype(x.dtype)
+
+
+def lut_matmul_mgpu(x, packed, cents, **kw):
+  """x [m, k] @ (packed uint8 [n, k/2] of 4-bit codes, cents [n, 16]) -> [m, n]: one expert of m rows."""
+  return grouped_lut_matmul_mgpu(x, packed[None], cents[None], jnp.array([x.shape[0]], jnp.int32), **kw)
 
 
 def _prmt_decoder(block_n, kt):
@@ -139,56 +215,12 @@ def prmt_permutation(k):
   return 32 * b + 8 * c + 2 * p + v
 
 
-def lut_matmul_mgpu_prmt(x, packed, cents, *, block_n=64, block_k=128, steps=2, k_splits=1):
-  """As lut_matmul_mgpu, the weights decoded by byte permutes (compiled only)."""
-  from pallas_kernels.lut_matmul import decode4_registers  # pylint: disable=g-import-not-at-top
-  m, k = x.shape
-  n = packed.shape[0]
-  mp = max(16, -(-m // 16) * 16)
-  k_steps = k // block_k // k_splits
-  assert n % block_n == 0 and k % (block_k * k_splits) == 0 and block_k % 32 == 0
-  xt = jnp.pad(x[:, prmt_permutation(k)], ((0, mp - m), (0, 0))).T  # [k, mp]
-  codes = jax.lax.bitcast_convert_type(packed, jnp.uint4).reshape(n, k)
-  c16 = cents.reshape(n, 16)
-  tables = jnp.stack(decode4_registers([c16[:, j] for j in range(16)]))  # [8, n] uint32
-  out_dtype = x.dtype if k_splits == 1 else jnp.float32
-
-  def tf(minor, bits):
-    sw = plgpu.find_swizzle(minor * bits)
-    return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
-
-  up4, wg = plgpu.Layout.WGMMA_UPCAST_4X, plgpu.Layout.WGMMA
-  row = wg.reduce(1)
-  decode = _prmt_decoder(block_n, block_k)
-
-  def kernel(codes_gmem, tab_gmem, x_gmem, o_gmem, tab_smem, bar):
-    ni, si = lax.axis_index("n"), lax.axis_index("s")
-    plgpu.copy_gmem_to_smem(tab_gmem.at[:, pl.ds(ni * block_n, block_n)], tab_smem, bar)
-    plgpu.barrier_wait(bar)
-
-    def acc_scope(acc_ref):
-      regs = [plgpu.load(tab_smem, (j, slice(None)), layout=row) for j in range(8)]
-
-      def body(_, c_smem, x_smem):
-        plgpu.wgmma(acc_ref, decode(plgpu.load(c_smem, (), layout=up4), *regs), x_smem)
-        plgpu.wgmma_wait(0)
-
-      plgpu.emit_pipeline(
-          body, grid=(k_steps,),
-          in_specs=[plgpu.BlockSpec((block_n, block_k), lambda kk: (ni, si * k_steps + kk), transforms=tf(block_k, 4)),
-                    plgpu.BlockSpec((block_k, mp), lambda kk: (si * k_steps + kk, 0), transforms=tf(mp, 16))],
-          max_concurrent_steps=steps,
-      )(codes_gmem, x_gmem)
-      return acc_ref[...]
-
-    acc = pl.run_scoped(acc_scope, plgpu.ACC((block_n, mp)))
-    o_gmem[si, pl.ds(ni * block_n, block_n), :] = acc.astype(o_gmem.dtype)
-
-  f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((k_splits, n, mp), out_dtype),
-                   grid=(n // block_n, k_splits), grid_names=("n", "s"),
-                   scratch_types=[plgpu.SMEM((8, block_n), jnp.uint32), plgpu.Barrier()])
-  out = f(codes, tables, xt)
-  return out.sum(0).astype(x.dtype)[:, :m].T if k_splits > 1 else out[0, :, :m].T
+def grouped_reference(x, packed, cents, group_sizes):
+  ends = jnp.cumsum(group_sizes)
+  r = jnp.arange(x.shape[0])[:, None]
+  y = sum(jnp.where((r >= end - size) & (r < end), reference(x, p, c).astype(jnp.float32), 0)
+          for p, c, size, end in zip(packed, cents, group_sizes, ends))
+  return y.astype(x.dtype)
 
 
 def reference(x, packed, cents):
@@ -216,51 +248,82 @@ def operands(seed, m, k, n):
           jnp.asarray(r.standard_normal((n, 16)), jnp.bfloat16))
 
 
+def _timed_configs(line, configs, run, check, t_base):
+  """line + ' | kind config: us (speedup over t_base, max error / max |ref|)' for each config."""
+  for kind, bn, bk, st, ks in configs:
+    name = f"{kind} {bn},{bk},{st},{ks}"
+    kw = dict(decode=kind, block_n=bn, block_k=bk, steps=st, k_splits=ks)
+    try:
+      err = check(kw)
+      t = run(kw)
+      line += f" | {name}: {t:6.1f} ({t_base / t:4.2f}x, err {err:.2g})"
+    except Exception as e:  # pylint: disable=broad-except
+      line += f" | {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+  return line
+
+
+def _max_rel_err(got, ref):
+  ref = ref.astype(jnp.float32)
+  return float(jnp.abs(got.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+
+
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--interpret", action="store_true")
+  ap.add_argument("--interpret", action="store_true", help="the select decode through Mosaic GPU's interpreter (CPU)")
   ap.add_argument("--shapes", default="4096x14336,14336x4096")
   ap.add_argument("--ms", default="1,16,128")
+  ap.add_argument("--grouped", default="8x2x4096x14336,128x8x2048x768", help="experts x top_k x d_in x d_out")
+  ap.add_argument("--batches", default="1,16")
   ap.add_argument("--configs", default="select:64,128,2,1;prmt:64,128,2,1;prmt:64,256,2,1;prmt:64,128,4,1;"
-                                       "prmt:64,256,4,1;prmt:64,128,2,4")
+                                       "prmt:64,256,4,1;prmt:64,128,2,4",
+                  help="decode:block_n,block_k,steps,k_splits;...")
   a = ap.parse_args()
   if a.interpret:
-    for m, k, n, kw in [(1, 256, 64, {}), (3, 512, 128, dict(k_splits=2)), (17, 256, 128, dict(block_k=256)),
-                        (40, 256, 64, dict(steps=4))]:
-      x, p, c = operands(m + k + n, m, k, n)
-      got = np.asarray(lut_matmul_mgpu(x, p, c, interpret=True, **kw), np.float32)
-      ref = np.asarray(reference(x, p, c), np.float32)
-      print(m, k, n, kw, "max abs err", np.abs(got - ref).max(), "of", np.abs(ref).max())
+    x, p, c = operands(0, 5, 256, 64)
+    packed, cents = jnp.stack([p, p ^ 0x5A, p]), jnp.stack([c, -c, 2 * c])
+    gs = jnp.array([2, 0, 3], jnp.int32)
+    err = _max_rel_err(grouped_lut_matmul_mgpu(x, packed, cents, gs, decode="select", interpret=True),
+                       grouped_reference(x, packed, cents, gs))
+    print(f"interpreted, 3 experts (one empty), 5 rows: max error / max |ref| {err:.2g}")
     return
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
-  kinds = {"select": lut_matmul_mgpu, "prmt": lut_matmul_mgpu_prmt}
   configs = [(c.split(":")[0], *(int(v) for v in c.split(":")[1].split(","))) for c in a.configs.split(";")]
+  print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   sets = 8
-  for shape in a.shapes.split(","):
+  for shape in filter(None, a.shapes.split(",")):
     k, n = (int(v) for v in shape.split("x"))
     ws = [operands(i, 1, k, n)[1:] for i in range(sets)]
     dense = [jnp.asarray(np.random.default_rng(100 + i).standard_normal((k, n)), jnp.bfloat16) for i in range(sets)]
-    cents4 = [c.reshape(n, 1, 16) for _, c in ws]
     for m in (int(v) for v in a.ms.split(",")):
       x = operands(1000 + m, m, k, n)[0]
       t_bf16 = per_call_us(jax.jit(lambda x, ds: [x @ d for d in ds]), (x, dense)) / sets
-      t_pk = per_call_us(jax.jit(lambda x, ws, cs: [pk.lut_matmul(x, p, c, 4) for (p, _), c in zip(ws, cs)]),
-                         (x, ws, cents4)) / sets
+      t_pk = per_call_us(jax.jit(lambda x, ws: [pk.lut_matmul(x, p, c.reshape(n, 1, 16), 4) for p, c in ws]),
+                         (x, ws)) / sets
       line = f"{k}x{n} M={m:<3} bf16 {t_bf16:6.1f} us  pallas-triton {t_pk:6.1f} ({t_bf16 / t_pk:4.2f}x)"
-      for kind, bn, bk, st, ks in configs:
-        name = f"{kind} {bn},{bk},{st},{ks}"
-        try:
-          kw = dict(block_n=bn, block_k=bk, steps=st, k_splits=ks)
-          fn = kinds[kind]
-          got = fn(x, *ws[0], **kw)
-          ref = reference(x, *ws[0]).astype(jnp.float32)
-          err = float(jnp.abs(got.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
-          f = jax.jit(lambda x, ws, kw=kw, fn=fn: [fn(x, p, c, **kw) for p, c in ws])
-          t = per_call_us(f, (x, ws)) / sets
-          line += f" | {name}: {t:6.1f} ({t_bf16 / t:4.2f}x, err {err:.2g})"
-        except Exception as e:  # pylint: disable=broad-except
-          line += f" | {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:100]}"
-      print(line, flush=True)
+      run = lambda kw, x=x, ws=ws: per_call_us(jax.jit(lambda x, ws: [lut_matmul_mgpu(x, p, c, **kw) for p, c in ws]),
+                                               (x, ws)) / sets
+      check = lambda kw, x=x, ws=ws: _max_rel_err(lut_matmul_mgpu(x, *ws[0], **kw), reference(x, *ws[0]))
+      print(_timed_configs(line, configs, run, check, t_bf16), flush=True)
+  for spec in filter(None, a.grouped.split(",")):
+    e, top_k, k, n = (int(v) for v in spec.split("x"))
+    gsets = max(2, min(sets, (60 << 20) // (e * n * k // 2) + 1))  # past the 50 MB L2
+    ws = [(operands(i, 1, k, n * e)[1].reshape(e, n, k // 2), operands(i, 1, k, n * e)[2].reshape(e, n, 16))
+          for i in range(gsets)]
+    dense = [jnp.asarray(np.random.default_rng(100 + i).standard_normal((e, k, n)), jnp.bfloat16) for i in range(gsets)]
+    for b in (int(v) for v in a.batches.split(",")):
+      scores = jax.random.uniform(jax.random.key(b), (b, e))
+      gs = jnp.bincount(jax.lax.top_k(scores, top_k)[1].reshape(-1), length=e).astype(jnp.int32)
+      x = operands(2000 + b, b * top_k, k, n)[0]
+      t_rd = per_call_us(jax.jit(lambda x, ds, gs: [jax.lax.ragged_dot(x, d, gs) for d in ds]), (x, dense, gs)) / gsets
+      t_pk = per_call_us(jax.jit(lambda x, ws, gs: [pk.grouped_lut_matmul(x, p, c.reshape(e, n, 1, 16), 4, gs)
+                                                    for p, c in ws]), (x, ws, gs)) / gsets
+      line = (f"grouped {e}x{n}x{k} top-{top_k} batch {b:<3} ragged_dot {t_rd:6.1f} us  pallas-triton {t_pk:6.1f} "
+              f"({t_rd / t_pk:4.2f}x)")
+      run = lambda kw, x=x, ws=ws, gs=gs: per_call_us(jax.jit(
+          lambda x, ws, gs: [grouped_lut_matmul_mgpu(x, p, c, gs, **kw) for p, c in ws]), (x, ws, gs)) / gsets
+      check = lambda kw, x=x, ws=ws, gs=gs: _max_rel_err(grouped_lut_matmul_mgpu(x, *ws[0], gs, **kw),
+                                                         grouped_reference(x, *ws[0], gs))
+      print(_timed_configs(line, configs, run, check, t_rd), flush=True)
 
 
 if __name__ == "__main__":

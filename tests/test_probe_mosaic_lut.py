@@ -14,15 +14,35 @@ probe = pytest.importorskip("experiments.probe_mosaic_lut")
                                       (17, 256, 128, dict(block_k=256)), (40, 256, 64, dict(steps=4))])
 def test_select_decode_interpreted_equals_the_reference(m, k, n, kw):
   x, packed, cents = probe.operands(m * 1000 + k + n, m, k, n)
-  got = probe.lut_matmul_mgpu(x, packed, cents, interpret=True, **kw)
+  got = probe.lut_matmul_mgpu(x, packed, cents, decode="select", interpret=True, **kw)
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(probe.reference(x, packed, cents), np.float32))
 
 
-@pytest.mark.parametrize("fn", ["lut_matmul_mgpu", "lut_matmul_mgpu_prmt"])
-def test_both_decodes_lower_for_cuda(fn):
-  f = getattr(probe, fn)
-  args = (jax.ShapeDtypeStruct((3, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((14336, 2048), jnp.uint8),
-          jax.ShapeDtypeStruct((14336, 16), jnp.bfloat16))
+@pytest.mark.parametrize("sizes,k_splits", [([2, 0, 3], 1), ([0, 1, 0], 2), ([0, 0, 4], 1)])
+def test_grouped_select_decode_interpreted_equals_the_reference(sizes, k_splits):
+  # Empty experts, a single row, and rows past the last group (zero: the ragged_dot contract).
+  t, k, n = 6, 256, 64
+  x, p, c = probe.operands(sum(sizes) + k_splits, t, k, n)
+  packed, cents = jnp.stack([p, p ^ 0x5A, p[::-1]]), jnp.stack([c, -c, 2 * c])
+  gs = jnp.array(sizes, jnp.int32)
+  got = probe.grouped_lut_matmul_mgpu(x, packed, cents, gs, decode="select", k_splits=k_splits, interpret=True)
+  want = probe.grouped_reference(x, packed, cents, gs)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+  assert not np.asarray(got[sum(sizes):]).any()
+
+
+def test_prmt_decode_is_refused_in_the_interpreter():
+  x, p, c = probe.operands(0, 1, 256, 64)
+  with pytest.raises(ValueError, match="compiled"):
+    probe.lut_matmul_mgpu(x, p, c, decode="prmt", interpret=True)
+
+
+@pytest.mark.parametrize("decode", ["select", "prmt"])
+def test_both_decodes_lower_for_cuda(decode):
+  # Mixtral's experts, batch 2 top-2; Mosaic GPU's layout inference and shared-memory budget run here.
+  args = (jax.ShapeDtypeStruct((4, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((8, 14336, 2048), jnp.uint8),
+          jax.ShapeDtypeStruct((8, 14336, 16), jnp.bfloat16), jax.ShapeDtypeStruct((8,), jnp.int32))
+  f = lambda *a: probe.grouped_lut_matmul_mgpu(*a, decode=decode, k_splits=2)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
