@@ -11,9 +11,7 @@ dispatched by cqjax until timed."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from cqjax.codebook import CodebookWeight, expert_slots
+from cqjax.lut_matmul import grouped_lut_matmul_reference, lut_matmul_reference
 
 
 def _transforms(minor: int, bits: int) -> tuple:
@@ -50,7 +51,6 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
   y^T = W x^T, the weights decoded in registers as A. decode: "select" (a tree of selects over the
   16 centroids, plain jnp: also runs in Mosaic GPU's interpreter) or "prmt" (DECODE4_PTX's byte
   permutes, inline PTX: compiled only)."""
-  from cqjax.codebook import expert_slots  # pylint: disable=g-import-not-at-top
   from pallas_kernels.lut_matmul import decode4_registers  # pylint: disable=g-import-not-at-top
   t, k = x.shape
   e, n = packed.shape[:2]
@@ -215,30 +215,17 @@ def prmt_permutation(k):
   return 32 * b + 8 * c + 2 * p + v
 
 
-def grouped_reference(x, packed, cents, group_sizes):
-  ends = jnp.cumsum(group_sizes)
-  r = jnp.arange(x.shape[0])[:, None]
-  y = sum(jnp.where((r >= end - size) & (r < end), reference(x, p, c).astype(jnp.float32), 0)
-          for p, c, size, end in zip(packed, cents, group_sizes, ends))
-  return y.astype(x.dtype)
+def _weight(packed, cents) -> CodebookWeight:
+  return CodebookWeight(packed, cents.reshape(*cents.shape[:-1], 1, 16), 4, 2 * packed.shape[-1])
 
 
 def reference(x, packed, cents):
-  codes = jnp.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1).astype(jnp.int32)
-  w = jnp.take_along_axis(cents.reshape(cents.shape[0], 16), codes, axis=1)
-  return jnp.dot(x.astype(jnp.float32), w.T.astype(jnp.float32)).astype(x.dtype)
+  """cqjax's reference in float32, rounded to x's dtype as the kernel's float32 accumulator is."""
+  return lut_matmul_reference(x.astype(jnp.float32), _weight(packed, cents)).astype(x.dtype)
 
 
-def per_call_us(fn, args, repeats=7, calls=20):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / calls * 1e6)
-  return statistics.median(times)
+def grouped_reference(x, packed, cents, group_sizes):
+  return grouped_lut_matmul_reference(x.astype(jnp.float32), _weight(packed, cents), group_sizes).astype(x.dtype)
 
 
 def operands(seed, m, k, n):
@@ -286,6 +273,7 @@ def main():
                        grouped_reference(x, packed, cents, gs))
     print(f"interpreted, 3 experts (one empty), 5 rows: max error / max |ref| {err:.2g}")
     return
+  from experiments.bench_kernels import _per_call_us as per_call_us  # pylint: disable=g-import-not-at-top
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
   configs = [(c.split(":")[0], *(int(v) for v in c.split(":")[1].split(","))) for c in a.configs.split(";")]
   print(jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
