@@ -93,3 +93,36 @@ def test_prmt_decoder_places_each_code_against_its_input():
     # Codes 2p, 2p + 1 of a word are bf16 pair p (DECODE4_PTX: code j of a half in bits 16j).
     out_row, out_col = wg[(t, probe.pair_register(reg, e // 2), e % 2)]
     assert out_row == row and perm[out_col] == code_col
+
+
+on_hopper = pytest.mark.skipif(
+    not (jax.devices()[0].platform == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0"),
+    reason="Mosaic GPU's wgmma kernels run on Hopper GPUs (H100 / H200)")
+
+
+def _close(got, want):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  # Both round a float32 sum to bf16; the sums differ in order only.
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * max(np.abs(want).max(), 1e-6))
+
+
+@on_hopper
+@pytest.mark.parametrize("decode", ["select", "prmt"])
+@pytest.mark.parametrize("m,k,n,kw", [(1, 4096, 192, {}), (3, 256, 64, dict(k_splits=2)), (17, 1024, 128, dict(block_k=256)),
+                                      (64, 512, 64, dict(steps=4)), (130, 256, 64, {})])
+def test_compiled_single_products_equal_the_reference(decode, m, k, n, kw):
+  x, packed, cents = probe.operands(m * 1000 + k + n, m, k, n)
+  _close(probe.lut_matmul_mgpu(x, packed, cents, decode=decode, **kw), probe.reference(x, packed, cents))
+
+
+@on_hopper
+@pytest.mark.parametrize("decode", ["select", "prmt"])
+@pytest.mark.parametrize("sizes,k_splits", [([2, 0, 3], 1), ([0, 1, 0], 2), ([0, 0, 4], 1)])
+def test_compiled_grouped_products_equal_the_reference(decode, sizes, k_splits):
+  t, k, n = 6, 512, 128
+  x, p, c = probe.operands(sum(sizes) + k_splits, t, k, n)
+  packed, cents = jnp.stack([p, p ^ 0x5A, p[::-1]]), jnp.stack([c, -c, 2 * c])
+  gs = jnp.array(sizes, jnp.int32)
+  got = probe.grouped_lut_matmul_mgpu(x, packed, cents, gs, decode=decode, k_splits=k_splits)
+  _close(got, probe.grouped_reference(x, packed, cents, gs))
+  assert not np.asarray(got[sum(sizes):]).any()
