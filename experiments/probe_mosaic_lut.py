@@ -42,46 +42,58 @@ def x_columns(k: int, decode: str) -> np.ndarray:
 
 def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", block_n=64, block_k=128, steps=2,
                             k_splits=1, interpret=False):
-  """x [t, k] rows sorted by expert @ (packed uint8 [e, n, k/2] of 4-bit codes, cents [e, n, 16]) by
-  group_sizes int32 [e] -> [t, n] (the ragged_dot contract: rows past the last group are zero).
+  """x [t, k] rows sorted by expert @ (packed uint8 [e, n, k/2] of 4-bit codes, cents [e, n, 16] or
+  [e, n, groups, 16]: a codebook a row or a column group of k / groups inputs) by group_sizes
+  int32 [e] -> [t, n] (the ragged_dot contract: rows past the last group are zero).
 
   Each expert with rows is a slot (cqjax.codebook.expert_slots; min(e, t) slots, so experts
   without rows launch nothing); a program owns block_n outputs of one slot and a 1/k_splits share
   of k, and its slot's rows (up to mp, a multiple of 16) are wgmma's N: the swapped product
-  y^T = W x^T, the weights decoded in registers as A. decode: "select" (a tree of selects over the
-  16 centroids, plain jnp: also runs in Mosaic GPU's interpreter) or "prmt" (DECODE4_PTX's byte
-  permutes, inline PTX: compiled only)."""
+  y^T = W x^T, the weights decoded in registers as A. A row's codebook is read once a program;
+  column groups' come with each K step's codes (block_k must divide the group). decode: "select"
+  (a tree of selects over the 16 centroids, plain jnp: also runs in Mosaic GPU's interpreter) or
+  "prmt" (DECODE4_PTX's byte permutes, inline PTX: compiled only)."""
   from pallas_kernels.lut_matmul import decode4_registers  # pylint: disable=g-import-not-at-top
   t, k = x.shape
   e, n = packed.shape[:2]
   if decode not in ("select", "prmt") or (decode == "prmt" and interpret):
     raise ValueError(f"decode={decode!r}: 'select', or 'prmt' compiled (inline PTX)")
+  c = cents.reshape(e, n, -1, 16)
+  groups = c.shape[2]
+  group_size = k // groups
   mp = max(16, -(-t // 16) * 16)
   step_k = block_k // 2 if decode == "select" else block_k  # B rows a wgmma of a step
   k_steps = k // block_k // k_splits
-  if mp > 256 or n % block_n or k % (block_k * k_splits) or block_k % 32:
+  if (mp > 256 or n % block_n or k % (block_k * k_splits) or block_k % 32 or k % groups
+      or (groups > 1 and group_size % block_k)):
     raise ValueError(f"t={t} (at most 256), n={n} (a multiple of block_n={block_n}) and k={k} (of block_k="
-                     f"{block_k} x k_splits={k_splits}, block_k a multiple of 32) do not fit")
+                     f"{block_k} x k_splits={k_splits}, block_k a multiple of 32 dividing the codebook group, "
+                     f"{groups} groups) do not fit")
   slots = min(e, t)
   table = expert_slots(group_sizes, slots)  # [3, slots]: expert, first row, rows
   j = jnp.arange(mp)
   rows = table[1][:, None] + j
   xs = jnp.where((j < table[2][:, None])[..., None], x[jnp.minimum(rows, t - 1)], 0)  # [slots, mp, k]
   xs = xs[:, :, x_columns(k, decode)].transpose(0, 2, 1)  # [slots, k, mp]
-  c16 = cents.reshape(e, n, 16)
   if decode == "select":
-    codes, tab = packed, c16.transpose(0, 2, 1)  # [e, 16, n]
+    codes, tab = packed, c.transpose(0, 2, 3, 1)  # [e, groups, 16, n]
   else:
     codes = jax.lax.bitcast_convert_type(packed, jnp.uint4).reshape(e, n, k)
-    tab = jnp.stack(decode4_registers([c16[..., i] for i in range(16)]), axis=1)  # [e, 8, n] uint32
+    tab = jnp.stack(decode4_registers([c[..., i] for i in range(16)]), axis=2)  # [e, n, 8, groups] uint32
+    tab = tab.transpose(0, 3, 2, 1)  # [e, groups, 8, n]
+  tab = tab[:, 0] if groups == 1 else tab
+  tab_rows = tab.shape[-2]
   out_dtype = x.dtype if k_splits == 1 else jnp.float32
   wg = plgpu.Layout.WGMMA
   row = wg.reduce(1)
   lc = (lambda a, _: a) if interpret else plgpu.layout_cast  # the interpreter has no layouts
 
-  def select_body(acc_ref, tab_smem, a_smem):
-    table = [lc(tab_smem[i], row) for i in range(16)]
+  def load_tables(ref, lead=()):
+    if decode == "select":
+      return [lc(ref[(*lead, i)], row) for i in range(16)]
+    return [plgpu.load(ref, (*lead, i, slice(None)), layout=row) for i in range(8)]
 
+  def select_step(acc_ref, table, c_smem, xe_smem, xo_smem, a_smem):
     def decode_half(v):
       lvl = [lax.broadcast_in_dim(c, v.shape, (0,)) for c in table]
       for b in range(4):
@@ -95,45 +107,50 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
       a_smem[0][i] = w  # the interpreter's wgmma reads A from shared memory only
       return a_smem[0].at[i]
 
-    def body(_, c_smem, xe_smem, xo_smem):
-      c = lc(c_smem[...], wg).astype(jnp.int32)
-      plgpu.wgmma(acc_ref, operand(decode_half(c & 15), 0), xe_smem)
-      plgpu.wgmma(acc_ref, operand(decode_half(c >> 4), 1), xo_smem)
-      plgpu.wgmma_wait(0)
-    return body
+    v = lc(c_smem[...], wg).astype(jnp.int32)
+    plgpu.wgmma(acc_ref, operand(decode_half(v & 15), 0), xe_smem)
+    plgpu.wgmma(acc_ref, operand(decode_half(v >> 4), 1), xo_smem)
 
-  def prmt_body(acc_ref, tab_smem):
-    regs = [plgpu.load(tab_smem, (i, slice(None)), layout=row) for i in range(8)]
-    dec = _prmt_decoder(block_n, block_k)
+  dec = None if decode == "select" else _prmt_decoder(block_n, block_k)
 
-    def body(_, c_smem, x_smem):
-      plgpu.wgmma(acc_ref, dec(plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X), *regs), x_smem)
-      plgpu.wgmma_wait(0)
-    return body
-
-  def kernel(slot_gmem, codes_gmem, tab_gmem, x_gmem, o_gmem, tab_smem, bar, *a_smem):
+  def kernel(slot_gmem, codes_gmem, tab_gmem, x_gmem, o_gmem, *scratch):
     s, ni, si = lax.axis_index("slot"), lax.axis_index("n"), lax.axis_index("s")
     expert = slot_gmem[0, s]
     first = si * k_steps
+    a_smem = scratch[2:] if groups == 1 else scratch
 
     @pl.when(slot_gmem[2, s] > 0)
     def _():
-      plgpu.copy_gmem_to_smem(tab_gmem.at[expert, :, pl.ds(ni * block_n, block_n)], tab_smem, bar)
-      plgpu.barrier_wait(bar)
-      x_spec = plgpu.BlockSpec((step_k, mp), lambda kk: (first + kk, 0), transforms=_transforms(mp, 16))
+      if groups == 1:
+        tab_smem, bar = scratch[:2]
+        plgpu.copy_gmem_to_smem(tab_gmem.at[expert, :, pl.ds(ni * block_n, block_n)], tab_smem, bar)
+        plgpu.barrier_wait(bar)
+      x_spec = lambda base: plgpu.BlockSpec((step_k, mp), lambda kk: (base + first + kk, 0),
+                                            transforms=_transforms(mp, 16))
+      if decode == "select":
+        specs = [plgpu.BlockSpec((block_n, step_k), lambda kk: (ni, first + kk), transforms=_transforms(step_k, 8)),
+                 x_spec(0), x_spec(k // 2 // step_k)]
+        operands = [codes_gmem.at[expert], x_gmem.at[s], x_gmem.at[s]]
+      else:
+        specs = [plgpu.BlockSpec((block_n, block_k), lambda kk: (ni, first + kk), transforms=_transforms(block_k, 4)),
+                 x_spec(0)]
+        operands = [codes_gmem.at[expert], x_gmem.at[s]]
+      if groups > 1:  # this step's group's codebooks
+        specs.append(plgpu.BlockSpec((1, tab_rows, block_n), lambda kk: ((first + kk) * block_k // group_size, 0, ni)))
+        operands.append(tab_gmem.at[expert])
 
       def acc_scope(acc_ref):
-        if decode == "select":
-          body = select_body(acc_ref, tab_smem, a_smem)
-          specs = [plgpu.BlockSpec((block_n, step_k), lambda kk: (ni, first + kk), transforms=_transforms(step_k, 8)),
-                   x_spec, plgpu.BlockSpec((step_k, mp), lambda kk: (k // 2 // step_k + first + kk, 0),
-                                           transforms=_transforms(mp, 16))]
-          operands = (codes_gmem.at[expert], x_gmem.at[s], x_gmem.at[s])
-        else:
-          body = prmt_body(acc_ref, tab_smem)
-          specs = [plgpu.BlockSpec((block_n, block_k), lambda kk: (ni, first + kk), transforms=_transforms(block_k, 4)),
-                   x_spec]
-          operands = (codes_gmem.at[expert], x_gmem.at[s])
+        fixed = load_tables(tab_smem) if groups == 1 else None
+
+        def body(_, c_smem, *refs):
+          table = fixed if groups == 1 else load_tables(refs[-1], (0,))
+          x_refs = refs if groups == 1 else refs[:-1]
+          if decode == "select":
+            select_step(acc_ref, table, c_smem, *x_refs, a_smem)
+          else:
+            plgpu.wgmma(acc_ref, dec(plgpu.load(c_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X), *table), x_refs[0])
+          plgpu.wgmma_wait(0)
+
         plgpu.emit_pipeline(body, grid=(k_steps,), in_specs=specs, max_concurrent_steps=steps)(*operands)
         return acc_ref[...]
 
@@ -146,7 +163,7 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
     kwargs["interpret"] = InterpretGPUParams()
   f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((k_splits, slots, n, mp), out_dtype),
                    grid=(slots, n // block_n, k_splits), grid_names=("slot", "n", "s"),
-                   scratch_types=[plgpu.SMEM(tab.shape[1:2] + (block_n,), tab.dtype), plgpu.Barrier()]
+                   scratch_types=([plgpu.SMEM((tab_rows, block_n), tab.dtype), plgpu.Barrier()] if groups == 1 else [])
                    + ([plgpu.SMEM((2, block_n, step_k), x.dtype)] if interpret else []), **kwargs)
   out = f(table, codes, tab, xs)  # [k_splits, slots, n, mp]
   # Row r: its expert's slot (the experts with rows up to it, less one) and its place in the slot.
@@ -216,7 +233,7 @@ def prmt_permutation(k):
 
 
 def _weight(packed, cents) -> CodebookWeight:
-  return CodebookWeight(packed, cents.reshape(*cents.shape[:-1], 1, 16), 4, 2 * packed.shape[-1])
+  return CodebookWeight(packed, cents.reshape(*packed.shape[:-1], -1, 16), 4, 2 * packed.shape[-1])
 
 
 def reference(x, packed, cents):
@@ -259,6 +276,8 @@ def main():
   ap.add_argument("--interpret", action="store_true", help="the select decode through Mosaic GPU's interpreter (CPU)")
   ap.add_argument("--shapes", default="4096x14336,14336x4096")
   ap.add_argument("--ms", default="1,16,128")
+  ap.add_argument("--group_size", type=int, default=0,
+                  help="single products' codebooks over column groups of this many inputs (0: a codebook a row)")
   ap.add_argument("--grouped", default="8x2x4096x14336,128x8x2048x768", help="experts x top_k x d_in x d_out")
   ap.add_argument("--batches", default="1,16")
   ap.add_argument("--configs", default="select:64,128,2,1;prmt:64,128,2,1;prmt:64,256,2,1;prmt:64,128,4,1;"
@@ -281,11 +300,14 @@ def main():
   for shape in filter(None, a.shapes.split(",")):
     k, n = (int(v) for v in shape.split("x"))
     ws = [operands(i, 1, k, n)[1:] for i in range(sets)]
+    if a.group_size:
+      ws = [(p, jnp.asarray(np.random.default_rng(200 + i).standard_normal((n, k // a.group_size, 16)), jnp.bfloat16))
+            for i, (p, _) in enumerate(ws)]
     dense = [jnp.asarray(np.random.default_rng(100 + i).standard_normal((k, n)), jnp.bfloat16) for i in range(sets)]
     for m in (int(v) for v in a.ms.split(",")):
       x = operands(1000 + m, m, k, n)[0]
       t_bf16 = per_call_us(jax.jit(lambda x, ds: [x @ d for d in ds]), (x, dense)) / sets
-      t_pk = per_call_us(jax.jit(lambda x, ws: [pk.lut_matmul(x, p, c.reshape(n, 1, 16), 4) for p, c in ws]),
+      t_pk = per_call_us(jax.jit(lambda x, ws: [pk.lut_matmul(x, p, c.reshape(n, -1, 16), 4) for p, c in ws]),
                          (x, ws)) / sets
       line = f"{k}x{n} M={m:<3} bf16 {t_bf16:6.1f} us  pallas-triton {t_pk:6.1f} ({t_bf16 / t_pk:4.2f}x)"
       run = lambda kw, x=x, ws=ws: per_call_us(jax.jit(lambda x, ws: [lut_matmul_mgpu(x, p, c, **kw) for p, c in ws]),

@@ -31,6 +31,33 @@ def test_grouped_select_decode_interpreted_equals_the_reference(sizes, k_splits)
   assert not np.asarray(got[sum(sizes):]).any()
 
 
+def _group_codebooks(seed, lead, groups):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((*lead, groups, 16)), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("m,k,groups,kw", [(3, 512, 4, {}), (1, 1024, 4, dict(k_splits=2, block_k=256)),
+                                           (17, 512, 2, dict(k_splits=2))])
+def test_column_group_codebooks_interpreted_equal_the_reference(m, k, groups, kw):
+  # Each K step reads its group's codebooks (K splits start mid-row: the group index counts from the split).
+  x, packed, _ = probe.operands(m + k + groups, m, k, 64)
+  cents = _group_codebooks(m, (64,), groups)
+  got = probe.lut_matmul_mgpu(x, packed, cents, decode="select", interpret=True, **kw)
+  _close(got, probe.reference(x, packed, cents))
+
+
+def test_grouped_experts_with_column_group_codebooks_interpreted():
+  x, p, _ = probe.operands(7, 5, 512, 64)
+  packed, cents, gs = jnp.stack([p, p ^ 0x33]), _group_codebooks(8, (2, 64), 4), jnp.array([0, 4], jnp.int32)
+  got = probe.grouped_lut_matmul_mgpu(x, packed, cents, gs, decode="select", interpret=True)
+  _close(got, probe.grouped_reference(x, packed, cents, gs))
+
+
+def test_block_k_must_divide_the_codebook_group():
+  x, packed, _ = probe.operands(0, 1, 512, 64)
+  with pytest.raises(ValueError, match="dividing the codebook group"):
+    probe.lut_matmul_mgpu(x, packed, _group_codebooks(0, (64,), 8), decode="select", interpret=True)
+
+
 def test_prmt_decode_is_refused_in_the_interpreter():
   x, p, c = probe.operands(0, 1, 256, 64)
   with pytest.raises(ValueError, match="compiled"):
@@ -45,6 +72,12 @@ def test_both_decodes_lower_for_cuda(decode):
   f = lambda *a: probe.grouped_lut_matmul_mgpu(*a, decode=decode, k_splits=2)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def _close(got, want):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  # Both round a float32 sum to bf16; the sums differ in order only.
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * max(np.abs(want).max(), 1e-6))
 
 
 def _tile(a, tiles):
@@ -100,12 +133,6 @@ on_hopper = pytest.mark.skipif(
     reason="Mosaic GPU's wgmma kernels run on Hopper GPUs (H100 / H200)")
 
 
-def _close(got, want):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  # Both round a float32 sum to bf16; the sums differ in order only.
-  np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * max(np.abs(want).max(), 1e-6))
-
-
 @on_hopper
 @pytest.mark.parametrize("decode", ["select", "prmt"])
 @pytest.mark.parametrize("m,k,n,kw", [(1, 4096, 192, {}), (3, 256, 64, dict(k_splits=2)), (17, 1024, 128, dict(block_k=256)),
@@ -126,3 +153,11 @@ def test_compiled_grouped_products_equal_the_reference(decode, sizes, k_splits):
   got = probe.grouped_lut_matmul_mgpu(x, packed, cents, gs, decode=decode, k_splits=k_splits)
   _close(got, probe.grouped_reference(x, packed, cents, gs))
   assert not np.asarray(got[sum(sizes):]).any()
+
+
+@on_hopper
+@pytest.mark.parametrize("decode", ["select", "prmt"])
+def test_compiled_column_group_codebooks_equal_the_reference(decode):
+  x, packed, _ = probe.operands(11, 5, 1024, 128)
+  cents = _group_codebooks(5, (128,), 4)
+  _close(probe.lut_matmul_mgpu(x, packed, cents, decode=decode, k_splits=2), probe.reference(x, packed, cents))
