@@ -202,9 +202,8 @@ def _prmt_decoder(block_n, kt):
     bf2 = ir.VectorType.get((2,), ir.BF16Type.get())
     out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((block_n, kt)), dtype=object)
     for idx in np.ndindex(codes.registers.shape):
-      b, a = idx[1], idx[4]
       word = mgpu.utils.bitcast(codes.registers[idx], i32)
-      regs = [mgpu.utils.bitcast(t.registers[0, 0, a, 0, 0], i32) for t in tables]
+      regs = [mgpu.utils.bitcast(t.registers[table_register(idx)], i32) for t in tables]
       sel = llvm.inline_asm(i64, [word], DECODE4_SELECTORS[0], "=l,r")
       for half in range(2):
         four = llvm.inline_asm(i64, [sel, *regs], DECODE4_PTX[half], "=l,l," + ",".join(["r"] * 8))
@@ -214,6 +213,12 @@ def _prmt_decoder(block_n, kt):
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
   return decode
+
+
+def table_register(word_register: tuple) -> tuple:
+  """The register of a rows' vector (WGMMA's row layout) holding the codebook of the row whose word
+  sits at `word_register` of WGMMA_UPCAST_4X: same 64-row tile, same row half."""
+  return (word_register[0], 0, word_register[4], 0, 0)
 
 
 def pair_register(word_register: tuple, pair: int) -> tuple:
@@ -281,7 +286,7 @@ def main():
   ap.add_argument("--grouped", default="8x2x4096x14336,128x8x2048x768", help="experts x top_k x d_in x d_out")
   ap.add_argument("--batches", default="1,16")
   ap.add_argument("--configs", default="select:64,128,2,1;prmt:64,128,2,1;prmt:64,256,2,1;prmt:64,128,4,1;"
-                                       "prmt:64,256,4,1;prmt:64,128,2,4",
+                                       "prmt:64,256,4,1;prmt:64,128,2,4;prmt:128,128,2,1;prmt:128,128,2,2",
                   help="decode:block_n,block_k,steps,k_splits;...")
   a = ap.parse_args()
   if a.interpret:

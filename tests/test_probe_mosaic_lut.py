@@ -11,7 +11,8 @@ probe = pytest.importorskip("experiments.probe_mosaic_lut")
 
 
 @pytest.mark.parametrize("m,k,n,kw", [(1, 256, 64, {}), (3, 512, 128, dict(k_splits=2)),
-                                      (17, 256, 128, dict(block_k=256)), (40, 256, 64, dict(steps=4))])
+                                      (17, 256, 128, dict(block_k=256)), (40, 256, 64, dict(steps=4)),
+                                      (5, 256, 256, dict(block_n=128))])
 def test_select_decode_interpreted_equals_the_reference(m, k, n, kw):
   x, packed, cents = probe.operands(m * 1000 + k + n, m, k, n)
   got = probe.lut_matmul_mgpu(x, packed, cents, decode="select", interpret=True, **kw)
@@ -97,14 +98,19 @@ def _coordinates(layout, shape):
   flat = _tile(np.arange(np.prod(shape)).reshape(shape), layout.tiling.tiles)
   nd = flat.ndim
   warp, = [d % nd for d in layout.warp_dims]
-  lanes = [d % nd for d in layout.lane_dims]
+  # A replicated lane dim (a rows' vector: a row's four lanes) holds the same element in each lane.
+  lanes = [(d % nd, 1) if isinstance(d, int) else (None, d.times) for d in layout.lane_dims]
   vec = layout.vector_dim % nd
-  regs = [d for d in range(nd) if d not in (warp, *lanes, vec)]
+  regs = [d for d in range(nd) if d not in (warp, *(d for d, _ in lanes), vec)]
   out = {}
   for ix in np.ndindex(flat.shape):
-    lane = ix[lanes[0]] * flat.shape[lanes[1]] + ix[lanes[1]]
     reg = tuple(ix[d] if d in regs else 0 for d in range(nd))
-    out[(32 * ix[warp] + lane, reg, ix[vec])] = divmod(int(flat[ix]), shape[1])
+    at = divmod(int(flat[ix]), shape[1]) if len(shape) == 2 else int(flat[ix])
+    lane_sets = [range(ix[d], ix[d] + 1) if d is not None else range(times) for d, times in lanes]
+    sizes = [flat.shape[d] if d is not None else times for d, times in lanes]
+    for l0 in lane_sets[0]:
+      for l1 in lane_sets[1]:
+        out[(32 * ix[warp] + l0 * sizes[1] + l1, reg, ix[vec])] = at
   return out
 
 
@@ -116,13 +122,16 @@ def test_layout_model_reproduces_the_wgmma_fragment():
     assert r == 16 * w + l // 4 + 8 * reg[4] and col == 8 * reg[1] + 2 * (l % 4) + v
 
 
-def test_prmt_decoder_places_each_code_against_its_input():
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_prmt_decoder_places_each_code_against_its_input_and_its_rows_codebook(block_n):
   kt = 128
-  up4 = _coordinates(mgpu_layouts.WGMMA_LAYOUT_UPCAST_4X, (64, kt))
-  wg = _coordinates(mgpu_layouts.WGMMA_LAYOUT, (64, kt))
+  up4 = _coordinates(mgpu_layouts.WGMMA_LAYOUT_UPCAST_4X, (block_n, kt))
+  wg = _coordinates(mgpu_layouts.WGMMA_LAYOUT, (block_n, kt))
+  rows = _coordinates(mgpu_layouts.WGMMA_LAYOUT.reduce((1,)), (block_n,))
   perm = probe.prmt_permutation(kt)
   assert sorted(perm) == list(range(kt))
   for (t, reg, e), (row, code_col) in up4.items():
+    assert rows[(t, probe.table_register(reg), 0)] == row
     # Codes 2p, 2p + 1 of a word are bf16 pair p (DECODE4_PTX: code j of a half in bits 16j).
     out_row, out_col = wg[(t, probe.pair_register(reg, e // 2), e % 2)]
     assert out_row == row and perm[out_col] == code_col
@@ -136,7 +145,7 @@ on_hopper = pytest.mark.skipif(
 @on_hopper
 @pytest.mark.parametrize("decode", ["select", "prmt"])
 @pytest.mark.parametrize("m,k,n,kw", [(1, 4096, 192, {}), (3, 256, 64, dict(k_splits=2)), (17, 1024, 128, dict(block_k=256)),
-                                      (64, 512, 64, dict(steps=4)), (130, 256, 64, {})])
+                                      (64, 512, 64, dict(steps=4)), (130, 256, 64, {}), (2, 512, 256, dict(block_n=128))])
 def test_compiled_single_products_equal_the_reference(decode, m, k, n, kw):
   x, packed, cents = probe.operands(m * 1000 + k + n, m, k, n)
   _close(probe.lut_matmul_mgpu(x, packed, cents, decode=decode, **kw), probe.reference(x, packed, cents))
