@@ -22,6 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from cqjax.codebook import CodebookWeight, expert_slots
 from cqjax.lut_matmul import grouped_lut_matmul_reference, lut_matmul_reference
+from pallas_kernels.decode4 import decode4_registers
 
 
 def _transforms(minor: int, bits: int) -> tuple:
@@ -53,7 +54,6 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
   column groups' come with each K step's codes (block_k must divide the group). decode: "select"
   (a tree of selects over the 16 centroids, plain jnp: also runs in Mosaic GPU's interpreter) or
   "prmt" (DECODE4_PTX's byte permutes, inline PTX: compiled only)."""
-  from pallas_kernels.lut_matmul import decode4_registers  # pylint: disable=g-import-not-at-top
   t, k = x.shape
   e, n = packed.shape[:2]
   if decode not in ("select", "prmt") or (decode == "prmt" and interpret):
@@ -190,7 +190,7 @@ def _prmt_decoder(block_n, kt):
   from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
   from jax._src.lib.mlir.dialects import arith, llvm  # pylint: disable=g-import-not-at-top
   from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.lut_matmul import DECODE4_PTX, DECODE4_SELECTORS  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.decode4 import DECODE4_PTX, DECODE4_SELECTORS  # pylint: disable=g-import-not-at-top
   up4, wg = plgpu.Layout.WGMMA_UPCAST_4X, plgpu.Layout.WGMMA
   row = wg.reduce(1)
 
