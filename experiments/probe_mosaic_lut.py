@@ -297,6 +297,8 @@ def main():
                        grouped_reference(x, packed, cents, gs))
     print(f"interpreted, 3 experts (one empty), 5 rows: max error / max |ref| {err:.2g}")
     return
+  if jax.default_backend() != "gpu":
+    raise SystemExit("probe_mosaic_lut: timing needs a Hopper GPU; on this host, --interpret runs the select decode")
   from experiments.bench_kernels import _per_call_us as per_call_us  # pylint: disable=g-import-not-at-top
   from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
   configs = [(c.split(":")[0], *(int(v) for v in c.split(":")[1].split(","))) for c in a.configs.split(";")]
