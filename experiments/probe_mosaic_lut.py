@@ -45,7 +45,8 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
                             k_splits=1, interpret=False):
   """x [t, k] rows sorted by expert @ (packed uint8 [e, n, k/2] of 4-bit codes, cents [e, n, 16] or
   [e, n, groups, 16]: a codebook a row or a column group of k / groups inputs) by group_sizes
-  int32 [e] -> [t, n] (the ragged_dot contract: rows past the last group are zero).
+  int32 [e] -> [t, n] (the ragged_dot contract: rows past the last group are zero). group_sizes
+  None: one weight (e = 1) for every row, with no slot table built and no rows gathered.
 
   Each expert with rows is a slot (cqjax.codebook.expert_slots; min(e, t) slots, so experts
   without rows launch nothing); a program owns block_n outputs of one slot and a 1/k_splits share
@@ -69,11 +70,15 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
     raise ValueError(f"t={t} (at most 256), n={n} (a multiple of block_n={block_n}) and k={k} (of block_k="
                      f"{block_k} x k_splits={k_splits}, block_k a multiple of 32 dividing the codebook group, "
                      f"{groups} groups) do not fit")
-  slots = min(e, t)
-  table = expert_slots(group_sizes, slots)  # [3, slots]: expert, first row, rows
-  j = jnp.arange(mp)
-  rows = table[1][:, None] + j
-  xs = jnp.where((j < table[2][:, None])[..., None], x[jnp.minimum(rows, t - 1)], 0)  # [slots, mp, k]
+  if group_sizes is None:
+    slots, table = 1, jnp.array([[0], [0], [t]], jnp.int32)
+    xs = jnp.pad(x, ((0, mp - t), (0, 0)))[None]  # [1, mp, k]
+  else:
+    slots = min(e, t)
+    table = expert_slots(group_sizes, slots)  # [3, slots]: expert, first row, rows
+    j = jnp.arange(mp)
+    rows = table[1][:, None] + j
+    xs = jnp.where((j < table[2][:, None])[..., None], x[jnp.minimum(rows, t - 1)], 0)  # [slots, mp, k]
   xs = xs[:, :, x_columns(k, decode)].transpose(0, 2, 1)  # [slots, k, mp]
   if decode == "select":
     codes, tab = packed, c.transpose(0, 2, 3, 1)  # [e, groups, 16, n]
@@ -166,6 +171,9 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
                    scratch_types=([plgpu.SMEM((tab_rows, block_n), tab.dtype), plgpu.Barrier()] if groups == 1 else [])
                    + ([plgpu.SMEM((2, block_n, step_k), x.dtype)] if interpret else []), **kwargs)
   out = f(table, codes, tab, xs)  # [k_splits, slots, n, mp]
+  if group_sizes is None:
+    y = out[0, 0, :, :t] if k_splits == 1 else out[:, 0, :, :t].sum(0)
+    return y.T.astype(x.dtype)
   # Row r: its expert's slot (the experts with rows up to it, less one) and its place in the slot.
   gs = group_sizes.astype(jnp.int32)
   ends = jnp.cumsum(gs)
@@ -179,7 +187,7 @@ def grouped_lut_matmul_mgpu(x, packed, cents, group_sizes, *, decode="prmt", blo
 
 def lut_matmul_mgpu(x, packed, cents, **kw):
   """x [m, k] @ (packed uint8 [n, k/2] of 4-bit codes, cents [n, 16]) -> [m, n]: one expert of m rows."""
-  return grouped_lut_matmul_mgpu(x, packed[None], cents[None], jnp.array([x.shape[0]], jnp.int32), **kw)
+  return grouped_lut_matmul_mgpu(x, packed[None], cents[None], None, **kw)
 
 
 def _prmt_decoder(block_n, kt):
@@ -324,8 +332,8 @@ def main():
   for spec in filter(None, a.grouped.split(",")):
     e, top_k, k, n = (int(v) for v in spec.split("x"))
     gsets = max(2, min(sets, (60 << 20) // (e * n * k // 2) + 1))  # past the 50 MB L2
-    ws = [(operands(i, 1, k, n * e)[1].reshape(e, n, k // 2), operands(i, 1, k, n * e)[2].reshape(e, n, 16))
-          for i in range(gsets)]
+    ws = [(p.reshape(e, n, k // 2), c.reshape(e, n, 16))
+          for p, c in (operands(i, 1, k, n * e)[1:] for i in range(gsets))]
     dense = [jnp.asarray(np.random.default_rng(100 + i).standard_normal((e, k, n)), jnp.bfloat16) for i in range(gsets)]
     for b in (int(v) for v in a.batches.split(",")):
       scores = jax.random.uniform(jax.random.key(b), (b, e))
