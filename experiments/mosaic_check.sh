@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The Mosaic GPU probe (experiments/probe_mosaic_lut.py) on a Hopper GPU (device machine, from the
-# repository root; one call, about 5 minutes): its compiled tests, then its timings against bf16
-# dot / ragged_dot and the Pallas (Triton) kernels in the same process (single products at
-# M = 1, 16, 128, grouped Mixtral and Qwen3 experts at batches 1 and 16), then codebooks over
-# column groups of 128 inputs at M = 1, 16:
+# The Mosaic GPU codebook matmuls (pallas_kernels/lut_matmul_mgpu.py) on a Hopper GPU (device
+# machine, from the repository root; one call, about 5 minutes): their compiled tests, then their
+# default tunings timed against bf16 dot / ragged_dot and the Pallas (Triton) kernels in the same
+# process (experiments/probe_mosaic_lut.py): single products of 64 to 2048 rows, grouped Mixtral and
+# Qwen3 experts at prefill batches of 512 and 2048 tokens (session 63's decode rows: --ms=1,16):
 #   bash experiments/mosaic_check.sh OUT_DIR
 # Logs land in OUT_DIR as each part ends (a command stopped at its limit keeps what it measured).
 set -u
 out=$1
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-quiet() { grep -vE "^[WIE][0-9]{4}|^\s*$|UserWarning|warnings.warn"; }
+quiet() { grep -vE "^[WIE][0-9]{4}|^\s*$|Warning|warnings.warn|plgpu\.|return \["; }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/device.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_probe_mosaic_lut.py > "$out/tests.txt" 2>&1
+timeout 100 python3 -m pytest -q -p no:cacheprovider -k compiled tests/test_lut_matmul_mgpu.py > "$out/tests.txt" 2>&1
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head; tail -n 1 "$out/tests.txt"
-timeout 240 python3 -m experiments.probe_mosaic_lut 2>&1 | quiet | tee "$out/probe.txt"
-timeout 90 python3 -m experiments.probe_mosaic_lut --shapes=4096x14336 --ms=1,16 --grouped= --group_size=128 \
-  --configs="select:64,128,2,1;prmt:64,128,2,1;prmt:64,128,4,1" 2>&1 | quiet | tee "$out/probe_groups.txt"
+timeout 100 python3 -m experiments.probe_mosaic_lut --shapes=4096x14336,14336x4096 --ms=64,256,2048 --grouped= \
+  --configs="default" 2>&1 | quiet | tee "$out/probe_single.txt"
+timeout 80 python3 -m experiments.probe_mosaic_lut --shapes= --grouped=8x2x4096x14336,128x8x2048x768 \
+  --batches=512,2048 --configs="default" 2>&1 | quiet | tee "$out/probe_grouped.txt"

@@ -1,6 +1,6 @@
 """The byte-permute decode of 4-bit codes against bf16 codebooks, as inline PTX that any backend
 can emit: Pallas' Triton kernels (pallas_kernels/lut_matmul.py, elementwise_inline_asm) and the
-Mosaic GPU probe (experiments/probe_mosaic_lut.py, inline_mgpu). No backend is imported here, so
+Mosaic GPU kernels (lut_matmul_mgpu.py, inline_mgpu). No backend is imported here, so
 these outlive Pallas' Triton backend (deprecated in jax 0.11)."""
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The Mosaic GPU codebook-matmul probe (experiments/probe_mosaic_lut.py) on the CPU: the select
+"""The Mosaic GPU codebook matmuls (pallas_kernels/lut_matmul_mgpu.py) on the CPU: the select
 decode through Mosaic GPU's interpreter against the reference, both decodes lowered for CUDA, and
-the byte-permute decode's register placement checked against Mosaic GPU's own layouts."""
+the byte-permute decode's register placement checked against Mosaic GPU's own layouts; compiled
+on Hopper GPUs. Called through experiments/probe_mosaic_lut.py's wrappers (tuning as keywords)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,9 @@ import pytest
 
 mgpu_layouts = pytest.importorskip("jax.experimental.mosaic.gpu.fragmented_array")
 probe = pytest.importorskip("experiments.probe_mosaic_lut")
+from cqjax.codebook import expert_slots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cqjax.errors import CqjaxError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import lut_matmul_mgpu as mg  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.parametrize("m,k,n,kw", [(1, 256, 64, {}), (3, 512, 128, dict(k_splits=2)),
@@ -55,13 +59,66 @@ def test_grouped_experts_with_column_group_codebooks_interpreted():
 
 def test_block_k_must_divide_the_codebook_group():
   x, packed, _ = probe.operands(0, 1, 512, 64)
-  with pytest.raises(ValueError, match="dividing the codebook group"):
+  with pytest.raises(CqjaxError, match="must divide each of the 8 codebook groups"):
     probe.lut_matmul_mgpu(x, packed, _group_codebooks(0, (64,), 8), decode="select", interpret=True)
+
+
+def test_rows_past_one_slot_take_blocks_of_256_interpreted():
+  x, packed, cents = probe.operands(3, 300, 256, 64)
+  got = probe.lut_matmul_mgpu(x, packed, cents, interpret=True)  # default tuning: select, K in two shares
+  _close(got, probe.reference(x, packed, cents))
+
+
+def test_grouped_expert_past_one_slot_interpreted():
+  # Expert 1 holds 258 rows: two blocks (256 + 2); an empty expert before it, rows past the groups.
+  sizes = [0, 258, 3]
+  x, p, c = probe.operands(4, 265, 256, 64)
+  packed, cents = jnp.stack([p ^ 0x33, p, p[::-1]]), jnp.stack([2 * c, c, -c])
+  gs = jnp.array(sizes, jnp.int32)
+  got = probe.grouped_lut_matmul_mgpu(x, packed, cents, gs, interpret=True)
+  _close(got, probe.grouped_reference(x, packed, cents, gs))
+  assert not np.asarray(got[sum(sizes):]).any()
+
+
+@pytest.mark.parametrize("sizes,rows", [([0, 258, 3, 0, 512, 1], 256), ([5, 0, 16, 2], 16), ([0, 0, 0], 16),
+                                        ([7, 0, 3], 16)])
+def test_row_block_slots_cover_each_experts_rows_in_order(sizes, rows):
+  slots = min(len(sizes), sum(sizes)) + sum(sizes) // rows
+  got = np.asarray(mg.row_block_slots(jnp.array(sizes, jnp.int32), slots, rows))
+  want, start = [], 0
+  for e, g in enumerate(sizes):
+    want += [(e, start + b, min(rows, g - b)) for b in range(0, g, rows)]
+    start += g
+  assert len(want) <= slots
+  want += [(0, 0, 0)] * (slots - len(want))
+  np.testing.assert_array_equal(got.T, np.array(want).reshape(-1, 3))
+  if max(sizes) <= rows:  # one block an expert: expert_slots' table
+    np.testing.assert_array_equal(got, np.asarray(expert_slots(jnp.array(sizes, jnp.int32), slots)))
+
+
+def test_unsupported_products_are_refused_in_one_line():
+  x, packed, cents = probe.operands(0, 2, 256, 64)
+  with pytest.raises(CqjaxError, match="multiplies bf16 x, got float32"):
+    mg.lut_matmul(x.astype(jnp.float32), packed, cents[:, None], 4, interpret=True)
+  with pytest.raises(CqjaxError, match="d_out=48 must be a multiple of block_n=64"):
+    mg.lut_matmul(x, packed[:48], cents[:48, None], 4, interpret=True)
+  with pytest.raises(CqjaxError, match="4-bit codes"):
+    mg.lut_matmul(x, packed, cents[:, None], 2, interpret=True)
+  assert mg.supports(4, jnp.bfloat16, 4096, 14336, 1) and not mg.supports(4, jnp.float32, 4096, 14336, 1)
+  assert mg.supports(4, jnp.bfloat16, 4096, 64, 32) and not mg.supports(4, jnp.bfloat16, 4096, 64, 64)
+
+
+def test_empty_inputs_give_empty_outputs():
+  _, packed, cents = probe.operands(0, 1, 256, 64)
+  x = jnp.zeros((0, 256), jnp.bfloat16)
+  assert mg.lut_matmul(x, packed, cents[:, None], 4, interpret=True).shape == (0, 64)
+  got = mg.grouped_lut_matmul(x, packed[None], cents[None, :, None], 4, jnp.zeros(1, jnp.int32), interpret=True)
+  assert got.shape == (0, 64)
 
 
 def test_prmt_decode_is_refused_in_the_interpreter():
   x, p, c = probe.operands(0, 1, 256, 64)
-  with pytest.raises(ValueError, match="compiled"):
+  with pytest.raises(CqjaxError, match="compiled only"):
     probe.lut_matmul_mgpu(x, p, c, decode="prmt", interpret=True)
 
 
@@ -73,6 +130,22 @@ def test_both_decodes_lower_for_cuda(decode):
   f = lambda *a: probe.grouped_lut_matmul_mgpu(*a, decode=decode, k_splits=2)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("shape,t,experts", [((4096, 14336), 2048, 0), ((14336, 4096), 300, 0),
+                                             ((4096, 14336), 4096, 8), ((2048, 768), 2048, 128)])
+def test_default_tunings_lower_for_cuda_at_prefill_shapes(shape, t, experts):
+  # Mosaic GPU checks the shared-memory budget at lowering: the defaults must fit at any row count.
+  k, n = shape
+  x = jax.ShapeDtypeStruct((t, k), jnp.bfloat16)
+  if experts:
+    args = (x, jax.ShapeDtypeStruct((experts, n, k // 2), jnp.uint8),
+            jax.ShapeDtypeStruct((experts, n, 1, 16), jnp.bfloat16), jax.ShapeDtypeStruct((experts,), jnp.int32))
+    f = lambda x, p, c, g: mg.grouped_lut_matmul(x, p, c, 4, g)
+  else:
+    args = (x, jax.ShapeDtypeStruct((n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((n, 1, 16), jnp.bfloat16))
+    f = lambda x, p, c: mg.lut_matmul(x, p, c, 4)
+  assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _close(got, want):
@@ -128,12 +201,12 @@ def test_prmt_decoder_places_each_code_against_its_input_and_its_rows_codebook(b
   up4 = _coordinates(mgpu_layouts.WGMMA_LAYOUT_UPCAST_4X, (block_n, kt))
   wg = _coordinates(mgpu_layouts.WGMMA_LAYOUT, (block_n, kt))
   rows = _coordinates(mgpu_layouts.WGMMA_LAYOUT.reduce((1,)), (block_n,))
-  perm = probe.prmt_permutation(kt)
+  perm = mg.prmt_permutation(kt)
   assert sorted(perm) == list(range(kt))
   for (t, reg, e), (row, code_col) in up4.items():
-    assert rows[(t, probe.table_register(reg), 0)] == row
+    assert rows[(t, mg.table_register(reg), 0)] == row
     # Codes 2p, 2p + 1 of a word are bf16 pair p (DECODE4_PTX: code j of a half in bits 16j).
-    out_row, out_col = wg[(t, probe.pair_register(reg, e // 2), e % 2)]
+    out_row, out_col = wg[(t, mg.pair_register(reg, e // 2), e % 2)]
     assert out_row == row and perm[out_col] == code_col
 
 
@@ -170,3 +243,23 @@ def test_compiled_column_group_codebooks_equal_the_reference(decode):
   x, packed, _ = probe.operands(11, 5, 1024, 128)
   cents = _group_codebooks(5, (128,), 4)
   _close(probe.lut_matmul_mgpu(x, packed, cents, decode=decode, k_splits=2), probe.reference(x, packed, cents))
+
+
+@on_hopper
+@pytest.mark.parametrize("m", [1, 16, 200, 300, 600])
+def test_compiled_default_tunings_equal_the_reference(m):
+  x, packed, cents = probe.operands(m, m, 1024, 192)
+  _close(mg.lut_matmul(x, packed, cents[:, None], 4), probe.reference(x, packed, cents))
+
+
+@on_hopper
+def test_compiled_grouped_experts_past_one_slot_equal_the_reference():
+  sizes = [0, 300, 5, 513]
+  x, p, c = probe.operands(9, 820, 512, 128)
+  packed = jnp.stack([p ^ 0x33, p, p[::-1], p ^ 0x5A])
+  cents = jnp.stack([2 * c, c, -c, 0.5 * c])
+  gs = jnp.array(sizes, jnp.int32)
+  got = mg.grouped_lut_matmul(x, packed, cents[:, :, None], 4, gs)
+  _close(got, probe.grouped_reference(x, packed, cents, gs))
+  assert not np.asarray(got[sum(sizes):]).any()
+
