@@ -5,9 +5,12 @@ FFI kernel of cpu_kernels/ (when the package build compiled it); on GPUs the CUD
 cuda_kernels/ where its library is built and it was measured faster (4-bit codes, one codebook
 per row, bf16 activations, 2 to 8 rows per weight or 2 to 16 per expert slot, weights of more than 2^24 codes:
 `cuda_kernels.lut_matmul.serves`, BENCHMARKS.md), else the Pallas kernels of pallas_kernels/
-(1-, 2-, 4- and 8-bit codes); otherwise the jnp reference (unpack + gather + dot) that every
+(1-, 2-, 4- and 8-bit codes), except that on Hopper GPUs 4-bit products of bf16 x with many rows a
+weight or expert slot (`pallas_kernels.lut_matmul_mgpu.serves`) take the Mosaic GPU kernels of
+pallas_kernels/lut_matmul_mgpu.py; otherwise the jnp reference (unpack + gather + dot) that every
 kernel is tested against. Where this jax lacks Pallas' Triton backend (deprecated in jax 0.11), GPU
-products take the CUDA kernel wherever it applies and the reference elsewhere, with a warning.
+products take the CUDA kernel wherever it applies, then the Mosaic GPU kernels (Hopper), and the
+reference elsewhere, with a warning.
 Kernels compute the forward pass only; gradients (ACCF fine-tunes centroids through these
 products) come from the reference's VJP, so a kernel never changes what is learned.
 `CQJAX_KERNELS=reference` forces the reference; `CQJAX_KERNELS=int8` takes the opt-in int8
@@ -136,14 +139,15 @@ def grouped_lut_matmul_int8_reference(x: jax.Array, packed: jax.Array, centroids
 def _pallas_kernels():
   """pallas_kernels.lut_matmul, or None (warning once) where this jax lacks the Pallas Triton
   backend it lowers through: deprecated in jax 0.11 and due to be removed, while cqjax accepts any
-  jax from 0.6. GPU products then take the CUDA library's kernels where they apply, else the
-  reference (`_ReferenceKernels`)."""
+  jax from 0.6. GPU products then take the CUDA library's kernels where they apply, else Mosaic
+  GPU's (Hopper), else the reference (`_ReferenceKernels`)."""
   try:
     import jax.experimental.pallas.triton  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     warnings.warn(f"cqjax: this jax has no Pallas Triton backend ({type(e).__name__}: {e}), so GPU codebook "
-                  "products take the CUDA library's kernels where they apply (python -m cuda_kernels.build) and "
-                  "the jnp reference (unpack + gather + dot, slower than bf16) elsewhere", RuntimeWarning,
+                  "products take the CUDA library's kernels where they apply (python -m cuda_kernels.build), "
+                  "then on Hopper GPUs the Mosaic GPU kernels, and the jnp reference (unpack + gather + dot, "
+                  "slower than bf16) elsewhere", RuntimeWarning,
                   stacklevel=2)
     return None
   from pallas_kernels import lut_matmul as pallas  # pylint: disable=g-import-not-at-top
@@ -162,11 +166,22 @@ class _ReferenceKernels:
     return grouped_lut_matmul_reference(x, CodebookWeight(packed, centroids, bits, x.shape[-1]), group_sizes)
 
 
+def _mosaic_kernels():
+  """pallas_kernels.lut_matmul_mgpu where the default backend is a Hopper GPU and this jax has
+  Pallas' Mosaic GPU backend, else None."""
+  try:
+    from pallas_kernels import lut_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return mgpu if mgpu.available() else None
+
+
 @dataclasses.dataclass(frozen=True)
 class _CudaFirst:
   """The CUDA kernel where it applies (everywhere=False: only where `serves` says it is faster),
   else the Pallas kernels (same signatures); int8=True: the int8 CUDA kernel first, for the rows
-  it serves (cuda_kernels/lut_matmul_int8.serves)."""
+  it serves (cuda_kernels/lut_matmul_int8.serves). On Hopper, where CUDA does not serve, the Mosaic
+  GPU kernels where they do (pallas_kernels/lut_matmul_mgpu.serves)."""
 
   everywhere: bool = False
   int8: bool = False
@@ -177,18 +192,21 @@ class _CudaFirst:
     from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
     pallas = _pallas_kernels()
     experts = packed.shape[0] if grouped else None
+    rows = cuda.rows_per_slot(x.shape[0], experts) if grouped else x.shape[0]
     if self.int8:
       from cuda_kernels import lut_matmul_int8 as cuda8  # pylint: disable=g-import-not-at-top
-      rows = cuda.rows_per_slot(x.shape[0], experts) if grouped else x.shape[0]
       if cuda8.available() and cuda8.serves(rows) and cuda8.supports(bits, x.shape[-1], centroids.shape[-2]):
         return cuda8.Int8Kernels
-    if not (cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2])):
-      return pallas or _ReferenceKernels
-    # Without Pallas the CUDA kernel serves wherever it applies: slower than Pallas at some shapes,
-    # it is still several times faster than the reference.
-    if self.everywhere or pallas is None or cuda.serves(x.shape[0], x.shape[-1], packed.shape[-2], experts=experts):
-      return cuda
-    return pallas
+    if cuda.available() and cuda.supports(x.dtype, bits, x.shape[-1], centroids.shape[-2]):
+      # Without Pallas the CUDA kernel serves wherever it applies: slower than Pallas at some shapes,
+      # it is still several times faster than the reference.
+      if self.everywhere or pallas is None or cuda.serves(x.shape[0], x.shape[-1], packed.shape[-2], experts=experts):
+        return cuda
+    mosaic = _mosaic_kernels()
+    if (mosaic is not None and mosaic.supports(bits, x.dtype, x.shape[-1], packed.shape[-2], centroids.shape[-2])
+        and mosaic.serves(rows, x.shape[-1], packed.shape[-2], triton=pallas is not None)):
+      return mosaic
+    return pallas or _ReferenceKernels
 
   def fusing(self, act, x, packed, centroids, bits, grouped):
     """The bit-plane kernel's affine numerics for a product of Q_a(x) (act), where they serve

@@ -31,6 +31,7 @@ from pallas_kernels.decode4 import decode4_registers
 
 SUPPORTED_BITS = (4,)
 MAX_SLOT_ROWS = 256  # wgmma's largest N
+MIN_ROWS = 128
 _SM_COUNT = 132  # H100 SXM; H200 has as many
 
 
@@ -68,6 +69,19 @@ def default_tuning(t: int, d_in: int, d_out: int, slots: int = 1, interpret: boo
   while programs * k_splits < _SM_COUNT and d_in % (block_k * k_splits * 2) == 0 and k_splits < 4:
     k_splits *= 2
   return MgpuTuning(block_k=block_k, k_splits=k_splits, decode="select" if interpret else "prmt")
+
+
+def serves(rows: int, d_in: int, d_out: int, triton: bool = True) -> bool:
+  """Whether cqjax.lut_matmul's automatic choice takes these kernels for `rows` rows of x a weight
+  (or an expert slot, on average), where the CUDA library does not serve. Beside Pallas' Triton
+  kernels (triton=True): MIN_ROWS to MAX_SLOT_ROWS rows (one slot) of weights of 2^25 codes or more.
+  H100, BENCHMARKS.md sessions 63 and 64, 4096x14336: at 128 rows 43.0 us against the Triton
+  kernels' 85.5 (bf16 dot 45.2); at 16 rows even (28.7 against 28.2), at one row behind (29.4
+  against 20.6). Without them (triton=False; the alternative is the reference): up to
+  MAX_SLOT_ROWS rows. Longer slots (prefill rows past 256) and smaller weights are not timed yet."""
+  if rows > MAX_SLOT_ROWS:
+    return False
+  return not triton or (rows >= MIN_ROWS and d_in * d_out >= 1 << 25)
 
 
 def supports(bits: int, x_dtype, d_in: int, d_out: int, groups: int) -> bool:

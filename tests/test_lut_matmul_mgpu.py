@@ -263,3 +263,53 @@ def test_compiled_grouped_experts_past_one_slot_equal_the_reference():
   _close(got, probe.grouped_reference(x, packed, cents, gs))
   assert not np.asarray(got[sum(sizes):]).any()
 
+
+def test_dispatcher_takes_mosaic_for_prefill_rows_on_hopper(monkeypatch):
+  """cqjax.lut_matmul's choice on a Hopper GPU (shapes only): the CUDA kernel where it measured
+  faster (its wgmma layout for 49-512 prefill rows of Mixtral-size weights), else Mosaic GPU's
+  kernels for one slot of MIN_ROWS or more rows of Mixtral-size weights, else Pallas' Triton
+  kernels; without Triton, the CUDA kernel wherever it applies, then Mosaic for up to a slot's
+  rows, then the reference."""
+  from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
+  from cuda_kernels import lut_matmul as cuda  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import lut_matmul as pk  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(mg, "available", lambda: True)
+  monkeypatch.setattr(cuda, "available", lambda: False)
+  monkeypatch.setattr(cuda, "is_hopper", lambda: True)
+  shape = lambda *s, dtype=jnp.uint8: jax.ShapeDtypeStruct(s, dtype)
+  grouped = (shape(8, 14336, 2048), shape(8, 14336, 1, 16, dtype=jnp.bfloat16))
+  single = (shape(14336, 2048), shape(14336, 1, 16, dtype=jnp.bfloat16))
+  attention = (shape(4096, 2048), shape(4096, 1, 16, dtype=jnp.bfloat16))  # 2^24 codes
+
+  def pick(t, weight, is_grouped, dtype=jnp.bfloat16, bits=4, everywhere=False):
+    return dispatch._CudaFirst(everywhere=everywhere)._pick(shape(t, 4096, dtype=dtype), *weight, bits, is_grouped)
+
+  low, high = mg.MIN_ROWS, mg.MAX_SLOT_ROWS
+  assert pick(low, single, False) is mg and pick(high, single, False) is mg
+  assert pick(low - 1, single, False) is pk and pick(high + 1, single, False) is pk
+  assert pick(8 * low, grouped, True) is mg and pick(8 * low - 8, grouped, True) is pk
+  assert pick(low, attention, False) is pk
+  assert pick(low, single, False, dtype=jnp.float32) is pk and pick(low, single, False, bits=2) is pk
+  monkeypatch.setattr(cuda, "available", lambda: True)
+  assert pick(2, single, False) is cuda and pick(low, single, False) is cuda and pick(1024, single, False) is pk
+  assert pick(1024, single, False, everywhere=True) is cuda  # CQJAX_KERNELS=cuda: CUDA wherever it applies
+  assert pick(low, attention, False, everywhere=True) is cuda
+  monkeypatch.setattr(dispatch, "_pallas_kernels", lambda: None)
+  assert pick(1, single, False) is cuda and pick(1024, single, False) is cuda
+  monkeypatch.setattr(cuda, "available", lambda: False)
+  assert pick(1, single, False) is mg and pick(1, grouped, True) is mg and pick(1, attention, False) is mg
+  assert pick(high + 1, single, False) is dispatch._ReferenceKernels
+  assert pick(1, single, False, dtype=jnp.float32) is dispatch._ReferenceKernels
+
+
+def test_dispatched_mosaic_product_lowers_for_cuda(monkeypatch):
+  """Through cqjax.lut_matmul (its custom VJP and all) a prefill product lowers to Mosaic GPU's call."""
+  from cqjax import lut_matmul as dispatch  # pylint: disable=g-import-not-at-top
+  from cqjax.codebook import CodebookWeight  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(mg, "available", lambda: True)
+  w = CodebookWeight(jax.ShapeDtypeStruct((8192, 2048), jnp.uint8), jax.ShapeDtypeStruct((8192, 1, 16), jnp.bfloat16),
+                     4, 4096)  # 2^25 codes
+  x = jax.ShapeDtypeStruct((mg.MIN_ROWS, 4096), jnp.bfloat16)
+  with dispatch.kernels_mode("auto", backend="gpu"):
+    text = jax.jit(dispatch.lut_matmul).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
