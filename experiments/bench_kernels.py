@@ -1,7 +1,7 @@
 """GPU benchmark of the codebook matmuls (pallas_kernels/, cuda_kernels/) against XLA in the same run.
 
   python -m experiments.bench_kernels [--quick] [--sweep] [--grouped_sweep] [--decode] [--single=...] [--grouped=...]
-      [--kernels=pallas,cuda,int8,bitplane,bitplane_laid_out,affine,affine_laid_out] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
+      [--kernels=pallas,cuda,int8,bitplane,bitplane_laid_out,affine,affine_laid_out,mosaic] [--cuda_sweep [--cuda_layouts=7,5]] [--int8_sweep | --int8_tunings=8/2p,4/16w2]
       [--out=FILE] [--plot=PNG]
   python -m experiments.bench_kernels --replot=FILE --plot=PNG   # the figure of a saved run
 
@@ -52,6 +52,7 @@ from experiments.plots import plot_kernel_speedups
 from cuda_kernels import lut_matmul_bitplane as kb
 from cuda_kernels import lut_matmul_int8 as ck8
 from pallas_kernels import lut_matmul as pk
+from pallas_kernels import lut_matmul_mgpu as mgk
 
 BITS = 4
 
@@ -307,6 +308,13 @@ def bench_single(k, n, ms, sets, sweep, bw, kernels=("pallas",), cuda_sweep=Fals
                   f"{kind}_err_own": _rel_err(got, _bitplane_own_reference(x, weights[0], act))})
       print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  {kind} {t_p:6.1f} us ({t_bf16 / t_p:4.2f}x bf16, "
             f"{row[f'{kind}_pct_copy']:3.0f}% of copy) err own {row[f'{kind}_err_own']:.1e}", flush=True)
+    if "mosaic" in kernels:
+      got = mgk.lut_matmul(x, weights[0].packed, weights[0].centroids, BITS)
+      t_m = _per_call_us(jax.jit(lambda x, ws: [mgk.lut_matmul(x, w.packed, w.centroids, BITS) for w in ws]),
+                         (x, weights)) / sets
+      row.update(mosaic_us=t_m, mosaic_err=_rel_err(got, ref), mosaic_speedup_vs_bf16=t_bf16 / t_m)
+      print(f"{k:>5}x{n:<5} M={m:<3} bf16 {t_bf16:7.1f}  mosaic {t_m:6.1f} us ({t_bf16 / t_m:4.2f}x bf16) "
+            f"err {row['mosaic_err']:.1e}", flush=True)
     if "pallas" not in kernels:
       rows.append(row)
       continue
@@ -407,6 +415,13 @@ def bench_grouped(name, experts, top_k, k, n, batches, sets, bw, kernels=("palla
                   f"{kind}_err_own": None if own is None else _rel_err(got, own)})
       print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  {kind} {t_p:6.1f} us "
             f"({t_ragged / t_p:5.2f}x) err own {row[f'{kind}_err_own']} float {row[f'{kind}_err_float']:.1e}", flush=True)
+    if "mosaic" in kernels:
+      got = mgk.grouped_lut_matmul(x, weights[0].packed, weights[0].centroids, BITS, gs)
+      t_m = _per_call_us(jax.jit(lambda x, ws, gs: [mgk.grouped_lut_matmul(x, w.packed, w.centroids, BITS, gs)
+                                                    for w in ws]), (x, weights, gs)) / sets
+      row.update(mosaic_us=t_m, mosaic_err=_rel_err(got, ref), mosaic_speedup_vs_ragged=t_ragged / t_m)
+      print(f"{name} {k}x{n} batch={b:<3} active={active:<3} ragged-bf16 {t_ragged:7.1f}  mosaic {t_m:6.1f} us "
+            f"({t_ragged / t_m:5.2f}x) err {row['mosaic_err']:.1e}", flush=True)
     if "pallas" not in kernels:
       continue
     t_kernel = _per_call_us(kern, (x, weights, gs)) / sets
@@ -605,7 +620,7 @@ def main():
   ap.add_argument("--single", default="all", help=f"comma list of {', '.join(SINGLE)}, any KxN, all, or empty")
   ap.add_argument("--grouped", default="all", help=f"comma list of {', '.join(GROUPED)}, all, or empty")
   ap.add_argument("--kernels", default="pallas,cuda", help="comma list of pallas, cuda, int8, bitplane, bitplane_laid_out, "
-                  "affine, affine_laid_out (all but pallas where built)")
+                  "affine, affine_laid_out (all but pallas where built), mosaic (Hopper: pallas_kernels/lut_matmul_mgpu)")
   ap.add_argument("--cuda_sweep", action="store_true", help="try every CUDA tuning at each single-weight shape")
   ap.add_argument("--int8_sweep", action="store_true", help="try every int8 kernel tuning at each shape, single and grouped")
   ap.add_argument("--int8_tunings", default="", help="try these int8 tunings at each shape (Int8Tuning.spec: warps/mt, "
@@ -633,7 +648,8 @@ def main():
   batches = (1, 16) if args.quick else (1, 4, 16, 64)
   ms, batches = args.ms or ms, args.batches or batches
   kernels = tuple(k for k in args.kernels.split(",")
-                  if k and (k not in ("cuda", "int8") or ck.available()) and (k not in BITPLANE_KINDS or kb.available()))
+                  if k and (k not in ("cuda", "int8") or ck.available()) and (k not in BITPLANE_KINDS or kb.available())
+                  and (k != "mosaic" or mgk.available()))
   int8_sweep = ck8.TUNINGS if args.int8_sweep else _int8_tunings(args.int8_tunings)
   print(f"kernels: {', '.join(kernels)}", flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_gbs": bw, "single": [],
