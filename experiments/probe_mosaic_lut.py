@@ -5,6 +5,8 @@ a jitted call, median of repeats:
 
   python -m experiments.probe_mosaic_lut [--shapes=4096x14336] [--ms=1,16] [--grouped=8x2x4096x14336]
   python -m experiments.probe_mosaic_lut --interpret   # no GPU: the select decode, interpreted
+  PYTHONPATH=/tmp/cuda_plugin python -m experiments.probe_mosaic_lut --compile_for=h100_sxm --ms=1,128,2048 \
+      --batches=128,2048   # no GPU: the default tunings compiled for an H100
 
 The kernels are pallas_kernels/lut_matmul_mgpu.py (Pallas' Mosaic GPU backend; its Triton backend
 is deprecated in jax 0.11); this script times their tunings."""
@@ -75,6 +77,37 @@ def _max_rel_err(got, ref):
   return float(jnp.abs(got.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
 
 
+def _compile_only(a):
+  """Compile (not run) the default tunings for a GPU spec: Mosaic's lowering and shared-memory
+  budget, then XLA's compile. Mosaic assembles its cubin at the first run, so that step waits for a GPU."""
+  from experiments.compile_only_gpu import compile_only_devices  # pylint: disable=g-import-not-at-top
+  from jax.sharding import SingleDeviceSharding  # pylint: disable=g-import-not-at-top
+  sharding = SingleDeviceSharding(compile_only_devices(a.compile_for)[0])
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  cases = [(None, k, n, m) for k, n in (map(int, s.split("x")) for s in filter(None, a.shapes.split(",")))
+           for m in map(int, a.ms.split(","))]
+  cases += [((e, top_k), k, n, b * top_k) for e, top_k, k, n in (map(int, g.split("x")) for g in filter(None, a.grouped.split(",")))
+            for b in map(int, a.batches.split(","))]
+  failed = 0
+  for grouped, k, n, t in cases:
+    x = spec((t, k), jnp.bfloat16)
+    if grouped:
+      e = grouped[0]
+      f = lambda x, p, c, g: mg.grouped_lut_matmul(x, p, c, 4, g)
+      args = (x, spec((e, n, k // 2), jnp.uint8), spec((e, n, 1, 16), jnp.bfloat16), spec((e,), jnp.int32))
+    else:
+      f = lambda x, p, c: mg.lut_matmul(x, p, c, 4)
+      args = (x, spec((n, k // 2), jnp.uint8), spec((n, 1, 16), jnp.bfloat16))
+    what = f"{'grouped %dx' % grouped[0] if grouped else ''}{k}x{n} rows={t}"
+    try:
+      jax.jit(f).trace(*args).lower().compile()
+      print(f"{what}: compiled for {a.compile_for}", flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      failed += 1
+      print(f"{what}: failed {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+  return 1 if failed else 0
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--interpret", action="store_true", help="the select decode through Mosaic GPU's interpreter (CPU)")
@@ -87,7 +120,13 @@ def main():
   ap.add_argument("--configs", default="default;select:64,128,2,1;prmt:64,128,2,1;prmt:64,256,2,1;prmt:64,128,4,1;"
                                        "prmt:64,256,4,1;prmt:64,128,2,4;prmt:128,128,2,1;prmt:128,128,2,2",
                   help="default (lut_matmul_mgpu.default_tuning) or decode:block_n,block_k,steps,k_splits; ...")
+  ap.add_argument("--compile_for", default="",
+                  help="a GPU spec (experiments/assets/gpu_specs, e.g. h100_sxm): compile the default tunings at "
+                       "--shapes x --ms and --grouped x --batches with XLA for it, on a host without a GPU "
+                       "(PYTHONPATH=/tmp/cuda_plugin: experiments/compile_only_gpu.py)")
   a = ap.parse_args()
+  if a.compile_for:
+    return _compile_only(a)
   if a.interpret:
     x, p, c = operands(0, 5, 256, 64)
     packed, cents = jnp.stack([p, p ^ 0x5A, p]), jnp.stack([c, -c, 2 * c])
