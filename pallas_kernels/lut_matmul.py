@@ -40,8 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cqjax.codebook import check_codebook_operands, expert_slots
-from pallas_kernels.decode4 import DECODE4_PTX, DECODE4_SELECTORS, decode4_registers
 from cqjax.errors import CqjaxError
+from pallas_kernels.decode4 import DECODE4_PTX, DECODE4_SELECTORS, decode4_registers
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 _SM_COUNT = 132  # H100 SXM; only steers how far K is split to fill the chip

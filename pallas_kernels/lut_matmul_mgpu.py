@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from cqjax.errors import CqjaxError
+from cuda_kernels.lut_matmul import is_hopper
 from pallas_kernels.decode4 import decode4_registers
 
 SUPPORTED_BITS = (4,)
@@ -92,10 +93,8 @@ def supports(bits: int, x_dtype, d_in: int, d_out: int, groups: int) -> bool:
 
 
 def available() -> bool:
-  """Whether the default backend is a Hopper GPU (wgmma; compute capability 9.0)."""
-  if jax.default_backend() != "gpu":
-    return False
-  return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+  """Whether the default backend is a Hopper GPU (wgmma), as the CUDA library's wgmma layouts ask."""
+  return is_hopper()
 
 
 def _transforms(minor: int, bits: int) -> tuple:
@@ -120,15 +119,22 @@ def row_block_slots(group_sizes: jax.Array, slots: int, rows: int) -> jax.Array:
   last block are (0, 0, 0), so empty experts launch nothing. With rows >= every group this is
   cqjax.codebook.expert_slots' table."""
   gs = group_sizes.astype(jnp.int32)
-  blocks = (gs + rows - 1) // rows  # [e]
-  ends = jnp.cumsum(blocks)
+  blocks, first_slot, first_row = _expert_blocks(gs, rows)
+  ends = first_slot + blocks
   s = jnp.arange(slots, dtype=jnp.int32)
   used = s < ends[-1]
   expert = jnp.where(used, jnp.sum(ends[None, :] <= s[:, None], axis=1, dtype=jnp.int32), 0)
-  within = s - (ends - blocks)[expert]  # the block's place in its expert's rows
-  first = jnp.where(used, (jnp.cumsum(gs) - gs)[expert] + within * rows, 0)
+  within = s - first_slot[expert]  # the block's place in its expert's rows
+  first = jnp.where(used, first_row[expert] + within * rows, 0)
   count = jnp.where(used, jnp.clip(gs[expert] - within * rows, 0, rows), 0)
   return jnp.stack([expert, first, count]).astype(jnp.int32)
+
+
+def _expert_blocks(gs: jax.Array, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each expert's blocks of up to `rows` rows, the slot of its first block, and its first row
+  (int32 [e] each): what row_block_slots lays out and the grouped output gathers back."""
+  blocks = (gs + rows - 1) // rows
+  return blocks, jnp.cumsum(blocks) - blocks, jnp.cumsum(gs) - gs
 
 
 def _check(x, packed, centroids, bits, tuning: MgpuTuning, interpret: bool):
@@ -169,12 +175,12 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
   out = _call(table, xs, packed, centroids, tuning, interpret)  # [k_splits, slots, n, mp]
   # Row r: its expert's first block, the block within it, and its place in the block.
   gs = group_sizes.astype(jnp.int32)
-  ends = jnp.cumsum(gs)
+  _, first_slot, first_row = _expert_blocks(gs, mp)
+  ends = first_row + gs
   r = jnp.arange(t)
   expert_r = jnp.minimum(jnp.sum(r[:, None] >= ends[None, :], axis=1), e - 1)
-  blocks = (gs + mp - 1) // mp
-  at = r - (ends - gs)[expert_r]
-  slot_r = (jnp.cumsum(blocks) - blocks)[expert_r] + at // mp
+  at = r - first_row[expert_r]
+  slot_r = first_slot[expert_r] + at // mp
   y = out[:, jnp.minimum(slot_r, slots - 1), :, at % mp]  # [t, k_splits, n]
   y = jnp.where((r < ends[-1])[:, None, None], y.astype(jnp.float32), 0).sum(1)
   return y.astype(x.dtype)
@@ -183,7 +189,7 @@ def grouped_lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bi
 def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int, *,
                tuning: MgpuTuning | None = None, interpret: bool = False) -> jax.Array:
   """x [m, d_in] @ (packed uint8 [n, d_in/2], centroids [n, groups, 16]) -> [m, n]: blocks of up
-  to MAX_SLOT_ROWS rows of x, with no slot table and no gathered rows."""
+  to MAX_SLOT_ROWS rows of x: a constant slot table, x padded, no rows gathered."""
   m, k = x.shape
   n = packed.shape[0]
   mp = slot_rows(m)
@@ -192,11 +198,11 @@ def lut_matmul(x: jax.Array, packed: jax.Array, centroids: jax.Array, bits: int,
   _check(x, packed, centroids, bits, tuning, interpret)
   if m == 0:
     return jnp.zeros((0, n), x.dtype)
-  first = jnp.arange(slots, dtype=jnp.int32) * mp
-  table = jnp.stack([jnp.zeros_like(first), first, jnp.minimum(mp, m - first)])
+  first = np.arange(slots, dtype=np.int32) * mp  # known while tracing: a constant, no XLA work
+  table = jnp.asarray(np.stack([np.zeros_like(first), first, np.minimum(mp, m - first)]))
   xs = jnp.pad(x, ((0, slots * mp - m), (0, 0))).reshape(slots, mp, k)
   out = _call(table, xs, packed[None], centroids[None], tuning, interpret)  # [k_splits, slots, n, mp]
-  y = out[0] if tuning.k_splits == 1 else out.astype(jnp.float32).sum(0)
+  y = out[0] if tuning.k_splits == 1 else out.sum(0)  # K shares: float32 partials
   return y.transpose(0, 2, 1).reshape(slots * mp, n)[:m].astype(x.dtype)
 
 

@@ -211,7 +211,7 @@ def test_prmt_decoder_places_each_code_against_its_input_and_its_rows_codebook(b
 
 
 on_hopper = pytest.mark.skipif(
-    not (jax.devices()[0].platform == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0"),
+    not mg.available(),
     reason="Mosaic GPU's wgmma kernels run on Hopper GPUs (H100 / H200)")
 
 
